@@ -1,0 +1,70 @@
+"""Aggregation arithmetic over lists of numpy arrays: pure functions, no I/O.
+
+Every strategy builds on these. The weighted mean is computed as a running sum so that the
+server holds one accumulator (float64) whatever the number of updates, instead of all of them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+Weights = list[np.ndarray]
+
+
+class WeightedSum:
+    """A running weighted sum of model updates: ``add`` each as it arrives, then ``mean``.
+
+    Memory: one float64 accumulator the size of the model plus one scratch buffer the size of its
+    largest array, independent of how many updates are added.
+    """
+
+    def __init__(self) -> None:
+        self._sums: list[np.ndarray] | None = None
+        self._dtypes: list[np.dtype] = []
+        self._scratch: np.ndarray | None = None
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, arrays: Sequence[np.ndarray], weight: float) -> None:
+        """Add ``weight * arrays``; ``arrays`` must match the first update's count and shapes."""
+        if not weight > 0 or not np.isfinite(weight):
+            raise ValueError(f"weight must be a positive finite number, got {weight}")
+        if self._sums is None:
+            self._sums = [np.zeros(a.shape, np.float64) for a in arrays]
+            self._dtypes = [np.asarray(a).dtype for a in arrays]
+            self._scratch = np.empty(max((a.size for a in arrays), default=0), np.float64)
+        elif len(arrays) != len(self._sums):
+            raise ValueError(f"expected {len(self._sums)} arrays, got {len(arrays)}")
+        w = np.float64(weight)
+        for total, array in zip(self._sums, arrays):
+            if array.shape != total.shape:
+                raise ValueError(f"array shape {array.shape} does not match {total.shape}")
+            product = self._scratch[: total.size].reshape(total.shape)
+            np.multiply(array, w, out=product)
+            total += product
+        self.total_weight += float(weight)
+        self.count += 1
+
+    def mean(self) -> Weights:
+        """The weighted mean, cast back to each array's original dtype (integers rounded)."""
+        if self._sums is None:
+            raise ValueError("no updates were added")
+        return [_cast(total / self.total_weight, dtype) for total, dtype in zip(self._sums, self._dtypes)]
+
+
+def _cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    if dtype.kind == "b":
+        return values >= 0.5
+    if dtype.kind in "iu":
+        return np.rint(values).astype(dtype)
+    return values.astype(dtype)
+
+
+def weighted_average(updates: Iterable[tuple[Sequence[np.ndarray], float]]) -> Weights:
+    """FedAvg's rule: the mean of each array across updates, weighted by (e.g.) ``num_examples``."""
+    total = WeightedSum()
+    for arrays, weight in updates:
+        total.add(arrays, weight)
+    return total.mean()

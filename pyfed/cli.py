@@ -1,0 +1,185 @@
+"""``pyfed`` command line: server, client, partition and a local demo.
+
+Every flag can also be set by an environment variable or a ``.env`` file in the working
+directory (flags > environment > .env > defaults). A bad value exits with status 2 and one line
+naming the flag and the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import (ClientConfig, ConfigError, PartitionConfig, ServerConfig, add_arguments, describe,
+                     non_negative_int, path, positive_int, resolve, setting, log_level)
+
+log = logging.getLogger("pyfed")
+
+EXIT_USAGE = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """How ``pyfed demo`` runs a whole federation on this machine."""
+
+    clients: int = setting(3, "--clients", "NUM_CLIENTS", positive_int, "number of client processes")
+    rounds: int = setting(3, "--rounds", "ROUNDS", positive_int, "number of rounds")
+    workdir: Path = setting(Path("pyfed-demo"), "--workdir", "DEMO_DIR", path, "where shards and logs go")
+    port: int = setting(5555, "--port", "SERVER_PORT", positive_int, "loopback port for the server")
+    seed: int = setting(0, "--seed", "SEED", non_negative_int, "partition seed")
+    log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
+
+
+class UsageError(Exception):
+    """A start-up problem with the user's input: printed as one line, exit status 2."""
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stderr, force=True)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    logging.getLogger("absl").setLevel(logging.ERROR)
+
+
+def run_server(config: ServerConfig) -> int:
+    from .data import DataError, load_shard
+    from .model import ModelError, default_model, load_model_spec
+    from .server import Server
+    from .strategy import FitPlan, make_strategy
+
+    try:
+        test_data = load_shard(config.test_data) if config.test_data else None
+        if config.model:
+            model = load_model_spec(config.model, config.learning_rate)
+        elif test_data is not None:
+            x, y = test_data
+            model = default_model(tuple(x.shape[1:]), int(y.max()) + 1, config.learning_rate)
+        else:
+            raise UsageError("--model / MODEL or --test-data / TEST_DATA is needed: "
+                             "the default model is sized from the test data")
+    except (DataError, ModelError) as error:
+        raise UsageError(str(error)) from None
+    server = Server(model, address=config.address, rounds=config.rounds, min_clients=config.min_clients,
+                    plan=FitPlan(config.epochs, config.batch_size, config.learning_rate),
+                    strategy=make_strategy(config.strategy), test_data=test_data, logdir=config.logdir,
+                    round_timeout_s=config.round_timeout_s, config_summary=describe(config))
+    server.run()
+    return 0
+
+
+def run_client(config: ClientConfig) -> int:
+    from .client import Client
+    from .data import DataError, load_shard
+
+    if config.data is None:
+        raise UsageError("--data / DATA_SHARD is required: the .npz shard this client trains on")
+    try:
+        x, y = load_shard(config.data)
+    except DataError as error:
+        raise UsageError(str(error)) from None
+    client = Client(config.server, x, y, client_id=config.client_id, epochs=config.epochs,
+                    batch_size=config.batch_size, data_source=str(config.data))
+    return client.run()
+
+
+def run_partition(config: PartitionConfig) -> int:
+    from .data import DataError, describe_shards, load_dataset, write_partitions
+
+    try:
+        x, y = load_dataset(config.dataset)
+        paths = write_partitions(x, y, config.out, config.clients, seed=config.seed,
+                                 test_fraction=config.test_fraction, scheme=config.scheme)
+    except (DataError, ValueError) as error:
+        raise UsageError(f"{config.dataset}: {error}" if not isinstance(error, DataError) else str(error)) from None
+    log.info("wrote %d client shards and test.npz to %s (%s, %s split, seed %d)",
+             config.clients, config.out, config.dataset, config.scheme, config.seed)
+    for line in describe_shards(paths):
+        print(line)
+    return 0
+
+
+def run_demo(config: DemoConfig) -> int:
+    """Partition digits, then run one server and N clients as separate processes on loopback."""
+    from .data import shard_path
+
+    shards = config.workdir / "shards"
+    run_partition(PartitionConfig(clients=config.clients, out=shards, seed=config.seed))
+    address = f"tcp://127.0.0.1:{config.port}"
+    logdir = config.workdir / "logs"
+    base = [sys.executable, "-m", "pyfed"]
+    env = {**os.environ, "LOG_LEVEL": config.log_level}
+    server = subprocess.Popen([*base, "server", "--address", address, "--rounds", str(config.rounds),
+                               "--min-clients", str(config.clients), "--test-data", str(shards / "test.npz"),
+                               "--logdir", str(logdir)], env=env)
+    clients = [subprocess.Popen([*base, "client", "--server", address, "--data", str(shard_path(shards, i))], env=env)
+               for i in range(1, config.clients + 1)]
+    try:
+        status = server.wait()
+        for process in clients:
+            process.wait(timeout=60)
+    except (KeyboardInterrupt, subprocess.TimeoutExpired):
+        for process in [server, *clients]:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        status = 1
+    if status == 0:
+        print(f"\nDone. Summary: {logdir / 'summary.json'}\nTensorBoard: tensorboard --logdir {logdir}")
+    return status
+
+
+COMMANDS: dict[str, tuple[type, Any, str]] = {
+    "server": (ServerConfig, run_server, "run the federated server"),
+    "client": (ClientConfig, run_client, "run one federated client"),
+    "partition": (PartitionConfig, run_partition, "split a dataset into client shards and a test set"),
+    "demo": (DemoConfig, run_demo, "run a server and clients on this machine on the digits dataset"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pyfed", description="Federated learning for Keras models over ZeroMQ.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (config_cls, _, help_text) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text), config_cls)
+    return parser
+
+
+def _dotenv() -> dict[str, str | None]:
+    from dotenv import dotenv_values
+
+    return dict(dotenv_values(".env")) if Path(".env").is_file() else {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = vars(parser.parse_args(argv))
+    command = args.pop("command")
+    if command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    config_cls, handler, _ = COMMANDS[command]
+    try:
+        config = resolve(config_cls, args, os.environ, _dotenv())
+        _setup_logging(config.log_level)
+        return handler(config)
+    except (ConfigError, UsageError) as error:
+        print(f"pyfed {command}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"pyfed {command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def entrypoint() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entrypoint()

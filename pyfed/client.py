@@ -1,0 +1,210 @@
+"""The federated client: joins the server, rebuilds its model once, trains each round it is asked.
+
+The client needs no model code: the server's WELCOME carries the architecture, compile settings
+and weights. The compiled model is kept for the whole run; each round only the weights change,
+so Keras never re-traces the training step.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from . import protocol
+from .data import DataError
+from .model import from_wire, input_shape, output_units, reset_optimizer, set_learning_rate
+from .protocol import Message, MessageType, ProtocolError
+from .strategy import FitPlan
+from .transport import ClientTransport
+
+log = logging.getLogger("pyfed.client")
+
+JOIN_RETRY_S = 30.0
+WAIT_LOG_EVERY_S = 60.0
+SEND_RETRY_S = 120.0
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+
+
+class ClientError(RuntimeError):
+    """The client cannot take part (refused by the server, incompatible model or data)."""
+
+
+class Client:
+    """One participant: holds its data, trains the server's model on it each round."""
+
+    def __init__(
+        self,
+        server_address: str,
+        x: np.ndarray,
+        y: np.ndarray,
+        *,
+        client_id: str = "",
+        epochs: int | None = None,
+        batch_size: int | None = None,
+        compile_override: dict[str, Any] | None = None,
+        data_source: str = "the client's data",
+        max_wait_s: float | None = None,
+    ):
+        self.server_address = server_address
+        self.x, self.y = x, y
+        self.client_id = client_id
+        self.epochs, self.batch_size = epochs, batch_size
+        self.compile_override = compile_override
+        self.data_source = data_source
+        self.max_wait_s = max_wait_s
+        self.model: Any = None
+        self.specs: list[protocol.ArraySpec] | None = None
+        self.rounds_trained = 0
+
+    def run(self) -> int:
+        """Take part until the server says the run is over; return the process exit code."""
+        with ClientTransport(self.server_address) as transport:
+            self._transport = transport
+            try:
+                self._join()
+                return self._serve()
+            except (ClientError, DataError) as error:
+                log.error("%s", error)
+                if self.model is not None:  # admitted: tell the server not to wait for us
+                    self._transport.send(protocol.encode(Message(
+                        MessageType.LEAVE, client_id=self.client_id, body={"reason": str(error)[:1000]})))
+                return EXIT_ERROR
+
+    # --- joining --------------------------------------------------------------------------------
+
+    def _join(self) -> None:
+        join = protocol.encode(Message(MessageType.JOIN, client_id=self.client_id,
+                                       body={"num_examples": int(len(self.y))}))
+        started = time.monotonic()
+        last_sent = None
+        next_wait_log = started
+        while True:
+            now = time.monotonic()
+            if self.max_wait_s is not None and now - started > self.max_wait_s:
+                raise ClientError(f"no answer from the server at {self.server_address} within {self.max_wait_s:g}s")
+            if last_sent is None or now - last_sent > JOIN_RETRY_S:
+                if self._transport.send(join):
+                    last_sent = now
+                    log.info("asked to join the federation at %s%s", self.server_address,
+                             f" as {self.client_id}" if self.client_id else "")
+                elif now >= next_wait_log:
+                    log.info("waiting for the server at %s", self.server_address)
+                    next_wait_log = now + 10.0
+            message = self._receive(timeout_s=0.5)
+            if message is None:
+                continue
+            if message.type is MessageType.WELCOME:
+                self._setup(message)
+                return
+            if message.type is MessageType.ERROR:
+                raise ClientError(f"the server refused to admit this client [{message.body['code']}]: "
+                                  f"{message.body['reason']}")
+            log.warning("ignoring %s from the server before being admitted", message.type.value)
+
+    def _setup(self, welcome: Message) -> None:
+        """Build the model from the WELCOME once, and check the data fits it."""
+        self.client_id = welcome.client_id or self.client_id
+        if self.model is None:
+            try:
+                self.model = from_wire(welcome.body["model_json"], welcome.body["compile_config"])
+            except ValueError as error:
+                raise ClientError(str(error)) from None
+            if self.compile_override:
+                self.model.compile(**self.compile_override)
+            self._check_data()
+            self.specs = protocol.array_specs(self.model.get_weights())
+        try:
+            protocol.check_specs(protocol.array_specs(welcome.arrays), self.specs)
+        except ProtocolError as error:
+            raise ClientError(f"the server's weights do not fit its model: {error}") from None
+        self.model.set_weights(welcome.arrays)
+        log.info("joined as %s: model with %d arrays (%.1f MB), %d rounds planned", self.client_id,
+                 len(self.specs), sum(a.nbytes for a in welcome.arrays) / 1e6, welcome.body["rounds"])
+
+    def _check_data(self) -> None:
+        expected = input_shape(self.model)
+        got = tuple(self.x.shape[1:])
+        if len(expected) != len(got) or any(e is not None and e != g for e, g in zip(expected, got)):
+            raise DataError(f"{self.data_source}: examples have shape {list(got)} but the server's model "
+                            f"takes {list(expected)}")
+        units = output_units(self.model)
+        if units and units > 1 and int(self.y.max()) >= units:
+            raise DataError(f"{self.data_source}: labels go up to {int(self.y.max())} but the server's model "
+                            f"predicts {units} classes")
+
+    # --- rounds ---------------------------------------------------------------------------------
+
+    def _serve(self) -> int:
+        next_wait_log = time.monotonic() + WAIT_LOG_EVERY_S
+        while True:
+            message = self._receive(timeout_s=1.0)
+            if message is None:
+                if time.monotonic() >= next_wait_log:
+                    log.info("waiting for the server's next round")
+                    next_wait_log = time.monotonic() + WAIT_LOG_EVERY_S
+                continue
+            next_wait_log = time.monotonic() + WAIT_LOG_EVERY_S
+            if message.type is MessageType.FIT:
+                self._fit(message)
+            elif message.type is MessageType.FINISH:
+                log.info("the server ended the run (%s) after %d rounds trained here",
+                         message.body["reason"], self.rounds_trained)
+                return EXIT_OK
+            elif message.type is MessageType.WELCOME:
+                self._setup(message)
+            elif message.type is MessageType.ERROR:
+                log.warning("the server reported [%s]: %s", message.body["code"], message.body["reason"])
+            else:
+                log.warning("ignoring unexpected %s from the server", message.type.value)
+
+    def _fit(self, message: Message) -> None:
+        plan = FitPlan.from_body(message.body["plan"])
+        epochs = self.epochs or plan.epochs
+        batch_size = self.batch_size or plan.batch_size
+        self.model.set_weights(message.arrays)
+        del message.arrays[:]  # release the received frames before training
+        reset_optimizer(self.model)
+        if not self.compile_override:
+            set_learning_rate(self.model, plan.learning_rate)
+        started = time.perf_counter()
+        history = self.model.fit(self.x, self.y, epochs=epochs, batch_size=batch_size, verbose=0, shuffle=True)
+        fit_s = time.perf_counter() - started
+        curves = {name: [float(v) if math.isfinite(float(v)) else None for v in values]
+                  for name, values in history.history.items()}
+        update = Message(MessageType.UPDATE, round=message.round, client_id=self.client_id,
+                         body={"num_examples": int(len(self.y)), "fit_s": round(fit_s, 6), "history": curves},
+                         arrays=self.model.get_weights())
+        self._send(protocol.encode(update), what=f"round {message.round} update")
+        self.rounds_trained += 1
+        summary = ", ".join(f"{k} {v[-1]:.4f}" for k, v in curves.items() if v and v[-1] is not None)
+        log.info("round %d: trained %d epochs on %d examples in %.2fs: %s",
+                 message.round, epochs, len(self.y), fit_s, summary)
+
+    # --- messages -------------------------------------------------------------------------------
+
+    def _receive(self, timeout_s: float) -> Message | None:
+        frames = self._transport.recv(timeout_s)
+        if frames is None:
+            return None
+        try:
+            return protocol.decode(frames, expected_arrays=self.specs)
+        except ProtocolError as error:
+            log.warning("ignoring a malformed message from the server: %s", error)
+            return None
+
+    def _send(self, frames: list, *, what: str) -> None:
+        started = time.monotonic()
+        delay = 0.2
+        while not self._transport.send(frames):
+            if time.monotonic() - started > SEND_RETRY_S:
+                log.error("could not send the %s: no connection to the server for %gs", what, SEND_RETRY_S)
+                return
+            log.warning("no connection to the server; retrying the %s in %.1fs", what, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)

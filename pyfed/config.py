@@ -1,0 +1,237 @@
+"""Typed configuration for each role, filled from flags > environment > ``.env`` > defaults.
+
+Each setting is declared once, as a dataclass field whose metadata names its flag, its
+environment variable and its parser. :func:`resolve` is pure (it takes the three sources as
+mappings), so precedence and every bad value are unit-tested without touching the process.
+A bad value raises :class:`ConfigError` naming both the flag and the variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; the message names the flag and the environment variable."""
+
+
+def setting(default: Any, flag: str, env: str, parse: Callable[[str], Any], help: str) -> Any:
+    """Declare a config field: its default, ``--flag``, ``ENV_VAR``, parser and help text."""
+    return dataclasses.field(default=default, metadata={"flag": flag, "env": env, "parse": parse, "help": help})
+
+
+# --- parsers: str -> value, raising ValueError with a short reason -----------------------------
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise ValueError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        raise ValueError(f"must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise ValueError(f"must be a non-negative integer, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"must be a positive number, got {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def optional_seconds(text: str) -> float | None:
+    """Seconds, or 0 / 'none' for no limit."""
+    if text.strip().lower() in {"", "0", "none", "off"}:
+        return None
+    return positive_float(text)
+
+
+def fraction(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        raise ValueError(f"must be a number in (0, 1), got {text!r}") from None
+    if not 0 < value < 1:
+        raise ValueError(f"must be a number in (0, 1), got {text!r}")
+    return value
+
+
+def text(text: str) -> str:
+    return text.strip()
+
+
+def optional_text(text: str) -> str | None:
+    return text.strip() or None
+
+
+def path(text: str) -> Path:
+    if not text.strip():
+        raise ValueError("must be a path, got an empty string")
+    return Path(text.strip())
+
+
+def optional_path(text: str) -> Path | None:
+    return Path(text.strip()) if text.strip() else None
+
+
+def client_id(text: str) -> str:
+    value = text.strip()
+    if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+        raise ValueError(f"must be 1-64 characters of [A-Za-z0-9._-] starting with a letter or digit, got {text!r}")
+    return value
+
+
+def choice(*options: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}, got {text!r}")
+        return value
+    return parse
+
+
+_ADDRESS = re.compile(r"^tcp://(?P<host>\*|\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
+
+
+def zmq_address(text: str) -> str:
+    """A ZeroMQ endpoint: tcp://HOST:PORT (HOST may be * to bind every interface) or ipc://PATH."""
+    value = text.strip()
+    if value.startswith("ipc://") and len(value) > len("ipc://"):
+        return value
+    match = _ADDRESS.match(value)
+    if not match or not 1 <= int(match["port"]) <= 65535:
+        raise ValueError(f"must look like tcp://HOST:PORT with PORT in 1-65535, got {text!r}")
+    return value
+
+
+def dataset_name(text: str) -> str:
+    value = text.strip()
+    if value.lower() in {"digits", "mnist"}:
+        return value.lower()
+    if value.startswith("npz:") and len(value) > 4:
+        return value
+    raise ValueError(f"must be digits, mnist or npz:PATH, got {text!r}")
+
+
+def log_level(text: str) -> str:
+    value = text.strip().upper()
+    if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ValueError(f"must be DEBUG, INFO, WARNING or ERROR, got {text!r}")
+    return value
+
+
+# --- the configs ------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """How ``pyfed server`` runs."""
+
+    address: str = setting("tcp://127.0.0.1:5555", "--address", "BIND_ADDRESS", zmq_address,
+                           "ZeroMQ address to bind; tcp://*:PORT listens on every interface")
+    rounds: int = setting(3, "--rounds", "ROUNDS", positive_int, "number of federated rounds")
+    min_clients: int = setting(2, "--min-clients", "MIN_CLIENTS", positive_int,
+                               "clients that must join before round 1 starts")
+    epochs: int = setting(5, "--epochs", "EPOCHS", positive_int, "local epochs per round (clients may override)")
+    batch_size: int = setting(32, "--batch-size", "BATCH_SIZE", positive_int, "local batch size (clients may override)")
+    learning_rate: float = setting(0.001, "--learning-rate", "LEARNING_RATE", positive_float, "clients' learning rate")
+    model: str | None = setting(None, "--model", "MODEL", optional_text,
+                                "module:function or path/to/file.py:function returning a Keras model; "
+                                "default: an MLP sized from --test-data")
+    test_data: Path | None = setting(None, "--test-data", "TEST_DATA", optional_path,
+                                     ".npz file (arrays x, y) the server evaluates the global model on")
+    logdir: Path = setting(Path("logs"), "--logdir", "LOGDIR", path,
+                           "directory for TensorBoard events and summary.json")
+    round_timeout_s: float | None = setting(None, "--round-timeout", "ROUND_TIMEOUT", optional_seconds,
+                                            "seconds to wait for a round's updates (0: no limit)")
+    strategy: str = setting("fedavg", "--strategy", "STRATEGY", choice("fedavg"), "aggregation strategy")
+    log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientConfig:
+    """How ``pyfed client`` runs."""
+
+    server: str = setting("tcp://127.0.0.1:5555", "--server", "SERVER_ADDRESS", zmq_address,
+                          "the server's ZeroMQ address")
+    data: Path | None = setting(None, "--data", "DATA_SHARD", optional_path,
+                                "this client's .npz shard (arrays x, y)")
+    client_id: str = setting("", "--client-id", "CLIENT_ID", client_id,
+                             "this client's id; empty lets the server assign one")
+    epochs: int | None = setting(None, "--epochs", "CLIENT_EPOCHS", positive_int,
+                                 "override the server's local epochs")
+    batch_size: int | None = setting(None, "--batch-size", "CLIENT_BATCH_SIZE", positive_int,
+                                     "override the server's batch size")
+    log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionConfig:
+    """How ``pyfed partition`` splits a dataset into client shards."""
+
+    dataset: str = setting("digits", "--dataset", "DATASET", dataset_name,
+                           "digits (embedded, offline), mnist (downloaded) or npz:PATH (arrays x, y)")
+    clients: int = setting(3, "--clients", "NUM_CLIENTS", positive_int, "number of client shards")
+    out: Path = setting(Path("data/shards"), "--out", "DATA_DIR", path, "output directory")
+    scheme: str = setting("iid", "--scheme", "PARTITION_SCHEME", choice("iid"), "how samples are split")
+    seed: int = setting(0, "--seed", "SEED", non_negative_int, "random seed")
+    test_fraction: float = setting(0.2, "--test-fraction", "TEST_FRACTION", fraction,
+                                   "share of the samples held out as the server's test.npz")
+    log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
+
+
+# --- resolution -------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """Add one flag per setting; values stay strings (None when absent) for :func:`resolve`."""
+    for f in dataclasses.fields(config_cls):
+        meta = f.metadata
+        default = "" if f.default is None else f.default
+        parser.add_argument(meta["flag"], dest=f.name, default=None, metavar=meta["env"],
+                            help=f"{meta['help']} [env {meta['env']}; default {default!s}]")
+
+
+def resolve(config_cls: type[T], flags: Mapping[str, str | None], environ: Mapping[str, str],
+            dotenv: Mapping[str, str | None]) -> T:
+    """Build ``config_cls`` from flags > environ > dotenv > defaults, parsing every given value.
+
+    An empty value counts as unset, so ``FOO=`` in a ``.env`` or Compose file keeps the default.
+    """
+    values = {}
+    for f in dataclasses.fields(config_cls):
+        meta = f.metadata
+        for source, raw in (("flag " + meta["flag"], flags.get(f.name)),
+                            ("environment variable " + meta["env"], environ.get(meta["env"])),
+                            (".env entry " + meta["env"], dotenv.get(meta["env"]))):
+            if raw is not None and raw.strip():  # empty means unset, as Compose's ${VAR:-} passes it
+                try:
+                    values[f.name] = meta["parse"](raw)
+                except ValueError as error:
+                    raise ConfigError(f"{meta['flag']} / {meta['env']}: {error} (from the {source})") from None
+                break
+    return config_cls(**values)
+
+
+def describe(config: Any) -> dict[str, Any]:
+    """The config as JSON-friendly values (for logs and summary.json)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(config).items()}

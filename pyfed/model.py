@@ -1,0 +1,161 @@
+"""Keras models: the default model, loading a user's model spec, and the model's wire form.
+
+The server sends a client the architecture (``model.to_json()``) and the compile settings
+(``model.get_compile_config()``), both JSON. The client rebuilds them with Keras safe mode and,
+before that, refuses any object outside the ``keras`` namespace, so a malicious server cannot
+make a client import or run code. Weights travel separately as raw arrays.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+DEFAULT_LOSS = "sparse_categorical_crossentropy"
+
+
+class ModelError(ValueError):
+    """A model spec or a received model description is unusable."""
+
+
+def default_model(input_shape: tuple[int, ...], num_classes: int, learning_rate: float = 0.001) -> keras.Model:
+    """A small MLP for flat features (a Flatten first, so image-shaped inputs work too)."""
+    model = keras.Sequential([
+        keras.layers.Input(input_shape),
+        keras.layers.Flatten(),
+        keras.layers.Dense(128, activation="relu"),
+        keras.layers.Dense(64, activation="relu"),
+        keras.layers.Dense(num_classes, activation="softmax"),
+    ])
+    compile_default(model, learning_rate)
+    return model
+
+
+def compile_default(model: keras.Model, learning_rate: float) -> None:
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=DEFAULT_LOSS, metrics=["accuracy"])
+
+
+def load_model_spec(spec: str, learning_rate: float = 0.001) -> keras.Model:
+    """Call ``module:function`` or ``path/to/file.py:function`` and return its Keras model.
+
+    An uncompiled model is compiled with Adam, sparse categorical cross-entropy and accuracy.
+    This runs the operator's own code from local configuration, never anything from the network.
+    """
+    target, sep, function_name = spec.rpartition(":")
+    if not sep or not target or not function_name.isidentifier():
+        raise ModelError(f"model spec {spec!r} must be module:function or path/to/file.py:function")
+    if target.endswith(".py"):
+        file = Path(target)
+        if not file.is_file():
+            raise ModelError(f"model spec {spec!r}: no such file {file}")
+        module_spec = importlib.util.spec_from_file_location(f"pyfed_user_model_{file.stem}", file)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_spec.name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as error:
+            raise ModelError(f"model spec {spec!r}: cannot import {target} ({error})") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise ModelError(f"model spec {spec!r}: {target} has no function {function_name}")
+    model = function()
+    if not isinstance(model, keras.Model):
+        raise ModelError(f"model spec {spec!r} returned {type(model).__name__}, not a Keras model")
+    if not model.built:
+        raise ModelError(f"model spec {spec!r}: the model is not built; give it an Input layer")
+    if model.optimizer is None or not model.compiled:
+        compile_default(model, learning_rate)
+    return model
+
+
+def to_wire(model: keras.Model) -> tuple[str, dict[str, Any]]:
+    """The model's architecture JSON and compile settings, as sent to clients."""
+    config = model.get_compile_config() or {}
+    try:
+        json.dumps(config, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise ModelError(f"the model's compile settings cannot be sent as JSON ({error})") from None
+    model_json = model.to_json()
+    check_keras_config(json.loads(model_json), "architecture")
+    check_keras_config(config, "compile settings")
+    return model_json, config
+
+
+def check_keras_config(config: Any, what: str, _depth: int = 0) -> None:
+    """Refuse anything that would make Keras import a module outside ``keras`` or run code."""
+    if _depth > 200:
+        raise ModelError(f"model {what} is nested too deeply")
+    if isinstance(config, dict):
+        module = config.get("module")
+        if module is not None and (not isinstance(module, str) or not (module == "keras" or module.startswith("keras."))):
+            raise ModelError(f"model {what} refers to module {str(module)[:80]!r}; only keras objects are accepted")
+        if config.get("class_name") in {"Lambda", "__lambda__"}:
+            raise ModelError(f"model {what} holds a {config['class_name']}, which would run code")
+        for value in config.values():
+            check_keras_config(value, what, _depth + 1)
+    elif isinstance(config, list):
+        for value in config:
+            check_keras_config(value, what, _depth + 1)
+
+
+def from_wire(model_json: str, compile_config: dict[str, Any]) -> keras.Model:
+    """Rebuild and compile a model from :func:`to_wire`'s output, in Keras safe mode."""
+    from keras.src.saving import serialization_lib
+
+    try:
+        architecture = json.loads(model_json)
+    except ValueError as error:
+        raise ModelError(f"model architecture is not JSON ({error})") from None
+    check_keras_config(architecture, "architecture")
+    check_keras_config(compile_config, "compile settings")
+    try:
+        with serialization_lib.SafeModeScope(True):
+            model = keras.saving.deserialize_keras_object(architecture, safe_mode=True)
+            if not isinstance(model, keras.Model):
+                raise ModelError(f"model architecture describes a {type(model).__name__}, not a model")
+            if compile_config:
+                compile_kwargs = serialization_lib.deserialize_keras_object(compile_config, safe_mode=True)
+                model.compile(**compile_kwargs)
+    except ModelError:
+        raise
+    except Exception as error:  # Keras raises many types for a bad config
+        raise ModelError(f"cannot rebuild the server's model: {error.__class__.__name__}: {str(error)[:300]}") from None
+    return model
+
+
+def reset_optimizer(model: keras.Model) -> None:
+    """Zero the optimizer's slots and step count, keeping its learning rate: each round starts fresh."""
+    optimizer = model.optimizer
+    if optimizer is None or not optimizer.built:
+        return
+    keep = {id(optimizer._learning_rate)} if isinstance(optimizer._learning_rate, keras.Variable) else set()
+    for variable in optimizer.variables:
+        if id(variable) not in keep:
+            variable.assign(np.zeros(variable.shape, dtype=variable.dtype))
+
+
+def set_learning_rate(model: keras.Model, learning_rate: float) -> None:
+    model.optimizer.learning_rate = learning_rate
+
+
+def input_shape(model: keras.Model) -> tuple[int | None, ...]:
+    """The shape of one example the model takes (without the batch axis)."""
+    shape = model.inputs[0].shape if model.inputs else model.input_shape
+    return tuple(shape[1:])
+
+
+def output_units(model: keras.Model) -> int | None:
+    shape = model.outputs[0].shape if model.outputs else None
+    return int(shape[-1]) if shape is not None and shape[-1] is not None else None

@@ -1,0 +1,389 @@
+"""PyFed's wire protocol: one versioned JSON header frame, then one raw frame per numpy array.
+
+A message is a ZeroMQ multipart message::
+
+    frame 0   UTF-8 JSON header: {"v": 1, "type": "...", "round": 0, "client_id": "...",
+              "arrays": [["float32", [784, 500]], ...], "body": {...}}
+    frame 1.. the raw little-endian bytes of each array, in manifest order
+
+The manifest gives every array's dtype and shape, so a receiver knows each frame's exact size
+before it looks at it and can wrap the frame's buffer with ``np.frombuffer`` without a copy.
+Nothing here is pickled or evaluated: the header is JSON, the arrays are plain bytes, and every
+field is checked against an explicit schema. This module does no I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+PROTOCOL_VERSION = 1
+
+#: dtypes allowed on the wire; always little-endian.
+ALLOWED_DTYPES = frozenset(
+    {"float16", "float32", "float64", "int8", "int16", "int32", "int64",
+     "uint8", "uint16", "uint32", "uint64", "bool"}
+)
+MAX_NDIM = 8
+CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+#: An array's description on the wire: (dtype name, shape).
+ArraySpec = tuple[str, tuple[int, ...]]
+
+
+class MessageType(str, enum.Enum):
+    """Every kind of message; the direction is in the docstring of each body schema below."""
+
+    JOIN = "join"
+    WELCOME = "welcome"
+    FIT = "fit"
+    UPDATE = "update"
+    FINISH = "finish"
+    ERROR = "error"
+    LEAVE = "leave"
+
+
+class ProtocolError(ValueError):
+    """A message broke the protocol; ``str(error)`` says exactly how."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds a receiver enforces before trusting a message."""
+
+    max_header_bytes: int = 4 * 1024 * 1024
+    max_arrays: int = 4096
+    max_array_bytes: int = 2**34
+    max_total_bytes: int = 2**36
+
+
+@dataclass
+class Message:
+    """One decoded message. ``arrays`` may be read-only views over the received frames."""
+
+    type: MessageType
+    round: int = 0
+    client_id: str = ""
+    body: dict[str, Any] = field(default_factory=dict)
+    arrays: list[np.ndarray] = field(default_factory=list)
+
+
+# --- body schemas -----------------------------------------------------------------------------
+# Each body field maps to (checker, required). A checker returns the value or raises ValueError.
+
+def _int_in(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(value: Any) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"must be an integer, got {type(value).__name__}")
+        if not lo <= value <= hi:
+            raise ValueError(f"must be in [{lo}, {hi}], got {value}")
+        return value
+    return check
+
+
+def _float_in(lo: float, hi: float, *, lo_open: bool = False) -> Callable[[Any], float]:
+    def check(value: Any) -> float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"must be a number, got {type(value).__name__}")
+        value = float(value)
+        if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
+            raise ValueError(f"must be a finite number in {'(' if lo_open else '['}{lo}, {hi}], got {value}")
+        return value
+    return check
+
+
+def _text(max_len: int) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if not isinstance(value, str):
+            raise ValueError(f"must be a string, got {type(value).__name__}")
+        if len(value) > max_len:
+            raise ValueError(f"must be at most {max_len} characters, got {len(value)}")
+        return value
+    return check
+
+
+def _optional(checker: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    return lambda value: None if value is None else checker(value)
+
+
+def _plan(value: Any) -> dict[str, Any]:
+    return _check_fields(value, PLAN_SCHEMA, "plan")
+
+
+def _history(value: Any) -> dict[str, list[float | None]]:
+    """Per-epoch training metrics: {metric name: [one number per epoch]}; NaN travels as null."""
+    if not isinstance(value, dict):
+        raise ValueError(f"must be an object, got {type(value).__name__}")
+    if len(value) > 64:
+        raise ValueError(f"must have at most 64 metrics, got {len(value)}")
+    for name, series in value.items():
+        if not re.fullmatch(r"[A-Za-z0-9_./-]{1,64}", name):
+            raise ValueError(f"metric name {name[:70]!r} is not 1-64 characters of [A-Za-z0-9_./-]")
+        if not isinstance(series, list) or len(series) > 100_000:
+            raise ValueError(f"metric {name!r} must be a list of at most 100000 numbers")
+        for item in series:
+            if item is not None and (not isinstance(item, (int, float)) or isinstance(item, bool)
+                                     or not math.isfinite(item)):
+                raise ValueError(f"metric {name!r} holds {str(item)[:20]!r}, not a finite number or null")
+    return value
+
+
+def _json_object(max_bytes: int) -> Callable[[Any], dict]:
+    def check(value: Any) -> dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"must be an object, got {type(value).__name__}")
+        if len(json.dumps(value)) > max_bytes:
+            raise ValueError(f"must serialise to at most {max_bytes} bytes")
+        return value
+    return check
+
+
+PLAN_SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
+    "epochs": (_int_in(1, 100_000), True),
+    "batch_size": (_int_in(1, 10_000_000), True),
+    "learning_rate": (_float_in(0.0, 1e6, lo_open=True), True),
+}
+
+BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = {
+    # client -> server: "let me in"; header client_id is the id wanted ("" lets the server choose).
+    MessageType.JOIN: {
+        "num_examples": (_int_in(0, 2**53), False),
+    },
+    # server -> client: the model and the current global weights (arrays).
+    MessageType.WELCOME: {
+        "model_json": (_text(16 * 1024 * 1024), True),
+        "compile_config": (_json_object(1024 * 1024), True),
+        "plan": (_plan, True),
+        "rounds": (_int_in(0, 10_000_000), True),
+    },
+    # server -> client: train round `round` from these global weights (arrays) with this plan.
+    MessageType.FIT: {
+        "plan": (_plan, True),
+    },
+    # client -> server: the locally trained weights (arrays) for round `round`.
+    MessageType.UPDATE: {
+        "num_examples": (_int_in(1, 2**53), True),
+        "fit_s": (_float_in(0.0, 1e9), True),
+        "history": (_history, True),
+    },
+    # server -> client: the run is over; the client may exit.
+    MessageType.FINISH: {
+        "reason": (_text(1000), True),
+    },
+    # either way: something went wrong; `code` is machine-readable, `reason` is for people.
+    MessageType.ERROR: {
+        "code": (_text(64), True),
+        "reason": (_text(2000), True),
+    },
+    # client -> server: the client is leaving the federation.
+    MessageType.LEAVE: {
+        "reason": (_text(1000), False),
+    },
+}
+
+#: Message types whose arrays must match the model exactly.
+WEIGHT_CARRYING = frozenset({MessageType.WELCOME, MessageType.FIT, MessageType.UPDATE})
+
+
+def _check_fields(value: Any, schema: Mapping[str, tuple[Callable[[Any], Any], bool]], where: str) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{where} must be an object, got {type(value).__name__}")
+    unknown = sorted(set(value) - set(schema))
+    if unknown:
+        raise ValueError(f"{where} has unknown field(s) {', '.join(map(repr, unknown[:5]))}")
+    checked = {}
+    for name, (checker, required) in schema.items():
+        if name not in value:
+            if required:
+                raise ValueError(f"{where} lacks required field {name!r}")
+            continue
+        try:
+            checked[name] = checker(value[name])
+        except ValueError as error:
+            raise ValueError(f"{where}.{name} {error}") from None
+    return checked
+
+
+# --- encoding ---------------------------------------------------------------------------------
+
+def array_specs(arrays: Sequence[np.ndarray]) -> list[ArraySpec]:
+    """The wire description of a list of arrays (what a receiver should expect)."""
+    return [(np.dtype(a.dtype).name, tuple(int(d) for d in a.shape)) for a in arrays]
+
+
+def _wire_array(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array)
+    if np.dtype(array.dtype).name not in ALLOWED_DTYPES:
+        raise ProtocolError(f"dtype {array.dtype} is not allowed on the wire")
+    if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and not _LITTLE_ENDIAN):
+        array = array.astype(array.dtype.newbyteorder("<"))
+    return np.ascontiguousarray(array)
+
+
+_LITTLE_ENDIAN = np.little_endian
+
+
+def encode(message: Message) -> list[bytes | memoryview]:
+    """Frames for ``message``: the header, then a zero-copy view of each (contiguous) array.
+
+    The body is validated too, so a bug on the sending side fails here, not at the peer.
+    """
+    try:
+        body = _check_fields(message.body, BODY_SCHEMAS[MessageType(message.type)], "body")
+    except ValueError as error:
+        raise ProtocolError(str(error)) from None
+    arrays = [_wire_array(a) for a in message.arrays]
+    header = {
+        "v": PROTOCOL_VERSION,
+        "type": MessageType(message.type).value,
+        "round": int(message.round),
+        "client_id": message.client_id,
+        "arrays": [[name, list(shape)] for name, shape in array_specs(arrays)],
+        "body": body,
+    }
+    frames: list[bytes | memoryview] = [json.dumps(header, separators=(",", ":"), allow_nan=False).encode()]
+    frames.extend(memoryview(a).cast("B") if a.size else b"" for a in arrays)
+    return frames
+
+
+def encode_error(code: str, reason: str, *, client_id: str = "", round: int = 0) -> list[bytes | memoryview]:
+    """Frames for an ERROR message (reason trimmed to the protocol's limit)."""
+    return encode(Message(MessageType.ERROR, round=round, client_id=client_id,
+                          body={"code": code[:64], "reason": reason[:2000]}))
+
+
+# --- decoding ---------------------------------------------------------------------------------
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed in a header")
+
+
+def _buffer(frame: Any) -> memoryview:
+    """A byte view of a received frame: bytes, memoryview, or a pyzmq Frame (``.buffer``)."""
+    if hasattr(frame, "buffer"):
+        frame = frame.buffer
+    view = memoryview(frame)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def _parse_manifest(entries: Any, limits: Limits) -> list[ArraySpec]:
+    if not isinstance(entries, list):
+        raise ProtocolError(f"header.arrays must be a list, got {type(entries).__name__}")
+    if len(entries) > limits.max_arrays:
+        raise ProtocolError(f"header.arrays lists {len(entries)} arrays; at most {limits.max_arrays} allowed")
+    specs = []
+    total = 0
+    for index, entry in enumerate(entries):
+        if not (isinstance(entry, list) and len(entry) == 2):
+            raise ProtocolError(f"header.arrays[{index}] must be [dtype, shape]")
+        dtype, shape = entry
+        if not isinstance(dtype, str) or dtype not in ALLOWED_DTYPES:
+            raise ProtocolError(f"header.arrays[{index}] dtype {str(dtype)[:40]!r} is not allowed")
+        if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+            raise ProtocolError(f"header.arrays[{index}] shape must be a list of at most {MAX_NDIM} sizes")
+        if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape):
+            raise ProtocolError(f"header.arrays[{index}] shape {shape!r} must hold non-negative integers")
+        nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+        if nbytes > limits.max_array_bytes:
+            raise ProtocolError(f"header.arrays[{index}] declares {nbytes} bytes; at most {limits.max_array_bytes} allowed")
+        total += nbytes
+        specs.append((dtype, tuple(shape)))
+    if total > limits.max_total_bytes:
+        raise ProtocolError(f"message declares {total} bytes of arrays; at most {limits.max_total_bytes} allowed")
+    return specs
+
+
+def decode(
+    frames: Sequence[Any],
+    *,
+    expected_arrays: Sequence[ArraySpec] | None = None,
+    limits: Limits = Limits(),
+) -> Message:
+    """Validate ``frames`` and return the message; raise :class:`ProtocolError` saying why not.
+
+    ``expected_arrays`` (the model's specs) is enforced for messages that carry weights. Arrays
+    are returned as read-only views over the frames: nothing is copied.
+    """
+    if not frames:
+        raise ProtocolError("empty message")
+    head = _buffer(frames[0])
+    if len(head) > limits.max_header_bytes:
+        raise ProtocolError(f"header is {len(head)} bytes; at most {limits.max_header_bytes} allowed")
+    try:
+        header = json.loads(bytes(head).decode("utf-8"), parse_constant=_reject_constant)
+    except ValueError as error:  # UnicodeDecodeError, JSONDecodeError, over-long integers
+        raise ProtocolError(f"header is not valid UTF-8 JSON ({error.__class__.__name__}: {str(error)[:80]})") from None
+    except RecursionError:
+        raise ProtocolError("header JSON is nested too deeply") from None
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a JSON object, got {type(header).__name__}")
+    unknown = sorted(set(header) - {"v", "type", "round", "client_id", "arrays", "body"})
+    if unknown:
+        raise ProtocolError(f"header has unknown field(s) {', '.join(repr(k[:40]) for k in unknown[:5])}")
+
+    version = header.get("v")
+    if version != PROTOCOL_VERSION:
+        raise ProtocolError(f"unsupported protocol version {str(version)[:20]!r}; this peer speaks {PROTOCOL_VERSION}")
+    try:
+        kind = MessageType(header.get("type"))
+    except ValueError:
+        raise ProtocolError(f"unknown message type {str(header.get('type'))[:40]!r}") from None
+    round_ = header.get("round", 0)
+    if not isinstance(round_, int) or isinstance(round_, bool) or not 0 <= round_ < 2**31:
+        raise ProtocolError(f"header.round must be an integer in [0, 2^31), got {str(round_)[:40]!r}")
+    client_id = header.get("client_id", "")
+    if not isinstance(client_id, str) or (client_id and not CLIENT_ID_PATTERN.match(client_id)):
+        raise ProtocolError(f"header.client_id {str(client_id)[:70]!r} is not 1-64 characters of [A-Za-z0-9._-]")
+    try:
+        body = _check_fields(header.get("body", {}), BODY_SCHEMAS[kind], "body")
+    except ValueError as error:
+        raise ProtocolError(f"{kind.value}: {error}") from None
+
+    specs = _parse_manifest(header.get("arrays", []), limits)
+    if len(frames) != 1 + len(specs):
+        raise ProtocolError(f"header lists {len(specs)} arrays but {len(frames) - 1} array frames arrived")
+    if expected_arrays is not None and kind in WEIGHT_CARRYING:
+        check_specs(specs, expected_arrays)
+
+    arrays = []
+    for index, ((dtype, shape), frame) in enumerate(zip(specs, frames[1:])):
+        view = _buffer(frame)
+        wire_dtype = np.dtype(dtype).newbyteorder("<")
+        expected = math.prod(shape) * wire_dtype.itemsize
+        if len(view) != expected:
+            raise ProtocolError(
+                f"array {index} declares {dtype}{list(shape)} = {expected} bytes but its frame has {len(view)}")
+        array = np.frombuffer(view, dtype=wire_dtype).reshape(shape) if expected else np.zeros(shape, wire_dtype)
+        arrays.append(array)
+    return Message(kind, round=round_, client_id=client_id, body=body, arrays=arrays)
+
+
+def check_specs(actual: Sequence[ArraySpec], expected: Sequence[ArraySpec]) -> None:
+    """Raise :class:`ProtocolError` unless the arrays match the model's count, dtypes and shapes."""
+    if len(actual) != len(expected):
+        raise ProtocolError(f"expected {len(expected)} arrays (the model's), got {len(actual)}")
+    for index, ((dtype, shape), (want_dtype, want_shape)) in enumerate(zip(actual, expected)):
+        if tuple(shape) != tuple(want_shape):
+            raise ProtocolError(f"array {index} has shape {list(shape)}; the model's is {list(want_shape)}")
+        if dtype != want_dtype:
+            raise ProtocolError(f"array {index} has dtype {dtype}; the model's is {want_dtype}")
+
+
+def check_finite(arrays: Sequence[np.ndarray]) -> None:
+    """Raise :class:`ProtocolError` if a floating-point array holds NaN or Inf."""
+    for index, array in enumerate(arrays):
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise ProtocolError(f"array {index} holds NaN or Inf")
+
+
+def max_frame_bytes(specs: Sequence[ArraySpec], limits: Limits = Limits(), margin: int = 64 * 1024) -> int:
+    """The largest frame a peer of this model may send: for ``zmq.MAXMSGSIZE`` (a per-frame limit)."""
+    largest = max((math.prod(s) * np.dtype(d).itemsize for d, s in specs), default=0)
+    return max(largest, limits.max_header_bytes) + margin

@@ -1,0 +1,340 @@
+"""The federated server: owns the model, admits clients, runs the rounds, aggregates, logs.
+
+One thread, one ROUTER socket, no blocking on any client. The run reads top to bottom::
+
+    wait for --min-clients  ->  for each round: send FIT to the selected clients,
+    collect their UPDATEs (serving joins and rejecting bad messages meanwhile), aggregate,
+    evaluate, record  ->  tell every client the run is over.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import protocol
+from .model import to_wire
+from .protocol import Message, MessageType, ProtocolError
+from .strategy import Aggregator, FedAvg, FitPlan, FitResult, Strategy
+from .tracking import RoundRecord, RunLog
+from .transport import ServerTransport
+
+log = logging.getLogger("pyfed.server")
+
+PROGRESS_EVERY_S = 10.0
+
+
+@dataclass
+class ClientRecord:
+    """A registered client: its id, its ZeroMQ peer id, and what it told us at join."""
+
+    client_id: str
+    peer: bytes
+    num_examples: int
+
+
+class RateLimitedLog:
+    """Logs at most ``burst`` rejections per ``window_s``, then one line counting the rest."""
+
+    def __init__(self, burst: int = 20, window_s: float = 10.0):
+        self.burst, self.window_s = burst, window_s
+        self._window_start, self._count, self._suppressed = 0.0, 0, 0
+
+    def warning(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._window_start > self.window_s:
+            if self._suppressed:
+                log.warning("%d more rejected messages were not logged", self._suppressed)
+            self._window_start, self._count, self._suppressed = now, 0, 0
+        if self._count < self.burst:
+            self._count += 1
+            log.warning(message, *args)
+        else:
+            self._suppressed += 1
+
+
+class Server:
+    """Runs a federation over ZeroMQ for ``rounds`` rounds and returns the rounds' records."""
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        address: str,
+        rounds: int,
+        min_clients: int,
+        plan: FitPlan,
+        strategy: Strategy | None = None,
+        test_data: tuple[np.ndarray, np.ndarray] | None = None,
+        logdir: Path | None = None,
+        round_timeout_s: float | None = None,
+        config_summary: dict[str, Any] | None = None,
+    ):
+        self.model = model
+        self.rounds = rounds
+        self.min_clients = min_clients
+        self.plan = plan
+        self.strategy = strategy or FedAvg()
+        self.test_data = test_data
+        self.round_timeout_s = round_timeout_s
+        self.weights: list[np.ndarray] = model.get_weights()
+        self.specs = protocol.array_specs(self.weights)
+        self.model_json, self.compile_config = to_wire(model)
+        model_bytes = sum(a.nbytes for a in self.weights)
+        self.limits = protocol.Limits(max_header_bytes=1024 * 1024, max_arrays=max(1, len(self.specs)),
+                                      max_array_bytes=max(1, model_bytes), max_total_bytes=max(1, model_bytes))
+        self.transport = ServerTransport(address, max_frame_bytes=protocol.max_frame_bytes(self.specs, self.limits))
+        self.endpoint: str | None = None
+        self.clients: dict[str, ClientRecord] = {}
+        self._client_by_peer: dict[bytes, str] = {}
+        self._next_client_number = 1
+        self.current_round = 0
+        self.run_log = RunLog(logdir, config=config_summary or {}) if logdir else None
+        self.history: list[RoundRecord] = []
+        self.final_metrics: tuple[float | None, float | None] = (None, None)
+        self._rejections = RateLimitedLog()
+
+    # --- the run, top to bottom ----------------------------------------------------------------
+
+    def run(self) -> list[RoundRecord]:
+        """Bind, wait for clients, run every round, tell the clients the run is over."""
+        self.endpoint = self.transport.bind()
+        log.info("listening on %s; model has %d arrays, %.1f MB; waiting for %d clients",
+                 self.endpoint, len(self.specs), sum(a.nbytes for a in self.weights) / 1e6, self.min_clients)
+        try:
+            self._wait_for_clients()
+            for server_round in range(1, self.rounds + 1):
+                self._run_round(server_round)
+            self.final_metrics = self._evaluate()
+            if self.run_log:
+                self.run_log.finish(*self.final_metrics)
+            self._finish_clients("the run is complete")
+            log.info("run finished: %d rounds, final test loss %s, accuracy %s%s", self.rounds,
+                     _fmt(self.final_metrics[0]), _fmt(self.final_metrics[1]),
+                     f"; summary in {self.run_log.summary_path}" if self.run_log else "")
+        finally:
+            if self.run_log:
+                self.run_log.close()
+            self.transport.close()
+        return self.history
+
+    def _wait_for_clients(self) -> None:
+        next_progress = time.monotonic() + PROGRESS_EVERY_S
+        while len(self.clients) < self.min_clients:
+            self._serve_one(timeout_s=1.0)
+            if time.monotonic() >= next_progress:
+                log.info("waiting for clients: %d/%d joined", len(self.clients), self.min_clients)
+                next_progress = time.monotonic() + PROGRESS_EVERY_S
+
+    def _run_round(self, server_round: int) -> None:
+        self.current_round = server_round
+        started = time.monotonic()
+        sent_before, received_before = self.transport.bytes_sent, self.transport.bytes_received
+        selected = self.strategy.configure_fit(server_round, sorted(self.clients), self.plan)
+        log.info("round %d/%d started: %d clients (%s)", server_round, self.rounds, len(selected),
+                 ", ".join(cid for cid, _ in selected))
+
+        aggregator = self.strategy.aggregator(server_round, self.weights)
+        pending = self._send_fit(server_round, selected)
+        results, dropped = self._collect_updates(server_round, pending, aggregator)
+
+        if results:
+            self.weights = aggregator.result()
+        else:
+            log.warning("round %d: no updates arrived; the global model is unchanged", server_round)
+        test_loss, test_accuracy = self._evaluate()
+
+        record = RoundRecord(
+            round=server_round,
+            clients=sorted(results),
+            selected=[cid for cid, _ in selected],
+            duration_s=round(time.monotonic() - started, 4),
+            fit_s={cid: r.metrics["fit_s"] for cid, r in sorted(results.items())},
+            num_examples={cid: r.num_examples for cid, r in sorted(results.items())},
+            bytes_sent=self.transport.bytes_sent - sent_before,
+            bytes_received=self.transport.bytes_received - received_before,
+            test_loss=test_loss,
+            test_accuracy=test_accuracy,
+            dropped=dropped,
+            train_history={cid: r.metrics["history"] for cid, r in sorted(results.items())},
+        )
+        self.history.append(record)
+        if self.run_log:
+            self.run_log.record_round(record)
+        log.info("round %d/%d finished in %.2fs: %d/%d updates, test loss %s, accuracy %s",
+                 server_round, self.rounds, record.duration_s, len(results), len(selected),
+                 _fmt(test_loss), _fmt(test_accuracy))
+
+    def _send_fit(self, server_round: int, selected: Sequence[tuple[str, FitPlan]]) -> set[str]:
+        """Send FIT (global weights + plan) to each selected client; return those reached."""
+        encoded: dict[FitPlan, list] = {}
+        reached = set()
+        for client_id, plan in selected:
+            if plan not in encoded:  # one encoding per distinct plan: the weights are never copied
+                encoded[plan] = protocol.encode(Message(MessageType.FIT, round=server_round,
+                                                        body={"plan": plan.to_body()}, arrays=self.weights))
+            if self.transport.send(self.clients[client_id].peer, encoded[plan]):
+                reached.add(client_id)
+            else:
+                log.warning("round %d: could not reach client %s", server_round, client_id)
+        return reached
+
+    def _collect_updates(self, server_round: int, pending: set[str],
+                         aggregator: Aggregator) -> tuple[dict[str, FitResult], dict[str, str]]:
+        """Serve messages until every pending client has answered, left, or the timeout passed.
+
+        Each valid update goes to ``aggregator`` as it arrives and its frames are released, so the
+        server never holds more than one update at a time.
+        """
+        results: dict[str, FitResult] = {}
+        dropped: dict[str, str] = {}
+        deadline = time.monotonic() + self.round_timeout_s if self.round_timeout_s else None
+        next_progress = time.monotonic() + PROGRESS_EVERY_S
+        while pending:
+            for client_id in sorted(pending - set(self.clients)):
+                pending.discard(client_id)
+                dropped[client_id] = "left the federation"
+                log.warning("round %d: client %s left before sending its update", server_round, client_id)
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                for client_id in sorted(pending):
+                    dropped[client_id] = f"no update within {self.round_timeout_s:g}s"
+                    log.warning("round %d: dropped client %s: no update within %gs",
+                                server_round, client_id, self.round_timeout_s)
+                break
+            if now >= next_progress:
+                log.info("round %d: waiting for %d update(s): %s", server_round, len(pending), ", ".join(sorted(pending)))
+                next_progress = now + PROGRESS_EVERY_S
+            received = self._serve_one(timeout_s=min(1.0, deadline - now) if deadline else 1.0)
+            if received is None:
+                continue
+            client_id, message = received
+            rejection = self._check_update(server_round, client_id, message, pending)
+            if rejection:
+                self._reject(self.clients[client_id].peer, "bad_update", f"client {client_id}: {rejection}")
+                continue
+            pending.discard(client_id)
+            result = FitResult(client_id, message.arrays, message.body["num_examples"],
+                               {"fit_s": message.body["fit_s"], "history": message.body["history"]})
+            aggregator.add(result)
+            result.weights = ()
+            results[client_id] = result
+            log.info("round %d: update from %s (%d examples, fit %.2fs)%s", server_round, client_id,
+                     message.body["num_examples"], message.body["fit_s"], _history_tail(message.body["history"]))
+        return results, dropped
+
+    def _check_update(self, server_round: int, client_id: str, message: Message, pending: set[str]) -> str | None:
+        """Why this UPDATE cannot be used, or None if it can."""
+        if message.round != server_round:
+            return f"update is for round {message.round}, the current round is {server_round} (stale)"
+        if client_id not in pending:
+            return f"no update expected from it in round {server_round} (duplicate or not selected)"
+        try:
+            protocol.check_finite(message.arrays)
+        except ProtocolError as error:
+            return str(error)
+        return None
+
+    def _evaluate(self) -> tuple[float | None, float | None]:
+        if self.test_data is None:
+            return None, None
+        self.model.set_weights(self.weights)
+        x, y = self.test_data
+        results = self.model.evaluate(x, y, batch_size=1024, verbose=0, return_dict=True)
+        accuracy = next((v for k, v in results.items() if "acc" in k), None)
+        return float(results["loss"]), (float(accuracy) if accuracy is not None else None)
+
+    def _finish_clients(self, reason: str) -> None:
+        frames = protocol.encode(Message(MessageType.FINISH, round=self.current_round, body={"reason": reason}))
+        for record in self.clients.values():
+            self.transport.send(record.peer, frames)
+
+    # --- serving one message -------------------------------------------------------------------
+
+    def _serve_one(self, timeout_s: float) -> tuple[str, Message] | None:
+        """Receive one message; handle joins, leaves and bad input here; return UPDATEs to the caller."""
+        received = self.transport.recv(timeout_s)
+        if received is None:
+            return None
+        peer, frames = received
+        try:
+            message = protocol.decode(frames, expected_arrays=self.specs, limits=self.limits)
+        except ProtocolError as error:
+            self._reject(peer, "bad_message", f"from peer {peer.hex()[:12]}: {error}")
+            return None
+        client_id = self._client_by_peer.get(peer)
+        if message.type is MessageType.JOIN:
+            self._handle_join(peer, message)
+            return None
+        if client_id is None:
+            self._reject(peer, "not_joined", f"{message.type.value} from peer {peer.hex()[:12]} that has not joined")
+            return None
+        if message.client_id and message.client_id != client_id:
+            self._reject(peer, "wrong_client_id",
+                         f"peer of client {client_id} sent a message claiming id {message.client_id!r}")
+            return None
+        if message.type is MessageType.UPDATE:
+            return client_id, message
+        if message.type is MessageType.LEAVE:
+            self._remove_client(client_id, message.body.get("reason") or "left")
+        elif message.type is MessageType.ERROR:
+            log.warning("client %s reported an error [%s]: %s", client_id, message.body["code"], message.body["reason"])
+            self._remove_client(client_id, f"error: {message.body['code']}")
+        else:
+            self._reject(peer, "unexpected_type", f"client {client_id} sent {message.type.value}, which only servers send")
+        return None
+
+    def _handle_join(self, peer: bytes, message: Message) -> None:
+        known = self._client_by_peer.get(peer)
+        wanted = message.client_id
+        if known is not None and wanted in ("", known):
+            client_id = known  # a repeated JOIN (e.g. the client's retry): welcome it again
+        else:
+            if known is not None:
+                self._reject(peer, "already_joined", f"peer already joined as {known}, now asks for {wanted!r}")
+                return
+            if wanted and wanted in self.clients:
+                self._reject(peer, "id_taken", f"client id {wanted!r} is already taken by a connected client")
+                return
+            client_id = wanted or self._assign_client_id()
+            self.clients[client_id] = ClientRecord(client_id, peer, message.body.get("num_examples", 0))
+            self._client_by_peer[peer] = client_id
+            log.info("client %s joined (%d examples) [%d/%d]", client_id, self.clients[client_id].num_examples,
+                     len(self.clients), self.min_clients)
+        welcome = Message(MessageType.WELCOME, round=self.current_round, client_id=client_id, arrays=self.weights,
+                          body={"model_json": self.model_json, "compile_config": self.compile_config,
+                                "plan": self.plan.to_body(), "rounds": self.rounds})
+        self.transport.send(peer, protocol.encode(welcome))
+
+    def _assign_client_id(self) -> str:
+        while f"client-{self._next_client_number}" in self.clients:
+            self._next_client_number += 1
+        client_id = f"client-{self._next_client_number}"
+        self._next_client_number += 1
+        return client_id
+
+    def _remove_client(self, client_id: str, reason: str) -> None:
+        record = self.clients.pop(client_id, None)
+        if record is not None:
+            self._client_by_peer.pop(record.peer, None)
+            log.info("client %s left: %s", client_id, reason)
+
+    def _reject(self, peer: bytes, code: str, reason: str) -> None:
+        """Log a rejected message (rate-limited) and tell the peer why, when it can be addressed."""
+        self._rejections.warning("rejected message [%s] %s", code, reason)
+        self.transport.send(peer, protocol.encode_error(code, reason))
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _history_tail(history: dict[str, list]) -> str:
+    parts = [f"{name} {series[-1]:.4f}" for name, series in history.items() if series and series[-1] is not None]
+    return f": {', '.join(parts)}" if parts else ""

@@ -1,0 +1,145 @@
+"""The server's record of a run: TensorBoard events and ``summary.json`` under one log directory.
+
+The server is the only writer. Clients send their per-epoch training history with each update,
+so a client on another machine shows up without a shared disk. Layout::
+
+    LOGDIR/summary.json          rewritten atomically after every round
+    LOGDIR/server/               global test loss/accuracy, round duration, participants, bytes
+    LOGDIR/clients/<client_id>/  that client's per-epoch training curves, continuing across rounds
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class RoundRecord:
+    """What happened in one round, as it appears in summary.json."""
+
+    round: int
+    clients: list[str]
+    selected: list[str]
+    duration_s: float
+    fit_s: dict[str, float]
+    num_examples: dict[str, int]
+    bytes_sent: int
+    bytes_received: int
+    test_loss: float | None = None
+    test_accuracy: float | None = None
+    dropped: dict[str, str] = field(default_factory=dict)
+    train_history: dict[str, dict[str, list[float | None]]] = field(default_factory=dict)
+
+
+def write_json_atomic(path: Path, document: Any) -> None:
+    """Write ``document`` to ``path`` so that a reader sees the old or the new file, never half of one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(document, handle, indent=2, allow_nan=False)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+class RunLog:
+    """Writes TensorBoard scalars and summary.json for each finished round."""
+
+    def __init__(self, logdir: Path, *, config: dict[str, Any]):
+        import tensorflow as tf
+
+        self._tf = tf
+        self.logdir = Path(logdir)
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self.summary_path = self.logdir / "summary.json"
+        self.rounds: list[RoundRecord] = []
+        self.config = config
+        self._server_writer = tf.summary.create_file_writer(str(self.logdir / "server"))
+        self._client_writers: dict[str, Any] = {}
+        self._client_epochs: dict[str, int] = {}
+        self.final: dict[str, Any] | None = None
+
+    def _client_writer(self, client_id: str):
+        if client_id not in self._client_writers:
+            self._client_writers[client_id] = self._tf.summary.create_file_writer(
+                str(self.logdir / "clients" / client_id))
+        return self._client_writers[client_id]
+
+    def record_round(self, record: RoundRecord) -> None:
+        """Log one finished round to TensorBoard and rewrite summary.json."""
+        tf, step = self._tf, record.round
+        with self._server_writer.as_default():
+            if record.test_loss is not None:
+                tf.summary.scalar("test/loss", record.test_loss, step=step)
+            if record.test_accuracy is not None:
+                tf.summary.scalar("test/accuracy", record.test_accuracy, step=step)
+            tf.summary.scalar("round/duration_s", record.duration_s, step=step)
+            tf.summary.scalar("round/participants", len(record.clients), step=step)
+            tf.summary.scalar("round/bytes_sent", record.bytes_sent, step=step)
+            tf.summary.scalar("round/bytes_received", record.bytes_received, step=step)
+        self._server_writer.flush()
+        for client_id in record.clients:
+            self._record_client(client_id, record)
+        self.rounds.append(record)
+        self.write_summary()
+
+    def _record_client(self, client_id: str, record: RoundRecord) -> None:
+        tf, history = self._tf, record.train_history.get(client_id, {})
+        writer = self._client_writer(client_id)
+        first_epoch = self._client_epochs.get(client_id, 0)
+        num_epochs = max((len(series) for series in history.values()), default=0)
+        with writer.as_default():
+            for name, series in history.items():
+                for offset, value in enumerate(series):
+                    if value is not None and math.isfinite(value):
+                        tf.summary.scalar(f"epoch/{name}", value, step=first_epoch + offset + 1)
+                last = series[-1] if series else None
+                if last is not None and math.isfinite(last):
+                    tf.summary.scalar(f"round/{name}", last, step=record.round)
+            tf.summary.scalar("round/fit_s", record.fit_s.get(client_id, 0.0), step=record.round)
+            tf.summary.scalar("round/num_examples", record.num_examples.get(client_id, 0), step=record.round)
+        writer.flush()
+        self._client_epochs[client_id] = first_epoch + num_epochs
+
+    def finish(self, test_loss: float | None, test_accuracy: float | None) -> None:
+        """Record the final global evaluation and mark the run finished."""
+        self.final = {"test_loss": _finite_or_none(test_loss), "test_accuracy": _finite_or_none(test_accuracy)}
+        self.write_summary()
+
+    def write_summary(self) -> None:
+        rounds = []
+        for record in self.rounds:
+            entry = asdict(record)
+            entry["test_loss"] = _finite_or_none(record.test_loss)
+            entry["test_accuracy"] = _finite_or_none(record.test_accuracy)
+            rounds.append(entry)
+        write_json_atomic(self.summary_path, {
+            "status": "finished" if self.final is not None else "running",
+            "config": self.config,
+            "rounds": rounds,
+            "final": self.final,
+        })
+
+    def close(self) -> None:
+        for writer in [self._server_writer, *self._client_writers.values()]:
+            writer.close()
