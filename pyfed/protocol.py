@@ -224,7 +224,7 @@ def _wire_array(array: np.ndarray) -> np.ndarray:
         raise ProtocolError(f"dtype {array.dtype} is not allowed on the wire")
     if array.dtype.byteorder == ">" or (array.dtype.byteorder == "=" and not _LITTLE_ENDIAN):
         array = array.astype(array.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(array)
+    return array if array.flags.c_contiguous else array.copy(order="C")  # keeps 0-d arrays 0-d
 
 
 _LITTLE_ENDIAN = np.little_endian

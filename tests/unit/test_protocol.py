@@ -1,0 +1,203 @@
+"""The wire protocol: every message type round-trips; every malformed message is rejected with its reason."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pyfed import protocol
+from pyfed.protocol import Limits, Message, MessageType, ProtocolError, decode, encode
+
+WEIGHTS = [np.arange(12, dtype=np.float32).reshape(3, 4), np.array([0.5, -1.5, 2.0], dtype=np.float32)]
+SPECS = protocol.array_specs(WEIGHTS)
+PLAN = {"epochs": 2, "batch_size": 16, "learning_rate": 0.01}
+
+EXAMPLES = {
+    MessageType.JOIN: Message(MessageType.JOIN, client_id="site-a", body={"num_examples": 450}),
+    MessageType.WELCOME: Message(MessageType.WELCOME, round=0, client_id="client-1", arrays=WEIGHTS,
+                                 body={"model_json": '{"class_name": "Sequential"}',
+                                       "compile_config": {"loss": "mse"}, "plan": PLAN, "rounds": 3}),
+    MessageType.FIT: Message(MessageType.FIT, round=2, body={"plan": PLAN}, arrays=WEIGHTS),
+    MessageType.UPDATE: Message(MessageType.UPDATE, round=2, client_id="client-1", arrays=WEIGHTS,
+                                body={"num_examples": 450, "fit_s": 1.25,
+                                      "history": {"loss": [0.9, 0.5], "accuracy": [0.7, None]}}),
+    MessageType.FINISH: Message(MessageType.FINISH, round=3, body={"reason": "the run is complete"}),
+    MessageType.ERROR: Message(MessageType.ERROR, body={"code": "id_taken", "reason": "client id taken"}),
+    MessageType.LEAVE: Message(MessageType.LEAVE, client_id="client-1", body={"reason": "shutting down"}),
+}
+
+
+def header_of(frames):
+    return json.loads(bytes(frames[0]))
+
+
+def reframe(frames, **changes):
+    """The frames with header fields replaced (None deletes a field)."""
+    header = header_of(frames)
+    for key, value in changes.items():
+        if value is None:
+            header.pop(key, None)
+        else:
+            header[key] = value
+    return [json.dumps(header).encode(), *frames[1:]]
+
+
+@pytest.mark.parametrize("kind", list(MessageType))
+def test_every_message_type_round_trips(kind):
+    original = EXAMPLES[kind]
+    decoded = decode(encode(original), expected_arrays=SPECS if original.arrays else None)
+    assert decoded.type is kind
+    assert decoded.round == original.round
+    assert decoded.client_id == original.client_id
+    assert decoded.body == original.body
+    assert len(decoded.arrays) == len(original.arrays)
+    for got, want in zip(decoded.arrays, original.arrays):
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+
+
+def test_every_message_type_has_an_example():
+    assert set(EXAMPLES) == set(MessageType)
+
+
+def test_arrays_are_zero_copy_views_of_the_frames():
+    frames = encode(EXAMPLES[MessageType.FIT])
+    buffers = [bytearray(f) for f in frames]
+    decoded = decode(buffers)
+    buffers[1][:4] = np.float32(42.0).tobytes()
+    assert decoded.arrays[0][0, 0] == 42.0  # the array reads the frame's memory: no copy was made
+    assert not decoded.arrays[0].flags.writeable or decoded.arrays[0].base is not None
+
+
+def test_sending_does_not_copy_contiguous_arrays():
+    frames = encode(EXAMPLES[MessageType.FIT])
+    assert isinstance(frames[1], memoryview)
+    assert np.shares_memory(np.frombuffer(frames[1], np.float32), WEIGHTS[0])
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "int8", "int32", "int64", "uint8", "uint32", "bool"])
+def test_allowed_dtypes_round_trip(dtype):
+    array = (np.arange(6) % 2).astype(dtype).reshape(2, 3)
+    decoded = decode(encode(Message(MessageType.FIT, round=1, body={"plan": PLAN}, arrays=[array])))
+    assert decoded.arrays[0].dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(decoded.arrays[0], array)
+
+
+def test_big_endian_and_non_contiguous_arrays_are_sent_as_little_endian_contiguous():
+    big = np.arange(6, dtype=">f4").reshape(2, 3)
+    strided = np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2]
+    decoded = decode(encode(Message(MessageType.FIT, round=1, body={"plan": PLAN}, arrays=[big, strided])))
+    np.testing.assert_array_equal(decoded.arrays[0], big)
+    np.testing.assert_array_equal(decoded.arrays[1], strided)
+
+
+def test_zero_size_and_scalar_arrays():
+    arrays = [np.zeros((0, 4), np.float32), np.array(3.5, np.float64)]
+    decoded = decode(encode(Message(MessageType.FIT, round=1, body={"plan": PLAN}, arrays=arrays)))
+    assert decoded.arrays[0].shape == (0, 4)
+    assert decoded.arrays[1].shape == () and decoded.arrays[1] == 3.5
+
+
+def test_encode_refuses_a_disallowed_dtype_and_a_bad_body():
+    with pytest.raises(ProtocolError, match="not allowed"):
+        encode(Message(MessageType.FIT, round=1, body={"plan": PLAN}, arrays=[np.array(["a"])]))
+    with pytest.raises(ProtocolError, match="lacks required field 'plan'"):
+        encode(Message(MessageType.FIT, round=1, body={}))
+
+
+UPDATE = encode(EXAMPLES[MessageType.UPDATE])
+
+
+@pytest.mark.parametrize("frames, reason", [
+    ([], "empty message"),
+    ([b"\xff\xfe garbage"], "not valid UTF-8 JSON"),
+    ([b"{not json"], "not valid UTF-8 JSON"),
+    ([b"[1, 2, 3]"], "must be a JSON object"),
+    ([b'{"v": 1, "type": "fit", "round": 1, "body": {"plan": {"epochs": NaN}}}'], "not valid UTF-8 JSON"),
+    ([b"[" * 100_000 + b"]" * 100_000], "nested too deeply|not valid"),
+    ([b'{"v": 1, "type": "join", "round": ' + b"9" * 5000 + b"}"], "not valid UTF-8 JSON"),
+    (reframe(UPDATE, v=2), "unsupported protocol version '2'; this peer speaks 1"),
+    (reframe(UPDATE, v=None), "unsupported protocol version"),
+    (reframe(UPDATE, v="1"), "unsupported protocol version"),
+    (reframe(UPDATE, type="steal"), "unknown message type 'steal'"),
+    (reframe(UPDATE, type=7), "unknown message type"),
+    (reframe(UPDATE, round=-1), "header.round must be an integer"),
+    (reframe(UPDATE, round=1.5), "header.round must be an integer"),
+    (reframe(UPDATE, round=True), "header.round must be an integer"),
+    (reframe(UPDATE, round=2**40), "header.round must be an integer"),
+    (reframe(UPDATE, client_id="../../etc/passwd"), "header.client_id"),
+    (reframe(UPDATE, client_id=5), "header.client_id"),
+    (reframe(UPDATE, client_id="x" * 65), "header.client_id"),
+    (reframe(UPDATE, extra=1), "unknown field"),
+    (reframe(UPDATE, body=[]), "body must be an object"),
+    (reframe(UPDATE, body={"fit_s": 1.0, "history": {}}), "lacks required field 'num_examples'"),
+    (reframe(UPDATE, body={"num_examples": 0, "fit_s": 1.0, "history": {}}), r"num_examples must be in \[1"),
+    (reframe(UPDATE, body={"num_examples": "10", "fit_s": 1.0, "history": {}}), "num_examples must be an integer"),
+    (reframe(UPDATE, body={"num_examples": 10, "fit_s": -1.0, "history": {}}), "fit_s must be a finite number"),
+    ([bytes(UPDATE[0]).replace(b'"fit_s":1.25', b'"fit_s":1e400'), *UPDATE[1:]], "fit_s must be a finite number"),
+    (reframe(UPDATE, body={"num_examples": 10, "fit_s": 1.0, "history": {"loss": "low"}}), "must be a list"),
+    (reframe(UPDATE, body={"num_examples": 10, "fit_s": 1.0, "history": {"loss": [1, "x"]}}), "not a finite number"),
+    (reframe(UPDATE, body={"num_examples": 10, "fit_s": 1.0, "history": {"bad name!": [1]}}), "metric name"),
+    (reframe(UPDATE, body={"num_examples": 10, "fit_s": 1.0, "history": {}, "pwn": 1}), "unknown field"),
+    (reframe(UPDATE, arrays={}), "header.arrays must be a list"),
+    (reframe(UPDATE, arrays=[["float32"]]), r"must be \[dtype, shape\]"),
+    (reframe(UPDATE, arrays=[["object", [3, 4]], ["float32", [3]]]), "dtype 'object' is not allowed"),
+    (reframe(UPDATE, arrays=[["float32", [3, -4]], ["float32", [3]]]), "must hold non-negative integers"),
+    (reframe(UPDATE, arrays=[["float32", "3x4"], ["float32", [3]]]), "shape must be a list"),
+    (reframe(UPDATE, arrays=[["float32", [1] * 9], ["float32", [3]]]), "at most 8 sizes"),
+    (reframe(UPDATE, arrays=[["float32", [3, 4]]]), "lists 1 arrays but 2 array frames"),
+    (UPDATE[:2], "lists 2 arrays but 1 array frames"),
+    ([*UPDATE, b"extra"], "lists 2 arrays but 3 array frames"),
+    ([UPDATE[0], UPDATE[1][:-4], UPDATE[2]], "declares float32\\[3, 4\\] = 48 bytes but its frame has 44"),
+    ([UPDATE[0], UPDATE[1], bytes(UPDATE[2]) + b"\0" * 4], "= 12 bytes but its frame has 16"),
+])
+def test_malformed_messages_are_rejected_with_a_reason(frames, reason):
+    with pytest.raises(ProtocolError, match=reason):
+        decode(frames, expected_arrays=SPECS)
+
+
+@pytest.mark.parametrize("arrays, reason", [
+    ([WEIGHTS[0]], "expected 2 arrays"),
+    ([WEIGHTS[0], WEIGHTS[1], WEIGHTS[1]], "expected 2 arrays"),
+    ([WEIGHTS[0].reshape(4, 3), WEIGHTS[1]], r"array 0 has shape \[4, 3\]; the model's is \[3, 4\]"),
+    ([WEIGHTS[0].astype(np.float64), WEIGHTS[1]], "array 0 has dtype float64; the model's is float32"),
+])
+def test_updates_must_match_the_model(arrays, reason):
+    message = Message(MessageType.UPDATE, round=1, arrays=arrays,
+                      body={"num_examples": 1, "fit_s": 0.1, "history": {}})
+    with pytest.raises(ProtocolError, match=reason):
+        decode(encode(message), expected_arrays=SPECS)
+
+
+def test_limits_bound_header_array_count_and_sizes():
+    frames = encode(EXAMPLES[MessageType.UPDATE])
+    with pytest.raises(ProtocolError, match="header is .* bytes; at most 10"):
+        decode(frames, limits=Limits(max_header_bytes=10))
+    with pytest.raises(ProtocolError, match="lists 2 arrays; at most 1"):
+        decode(frames, limits=Limits(max_arrays=1))
+    with pytest.raises(ProtocolError, match="declares 48 bytes; at most 40"):
+        decode(frames, limits=Limits(max_array_bytes=40))
+    with pytest.raises(ProtocolError, match="declares 60 bytes of arrays; at most 50"):
+        decode(frames, limits=Limits(max_total_bytes=50))
+    huge = reframe(frames, arrays=[["float64", [2**30, 2**30]], ["float32", [3]]])
+    with pytest.raises(ProtocolError, match="at most"):
+        decode(huge)  # the declared size is refused before any frame is looked at
+
+
+def test_check_finite_refuses_nan_and_inf():
+    protocol.check_finite(WEIGHTS)
+    protocol.check_finite([np.array([1, 2], np.int32)])
+    for bad in (np.nan, np.inf, -np.inf):
+        with pytest.raises(ProtocolError, match="array 1 holds NaN or Inf"):
+            protocol.check_finite([WEIGHTS[0], np.array([1.0, bad], np.float32)])
+
+
+def test_max_frame_bytes_covers_the_largest_array_and_the_header():
+    assert protocol.max_frame_bytes(SPECS, Limits(max_header_bytes=10), margin=0) == 48
+    assert protocol.max_frame_bytes(SPECS, Limits(max_header_bytes=1000), margin=24) == 1024
+
+
+def test_encode_error_trims_long_reasons():
+    decoded = decode(protocol.encode_error("x" * 100, "y" * 5000))
+    assert decoded.type is MessageType.ERROR
+    assert len(decoded.body["code"]) == 64 and len(decoded.body["reason"]) == 2000
