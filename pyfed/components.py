@@ -65,7 +65,7 @@ class FL_Server:  # noqa: N801 - the original API's name
 
     def train(self) -> None:
         """Run every round with ``num_clients`` clients; afterwards ``curr_model`` holds the global model."""
-        if self.curr_model.optimizer is None:
+        if getattr(self.curr_model, "optimizer", None) is None:
             compile_default(self.curr_model, self.plan.learning_rate)
         server = Server(self.curr_model, address=self.address, rounds=self.rounds, min_clients=self.num_clients,
                         plan=self.plan, logdir=self.logdir,

@@ -70,12 +70,15 @@ def load_model_spec(spec: str, learning_rate: float = 0.001) -> keras.Model:
     function = getattr(module, function_name, None)
     if not callable(function):
         raise ModelError(f"model spec {spec!r}: {target} has no function {function_name}")
-    model = function()
+    try:
+        model = function()
+    except Exception as error:  # the user's code: report it on one line with the spec
+        raise ModelError(f"model spec {spec!r}: {function_name}() failed: {error.__class__.__name__}: {error}") from None
     if not isinstance(model, keras.Model):
         raise ModelError(f"model spec {spec!r} returned {type(model).__name__}, not a Keras model")
     if not model.built:
         raise ModelError(f"model spec {spec!r}: the model is not built; give it an Input layer")
-    if model.optimizer is None or not model.compiled:
+    if getattr(model, "optimizer", None) is None or not model.compiled:
         compile_default(model, learning_rate)
     return model
 

@@ -1,0 +1,74 @@
+"""Shared helpers: free loopback ports and processes that are always cleaned up, by PID."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Processes:
+    """Starts processes with their output in log files; kills whatever is left, by PID, at teardown."""
+
+    def __init__(self, logdir: Path):
+        self.logdir = logdir
+        self.started: list[tuple[subprocess.Popen, Path]] = []
+
+    def start(self, name: str, args: list[str], cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+        log_path = self.logdir / f"{name}.log"
+        handle = open(log_path, "wb")
+        process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd,
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+        handle.close()
+        process.log_path = log_path
+        self.started.append((process, log_path))
+        return process
+
+    def pyfed(self, *args: str, name: str, **kwargs) -> subprocess.Popen:
+        """Run ``python -m pyfed ARGS``, logging to ``NAME.log``."""
+        return self.start(name, [sys.executable, "-m", "pyfed", *args], **kwargs)
+
+    def wait_for_line(self, process: subprocess.Popen, text: str, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if text in process.log_path.read_text(errors="replace"):
+                return
+            if process.poll() is not None:
+                break
+            time.sleep(0.1)
+        raise AssertionError(f"{text!r} not seen in {process.log_path.name}:\n{self.tail(process)}")
+
+    def wait(self, process: subprocess.Popen, timeout_s: float) -> int:
+        try:
+            return process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{process.log_path.name} still running after {timeout_s}s:\n{self.tail(process)}")
+
+    @staticmethod
+    def tail(process: subprocess.Popen, lines: int = 40) -> str:
+        return "\n".join(process.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def cleanup(self) -> None:
+        for process, _ in self.started:
+            if process.poll() is None:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
+@pytest.fixture
+def processes(tmp_path):
+    procs = Processes(tmp_path)
+    yield procs
+    procs.cleanup()

@@ -1,0 +1,146 @@
+"""A server and three client processes on loopback, on digits: the core's end-to-end behaviour."""
+
+import json
+import os
+import socket
+import sys
+
+import numpy as np
+import pytest
+import zmq
+
+from pyfed import protocol
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.integration
+
+ROUNDS = 3
+CLIENTS = ["client-1", "client-2", "client-3"]
+
+
+def throw_garbage(address: str, port: int) -> list[str]:
+    """Send a raw TCP blob and malformed ZeroMQ messages; return the error codes the server answered."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        raw.sendall(os.urandom(4096))
+    context = zmq.Context()
+    codes = []
+    try:
+        dealer = context.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(address)
+        bad_update = protocol.encode(protocol.Message(
+            protocol.MessageType.UPDATE, round=1, client_id="client-1", arrays=[np.zeros(3, np.float32)],
+            body={"num_examples": 5, "fit_s": 0.1, "history": {}}))
+        leave = protocol.encode(protocol.Message(protocol.MessageType.LEAVE, client_id="client-1"))
+        for frames in ([b"\x00\xff" * 10], [b'{"v": 99, "type": "join"}'], [b'{"v": 1, "type": "rm -rf"}'],
+                       bad_update, leave, [b"{}", b"x" * 100]):
+            dealer.send_multipart(frames)
+            if dealer.poll(10_000):
+                reply = protocol.decode(dealer.recv_multipart())
+                codes.append(reply.body["code"])
+    finally:
+        context.destroy(linger=0)
+    return codes
+
+
+def test_three_clients_train_digits_to_90_percent_and_log_everything(tmp_path, processes):
+    shards, logdir = tmp_path / "shards", tmp_path / "logs"
+    partition = processes.pyfed("partition", "--dataset", "digits", "--clients", "3", "--out", str(shards), name="partition")
+    assert processes.wait(partition, 120) == 0
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    server = processes.pyfed("server", "--address", address, "--rounds", str(ROUNDS), "--min-clients", "3",
+                             "--test-data", str(shards / "test.npz"), "--logdir", str(logdir), name="server")
+    processes.wait_for_line(server, "listening on")
+
+    codes = throw_garbage(address, port)
+    assert codes == ["bad_message", "bad_message", "bad_message", "bad_message", "not_joined", "bad_message"]
+
+    # A client whose data does not fit the model is told why and leaves; the server carries on.
+    np.savez(tmp_path / "wrong.npz", x=np.zeros((10, 5), np.float32), y=np.zeros(10, np.int64))
+    wrong = processes.pyfed("client", "--server", address, "--data", str(tmp_path / "wrong.npz"),
+                            "--client-id", "bad-site", name="wrong-client")
+    assert processes.wait(wrong, 120) == 1
+    assert f"{tmp_path / 'wrong.npz'}: examples have shape [5] but the server's model takes [64]" in \
+        wrong.log_path.read_text()
+
+    clients = [processes.pyfed("client", "--server", address, "--data", str(shards / f"client-{i}.npz"),
+                               name=f"client-{i}") for i in (1, 2, 3)]
+    processes.wait_for_line(server, "round 1/3 started")
+    codes_mid_run = throw_garbage(address, port)
+    assert codes_mid_run[0] == "bad_message"
+
+    assert processes.wait(server, 300) == 0, processes.tail(server)
+    for client in clients:
+        assert processes.wait(client, 60) == 0, processes.tail(client)
+
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
+    for record in summary["rounds"]:
+        assert record["clients"] == CLIENTS
+        assert set(record["fit_s"]) == set(CLIENTS) and all(v > 0 for v in record["fit_s"].values())
+        assert sum(record["num_examples"].values()) == 1797 - round(0.2 * 1797)
+        assert record["bytes_sent"] > 3 * 4 * 10_000 and record["bytes_received"] > 3 * 4 * 10_000
+        assert record["duration_s"] > 0 and 0 <= record["test_accuracy"] <= 1
+        assert set(record["train_history"]) == set(CLIENTS)
+    assert summary["final"]["test_accuracy"] >= 0.90
+    assert summary["rounds"][-1]["test_accuracy"] == summary["final"]["test_accuracy"]
+
+    server_log = server.log_path.read_text()
+    assert "rejected message [bad_message]" in server_log and "unsupported protocol version '99'" in server_log
+    assert "client bad-site left: " in server_log and "wrong.npz: examples have shape [5]" in server_log
+
+    check_tensorboard_events(logdir)
+
+
+def scalar_steps(run_dir):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    accumulator = event_accumulator.EventAccumulator(str(run_dir), size_guidance={event_accumulator.TENSORS: 0})
+    accumulator.Reload()
+    return {tag: [event.step for event in accumulator.Tensors(tag)] for tag in accumulator.Tags()["tensors"]}
+
+
+def check_tensorboard_events(logdir):
+    server = scalar_steps(logdir / "server")
+    for tag in ("test/loss", "test/accuracy", "round/duration_s", "round/participants",
+                "round/bytes_sent", "round/bytes_received"):
+        assert server[tag] == [1, 2, 3], tag
+    for client_id in CLIENTS:
+        client = scalar_steps(logdir / "clients" / client_id)
+        assert client["round/loss"] == [1, 2, 3] and client["round/accuracy"] == [1, 2, 3]
+        assert client["round/fit_s"] == [1, 2, 3]
+        assert client["epoch/loss"] == list(range(1, 5 * ROUNDS + 1))  # 5 epochs a round, continuing
+
+
+@pytest.mark.parametrize("args, message", [
+    (["server", "--rounds", "zero"], "pyfed server: error: --rounds / ROUNDS: must be a positive integer, got 'zero'"),
+    (["server"], "pyfed server: error: --model / MODEL or --test-data / TEST_DATA is needed"),
+    (["server", "--test-data", "/nonexistent/test.npz"], "pyfed server: error: /nonexistent/test.npz: no such file"),
+    (["client"], "pyfed client: error: --data / DATA_SHARD is required"),
+    (["client", "--data", "/nonexistent.npz"], "pyfed client: error: /nonexistent.npz: no such file"),
+    (["client", "--data", "x.npz", "--server", "localhost"], "pyfed client: error: --server / SERVER_ADDRESS: must look like"),
+    (["partition", "--dataset", "npz:/nonexistent.npz"], "pyfed partition: error: /nonexistent.npz: no such file"),
+    (["partition", "--clients", "5000"], "pyfed partition: error: digits: cannot give 5000 clients"),
+])
+def test_cli_start_up_errors_exit_2_with_one_line(tmp_path, args, message):
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-m", "pyfed", *args], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path, env={**os.environ, "ROUNDS": "", "DATA_SHARD": ""})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(message), result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_environment_and_dotenv_configure_the_cli(tmp_path):
+    import subprocess
+
+    (tmp_path / ".env").write_text("ROUNDS=-3\n")
+    result = subprocess.run([sys.executable, "-m", "pyfed", "server"], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path)
+    assert result.returncode == 2 and "(from the .env entry ROUNDS)" in result.stderr
+    result = subprocess.run([sys.executable, "-m", "pyfed", "server"], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path, env={**os.environ, "ROUNDS": "x"})
+    assert result.returncode == 2 and "(from the environment variable ROUNDS)" in result.stderr

@@ -1,0 +1,83 @@
+"""The model's wire form: rebuilt in Keras safe mode; anything outside keras is refused."""
+
+import json
+
+import numpy as np
+import pytest
+
+from pyfed.model import ModelError, check_keras_config, default_model, from_wire, load_model_spec, to_wire
+
+
+def test_round_trip_rebuilds_an_equivalent_compiled_model():
+    model = default_model((64,), 10, learning_rate=0.01)
+    model_json, compile_config = to_wire(model)
+    json.dumps(compile_config)  # JSON, nothing else
+    rebuilt = from_wire(model_json, compile_config)
+    assert [w.shape for w in rebuilt.get_weights()] == [w.shape for w in model.get_weights()]
+    assert rebuilt.loss == "sparse_categorical_crossentropy"
+    assert float(rebuilt.optimizer.learning_rate) == pytest.approx(0.01)
+    rebuilt.set_weights(model.get_weights())
+    x = np.random.default_rng(0).random((5, 64), np.float32)
+    np.testing.assert_allclose(rebuilt.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5)
+
+
+def _with_layer(model_json, layer):
+    config = json.loads(model_json)
+    config["config"]["layers"].append(layer)
+    return json.dumps(config)
+
+
+@pytest.mark.parametrize("layer, message", [
+    ({"module": "os", "class_name": "system", "config": {}}, "module 'os'"),
+    ({"module": "keras.layers", "class_name": "Lambda", "config": {"function": "x"}}, "Lambda"),
+    ({"class_name": "__lambda__", "config": {"code": "AAAA"}}, "__lambda__"),
+    ({"module": "builtins", "class_name": "eval", "config": {}}, "module 'builtins'"),
+])
+def test_hostile_architectures_are_refused_before_keras_sees_them(layer, message):
+    model_json, compile_config = to_wire(default_model((4,), 2))
+    with pytest.raises(ModelError, match=message):
+        from_wire(_with_layer(model_json, layer), compile_config)
+
+
+def test_hostile_compile_settings_are_refused():
+    model_json, compile_config = to_wire(default_model((4,), 2))
+    bad = dict(compile_config, loss={"module": "subprocess", "class_name": "run", "config": {}})
+    with pytest.raises(ModelError, match="module 'subprocess'"):
+        from_wire(model_json, bad)
+
+
+def test_garbage_architecture_gives_a_model_error():
+    with pytest.raises(ModelError, match="not JSON"):
+        from_wire("{nope", {})
+    with pytest.raises(ModelError, match="cannot rebuild"):
+        from_wire(json.dumps({"module": "keras.layers", "class_name": "NoSuchLayer", "config": {}}), {})
+
+
+def test_deeply_nested_config_is_refused():
+    deep = {}
+    for _ in range(300):
+        deep = {"config": deep}
+    with pytest.raises(ModelError, match="nested too deeply"):
+        check_keras_config(deep, "architecture")
+
+
+def test_model_spec_from_a_file(tmp_path):
+    (tmp_path / "my_model.py").write_text(
+        "import keras\n"
+        "def build():\n"
+        "    return keras.Sequential([keras.layers.Input((3,)), keras.layers.Dense(2, activation='softmax')])\n")
+    model = load_model_spec(f"{tmp_path / 'my_model.py'}:build")
+    assert model.optimizer is not None and model.loss == "sparse_categorical_crossentropy"
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("nocolon", "must be module:function"),
+    ("/no/such/file.py:build", "no such file"),
+    ("no_such_module_xyz:build", "cannot import no_such_module_xyz"),
+    ("json:no_such_function", "has no function no_such_function"),
+    ("json:dumps", r"dumps\(\) failed: TypeError"),
+    ("json:JSONDecoder", "returned JSONDecoder, not a Keras model"),
+])
+def test_bad_model_specs(spec, message):
+    with pytest.raises(ModelError, match=message):
+        load_model_spec(spec)
