@@ -70,7 +70,8 @@ def run_server(config: ServerConfig) -> int:
     server = Server(model, address=config.address, rounds=config.rounds, min_clients=config.min_clients,
                     plan=FitPlan(config.epochs, config.batch_size, config.learning_rate),
                     strategy=make_strategy(config.strategy), test_data=test_data, logdir=config.logdir,
-                    round_timeout_s=config.round_timeout_s, config_summary=describe(config))
+                    round_timeout_s=config.round_timeout_s, num_shards=config.num_shards,
+                    config_summary=describe(config))
     server.run()
     return 0
 
@@ -79,14 +80,17 @@ def run_client(config: ClientConfig) -> int:
     from .client import Client
     from .data import DataError, load_shard
 
-    if config.data is None:
-        raise UsageError("--data / DATA_SHARD is required: the .npz shard this client trains on")
-    try:
-        x, y = load_shard(config.data)
-    except DataError as error:
-        raise UsageError(str(error)) from None
-    client = Client(config.server, x, y, client_id=config.client_id, epochs=config.epochs,
-                    batch_size=config.batch_size, data_source=str(config.data))
+    x = y = None
+    if config.data is not None:
+        try:
+            x, y = load_shard(config.data)
+        except DataError as error:
+            raise UsageError(str(error)) from None
+    elif config.data_dir is None:
+        raise UsageError("--data / DATA_SHARD or --data-dir / DATA_DIR is required: "
+                         "this client's .npz shard, or where to find the shard the server assigns")
+    client = Client(config.server, x, y, data_dir=config.data_dir, client_id=config.client_id,
+                    epochs=config.epochs, batch_size=config.batch_size, data_source=str(config.data))
     return client.run()
 
 

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import protocol
-from .data import DataError
+from .data import DataError, load_shard
 from .model import from_wire, input_shape, output_units, reset_optimizer, set_learning_rate
 from .protocol import Message, MessageType, ProtocolError
 from .strategy import FitPlan
@@ -31,6 +32,10 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 
 
+class NotNeeded(Exception):
+    """The server has no data shard left for this client: there is nothing for it to do."""
+
+
 class ClientError(RuntimeError):
     """The client cannot take part (refused by the server, incompatible model or data)."""
 
@@ -41,9 +46,10 @@ class Client:
     def __init__(
         self,
         server_address: str,
-        x: np.ndarray,
-        y: np.ndarray,
+        x: np.ndarray | None = None,
+        y: np.ndarray | None = None,
         *,
+        data_dir: Path | None = None,
         client_id: str = "",
         epochs: int | None = None,
         batch_size: int | None = None,
@@ -52,13 +58,17 @@ class Client:
         max_wait_s: float | None = None,
     ):
         self.server_address = server_address
+        if (x is None) != (y is None) or (x is None and data_dir is None):
+            raise ValueError("give the client its data (x and y) or a data_dir to load an assigned shard from")
         self.x, self.y = x, y
+        self.data_dir = Path(data_dir) if data_dir is not None else None
         self.client_id = client_id
         self.epochs, self.batch_size = epochs, batch_size
         self.compile_override = compile_override
         self.data_source = data_source
         self.max_wait_s = max_wait_s
         self.model: Any = None
+        self._admitted = False
         self.specs: list[protocol.ArraySpec] | None = None
         self.rounds_trained = 0
 
@@ -69,9 +79,12 @@ class Client:
             try:
                 self._join()
                 return self._serve()
+            except NotNeeded as reason:
+                log.info("not taking part: %s", reason)
+                return EXIT_OK
             except (ClientError, DataError) as error:
                 log.error("%s", error)
-                if self.model is not None:  # admitted: tell the server not to wait for us
+                if self._admitted:  # tell the server not to wait for us
                     self._transport.send(protocol.encode(Message(
                         MessageType.LEAVE, client_id=self.client_id, body={"reason": str(error)[:1000]})))
                 return EXIT_ERROR
@@ -79,8 +92,9 @@ class Client:
     # --- joining --------------------------------------------------------------------------------
 
     def _join(self) -> None:
-        join = protocol.encode(Message(MessageType.JOIN, client_id=self.client_id,
-                                       body={"num_examples": int(len(self.y))}))
+        wants_shard = self.x is None
+        body = {"wants_shard": True} if wants_shard else {"num_examples": int(len(self.y))}
+        join = protocol.encode(Message(MessageType.JOIN, client_id=self.client_id, body=body))
         started = time.monotonic()
         last_sent = None
         next_wait_log = started
@@ -100,8 +114,11 @@ class Client:
             if message is None:
                 continue
             if message.type is MessageType.WELCOME:
+                self._admitted = True
                 self._setup(message)
                 return
+            if message.type is MessageType.ERROR and message.body["code"] == "no_shards" and wants_shard:
+                raise NotNeeded(message.body["reason"])
             if message.type is MessageType.ERROR:
                 raise ClientError(f"the server refused to admit this client [{message.body['code']}]: "
                                   f"{message.body['reason']}")
@@ -110,6 +127,8 @@ class Client:
     def _setup(self, welcome: Message) -> None:
         """Build the model from the WELCOME once, and check the data fits it."""
         self.client_id = welcome.client_id or self.client_id
+        if self.x is None:
+            self._load_assigned_shard(welcome.body.get("shard"))
         if self.model is None:
             try:
                 self.model = from_wire(welcome.body["model_json"], welcome.body["compile_config"])
@@ -126,6 +145,14 @@ class Client:
         self.model.set_weights(welcome.arrays)
         log.info("joined as %s: model with %d arrays (%.1f MB), %d rounds planned", self.client_id,
                  len(self.specs), sum(a.nbytes for a in welcome.arrays) / 1e6, welcome.body["rounds"])
+
+    def _load_assigned_shard(self, shard: str | None) -> None:
+        if shard is None:
+            raise ClientError("the server assigned no data shard to this client")
+        path = self.data_dir / shard  # a bare file name: the protocol refuses anything with a path
+        self.x, self.y = load_shard(path)
+        self.data_source = str(path)
+        log.info("assigned shard %s: %d examples", path, len(self.y))
 
     def _check_data(self) -> None:
         expected = input_shape(self.model)

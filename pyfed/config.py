@@ -164,6 +164,9 @@ class ServerConfig:
                            "directory for TensorBoard events and summary.json")
     round_timeout_s: float | None = setting(None, "--round-timeout", "ROUND_TIMEOUT", optional_seconds,
                                             "seconds to wait for a round's updates (0: no limit)")
+    num_shards: int = setting(0, "--shards", "NUM_CLIENTS", non_negative_int,
+                              "data shards (client-1.npz .. client-N.npz) to hand out, one per client that "
+                              "asks; 0: clients bring their own data")
     strategy: str = setting("fedavg", "--strategy", "STRATEGY", choice("fedavg"), "aggregation strategy")
     log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
 
@@ -176,6 +179,8 @@ class ClientConfig:
                           "the server's ZeroMQ address")
     data: Path | None = setting(None, "--data", "DATA_SHARD", optional_path,
                                 "this client's .npz shard (arrays x, y)")
+    data_dir: Path | None = setting(None, "--data-dir", "DATA_DIR", optional_path,
+                                    "without --data: ask the server for a shard and load it from here")
     client_id: str = setting("", "--client-id", "CLIENT_ID", client_id,
                              "this client's id; empty lets the server assign one")
     epochs: int | None = setting(None, "--epochs", "CLIENT_EPOCHS", positive_int,

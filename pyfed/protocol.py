@@ -113,6 +113,22 @@ def _optional(checker: Callable[[Any], Any]) -> Callable[[Any], Any]:
     return lambda value: None if value is None else checker(value)
 
 
+def _bool(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {type(value).__name__}")
+    return value
+
+
+SHARD_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,123}\.npz$")
+
+
+def _shard_name(value: Any) -> str:
+    """A bare .npz file name: never a path, so a server cannot point a client outside its data dir."""
+    if not isinstance(value, str) or not SHARD_NAME_PATTERN.match(value) or ".." in value:
+        raise ValueError(f"must be a bare file name ending in .npz, got {str(value)[:80]!r}")
+    return value
+
+
 def _plan(value: Any) -> dict[str, Any]:
     return _check_fields(value, PLAN_SCHEMA, "plan")
 
@@ -155,6 +171,7 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
     # client -> server: "let me in"; header client_id is the id wanted ("" lets the server choose).
     MessageType.JOIN: {
         "num_examples": (_int_in(0, 2**53), False),
+        "wants_shard": (_bool, False),  # "give me an id and a data shard" (Compose replicas)
     },
     # server -> client: the model and the current global weights (arrays).
     MessageType.WELCOME: {
@@ -162,6 +179,7 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
         "compile_config": (_json_object(1024 * 1024), True),
         "plan": (_plan, True),
         "rounds": (_int_in(0, 10_000_000), True),
+        "shard": (_optional(_shard_name), False),  # the shard file assigned to this client, if asked
     },
     # server -> client: train round `round` from these global weights (arrays) with this plan.
     MessageType.FIT: {

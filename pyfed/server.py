@@ -37,6 +37,7 @@ class ClientRecord:
     client_id: str
     peer: bytes
     num_examples: int
+    shard: str | None = None
 
 
 class RateLimitedLog:
@@ -74,6 +75,7 @@ class Server:
         test_data: tuple[np.ndarray, np.ndarray] | None = None,
         logdir: Path | None = None,
         round_timeout_s: float | None = None,
+        num_shards: int = 0,
         config_summary: dict[str, Any] | None = None,
     ):
         self.model = model
@@ -83,6 +85,7 @@ class Server:
         self.strategy = strategy or FedAvg()
         self.test_data = test_data
         self.round_timeout_s = round_timeout_s
+        self.num_shards = num_shards
         self.weights: list[np.ndarray] = model.get_weights()
         self.specs = protocol.array_specs(self.weights)
         self.model_json, self.compile_config = to_wire(model)
@@ -225,6 +228,8 @@ class Server:
             aggregator.add(result)
             result.weights = ()
             results[client_id] = result
+            if self.run_log:
+                self.run_log.clients.setdefault(client_id, {"shard": None})["num_examples"] = result.num_examples
             log.info("round %d: update from %s (%d examples, fit %.2fs)%s", server_round, client_id,
                      message.body["num_examples"], message.body["fit_s"], _history_tail(message.body["history"]))
         return results, dropped
@@ -294,23 +299,54 @@ class Server:
         known = self._client_by_peer.get(peer)
         wanted = message.client_id
         if known is not None and wanted in ("", known):
-            client_id = known  # a repeated JOIN (e.g. the client's retry): welcome it again
+            record = self.clients[known]  # a repeated JOIN (e.g. the client's retry): welcome it again
+        elif known is not None:
+            self._reject(peer, "already_joined", f"peer already joined as {known}, now asks for {wanted!r}")
+            return
+        elif wanted and wanted in self.clients:
+            self._reject(peer, "id_taken", f"client id {wanted!r} is already taken by a connected client")
+            return
         else:
-            if known is not None:
-                self._reject(peer, "already_joined", f"peer already joined as {known}, now asks for {wanted!r}")
+            record = self._register(peer, wanted, message.body)
+            if record is None:
                 return
-            if wanted and wanted in self.clients:
-                self._reject(peer, "id_taken", f"client id {wanted!r} is already taken by a connected client")
-                return
-            client_id = wanted or self._assign_client_id()
-            self.clients[client_id] = ClientRecord(client_id, peer, message.body.get("num_examples", 0))
-            self._client_by_peer[peer] = client_id
-            log.info("client %s joined (%d examples) [%d/%d]", client_id, self.clients[client_id].num_examples,
-                     len(self.clients), self.min_clients)
-        welcome = Message(MessageType.WELCOME, round=self.current_round, client_id=client_id, arrays=self.weights,
+        welcome = Message(MessageType.WELCOME, round=self.current_round, client_id=record.client_id,
+                          arrays=self.weights,
                           body={"model_json": self.model_json, "compile_config": self.compile_config,
-                                "plan": self.plan.to_body(), "rounds": self.rounds})
+                                "plan": self.plan.to_body(), "rounds": self.rounds, "shard": record.shard})
         self.transport.send(peer, protocol.encode(welcome))
+
+    def _register(self, peer: bytes, wanted: str, body: dict[str, Any]) -> ClientRecord | None:
+        """Admit a new client: give it an id and, if it asked, a data shard of its own."""
+        shard = None
+        if body.get("wants_shard"):
+            index = self._free_shard_index()
+            if index is None:
+                reason = (f"all {self.num_shards} data shards are taken; this client is not needed"
+                          if self.num_shards else "this server does not assign data shards; give the client its own data")
+                self._reject(peer, "no_shards", reason)
+                return None
+            shard = shard_name(index)
+            client_id = wanted or f"client-{index}"
+        else:
+            client_id = wanted or self._assign_client_id()
+        record = ClientRecord(client_id, peer, body.get("num_examples", 0), shard)
+        self.clients[client_id] = record
+        self._client_by_peer[peer] = client_id
+        if self.run_log:
+            self.run_log.clients[client_id] = {"shard": shard, "num_examples": record.num_examples}
+        log.info("client %s joined (%s) [%d/%d]", client_id,
+                 f"assigned shard {shard}" if shard else f"{record.num_examples} examples",
+                 len(self.clients), self.min_clients)
+        return record
+
+    def _free_shard_index(self) -> int | None:
+        """The lowest shard not held by a client, and whose conventional id no pinned client uses."""
+        taken = {r.shard for r in self.clients.values()}
+        for index in range(1, self.num_shards + 1):
+            if shard_name(index) not in taken and f"client-{index}" not in self.clients:
+                return index
+        return None
 
     def _assign_client_id(self) -> str:
         while f"client-{self._next_client_number}" in self.clients:
@@ -329,6 +365,11 @@ class Server:
         """Log a rejected message (rate-limited) and tell the peer why, when it can be addressed."""
         self._rejections.warning("rejected message [%s] %s", code, reason)
         self.transport.send(peer, protocol.encode_error(code, reason))
+
+
+def shard_name(index: int) -> str:
+    """The file name of shard ``index`` (1-based), as ``pyfed partition`` writes it."""
+    return f"client-{index}.npz"
 
 
 def _fmt(value: float | None) -> str:

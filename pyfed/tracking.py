@@ -78,6 +78,7 @@ class RunLog:
         self._client_writers: dict[str, Any] = {}
         self._client_epochs: dict[str, int] = {}
         self.final: dict[str, Any] | None = None
+        self.clients: dict[str, dict[str, Any]] = {}  # client id -> {"shard", "num_examples"}
 
     def _client_writer(self, client_id: str):
         if client_id not in self._client_writers:
@@ -136,6 +137,7 @@ class RunLog:
         write_json_atomic(self.summary_path, {
             "status": "finished" if self.final is not None else "running",
             "config": self.config,
+            "clients": self.clients,
             "rounds": rounds,
             "final": self.final,
         })

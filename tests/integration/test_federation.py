@@ -118,7 +118,7 @@ def check_tensorboard_events(logdir):
     (["server", "--rounds", "zero"], "pyfed server: error: --rounds / ROUNDS: must be a positive integer, got 'zero'"),
     (["server"], "pyfed server: error: --model / MODEL or --test-data / TEST_DATA is needed"),
     (["server", "--test-data", "/nonexistent/test.npz"], "pyfed server: error: /nonexistent/test.npz: no such file"),
-    (["client"], "pyfed client: error: --data / DATA_SHARD is required"),
+    (["client"], "pyfed client: error: --data / DATA_SHARD or --data-dir / DATA_DIR is required"),
     (["client", "--data", "/nonexistent.npz"], "pyfed client: error: /nonexistent.npz: no such file"),
     (["client", "--data", "x.npz", "--server", "localhost"], "pyfed client: error: --server / SERVER_ADDRESS: must look like"),
     (["partition", "--dataset", "npz:/nonexistent.npz"], "pyfed partition: error: /nonexistent.npz: no such file"),
@@ -144,3 +144,26 @@ def test_environment_and_dotenv_configure_the_cli(tmp_path):
     result = subprocess.run([sys.executable, "-m", "pyfed", "server"], capture_output=True, text=True, timeout=120,
                             cwd=tmp_path, env={**os.environ, "ROUNDS": "x"})
     assert result.returncode == 2 and "(from the environment variable ROUNDS)" in result.stderr
+
+
+def test_server_assigns_each_shard_to_one_client_and_turns_away_extra_clients(tmp_path, processes):
+    shards, logdir = tmp_path / "shards", tmp_path / "logs"
+    partition = processes.pyfed("partition", "--clients", "2", "--out", str(shards), name="partition")
+    assert processes.wait(partition, 120) == 0
+    address = f"tcp://127.0.0.1:{free_port()}"
+    server = processes.pyfed("server", "--address", address, "--rounds", "1", "--min-clients", "2", "--shards", "2",
+                             "--epochs", "1", "--test-data", str(shards / "test.npz"), "--logdir", str(logdir),
+                             name="server")
+    clients = [processes.pyfed("client", "--server", address, name=f"replica-{i}", env={"DATA_DIR": str(shards)})
+               for i in (1, 2, 3)]
+    assert processes.wait(server, 300) == 0, processes.tail(server)
+    statuses = [processes.wait(client, 120) for client in clients]
+    assert statuses == [0, 0, 0]
+    turned_away = [c for c in clients if "not taking part: all 2 data shards are taken" in c.log_path.read_text()]
+    assert len(turned_away) == 1
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert summary["clients"] == {
+        "client-1": {"shard": "client-1.npz", "num_examples": 719},
+        "client-2": {"shard": "client-2.npz", "num_examples": 719},
+    }
+    assert summary["rounds"][0]["clients"] == ["client-1", "client-2"]

@@ -13,10 +13,11 @@ SPECS = protocol.array_specs(WEIGHTS)
 PLAN = {"epochs": 2, "batch_size": 16, "learning_rate": 0.01}
 
 EXAMPLES = {
-    MessageType.JOIN: Message(MessageType.JOIN, client_id="site-a", body={"num_examples": 450}),
+    MessageType.JOIN: Message(MessageType.JOIN, client_id="site-a", body={"num_examples": 450, "wants_shard": False}),
     MessageType.WELCOME: Message(MessageType.WELCOME, round=0, client_id="client-1", arrays=WEIGHTS,
                                  body={"model_json": '{"class_name": "Sequential"}',
-                                       "compile_config": {"loss": "mse"}, "plan": PLAN, "rounds": 3}),
+                                       "compile_config": {"loss": "mse"}, "plan": PLAN, "rounds": 3,
+                                       "shard": "client-1.npz"}),
     MessageType.FIT: Message(MessageType.FIT, round=2, body={"plan": PLAN}, arrays=WEIGHTS),
     MessageType.UPDATE: Message(MessageType.UPDATE, round=2, client_id="client-1", arrays=WEIGHTS,
                                 body={"num_examples": 450, "fit_s": 1.25,
@@ -140,6 +141,7 @@ UPDATE = encode(EXAMPLES[MessageType.UPDATE])
     (reframe(UPDATE, body={"num_examples": 10, "fit_s": 1.0, "history": {"bad name!": [1]}}), "metric name"),
     (reframe(UPDATE, body={"num_examples": 10, "fit_s": 1.0, "history": {}, "pwn": 1}), "unknown field"),
     (reframe(UPDATE, arrays={}), "header.arrays must be a list"),
+    (reframe(UPDATE, type="join", arrays=[], body={"wants_shard": "yes"}), "wants_shard must be true or false"),
     (reframe(UPDATE, arrays=[["float32"]]), r"must be \[dtype, shape\]"),
     (reframe(UPDATE, arrays=[["object", [3, 4]], ["float32", [3]]]), "dtype 'object' is not allowed"),
     (reframe(UPDATE, arrays=[["float32", [3, -4]], ["float32", [3]]]), "must hold non-negative integers"),
@@ -201,3 +203,12 @@ def test_encode_error_trims_long_reasons():
     decoded = decode(protocol.encode_error("x" * 100, "y" * 5000))
     assert decoded.type is MessageType.ERROR
     assert len(decoded.body["code"]) == 64 and len(decoded.body["reason"]) == 2000
+
+
+@pytest.mark.parametrize("shard", ["../etc/passwd.npz", "/data/client-1.npz", "client-1.npy", "a/b.npz", "..npz", ".hidden.npz", 5])
+def test_a_welcome_cannot_point_a_client_outside_its_data_directory(shard):
+    welcome = encode(EXAMPLES[MessageType.WELCOME])
+    header = header_of(welcome)
+    header["body"]["shard"] = shard
+    with pytest.raises(ProtocolError, match="shard must be a bare file name ending in .npz"):
+        decode([json.dumps(header).encode(), *welcome[1:]])
