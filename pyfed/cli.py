@@ -95,14 +95,21 @@ def run_client(config: ClientConfig) -> int:
 
 
 def run_partition(config: PartitionConfig) -> int:
-    from .data import DataError, describe_shards, load_dataset, write_partitions
+    from .data import DataError, describe_shards, load_dataset, read_manifest, write_manifest, write_partitions
 
+    settings = {k: v for k, v in describe(config).items() if k not in {"out", "skip_existing", "log_level"}}
+    if config.skip_existing:
+        manifest = read_manifest(config.out)
+        if manifest is not None and manifest.get("settings") == settings:
+            log.info("%s already holds the shards for %s; nothing to do", config.out, settings)
+            return 0
     try:
         x, y = load_dataset(config.dataset)
         paths = write_partitions(x, y, config.out, config.clients, seed=config.seed,
                                  test_fraction=config.test_fraction, scheme=config.scheme)
     except (DataError, ValueError) as error:
         raise UsageError(f"{config.dataset}: {error}" if not isinstance(error, DataError) else str(error)) from None
+    write_manifest(config.out, settings, paths)
     log.info("wrote %d client shards and test.npz to %s (%s, %s split, seed %d)",
              config.clients, config.out, config.dataset, config.scheme, config.seed)
     for line in describe_shards(paths):

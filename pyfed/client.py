@@ -180,6 +180,8 @@ class Client:
             if message.type is MessageType.FIT:
                 self._fit(message)
             elif message.type is MessageType.FINISH:
+                self._transport.send(protocol.encode(Message(MessageType.LEAVE, client_id=self.client_id,
+                                                             body={"reason": "run complete"})))
                 log.info("the server ended the run (%s) after %d rounds trained here",
                          message.body["reason"], self.rounds_trained)
                 return EXIT_OK

@@ -77,6 +77,15 @@ def fraction(text: str) -> float:
     return value
 
 
+def boolean(text: str) -> bool:
+    value = text.strip().lower()
+    if value in {"1", "true", "yes", "on"}:
+        return True
+    if value in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"must be true or false (1/0, yes/no), got {text!r}")
+
+
 def text(text: str) -> str:
     return text.strip()
 
@@ -202,6 +211,8 @@ class PartitionConfig:
     seed: int = setting(0, "--seed", "SEED", non_negative_int, "random seed")
     test_fraction: float = setting(0.2, "--test-fraction", "TEST_FRACTION", fraction,
                                    "share of the samples held out as the server's test.npz")
+    skip_existing: bool = setting(False, "--skip-existing", "SKIP_EXISTING", boolean,
+                                  "do nothing if OUT already holds shards made with these same settings")
     log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
 
 
@@ -212,7 +223,8 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
     for f in dataclasses.fields(config_cls):
         meta = f.metadata
         default = "" if f.default is None else f.default
-        parser.add_argument(meta["flag"], dest=f.name, default=None, metavar=meta["env"],
+        extra = {"nargs": "?", "const": "true"} if meta["parse"] is boolean else {}
+        parser.add_argument(meta["flag"], dest=f.name, default=None, metavar=meta["env"], **extra,
                             help=f"{meta['help']} [env {meta['env']}; default {default!s}]")
 
 

@@ -7,6 +7,7 @@ gives one error naming the file instead of a traceback deep inside training.
 
 from __future__ import annotations
 
+import json
 import logging
 import zipfile
 from collections.abc import Sequence
@@ -122,6 +123,27 @@ def write_partitions(x: np.ndarray, y: np.ndarray, out_dir: Path, num_clients: i
         written.append(_save(shard_path(out_dir, index), x[rows], y[rows]))
     written.append(_save(out_dir / "test.npz", x[test], y[test]))
     return written
+
+
+MANIFEST = "partition.json"
+
+
+def read_manifest(out_dir: Path) -> dict | None:
+    """How the shards in ``out_dir`` were made (written last, so it implies every file is there)."""
+    try:
+        manifest = json.loads((Path(out_dir) / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    files = manifest.get("files", []) if isinstance(manifest, dict) else []
+    if not files or not all((Path(out_dir) / name).is_file() for name in files):
+        return None
+    return manifest
+
+
+def write_manifest(out_dir: Path, settings: dict, paths: Sequence[Path]) -> None:
+    from .tracking import write_json_atomic
+
+    write_json_atomic(Path(out_dir) / MANIFEST, {"settings": settings, "files": [p.name for p in paths]})
 
 
 def _save(path: Path, x: np.ndarray, y: np.ndarray) -> Path:

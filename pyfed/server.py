@@ -28,6 +28,8 @@ from .transport import ServerTransport
 log = logging.getLogger("pyfed.server")
 
 PROGRESS_EVERY_S = 10.0
+FINISH_GRACE_S = 15.0
+FINISH_RESEND_S = 2.0
 
 
 @dataclass
@@ -102,6 +104,7 @@ class Server:
         self.history: list[RoundRecord] = []
         self.final_metrics: tuple[float | None, float | None] = (None, None)
         self._rejections = RateLimitedLog()
+        self._finishing = False
 
     # --- the run, top to bottom ----------------------------------------------------------------
 
@@ -117,6 +120,7 @@ class Server:
             self.final_metrics = self._evaluate()
             if self.run_log:
                 self.run_log.finish(*self.final_metrics)
+            self._finishing = True
             self._finish_clients("the run is complete")
             log.info("run finished: %d rounds, final test loss %s, accuracy %s%s", self.rounds,
                      _fmt(self.final_metrics[0]), _fmt(self.final_metrics[1]),
@@ -256,9 +260,22 @@ class Server:
         return float(results["loss"]), (float(accuracy) if accuracy is not None else None)
 
     def _finish_clients(self, reason: str) -> None:
+        """Tell every client the run is over, repeating FINISH until each confirms with LEAVE.
+
+        A single FINISH can be lost if a client's connection is being re-established at that
+        moment; the confirmation makes the end of a run reliable (bounded by FINISH_GRACE_S).
+        """
         frames = protocol.encode(Message(MessageType.FINISH, round=self.current_round, body={"reason": reason}))
-        for record in self.clients.values():
-            self.transport.send(record.peer, frames)
+        deadline = time.monotonic() + FINISH_GRACE_S
+        next_send = 0.0
+        while self.clients and time.monotonic() < deadline:
+            if time.monotonic() >= next_send:
+                for record in list(self.clients.values()):
+                    self.transport.send(record.peer, frames)
+                next_send = time.monotonic() + FINISH_RESEND_S
+            self._serve_one(timeout_s=0.2)  # LEAVEs remove clients; late UPDATEs are dropped
+        if self.clients:
+            log.warning("no confirmation of the end of the run from: %s", ", ".join(sorted(self.clients)))
 
     # --- serving one message -------------------------------------------------------------------
 
@@ -287,7 +304,7 @@ class Server:
         if message.type is MessageType.UPDATE:
             return client_id, message
         if message.type is MessageType.LEAVE:
-            self._remove_client(client_id, message.body.get("reason") or "left")
+            self._remove_client(client_id, message.body.get("reason") or "left", quiet=self._finishing)
         elif message.type is MessageType.ERROR:
             log.warning("client %s reported an error [%s]: %s", client_id, message.body["code"], message.body["reason"])
             self._remove_client(client_id, f"error: {message.body['code']}")
@@ -355,11 +372,11 @@ class Server:
         self._next_client_number += 1
         return client_id
 
-    def _remove_client(self, client_id: str, reason: str) -> None:
+    def _remove_client(self, client_id: str, reason: str, quiet: bool = False) -> None:
         record = self.clients.pop(client_id, None)
         if record is not None:
             self._client_by_peer.pop(record.peer, None)
-            log.info("client %s left: %s", client_id, reason)
+            (log.debug if quiet else log.info)("client %s left: %s", client_id, reason)
 
     def _reject(self, peer: bytes, code: str, reason: str) -> None:
         """Log a rejected message (rate-limited) and tell the peer why, when it can be addressed."""

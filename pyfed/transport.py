@@ -82,6 +82,7 @@ class ServerTransport:
             return False
         except zmq.ZMQError as error:
             if error.errno == zmq.EHOSTUNREACH:
+                log.debug("peer %s is not connected; message dropped", peer.hex()[:12])
                 return False
             raise
         self.bytes_sent += _frame_bytes(frames)
