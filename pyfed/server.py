@@ -111,6 +111,8 @@ class Server:
     def run(self) -> list[RoundRecord]:
         """Bind, wait for clients, run every round, tell the clients the run is over."""
         self.endpoint = self.transport.bind()
+        if self.run_log and self.run_log.archived_to:
+            log.info("moved the previous run's logs to %s", self.run_log.archived_to)
         log.info("listening on %s; model has %d arrays, %.1f MB; waiting for %d clients",
                  self.endpoint, len(self.specs), sum(a.nbytes for a in self.weights) / 1e6, self.min_clients)
         try:

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,27 @@ def write_json_atomic(path: Path, document: Any) -> None:
         os.close(dir_fd)
 
 
+RUN_ENTRIES = ("summary.json", "server", "clients")
+
+
+def archive_previous_run(logdir: Path) -> Path | None:
+    """Move an earlier run's files under ``logdir/archive/<its start time>/``, so a new run starts
+    clean and nothing is lost (TensorBoard shows the old run as ``archive/<time>/...``)."""
+    present = [logdir / name for name in RUN_ENTRIES if (logdir / name).exists()]
+    if not present:
+        return None
+    started = time.strftime("%Y-%m-%dT%H-%M-%S", time.localtime(min(p.stat().st_mtime for p in present)))
+    target = logdir / "archive" / started
+    suffix = 1
+    while target.exists():
+        suffix += 1
+        target = logdir / "archive" / f"{started}-{suffix}"
+    target.mkdir(parents=True)
+    for path in present:
+        path.rename(target / path.name)
+    return target
+
+
 def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
@@ -72,6 +94,7 @@ class RunLog:
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         self.summary_path = self.logdir / "summary.json"
+        self.archived_to = archive_previous_run(self.logdir)
         self.rounds: list[RoundRecord] = []
         self.config = config
         self._server_writer = tf.summary.create_file_writer(str(self.logdir / "server"))

@@ -1,0 +1,44 @@
+"""summary.json and the log tree: atomic writes, archived earlier runs."""
+
+import json
+import os
+
+from pyfed.tracking import RoundRecord, RunLog, archive_previous_run, write_json_atomic
+
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    write_json_atomic(tmp_path / "summary.json", {"a": 1})
+    write_json_atomic(tmp_path / "summary.json", {"a": 2})
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"a": 2}
+    assert os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_a_previous_run_is_archived_not_overwritten(tmp_path):
+    assert archive_previous_run(tmp_path) is None
+    (tmp_path / "server").mkdir()
+    (tmp_path / "server" / "events").write_text("old")
+    (tmp_path / "summary.json").write_text("{}")
+    (tmp_path / "unrelated.txt").write_text("kept")
+    target = archive_previous_run(tmp_path)
+    assert target.parent == tmp_path / "archive"
+    assert (target / "server" / "events").read_text() == "old" and (target / "summary.json").exists()
+    assert not (tmp_path / "server").exists() and (tmp_path / "unrelated.txt").exists()
+    (tmp_path / "summary.json").write_text("{}")
+    second = archive_previous_run(tmp_path)
+    assert second != target and second.parent == tmp_path / "archive"
+
+
+def test_run_log_writes_summary_per_round_and_final(tmp_path):
+    run_log = RunLog(tmp_path, config={"rounds": 1})
+    run_log.clients["a"] = {"shard": None, "num_examples": 3}
+    run_log.record_round(RoundRecord(round=1, clients=["a"], selected=["a"], duration_s=0.5, fit_s={"a": 0.2},
+                                     num_examples={"a": 3}, bytes_sent=10, bytes_received=20, test_loss=float("nan"),
+                                     test_accuracy=0.5, train_history={"a": {"loss": [1.0, None, 0.5]}}))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "running" and summary["rounds"][0]["test_loss"] is None
+    run_log.finish(0.4, 0.6)
+    run_log.close()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["final"] == {"test_loss": 0.4, "test_accuracy": 0.6}
+    assert summary["clients"] == {"a": {"shard": None, "num_examples": 3}}
+    assert list((tmp_path / "clients" / "a").glob("events.out.tfevents.*"))
