@@ -1,0 +1,210 @@
+"""The Docker Compose system end to end: images built with BASE_IMAGE, real containers, TensorBoard's HTTP API.
+
+These tests need a Docker engine with the Compose v2 plugin. They fail (never skip) without one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.docker
+
+REPO = Path(__file__).resolve().parents[2]
+ROUND_TIMEOUT_S = 600
+
+
+def docker(*args: str, env: dict | None = None, timeout: float = 600, check: bool = True,
+           cwd: Path = REPO) -> subprocess.CompletedProcess:
+    result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                            env={**os.environ, **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-3000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def docker_ready():
+    """Docker and Compose must be there: a missing engine is a failure, not a skip."""
+    try:
+        docker("info", timeout=60)
+        docker("compose", "version", timeout=60)
+    except (FileNotFoundError, AssertionError) as error:
+        pytest.fail(f"the Docker tests need a running Docker engine with Compose v2: {error}")
+
+
+class Project:
+    """One Compose project under a unique name, always torn down with `down -v`."""
+
+    def __init__(self, tmp_path: Path, files: tuple[str, ...] = ("compose.yaml",), **settings: str):
+        self.name = f"pyfedtest{uuid.uuid4().hex[:8]}"
+        self.files = [arg for f in files for arg in ("-f", str(REPO / f))]
+        self.env = {k: str(v) for k, v in settings.items()}
+        self.tmp_path = tmp_path
+
+    def compose(self, *args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess:
+        return docker("compose", "-p", self.name, *self.files, *args, env=self.env, timeout=timeout, check=check)
+
+    def containers(self, service: str) -> list[dict]:
+        out = self.compose("ps", "-a", "--format", "json", service).stdout.strip()
+        if not out:
+            return []
+        if out.startswith("["):
+            return json.loads(out)
+        return [json.loads(line) for line in out.splitlines()]
+
+    def wait_exit(self, container: str, timeout_s: float = ROUND_TIMEOUT_S) -> int:
+        result = docker("wait", container, timeout=timeout_s)
+        return int(result.stdout.strip())
+
+    def logs(self, service: str) -> str:
+        return self.compose("logs", "--no-color", service, check=False).stdout
+
+    def copy_out(self, container: str, path: str) -> Path:
+        target = self.tmp_path / f"{self.name}-{Path(path).name}"
+        docker("cp", f"{container}:{path}", str(target))
+        return target
+
+    def down(self) -> None:
+        self.compose("down", "-v", "--remove-orphans", timeout=300, check=False)
+
+
+@pytest.fixture
+def project_factory(tmp_path, docker_ready):
+    projects: list[Project] = []
+
+    def make(**kwargs) -> Project:
+        project = Project(tmp_path, **kwargs)
+        projects.append(project)
+        return project
+
+    yield make
+    for project in reversed(projects):
+        project.down()
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+def wait_for_tensorboard_runs(port: int, runs: set[str], timeout_s: float = 120) -> dict:
+    """Poll TensorBoard's HTTP API until every run is listed; return {run: [tags]}."""
+    deadline = time.monotonic() + timeout_s
+    seen: object = None
+    while time.monotonic() < deadline:
+        try:
+            seen = get_json(f"http://127.0.0.1:{port}/data/runs")
+            tags = get_json(f"http://127.0.0.1:{port}/data/plugin/scalars/tags")
+            if runs <= set(seen) and runs <= set(tags):
+                return tags
+        except OSError:
+            pass
+        time.sleep(2)
+    raise AssertionError(f"TensorBoard on port {port} lists {seen}, not all of {sorted(runs)}")
+
+
+def scalar_steps(port: int, run: str, tag: str) -> list[int]:
+    query = urllib.parse.urlencode({"run": run, "tag": tag})
+    return [step for _, step, _ in get_json(f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?{query}")]
+
+
+def base_settings(**extra) -> dict:
+    settings = {"SERVER_PORT": free_port(), "TENSORBOARD_PORT": free_port()}
+    if os.environ.get("BASE_IMAGE"):
+        settings["BASE_IMAGE"] = os.environ["BASE_IMAGE"]
+    settings.update(extra)
+    return settings
+
+
+def test_compose_up_scale_3_trains_and_tensorboard_shows_every_client(project_factory):
+    settings = base_settings(ROUNDS=2)
+    project = project_factory(**settings)
+    project.compose("up", "-d", "--build", "--scale", "client=3")
+
+    assert project.wait_exit(f"{project.name}-server-1") == 0, project.logs("server")
+    clients = project.containers("client")
+    assert len(clients) == 3
+    for client in clients:
+        assert project.wait_exit(client["Name"], 120) == 0, project.logs("client")
+    data_log = project.logs("data")
+    assert "wrote 3 client shards" in data_log
+
+    summary = json.loads(project.copy_out(f"{project.name}-server-1", "/logs/summary.json").read_text())
+    ids = ["client-1", "client-2", "client-3"]
+    assert {cid: c["shard"] for cid, c in summary["clients"].items()} == {cid: f"{cid}.npz" for cid in ids}
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert all(r["clients"] == ids for r in summary["rounds"])
+    assert summary["status"] == "finished" and summary["final"]["test_accuracy"] > 0.8
+
+    port = settings["TENSORBOARD_PORT"]
+    tags = wait_for_tensorboard_runs(port, {"server", *(f"clients/{cid}" for cid in ids)})
+    assert {"test/loss", "test/accuracy", "round/duration_s", "round/participants"} <= set(tags["server"])
+    assert scalar_steps(port, "server", "test/accuracy") == [1, 2]
+    for cid in ids:
+        assert {"epoch/loss", "round/loss", "round/accuracy", "round/fit_s"} <= set(tags[f"clients/{cid}"])
+        assert scalar_steps(port, f"clients/{cid}", "round/loss") == [1, 2]
+    # TensorBoard keeps serving after training ends
+    assert project.containers("tensorboard")[0]["State"] == "running"
+
+
+def test_scaled_replicas_get_distinct_shards_and_an_extra_replica_is_turned_away(project_factory):
+    settings = base_settings(ROUNDS=1, NUM_CLIENTS=4, EPOCHS=1)
+    project = project_factory(**settings)
+    project.compose("up", "-d", "--build", "--scale", "client=5")
+
+    assert project.wait_exit(f"{project.name}-server-1") == 0, project.logs("server")
+    statuses = [project.wait_exit(c["Name"], 120) for c in project.containers("client")]
+    assert statuses == [0] * 5
+    client_log = project.logs("client")
+    assert client_log.count("not taking part: all 4 data shards are taken; this client is not needed") == 1
+    summary = json.loads(project.copy_out(f"{project.name}-server-1", "/logs/summary.json").read_text())
+    shards = [c["shard"] for c in summary["clients"].values()]
+    assert sorted(shards) == [f"client-{k}.npz" for k in (1, 2, 3, 4)]
+    assert summary["rounds"][0]["clients"] == [f"client-{k}" for k in (1, 2, 3, 4)]
+
+
+def test_a_client_on_another_network_joins_through_the_published_port(project_factory, tmp_path):
+    from pyfed.data import load_dataset, write_partitions
+
+    settings = base_settings(ROUNDS=1, NUM_CLIENTS=2, MIN_CLIENTS=2, EPOCHS=1)
+    server_side = project_factory(**settings)
+    server_side.compose("up", "-d", "--build", "--scale", "client=1")
+
+    # The remote site's own data, on "its" disk, mounted read-only into its container.
+    local_data = tmp_path / "site-data"
+    x, y = load_dataset("digits")
+    write_partitions(x, y, local_data, 2, seed=0)
+    local_data.chmod(0o755)
+    for f in local_data.iterdir():
+        f.chmod(0o644)
+    remote = project_factory(files=("compose.client.yaml",),
+                             SERVER_ADDRESS=f"tcp://host.docker.internal:{settings['SERVER_PORT']}",
+                             CLIENT_ID="remote-site", LOCAL_DATA_DIR=str(local_data),
+                             DATA_SHARD="/data/client-2.npz",
+                             **({"BASE_IMAGE": settings["BASE_IMAGE"]} if "BASE_IMAGE" in settings else {}))
+    remote.compose("up", "-d", "--build")
+    remote_container = f"{remote.name}-client-1"
+
+    networks = json.loads(docker("inspect", "--format", "{{json .NetworkSettings.Networks}}", remote_container).stdout)
+    server_networks = json.loads(docker("inspect", "--format", "{{json .NetworkSettings.Networks}}",
+                                        f"{server_side.name}-server-1").stdout)
+    assert not set(networks) & set(server_networks), (networks.keys(), server_networks.keys())
+
+    assert server_side.wait_exit(f"{server_side.name}-server-1") == 0, server_side.logs("server")
+    assert remote.wait_exit(remote_container, 120) == 0, remote.logs("client")
+    summary = json.loads(server_side.copy_out(f"{server_side.name}-server-1", "/logs/summary.json").read_text())
+    assert summary["rounds"][0]["clients"] == ["client-1", "remote-site"]
+    tags = wait_for_tensorboard_runs(settings["TENSORBOARD_PORT"], {"server", "clients/client-1", "clients/remote-site"})
+    assert "round/loss" in tags["clients/remote-site"]
