@@ -30,24 +30,22 @@ def setting(default: Any, flag: str, env: str, parse: Callable[[str], Any], help
 
 # --- parsers: str -> value, raising ValueError with a short reason -----------------------------
 
-def positive_int(text: str) -> int:
+def _int_at_least(text: str, minimum: int, kind: str) -> int:
     try:
         value = int(text.strip())
     except ValueError:
-        raise ValueError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise ValueError(f"must be a positive integer, got {text!r}")
+        value = minimum - 1
+    if value < minimum:
+        raise ValueError(f"must be a {kind} integer, got {text!r}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "positive")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        raise ValueError(f"must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise ValueError(f"must be a non-negative integer, got {text!r}")
-    return value
+    return _int_at_least(text, 0, "non-negative")
 
 
 def positive_float(text: str) -> float:
