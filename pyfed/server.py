@@ -157,7 +157,9 @@ class Server:
             self.weights = aggregator.result()
         else:
             log.warning("round %d: no updates arrived; the global model is unchanged", server_round)
+        eval_started = time.monotonic()
         test_loss, test_accuracy = self._evaluate()
+        eval_s = time.monotonic() - eval_started
 
         record = RoundRecord(
             round=server_round,
@@ -170,6 +172,7 @@ class Server:
             bytes_received=self.transport.bytes_received - received_before,
             test_loss=test_loss,
             test_accuracy=test_accuracy,
+            eval_s=round(eval_s, 4),
             dropped=dropped,
             train_history={cid: r.metrics["history"] for cid, r in sorted(results.items())},
         )

@@ -34,6 +34,7 @@ class RoundRecord:
     bytes_received: int
     test_loss: float | None = None
     test_accuracy: float | None = None
+    eval_s: float = 0.0
     dropped: dict[str, str] = field(default_factory=dict)
     train_history: dict[str, dict[str, list[float | None]]] = field(default_factory=dict)
 

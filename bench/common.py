@@ -1,0 +1,137 @@
+"""Shared pieces of the benchmarks: the seed workload, processes with measured RSS/CPU, reporting."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+
+#: The seed's workload: Dense 784-500-1000-2000-1000-500-10, 5,402,010 float32 parameters (21.6 MB).
+SEED_LAYERS = [784, 500, 1000, 2000, 1000, 500, 10]
+
+
+def seed_shapes() -> list[tuple[int, ...]]:
+    shapes = []
+    for fan_in, fan_out in zip(SEED_LAYERS, SEED_LAYERS[1:]):
+        shapes += [(fan_in, fan_out), (fan_out,)]
+    return shapes
+
+
+def seed_weights(seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [rng.standard_normal(shape, dtype=np.float32) for shape in seed_shapes()]
+
+
+def synthetic_data(num_examples: int, seed: int, features: int = 784, classes: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable data: inputs centred on 0, labels from a fixed random linear teacher."""
+    teacher = np.random.default_rng(12345).standard_normal((features, classes)).astype(np.float32)
+    x = np.random.default_rng(seed).standard_normal((num_examples, features)).astype(np.float32)
+    return x, np.argmax(x @ teacher, axis=1).astype(np.int64)
+
+
+@dataclass
+class Finished:
+    """A finished child process: exit status, wall time, peak RSS (MB) and CPU seconds."""
+
+    returncode: int
+    wall_s: float
+    peak_rss_mb: float
+    cpu_s: float
+
+
+def start(args: list[str], log_path: Path, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    handle = open(log_path, "wb")
+    process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "3",
+                                    **(env or {})})
+    handle.close()
+    process.started_at = time.monotonic()
+    process.log_path = log_path
+    return process
+
+
+def finish(process: subprocess.Popen, timeout_s: float) -> Finished:
+    """Wait for ``process`` (killing it by PID after ``timeout_s``) and read its resource usage."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            process.kill()
+            pid, status, usage = os.wait4(process.pid, 0)
+            break
+        time.sleep(0.05)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    return Finished(process.returncode, time.monotonic() - process.started_at, usage.ru_maxrss / 1024,
+                    usage.ru_utime + usage.ru_stime)
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def machine() -> dict:
+    import zmq
+
+    versions = {"python": platform.python_version(), "numpy": np.__version__, "pyzmq": zmq.__version__,
+                "libzmq": zmq.zmq_version()}
+    try:
+        from importlib.metadata import version
+
+        versions["tensorflow"] = version("tensorflow-cpu") if _has("tensorflow-cpu") else version("tensorflow")
+        versions["keras"] = version("keras")
+    except Exception:  # noqa: BLE001 - versions are informative only
+        pass
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(os.sysconf("SC_PAGE_SIZE") *
+            os.sysconf("SC_PHYS_PAGES") / 2**30, 1), "os": platform.platform(), **versions}
+
+
+def _has(distribution: str) -> bool:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        version(distribution)
+        return True
+    except PackageNotFoundError:
+        return False
+
+
+def table(title: str, headers: list[str], rows: list[list]) -> str:
+    """A markdown table (also readable on a terminal)."""
+    cells = [[_fmt(c) for c in row] for row in rows]
+    out = [f"### {title}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(row) + " |" for row in cells]
+    return "\n".join(out) + "\n"
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        if value != value:
+            return "n/a"
+        return f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
+    return str(value)
+
+
+def emit(name: str, result: dict, markdown: str) -> None:
+    """Print a benchmark's table and its JSON (one line, prefixed for machines)."""
+    print(markdown)
+    print(f"RESULT {name} " + json.dumps(result, default=float))
+    sys.stdout.flush()

@@ -1,0 +1,85 @@
+"""The original PyFed, measured in the same run as PyFed: wire and round overhead.
+
+It is installed from PyPI (pyfed==0.0.25, its declared dependencies joblib and tensorflow) into a
+virtualenv of its own under bench/.venv-original. That virtualenv sees this machine's TensorFlow
+(--system-site-packages) so both run on the same TensorFlow build; its own site-packages come
+first, so ``import pyfed`` there is the original. The patches are listed in original_driver.py.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import BENCH, finish, median, start, tail
+
+VENV = BENCH / ".venv-original"
+DRIVER = BENCH / "original_driver.py"
+ORIGINAL = "pyfed==0.0.25"
+
+
+def python() -> str:
+    """The original's virtualenv python, created and filled on first use."""
+    interpreter = VENV / "bin" / "python"
+    if not interpreter.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(VENV)], check=True)
+        subprocess.run([str(interpreter), "-m", "pip", "install", "--quiet", "--no-deps", ORIGINAL, "joblib>=1.2.0"],
+                       check=True)
+    check = subprocess.run([str(interpreter), "-c", "import pyfed.ml_socket as m; print(m.__file__)"],
+                           capture_output=True, text=True, check=True)
+    assert str(VENV) in check.stdout, f"the original's virtualenv imports pyfed from {check.stdout}"
+    return str(interpreter)
+
+
+def wire(repeats: int, port: int) -> dict:
+    """Median seconds and MB/s for one seed-model copy through ml_send / ml_recv."""
+    interpreter = python()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "wire.json"
+        sender = start([interpreter, str(DRIVER), "wire-sender", str(port), str(repeats), str(out)],
+                       Path(tmp) / "sender.log")
+        receiver = start([interpreter, str(DRIVER), "wire-receiver", str(port), str(repeats)],
+                         Path(tmp) / "receiver.log")
+        for process in (sender, receiver):
+            done = finish(process, 600)
+            assert done.returncode == 0, tail(process.log_path)
+        seconds = median(json.loads(out.read_text())["seconds"])
+    return {"seconds": seconds, "mb_per_s": 21_608_040 / seconds / 1e6}
+
+
+def rounds(shards: list[Path], rounds_: int, epochs: int, batch_size: int, port: int, workdir: Path) -> dict:
+    """Run the original server and one process per shard; per-round wall, slowest fit, overhead."""
+    interpreter = python()
+    events = workdir / "original-events.jsonl"
+    events.unlink(missing_ok=True)
+    server = start([interpreter, str(DRIVER), "server", str(port), str(len(shards)), str(rounds_), str(events)],
+                   workdir / "original-server.log", cwd=workdir)
+    time.sleep(1.0)
+    clients = [start([interpreter, str(DRIVER), "client", f"client_{i}", str(port), str(shard), str(epochs),
+                      str(batch_size), str(events)], workdir / f"original-client-{i}.log", cwd=workdir)
+               for i, shard in enumerate(shards, start=1)]
+    server_done = finish(server, 3600)
+    for process in clients:
+        assert finish(process, 600).returncode == 0, tail(process.log_path)
+    assert server_done.returncode == 0, tail(server.log_path)
+    recorded = [json.loads(line) for line in events.read_text().splitlines()]
+    accepted = max(e["t"] for e in recorded if e["event"] == "accepted")
+    ends = sorted(e["t"] for e in recorded if e["event"] == "aggregated")
+    starts = [accepted, *ends[:-1]]
+    fits_by_client: dict[str, list[dict]] = {}
+    for event in recorded:
+        if event["event"] == "fit":
+            fits_by_client.setdefault(event["client"], []).append(event)
+    per_round = []
+    for index, (round_start, round_end) in enumerate(zip(starts, ends)):
+        slowest = max(fits[index]["end"] - fits[index]["start"] for fits in fits_by_client.values())
+        per_round.append({"wall_s": round_end - round_start, "slowest_fit_s": slowest,
+                          "overhead_s": round_end - round_start - slowest})
+    return {"rounds": per_round, "server_peak_rss_mb": server_done.peak_rss_mb,
+            "median_wall_s": median([r["wall_s"] for r in per_round]),
+            "median_overhead_s": median([r["overhead_s"] for r in per_round]),
+            "median_slowest_fit_s": median([r["slowest_fit_s"] for r in per_round])}

@@ -1,0 +1,103 @@
+"""Round overhead: one server and 3 client processes on the seed model, PyFed against the original.
+
+Overhead per round = round wall time - server-side evaluation - the slowest client's fit; the
+median over rounds is reported, with the evaluation apart. Clients get synthetic learnable
+784-feature data. A second pass uses tiny local data (32 examples, 1 epoch), where the framework
+dominates the whole round. Server peak RSS is read from the kernel (wait4) for both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bench import original
+from bench.common import BENCH, emit, finish, median, start, synthetic_data, table, tail
+from tests.conftest import free_port
+
+CLIENTS = 3
+
+
+def write_shards(workdir: Path, examples: int) -> tuple[list[Path], Path]:
+    shards = []
+    for index in range(1, CLIENTS + 1):
+        x, y = synthetic_data(examples, seed=index)
+        shards.append(workdir / f"client-{index}.npz")
+        np.savez(shards[-1], x=x, y=y)
+    x, y = synthetic_data(1000, seed=99)
+    np.savez(workdir / "test.npz", x=x, y=y)
+    return shards, workdir / "test.npz"
+
+
+def pyfed_rounds(shards: list[Path], test: Path, rounds: int, epochs: int, batch_size: int, workdir: Path) -> dict:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    logdir = workdir / "pyfed-logs"
+    base = [sys.executable, "-m", "pyfed"]
+    server = start([*base, "server", "--address", address, "--rounds", str(rounds), "--min-clients", str(CLIENTS),
+                    "--model", f"{BENCH / 'seed_model.py'}:build", "--test-data", str(test), "--logdir", str(logdir),
+                    "--epochs", str(epochs), "--batch-size", str(batch_size), "--learning-rate", "3e-4"],
+                   workdir / "pyfed-server.log")
+    clients = [start([*base, "client", "--server", address, "--data", str(shard)], workdir / f"pyfed-client-{i}.log")
+               for i, shard in enumerate(shards, start=1)]
+    server_done = finish(server, 3600)
+    for process in clients:
+        assert finish(process, 600).returncode == 0, tail(process.log_path)
+    assert server_done.returncode == 0, tail(server.log_path)
+    summary = json.loads((logdir / "summary.json").read_text())
+    per_round = [{"wall_s": r["duration_s"], "eval_s": r["eval_s"], "slowest_fit_s": max(r["fit_s"].values()),
+                  "overhead_s": r["duration_s"] - r["eval_s"] - max(r["fit_s"].values())} for r in summary["rounds"]]
+    return {"rounds": per_round, "server_peak_rss_mb": server_done.peak_rss_mb,
+            "median_wall_s": median([r["wall_s"] for r in per_round]),
+            "median_overhead_s": median([r["overhead_s"] for r in per_round]),
+            "median_eval_s": median([r["eval_s"] for r in per_round]),
+            "median_slowest_fit_s": median([r["slowest_fit_s"] for r in per_round])}
+
+
+def run(quick: bool = False, with_original: bool = True) -> dict:
+    rounds = 2 if quick else 4
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        for label, examples, epochs in (("seed", 300 if quick else 1500, 1), ("tiny", 32, 1)):
+            shards, test = write_shards(workdir, examples)
+            entry = {"examples_per_client": examples, "epochs": epochs,
+                     "pyfed": pyfed_rounds(shards, test, rounds, epochs, 32, workdir)}
+            if with_original:
+                entry["original"] = original.rounds(shards, rounds, epochs, 32, free_port(), workdir)
+            results[label] = entry
+    seed, tiny = results["seed"], results["tiny"]
+    summary = {"rounds": rounds, "clients": CLIENTS, **results}
+    p = seed["pyfed"]
+    summary["pyfed_overhead_share"] = p["median_overhead_s"] / p["median_wall_s"]
+    rows = [["PyFed", p["median_wall_s"], p["median_slowest_fit_s"], p["median_overhead_s"],
+             f"{summary['pyfed_overhead_share']:.1%}", p["median_eval_s"], tiny["pyfed"]["median_wall_s"],
+             p["server_peak_rss_mb"]]]
+    if with_original:
+        o = seed["original"]
+        summary["overhead_ratio"] = o["median_overhead_s"] / p["median_overhead_s"]
+        summary["tiny_round_ratio"] = tiny["original"]["median_wall_s"] / tiny["pyfed"]["median_wall_s"]
+        summary["server_rss_ratio"] = o["server_peak_rss_mb"] / p["server_peak_rss_mb"]
+        rows.append(["original PyFed", o["median_wall_s"], o["median_slowest_fit_s"], o["median_overhead_s"],
+                     f"{o['median_overhead_s'] / o['median_wall_s']:.1%}", "(none)", tiny["original"]["median_wall_s"],
+                     o["server_peak_rss_mb"]])
+        rows.append(["original / PyFed", o["median_wall_s"] / p["median_wall_s"], "",
+                     summary["overhead_ratio"], "", "", summary["tiny_round_ratio"], summary["server_rss_ratio"]])
+    markdown = table(f"Rounds: server + {CLIENTS} client processes, seed model, {seed['examples_per_client']} "
+                     f"synthetic examples per client, 1 epoch; medians over {rounds} rounds",
+                     ["framework", "round wall s", "slowest fit s", "overhead s", "overhead share",
+                      "server eval s", "tiny-data round s", "server peak RSS MB"], rows)
+    emit("round", summary, markdown)
+    return summary
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--no-original", action="store_true")
+    args = parser.parse_args()
+    run(args.quick, not args.no_original)
