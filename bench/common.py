@@ -21,6 +21,15 @@ BENCH = REPO / "bench"
 SEED_LAYERS = [784, 500, 1000, 2000, 1000, 500, 10]
 
 
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def seed_shapes() -> list[tuple[int, ...]]:
     shapes = []
     for fan_in, fan_out in zip(SEED_LAYERS, SEED_LAYERS[1:]):

@@ -29,21 +29,23 @@ def python() -> str:
         subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(VENV)], check=True)
         subprocess.run([str(interpreter), "-m", "pip", "install", "--quiet", "--no-deps", ORIGINAL, "joblib>=1.2.0"],
                        check=True)
-    check = subprocess.run([str(interpreter), "-c", "import pyfed.ml_socket as m; print(m.__file__)"],
+    check = subprocess.run([str(interpreter), "-P", "-c", "import pyfed.ml_socket as m; print(m.__file__)"],
                            capture_output=True, text=True, check=True)
     assert str(VENV) in check.stdout, f"the original's virtualenv imports pyfed from {check.stdout}"
     return str(interpreter)
 
 
+def driver(*args: str) -> list[str]:
+    """The command running the driver in the original's virtualenv; -P keeps this repository's pyfed out."""
+    return [python(), "-P", str(DRIVER), *args]
+
+
 def wire(repeats: int, port: int) -> dict:
     """Median seconds and MB/s for one seed-model copy through ml_send / ml_recv."""
-    interpreter = python()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "wire.json"
-        sender = start([interpreter, str(DRIVER), "wire-sender", str(port), str(repeats), str(out)],
-                       Path(tmp) / "sender.log")
-        receiver = start([interpreter, str(DRIVER), "wire-receiver", str(port), str(repeats)],
-                         Path(tmp) / "receiver.log")
+        sender = start(driver("wire-sender", str(port), str(repeats), str(out)), Path(tmp) / "sender.log")
+        receiver = start(driver("wire-receiver", str(port), str(repeats)), Path(tmp) / "receiver.log")
         for process in (sender, receiver):
             done = finish(process, 600)
             assert done.returncode == 0, tail(process.log_path)
@@ -53,14 +55,13 @@ def wire(repeats: int, port: int) -> dict:
 
 def rounds(shards: list[Path], rounds_: int, epochs: int, batch_size: int, port: int, workdir: Path) -> dict:
     """Run the original server and one process per shard; per-round wall, slowest fit, overhead."""
-    interpreter = python()
     events = workdir / "original-events.jsonl"
     events.unlink(missing_ok=True)
-    server = start([interpreter, str(DRIVER), "server", str(port), str(len(shards)), str(rounds_), str(events)],
+    server = start(driver("server", str(port), str(len(shards)), str(rounds_), str(events)),
                    workdir / "original-server.log", cwd=workdir)
     time.sleep(1.0)
-    clients = [start([interpreter, str(DRIVER), "client", f"client_{i}", str(port), str(shard), str(epochs),
-                      str(batch_size), str(events)], workdir / f"original-client-{i}.log", cwd=workdir)
+    clients = [start(driver("client", f"client_{i}", str(port), str(shard), str(epochs), str(batch_size), str(events)),
+                     workdir / f"original-client-{i}.log", cwd=workdir)
                for i, shard in enumerate(shards, start=1)]
     server_done = finish(server, 3600)
     for process in clients:

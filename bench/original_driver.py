@@ -24,7 +24,7 @@ import pyfed.components as components  # noqa: E402  (the original package, from
 import pyfed.ml_socket as ml_socket  # noqa: E402
 from keras.src.legacy.saving import legacy_h5_format  # noqa: E402
 
-assert "site-packages" in ml_socket.__file__ and "bench" not in ml_socket.__file__, ml_socket.__file__
+assert ".venv-original" in ml_socket.__file__, f"not the original PyFed: {ml_socket.__file__}"
 
 ml_socket.save_model = lambda model, f, include_optimizer=False: legacy_h5_format.save_model_to_hdf5(
     model, f, include_optimizer=include_optimizer)

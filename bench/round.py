@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import original
-from bench.common import BENCH, emit, finish, median, start, synthetic_data, table, tail
-from tests.conftest import free_port
+from bench.common import free_port, BENCH, emit, finish, median, start, synthetic_data, table, tail
 
 CLIENTS = 3
 
@@ -92,7 +91,7 @@ def run(quick: bool = False, with_original: bool = True) -> dict:
                      ["framework", "round wall s", "slowest fit s", "overhead s", "overhead share",
                       "server eval s", "tiny-data round s", "server peak RSS MB"], rows)
     emit("round", summary, markdown)
-    return summary
+    return {**summary, "_markdown": markdown}
 
 
 if __name__ == "__main__":

@@ -149,7 +149,7 @@ def run(quick: bool = False, original: dict | None = None) -> dict:
     markdown = table(f"Wire: one {nbytes / MB:.1f} MB model copy between two processes on loopback "
                      f"(median of {repeats})", ["path", "MB/s", "ms per copy", "note"], rows)
     emit("wire", result, markdown)
-    return result
+    return {**result, "_markdown": markdown}
 
 
 if __name__ == "__main__":

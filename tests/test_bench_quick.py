@@ -1,0 +1,27 @@
+"""The benchmarks still run (quick sizes). Figures are checked by the benchmarks, never timed here."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.bench
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_bench_run_quick_produces_every_figure(tmp_path):
+    out = tmp_path / "RESULTS.md"
+    result = subprocess.run([sys.executable, "-m", "bench.run", "--quick", "--out", str(out)], cwd=REPO,
+                            capture_output=True, text=True, timeout=1500)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    results = json.loads(out.with_suffix(".json").read_text())
+    assert results["wire"]["pyfed_mb_per_s"] > 0 and results["original_wire"]["mb_per_s"] > 0
+    assert results["round"]["seed"]["pyfed"]["rounds"] and results["round"]["seed"]["original"]["rounds"]
+    assert results["round"]["tiny"]["pyfed"]["rounds"] and results["round"]["tiny"]["original"]["rounds"]
+    assert set(results["aggregate"]["n"]) == {"10", "20"}
+    assert results["many_clients"]["all_updates_aggregated"] is True
+    text = out.read_text()
+    assert "### Targets" in text and "### Wire" in text and "### Many clients" in text
