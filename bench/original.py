@@ -68,7 +68,7 @@ def rounds(shards: list[Path], rounds_: int, epochs: int, batch_size: int, port:
         assert finish(process, 600).returncode == 0, tail(process.log_path)
     assert server_done.returncode == 0, tail(server.log_path)
     recorded = [json.loads(line) for line in events.read_text().splitlines()]
-    accepted = max(e["t"] for e in recorded if e["event"] == "accepted")
+    accepted = min(e["t"] for e in recorded if e["event"] == "accepted")  # round 1 starts with the first send
     ends = sorted(e["t"] for e in recorded if e["event"] == "aggregated")
     starts = [accepted, *ends[:-1]]
     fits_by_client: dict[str, list[dict]] = {}
@@ -80,7 +80,6 @@ def rounds(shards: list[Path], rounds_: int, epochs: int, batch_size: int, port:
         slowest = max(fits[index]["end"] - fits[index]["start"] for fits in fits_by_client.values())
         per_round.append({"wall_s": round_end - round_start, "slowest_fit_s": slowest,
                           "overhead_s": round_end - round_start - slowest})
+    warm = per_round[1:] or per_round  # as for PyFed: rounds 2..R
     return {"rounds": per_round, "server_peak_rss_mb": server_done.peak_rss_mb,
-            "median_wall_s": median([r["wall_s"] for r in per_round]),
-            "median_overhead_s": median([r["overhead_s"] for r in per_round]),
-            "median_slowest_fit_s": median([r["slowest_fit_s"] for r in per_round])}
+            **{f"median_{key}": median([r[key] for r in warm]) for key in warm[0]}}

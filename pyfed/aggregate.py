@@ -16,9 +16,11 @@ Weights = list[np.ndarray]
 class WeightedSum:
     """A running weighted sum of model updates: ``add`` each as it arrives, then ``mean``.
 
-    Memory: one float64 accumulator the size of the model plus one scratch buffer the size of its
-    largest array, independent of how many updates are added.
+    Memory: one float64 accumulator the size of the model plus a 2 MB scratch buffer, independent
+    of how many updates are added; ``mean`` writes straight into arrays of the original dtypes.
     """
+
+    CHUNK = 262_144  # elements of float64 scratch: products are formed a chunk at a time
 
     def __init__(self) -> None:
         self._sums: list[np.ndarray] | None = None
@@ -34,16 +36,19 @@ class WeightedSum:
         if self._sums is None:
             self._sums = [np.zeros(a.shape, np.float64) for a in arrays]
             self._dtypes = [np.asarray(a).dtype for a in arrays]
-            self._scratch = np.empty(max((a.size for a in arrays), default=0), np.float64)
+            self._scratch = np.empty(min(self.CHUNK, max((a.size for a in arrays), default=0)), np.float64)
         elif len(arrays) != len(self._sums):
             raise ValueError(f"expected {len(self._sums)} arrays, got {len(arrays)}")
         w = np.float64(weight)
         for total, array in zip(self._sums, arrays):
             if array.shape != total.shape:
                 raise ValueError(f"array shape {array.shape} does not match {total.shape}")
-            product = self._scratch[: total.size].reshape(total.shape)
-            np.multiply(array, w, out=product)
-            total += product
+            flat_total, flat_array = total.reshape(-1), np.asarray(array).reshape(-1)
+            for start in range(0, flat_total.size, self.CHUNK):
+                stop = min(start + self.CHUNK, flat_total.size)
+                product = self._scratch[: stop - start]
+                np.multiply(flat_array[start:stop], w, out=product)
+                flat_total[start:stop] += product
         self.total_weight += float(weight)
         self.count += 1
 
@@ -51,15 +56,18 @@ class WeightedSum:
         """The weighted mean, cast back to each array's original dtype (integers rounded)."""
         if self._sums is None:
             raise ValueError("no updates were added")
-        return [_cast(total / self.total_weight, dtype) for total, dtype in zip(self._sums, self._dtypes)]
+        weight = np.float64(self.total_weight)
+        return [_divided(total, weight, dtype) for total, dtype in zip(self._sums, self._dtypes)]
 
 
-def _cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def _divided(total: np.ndarray, weight: np.float64, dtype: np.dtype) -> np.ndarray:
+    """``total / weight`` in ``dtype``; floats are computed in float64 and cast without a temporary."""
+    if dtype.kind == "f":
+        return np.divide(total, weight, out=np.empty(total.shape, dtype), casting="unsafe")
+    values = total / weight
     if dtype.kind == "b":
         return values >= 0.5
-    if dtype.kind in "iu":
-        return np.rint(values).astype(dtype)
-    return values.astype(dtype)
+    return np.rint(values).astype(dtype)
 
 
 def weighted_average(updates: Iterable[tuple[Sequence[np.ndarray], float]]) -> Weights:

@@ -17,7 +17,7 @@ import numpy as np
 
 from . import protocol
 from .data import DataError, load_shard
-from .model import from_wire, input_shape, output_units, reset_optimizer, set_learning_rate
+from .model import from_wire, input_shape, output_units, reset_optimizer, set_learning_rate, training_dataset
 from .protocol import Message, MessageType, ProtocolError
 from .strategy import FitPlan
 from .transport import ClientTransport
@@ -71,6 +71,7 @@ class Client:
         self._admitted = False
         self.specs: list[protocol.ArraySpec] | None = None
         self.rounds_trained = 0
+        self._dataset: tuple[int, Any] | None = None  # (batch size, tf.data pipeline), reused across rounds
 
     def run(self) -> int:
         """Take part until the server says the run is over; return the process exit code."""
@@ -201,8 +202,10 @@ class Client:
         reset_optimizer(self.model)
         if not self.compile_override:
             set_learning_rate(self.model, plan.learning_rate)
+        if self._dataset is None or self._dataset[0] != batch_size:
+            self._dataset = (batch_size, training_dataset(self.x, self.y, batch_size))
         started = time.perf_counter()
-        history = self.model.fit(self.x, self.y, epochs=epochs, batch_size=batch_size, verbose=0, shuffle=True)
+        history = self.model.fit(self._dataset[1], epochs=epochs, verbose=0)
         fit_s = time.perf_counter() - started
         curves = {name: [float(v) if math.isfinite(float(v)) else None for v in values]
                   for name, values in history.history.items()}

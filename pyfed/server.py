@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import protocol
-from .model import to_wire
+from .model import evaluation_dataset, to_wire
 from .protocol import Message, MessageType, ProtocolError
 from .strategy import Aggregator, FedAvg, FitPlan, FitResult, Strategy
 from .tracking import RoundRecord, RunLog
@@ -86,6 +86,7 @@ class Server:
         self.plan = plan
         self.strategy = strategy or FedAvg()
         self.test_data = test_data
+        self._test_dataset = None
         self.round_timeout_s = round_timeout_s
         self.num_shards = num_shards
         self.weights: list[np.ndarray] = model.get_weights()
@@ -259,8 +260,9 @@ class Server:
         if self.test_data is None:
             return None, None
         self.model.set_weights(self.weights)
-        x, y = self.test_data
-        results = self.model.evaluate(x, y, batch_size=1024, verbose=0, return_dict=True)
+        if self._test_dataset is None:
+            self._test_dataset = evaluation_dataset(*self.test_data)
+        results = self.model.evaluate(self._test_dataset, verbose=0, return_dict=True)
         accuracy = next((v for k, v in results.items() if "acc" in k), None)
         return float(results["loss"]), (float(accuracy) if accuracy is not None else None)
 
