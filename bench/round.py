@@ -91,10 +91,15 @@ def run(quick: bool = False, with_original: bool = True) -> dict:
                      o["server_peak_rss_mb"]])
         rows.append(["original / PyFed", o["median_wall_s"] / p["median_wall_s"], "",
                      summary["overhead_ratio"], "", "", summary["tiny_round_ratio"], summary["server_rss_ratio"]])
+    failures = [f for entry in results.values() for f in entry.get("original", {}).get("failed_attempts", [])]
+    summary["original_failed_attempts"] = failures
     markdown = table(f"Rounds: server + {CLIENTS} client processes, seed model, {seed['examples_per_client']} "
                      f"synthetic examples per client, 1 epoch; medians over rounds 2-{rounds}",
                      ["framework", "round wall s", "slowest fit s", "overhead s", "overhead share",
                       "server eval s", "tiny-data round s", "server peak RSS MB"], rows)
+    if failures:
+        markdown += (f"\nThe original PyFed failed {len(failures)} time(s) in this run and was started again: "
+                     + "; ".join(sorted(set(failures))) + "\n")
     emit("round", summary, markdown)
     return {**summary, "_markdown": markdown}
 
