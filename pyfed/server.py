@@ -120,7 +120,9 @@ class Server:
             self._wait_for_clients()
             for server_round in range(1, self.rounds + 1):
                 self._run_round(server_round)
-            self.final_metrics = self._evaluate()
+            # the global model was evaluated at the end of the last round; no need to do it again
+            self.final_metrics = ((self.history[-1].test_loss, self.history[-1].test_accuracy)
+                                  if self.history else self._evaluate())
             if self.run_log:
                 self.run_log.finish(*self.final_metrics)
             self._finishing = True
