@@ -220,7 +220,7 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
     """Add one flag per setting; values stay strings (None when absent) for :func:`resolve`."""
     for f in dataclasses.fields(config_cls):
         meta = f.metadata
-        default = "" if f.default is None else f.default
+        default = "none" if f.default is None else f.default
         extra = {"nargs": "?", "const": "true"} if meta["parse"] is boolean else {}
         parser.add_argument(meta["flag"], dest=f.name, default=None, metavar=meta["env"], **extra,
                             help=f"{meta['help']} [env {meta['env']}; default {default!s}]")
