@@ -90,7 +90,8 @@ def run_client(config: ClientConfig) -> int:
         raise UsageError("--data / DATA_SHARD or --data-dir / DATA_DIR is required: "
                          "this client's .npz shard, or where to find the shard the server assigns")
     client = Client(config.server, x, y, data_dir=config.data_dir, client_id=config.client_id,
-                    epochs=config.epochs, batch_size=config.batch_size, data_source=str(config.data))
+                    epochs=config.epochs, batch_size=config.batch_size,
+                    data_source=str(config.data) if config.data else "the assigned shard")
     return client.run()
 
 

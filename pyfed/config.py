@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .protocol import CLIENT_ID_PATTERN
+
 T = TypeVar("T")
 
 
@@ -104,7 +106,7 @@ def optional_path(text: str) -> Path | None:
 
 def client_id(text: str) -> str:
     value = text.strip()
-    if value and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", value):
+    if value and not CLIENT_ID_PATTERN.match(value):
         raise ValueError(f"must be 1-64 characters of [A-Za-z0-9._-] starting with a letter or digit, got {text!r}")
     return value
 

@@ -102,9 +102,14 @@ def split_test(num_examples: int, test_fraction: float, rng: np.random.Generator
     return np.sort(order[num_test:]), np.sort(order[:num_test])
 
 
+def shard_name(client_index: int) -> str:
+    """The file name of shard ``client_index`` (1-based): partition writes it, the server hands it out."""
+    return f"client-{client_index}.npz"
+
+
 def shard_path(out_dir: Path, client_index: int) -> Path:
     """Where client ``client_index`` (1-based) finds its shard."""
-    return Path(out_dir) / f"client-{client_index}.npz"
+    return Path(out_dir) / shard_name(client_index)
 
 
 def write_partitions(x: np.ndarray, y: np.ndarray, out_dir: Path, num_clients: int, *, seed: int = 0,

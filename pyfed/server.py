@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from . import protocol
+from .data import shard_name
 from .model import evaluation_dataset, to_wire
 from .protocol import Message, MessageType, ProtocolError
 from .strategy import Aggregator, FedAvg, FitPlan, FitResult, Strategy
@@ -391,11 +392,6 @@ class Server:
         """Log a rejected message (rate-limited) and tell the peer why, when it can be addressed."""
         self._rejections.warning("rejected message [%s] %s", code, reason)
         self.transport.send(peer, protocol.encode_error(code, reason))
-
-
-def shard_name(index: int) -> str:
-    """The file name of shard ``index`` (1-based), as ``pyfed partition`` writes it."""
-    return f"client-{index}.npz"
 
 
 def _fmt(value: float | None) -> str:
