@@ -76,3 +76,143 @@ def weighted_average(updates: Iterable[tuple[Sequence[np.ndarray], float]]) -> W
     for arrays, weight in updates:
         total.add(arrays, weight)
     return total.mean()
+
+
+# --- robust rules: they need every update at once ----------------------------------------------
+
+def _stacked(updates: Sequence[Sequence[np.ndarray]], index: int) -> np.ndarray:
+    """Array ``index`` of every update, stacked on a new first axis (float64 for exact statistics)."""
+    first = updates[0][index]
+    for update in updates[1:]:
+        if update[index].shape != first.shape:
+            raise ValueError(f"array {index}: shape {update[index].shape} does not match {first.shape}")
+    return np.stack([np.asarray(update[index], np.float64) for update in updates])
+
+
+def _check_updates(updates: Sequence[Sequence[np.ndarray]]) -> int:
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    count = len(updates[0])
+    if any(len(update) != count for update in updates):
+        raise ValueError("updates hold different numbers of arrays")
+    return count
+
+
+def coordinate_median(updates: Sequence[Sequence[np.ndarray]]) -> Weights:
+    """The coordinate-wise median of the updates (unweighted; an even count averages the middle two)."""
+    count = _check_updates(updates)
+    return [_cast(np.median(_stacked(updates, i), axis=0), updates[0][i].dtype) for i in range(count)]
+
+
+def trimmed_mean(updates: Sequence[Sequence[np.ndarray]], trim_fraction: float) -> Weights:
+    """Coordinate-wise mean after dropping the ``floor(trim_fraction * n)`` largest and smallest values."""
+    if not 0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    count = _check_updates(updates)
+    cut = int(np.floor(trim_fraction * len(updates)))
+    result = []
+    for i in range(count):
+        values = np.sort(_stacked(updates, i), axis=0)
+        result.append(_cast(values[cut:len(updates) - cut].mean(axis=0), updates[0][i].dtype))
+    return result
+
+
+def krum_scores(updates: Sequence[Sequence[np.ndarray]], num_byzantine: int) -> np.ndarray:
+    """Krum's score per update: the summed squared distance to its ``n - f - 2`` nearest others.
+
+    With fewer than ``2f + 3`` updates Krum's guarantee does not hold; the neighbour count is then
+    clamped to at least 1 so that the rule still picks the most central update.
+    """
+    _check_updates(updates)
+    if num_byzantine < 0:
+        raise ValueError(f"num_byzantine must be >= 0, got {num_byzantine}")
+    n = len(updates)
+    if n == 1:
+        return np.zeros(1)
+    flat = np.stack([np.concatenate([np.asarray(a, np.float64).reshape(-1) for a in update]) for update in updates])
+    squared_norms = np.einsum("ij,ij->i", flat, flat)
+    distances = squared_norms[:, None] + squared_norms[None, :] - 2.0 * flat @ flat.T
+    np.maximum(distances, 0.0, out=distances)  # rounding can make a zero distance slightly negative
+    np.fill_diagonal(distances, np.inf)
+    neighbours = min(max(n - num_byzantine - 2, 1), n - 1)
+    return np.sort(distances, axis=1)[:, :neighbours].sum(axis=1)
+
+
+def krum_select(updates: Sequence[Sequence[np.ndarray]], num_byzantine: int, num_selected: int = 1) -> list[int]:
+    """Indices of the ``num_selected`` updates with the lowest Krum scores (ties: the earlier one)."""
+    if not 1 <= num_selected <= len(updates):
+        raise ValueError(f"num_selected must be in [1, {len(updates)}], got {num_selected}")
+    scores = krum_scores(updates, num_byzantine)
+    return [int(i) for i in np.argsort(scores, kind="stable")[:num_selected]]
+
+
+def _cast(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return values.astype(dtype)
+    if dtype.kind == "b":
+        return values >= 0.5
+    return np.rint(values).astype(dtype)
+
+
+# --- server optimisers: a step from the global weights along the averaged client change ----------
+
+def momentum_step(global_weights: Sequence[np.ndarray], mean: Sequence[np.ndarray],
+                  velocity: list[np.ndarray] | None, *, learning_rate: float,
+                  momentum: float) -> tuple[Weights, list[np.ndarray]]:
+    """Server momentum (FedAvgM): ``v = momentum * v + (w - mean)``, ``w = w - learning_rate * v``.
+
+    Non-float arrays (counters, flags) take the plain mean. Returns (new weights, new velocity).
+    """
+    new_weights, new_velocity = [], []
+    for i, (w, m) in enumerate(zip(global_weights, mean)):
+        if np.dtype(w.dtype).kind != "f":
+            new_weights.append(np.asarray(m))
+            new_velocity.append(np.zeros(0))
+            continue
+        delta = np.asarray(w, np.float64) - m
+        v = delta if velocity is None else momentum * velocity[i] + delta
+        new_velocity.append(v)
+        new_weights.append((w - learning_rate * v).astype(w.dtype))
+    return new_weights, new_velocity
+
+
+def adaptive_step(kind: str, global_weights: Sequence[np.ndarray], mean: Sequence[np.ndarray],
+                  first_moment: list[np.ndarray] | None, second_moment: list[np.ndarray] | None, *,
+                  learning_rate: float, beta1: float, beta2: float, tau: float,
+                  ) -> tuple[Weights, list[np.ndarray], list[np.ndarray]]:
+    """One step of FedAdagrad, FedAdam or FedYogi (Reddi et al. 2021, Algorithm 2).
+
+    The pseudo-gradient is ``delta = mean - w``; ``m = beta1 * m + (1 - beta1) * delta``; then
+
+    * adagrad: ``v = v + delta^2``
+    * adam:    ``v = beta2 * v + (1 - beta2) * delta^2``
+    * yogi:    ``v = v - (1 - beta2) * delta^2 * sign(v - delta^2)``
+
+    and ``w = w + learning_rate * m / (sqrt(v) + tau)``. Moments start at zero (v at ``tau^2``
+    as in the paper's initialisation). Non-float arrays take the plain mean.
+    """
+    if kind not in {"adagrad", "adam", "yogi"}:
+        raise ValueError(f"unknown adaptive optimiser {kind!r}")
+    new_weights, new_m, new_v = [], [], []
+    for i, (w, avg) in enumerate(zip(global_weights, mean)):
+        if np.dtype(w.dtype).kind != "f":
+            new_weights.append(np.asarray(avg))
+            new_m.append(np.zeros(0))
+            new_v.append(np.zeros(0))
+            continue
+        delta = np.asarray(avg, np.float64) - w
+        m = np.zeros_like(delta) if first_moment is None else first_moment[i]
+        v = np.full_like(delta, tau * tau) if second_moment is None else second_moment[i]
+        m = beta1 * m + (1.0 - beta1) * delta
+        squared = delta * delta
+        if kind == "adagrad":
+            v = v + squared
+        elif kind == "adam":
+            v = beta2 * v + (1.0 - beta2) * squared
+        else:
+            v = v - (1.0 - beta2) * squared * np.sign(v - squared)
+        new_m.append(m)
+        new_v.append(v)
+        new_weights.append((w + learning_rate * m / (np.sqrt(v) + tau)).astype(w.dtype))
+    return new_weights, new_m, new_v

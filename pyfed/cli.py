@@ -1,4 +1,4 @@
-"""``pyfed`` command line: server, client, partition and a local demo.
+"""``pyfed`` command line: server, client, partition, simulate and a local demo.
 
 Every flag can also be set by an environment variable or a ``.env`` file in the working
 directory (flags > environment > .env > defaults). A bad value exits with status 2 and one line
@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import (ClientConfig, ConfigError, PartitionConfig, ServerConfig, add_arguments, describe,
-                     non_negative_int, path, positive_int, resolve, setting, log_level)
+from .config import (ClientConfig, ConfigError, PartitionConfig, ServerConfig, SimulateConfig, StrategySettings,
+                     add_arguments, describe, log_level, non_negative_int, path, positive_int, resolve, setting)
 
 log = logging.getLogger("pyfed")
 
@@ -53,7 +53,7 @@ def run_server(config: ServerConfig) -> int:
     from .data import DataError, load_shard
     from .model import ModelError, default_model, load_model_spec
     from .server import Server
-    from .strategy import FitPlan, make_strategy
+    from .strategy import FitPlan
 
     try:
         test_data = load_shard(config.test_data) if config.test_data else None
@@ -67,13 +67,29 @@ def run_server(config: ServerConfig) -> int:
                              "the default model is sized from the test data")
     except (DataError, ModelError) as error:
         raise UsageError(str(error)) from None
+    strategy = build_strategy(config, config.min_clients, "--min-clients / MIN_CLIENTS")
     server = Server(model, address=config.address, rounds=config.rounds, min_clients=config.min_clients,
-                    plan=FitPlan(config.epochs, config.batch_size, config.learning_rate),
-                    strategy=make_strategy(config.strategy), test_data=test_data, logdir=config.logdir,
+                    plan=FitPlan(config.epochs, config.batch_size, config.learning_rate,
+                                 eval_fraction=config.client_eval_fraction),
+                    strategy=strategy, test_data=test_data, logdir=config.logdir,
                     round_timeout_s=config.round_timeout_s, num_shards=config.num_shards,
                     config_summary=describe(config))
     server.run()
     return 0
+
+
+def build_strategy(settings: StrategySettings, clients_per_round: int, clients_setting: str) -> Any:
+    """The configured strategy, refusing parameters it rejects and too few clients for its rule."""
+    from .strategy import make_strategy
+
+    try:
+        strategy = make_strategy(settings.strategy, **settings.strategy_options())
+    except ValueError as error:
+        raise UsageError(f"--strategy {settings.strategy}: {error}") from None
+    if clients_per_round < strategy.min_fit_clients():
+        raise UsageError(f"--strategy {settings.strategy} with these settings needs at least "
+                         f"{strategy.min_fit_clients()} clients per round, but {clients_setting} is {clients_per_round}")
+    return strategy
 
 
 def run_client(config: ClientConfig) -> int:
@@ -107,7 +123,8 @@ def run_partition(config: PartitionConfig) -> int:
     try:
         x, y = load_dataset(config.dataset)
         paths = write_partitions(x, y, config.out, config.clients, seed=config.seed,
-                                 test_fraction=config.test_fraction, scheme=config.scheme)
+                                 test_fraction=config.test_fraction, scheme=config.scheme, alpha=config.alpha,
+                                 classes_per_client=config.classes_per_client)
     except (DataError, ValueError) as error:
         raise UsageError(f"{config.dataset}: {error}" if not isinstance(error, DataError) else str(error)) from None
     write_manifest(config.out, settings, paths)
@@ -115,6 +132,34 @@ def run_partition(config: PartitionConfig) -> int:
              config.clients, config.out, config.dataset, config.scheme, config.seed)
     for line in describe_shards(paths):
         print(line)
+    return 0
+
+
+def run_simulate(config: SimulateConfig) -> int:
+    """Partition a dataset in memory and run the whole federation in this process."""
+    from .data import DataError, label_table, load_dataset, split_dataset
+    from .model import ModelError, default_model, load_model_spec
+    from .simulation import Simulation
+    from .strategy import FitPlan
+
+    strategy = build_strategy(config, config.clients, "--clients / NUM_CLIENTS")
+    try:
+        x, y = load_dataset(config.dataset)
+        clients, test_data = split_dataset(x, y, config.clients, seed=config.seed, test_fraction=config.test_fraction,
+                                           scheme=config.scheme, alpha=config.alpha,
+                                           classes_per_client=config.classes_per_client)
+        model = (load_model_spec(config.model, config.learning_rate) if config.model
+                 else default_model(tuple(x.shape[1:]), int(y.max()) + 1, config.learning_rate))
+    except (DataError, ModelError) as error:
+        raise UsageError(str(error)) from None
+    except ValueError as error:
+        raise UsageError(f"{config.dataset}, --scheme {config.scheme}: {error}") from None
+    for line in label_table([f"client-{i}" for i in range(1, len(clients) + 1)], [c[1] for c in clients]):
+        print(line)
+    plan = FitPlan(config.epochs, config.batch_size, config.learning_rate, eval_fraction=config.client_eval_fraction)
+    Simulation(model, clients, rounds=config.rounds, plan=plan, strategy=strategy, test_data=test_data,
+               logdir=config.logdir, config_summary=describe(config), seed=config.seed,
+               progress=config.progress).run()
     return 0
 
 
@@ -151,6 +196,7 @@ COMMANDS: dict[str, tuple[type, Any, str]] = {
     "server": (ServerConfig, run_server, "run the federated server"),
     "client": (ClientConfig, run_client, "run one federated client"),
     "partition": (PartitionConfig, run_partition, "split a dataset into client shards and a test set"),
+    "simulate": (SimulateConfig, run_simulate, "run a whole federation in this process, without sockets"),
     "demo": (DemoConfig, run_demo, "run a server and clients on this machine on the digits dataset"),
 }
 

@@ -8,7 +8,6 @@ so Keras never re-traces the training step.
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,10 @@ import numpy as np
 
 from . import protocol
 from .data import DataError, load_shard
-from .model import from_wire, input_shape, output_units, reset_optimizer, set_learning_rate, training_dataset
+from .model import from_wire, input_shape, output_units
 from .protocol import Message, MessageType, ProtocolError
 from .strategy import FitPlan
+from .training import LocalTrainer
 from .transport import ClientTransport
 
 log = logging.getLogger("pyfed.client")
@@ -71,7 +71,7 @@ class Client:
         self._admitted = False
         self.specs: list[protocol.ArraySpec] | None = None
         self.rounds_trained = 0
-        self._dataset: tuple[int, Any] | None = None  # (batch size, tf.data pipeline), reused across rounds
+        self.trainer: LocalTrainer | None = None
 
     def run(self) -> int:
         """Take part until the server says the run is over; return the process exit code."""
@@ -139,6 +139,9 @@ class Client:
                 self.model.compile(**self.compile_override)
             self._check_data()
             self.specs = protocol.array_specs(self.model.get_weights())
+            self.trainer = LocalTrainer(self.model, self.x, self.y, epochs=self.epochs, batch_size=self.batch_size,
+                                        use_plan_learning_rate=not self.compile_override)
+        self.trainer.use_eval_fraction(FitPlan.from_body(welcome.body["plan"]).eval_fraction)
         try:
             protocol.check_specs(protocol.array_specs(welcome.arrays), self.specs)
         except ProtocolError as error:
@@ -180,6 +183,8 @@ class Client:
             next_wait_log = time.monotonic() + WAIT_LOG_EVERY_S
             if message.type is MessageType.FIT:
                 self._fit(message)
+            elif message.type is MessageType.EVALUATE:
+                self._evaluate(message)
             elif message.type is MessageType.FINISH:
                 self._transport.send(protocol.encode(Message(MessageType.LEAVE, client_id=self.client_id,
                                                              body={"reason": "run complete"})))
@@ -195,28 +200,27 @@ class Client:
 
     def _fit(self, message: Message) -> None:
         plan = FitPlan.from_body(message.body["plan"])
-        epochs = self.epochs or plan.epochs
-        batch_size = self.batch_size or plan.batch_size
-        self.model.set_weights(message.arrays)
+        self.trainer.load(message.arrays, plan)
         del message.arrays[:]  # release the received frames before training
-        reset_optimizer(self.model)
-        if not self.compile_override:
-            set_learning_rate(self.model, plan.learning_rate)
-        if self._dataset is None or self._dataset[0] != batch_size:
-            self._dataset = (batch_size, training_dataset(self.x, self.y, batch_size))
-        started = time.perf_counter()
-        history = self.model.fit(self._dataset[1], epochs=epochs, verbose=0)
-        fit_s = time.perf_counter() - started
-        curves = {name: [float(v) if math.isfinite(float(v)) else None for v in values]
-                  for name, values in history.history.items()}
+        weights, num_examples, metrics = self.trainer.train(plan)
         update = Message(MessageType.UPDATE, round=message.round, client_id=self.client_id,
-                         body={"num_examples": int(len(self.y)), "fit_s": round(fit_s, 6), "history": curves},
-                         arrays=self.model.get_weights())
+                         body={"num_examples": num_examples, **metrics}, arrays=weights)
         self._send(protocol.encode(update), what=f"round {message.round} update")
         self.rounds_trained += 1
-        summary = ", ".join(f"{k} {v[-1]:.4f}" for k, v in curves.items() if v and v[-1] is not None)
-        log.info("round %d: trained %d epochs on %d examples in %.2fs: %s",
-                 message.round, epochs, len(self.y), fit_s, summary)
+        summary = ", ".join(f"{k} {v[-1]:.4f}" for k, v in metrics["history"].items() if v and v[-1] is not None)
+        log.info("round %d: trained %d epochs on %d examples in %.2fs: %s", message.round,
+                 self.epochs or plan.epochs, num_examples, metrics["fit_s"], summary)
+
+    def _evaluate(self, message: Message) -> None:
+        num_examples, loss, accuracy = self.trainer.evaluate(list(message.arrays))
+        del message.arrays[:]
+        reply = Message(MessageType.EVALUATION, round=message.round, client_id=self.client_id,
+                        body={"num_examples": num_examples, "loss": loss, "accuracy": accuracy})
+        self._send(protocol.encode(reply), what=f"round {message.round} evaluation")
+        if num_examples:
+            log.info("round %d: global model on %d held-out examples: loss %.4f%s", message.round, num_examples,
+                     loss if loss is not None else float("nan"),
+                     f", accuracy {accuracy:.4f}" if accuracy is not None else "")
 
     # --- messages -------------------------------------------------------------------------------
 

@@ -16,7 +16,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .data import SCHEMES
 from .protocol import CLIENT_ID_PATTERN
+from .strategy import STRATEGIES
 
 T = TypeVar("T")
 
@@ -65,6 +67,29 @@ def optional_seconds(text: str) -> float | None:
     if text.strip().lower() in {"", "0", "none", "off"}:
         return None
     return positive_float(text)
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = -1.0
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"must be a non-negative number, got {text!r}")
+    return value
+
+
+def interval(low: float, high: float, *, high_open: bool = True) -> Callable[[str], float]:
+    """A number in [low, high) (or [low, high] with ``high_open=False``)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text.strip())
+        except ValueError:
+            value = math.nan
+        if not (low <= value < high or (not high_open and value == high)):
+            raise ValueError(f"must be a number in [{low:g}, {high:g}{')' if high_open else ']'}, got {text!r}")
+        return value
+    return parse
 
 
 def fraction(text: str) -> float:
@@ -153,30 +178,74 @@ def log_level(text: str) -> str:
 # --- the configs ------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class ServerConfig:
-    """How ``pyfed server`` runs."""
+class StrategySettings:
+    """The strategy and its parameters, shared by ``pyfed server`` and ``pyfed simulate``.
 
-    address: str = setting("tcp://127.0.0.1:5555", "--address", "BIND_ADDRESS", zmq_address,
-                           "ZeroMQ address to bind; tcp://*:PORT listens on every interface")
+    A parameter left unset takes the strategy's own default; each only matters to the
+    strategies named in its help.
+    """
+
+    strategy: str = setting("fedavg", "--strategy", "STRATEGY", choice(*STRATEGIES),
+                            f"aggregation strategy: {', '.join(STRATEGIES)}")
+    proximal_mu: float | None = setting(None, "--proximal-mu", "PROXIMAL_MU", non_negative_float,
+                                        "fedprox: weight mu of the proximal term (strategy default 0.01)")
+    server_learning_rate: float | None = setting(
+        None, "--server-learning-rate", "SERVER_LEARNING_RATE", positive_float,
+        "fedavgm, fedadagrad, fedadam, fedyogi: server step size (defaults 1.0 for fedavgm, 0.01 for the others)")
+    server_momentum: float | None = setting(None, "--server-momentum", "SERVER_MOMENTUM", interval(0, 1),
+                                            "fedavgm: server momentum in [0, 1) (strategy default 0.9)")
+    beta1: float | None = setting(None, "--beta1", "BETA1", interval(0, 1),
+                                  "fedadagrad, fedadam, fedyogi: first-moment decay (strategy default 0.9)")
+    beta2: float | None = setting(None, "--beta2", "BETA2", interval(0, 1),
+                                  "fedadam, fedyogi: second-moment decay (strategy default 0.99)")
+    tau: float | None = setting(None, "--tau", "TAU", positive_float,
+                                "fedadagrad, fedadam, fedyogi: adaptivity epsilon (strategy default 0.001)")
+    trim_fraction: float | None = setting(None, "--trim-fraction", "TRIM_FRACTION", interval(0, 0.5),
+                                          "trimmed-mean: share beta cut from each end (strategy default 0.2)")
+    num_byzantine: int | None = setting(None, "--num-byzantine", "NUM_BYZANTINE", non_negative_int,
+                                        "krum, multi-krum: malicious clients f to tolerate (strategy default 1)")
+    num_selected: int | None = setting(None, "--num-selected", "NUM_SELECTED", non_negative_int,
+                                       "multi-krum: updates averaged; 0 means n - f (strategy default 0)")
+    client_eval_fraction: float = setting(0.0, "--client-eval-fraction", "CLIENT_EVAL_FRACTION", interval(0, 0.9),
+                                          "share of each client's data held out to evaluate the global model "
+                                          "after every round (federated evaluation); 0: off")
+
+    def strategy_options(self) -> dict[str, Any]:
+        """The strategy parameters that were set, for ``make_strategy``."""
+        names = {f.name for f in dataclasses.fields(StrategySettings)} - {"strategy", "client_eval_fraction"}
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingSettings:
+    """The run and its local training plan, shared by ``pyfed server`` and ``pyfed simulate``."""
+
     rounds: int = setting(3, "--rounds", "ROUNDS", positive_int, "number of federated rounds")
-    min_clients: int = setting(2, "--min-clients", "MIN_CLIENTS", positive_int,
-                               "clients that must join before round 1 starts")
     epochs: int = setting(5, "--epochs", "EPOCHS", positive_int, "local epochs per round (clients may override)")
     batch_size: int = setting(32, "--batch-size", "BATCH_SIZE", positive_int, "local batch size (clients may override)")
     learning_rate: float = setting(0.001, "--learning-rate", "LEARNING_RATE", positive_float, "clients' learning rate")
     model: str | None = setting(None, "--model", "MODEL", optional_text,
                                 "module:function or path/to/file.py:function returning a Keras model; "
-                                "default: an MLP sized from --test-data")
-    test_data: Path | None = setting(None, "--test-data", "TEST_DATA", optional_path,
-                                     ".npz file (arrays x, y) the server evaluates the global model on")
+                                "default: an MLP sized from the data")
     logdir: Path = setting(Path("logs"), "--logdir", "LOGDIR", path,
                            "directory for TensorBoard events and summary.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig(StrategySettings, TrainingSettings):
+    """How ``pyfed server`` runs."""
+
+    address: str = setting("tcp://127.0.0.1:5555", "--address", "BIND_ADDRESS", zmq_address,
+                           "ZeroMQ address to bind; tcp://*:PORT listens on every interface")
+    min_clients: int = setting(2, "--min-clients", "MIN_CLIENTS", positive_int,
+                               "clients that must join before round 1 starts")
+    test_data: Path | None = setting(None, "--test-data", "TEST_DATA", optional_path,
+                                     ".npz file (arrays x, y) the server evaluates the global model on")
     round_timeout_s: float | None = setting(None, "--round-timeout", "ROUND_TIMEOUT", optional_seconds,
                                             "seconds to wait for a round's updates (0: no limit)")
     num_shards: int = setting(0, "--shards", "NUM_CLIENTS", non_negative_int,
                               "data shards (client-1.npz .. client-N.npz) to hand out, one per client that "
                               "asks; 0: clients bring their own data")
-    strategy: str = setting("fedavg", "--strategy", "STRATEGY", choice("fedavg"), "aggregation strategy")
     log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
 
 
@@ -200,19 +269,40 @@ class ClientConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class PartitionConfig:
-    """How ``pyfed partition`` splits a dataset into client shards."""
+class PartitionSettings:
+    """How a dataset is split among clients, shared by ``pyfed partition`` and ``pyfed simulate``."""
 
     dataset: str = setting("digits", "--dataset", "DATASET", dataset_name,
                            "digits (embedded, offline), mnist (downloaded) or npz:PATH (arrays x, y)")
-    clients: int = setting(3, "--clients", "NUM_CLIENTS", positive_int, "number of client shards")
-    out: Path = setting(Path("data/shards"), "--out", "DATA_DIR", path, "output directory")
-    scheme: str = setting("iid", "--scheme", "PARTITION_SCHEME", choice("iid"), "how samples are split")
+    clients: int = setting(3, "--clients", "NUM_CLIENTS", positive_int, "number of clients (shards)")
+    scheme: str = setting("iid", "--scheme", "PARTITION_SCHEME", choice(*SCHEMES),
+                          "how samples are split: iid; dirichlet (label skew, --alpha); shards (each client "
+                          "gets --classes-per-client label-sorted shards, as in McMahan et al.); quantity "
+                          "(size skew, --alpha)")
+    alpha: float = setting(0.5, "--alpha", "PARTITION_ALPHA", positive_float,
+                           "dirichlet/quantity: concentration; smaller is more skewed")
+    classes_per_client: int = setting(2, "--classes-per-client", "CLASSES_PER_CLIENT", positive_int,
+                                      "shards: label-sorted shards (so at most classes) per client")
     seed: int = setting(0, "--seed", "SEED", non_negative_int, "random seed")
     test_fraction: float = setting(0.2, "--test-fraction", "TEST_FRACTION", fraction,
-                                   "share of the samples held out as the server's test.npz")
+                                   "share of the samples held out as the server's test set")
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionConfig(PartitionSettings):
+    """How ``pyfed partition`` splits a dataset into client shards."""
+
+    out: Path = setting(Path("data/shards"), "--out", "DATA_DIR", path, "output directory")
     skip_existing: bool = setting(False, "--skip-existing", "SKIP_EXISTING", boolean,
                                   "do nothing if OUT already holds shards made with these same settings")
+    log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
+
+
+@dataclasses.dataclass(frozen=True)
+class SimulateConfig(StrategySettings, TrainingSettings, PartitionSettings):
+    """How ``pyfed simulate`` runs a whole federation in one process, without sockets."""
+
+    progress: bool = setting(True, "--progress", "PROGRESS", boolean, "show a progress bar on a terminal")
     log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
 
 

@@ -86,13 +86,89 @@ def check_examples(x: np.ndarray, y: np.ndarray, source: str) -> tuple[np.ndarra
     return x, y.astype(np.int64, copy=False)
 
 
-def partition_iid(num_examples: int, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """Shuffle ``range(num_examples)`` and cut it into ``num_clients`` near-equal index sets."""
+SCHEMES = ("iid", "dirichlet", "shards", "quantity")
+
+
+def partition(labels: np.ndarray, num_clients: int, scheme: str, rng: np.random.Generator, *,
+              alpha: float = 0.5, classes_per_client: int = 2) -> list[np.ndarray]:
+    """Split example indices ``0..len(labels)-1`` among ``num_clients``: every index exactly once.
+
+    ``iid``: uniform shuffle. ``dirichlet``: label skew, each class spread over the clients by
+    Dirichlet(``alpha``) proportions (smaller alpha, more skew). ``shards``: McMahan et al.'s
+    pathological split, label-sorted data cut into ``classes_per_client`` shards per client.
+    ``quantity``: labels IID but client sizes skewed by Dirichlet(``alpha``) proportions.
+    Deterministic for a given ``rng`` state. Each returned index array is sorted.
+    """
+    num_examples = len(labels)
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     if num_examples < num_clients:
         raise ValueError(f"cannot give {num_clients} clients at least one of {num_examples} examples")
-    return [np.sort(part) for part in np.array_split(rng.permutation(num_examples), num_clients)]
+    if scheme in ("dirichlet", "quantity") and not (alpha > 0 and np.isfinite(alpha)):
+        raise ValueError(f"alpha must be a positive number, got {alpha}")
+    if scheme == "iid":
+        parts = np.array_split(rng.permutation(num_examples), num_clients)
+    elif scheme == "dirichlet":
+        parts = _dirichlet_label_skew(np.asarray(labels), num_clients, alpha, rng)
+    elif scheme == "shards":
+        parts = _label_shards(np.asarray(labels), num_clients, classes_per_client, rng)
+    elif scheme == "quantity":
+        parts = _quantity_skew(num_examples, num_clients, alpha, rng)
+    else:
+        raise ValueError(f"unknown partition scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
+    return [np.sort(part) for part in parts]
+
+
+def partition_iid(num_examples: int, num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Shuffle ``range(num_examples)`` and cut it into ``num_clients`` near-equal index sets."""
+    return partition(np.zeros(num_examples, np.int64), num_clients, "iid", rng)
+
+
+def _min_examples(num_examples: int, num_clients: int) -> int:
+    """Each client gets at least this many (10, or fewer when data are scarce)."""
+    return max(1, min(10, num_examples // (2 * num_clients)))
+
+
+def _dirichlet_label_skew(labels: np.ndarray, num_clients: int, alpha: float,
+                          rng: np.random.Generator, max_attempts: int = 1000) -> list[np.ndarray]:
+    """Per class, Dirichlet(alpha) shares over clients; redrawn until every client has enough."""
+    minimum = _min_examples(len(labels), num_clients)
+    by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    for _ in range(max_attempts):
+        parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+        for indices in by_class:
+            shares = rng.dirichlet(np.full(num_clients, alpha))
+            cuts = (np.cumsum(shares)[:-1] * len(indices)).astype(int)
+            for client, chunk in enumerate(np.split(indices, cuts)):
+                parts[client].append(chunk)
+        joined = [np.concatenate(p) for p in parts]
+        if min(len(p) for p in joined) >= minimum:
+            return joined
+    raise ValueError(f"dirichlet alpha={alpha}: no split in {max_attempts} draws gave each of {num_clients} "
+                     f"clients {minimum} examples; use fewer clients or a larger alpha")
+
+
+def _label_shards(labels: np.ndarray, num_clients: int, classes_per_client: int,
+                  rng: np.random.Generator) -> list[np.ndarray]:
+    """Sort by label, cut into ``num_clients * classes_per_client`` shards, deal them out at random."""
+    if classes_per_client < 1:
+        raise ValueError(f"classes_per_client must be >= 1, got {classes_per_client}")
+    num_shards = num_clients * classes_per_client
+    if num_shards > len(labels):
+        raise ValueError(f"{num_clients} clients x {classes_per_client} shards is more than {len(labels)} examples")
+    shuffled = rng.permutation(len(labels))  # random order within each class
+    by_label = shuffled[np.argsort(labels[shuffled], kind="stable")]
+    shards = np.array_split(by_label, num_shards)
+    order = rng.permutation(num_shards)
+    return [np.concatenate([shards[s] for s in order[c::num_clients]]) for c in range(num_clients)]
+
+
+def _quantity_skew(num_examples: int, num_clients: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:
+    """IID labels, client sizes ``minimum + Multinomial(rest, Dirichlet(alpha))``."""
+    minimum = _min_examples(num_examples, num_clients)
+    extra = rng.multinomial(num_examples - minimum * num_clients, rng.dirichlet(np.full(num_clients, alpha)))
+    sizes = minimum + extra
+    return np.split(rng.permutation(num_examples), np.cumsum(sizes)[:-1])
 
 
 def split_test(num_examples: int, test_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -112,21 +188,28 @@ def shard_path(out_dir: Path, client_index: int) -> Path:
     return Path(out_dir) / shard_name(client_index)
 
 
-def write_partitions(x: np.ndarray, y: np.ndarray, out_dir: Path, num_clients: int, *, seed: int = 0,
-                     test_fraction: float = 0.2, scheme: str = "iid") -> list[Path]:
-    """Write ``client-1.npz`` .. ``client-N.npz`` and ``test.npz`` under ``out_dir``; return the paths."""
-    if scheme != "iid":
-        raise ValueError(f"unknown partition scheme {scheme!r}")
+def split_dataset(x: np.ndarray, y: np.ndarray, num_clients: int, *, seed: int = 0, test_fraction: float = 0.2,
+                  scheme: str = "iid", alpha: float = 0.5, classes_per_client: int = 2,
+                  ) -> tuple[list[tuple[np.ndarray, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
+    """Hold out a test set, then partition the rest: ([(x, y) per client], (x_test, y_test))."""
     rng = np.random.default_rng(seed)
     train, test = split_test(len(y), test_fraction, rng)
-    parts = partition_iid(len(train), num_clients, rng)
+    parts = partition(y[train], num_clients, scheme, rng, alpha=alpha, classes_per_client=classes_per_client)
+    return [(x[train[p]], y[train[p]]) for p in parts], (x[test], y[test])
+
+
+def write_partitions(x: np.ndarray, y: np.ndarray, out_dir: Path, num_clients: int, *, seed: int = 0,
+                     test_fraction: float = 0.2, scheme: str = "iid", alpha: float = 0.5,
+                     classes_per_client: int = 2) -> list[Path]:
+    """Write ``client-1.npz`` .. ``client-N.npz`` and ``test.npz`` under ``out_dir``; return the paths."""
+    clients, (x_test, y_test) = split_dataset(x, y, num_clients, seed=seed, test_fraction=test_fraction,
+                                              scheme=scheme, alpha=alpha, classes_per_client=classes_per_client)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
-    for index, part in enumerate(parts, start=1):
-        rows = train[part]
-        written.append(_save(shard_path(out_dir, index), x[rows], y[rows]))
-    written.append(_save(out_dir / "test.npz", x[test], y[test]))
+    for index, (x_client, y_client) in enumerate(clients, start=1):
+        written.append(_save(shard_path(out_dir, index), x_client, y_client))
+    written.append(_save(out_dir / "test.npz", x_test, y_test))
     return written
 
 
@@ -158,13 +241,22 @@ def _save(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
     return path
 
 
+def label_table(names: Sequence[str], labels: Sequence[np.ndarray]) -> list[str]:
+    """A table with one row per client: its example count and how many of each label it holds."""
+    num_classes = max((int(y.max()) + 1 for y in labels if len(y)), default=0)
+    width = max(5, *(len(str(int(np.sum(y == c)))) + 1 for y in labels for c in range(num_classes))) if labels else 5
+    name_width = max([6, *map(len, names)])
+    lines = [f"{'client':<{name_width}} {'examples':>8}  " + "".join(f"{c:>{width}}" for c in range(num_classes))]
+    for name, y in zip(names, labels):
+        counts = np.bincount(y.astype(np.int64), minlength=num_classes) if len(y) else np.zeros(num_classes, int)
+        lines.append(f"{name:<{name_width}} {len(y):>8}  " + "".join(f"{n:>{width}}" for n in counts))
+    return lines
+
+
 def describe_shards(paths: Sequence[Path]) -> list[str]:
-    """One line per shard file: name, examples, label counts (for the partition command's table)."""
-    lines = []
+    """The label table of shard files (the partition command's output)."""
+    labels = []
     for p in paths:
         with np.load(p, allow_pickle=False) as archive:
-            y = archive["y"]
-            counts = np.bincount(y.astype(np.int64)) if len(y) else np.array([], int)
-        label_counts = " ".join(f"{label}:{n}" for label, n in enumerate(counts) if n)
-        lines.append(f"{p.name:<16} {len(y):>7} examples   labels {label_counts}")
-    return lines
+            labels.append(archive["y"])
+    return label_table([p.name for p in paths], labels)

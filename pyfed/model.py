@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import sys
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -188,3 +189,52 @@ def input_shape(model: keras.Model) -> tuple[int | None, ...]:
 def output_units(model: keras.Model) -> int | None:
     shape = model.outputs[0].shape if model.outputs else None
     return int(shape[-1]) if shape is not None and shape[-1] is not None else None
+
+
+def evaluate(model: keras.Model, dataset: Any) -> tuple[float, float | None]:
+    """(loss, accuracy) of ``model`` on a dataset; accuracy is None if the model tracks none."""
+    results = model.evaluate(dataset, verbose=0, return_dict=True)
+    accuracy = next((v for k, v in results.items() if "acc" in k), None)
+    return float(results["loss"]), (float(accuracy) if accuracy is not None else None)
+
+
+class _ProximalTerm:
+    """FedProx's ``mu/2 * ||v - anchor||^2`` for one variable, added to any regulariser it had."""
+
+    def __init__(self, mu: keras.Variable, anchor: keras.Variable, previous: Any):
+        self.mu, self.anchor, self.previous = mu, anchor, previous
+
+    def __call__(self, value: Any) -> Any:
+        term = 0.5 * self.mu * keras.ops.sum(keras.ops.square(value - self.anchor))
+        return term if self.previous is None else term + self.previous(value)
+
+
+_PROXIMAL_TERMS: "weakref.WeakKeyDictionary[keras.Model, Any]" = weakref.WeakKeyDictionary()
+
+
+def set_proximal_term(model: keras.Model, mu: float, anchor: list[np.ndarray]) -> None:
+    """Make training minimise ``loss + mu/2 * ||w - anchor||^2`` over the trainable weights (FedProx).
+
+    The term is attached once, as a regulariser on each trainable variable that reads two
+    non-trainable variables (mu and the anchor); later calls only assign them, so Keras's traced
+    training step is reused. With ``mu == 0`` on a model that never had the term, nothing changes.
+    """
+    term = _PROXIMAL_TERMS.get(model)
+    if term is None:
+        if mu == 0:
+            return
+        mu_variable = keras.Variable(0.0, trainable=False, name="proximal_mu")
+        pairs = []
+        for variable in model.trainable_weights:
+            anchor_variable = keras.Variable(np.zeros(variable.shape, variable.dtype), trainable=False,
+                                             name="proximal_anchor")
+            variable.regularizer = _ProximalTerm(mu_variable, anchor_variable, variable.regularizer)
+            pairs.append((variable, anchor_variable))
+        position = {id(v): i for i, v in enumerate(model.weights)}
+        # kept outside the model: Keras would track variables set as model attributes as its weights
+        term = _PROXIMAL_TERMS[model] = (mu_variable, [(position[id(v)], a) for v, a in pairs])
+        model.train_function = None  # re-trace the training step with the new loss term
+    mu_variable, anchors = term
+    mu_variable.assign(float(mu))
+    for index, anchor_variable in anchors:
+        anchor_variable.assign(anchor[index])

@@ -45,6 +45,8 @@ class MessageType(str, enum.Enum):
     WELCOME = "welcome"
     FIT = "fit"
     UPDATE = "update"
+    EVALUATE = "evaluate"
+    EVALUATION = "evaluation"
     FINISH = "finish"
     ERROR = "error"
     LEAVE = "leave"
@@ -165,6 +167,8 @@ PLAN_SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
     "epochs": (_int_in(1, 100_000), True),
     "batch_size": (_int_in(1, 10_000_000), True),
     "learning_rate": (_float_in(0.0, 1e6, lo_open=True), True),
+    "proximal_mu": (_float_in(0.0, 1e6), False),  # FedProx: weight of mu/2 * ||w - w_global||^2
+    "eval_fraction": (_float_in(0.0, 0.9), False),  # share of the client's data held out for EVALUATE
 }
 
 BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = {
@@ -191,6 +195,14 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
         "fit_s": (_float_in(0.0, 1e9), True),
         "history": (_history, True),
     },
+    # server -> client: evaluate these global weights (arrays) on your held-out data.
+    MessageType.EVALUATE: {},
+    # client -> server: the result of an EVALUATE for round `round`; num_examples 0 if nothing held out.
+    MessageType.EVALUATION: {
+        "num_examples": (_int_in(0, 2**53), True),
+        "loss": (_optional(_float_in(-1e30, 1e30)), True),
+        "accuracy": (_optional(_float_in(0.0, 1.0)), True),
+    },
     # server -> client: the run is over; the client may exit.
     MessageType.FINISH: {
         "reason": (_text(1000), True),
@@ -207,7 +219,7 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
 }
 
 #: Message types whose arrays must match the model exactly.
-WEIGHT_CARRYING = frozenset({MessageType.WELCOME, MessageType.FIT, MessageType.UPDATE})
+WEIGHT_CARRYING = frozenset({MessageType.WELCOME, MessageType.FIT, MessageType.UPDATE, MessageType.EVALUATE})
 
 
 def _check_fields(value: Any, schema: Mapping[str, tuple[Callable[[Any], Any], bool]], where: str) -> dict:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,11 @@ import numpy as np
 
 from . import protocol
 from .data import shard_name
-from .model import evaluation_dataset, to_wire
+from .model import evaluate, evaluation_dataset, to_wire
 from .protocol import Message, MessageType, ProtocolError
 from .strategy import Aggregator, FedAvg, FitPlan, FitResult, Strategy
-from .tracking import RoundRecord, RunLog
+from .tracking import RoundRecord, RunLog, format_metric
+from .training import weighted_evaluation
 from .transport import ServerTransport
 
 log = logging.getLogger("pyfed.server")
@@ -129,7 +130,7 @@ class Server:
             self._finishing = True
             self._finish_clients("the run is complete")
             log.info("run finished: %d rounds, final test loss %s, accuracy %s%s", self.rounds,
-                     _fmt(self.final_metrics[0]), _fmt(self.final_metrics[1]),
+                     format_metric(self.final_metrics[0]), format_metric(self.final_metrics[1]),
                      f"; summary in {self.run_log.summary_path}" if self.run_log else "")
         finally:
             if self.run_log:
@@ -163,29 +164,22 @@ class Server:
             log.warning("round %d: no updates arrived; the global model is unchanged", server_round)
         eval_started = time.monotonic()
         test_loss, test_accuracy = self._evaluate()
+        federated = None
+        if self.plan.eval_fraction > 0:
+            federated, eval_dropped = self._federated_evaluation(server_round)
+            for client_id, reason in eval_dropped.items():
+                dropped.setdefault(client_id, f"evaluation: {reason}")
         eval_s = time.monotonic() - eval_started
 
-        record = RoundRecord(
-            round=server_round,
-            clients=sorted(results),
-            selected=[cid for cid, _ in selected],
-            duration_s=round(time.monotonic() - started, 4),
-            fit_s={cid: r.metrics["fit_s"] for cid, r in sorted(results.items())},
-            num_examples={cid: r.num_examples for cid, r in sorted(results.items())},
+        record = RoundRecord.build(
+            server_round, [cid for cid, _ in selected], results, duration_s=time.monotonic() - started,
+            test=(test_loss, test_accuracy), eval_s=eval_s, dropped=dropped, federated=federated,
             bytes_sent=self.transport.bytes_sent - sent_before,
-            bytes_received=self.transport.bytes_received - received_before,
-            test_loss=test_loss,
-            test_accuracy=test_accuracy,
-            eval_s=round(eval_s, 4),
-            dropped=dropped,
-            train_history={cid: r.metrics["history"] for cid, r in sorted(results.items())},
-        )
+            bytes_received=self.transport.bytes_received - received_before)
         self.history.append(record)
         if self.run_log:
             self.run_log.record_round(record)
-        log.info("round %d/%d finished in %.2fs: %d/%d updates, test loss %s, accuracy %s",
-                 server_round, self.rounds, record.duration_s, len(results), len(selected),
-                 _fmt(test_loss), _fmt(test_accuracy))
+        log.info("%s", record.describe(self.rounds))
 
     def _send_fit(self, server_round: int, selected: Sequence[tuple[str, FitPlan]]) -> set[str]:
         """Send FIT (global weights + plan) to each selected client; return those reached."""
@@ -203,39 +197,11 @@ class Server:
 
     def _collect_updates(self, server_round: int, pending: set[str],
                          aggregator: Aggregator) -> tuple[dict[str, FitResult], dict[str, str]]:
-        """Serve messages until every pending client has answered, left, or the timeout passed.
-
-        Each valid update goes to ``aggregator`` as it arrives and its frames are released, so the
-        server never holds more than one update at a time.
-        """
+        """Collect the round's UPDATEs; each goes to ``aggregator`` as it arrives and its frames are
+        released, so the server never holds more than one update at a time (for streaming rules)."""
         results: dict[str, FitResult] = {}
-        dropped: dict[str, str] = {}
-        deadline = time.monotonic() + self.round_timeout_s if self.round_timeout_s else None
-        next_progress = time.monotonic() + PROGRESS_EVERY_S
-        while pending:
-            for client_id in sorted(pending - set(self.clients)):
-                pending.discard(client_id)
-                dropped[client_id] = "left the federation"
-                log.warning("round %d: client %s left before sending its update", server_round, client_id)
-            now = time.monotonic()
-            if deadline is not None and now >= deadline:
-                for client_id in sorted(pending):
-                    dropped[client_id] = f"no update within {self.round_timeout_s:g}s"
-                    log.warning("round %d: dropped client %s: no update within %gs",
-                                server_round, client_id, self.round_timeout_s)
-                break
-            if now >= next_progress:
-                log.info("round %d: waiting for %d update(s): %s", server_round, len(pending), ", ".join(sorted(pending)))
-                next_progress = now + PROGRESS_EVERY_S
-            received = self._serve_one(timeout_s=min(1.0, deadline - now) if deadline else 1.0)
-            if received is None:
-                continue
-            client_id, message = received
-            rejection = self._check_update(server_round, client_id, message, pending)
-            if rejection:
-                self._reject(self.clients[client_id].peer, "bad_update", f"client {client_id}: {rejection}")
-                continue
-            pending.discard(client_id)
+
+        def accept(client_id: str, message: Message) -> None:
             result = FitResult(client_id, message.arrays, message.body["num_examples"],
                                {"fit_s": message.body["fit_s"], "history": message.body["history"]})
             aggregator.add(result)
@@ -245,14 +211,69 @@ class Server:
                 self.run_log.clients.setdefault(client_id, {"shard": None})["num_examples"] = result.num_examples
             log.info("round %d: update from %s (%d examples, fit %.2fs)%s", server_round, client_id,
                      message.body["num_examples"], message.body["fit_s"], _history_tail(message.body["history"]))
+
+        dropped = self._collect(server_round, pending, MessageType.UPDATE, accept)
         return results, dropped
 
-    def _check_update(self, server_round: int, client_id: str, message: Message, pending: set[str]) -> str | None:
-        """Why this UPDATE cannot be used, or None if it can."""
+    def _federated_evaluation(self, server_round: int) -> tuple[dict[str, Any] | None, dict[str, str]]:
+        """Ask every connected client to evaluate the new global weights on its held-out data."""
+        frames = protocol.encode(Message(MessageType.EVALUATE, round=server_round, arrays=self.weights))
+        pending = {cid for cid, record in self.clients.items() if self.transport.send(record.peer, frames)}
+        results: dict[str, tuple[int, float | None, float | None]] = {}
+
+        def accept(client_id: str, message: Message) -> None:
+            results[client_id] = (message.body["num_examples"], message.body["loss"], message.body["accuracy"])
+
+        dropped = self._collect(server_round, pending, MessageType.EVALUATION, accept)
+        return weighted_evaluation(results), dropped
+
+    def _collect(self, server_round: int, pending: set[str], kind: MessageType,
+                 accept: Callable[[str, Message], None]) -> dict[str, str]:
+        """Serve messages until every pending client has answered with ``kind``, left, or timed out.
+
+        Valid answers go to ``accept``; returns {client id: why it was dropped}.
+        """
+        dropped: dict[str, str] = {}
+        what = "update" if kind is MessageType.UPDATE else kind.value
+        deadline = time.monotonic() + self.round_timeout_s if self.round_timeout_s else None
+        next_progress = time.monotonic() + PROGRESS_EVERY_S
+        while pending:
+            for client_id in sorted(pending - set(self.clients)):
+                pending.discard(client_id)
+                dropped[client_id] = "left the federation"
+                log.warning("round %d: client %s left before sending its %s", server_round, client_id, what)
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                for client_id in sorted(pending):
+                    dropped[client_id] = f"no {what} within {self.round_timeout_s:g}s"
+                    log.warning("round %d: dropped client %s: no %s within %gs",
+                                server_round, client_id, what, self.round_timeout_s)
+                break
+            if now >= next_progress:
+                log.info("round %d: waiting for %d %s(s): %s", server_round, len(pending), what,
+                         ", ".join(sorted(pending)))
+                next_progress = now + PROGRESS_EVERY_S
+            received = self._serve_one(timeout_s=min(1.0, deadline - now) if deadline else 1.0)
+            if received is None:
+                continue
+            client_id, message = received
+            rejection = self._check_reply(server_round, client_id, message, pending, kind)
+            if rejection:
+                self._reject(self.clients[client_id].peer, "bad_reply", f"client {client_id}: {rejection}")
+                continue
+            pending.discard(client_id)
+            accept(client_id, message)
+        return dropped
+
+    def _check_reply(self, server_round: int, client_id: str, message: Message, pending: set[str],
+                     kind: MessageType) -> str | None:
+        """Why this UPDATE or EVALUATION cannot be used, or None if it can."""
+        if message.type is not kind:
+            return f"sent {message.type.value} while the server waits for {kind.value} (late or out of order)"
         if message.round != server_round:
-            return f"update is for round {message.round}, the current round is {server_round} (stale)"
+            return f"{kind.value} is for round {message.round}, the current round is {server_round} (stale)"
         if client_id not in pending:
-            return f"no update expected from it in round {server_round} (duplicate or not selected)"
+            return f"no {kind.value} expected from it in round {server_round} (duplicate or not asked)"
         try:
             protocol.check_finite(message.arrays)
         except ProtocolError as error:
@@ -265,9 +286,7 @@ class Server:
         self.model.set_weights(self.weights)
         if self._test_dataset is None:
             self._test_dataset = evaluation_dataset(*self.test_data)
-        results = self.model.evaluate(self._test_dataset, verbose=0, return_dict=True)
-        accuracy = next((v for k, v in results.items() if "acc" in k), None)
-        return float(results["loss"]), (float(accuracy) if accuracy is not None else None)
+        return evaluate(self.model, self._test_dataset)
 
     def _finish_clients(self, reason: str) -> None:
         """Tell every client the run is over, repeating FINISH until each confirms with LEAVE.
@@ -311,7 +330,7 @@ class Server:
             self._reject(peer, "wrong_client_id",
                          f"peer of client {client_id} sent a message claiming id {message.client_id!r}")
             return None
-        if message.type is MessageType.UPDATE:
+        if message.type in (MessageType.UPDATE, MessageType.EVALUATION):
             return client_id, message
         if message.type is MessageType.LEAVE:
             self._remove_client(client_id, message.body.get("reason") or "left", quiet=self._finishing)
@@ -392,10 +411,6 @@ class Server:
         """Log a rejected message (rate-limited) and tell the peer why, when it can be addressed."""
         self._rejections.warning("rejected message [%s] %s", code, reason)
         self.transport.send(peer, protocol.encode_error(code, reason))
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
 
 
 def _history_tail(history: dict[str, list]) -> str:

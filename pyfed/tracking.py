@@ -4,7 +4,8 @@ The server is the only writer. Clients send their per-epoch training history wit
 so a client on another machine shows up without a shared disk. Layout::
 
     LOGDIR/summary.json          rewritten atomically after every round
-    LOGDIR/server/               global test loss/accuracy, round duration, participants, bytes
+    LOGDIR/server/               global test loss/accuracy, federated (client-side) loss/accuracy,
+                                 round duration, participants, bytes
     LOGDIR/clients/<client_id>/  that client's per-epoch training curves, continuing across rounds
 """
 
@@ -37,6 +38,28 @@ class RoundRecord:
     eval_s: float = 0.0
     dropped: dict[str, str] = field(default_factory=dict)
     train_history: dict[str, dict[str, list[float | None]]] = field(default_factory=dict)
+    federated_evaluation: dict[str, Any] | None = None  # {loss, accuracy, num_examples, clients}
+
+    @classmethod
+    def build(cls, server_round: int, selected: list[str], results: dict[str, Any], *, duration_s: float,
+              test: tuple[float | None, float | None], eval_s: float, dropped: dict[str, str],
+              federated: dict[str, Any] | None, bytes_sent: int = 0, bytes_received: int = 0) -> "RoundRecord":
+        """A round's record from its FitResults (by client id), as the server and the simulation make it."""
+        ordered = sorted(results.items())
+        return cls(round=server_round, clients=[cid for cid, _ in ordered], selected=selected,
+                   duration_s=round(duration_s, 4), fit_s={cid: r.metrics["fit_s"] for cid, r in ordered},
+                   num_examples={cid: r.num_examples for cid, r in ordered}, bytes_sent=bytes_sent,
+                   bytes_received=bytes_received, test_loss=test[0], test_accuracy=test[1], eval_s=round(eval_s, 4),
+                   dropped=dropped, train_history={cid: r.metrics["history"] for cid, r in ordered},
+                   federated_evaluation=federated)
+
+    def describe(self, rounds: int) -> str:
+        """The round's one log line."""
+        federated = self.federated_evaluation
+        return (f"round {self.round}/{rounds} finished in {self.duration_s:.2f}s: {len(self.clients)}/"
+                f"{len(self.selected)} updates, test loss {format_metric(self.test_loss)}, accuracy {format_metric(self.test_accuracy)}"
+                + (f"; federated loss {format_metric(federated['loss'])}, accuracy {format_metric(federated['accuracy'])} "
+                   f"on {federated['num_examples']} held-out examples" if federated else ""))
 
 
 def write_json_atomic(path: Path, document: Any) -> None:
@@ -81,6 +104,10 @@ def archive_previous_run(logdir: Path) -> Path | None:
     return target
 
 
+def format_metric(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
 def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
 
@@ -118,6 +145,10 @@ class RunLog:
                 tf.summary.scalar("test/loss", record.test_loss, step=step)
             if record.test_accuracy is not None:
                 tf.summary.scalar("test/accuracy", record.test_accuracy, step=step)
+            federated = record.federated_evaluation or {}
+            for name in ("loss", "accuracy"):
+                if _finite_or_none(federated.get(name)) is not None:
+                    tf.summary.scalar(f"federated/{name}", federated[name], step=step)
             tf.summary.scalar("round/duration_s", record.duration_s, step=step)
             tf.summary.scalar("round/participants", len(record.clients), step=step)
             tf.summary.scalar("round/bytes_sent", record.bytes_sent, step=step)

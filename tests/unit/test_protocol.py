@@ -18,7 +18,11 @@ EXAMPLES = {
                                  body={"model_json": '{"class_name": "Sequential"}',
                                        "compile_config": {"loss": "mse"}, "plan": PLAN, "rounds": 3,
                                        "shard": "client-1.npz"}),
-    MessageType.FIT: Message(MessageType.FIT, round=2, body={"plan": PLAN}, arrays=WEIGHTS),
+    MessageType.FIT: Message(MessageType.FIT, round=2, body={"plan": {**PLAN, "proximal_mu": 0.1, "eval_fraction": 0.2}},
+                             arrays=WEIGHTS),
+    MessageType.EVALUATE: Message(MessageType.EVALUATE, round=2, arrays=WEIGHTS),
+    MessageType.EVALUATION: Message(MessageType.EVALUATION, round=2, client_id="client-1",
+                                    body={"num_examples": 90, "loss": 0.4, "accuracy": None}),
     MessageType.UPDATE: Message(MessageType.UPDATE, round=2, client_id="client-1", arrays=WEIGHTS,
                                 body={"num_examples": 450, "fit_s": 1.25,
                                       "history": {"loss": [0.9, 0.5], "accuracy": [0.7, None]}}),
@@ -152,6 +156,13 @@ UPDATE = encode(EXAMPLES[MessageType.UPDATE])
     ([*UPDATE, b"extra"], "lists 2 arrays but 3 array frames"),
     ([UPDATE[0], UPDATE[1][:-4], UPDATE[2]], "declares float32\\[3, 4\\] = 48 bytes but its frame has 44"),
     ([UPDATE[0], UPDATE[1], bytes(UPDATE[2]) + b"\0" * 4], "= 12 bytes but its frame has 16"),
+    (reframe(UPDATE, type="fit", body={"plan": {**PLAN, "proximal_mu": -1}}), "proximal_mu must be a finite number"),
+    (reframe(UPDATE, type="fit", body={"plan": {**PLAN, "eval_fraction": 0.95}}), "eval_fraction must be a finite"),
+    (reframe(UPDATE, type="evaluation", arrays=[], body={"num_examples": 5, "loss": 0.1}),
+     "lacks required field 'accuracy'"),
+    (reframe(UPDATE, type="evaluation", arrays=[], body={"num_examples": 5, "loss": 0.1, "accuracy": 1.5}),
+     "accuracy must be a finite number in"),
+    (reframe(UPDATE, type="evaluate", body={"plan": PLAN}), "unknown field"),
 ])
 def test_malformed_messages_are_rejected_with_a_reason(frames, reason):
     with pytest.raises(ProtocolError, match=reason):

@@ -1,0 +1,157 @@
+"""The strategy contract: who trains in a round, with which plan, and how updates are combined.
+
+Two paired verbs, as in Flower: :meth:`Strategy.configure_fit` (choose the clients and their
+plan) and :meth:`Strategy.aggregate` (combine a round's results into new global weights). A
+strategy keeps what it needs across rounds in :meth:`Strategy.state` / :meth:`Strategy.load_state`
+so that the server can checkpoint it.
+
+A custom strategy only needs ``aggregate``. Rules that can fold updates in one at a time (the
+FedAvg family) override :meth:`Strategy.aggregator` instead, so the server holds one running sum
+rather than every update: memory O(model) whatever the number of clients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+
+from ..aggregate import Weights, WeightedSum
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """How a client trains in one round (sent with every FIT).
+
+    ``proximal_mu`` > 0 adds FedProx's ``mu/2 * ||w - w_global||^2`` to the client's loss;
+    ``eval_fraction`` > 0 holds that share of each client's data out of training, for
+    federated evaluation of the global model.
+    """
+
+    epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.001
+    proximal_mu: float = 0.0
+    eval_fraction: float = 0.0
+
+    def to_body(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> "FitPlan":
+        return cls(**body)
+
+
+@dataclass
+class FitResult:
+    """One client's answer to a round: its trained weights, how many examples, its metrics."""
+
+    client_id: str
+    weights: Sequence[np.ndarray]
+    num_examples: int
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+class Aggregator(Protocol):
+    """Receives a round's updates one at a time, then gives the new global weights."""
+
+    def add(self, result: FitResult) -> None: ...
+
+    def result(self) -> Weights: ...
+
+
+@dataclass
+class Strategy:
+    """Base strategy: every available client trains with the server's plan.
+
+    Subclasses implement :meth:`aggregate` (or, to stream, :meth:`aggregator`). Parameters are
+    dataclass fields, so ``make_strategy(name, **options)`` can pass them by name.
+    """
+
+    name: ClassVar[str] = "base"
+
+    def configure_fit(self, server_round: int, available: Sequence[str], plan: FitPlan) -> list[tuple[str, FitPlan]]:
+        """The (client_id, plan) pairs that train in ``server_round``."""
+        return [(client_id, plan) for client_id in available]
+
+    def aggregate(self, server_round: int, global_weights: Weights, results: Sequence[FitResult]) -> Weights:
+        """The new global weights from this round's results (at least one)."""
+        raise NotImplementedError
+
+    def aggregator(self, server_round: int, global_weights: Weights) -> Aggregator:
+        """A fresh aggregator for ``server_round``: by default it keeps the results for :meth:`aggregate`."""
+        return _Collecting(self, server_round, global_weights)
+
+    def min_fit_clients(self) -> int:
+        """The fewest updates a round needs for this rule to mean anything (checked at start-up)."""
+        return 1
+
+    def state(self) -> dict[str, Any]:
+        """Everything needed to resume this strategy: JSON values and lists of numpy arrays."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state` returned."""
+
+    def describe(self) -> dict[str, Any]:
+        """The strategy's name and parameters, for logs and summary.json."""
+        return {"name": self.name, **{f.name: getattr(self, f.name) for f in dataclasses.fields(self)}}
+
+
+class _Collecting:
+    """Keeps each result (its weights are views of the received frames) until the round ends."""
+
+    def __init__(self, strategy: Strategy, server_round: int, global_weights: Weights):
+        self._strategy, self._round, self._global = strategy, server_round, global_weights
+        self._results: list[FitResult] = []
+
+    def add(self, result: FitResult) -> None:
+        self._results.append(dataclasses.replace(result, weights=list(result.weights)))
+
+    def result(self) -> Weights:
+        if not self._results:
+            raise ValueError("no updates were added")
+        return self._strategy.aggregate(self._round, self._global, self._results)
+
+
+@dataclass
+class WeightedMeanStrategy(Strategy):
+    """The FedAvg family: a streamed weighted mean of the updates, then :meth:`server_update`."""
+
+    def aggregator(self, server_round: int, global_weights: Weights) -> Aggregator:
+        return _Streaming(self, global_weights)
+
+    def aggregate(self, server_round: int, global_weights: Weights, results: Sequence[FitResult]) -> Weights:
+        streaming = _Streaming(self, global_weights)
+        for result in results:
+            streaming.add(result)
+        return streaming.result()
+
+    def server_update(self, global_weights: Weights, mean: Weights) -> Weights:
+        """The new global weights given the round's weighted mean; FedAvg takes the mean itself."""
+        return mean
+
+
+class _Streaming:
+    def __init__(self, strategy: WeightedMeanStrategy, global_weights: Weights):
+        self._strategy, self._global = strategy, global_weights
+        self._sum = WeightedSum()
+
+    def add(self, result: FitResult) -> None:
+        self._sum.add(result.weights, result.num_examples)
+
+    def result(self) -> Weights:
+        return self._strategy.server_update(self._global, self._sum.mean())
+
+
+def check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False,
+                high_open: bool = False) -> None:
+    """Raise ValueError unless ``value`` lies in the interval (used by the strategies' __post_init__)."""
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high or not np.isfinite(value):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be in {interval}, got {value}")

@@ -1,0 +1,106 @@
+"""Local training and evaluation on one client's data: the same code in a client process and in
+an in-process simulation (where many trainers share one compiled model)."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import numpy as np
+
+from .model import evaluate, evaluation_dataset, reset_optimizer, set_learning_rate, set_proximal_term, training_dataset
+from .strategy import FitPlan
+
+
+class LocalTrainer:
+    """Holds one client's (x, y); trains or evaluates a compiled Keras model on it.
+
+    Part of the data may be held out (``plan.eval_fraction``) for federated evaluation; the split
+    is fixed by ``seed`` so the same examples are held out every round. The tf.data pipelines are
+    built once per split and batch size and reused, so Keras never re-traces between rounds.
+    """
+
+    def __init__(self, model: Any, x: np.ndarray, y: np.ndarray, *, epochs: int | None = None,
+                 batch_size: int | None = None, use_plan_learning_rate: bool = True, seed: int = 0):
+        self.model, self.x, self.y = model, x, y
+        self.epochs, self.batch_size = epochs, batch_size
+        self.use_plan_learning_rate = use_plan_learning_rate
+        self.seed = seed
+        self._eval_fraction: float | None = None
+        self._train_rows: np.ndarray | None = None
+        self._holdout_rows: np.ndarray = np.zeros(0, np.int64)
+        self._train_dataset: tuple[int, Any] | None = None
+        self._eval_dataset: Any = None
+
+    @property
+    def num_train_examples(self) -> int:
+        return len(self.y) if self._train_rows is None else len(self._train_rows)
+
+    def use_eval_fraction(self, eval_fraction: float) -> None:
+        """Hold out ``eval_fraction`` of the data (at least one example stays for training)."""
+        if eval_fraction == self._eval_fraction:
+            return
+        self._eval_fraction = eval_fraction
+        num_holdout = min(int(math.floor(eval_fraction * len(self.y))), len(self.y) - 1)
+        if num_holdout <= 0:
+            self._train_rows, self._holdout_rows = None, np.zeros(0, np.int64)
+        else:
+            order = np.random.default_rng(self.seed).permutation(len(self.y))
+            self._train_rows, self._holdout_rows = np.sort(order[num_holdout:]), np.sort(order[:num_holdout])
+        self._train_dataset = self._eval_dataset = None
+
+    def fit(self, weights: list[np.ndarray], plan: FitPlan) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        """Train from ``weights`` with ``plan``: (new weights, examples trained on, {fit_s, history})."""
+        self.load(weights, plan)
+        return self.train(plan)
+
+    def load(self, weights: list[np.ndarray], plan: FitPlan) -> None:
+        """Start a round: the global weights into the model (and FedProx's anchor), a fresh optimizer.
+
+        After this the caller may free ``weights`` (e.g. received frames) before :meth:`train`.
+        """
+        self.use_eval_fraction(plan.eval_fraction)
+        self.model.set_weights(weights)
+        reset_optimizer(self.model)
+        if self.use_plan_learning_rate:
+            set_learning_rate(self.model, plan.learning_rate)
+        set_proximal_term(self.model, plan.proximal_mu, weights)
+
+    def train(self, plan: FitPlan) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+        """Train the loaded weights with ``plan``: (new weights, examples trained on, {fit_s, history})."""
+        epochs = self.epochs or plan.epochs
+        batch_size = self.batch_size or plan.batch_size
+        if self._train_dataset is None or self._train_dataset[0] != batch_size:
+            x, y = (self.x, self.y) if self._train_rows is None else (self.x[self._train_rows], self.y[self._train_rows])
+            self._train_dataset = (batch_size, training_dataset(x, y, batch_size))
+        started = time.perf_counter()
+        history = self.model.fit(self._train_dataset[1], epochs=epochs, verbose=0, shuffle=False)  # shuffled by tf.data
+        fit_s = time.perf_counter() - started
+        curves = {name: [float(v) if math.isfinite(float(v)) else None for v in values]
+                  for name, values in history.history.items()}
+        return self.model.get_weights(), self.num_train_examples, {"fit_s": round(fit_s, 6), "history": curves}
+
+    def evaluate(self, weights: list[np.ndarray]) -> tuple[int, float | None, float | None]:
+        """(held-out examples, loss, accuracy) of ``weights``; (0, None, None) if nothing is held out."""
+        if not len(self._holdout_rows):
+            return 0, None, None
+        if self._eval_dataset is None:
+            self._eval_dataset = evaluation_dataset(self.x[self._holdout_rows], self.y[self._holdout_rows])
+        self.model.set_weights(weights)
+        loss, accuracy = evaluate(self.model, self._eval_dataset)
+        return len(self._holdout_rows), (loss if math.isfinite(loss) else None), accuracy
+
+
+def weighted_evaluation(results: dict[str, tuple[int, float | None, float | None]]) -> dict[str, Any] | None:
+    """Combine clients' (num_examples, loss, accuracy) into one example-weighted result, with the parts."""
+    usable = {cid: r for cid, r in results.items() if r[0] > 0 and r[1] is not None}
+    if not usable:
+        return None
+    total = sum(r[0] for r in usable.values())
+    loss = sum(r[0] * r[1] for r in usable.values()) / total
+    with_accuracy = [r for r in usable.values() if r[2] is not None]
+    accuracy = (sum(r[0] * r[2] for r in with_accuracy) / sum(r[0] for r in with_accuracy)
+                if with_accuracy else None)
+    return {"loss": loss, "accuracy": accuracy, "num_examples": total,
+            "clients": {cid: {"num_examples": n, "loss": l, "accuracy": a} for cid, (n, l, a) in sorted(usable.items())}}
