@@ -277,12 +277,12 @@ class PartitionSettings:
     clients: int = setting(3, "--clients", "NUM_CLIENTS", positive_int, "number of clients (shards)")
     scheme: str = setting("iid", "--scheme", "PARTITION_SCHEME", choice(*SCHEMES),
                           "how samples are split: iid; dirichlet (label skew, --alpha); shards (each client "
-                          "gets --classes-per-client label-sorted shards, as in McMahan et al.); quantity "
+                          "holds exactly --classes-per-client classes, as in McMahan et al.); quantity "
                           "(size skew, --alpha)")
     alpha: float = setting(0.5, "--alpha", "PARTITION_ALPHA", positive_float,
                            "dirichlet/quantity: concentration; smaller is more skewed")
     classes_per_client: int = setting(2, "--classes-per-client", "CLASSES_PER_CLIENT", positive_int,
-                                      "shards: label-sorted shards (so at most classes) per client")
+                                      "shards: classes each client holds")
     seed: int = setting(0, "--seed", "SEED", non_negative_int, "random seed")
     test_fraction: float = setting(0.2, "--test-fraction", "TEST_FRACTION", fraction,
                                    "share of the samples held out as the server's test set")

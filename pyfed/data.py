@@ -95,7 +95,7 @@ def partition(labels: np.ndarray, num_clients: int, scheme: str, rng: np.random.
 
     ``iid``: uniform shuffle. ``dirichlet``: label skew, each class spread over the clients by
     Dirichlet(``alpha``) proportions (smaller alpha, more skew). ``shards``: McMahan et al.'s
-    pathological split, label-sorted data cut into ``classes_per_client`` shards per client.
+    pathological split, each client holding exactly ``classes_per_client`` classes.
     ``quantity``: labels IID but client sizes skewed by Dirichlet(``alpha``) proportions.
     Deterministic for a given ``rng`` state. Each returned index array is sorted.
     """
@@ -150,17 +150,31 @@ def _dirichlet_label_skew(labels: np.ndarray, num_clients: int, alpha: float,
 
 def _label_shards(labels: np.ndarray, num_clients: int, classes_per_client: int,
                   rng: np.random.Generator) -> list[np.ndarray]:
-    """Sort by label, cut into ``num_clients * classes_per_client`` shards, deal them out at random."""
-    if classes_per_client < 1:
-        raise ValueError(f"classes_per_client must be >= 1, got {classes_per_client}")
-    num_shards = num_clients * classes_per_client
-    if num_shards > len(labels):
-        raise ValueError(f"{num_clients} clients x {classes_per_client} shards is more than {len(labels)} examples")
-    shuffled = rng.permutation(len(labels))  # random order within each class
-    by_label = shuffled[np.argsort(labels[shuffled], kind="stable")]
-    shards = np.array_split(by_label, num_shards)
-    order = rng.permutation(num_shards)
-    return [np.concatenate([shards[s] for s in order[c::num_clients]]) for c in range(num_clients)]
+    """Each client holds exactly ``classes_per_client`` classes; each class is shared evenly by its holders.
+
+    McMahan et al. sort by label and deal out fixed-size shards, so a shard can straddle two
+    classes; here clients take consecutive classes of a random cyclic order instead, which makes
+    the class count exact and still uses every example once.
+    """
+    classes = np.unique(labels)
+    if not 1 <= classes_per_client <= len(classes):
+        raise ValueError(f"classes_per_client must be in [1, {len(classes)}] (the data has {len(classes)} classes), "
+                         f"got {classes_per_client}")
+    if num_clients * classes_per_client < len(classes):
+        raise ValueError(f"{num_clients} clients x {classes_per_client} classes cannot cover all {len(classes)} "
+                         f"classes; raise --classes-per-client or the number of clients")
+    order = classes[rng.permutation(len(classes))]
+    held = [[order[(client * classes_per_client + j) % len(classes)] for j in range(classes_per_client)]
+            for client in range(num_clients)]
+    holders = {c: [client for client in range(num_clients) if c in held[client]] for c in classes}
+    parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c in classes:
+        indices = rng.permutation(np.flatnonzero(labels == c))
+        if len(indices) < len(holders[c]):
+            raise ValueError(f"class {c} has {len(indices)} examples, fewer than the {len(holders[c])} clients holding it")
+        for client, chunk in zip(holders[c], np.array_split(indices, len(holders[c]))):
+            parts[client].append(chunk)
+    return [np.concatenate(p) for p in parts]
 
 
 def _quantity_skew(num_examples: int, num_clients: int, alpha: float, rng: np.random.Generator) -> list[np.ndarray]:

@@ -80,3 +80,95 @@ def test_unreadable_files_are_named(tmp_path):
     np.savez(tmp_path / "objects.npz", x=np.array([object()] * 4), y=np.zeros(4, int))
     with pytest.raises(DataError, match="objects.npz: not a readable .npz file"):
         load_shard(tmp_path / "objects.npz")  # object arrays would need pickle: refused
+
+
+# --- non-IID schemes ----------------------------------------------------------------------------
+
+from pyfed.data import SCHEMES, label_table, partition, split_dataset  # noqa: E402
+
+LABELS = np.repeat(np.arange(10), 60)  # 600 examples, 10 balanced classes
+
+
+def _max_class_share(parts, labels):
+    """The mean over clients of the share of a client's data in its largest class (1.0: one class each)."""
+    return float(np.mean([np.bincount(labels[p], minlength=10).max() / len(p) for p in parts]))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+@pytest.mark.parametrize("num_clients", [1, 5, 20])
+def test_every_scheme_uses_every_example_exactly_once(scheme, num_clients):
+    classes_per_client = 10 if num_clients == 1 else 2  # shards must cover every class
+    parts = partition(LABELS, num_clients, scheme, np.random.default_rng(3), alpha=0.3,
+                      classes_per_client=classes_per_client)
+    assert len(parts) == num_clients
+    assert all(len(p) > 0 for p in parts)
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(len(LABELS)))
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_every_scheme_is_deterministic_for_a_seed(scheme):
+    a = partition(LABELS, 6, scheme, np.random.default_rng(11), alpha=0.2)
+    b = partition(LABELS, 6, scheme, np.random.default_rng(11), alpha=0.2)
+    c = partition(LABELS, 6, scheme, np.random.default_rng(12), alpha=0.2)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_dirichlet_label_skew_grows_as_alpha_shrinks():
+    shares = [np.mean([_max_class_share(partition(LABELS, 10, "dirichlet", np.random.default_rng(s), alpha=a), LABELS)
+                       for s in range(5)]) for a in (100.0, 1.0, 0.1)]
+    assert shares[0] < 0.25 < shares[1] < shares[2]  # near-uniform (0.1 would be perfectly balanced) -> skewed
+    assert shares[2] > 0.5
+
+
+def test_shards_give_each_client_exactly_its_number_of_classes():
+    for classes_per_client in (1, 2, 3):
+        parts = partition(LABELS, 10, "shards", np.random.default_rng(0), classes_per_client=classes_per_client)
+        assert [len(np.unique(LABELS[p])) for p in parts] == [classes_per_client] * 10
+
+
+def test_shards_refuse_impossible_requests():
+    with pytest.raises(ValueError, match="cannot cover all 10 classes"):
+        partition(LABELS, 3, "shards", np.random.default_rng(0), classes_per_client=2)
+    with pytest.raises(ValueError, match=r"classes_per_client must be in \[1, 10\]"):
+        partition(LABELS, 3, "shards", np.random.default_rng(0), classes_per_client=11)
+
+
+def test_quantity_skew_varies_sizes_but_not_label_mix():
+    parts = partition(LABELS, 10, "quantity", np.random.default_rng(0), alpha=0.5)
+    sizes = sorted(len(p) for p in parts)
+    assert sizes[-1] > 4 * sizes[0] and sizes[0] >= 10
+    big = max(parts, key=len)
+    assert np.bincount(LABELS[big], minlength=10).min() > 0  # the biggest client still sees every class
+
+
+def test_iid_keeps_classes_balanced_and_sizes_equal():
+    parts = partition(LABELS, 10, "iid", np.random.default_rng(0))
+    assert {len(p) for p in parts} == {60}
+    assert _max_class_share(parts, LABELS) < 0.3
+
+
+def test_dirichlet_refuses_a_split_that_leaves_clients_empty():
+    with pytest.raises(ValueError, match="dirichlet alpha=0.001"):
+        partition(np.repeat(np.arange(2), 20), 10, "dirichlet", np.random.default_rng(0), alpha=0.001)
+    with pytest.raises(ValueError, match="alpha must be a positive number"):
+        partition(LABELS, 3, "quantity", np.random.default_rng(0), alpha=0.0)
+    with pytest.raises(ValueError, match="unknown partition scheme 'zipf'"):
+        partition(LABELS, 3, "zipf", np.random.default_rng(0))
+
+
+def test_split_dataset_holds_out_the_test_set_before_partitioning():
+    x = np.arange(600, dtype=np.float32).reshape(600, 1)
+    clients, (x_test, y_test) = split_dataset(x, LABELS, 4, seed=5, test_fraction=0.25, scheme="dirichlet", alpha=0.5)
+    assert len(y_test) == 150
+    seen = np.concatenate([c[0][:, 0] for c in clients] + [x_test[:, 0]])
+    np.testing.assert_array_equal(np.sort(seen), x[:, 0])
+    for cx, cy in clients:
+        np.testing.assert_array_equal(LABELS[cx[:, 0].astype(int)], cy)  # x and y stay paired
+
+
+def test_label_table_lists_each_client_with_its_label_counts():
+    lines = label_table(["client-1", "client-2"], [np.array([0, 0, 2]), np.array([1])])
+    assert lines[0].split() == ["client", "examples", "0", "1", "2"]
+    assert lines[1].split() == ["client-1", "3", "2", "0", "1"]
+    assert lines[2].split() == ["client-2", "1", "0", "1", "0"]
