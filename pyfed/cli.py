@@ -55,6 +55,7 @@ def run_server(config: ServerConfig) -> int:
     from .server import Server
     from .strategy import FitPlan
 
+    strategy = build_strategy(config, config.min_clients, "--min-clients / MIN_CLIENTS")
     try:
         test_data = load_shard(config.test_data) if config.test_data else None
         if config.model:
@@ -67,7 +68,6 @@ def run_server(config: ServerConfig) -> int:
                              "the default model is sized from the test data")
     except (DataError, ModelError) as error:
         raise UsageError(str(error)) from None
-    strategy = build_strategy(config, config.min_clients, "--min-clients / MIN_CLIENTS")
     server = Server(model, address=config.address, rounds=config.rounds, min_clients=config.min_clients,
                     plan=FitPlan(config.epochs, config.batch_size, config.learning_rate,
                                  eval_fraction=config.client_eval_fraction),

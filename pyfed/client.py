@@ -208,8 +208,9 @@ class Client:
         self._send(protocol.encode(update), what=f"round {message.round} update")
         self.rounds_trained += 1
         summary = ", ".join(f"{k} {v[-1]:.4f}" for k, v in metrics["history"].items() if v and v[-1] is not None)
-        log.info("round %d: trained %d epochs on %d examples in %.2fs: %s", message.round,
-                 self.epochs or plan.epochs, num_examples, metrics["fit_s"], summary)
+        log.info("round %d: trained %d epochs on %d examples in %.2fs%s: %s", message.round,
+                 self.epochs or plan.epochs, num_examples, metrics["fit_s"],
+                 f" with proximal mu {plan.proximal_mu:g}" if plan.proximal_mu else "", summary)
 
     def _evaluate(self, message: Message) -> None:
         num_examples, loss, accuracy = self.trainer.evaluate(list(message.arrays))

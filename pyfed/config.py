@@ -191,7 +191,7 @@ class StrategySettings:
                                         "fedprox: weight mu of the proximal term (strategy default 0.01)")
     server_learning_rate: float | None = setting(
         None, "--server-learning-rate", "SERVER_LEARNING_RATE", positive_float,
-        "fedavgm, fedadagrad, fedadam, fedyogi: server step size (defaults 1.0 for fedavgm, 0.01 for the others)")
+        "fedavgm, fedadagrad, fedadam, fedyogi: server step size (strategy defaults 1.0, 0.1, 0.01, 0.01)")
     server_momentum: float | None = setting(None, "--server-momentum", "SERVER_MOMENTUM", interval(0, 1),
                                             "fedavgm: server momentum in [0, 1) (strategy default 0.9)")
     beta1: float | None = setting(None, "--beta1", "BETA1", interval(0, 1),

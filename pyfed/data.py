@@ -130,10 +130,16 @@ def _min_examples(num_examples: int, num_clients: int) -> int:
 
 
 def _dirichlet_label_skew(labels: np.ndarray, num_clients: int, alpha: float,
-                          rng: np.random.Generator, max_attempts: int = 1000) -> list[np.ndarray]:
-    """Per class, Dirichlet(alpha) shares over clients; redrawn until every client has enough."""
+                          rng: np.random.Generator, max_attempts: int = 100) -> list[np.ndarray]:
+    """Per class, Dirichlet(alpha) shares over clients, redrawn until every client has enough examples.
+
+    With many clients and a small alpha no draw may qualify; then the best draw is topped up, each
+    short client taking random examples from the currently largest client, so the call always
+    succeeds while keeping the skew of the draw.
+    """
     minimum = _min_examples(len(labels), num_clients)
     by_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    best: list[np.ndarray] | None = None
     for _ in range(max_attempts):
         parts: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
         for indices in by_class:
@@ -144,8 +150,16 @@ def _dirichlet_label_skew(labels: np.ndarray, num_clients: int, alpha: float,
         joined = [np.concatenate(p) for p in parts]
         if min(len(p) for p in joined) >= minimum:
             return joined
-    raise ValueError(f"dirichlet alpha={alpha}: no split in {max_attempts} draws gave each of {num_clients} "
-                     f"clients {minimum} examples; use fewer clients or a larger alpha")
+        if best is None or min(len(p) for p in joined) > min(len(p) for p in best):
+            best = joined
+    for client in range(num_clients):
+        while len(best[client]) < minimum:
+            donor = max(range(num_clients), key=lambda c: len(best[c]))
+            take = min(minimum - len(best[client]), len(best[donor]) - minimum)
+            moved = rng.choice(len(best[donor]), size=take, replace=False)
+            best[client] = np.concatenate([best[client], best[donor][moved]])
+            best[donor] = np.delete(best[donor], moved)
+    return best
 
 
 def _label_shards(labels: np.ndarray, num_clients: int, classes_per_client: int,

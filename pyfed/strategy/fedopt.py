@@ -53,10 +53,15 @@ class FedOpt(WeightedMeanStrategy):
 
 @dataclass
 class FedAdagrad(FedOpt):
-    """FedAdagrad: ``v = v + delta^2`` (Reddi et al. 2021)."""
+    """FedAdagrad: ``v = v + delta^2`` (Reddi et al. 2021).
+
+    Its second moment only grows, so its steps shrink over the run; it takes a larger default
+    ``server_learning_rate`` (0.1, as Flower's) than Adam and Yogi (0.01).
+    """
 
     name = "fedadagrad"
     optimizer = "adagrad"
+    server_learning_rate: float = 0.1
 
 
 @dataclass

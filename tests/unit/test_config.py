@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pyfed.config import ClientConfig, ConfigError, PartitionConfig, ServerConfig, resolve
+from pyfed.config import ClientConfig, ConfigError, PartitionConfig, ServerConfig, SimulateConfig, resolve
 
 
 def server(flags=None, environ=None, dotenv=None):
@@ -68,12 +68,32 @@ def test_client_and_partition_configs():
     (PartitionConfig, {}, {"DATASET": "cifar"}, "--dataset / DATASET: must be digits, mnist or npz:PATH"),
     (PartitionConfig, {}, {"TEST_FRACTION": "1.5"}, "--test-fraction / TEST_FRACTION: must be a number in (0, 1)"),
     (PartitionConfig, {}, {"SEED": "-1"}, "--seed / SEED: must be a non-negative integer"),
-    (PartitionConfig, {}, {"PARTITION_SCHEME": "random"}, "--scheme / PARTITION_SCHEME: must be one of iid"),
+    (PartitionConfig, {}, {"PARTITION_SCHEME": "random"}, "--scheme / PARTITION_SCHEME: must be one of iid, dirichlet"),
+    (PartitionConfig, {}, {"PARTITION_ALPHA": "0"}, "--alpha / PARTITION_ALPHA: must be a positive number"),
+    (PartitionConfig, {}, {"CLASSES_PER_CLIENT": "0"}, "--classes-per-client / CLASSES_PER_CLIENT: must be a positive"),
+    (ServerConfig, {}, {"PROXIMAL_MU": "-1"}, "--proximal-mu / PROXIMAL_MU: must be a non-negative number"),
+    (ServerConfig, {}, {"SERVER_MOMENTUM": "1"}, "--server-momentum / SERVER_MOMENTUM: must be a number in [0, 1)"),
+    (ServerConfig, {}, {"BETA2": "1.2"}, "--beta2 / BETA2: must be a number in [0, 1)"),
+    (ServerConfig, {}, {"TAU": "0"}, "--tau / TAU: must be a positive number"),
+    (ServerConfig, {}, {"TRIM_FRACTION": "0.5"}, "--trim-fraction / TRIM_FRACTION: must be a number in [0, 0.5)"),
+    (ServerConfig, {}, {"NUM_BYZANTINE": "one"}, "--num-byzantine / NUM_BYZANTINE: must be a non-negative integer"),
+    (ServerConfig, {}, {"CLIENT_EVAL_FRACTION": "0.95"}, "--client-eval-fraction / CLIENT_EVAL_FRACTION: must be a"),
+    (SimulateConfig, {}, {"STRATEGY": "fedsgd"}, "--strategy / STRATEGY: must be one of fedavg, fedavgm, fedprox"),
+    (SimulateConfig, {}, {"PARTITION_SCHEME": "zipf"}, "--scheme / PARTITION_SCHEME: must be one of"),
 ])
 def test_each_bad_value_names_the_flag_and_the_variable(config_cls, flags, environ, message):
     with pytest.raises(ConfigError) as raised:
         resolve(config_cls, flags, environ, {})
     assert str(raised.value).startswith(message)
+
+
+def test_strategy_settings_pass_only_what_was_set():
+    config = resolve(ServerConfig, {"strategy": "fedadam"}, {"TAU": "0.01", "BETA1": "0.5"}, {"PROXIMAL_MU": ""})
+    assert config.strategy_options() == {"tau": 0.01, "beta1": 0.5}
+    simulate = resolve(SimulateConfig, {"clients": "100", "scheme": "dirichlet", "alpha": "0.1"},
+                       {"STRATEGY": "krum", "NUM_BYZANTINE": "3", "CLIENT_EVAL_FRACTION": "0.1"}, {})
+    assert (simulate.clients, simulate.scheme, simulate.alpha) == (100, "dirichlet", 0.1)
+    assert simulate.strategy_options() == {"num_byzantine": 3} and simulate.client_eval_fraction == 0.1
 
 
 def test_a_bad_dotenv_value_says_it_came_from_dotenv():

@@ -148,9 +148,16 @@ def test_iid_keeps_classes_balanced_and_sizes_equal():
     assert _max_class_share(parts, LABELS) < 0.3
 
 
-def test_dirichlet_refuses_a_split_that_leaves_clients_empty():
-    with pytest.raises(ValueError, match="dirichlet alpha=0.001"):
-        partition(np.repeat(np.arange(2), 20), 10, "dirichlet", np.random.default_rng(0), alpha=0.001)
+def test_dirichlet_never_leaves_a_client_without_data_even_when_no_draw_qualifies():
+    labels = np.repeat(np.arange(2), 20)
+    parts = partition(labels, 10, "dirichlet", np.random.default_rng(0), alpha=0.001)
+    assert min(len(p) for p in parts) >= 2  # 40 examples / (2 * 10 clients)
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(40))
+    many = partition(np.repeat(np.arange(10), 144), 100, "dirichlet", np.random.default_rng(0), alpha=0.1)
+    assert min(len(p) for p in many) >= 7 and _max_class_share(many, np.repeat(np.arange(10), 144)) > 0.6
+
+
+def test_bad_scheme_parameters_are_refused():
     with pytest.raises(ValueError, match="alpha must be a positive number"):
         partition(LABELS, 3, "quantity", np.random.default_rng(0), alpha=0.0)
     with pytest.raises(ValueError, match="unknown partition scheme 'zipf'"):

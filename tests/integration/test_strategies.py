@@ -1,0 +1,137 @@
+"""Every strategy through the real CLI (one server, three client processes on loopback), with
+federated evaluation on; and in-process simulation through ``pyfed simulate`` and FL_Experiment."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from pyfed.strategy import STRATEGIES
+from tests.conftest import free_port
+
+# Krum's default f=1 needs 2f+3 = 5 clients; three client processes run it with f=0.
+OPTIONS = {"krum": ["--num-byzantine", "0"], "multi-krum": ["--num-byzantine", "0", "--num-selected", "2"],
+           "fedprox": ["--proximal-mu", "0.05"]}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from pyfed.data import load_dataset, write_partitions
+
+    out = tmp_path_factory.mktemp("shards")
+    x, y = load_dataset("digits")
+    write_partitions(x, y, out, 3, seed=0, scheme="dirichlet", alpha=1.0)
+    return out
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_every_strategy_runs_through_server_and_clients(name, shards, tmp_path, processes):
+    address, logdir = f"tcp://127.0.0.1:{free_port()}", tmp_path / "logs"
+    server = processes.pyfed("server", "--address", address, "--rounds", "2", "--min-clients", "3", "--epochs", "2",
+                             "--learning-rate", "0.005", "--test-data", str(shards / "test.npz"),
+                             "--logdir", str(logdir), "--strategy", name, "--client-eval-fraction", "0.2",
+                             *OPTIONS.get(name, []), name="server")
+    clients = [processes.pyfed("client", "--server", address, "--data", str(shards / f"client-{i}.npz"),
+                               "--client-id", f"site-{i}", name=f"client-{i}") for i in (1, 2, 3)]
+    assert processes.wait(server, 240) == 0, processes.tail(server)
+    for client in clients:
+        assert processes.wait(client, 60) == 0, processes.tail(client)
+
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["config"]["strategy"] == name
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    for record in summary["rounds"]:
+        assert record["clients"] == ["site-1", "site-2", "site-3"]
+        federated = record["federated_evaluation"]
+        assert set(federated["clients"]) == {"site-1", "site-2", "site-3"}
+        sizes = {cid: c["num_examples"] for cid, c in federated["clients"].items()}
+        assert federated["num_examples"] == sum(sizes.values()) > 0
+        # each client held out a fifth of its shard and trained on the rest
+        for cid, held_out in sizes.items():
+            assert held_out == int(0.2 * (held_out + record["num_examples"][cid]) + 1e-9) or \
+                abs(held_out - 0.2 * (held_out + record["num_examples"][cid])) < 1
+        weighted = sum(c["num_examples"] * c["accuracy"] for c in federated["clients"].values()) / federated["num_examples"]
+        assert federated["accuracy"] == pytest.approx(weighted)
+    final = summary["final"]["test_accuracy"]
+    assert final is not None and final > summary["rounds"][0]["test_accuracy"] - 0.1 and final > 0.3
+    if name == "fedprox":
+        assert "with proximal mu 0.05" in clients[0].log_path.read_text()
+    if name in ("krum", "multi-krum"):
+        assert f"{name} kept site-" in server.log_path.read_text()
+
+
+def test_a_strategy_that_needs_more_clients_is_refused_at_start_up(tmp_path, processes):
+    server = processes.pyfed("server", "--test-data", str(tmp_path / "missing.npz"), "--strategy", "krum",
+                             "--min-clients", "3", name="server")
+    assert processes.wait(server, 60) == 2
+    assert "needs at least 5 clients per round, but --min-clients / MIN_CLIENTS is 3" in server.log_path.read_text()
+
+
+def test_simulate_runs_100_clients_on_digits_with_federated_evaluation(tmp_path, processes):
+    logdir = tmp_path / "logs"
+    run = processes.pyfed("simulate", "--clients", "100", "--rounds", "3", "--epochs", "1", "--dataset", "digits",
+                          "--scheme", "dirichlet", "--alpha", "0.5", "--seed", "4", "--strategy", "fedyogi",
+                          "--client-eval-fraction", "0.3", "--logdir", str(logdir), name="simulate")
+    assert processes.wait(run, 300) == 0, processes.tail(run)
+    output = run.log_path.read_text()
+    assert "client-100" in output and "simulation finished: 3 rounds" in output
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert summary["status"] == "finished" and summary["config"]["strategy"] == "fedyogi"
+    assert len(summary["clients"]) == 100
+    for record in summary["rounds"]:
+        assert len(record["clients"]) == 100
+        assert record["federated_evaluation"]["num_examples"] > 0
+        assert sum(record["num_examples"].values()) + record["federated_evaluation"]["num_examples"] == 1797 - 359
+    from tests.integration.test_federation import scalar_steps
+
+    assert scalar_steps(logdir / "server")["federated/accuracy"] == [1, 2, 3]
+    assert scalar_steps(logdir / "clients" / "client-100")["round/fit_s"] == [1, 2, 3]
+
+
+def test_simulate_is_deterministic_in_its_partition_and_refuses_bad_settings(tmp_path, processes):
+    bad = processes.pyfed("simulate", "--clients", "3", "--scheme", "shards", "--classes-per-client", "2",
+                          "--logdir", str(tmp_path), name="bad")
+    assert processes.wait(bad, 60) == 2
+    assert "3 clients x 2 classes cannot cover all 10 classes" in bad.log_path.read_text()
+    bad = processes.pyfed("simulate", "--strategy", "fedadam", "--tau", "0", name="bad-tau")
+    assert processes.wait(bad, 60) == 2
+    assert "--tau / TAU: must be a positive number, got '0'" in bad.log_path.read_text()
+
+
+FL_EXPERIMENT_SCRIPT = """
+import numpy as np, tensorflow as tf
+from sklearn.datasets import load_digits
+from pyfed.experiment import FL_Experiment
+
+digits = load_digits()
+X, y = digits.data.astype("float32") / 16.0, digits.target
+num_clients = 3
+count = len(y) // (num_clients + 1)
+clients_data = [X[count * i:count * (i + 1)] for i in range(num_clients)]
+clients_target = [y[count * i:count * (i + 1)] for i in range(num_clients)]
+server_data, server_target = X[count * num_clients:], y[count * num_clients:]
+
+model = tf.keras.models.Sequential()
+model.add(tf.keras.layers.InputLayer((64,)))
+model.add(tf.keras.layers.Dense(128, activation="relu"))
+model.add(tf.keras.layers.Dense(10, activation="softmax"))
+exp = FL_Experiment(num_clients=num_clients, clients_data=clients_data, clients_target=clients_target,
+                    server_data=server_data, server_target=server_target)
+result = exp.run(model=model, rounds=3, epochs=5, batch_size=32, lr=3e-3, optimizer=tf.optimizers.Adam,
+                 loss="sparse_categorical_crossentropy", metrics=["accuracy"], logdir="logs")
+assert result["accuracy"] >= 0.85, result
+assert np.allclose(model.evaluate(server_data, server_target, verbose=0)[1], result["accuracy"], atol=1e-6)
+print("FL_Experiment OK", result)
+"""
+
+
+def test_fl_experiment_runs_the_original_readme_usage(tmp_path, processes):
+    script = tmp_path / "experiment.py"
+    script.write_text(FL_EXPERIMENT_SCRIPT)
+    run = processes.start("experiment", [sys.executable, str(script)], cwd=tmp_path)
+    assert processes.wait(run, 300) == 0, processes.tail(run)
+    output = run.log_path.read_text()
+    assert "FL_Experiment OK" in output and "Test results: loss" in output and "round 3: client training loss" in output
+    summary = json.loads((tmp_path / "logs" / "summary.json").read_text())
+    assert summary["config"]["api"] == "FL_Experiment" and len(summary["rounds"]) == 3

@@ -1,0 +1,89 @@
+"""Local training: FedProx's proximal term, the held-out split for federated evaluation, and the
+weighted combination of clients' evaluations."""
+
+import numpy as np
+import pytest
+
+from pyfed.model import default_model, set_proximal_term
+from pyfed.strategy import FitPlan
+from pyfed.training import LocalTrainer, weighted_evaluation
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(60, 8)).astype(np.float32)
+    return x, (x[:, 0] > 0).astype(np.int64)
+
+
+def distance_after_training(data, mu):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = default_model((8,), 2, 0.05)
+    start = [w.copy() for w in model.get_weights()]
+    trainer = LocalTrainer(model, *data, seed=0)
+    weights, _, _ = trainer.fit(start, FitPlan(epochs=5, batch_size=8, learning_rate=0.05, proximal_mu=mu))
+    return float(np.sqrt(sum(np.sum((w - s) ** 2) for w, s in zip(weights, start)))), model
+
+
+def test_the_proximal_term_keeps_local_weights_near_the_global_ones(data):
+    free, model = distance_after_training(data, 0.0)
+    held, held_model = distance_after_training(data, 10.0)
+    assert held < 0.5 * free
+    # the term is attached to the variables, not added as model weights
+    assert len(held_model.get_weights()) == len(model.get_weights()) == 6
+
+
+def test_the_proximal_term_is_zero_at_the_anchor_and_adds_mu_half_squared_distance(data):
+    import keras
+
+    model = default_model((8,), 2)
+    weights = model.get_weights()
+    set_proximal_term(model, 2.0, weights)
+    assert float(keras.ops.sum(model.losses)) == pytest.approx(0.0)
+    shifted = [w + 0.5 for w in weights]
+    set_proximal_term(model, 2.0, shifted)  # anchor moved by 0.5 in every trainable coordinate
+    num_trainable = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+    assert float(keras.ops.sum(model.losses)) == pytest.approx(0.5 * 2.0 * 0.25 * num_trainable, rel=1e-5)
+    set_proximal_term(model, 0.0, shifted)
+    assert float(keras.ops.sum(model.losses)) == pytest.approx(0.0)
+
+
+def test_mu_zero_on_a_fresh_model_adds_nothing(data):
+    model = default_model((8,), 2)
+    set_proximal_term(model, 0.0, model.get_weights())
+    assert all(v.regularizer is None for v in model.trainable_weights)
+
+
+def test_held_out_examples_are_fixed_never_trained_on_and_evaluated(data):
+    model = default_model((8,), 2)
+    trainer = LocalTrainer(model, *data, seed=3)
+    _, num_examples, metrics = trainer.fit(model.get_weights(), FitPlan(epochs=1, eval_fraction=0.25))
+    assert num_examples == 45 and trainer.num_train_examples == 45
+    held_out, loss, accuracy = trainer.evaluate(model.get_weights())
+    assert held_out == 15 and loss > 0 and 0 <= accuracy <= 1
+    rows = trainer._holdout_rows.copy()
+    trainer.fit(model.get_weights(), FitPlan(epochs=1, eval_fraction=0.25))
+    np.testing.assert_array_equal(trainer._holdout_rows, rows)  # same examples every round
+    assert len(np.intersect1d(trainer._train_rows, rows)) == 0
+    assert LocalTrainer(model, *data, seed=3).evaluate(model.get_weights()) == (0, None, None)  # nothing held out
+
+
+def test_the_largest_fraction_still_leaves_examples_for_training():
+    x, y = np.zeros((10, 8), np.float32), np.arange(10) % 2
+    trainer = LocalTrainer(default_model((8,), 2), x, y)
+    trainer.use_eval_fraction(0.9)
+    assert trainer.num_train_examples == 1 and len(trainer._holdout_rows) == 9
+    trainer.use_eval_fraction(0.05)  # rounds down to nothing held out
+    assert trainer.num_train_examples == 10 and len(trainer._holdout_rows) == 0
+
+
+def test_weighted_evaluation_by_hand():
+    combined = weighted_evaluation({"a": (10, 1.0, 0.5), "b": (30, 2.0, 0.9), "c": (0, None, None)})
+    assert combined["num_examples"] == 40
+    assert combined["loss"] == pytest.approx((10 * 1.0 + 30 * 2.0) / 40)
+    assert combined["accuracy"] == pytest.approx((10 * 0.5 + 30 * 0.9) / 40)
+    assert set(combined["clients"]) == {"a", "b"}
+    assert weighted_evaluation({"a": (0, None, None)}) is None
+    assert weighted_evaluation({"a": (5, 1.0, None)})["accuracy"] is None
