@@ -160,7 +160,9 @@ def test_compose_up_scale_3_trains_and_tensorboard_shows_every_client(project_fa
 
 
 def test_scaled_replicas_get_distinct_shards_and_an_extra_replica_is_turned_away(project_factory):
-    settings = base_settings(ROUNDS=1, NUM_CLIENTS=4, EPOCHS=1)
+    # also: strategy, non-IID partition and federated evaluation are chosen by environment variables
+    settings = base_settings(ROUNDS=1, NUM_CLIENTS=4, EPOCHS=1, STRATEGY="fedprox", PROXIMAL_MU="0.1",
+                             PARTITION_SCHEME="dirichlet", PARTITION_ALPHA="0.3", CLIENT_EVAL_FRACTION="0.2")
     project = project_factory(**settings)
     project.compose("up", "-d", "--build", "--scale", "client=5")
 
@@ -173,6 +175,10 @@ def test_scaled_replicas_get_distinct_shards_and_an_extra_replica_is_turned_away
     shards = [c["shard"] for c in summary["clients"].values()]
     assert sorted(shards) == [f"client-{k}.npz" for k in (1, 2, 3, 4)]
     assert summary["rounds"][0]["clients"] == [f"client-{k}" for k in (1, 2, 3, 4)]
+    assert summary["config"]["strategy"] == "fedprox" and summary["config"]["proximal_mu"] == 0.1
+    assert summary["rounds"][0]["federated_evaluation"]["num_examples"] > 0
+    assert client_log.count("with proximal mu 0.1") == 4
+    assert "dirichlet split" in project.logs("data")
 
 
 def test_a_client_on_another_network_joins_through_the_published_port(project_factory, tmp_path):
