@@ -11,8 +11,9 @@ import json
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -53,17 +54,29 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     arrays: dict[str, np.ndarray] = {}
     document = {"format": FORMAT, "state": _split(state, arrays, "state")}
     arrays["__json__"] = np.frombuffer(json.dumps(document, allow_nan=False).encode(), np.uint8)
+    write_atomic(path, lambda handle: np.savez(handle, **arrays))
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write`` on a temp file beside ``path``, fsync it, rename it over ``path``, fsync the
+    directory: a reader (or a restart after a crash) sees the old file or the new one, never half."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".npz", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def load_state(path: Path) -> dict[str, Any]:

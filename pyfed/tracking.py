@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .checkpoint import write_atomic
 
 
 @dataclass
@@ -64,23 +64,8 @@ class RoundRecord:
 
 def write_json_atomic(path: Path, document: Any) -> None:
     """Write ``document`` to ``path`` so that a reader sees the old or the new file, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(document, handle, indent=2, allow_nan=False)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    data = json.dumps(document, indent=2, allow_nan=False).encode()
+    write_atomic(path, lambda handle: handle.write(data))
 
 
 RUN_ENTRIES = ("summary.json", "server", "clients")

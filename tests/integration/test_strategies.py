@@ -4,7 +4,6 @@ federated evaluation on; and in-process simulation through ``pyfed simulate`` an
 import json
 import sys
 
-import numpy as np
 import pytest
 
 from pyfed.strategy import STRATEGIES
