@@ -238,3 +238,10 @@ def set_proximal_term(model: keras.Model, mu: float, anchor: list[np.ndarray]) -
     mu_variable.assign(float(mu))
     for index, anchor_variable in anchors:
         anchor_variable.assign(anchor[index])
+
+
+def clear_proximal_term(model: keras.Model) -> None:
+    """Set FedProx's mu back to 0 (if the term was ever attached), so that evaluation reports the plain loss."""
+    term = _PROXIMAL_TERMS.get(model)
+    if term is not None:
+        term[0].assign(0.0)

@@ -9,7 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from .model import evaluate, evaluation_dataset, reset_optimizer, set_learning_rate, set_proximal_term, training_dataset
+from .model import (clear_proximal_term, evaluate, evaluation_dataset, reset_optimizer, set_learning_rate,
+                    set_proximal_term, training_dataset)
 from .strategy import FitPlan
 
 
@@ -75,7 +76,10 @@ class LocalTrainer:
             x, y = (self.x, self.y) if self._train_rows is None else (self.x[self._train_rows], self.y[self._train_rows])
             self._train_dataset = (batch_size, training_dataset(x, y, batch_size))
         started = time.perf_counter()
-        history = self.model.fit(self._train_dataset[1], epochs=epochs, verbose=0, shuffle=False)  # shuffled by tf.data
+        try:
+            history = self.model.fit(self._train_dataset[1], epochs=epochs, verbose=0, shuffle=False)  # tf.data shuffles
+        finally:
+            clear_proximal_term(self.model)  # the term belongs to training; evaluation losses must not include it
         fit_s = time.perf_counter() - started
         curves = {name: [float(v) if math.isfinite(float(v)) else None for v in values]
                   for name, values in history.history.items()}

@@ -50,6 +50,19 @@ def test_the_proximal_term_is_zero_at_the_anchor_and_adds_mu_half_squared_distan
     assert float(keras.ops.sum(model.losses)) == pytest.approx(0.0)
 
 
+def test_evaluation_after_fedprox_training_reports_the_plain_loss(data):
+    import keras
+
+    _, model = distance_after_training(data, 10.0)
+    assert float(keras.ops.sum(model.losses)) == 0.0  # the term is off outside training
+    trainer = LocalTrainer(model, *data, seed=0)
+    trainer.use_eval_fraction(0.5)
+    _, loss, _ = trainer.evaluate(model.get_weights())
+    plain = keras.losses.SparseCategoricalCrossentropy()(data[1][trainer._holdout_rows],
+                                                         model.predict(data[0][trainer._holdout_rows], verbose=0))
+    assert loss == pytest.approx(float(plain), rel=1e-4)
+
+
 def test_mu_zero_on_a_fresh_model_adds_nothing(data):
     model = default_model((8,), 2)
     set_proximal_term(model, 0.0, model.get_weights())
