@@ -25,3 +25,15 @@ def test_bench_run_quick_produces_every_figure(tmp_path):
     assert results["many_clients"]["all_updates_aggregated"] is True
     text = out.read_text()
     assert "### Targets" in text and "### Wire" in text and "### Many clients" in text
+
+
+def test_strategy_table_quick_covers_the_requested_strategies(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.strategies", "--quick", "--strategies", "fedavg,krum",
+                             "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    results = json.loads((tmp_path / "STRATEGIES.json").read_text())
+    assert [row[0] for row in results["table"]] == ["`fedavg`", "`krum`"]
+    assert {(r["strategy"]["name"], r["scheme"]) for r in results["runs"]} == {
+        ("fedavg", "iid"), ("fedavg", "dirichlet"), ("krum", "iid"), ("krum", "dirichlet")}
+    assert all(len(r["accuracy_by_round"]) == 2 for r in results["runs"])
+    assert "| strategy | IID: final accuracy" in (tmp_path / "STRATEGIES.md").read_text()
