@@ -81,12 +81,18 @@ def weighted_average(updates: Iterable[tuple[Sequence[np.ndarray], float]]) -> W
 # --- robust rules: they need every update at once ----------------------------------------------
 
 def _stacked(updates: Sequence[Sequence[np.ndarray]], index: int) -> np.ndarray:
-    """Array ``index`` of every update, stacked on a new first axis (float64 for exact statistics)."""
+    """Array ``index`` of every update, stacked on a new first axis.
+
+    Floats keep their dtype (a float64 copy of every update would double the memory); integers
+    become float64 so that their statistics can be rounded back.
+    """
     first = updates[0][index]
     for update in updates[1:]:
         if update[index].shape != first.shape:
             raise ValueError(f"array {index}: shape {update[index].shape} does not match {first.shape}")
-    return np.stack([np.asarray(update[index], np.float64) for update in updates])
+    dtype = np.result_type(*(np.asarray(u[index]).dtype for u in updates))
+    return np.stack([np.asarray(update[index]) for update in updates]).astype(
+        dtype if dtype.kind == "f" else np.float64, copy=False)
 
 
 def _check_updates(updates: Sequence[Sequence[np.ndarray]]) -> int:
@@ -113,7 +119,7 @@ def trimmed_mean(updates: Sequence[Sequence[np.ndarray]], trim_fraction: float) 
     result = []
     for i in range(count):
         values = np.sort(_stacked(updates, i), axis=0)
-        result.append(_cast(values[cut:len(updates) - cut].mean(axis=0), updates[0][i].dtype))
+        result.append(_cast(values[cut:len(updates) - cut].mean(axis=0, dtype=np.float64), updates[0][i].dtype))
     return result
 
 
@@ -129,9 +135,11 @@ def krum_scores(updates: Sequence[Sequence[np.ndarray]], num_byzantine: int) -> 
     n = len(updates)
     if n == 1:
         return np.zeros(1)
-    flat = np.stack([np.concatenate([np.asarray(a, np.float64).reshape(-1) for a in update]) for update in updates])
-    squared_norms = np.einsum("ij,ij->i", flat, flat)
-    distances = squared_norms[:, None] + squared_norms[None, :] - 2.0 * flat @ flat.T
+    distances = np.zeros((n, n))
+    for index in range(len(updates[0])):  # one array at a time: memory n x the largest array
+        flat = _stacked(updates, index).reshape(n, -1).astype(np.float64, copy=False)
+        squared_norms = np.einsum("ij,ij->i", flat, flat)
+        distances += squared_norms[:, None] + squared_norms[None, :] - 2.0 * flat @ flat.T
     np.maximum(distances, 0.0, out=distances)  # rounding can make a zero distance slightly negative
     np.fill_diagonal(distances, np.inf)
     neighbours = min(max(n - num_byzantine - 2, 1), n - 1)
