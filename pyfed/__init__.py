@@ -2,8 +2,10 @@
 
 The library's pieces, each in one module: ``protocol`` (the wire format), ``transport`` (ZeroMQ
 sockets), ``aggregate`` and ``strategy`` (how updates combine), ``server`` and ``client`` (the two
-roles), ``tracking`` (TensorBoard and summary.json), ``data`` (datasets and shards), ``config``
-and ``cli``. ``pyfed.components`` keeps the original PyFed API (FL_Server, FL_Client).
+roles), ``training`` (local training, shared with ``simulation``), ``tracking`` (TensorBoard and
+summary.json), ``checkpoint`` (saved state), ``data`` (datasets, partitions and shards), ``config``
+and ``cli``. ``pyfed.components`` and ``pyfed.experiment`` keep the original PyFed API
+(FL_Server, FL_Client, FL_Experiment).
 """
 
 __version__ = "0.1.0"
