@@ -134,3 +134,20 @@ def test_fl_experiment_runs_the_original_readme_usage(tmp_path, processes):
     assert "FL_Experiment OK" in output and "Test results: loss" in output and "round 3: client training loss" in output
     summary = json.loads((tmp_path / "logs" / "summary.json").read_text())
     assert summary["config"]["api"] == "FL_Experiment" and len(summary["rounds"]) == 3
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_every_strategy_runs_through_simulate(name, tmp_path, capsys):
+    """`pyfed simulate` in this process (the CLI's own entry point, without a new interpreter)."""
+    from pyfed.cli import main
+
+    logdir = tmp_path / "logs"
+    args = ["simulate", "--clients", "5", "--rounds", "2", "--epochs", "1", "--scheme", "shards",
+            "--classes-per-client", "2", "--strategy", name, "--logdir", str(logdir), "--progress", "false",
+            *(["--num-byzantine", "1"] if "krum" in name else [])]
+    assert main(args) == 0
+    assert capsys.readouterr().out.splitlines()[0].split()[:2] == ["client", "examples"]  # the partition table
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert summary["config"]["strategy"] == name and summary["status"] == "finished"
+    assert [len(r["clients"]) for r in summary["rounds"]] == [5, 5]
+    assert summary["final"]["test_accuracy"] is not None
