@@ -96,3 +96,38 @@ def load_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: no such file") from None
     except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError) as error:
         raise CheckpointError(f"{path}: corrupt state file ({error.__class__.__name__}: {str(error)[:120]})") from None
+
+
+# --- the server's checkpoints: one file per completed round, the newest K kept -------------------
+
+CHECKPOINT_GLOB = "round-*.npz"
+
+
+def checkpoint_path(directory: Path, server_round: int) -> Path:
+    return Path(directory) / f"round-{server_round:06d}.npz"
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """The directory's checkpoints, oldest first (temp files of an interrupted write are ignored)."""
+    return sorted(p for p in Path(directory).glob(CHECKPOINT_GLOB) if p.name[6:12].isdigit())
+
+
+def save_checkpoint(directory: Path, server_round: int, state: dict[str, Any], keep: int) -> Path:
+    """Write the server's state after ``server_round`` atomically, then delete all but the newest ``keep``."""
+    path = checkpoint_path(directory, server_round)
+    save_state(path, state)
+    for old in list_checkpoints(directory)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def check_fingerprint(path: Path, saved: Any, current: dict[str, Any]) -> None:
+    """Refuse a checkpoint written by a run with a different model or strategy, naming what differs."""
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path}: has no run fingerprint; it was not written by a PyFed server")
+    for key, value in current.items():
+        if saved.get(key) != value:
+            raise CheckpointError(
+                f"{path}: was written by a run with a different {key} ({str(saved.get(key))[:80]} here, "
+                f"{str(value)[:80]} now); resume with the original settings, or pass --fresh-start to "
+                f"archive it and begin a new run")

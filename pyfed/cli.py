@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import (ClientConfig, ConfigError, PartitionConfig, ServerConfig, SimulateConfig, StrategySettings,
-                     add_arguments, describe, log_level, non_negative_int, path, positive_int, resolve, setting)
+from .config import (ClientConfig, ConfigError, KeysConfig, PartitionConfig, ServerConfig, SimulateConfig,
+                     StrategySettings, add_arguments, describe, log_level, non_negative_int, path, positive_int,
+                     resolve, setting)
 
 log = logging.getLogger("pyfed")
 
@@ -48,13 +49,44 @@ def _setup_logging(level: str) -> None:
     logging.getLogger("absl").setLevel(logging.ERROR)
 
 
+INSECURE_WARNING = ("traffic is NOT encrypted and any client that reaches the port can join; make keys with "
+                    "`pyfed keys` and pass --curve-secret-key (see the README's security section)")
+
+
+def _server_keys(config: ServerConfig) -> Any:
+    from .security import KeyFileError, server_keys
+
+    if config.insecure or config.curve_secret_key is None:
+        if config.authorized_keys is not None and not config.insecure:
+            raise UsageError("--authorized-keys / AUTHORIZED_KEYS needs --curve-secret-key / CURVE_SECRET_KEY")
+        log.warning(INSECURE_WARNING)
+        return None
+    try:
+        keys = server_keys(config.curve_secret_key)
+    except KeyFileError as error:
+        raise UsageError(f"--curve-secret-key / CURVE_SECRET_KEY: {error}") from None
+    if config.authorized_keys is not None and not config.authorized_keys.is_dir():
+        raise UsageError(f"--authorized-keys / AUTHORIZED_KEYS: {config.authorized_keys} is not a directory")
+    if config.authorized_keys is None:
+        log.warning("connections are encrypted, but any client key is admitted (no --authorized-keys)")
+    return keys
+
+
+def _on_stop_signals(handler: Any) -> None:
+    """Call ``handler(signal name)`` on SIGTERM (docker stop) and SIGINT (Ctrl-C)."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda number, _frame: handler(signal.Signals(number).name))
+
+
 def run_server(config: ServerConfig) -> int:
+    from .checkpoint import CheckpointError
     from .data import DataError, load_shard
     from .model import ModelError, default_model, load_model_spec
     from .server import Server
     from .strategy import FitPlan
 
     strategy = build_strategy(config, config.min_clients, "--min-clients / MIN_CLIENTS")
+    curve = _server_keys(config)
     try:
         test_data = load_shard(config.test_data) if config.test_data else None
         if config.model:
@@ -72,8 +104,16 @@ def run_server(config: ServerConfig) -> int:
                                  eval_fraction=config.client_eval_fraction),
                     strategy=strategy, test_data=test_data, logdir=config.logdir,
                     round_timeout_s=config.round_timeout_s, num_shards=config.num_shards,
-                    config_summary=describe(config))
-    server.run()
+                    config_summary=describe(config),
+                    min_fit_clients=max(config.min_fit_clients, strategy.min_fit_clients()),
+                    fraction_fit=config.fraction_fit, seed=config.seed, checkpoint_dir=config.checkpoint_dir,
+                    keep_checkpoints=config.keep_checkpoints, fresh_start=config.fresh_start, curve=curve,
+                    authorized_keys=config.authorized_keys if curve else None)
+    _on_stop_signals(lambda name: server.request_stop(name))
+    try:
+        server.run()
+    except CheckpointError as error:
+        raise UsageError(f"cannot resume: {error}") from None
     return 0
 
 
@@ -92,8 +132,23 @@ def build_strategy(settings: StrategySettings, clients_per_round: int, clients_s
 
 
 def run_client(config: ClientConfig) -> int:
-    from .client import Client
+    from .client import Client, ClientStopped
     from .data import DataError, load_shard
+    from .security import KeyFileError, client_keys
+
+    curve = None
+    if config.insecure or config.curve_secret_key is None:
+        if config.server_public_key is not None and not config.insecure:
+            raise UsageError("--server-public-key / SERVER_PUBLIC_KEY needs --curve-secret-key / CURVE_SECRET_KEY")
+        log.warning(INSECURE_WARNING)
+    elif config.server_public_key is None:
+        raise UsageError("--curve-secret-key / CURVE_SECRET_KEY needs --server-public-key / SERVER_PUBLIC_KEY "
+                         "(the server's .key file)")
+    else:
+        try:
+            curve = client_keys(config.curve_secret_key, config.server_public_key)
+        except KeyFileError as error:
+            raise UsageError(f"--curve-secret-key / --server-public-key: {error}") from None
 
     x = y = None
     if config.data is not None:
@@ -106,8 +161,31 @@ def run_client(config: ClientConfig) -> int:
                          "this client's .npz shard, or where to find the shard the server assigns")
     client = Client(config.server, x, y, data_dir=config.data_dir, client_id=config.client_id,
                     epochs=config.epochs, batch_size=config.batch_size,
-                    data_source=str(config.data) if config.data else "the assigned shard")
+                    data_source=str(config.data) if config.data else "the assigned shard", curve=curve)
+
+    def stop(name: str) -> None:
+        raise ClientStopped(name)
+
+    _on_stop_signals(stop)
     return client.run()
+
+
+def run_keys(config: KeysConfig) -> int:
+    """Make the server's and N clients' CurveZMQ key pairs (existing pairs are kept)."""
+    from .security import KeyFileError, generate_keys
+
+    try:
+        created, kept = generate_keys(config.out, config.clients)
+    except (KeyFileError, OSError) as error:
+        raise UsageError(str(error)) from None
+    for secret in created:
+        print(f"created {secret.with_suffix('.key')} and {secret}")
+    for secret in kept:
+        print(f"kept    {secret.with_suffix('.key')} and {secret} (already there)")
+    print(f"server: --curve-secret-key {config.out / 'server.key_secret'} --authorized-keys {config.out}\n"
+          f"client i: --curve-secret-key {config.out}/client-<i>.key_secret --server-public-key "
+          f"{config.out / 'server.key'}\nKeep the .key_secret files private; copy each client only its own.")
+    return 0
 
 
 def run_partition(config: PartitionConfig) -> int:
@@ -196,6 +274,7 @@ COMMANDS: dict[str, tuple[type, Any, str]] = {
     "client": (ClientConfig, run_client, "run one federated client"),
     "partition": (PartitionConfig, run_partition, "split a dataset into client shards and a test set"),
     "simulate": (SimulateConfig, run_simulate, "run a whole federation in this process, without sockets"),
+    "keys": (KeysConfig, run_keys, "make CurveZMQ key pairs for the server and N clients"),
     "demo": (DemoConfig, run_demo, "run a server and clients on this machine on the digits dataset"),
 }
 

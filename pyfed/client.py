@@ -3,6 +3,10 @@
 The client needs no model code: the server's WELCOME carries the architecture, compile settings
 and weights. The compiled model is kept for the whole run; each round only the weights change,
 so Keras never re-traces the training step.
+
+The client outlives the server: when its connection drops (the server restarted, or dropped it
+after missed heartbeats), ZeroMQ reconnects with backoff, and on reconnecting the client joins
+again under its id, gets the current global model and carries on.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from .model import from_wire, input_shape, output_units
 from .protocol import Message, MessageType, ProtocolError
 from .strategy import FitPlan
 from .training import LocalTrainer
+from .security import CurveKeys
 from .transport import ClientTransport
 
 log = logging.getLogger("pyfed.client")
@@ -27,6 +32,9 @@ log = logging.getLogger("pyfed.client")
 JOIN_RETRY_S = 30.0
 WAIT_LOG_EVERY_S = 60.0
 SEND_RETRY_S = 120.0
+BACKOFF_MAX_S = 30.0
+#: refusals that go away by themselves (a dead predecessor with our id is detected, a join flood ends)
+RETRYABLE_REFUSALS = frozenset({"id_taken", "busy", "join_flood"})
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -38,6 +46,10 @@ class NotNeeded(Exception):
 
 class ClientError(RuntimeError):
     """The client cannot take part (refused by the server, incompatible model or data)."""
+
+
+class ClientStopped(Exception):
+    """Raised (from a SIGTERM handler) to make the client leave the federation cleanly."""
 
 
 class Client:
@@ -56,17 +68,22 @@ class Client:
         compile_override: dict[str, Any] | None = None,
         data_source: str = "the client's data",
         max_wait_s: float | None = None,
+        curve: CurveKeys | None = None,
     ):
         self.server_address = server_address
         if (x is None) != (y is None) or (x is None and data_dir is None):
             raise ValueError("give the client its data (x and y) or a data_dir to load an assigned shard from")
         self.x, self.y = x, y
+        self._wants_shard = x is None
         self.data_dir = Path(data_dir) if data_dir is not None else None
         self.client_id = client_id
         self.epochs, self.batch_size = epochs, batch_size
         self.compile_override = compile_override
         self.data_source = data_source
         self.max_wait_s = max_wait_s
+        self.curve = curve
+        self.shard: str | None = None
+        self._reconnecting = False
         self.model: Any = None
         self._admitted = False
         self.specs: list[protocol.ArraySpec] | None = None
@@ -75,7 +92,7 @@ class Client:
 
     def run(self) -> int:
         """Take part until the server says the run is over; return the process exit code."""
-        with ClientTransport(self.server_address) as transport:
+        with ClientTransport(self.server_address, curve=self.curve) as transport:
             self._transport = transport
             try:
                 self._join()
@@ -83,28 +100,34 @@ class Client:
             except NotNeeded as reason:
                 log.info("not taking part: %s", reason)
                 return EXIT_OK
+            except ClientStopped as reason:
+                log.info("stopping (%s)%s", reason, "; told the server" if self._admitted else "")
+                self._leave(str(reason))
+                return EXIT_OK
             except (ClientError, DataError) as error:
                 log.error("%s", error)
-                if self._admitted:  # tell the server not to wait for us
-                    self._transport.send(protocol.encode(Message(
-                        MessageType.LEAVE, client_id=self.client_id, body={"reason": str(error)[:1000]})))
+                self._leave(str(error))  # tell the server not to wait for us
                 return EXIT_ERROR
+
+    def _leave(self, reason: str) -> None:
+        if self._admitted:
+            self._transport.send(protocol.encode(Message(MessageType.LEAVE, client_id=self.client_id,
+                                                         body={"reason": reason[:1000]})))
 
     # --- joining --------------------------------------------------------------------------------
 
     def _join(self) -> None:
-        wants_shard = self.x is None
-        body = {"wants_shard": True} if wants_shard else {"num_examples": int(len(self.y))}
-        join = protocol.encode(Message(MessageType.JOIN, client_id=self.client_id, body=body))
+        wants_shard = self._wants_shard
         started = time.monotonic()
         last_sent = None
         next_wait_log = started
+        backoff = 1.0
         while True:
             now = time.monotonic()
             if self.max_wait_s is not None and now - started > self.max_wait_s:
                 raise ClientError(f"no answer from the server at {self.server_address} within {self.max_wait_s:g}s")
             if last_sent is None or now - last_sent > JOIN_RETRY_S:
-                if self._transport.send(join):
+                if self._transport.send(self._join_frames(wants_shard)):
                     last_sent = now
                     log.info("asked to join the federation at %s%s", self.server_address,
                              f" as {self.client_id}" if self.client_id else "")
@@ -120,16 +143,37 @@ class Client:
                 return
             if message.type is MessageType.ERROR and message.body["code"] == "no_shards" and wants_shard:
                 raise NotNeeded(message.body["reason"])
+            if message.type is MessageType.ERROR and message.body["code"] in RETRYABLE_REFUSALS:
+                log.warning("the server refused to admit this client for now [%s]: %s; retrying in %.0fs",
+                            message.body["code"], message.body["reason"], backoff)
+                self._sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                last_sent = None
+                continue
             if message.type is MessageType.ERROR:
                 raise ClientError(f"the server refused to admit this client [{message.body['code']}]: "
                                   f"{message.body['reason']}")
             log.warning("ignoring %s from the server before being admitted", message.type.value)
 
+    def _join_frames(self, wants_shard: bool) -> list:
+        body = {"wants_shard": True} if wants_shard else {"num_examples": int(len(self.y))}
+        return protocol.encode(Message(MessageType.JOIN, client_id=self.client_id, body=body))
+
+    def _sleep(self, seconds: float) -> None:
+        """Wait without missing connection events (or a SIGTERM)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self._handle_events()
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
     def _setup(self, welcome: Message) -> None:
         """Build the model from the WELCOME once, and check the data fits it."""
         self.client_id = welcome.client_id or self.client_id
-        if self.x is None:
+        if self._wants_shard and welcome.body.get("shard") != self.shard:
             self._load_assigned_shard(welcome.body.get("shard"))
+            if self.trainer is not None:
+                self.trainer = LocalTrainer(self.model, self.x, self.y, epochs=self.epochs,
+                                            batch_size=self.batch_size, use_plan_learning_rate=not self.compile_override)
         if self.model is None:
             try:
                 self.model = from_wire(welcome.body["model_json"], welcome.body["compile_config"])
@@ -156,6 +200,7 @@ class Client:
         path = self.data_dir / shard  # a bare file name: the protocol refuses anything with a path
         self.x, self.y = load_shard(path)
         self.data_source = str(path)
+        self.shard = shard
         log.info("assigned shard %s: %d examples", path, len(self.y))
 
     def _check_data(self) -> None:
@@ -193,6 +238,12 @@ class Client:
                 return EXIT_OK
             elif message.type is MessageType.WELCOME:
                 self._setup(message)
+            elif message.type is MessageType.STOPPING:
+                log.warning("the server is stopping (%s); waiting for it to come back", message.body["reason"])
+            elif message.type is MessageType.ERROR and message.body["code"] == "not_joined":
+                log.warning("the server no longer knows this client (it restarted); joining again as %s",
+                            self.client_id)
+                self._rejoin()
             elif message.type is MessageType.ERROR:
                 log.warning("the server reported [%s]: %s", message.body["code"], message.body["reason"])
             else:
@@ -225,7 +276,28 @@ class Client:
 
     # --- messages -------------------------------------------------------------------------------
 
+    def _handle_events(self) -> None:
+        """React to the connection going away and coming back: log it, and rejoin once admitted."""
+        for event, detail in self._transport.events():
+            if event == "disconnected" and not self._reconnecting:
+                self._reconnecting = True
+                log.warning("lost the connection to the server at %s; reconnecting (backoff up to 5s)",
+                            self.server_address)
+            elif event == "connected" and self._reconnecting:
+                self._reconnecting = False
+                log.info("reconnected to the server%s", f"; rejoining as {self.client_id}" if self._admitted else "")
+                if self._admitted:
+                    self._rejoin()
+            elif event == "refused":
+                raise ClientError(f"the server at {self.server_address} refused the connection: {detail}; check "
+                                  "--curve-secret-key / --server-public-key, and that the server lists this "
+                                  "client's public key")
+
+    def _rejoin(self) -> None:
+        self._transport.send(self._join_frames(self._wants_shard))
+
     def _receive(self, timeout_s: float) -> Message | None:
+        self._handle_events()
         frames = self._transport.recv(timeout_s)
         if frames is None:
             return None
@@ -238,10 +310,11 @@ class Client:
     def _send(self, frames: list, *, what: str) -> None:
         started = time.monotonic()
         delay = 0.2
+        self._handle_events()  # a reconnect while we trained: rejoin first, so the server knows us
         while not self._transport.send(frames):
             if time.monotonic() - started > SEND_RETRY_S:
                 log.error("could not send the %s: no connection to the server for %gs", what, SEND_RETRY_S)
                 return
             log.warning("no connection to the server; retrying the %s in %.1fs", what, delay)
-            time.sleep(delay)
+            self._sleep(delay)
             delay = min(delay * 2, 5.0)

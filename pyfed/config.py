@@ -102,6 +102,16 @@ def fraction(text: str) -> float:
     return value
 
 
+def fraction_or_one(text: str) -> float:
+    try:
+        value = float(text.strip())
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 1:
+        raise ValueError(f"must be a number in (0, 1], got {text!r}")
+    return value
+
+
 def boolean(text: str) -> bool:
     value = text.strip().lower()
     if value in {"1", "true", "yes", "on"}:
@@ -241,11 +251,34 @@ class ServerConfig(StrategySettings, TrainingSettings):
                                "clients that must join before round 1 starts")
     test_data: Path | None = setting(None, "--test-data", "TEST_DATA", optional_path,
                                      ".npz file (arrays x, y) the server evaluates the global model on")
+    min_fit_clients: int = setting(1, "--min-fit-clients", "MIN_FIT_CLIENTS", positive_int,
+                                   "updates a round needs to count; with fewer it is retried")
+    fraction_fit: float = setting(1.0, "--fraction-fit", "FRACTION_FIT", fraction_or_one,
+                                  "share of the connected clients asked to train each round (at least "
+                                  "--min-fit-clients)")
     round_timeout_s: float | None = setting(None, "--round-timeout", "ROUND_TIMEOUT", optional_seconds,
-                                            "seconds to wait for a round's updates (0: no limit)")
+                                            "seconds to wait for a round's updates before dropping the "
+                                            "stragglers (0: no limit; dead clients are dropped anyway)")
+    seed: int = setting(0, "--seed", "SEED", non_negative_int, "seed of the client sampling")
     num_shards: int = setting(0, "--shards", "NUM_CLIENTS", non_negative_int,
                               "data shards (client-1.npz .. client-N.npz) to hand out, one per client that "
                               "asks; 0: clients bring their own data")
+    checkpoint_dir: Path | None = setting(None, "--checkpoint-dir", "CHECKPOINT_DIR", optional_path,
+                                          "where the server checkpoints after every round; default "
+                                          "LOGDIR/checkpoints")
+    keep_checkpoints: int = setting(3, "--keep-checkpoints", "KEEP_CHECKPOINTS", positive_int,
+                                    "checkpoints kept (the newest)")
+    fresh_start: bool = setting(False, "--fresh-start", "FRESH_START", boolean,
+                                "archive an unfinished run's checkpoints and logs and start over, "
+                                "instead of resuming it")
+    curve_secret_key: Path | None = setting(None, "--curve-secret-key", "CURVE_SECRET_KEY", optional_path,
+                                            "the server's .key_secret file: encrypt every connection "
+                                            "with CurveZMQ (make keys with pyfed keys)")
+    authorized_keys: Path | None = setting(None, "--authorized-keys", "AUTHORIZED_KEYS", optional_path,
+                                           "with --curve-secret-key: admit only clients whose public key "
+                                           "is a *.key file in this directory")
+    insecure: bool = setting(False, "--insecure", "INSECURE", boolean,
+                             "run without encryption even if keys are configured (prints a warning)")
     log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
 
 
@@ -265,6 +298,21 @@ class ClientConfig:
                                  "override the server's local epochs")
     batch_size: int | None = setting(None, "--batch-size", "CLIENT_BATCH_SIZE", positive_int,
                                      "override the server's batch size")
+    curve_secret_key: Path | None = setting(None, "--curve-secret-key", "CURVE_SECRET_KEY", optional_path,
+                                            "this client's .key_secret file: connect with CurveZMQ")
+    server_public_key: Path | None = setting(None, "--server-public-key", "SERVER_PUBLIC_KEY", optional_path,
+                                             "with --curve-secret-key: the server's .key file")
+    insecure: bool = setting(False, "--insecure", "INSECURE", boolean,
+                             "connect without encryption even if keys are configured (prints a warning)")
+    log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
+
+
+@dataclasses.dataclass(frozen=True)
+class KeysConfig:
+    """How ``pyfed keys`` makes CurveZMQ key pairs."""
+
+    out: Path = setting(Path("keys"), "--out", "KEYS_DIR", path, "directory for the key files")
+    clients: int = setting(1, "--clients", "KEY_CLIENTS", non_negative_int, "client key pairs to make")
     log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
 
 

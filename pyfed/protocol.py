@@ -48,6 +48,7 @@ class MessageType(str, enum.Enum):
     EVALUATE = "evaluate"
     EVALUATION = "evaluation"
     FINISH = "finish"
+    STOPPING = "stopping"
     ERROR = "error"
     LEAVE = "leave"
 
@@ -205,6 +206,11 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
     },
     # server -> client: the run is over; the client may exit.
     MessageType.FINISH: {
+        "reason": (_text(1000), True),
+    },
+    # server -> client: the server is shutting down (SIGTERM) and will resume from its checkpoint;
+    # the client keeps its state, waits and rejoins when the server is back.
+    MessageType.STOPPING: {
         "reason": (_text(1000), True),
     },
     # either way: something went wrong; `code` is machine-readable, `reason` is for people.

@@ -2,13 +2,25 @@
 
 One thread, one ROUTER socket, no blocking on any client. The run reads top to bottom::
 
-    wait for --min-clients  ->  for each round: send FIT to the selected clients,
-    collect their UPDATEs (serving joins and rejecting bad messages meanwhile), aggregate,
-    evaluate, record  ->  tell every client the run is over.
+    resume from the last checkpoint (or start fresh)  ->  wait for --min-clients  ->
+    for each round: sample clients, send them FIT, collect their UPDATEs (serving joins,
+    noticing lost connections and rejecting bad messages meanwhile); with fewer than
+    --min-fit-clients updates, retry the round; aggregate, evaluate, record, checkpoint
+    ->  tell every client the run is over.
+
+A client is dropped from a round when it leaves, when its connection closes or misses
+ZeroMQ heartbeats (~10 s), or when --round-timeout expires; why is logged and kept in
+summary.json. SIGTERM (:meth:`Server.request_stop`) stops at the next wait, after the last
+checkpoint, and tells the clients to wait for the server's return.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -19,19 +31,28 @@ from typing import Any
 import numpy as np
 
 from . import protocol
+from .checkpoint import (CheckpointError, check_fingerprint, list_checkpoints, load_state, save_checkpoint)
 from .data import shard_name
 from .model import evaluate, evaluation_dataset, to_wire
 from .protocol import Message, MessageType, ProtocolError
-from .strategy import Aggregator, FedAvg, FitPlan, FitResult, Strategy
-from .tracking import RoundRecord, RunLog, format_metric
+from .security import Admission, CurveKeys
+from .strategy import Aggregator, FedAvg, FitPlan, FitResult, Strategy, sample_clients
+from .tracking import RoundRecord, RunLog, archive_previous_run, format_metric
 from .training import weighted_evaluation
-from .transport import ServerTransport
+from .transport import HEARTBEAT_TIMEOUT_MS, ServerTransport
 
 log = logging.getLogger("pyfed.server")
 
 PROGRESS_EVERY_S = 10.0
 FINISH_GRACE_S = 15.0
 FINISH_RESEND_S = 2.0
+RESERVE_SHARDS_S = 60.0  # after a resume, a returning client's shard is kept for it this long
+REWELCOME_EVERY_S = 2.0  # a joined peer's repeated JOINs are answered at most this often
+CONNECTION_LOST = f"connection lost (closed, or no heartbeat for {HEARTBEAT_TIMEOUT_MS / 1000:g}s)"
+
+
+class ServerStopping(Exception):
+    """Raised inside the run when a stop was requested (SIGTERM); the run ends cleanly."""
 
 
 @dataclass
@@ -42,6 +63,24 @@ class ClientRecord:
     peer: bytes
     num_examples: int
     shard: str | None = None
+    key: str | None = None  # its CURVE public key, when the server encrypts
+
+
+class TokenBucket:
+    """At most ``rate`` events per second on average, in bursts of up to ``burst``."""
+
+    def __init__(self, rate: float, burst: int):
+        self.rate, self.burst = rate, burst
+        self._tokens, self._stamp = float(burst), time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
+        self._stamp = now
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
 
 
 class RateLimitedLog:
@@ -81,10 +120,23 @@ class Server:
         round_timeout_s: float | None = None,
         num_shards: int = 0,
         config_summary: dict[str, Any] | None = None,
+        min_fit_clients: int = 1,
+        fraction_fit: float = 1.0,
+        seed: int = 0,
+        checkpoint_dir: Path | None = None,
+        keep_checkpoints: int = 3,
+        fresh_start: bool = False,
+        curve: CurveKeys | None = None,
+        authorized_keys: Path | None = None,
     ):
+        if not 1 <= min_fit_clients:
+            raise ValueError(f"min_fit_clients must be at least 1, got {min_fit_clients}")
         self.model = model
         self.rounds = rounds
         self.min_clients = min_clients
+        self.min_fit_clients = min_fit_clients
+        self.fraction_fit = fraction_fit
+        self.seed = seed
         self.plan = plan
         self.strategy = strategy or FedAvg()
         self.test_data = test_data
@@ -97,71 +149,186 @@ class Server:
         model_bytes = sum(a.nbytes for a in self.weights)
         self.limits = protocol.Limits(max_header_bytes=1024 * 1024, max_arrays=max(1, len(self.specs)),
                                       max_array_bytes=max(1, model_bytes), max_total_bytes=max(1, model_bytes))
-        self.transport = ServerTransport(address, max_frame_bytes=protocol.max_frame_bytes(self.specs, self.limits))
+        admission = Admission(authorized_keys, curve.public) if curve is not None else None
+        self.transport = ServerTransport(address, max_frame_bytes=protocol.max_frame_bytes(self.specs, self.limits),
+                                         curve=curve, admission=admission)
         self.endpoint: str | None = None
-        self.clients: dict[str, ClientRecord] = {}
+        self.clients: dict[str, ClientRecord] = {}  # the live registry
+        self.known: dict[str, dict[str, Any]] = {}  # every client id ever admitted: {"shard", "key"}
         self._client_by_peer: dict[bytes, str] = {}
+        self._removed: dict[str, str] = {}  # client id -> why it was last removed
         self._next_client_number = 1
+        self._reserved_until = 0.0
         self.current_round = 0
-        self.run_log = RunLog(logdir, config=config_summary or {}) if logdir else None
+        self.completed_rounds = 0
+        self.logdir = Path(logdir) if logdir else None
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else (self.logdir / "checkpoints" if logdir else None)
+        self.keep_checkpoints = keep_checkpoints
+        self.fresh_start = fresh_start
+        self.config_summary = config_summary or {}
+        self.fingerprint = {
+            "model": hashlib.sha256(json.dumps([self.model_json, self.compile_config], sort_keys=True,
+                                               default=str).encode()).hexdigest()[:16],
+            "strategy": json.dumps(self.strategy.describe(), sort_keys=True, default=str),
+            "num_shards": num_shards,
+        }
+        self.run_log: RunLog | None = None
         self.history: list[RoundRecord] = []
         self.final_metrics: tuple[float | None, float | None] = (None, None)
         self._rejections = RateLimitedLog()
+        self._joins = TokenBucket(rate=10.0, burst=50)
+        self._last_welcome: dict[bytes, float] = {}
         self._finishing = False
+        self._stop_reason: str | None = None
+        self.stopped = False
+
+    def request_stop(self, reason: str) -> None:
+        """Stop at the next wait (safe from a signal handler): the last checkpoint stays the resume point."""
+        self._stop_reason = reason
 
     # --- the run, top to bottom ----------------------------------------------------------------
 
     def run(self) -> list[RoundRecord]:
-        """Bind, wait for clients, run every round, tell the clients the run is over."""
-        self.endpoint = self.transport.bind()
-        if self.run_log and self.run_log.archived_to:
-            log.info("moved the previous run's logs to %s", self.run_log.archived_to)
-        log.info("listening on %s; model has %d arrays, %.1f MB; waiting for %d clients",
-                 self.endpoint, len(self.specs), sum(a.nbytes for a in self.weights) / 1e6, self.min_clients)
+        """Resume or start, wait for clients, run every round, tell the clients the run is over.
+
+        Raises :class:`CheckpointError` if the checkpoint to resume from is corrupt or was written
+        by a different run; nothing is loaded then.
+        """
         try:
-            self._wait_for_clients()
-            for server_round in range(1, self.rounds + 1):
+            self._open_run()
+            self.endpoint = self.transport.bind()
+        except BaseException:
+            self.transport.close()
+            raise
+        log.info("listening on %s%s; model has %d arrays, %.1f MB; waiting for %d clients", self.endpoint,
+                 " (CurveZMQ)" if self.transport.encrypted else " (NOT encrypted)", len(self.specs),
+                 sum(a.nbytes for a in self.weights) / 1e6, self.min_clients)
+        try:
+            self._wait_for_clients(self.min_clients)
+            for server_round in range(self.completed_rounds + 1, self.rounds + 1):
                 self._run_round(server_round)
             # the global model was evaluated at the end of the last round; no need to do it again
             self.final_metrics = ((self.history[-1].test_loss, self.history[-1].test_accuracy)
                                   if self.history else self._evaluate())
             if self.run_log:
                 self.run_log.finish(*self.final_metrics)
+            self._checkpoint(finished=True)
             self._finishing = True
             self._finish_clients("the run is complete")
             log.info("run finished: %d rounds, final test loss %s, accuracy %s%s", self.rounds,
                      format_metric(self.final_metrics[0]), format_metric(self.final_metrics[1]),
                      f"; summary in {self.run_log.summary_path}" if self.run_log else "")
+        except ServerStopping:
+            self.stopped = True
+            frames = protocol.encode(Message(MessageType.STOPPING, round=self.completed_rounds,
+                                             body={"reason": self._stop_reason}))
+            for record in self.clients.values():
+                self.transport.send(record.peer, frames)
+            log.info("stopped (%s) after %d completed rounds; %s", self._stop_reason, self.completed_rounds,
+                     "the same command resumes from the last checkpoint" if self.checkpoint_dir
+                     else "no checkpoints are kept (no log or checkpoint directory)")
         finally:
             if self.run_log:
                 self.run_log.close()
             self.transport.close()
         return self.history
 
-    def _wait_for_clients(self) -> None:
+    # --- checkpoints: resume, or start a new run -----------------------------------------------
+
+    def _open_run(self) -> None:
+        """Resume from the newest checkpoint of an unfinished run, or archive what is there and start."""
+        existing = list_checkpoints(self.checkpoint_dir) if self.checkpoint_dir else []
+        state = None
+        if existing and not self.fresh_start:
+            state = self._load_checkpoint(existing[-1])
+            if state["finished"]:
+                log.info("the run in %s finished all its rounds; starting a new run", self.checkpoint_dir)
+                state = None
+        if state is None and existing and self.checkpoint_dir.parent != self.logdir:
+            archived = archive_previous_run(self.checkpoint_dir, tuple(p.name for p in existing))
+            log.info("moved the previous run's checkpoints to %s", archived)
+        if state is not None:
+            self._restore(state)
+            log.info("resuming from %s: %d of %d rounds completed, %d known clients", existing[-1],
+                     self.completed_rounds, self.rounds, len(self.known))
+        if self.logdir:
+            self.run_log = RunLog(self.logdir, config=self.config_summary,
+                                  resume=self.history if state is not None else None,
+                                  clients=state["summary_clients"] if state is not None else None)
+            if self.run_log.archived_to:
+                log.info("moved the previous run's logs to %s", self.run_log.archived_to)
+
+    def _load_checkpoint(self, path: Path) -> dict[str, Any]:
+        """Read and fully check a checkpoint; raise CheckpointError (naming it) before anything is used."""
+        state = load_state(path)
+        check_fingerprint(path, state.get("fingerprint"), self.fingerprint)
+        try:
+            completed = state["round"]
+            weights = state["weights"]
+            protocol.check_specs(protocol.array_specs(weights), self.specs)
+            history = [RoundRecord(**entry) for entry in state["history"]]
+            if not isinstance(completed, int) or [r.round for r in history] != list(range(1, completed + 1)):
+                raise ValueError(f"round {completed!r} does not match its history of {len(history)} rounds")
+            strategy = copy.deepcopy(self.strategy)
+            strategy.load_state(state["strategy"])
+            known = {str(cid): {"shard": entry.get("shard"), "key": entry.get("key")}
+                     for cid, entry in state["known_clients"].items()}
+            restored = {"round": completed, "finished": bool(state["finished"]), "weights": list(weights),
+                        "history": history, "strategy": strategy, "known": known,
+                        "summary_clients": dict(state["summary_clients"]),
+                        "next_client_number": int(state["next_client_number"])}
+        except (KeyError, TypeError, ValueError, AttributeError, ProtocolError) as error:
+            raise CheckpointError(f"{path}: not a usable checkpoint of this run "
+                                  f"({error.__class__.__name__}: {str(error)[:200]})") from None
+        if completed > self.rounds and not restored["finished"]:
+            raise CheckpointError(f"{path}: {completed} rounds are already completed but --rounds is {self.rounds}")
+        return restored
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        self.completed_rounds = self.current_round = state["round"]
+        self.weights = state["weights"]
+        self.history = state["history"]
+        self.strategy = state["strategy"]
+        self.known = state["known"]
+        self._next_client_number = state["next_client_number"]
+        self._reserved_until = time.monotonic() + RESERVE_SHARDS_S
+
+    def _checkpoint(self, *, finished: bool = False) -> None:
+        if not self.checkpoint_dir:
+            return
+        state = {"round": self.completed_rounds, "finished": finished, "fingerprint": self.fingerprint,
+                 "weights": list(self.weights), "strategy": self.strategy.state(), "known_clients": self.known,
+                 "summary_clients": self.run_log.clients if self.run_log else {},
+                 "history": [record.to_json() for record in self.history],
+                 "next_client_number": self._next_client_number}
+        path = save_checkpoint(self.checkpoint_dir, self.completed_rounds, state, keep=self.keep_checkpoints)
+        log.info("checkpoint written: %s", path)
+
+    # --- rounds --------------------------------------------------------------------------------
+
+    def _wait_for_clients(self, needed: int) -> None:
         next_progress = time.monotonic() + PROGRESS_EVERY_S
-        while len(self.clients) < self.min_clients:
+        while len(self.clients) < needed:
             self._serve_one(timeout_s=1.0)
             if time.monotonic() >= next_progress:
-                log.info("waiting for clients: %d/%d joined", len(self.clients), self.min_clients)
+                log.info("waiting for clients: %d/%d joined", len(self.clients), needed)
                 next_progress = time.monotonic() + PROGRESS_EVERY_S
 
     def _run_round(self, server_round: int) -> None:
         self.current_round = server_round
         started = time.monotonic()
         sent_before, received_before = self.transport.bytes_sent, self.transport.bytes_received
-        selected = self.strategy.configure_fit(server_round, sorted(self.clients), self.plan)
-        log.info("round %d/%d started: %d clients (%s)", server_round, self.rounds, len(selected),
-                 ", ".join(cid for cid, _ in selected))
-
-        aggregator = self.strategy.aggregator(server_round, self.weights)
-        pending = self._send_fit(server_round, selected)
-        results, dropped = self._collect_updates(server_round, pending, aggregator)
-
-        if results:
-            self.weights = aggregator.result()
-        else:
-            log.warning("round %d: no updates arrived; the global model is unchanged", server_round)
+        failed_attempts: list[dict[str, Any]] = []
+        for attempt in itertools.count(1):
+            self._wait_for_clients(self.min_fit_clients)
+            selected, aggregator, results, dropped = self._fit_attempt(server_round, attempt)
+            if len(results) >= self.min_fit_clients:
+                break
+            failed_attempts.append({"attempt": attempt, "selected": [cid for cid, _ in selected],
+                                    "answered": sorted(results), "dropped": dropped})
+            log.warning("round %d attempt %d failed: %d update(s), fewer than --min-fit-clients %d; "
+                        "retrying the round", server_round, attempt, len(results), self.min_fit_clients)
+        self.weights = aggregator.result()
         eval_started = time.monotonic()
         test_loss, test_accuracy = self._evaluate()
         federated = None
@@ -176,10 +343,28 @@ class Server:
             test=(test_loss, test_accuracy), eval_s=eval_s, dropped=dropped, federated=federated,
             bytes_sent=self.transport.bytes_sent - sent_before,
             bytes_received=self.transport.bytes_received - received_before)
+        record.failed_attempts = failed_attempts
         self.history.append(record)
+        self.completed_rounds = server_round
         if self.run_log:
             self.run_log.record_round(record)
         log.info("%s", record.describe(self.rounds))
+        self._checkpoint()
+
+    def _fit_attempt(self, server_round: int, attempt: int) -> tuple[list[tuple[str, FitPlan]], Aggregator,
+                                                                     dict[str, FitResult], dict[str, str]]:
+        """One try at a round: sample clients, send FIT, collect what arrives."""
+        sampled = sample_clients(list(self.clients), self.fraction_fit, self.min_fit_clients,
+                                 (self.seed, server_round, attempt))
+        selected = self.strategy.configure_fit(server_round, sampled, self.plan)
+        log.info("round %d/%d started%s: %d of %d clients (%s)", server_round, self.rounds,
+                 f" (attempt {attempt})" if attempt > 1 else "", len(selected), len(self.clients),
+                 ", ".join(cid for cid, _ in selected))
+        aggregator = self.strategy.aggregator(server_round, self.weights)
+        pending = self._send_fit(server_round, selected)
+        unreached = {cid: "could not be reached" for cid, _ in selected if cid not in pending}
+        results, dropped = self._collect_updates(server_round, pending, aggregator)
+        return selected, aggregator, results, {**unreached, **dropped}
 
     def _send_fit(self, server_round: int, selected: Sequence[tuple[str, FitPlan]]) -> set[str]:
         """Send FIT (global weights + plan) to each selected client; return those reached."""
@@ -240,8 +425,9 @@ class Server:
         while pending:
             for client_id in sorted(pending - set(self.clients)):
                 pending.discard(client_id)
-                dropped[client_id] = "left the federation"
-                log.warning("round %d: client %s left before sending its %s", server_round, client_id, what)
+                dropped[client_id] = self._removed.get(client_id, "left the federation")
+                log.warning("round %d: dropped client %s before its %s: %s", server_round, client_id, what,
+                            dropped[client_id])
             now = time.monotonic()
             if deadline is not None and now >= deadline:
                 for client_id in sorted(pending):
@@ -309,8 +495,14 @@ class Server:
     # --- serving one message -------------------------------------------------------------------
 
     def _serve_one(self, timeout_s: float) -> tuple[str, Message] | None:
-        """Receive one message; handle joins, leaves and bad input here; return UPDATEs to the caller."""
+        """Receive one message; handle joins, leaves, lost connections and bad input here; return
+        UPDATEs and EVALUATIONs to the caller. Raises ServerStopping once a stop was requested."""
+        if self._stop_reason and not self._finishing:
+            raise ServerStopping(self._stop_reason)
         received = self.transport.recv(timeout_s)
+        for lost in self.transport.lost_peers(idle=received is None):
+            if lost in self._client_by_peer:
+                self._remove_client(self._client_by_peer[lost], CONNECTION_LOST, quiet=self._finishing)
         if received is None:
             return None
         peer, frames = received
@@ -330,10 +522,14 @@ class Server:
             self._reject(peer, "wrong_client_id",
                          f"peer of client {client_id} sent a message claiming id {message.client_id!r}")
             return None
+        if self.transport.encrypted and self.transport.peer_keys.get(peer) != self.clients[client_id].key:
+            self._reject(peer, "wrong_key", f"a message for client {client_id} came with another CURVE key")
+            return None
         if message.type in (MessageType.UPDATE, MessageType.EVALUATION):
             return client_id, message
         if message.type is MessageType.LEAVE:
-            self._remove_client(client_id, message.body.get("reason") or "left", quiet=self._finishing)
+            self._remove_client(client_id, f"left ({message.body.get('reason') or 'no reason given'})",
+                               quiet=self._finishing)
         elif message.type is MessageType.ERROR:
             log.warning("client %s reported an error [%s]: %s", client_id, message.body["code"], message.body["reason"])
             self._remove_client(client_id, f"error: {message.body['code']}")
@@ -344,28 +540,46 @@ class Server:
     def _handle_join(self, peer: bytes, message: Message) -> None:
         known = self._client_by_peer.get(peer)
         wanted = message.client_id
+        key = self.transport.peer_keys.get(peer)
         if known is not None and wanted in ("", known):
-            record = self.clients[known]  # a repeated JOIN (e.g. the client's retry): welcome it again
+            # a repeated JOIN (the client's retry, or its rejoin after a reconnect): welcome it again
+            if time.monotonic() - self._last_welcome.get(peer, 0.0) < REWELCOME_EVERY_S:
+                self._reject(peer, "join_flood", f"client {known} repeats JOIN more than once per "
+                                                 f"{REWELCOME_EVERY_S:g}s; ignored")
+                return
+            record = self.clients[known]
         elif known is not None:
             self._reject(peer, "already_joined", f"peer already joined as {known}, now asks for {wanted!r}")
             return
         elif wanted and wanted in self.clients:
-            self._reject(peer, "id_taken", f"client id {wanted!r} is already taken by a connected client")
+            self._reject(peer, "id_taken", f"client id {wanted!r} is in use by a connected client; "
+                                           "retry once that client is gone")
+            return
+        elif wanted and self.known.get(wanted, {}).get("key") not in (None, key):
+            self._reject(peer, "id_bound_to_key", f"client id {wanted!r} belongs to another client's key")
+            return
+        elif not self._joins.take():
+            self._reject(peer, "busy", "too many join requests; retry in a few seconds")
             return
         else:
-            record = self._register(peer, wanted, message.body)
+            record = self._register(peer, wanted, message.body, key)
             if record is None:
                 return
+        self._last_welcome[peer] = time.monotonic()
         welcome = Message(MessageType.WELCOME, round=self.current_round, client_id=record.client_id,
                           arrays=self.weights,
                           body={"model_json": self.model_json, "compile_config": self.compile_config,
                                 "plan": self.plan.to_body(), "rounds": self.rounds, "shard": record.shard})
         self.transport.send(peer, protocol.encode(welcome))
 
-    def _register(self, peer: bytes, wanted: str, body: dict[str, Any]) -> ClientRecord | None:
-        """Admit a new client: give it an id and, if it asked, a data shard of its own."""
+    def _register(self, peer: bytes, wanted: str, body: dict[str, Any], key: str | None) -> ClientRecord | None:
+        """Admit a client: give it an id and, if it asked, a data shard of its own (the one it had,
+        when it comes back)."""
         shard = None
-        if body.get("wants_shard"):
+        previous = self.known.get(wanted, {}).get("shard") if wanted else None
+        if body.get("wants_shard") and previous and previous not in {r.shard for r in self.clients.values()}:
+            shard, client_id = previous, wanted
+        elif body.get("wants_shard"):
             index = self._free_shard_index()
             if index is None:
                 reason = (f"all {self.num_shards} data shards are taken; this client is not needed"
@@ -376,19 +590,24 @@ class Server:
             client_id = wanted or f"client-{index}"
         else:
             client_id = wanted or self._assign_client_id()
-        record = ClientRecord(client_id, peer, body.get("num_examples", 0), shard)
+        record = ClientRecord(client_id, peer, body.get("num_examples", 0), shard, key)
+        rejoined = client_id in self.known
         self.clients[client_id] = record
         self._client_by_peer[peer] = client_id
+        self.known[client_id] = {"shard": shard, "key": key}
         if self.run_log:
             self.run_log.clients[client_id] = {"shard": shard, "num_examples": record.num_examples}
-        log.info("client %s joined (%s) [%d/%d]", client_id,
+        log.info("client %s %s (%s) [%d/%d]", client_id, "rejoined" if rejoined else "joined",
                  f"assigned shard {shard}" if shard else f"{record.num_examples} examples",
                  len(self.clients), self.min_clients)
         return record
 
     def _free_shard_index(self) -> int | None:
-        """The lowest shard not held by a client, and whose conventional id no pinned client uses."""
+        """The lowest shard not held by a client, whose conventional id no pinned client uses and
+        (shortly after a resume) that no returning client is expected to reclaim."""
         taken = {r.shard for r in self.clients.values()}
+        if time.monotonic() < self._reserved_until:
+            taken |= {entry["shard"] for entry in self.known.values()}
         for index in range(1, self.num_shards + 1):
             if shard_name(index) not in taken and f"client-{index}" not in self.clients:
                 return index
@@ -405,7 +624,10 @@ class Server:
         record = self.clients.pop(client_id, None)
         if record is not None:
             self._client_by_peer.pop(record.peer, None)
-            (log.debug if quiet else log.info)("client %s left: %s", client_id, reason)
+            self._last_welcome.pop(record.peer, None)
+            self._removed[client_id] = reason
+            (log.debug if quiet else log.info)("client %s dropped: %s [%d connected]", client_id, reason,
+                                               len(self.clients))
 
     def _reject(self, peer: bytes, code: str, reason: str) -> None:
         """Log a rejected message (rate-limited) and tell the peer why, when it can be addressed."""

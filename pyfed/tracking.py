@@ -39,6 +39,7 @@ class RoundRecord:
     dropped: dict[str, str] = field(default_factory=dict)
     train_history: dict[str, dict[str, list[float | None]]] = field(default_factory=dict)
     federated_evaluation: dict[str, Any] | None = None  # {loss, accuracy, num_examples, clients}
+    failed_attempts: list[dict[str, Any]] = field(default_factory=list)  # earlier tries with too few updates
 
     @classmethod
     def build(cls, server_round: int, selected: list[str], results: dict[str, Any], *, duration_s: float,
@@ -53,10 +54,18 @@ class RoundRecord:
                    dropped=dropped, train_history={cid: r.metrics["history"] for cid, r in ordered},
                    federated_evaluation=federated)
 
+    def to_json(self) -> dict[str, Any]:
+        """The record as JSON values (a diverged model's NaN loss becomes null)."""
+        entry = asdict(self)
+        entry["test_loss"] = _finite_or_none(self.test_loss)
+        entry["test_accuracy"] = _finite_or_none(self.test_accuracy)
+        return entry
+
     def describe(self, rounds: int) -> str:
         """The round's one log line."""
         federated = self.federated_evaluation
-        return (f"round {self.round}/{rounds} finished in {self.duration_s:.2f}s: {len(self.clients)}/"
+        retried = f" (attempt {len(self.failed_attempts) + 1})" if self.failed_attempts else ""
+        return (f"round {self.round}/{rounds}{retried} finished in {self.duration_s:.2f}s: {len(self.clients)}/"
                 f"{len(self.selected)} updates, test loss {format_metric(self.test_loss)}, accuracy {format_metric(self.test_accuracy)}"
                 + (f"; federated loss {format_metric(federated['loss'])}, accuracy {format_metric(federated['accuracy'])} "
                    f"on {federated['num_examples']} held-out examples" if federated else ""))
@@ -68,13 +77,13 @@ def write_json_atomic(path: Path, document: Any) -> None:
     write_atomic(path, lambda handle: handle.write(data))
 
 
-RUN_ENTRIES = ("summary.json", "server", "clients")
+RUN_ENTRIES = ("summary.json", "server", "clients", "checkpoints")
 
 
-def archive_previous_run(logdir: Path) -> Path | None:
+def archive_previous_run(logdir: Path, entries: tuple[str, ...] = RUN_ENTRIES) -> Path | None:
     """Move an earlier run's files under ``logdir/archive/<its start time>/``, so a new run starts
     clean and nothing is lost (TensorBoard shows the old run as ``archive/<time>/...``)."""
-    present = [logdir / name for name in RUN_ENTRIES if (logdir / name).exists()]
+    present = [logdir / name for name in entries if (logdir / name).exists()]
     if not present:
         return None
     started = time.strftime("%Y-%m-%dT%H-%M-%S", time.localtime(min(p.stat().st_mtime for p in present)))
@@ -98,23 +107,42 @@ def _finite_or_none(value: float | None) -> float | None:
 
 
 class RunLog:
-    """Writes TensorBoard scalars and summary.json for each finished round."""
+    """Writes TensorBoard scalars and summary.json for each finished round.
 
-    def __init__(self, logdir: Path, *, config: dict[str, Any]):
+    A new run archives the previous one's files. A resumed run (``resume`` = the rounds restored
+    from a checkpoint) rewrites the TensorBoard events from those rounds instead, so each round
+    appears exactly once even if the crash came after its events were written but before its
+    checkpoint was.
+    """
+
+    def __init__(self, logdir: Path, *, config: dict[str, Any], resume: list[RoundRecord] | None = None,
+                 clients: dict[str, dict[str, Any]] | None = None):
+        import shutil
+
         import tensorflow as tf
 
         self._tf = tf
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         self.summary_path = self.logdir / "summary.json"
-        self.archived_to = archive_previous_run(self.logdir)
+        if resume is None:
+            self.archived_to = archive_previous_run(self.logdir)
+        else:
+            self.archived_to = None
+            for name in ("server", "clients"):
+                shutil.rmtree(self.logdir / name, ignore_errors=True)
         self.rounds: list[RoundRecord] = []
         self.config = config
         self._server_writer = tf.summary.create_file_writer(str(self.logdir / "server"))
         self._client_writers: dict[str, Any] = {}
         self._client_epochs: dict[str, int] = {}
         self.final: dict[str, Any] | None = None
-        self.clients: dict[str, dict[str, Any]] = {}  # client id -> {"shard", "num_examples"}
+        self.clients: dict[str, dict[str, Any]] = dict(clients or {})  # client id -> {"shard", "num_examples"}
+        for record in resume or []:
+            self._write_events(record)
+            self.rounds.append(record)
+        if resume:
+            self.write_summary()
 
     def _client_writer(self, client_id: str):
         if client_id not in self._client_writers:
@@ -124,6 +152,11 @@ class RunLog:
 
     def record_round(self, record: RoundRecord) -> None:
         """Log one finished round to TensorBoard and rewrite summary.json."""
+        self._write_events(record)
+        self.rounds.append(record)
+        self.write_summary()
+
+    def _write_events(self, record: RoundRecord) -> None:
         tf, step = self._tf, record.round
         with self._server_writer.as_default():
             if record.test_loss is not None:
@@ -141,8 +174,6 @@ class RunLog:
         self._server_writer.flush()
         for client_id in record.clients:
             self._record_client(client_id, record)
-        self.rounds.append(record)
-        self.write_summary()
 
     def _record_client(self, client_id: str, record: RoundRecord) -> None:
         tf, history = self._tf, record.train_history.get(client_id, {})
@@ -168,12 +199,7 @@ class RunLog:
         self.write_summary()
 
     def write_summary(self) -> None:
-        rounds = []
-        for record in self.rounds:
-            entry = asdict(record)
-            entry["test_loss"] = _finite_or_none(record.test_loss)
-            entry["test_accuracy"] = _finite_or_none(record.test_accuracy)
-            rounds.append(entry)
+        rounds = [record.to_json() for record in self.rounds]
         write_json_atomic(self.summary_path, {
             "status": "finished" if self.final is not None else "running",
             "config": self.config,

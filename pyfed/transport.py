@@ -3,7 +3,13 @@
 Frames go out with ``copy=False`` (pyzmq hands the array memory to libzmq without a copy) and
 come in as ``zmq.Frame`` objects whose buffers the protocol wraps without a copy. The server's
 sends never block: a peer that is gone or whose queue is full makes ``send`` return False.
-Byte counters let the server report traffic per round. Security options (CURVE) belong here too.
+Byte counters let the server report traffic per round.
+
+Both ends watch their socket's monitor: the server learns within the heartbeat timeout that a
+peer's connection died (SIGKILL, a stalled process, a cut cable), and which peer that was, from
+the file descriptor its messages arrived on; a client learns that the server went away and came
+back, so it can rejoin. With :class:`CurveKeys` every connection is CurveZMQ-encrypted and the
+server admits clients through a ZAP handler (see :mod:`pyfed.security`).
 """
 
 from __future__ import annotations
@@ -13,16 +19,21 @@ import ctypes.util
 import functools
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
+
+from .security import Admission, CurveKeys, start_authenticator
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_IVL_MS = 2_000
 HEARTBEAT_TIMEOUT_MS = 10_000
 LINGER_MS = 5_000
+LOSS_SETTLE_S = 1.0
 
 
 @functools.cache
@@ -57,7 +68,29 @@ def _heartbeats(socket: zmq.Socket) -> None:
     socket.setsockopt(zmq.HEARTBEAT_TTL, HEARTBEAT_TIMEOUT_MS)
 
 
-def _close(socket: zmq.Socket, context: zmq.Context | None) -> None:
+#: libzmq's codes for a failed handshake, as people should read them.
+HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication failed (key not admitted)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol or security mechanism mismatch (one side without CURVE?)",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed (wrong server key, or not a ZeroMQ peer)",
+}
+MONITORED = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+
+
+def _monitor_events(monitor: zmq.Socket) -> list[tuple[int, int]]:
+    """Every pending (event, value) from a monitor socket, without blocking."""
+    events = []
+    while monitor.poll(0):
+        event = parse_monitor_message(monitor.recv_multipart())
+        events.append((int(event["event"]), int(event["value"])))
+    return events
+
+
+def _close(socket: zmq.Socket, context: zmq.Context | None, monitor: zmq.Socket | None = None) -> None:
+    if monitor is not None and not socket.closed:
+        socket.disable_monitor()
+        monitor.close(0)
     if not socket.closed:
         socket.close()
     if context is not None and not context.closed:
@@ -67,12 +100,19 @@ def _close(socket: zmq.Socket, context: zmq.Context | None) -> None:
 class ServerTransport:
     """A bound ROUTER socket: receive (peer, frames), send frames to a peer without blocking."""
 
-    def __init__(self, address: str, *, max_frame_bytes: int | None = None, context: zmq.Context | None = None):
+    def __init__(self, address: str, *, max_frame_bytes: int | None = None, context: zmq.Context | None = None,
+                 curve: CurveKeys | None = None, admission: Admission | None = None):
         self.address = address
         keep_receive_buffers()
         self._own_context = context is None
         self._context = context or zmq.Context()
         self.socket = self._context.socket(zmq.ROUTER)
+        self._authenticator = None
+        if curve is not None:
+            self._authenticator = start_authenticator(self._context, admission or Admission(None, curve.public))
+            self.socket.curve_secretkey = curve.secret
+            self.socket.curve_publickey = curve.public
+            self.socket.curve_server = True
         self.socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # sending to an unknown peer raises, not drops
         self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting with its id takes over
         self.socket.setsockopt(zmq.LINGER, LINGER_MS)
@@ -83,8 +123,16 @@ class ServerTransport:
         _heartbeats(self.socket)
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.encrypted = curve is not None
+        self._monitor = self.socket.get_monitor_socket(MONITORED)
+        self._peer_by_fd: dict[int, bytes] = {}
+        self._fd_by_peer: dict[bytes, int] = {}
+        self.peer_keys: dict[bytes, str] = {}  # peer -> its CURVE public key (z85), when encrypted
+        self._lost: dict[bytes, tuple[int, float]] = {}  # peer -> (its closed descriptor, when)
+        self.handshake_failures = 0
         self._poller = zmq.Poller()
         self._poller.register(self.socket, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
 
     def bind(self) -> str:
         """Bind; return the bound endpoint (useful with port 0 in tests)."""
@@ -92,12 +140,58 @@ class ServerTransport:
         return self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
     def recv(self, timeout_s: float) -> tuple[bytes, list[zmq.Frame]] | None:
-        """The next (peer id, frames), or None if nothing arrives within ``timeout_s``."""
-        if not self._poller.poll(max(0, int(timeout_s * 1000))):
+        """The next (peer id, frames), or None if nothing arrives within ``timeout_s``.
+
+        Connection events are read first, so a lost connection is pinned to the peer that used it
+        before a new connection can reuse its file descriptor.
+        """
+        ready = dict(self._poller.poll(max(0, int(timeout_s * 1000))))
+        self._read_monitor()
+        if self.socket not in ready:
             return None
         parts = self.socket.recv_multipart(copy=False)
         self.bytes_received += _frame_bytes(parts)
-        return parts[0].bytes, parts[1:]
+        peer = parts[0].bytes
+        try:
+            fd = parts[-1].get(zmq.SRCFD)
+        except zmq.ZMQError:  # a legacy ZMTP/1.0 peer (or raw bytes parsed as one) has no descriptor
+            fd = None
+        if fd is not None and self._fd_by_peer.get(peer) != fd:
+            self._peer_by_fd.pop(self._fd_by_peer.get(peer, -1), None)
+            self._fd_by_peer[peer], self._peer_by_fd[fd] = fd, peer
+        if peer in self._lost and fd is not None and fd != self._lost[peer][0]:
+            del self._lost[peer]  # it is back on a new connection
+        if self.encrypted:
+            try:
+                self.peer_keys[peer] = parts[-1].get("User-Id")
+            except zmq.ZMQError:
+                self.peer_keys.pop(peer, None)
+        return peer, parts[1:]
+
+    def _read_monitor(self) -> None:
+        for event, value in _monitor_events(self._monitor):
+            if event == zmq.EVENT_DISCONNECTED:
+                peer = self._peer_by_fd.pop(value, None)
+                if peer is not None:
+                    self._fd_by_peer.pop(peer, None)
+                    self._lost[peer] = (value, time.monotonic())
+            elif event in HANDSHAKE_FAILURES:
+                self.handshake_failures += 1
+                if self.handshake_failures <= 20 or self.handshake_failures % 1000 == 0:
+                    log.warning("refused a connection: %s [code %#x; %d refused so far]",
+                                HANDSHAKE_FAILURES[event], value, self.handshake_failures)
+
+    def lost_peers(self, *, idle: bool) -> list[bytes]:
+        """Peers whose connection closed or missed heartbeats, and did not come back.
+
+        A peer's last messages may still be queued behind the event (a LEAVE just before it
+        exits), so a loss is reported once the socket is ``idle`` or after LOSS_SETTLE_S.
+        """
+        now = time.monotonic()
+        lost = [peer for peer, (_, seen) in self._lost.items() if idle or now - seen >= LOSS_SETTLE_S]
+        for peer in lost:
+            del self._lost[peer]
+        return lost
 
     def send(self, peer: bytes, frames: Sequence[Any]) -> bool:
         """Queue ``frames`` for ``peer``; False (never a block) if the peer is gone or congested."""
@@ -116,6 +210,9 @@ class ServerTransport:
 
     def close(self) -> None:
         """Close the socket; with our own context, wait (up to LINGER) until queued messages are out."""
+        _close(self.socket, None, self._monitor)
+        if self._authenticator is not None:
+            self._authenticator.stop()
         _close(self.socket, self._context if self._own_context else None)
 
     def __enter__(self) -> "ServerTransport":
@@ -128,12 +225,16 @@ class ServerTransport:
 class ClientTransport:
     """A DEALER socket connected to the server; ZeroMQ reconnects it by itself."""
 
-    def __init__(self, address: str, *, context: zmq.Context | None = None):
+    def __init__(self, address: str, *, context: zmq.Context | None = None, curve: CurveKeys | None = None):
         self.address = address
         keep_receive_buffers()
         self._own_context = context is None
         self._context = context or zmq.Context()
         self.socket = self._context.socket(zmq.DEALER)
+        if curve is not None:
+            self.socket.curve_secretkey = curve.secret
+            self.socket.curve_publickey = curve.public
+            self.socket.curve_serverkey = curve.server_public
         # A stable routing id per process: a reconnect after a network blip keeps the same peer id.
         self.socket.setsockopt(zmq.ROUTING_ID, os.urandom(16))
         self.socket.setsockopt(zmq.IMMEDIATE, 1)  # queue only on live connections; send raises Again otherwise
@@ -141,9 +242,16 @@ class ClientTransport:
         self.socket.setsockopt(zmq.RECONNECT_IVL, 200)
         self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 5_000)
         _heartbeats(self.socket)
+        self._monitor = self.socket.get_monitor_socket(MONITORED)
         self._poller = zmq.Poller()
         self._poller.register(self.socket, zmq.POLLIN)
         self.socket.connect(address)
+
+    def events(self) -> list[tuple[str, str]]:
+        """Connection events since the last call: ("connected" | "disconnected" | "refused", detail)."""
+        names = {zmq.EVENT_HANDSHAKE_SUCCEEDED: "connected", zmq.EVENT_DISCONNECTED: "disconnected"}
+        return [(names[event], "") if event in names else ("refused", f"{HANDSHAKE_FAILURES[event]} [code {value:#x}]")
+                for event, value in _monitor_events(self._monitor)]
 
     def send(self, frames: Sequence[Any]) -> bool:
         """Send ``frames``; False if there is no connection to the server yet."""
@@ -161,7 +269,7 @@ class ClientTransport:
 
     def close(self) -> None:
         """Close the socket; with our own context, wait (up to LINGER) until queued messages are out."""
-        _close(self.socket, self._context if self._own_context else None)
+        _close(self.socket, self._context if self._own_context else None, self._monitor)
 
     def __enter__(self) -> "ClientTransport":
         return self

@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from .base import Aggregator, FitPlan, FitResult, Strategy, WeightedMeanStrategy
+from .base import Aggregator, FitPlan, FitResult, Strategy, WeightedMeanStrategy, sample_clients
 from .fedavg import FedAvg
 from .fedavgm import FedAvgM
 from .fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
@@ -45,4 +45,4 @@ def make_strategy(name: str, **options: Any) -> Strategy:
 
 __all__ = ["Aggregator", "FitPlan", "FitResult", "Strategy", "WeightedMeanStrategy", "FedAvg", "FedAvgM",
            "FedProx", "FedOpt", "FedAdagrad", "FedAdam", "FedYogi", "FedMedian", "TrimmedMean", "Krum",
-           "MultiKrum", "STRATEGIES", "make_strategy"]
+           "MultiKrum", "STRATEGIES", "make_strategy", "sample_clients"]

@@ -147,6 +147,19 @@ class _Streaming:
         return self._strategy.server_update(self._global, self._sum.mean())
 
 
+def sample_clients(available: Sequence[str], fraction: float, minimum: int, seed: Sequence[int]) -> list[str]:
+    """The clients asked to train: ``ceil(fraction * n)`` of the ``n`` available (at least
+    ``minimum``, at most all), drawn without replacement, reproducibly for a given ``seed``."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    available = sorted(available)
+    count = min(len(available), max(minimum, int(np.ceil(fraction * len(available) - 1e-9))))
+    if count >= len(available):
+        return available
+    chosen = np.random.default_rng(list(seed)).choice(len(available), size=count, replace=False)
+    return [available[i] for i in sorted(chosen)]
+
+
 def check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False,
                 high_open: bool = False) -> None:
     """Raise ValueError unless ``value`` lies in the interval (used by the strategies' __post_init__)."""

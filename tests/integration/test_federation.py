@@ -89,7 +89,7 @@ def test_three_clients_train_digits_to_90_percent_and_log_everything(tmp_path, p
 
     server_log = server.log_path.read_text()
     assert "rejected message [bad_message]" in server_log and "unsupported protocol version '99'" in server_log
-    assert "client bad-site left: " in server_log and "wrong.npz: examples have shape [5]" in server_log
+    assert "client bad-site dropped: left (" in server_log and "wrong.npz: examples have shape [5]" in server_log
 
     check_tensorboard_events(logdir)
 

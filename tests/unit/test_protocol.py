@@ -27,6 +27,7 @@ EXAMPLES = {
                                 body={"num_examples": 450, "fit_s": 1.25,
                                       "history": {"loss": [0.9, 0.5], "accuracy": [0.7, None]}}),
     MessageType.FINISH: Message(MessageType.FINISH, round=3, body={"reason": "the run is complete"}),
+    MessageType.STOPPING: Message(MessageType.STOPPING, round=2, body={"reason": "SIGTERM"}),
     MessageType.ERROR: Message(MessageType.ERROR, body={"code": "id_taken", "reason": "client id taken"}),
     MessageType.LEAVE: Message(MessageType.LEAVE, client_id="client-1", body={"reason": "shutting down"}),
 }
