@@ -161,7 +161,8 @@ def run_client(config: ClientConfig) -> int:
                          "this client's .npz shard, or where to find the shard the server assigns")
     client = Client(config.server, x, y, data_dir=config.data_dir, client_id=config.client_id,
                     epochs=config.epochs, batch_size=config.batch_size,
-                    data_source=str(config.data) if config.data else "the assigned shard", curve=curve)
+                    data_source=str(config.data) if config.data else "the assigned shard", curve=curve,
+                    seed=config.seed)
 
     def stop(name: str) -> None:
         raise ClientStopped(name)

@@ -23,7 +23,7 @@ from .data import DataError, load_shard
 from .model import from_wire, input_shape, output_units
 from .protocol import Message, MessageType, ProtocolError
 from .strategy import FitPlan
-from .training import LocalTrainer
+from .training import LocalTrainer, make_reproducible
 from .security import CurveKeys
 from .transport import ClientTransport
 
@@ -31,7 +31,7 @@ log = logging.getLogger("pyfed.client")
 
 JOIN_RETRY_S = 30.0
 WAIT_LOG_EVERY_S = 60.0
-SEND_RETRY_S = 120.0
+SEND_RETRY_S = 10.0  # no connection this long: the server restarted or dropped us, and will ask again
 BACKOFF_MAX_S = 30.0
 #: refusals that go away by themselves (a dead predecessor with our id is detected, a join flood ends)
 RETRYABLE_REFUSALS = frozenset({"id_taken", "busy", "join_flood"})
@@ -69,6 +69,7 @@ class Client:
         data_source: str = "the client's data",
         max_wait_s: float | None = None,
         curve: CurveKeys | None = None,
+        seed: int | None = None,
     ):
         self.server_address = server_address
         if (x is None) != (y is None) or (x is None and data_dir is None):
@@ -82,6 +83,7 @@ class Client:
         self.data_source = data_source
         self.max_wait_s = max_wait_s
         self.curve = curve
+        self.seed = seed
         self.shard: str | None = None
         self._reconnecting = False
         self.model: Any = None
@@ -172,8 +174,7 @@ class Client:
         if self._wants_shard and welcome.body.get("shard") != self.shard:
             self._load_assigned_shard(welcome.body.get("shard"))
             if self.trainer is not None:
-                self.trainer = LocalTrainer(self.model, self.x, self.y, epochs=self.epochs,
-                                            batch_size=self.batch_size, use_plan_learning_rate=not self.compile_override)
+                self.trainer = self._trainer()
         if self.model is None:
             try:
                 self.model = from_wire(welcome.body["model_json"], welcome.body["compile_config"])
@@ -183,8 +184,7 @@ class Client:
                 self.model.compile(**self.compile_override)
             self._check_data()
             self.specs = protocol.array_specs(self.model.get_weights())
-            self.trainer = LocalTrainer(self.model, self.x, self.y, epochs=self.epochs, batch_size=self.batch_size,
-                                        use_plan_learning_rate=not self.compile_override)
+            self.trainer = self._trainer()
         self.trainer.use_eval_fraction(FitPlan.from_body(welcome.body["plan"]).eval_fraction)
         try:
             protocol.check_specs(protocol.array_specs(welcome.arrays), self.specs)
@@ -193,6 +193,12 @@ class Client:
         self.model.set_weights(welcome.arrays)
         log.info("joined as %s: model with %d arrays (%.1f MB), %d rounds planned", self.client_id,
                  len(self.specs), sum(a.nbytes for a in welcome.arrays) / 1e6, welcome.body["rounds"])
+
+    def _trainer(self) -> LocalTrainer:
+        if self.seed is not None:
+            make_reproducible(self.seed)
+        return LocalTrainer(self.model, self.x, self.y, epochs=self.epochs, batch_size=self.batch_size,
+                            use_plan_learning_rate=not self.compile_override, shuffle_seed=self.seed)
 
     def _load_assigned_shard(self, shard: str | None) -> None:
         if shard is None:
@@ -244,6 +250,9 @@ class Client:
                 log.warning("the server no longer knows this client (it restarted); joining again as %s",
                             self.client_id)
                 self._rejoin()
+            elif message.type is MessageType.ERROR and message.body["code"] in ("id_taken", "id_bound_to_key"):
+                raise ClientError(f"the server gave this client's id to another client while it was away "
+                                  f"[{message.body['code']}]: {message.body['reason']}")
             elif message.type is MessageType.ERROR:
                 log.warning("the server reported [%s]: %s", message.body["code"], message.body["reason"])
             else:
@@ -313,7 +322,8 @@ class Client:
         self._handle_events()  # a reconnect while we trained: rejoin first, so the server knows us
         while not self._transport.send(frames):
             if time.monotonic() - started > SEND_RETRY_S:
-                log.error("could not send the %s: no connection to the server for %gs", what, SEND_RETRY_S)
+                log.warning("discarded the %s: no connection to the server for %gs (a restarted server "
+                            "asks again; a running one has dropped this client from the round)", what, SEND_RETRY_S)
                 return
             log.warning("no connection to the server; retrying the %s in %.1fs", what, delay)
             self._sleep(delay)

@@ -298,6 +298,8 @@ class ClientConfig:
                                  "override the server's local epochs")
     batch_size: int | None = setting(None, "--batch-size", "CLIENT_BATCH_SIZE", positive_int,
                                      "override the server's batch size")
+    seed: int | None = setting(None, "--seed", "CLIENT_SEED", non_negative_int,
+                               "make local training reproducible: seeded shuffling and deterministic ops")
     curve_secret_key: Path | None = setting(None, "--curve-secret-key", "CURVE_SECRET_KEY", optional_path,
                                             "this client's .key_secret file: connect with CurveZMQ")
     server_public_key: Path | None = setting(None, "--server-public-key", "SERVER_PUBLIC_KEY", optional_path,

@@ -47,6 +47,7 @@ PROGRESS_EVERY_S = 10.0
 FINISH_GRACE_S = 15.0
 FINISH_RESEND_S = 2.0
 RESERVE_SHARDS_S = 60.0  # after a resume, a returning client's shard is kept for it this long
+STOP_NOTICE_S = 1.5  # after SIGTERM, how long the STOPPING notice has before the socket closes
 REWELCOME_EVERY_S = 2.0  # a joined peer's repeated JOINs are answered at most this often
 CONNECTION_LOST = f"connection lost (closed, or no heartbeat for {HEARTBEAT_TIMEOUT_MS / 1000:g}s)"
 
@@ -167,8 +168,7 @@ class Server:
         self.fresh_start = fresh_start
         self.config_summary = config_summary or {}
         self.fingerprint = {
-            "model": hashlib.sha256(json.dumps([self.model_json, self.compile_config], sort_keys=True,
-                                               default=str).encode()).hexdigest()[:16],
+            "model": model_fingerprint(self.model_json, self.compile_config, self.specs),
             "strategy": json.dumps(self.strategy.describe(), sort_keys=True, default=str),
             "num_shards": num_shards,
         }
@@ -224,6 +224,7 @@ class Server:
                                              body={"reason": self._stop_reason}))
             for record in self.clients.values():
                 self.transport.send(record.peer, frames)
+            time.sleep(STOP_NOTICE_S)  # let idle clients read it before the connections close
             log.info("stopped (%s) after %d completed rounds; %s", self._stop_reason, self.completed_rounds,
                      "the same command resumes from the last checkpoint" if self.checkpoint_dir
                      else "no checkpoints are kept (no log or checkpoint directory)")
@@ -261,6 +262,8 @@ class Server:
     def _load_checkpoint(self, path: Path) -> dict[str, Any]:
         """Read and fully check a checkpoint; raise CheckpointError (naming it) before anything is used."""
         state = load_state(path)
+        if state.get("finished") is True:
+            return {"finished": True}  # nothing to resume: any settings may start the next run
         check_fingerprint(path, state.get("fingerprint"), self.fingerprint)
         try:
             completed = state["round"]
@@ -633,6 +636,36 @@ class Server:
         """Log a rejected message (rate-limited) and tell the peer why, when it can be addressed."""
         self._rejections.warning("rejected message [%s] %s", code, reason)
         self.transport.send(peer, protocol.encode_error(code, reason))
+
+
+def model_fingerprint(model_json: str, compile_config: dict[str, Any], specs: Sequence[protocol.ArraySpec]) -> str:
+    """A short hash of the model's structure: its layer classes, array shapes and compile settings.
+
+    Names are left out on purpose: Keras numbers them per process (``dense_3``), so the same
+    architecture built again after a restart must still match its checkpoint.
+    """
+    def without_names(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: without_names(v) for k, v in value.items() if k != "name"}
+        if isinstance(value, list):
+            return [without_names(v) for v in value]
+        return value
+
+    classes: list[str] = []
+
+    def collect(value: Any) -> None:
+        if isinstance(value, dict):
+            if "class_name" in value:
+                classes.append(str(value["class_name"]))
+            for child in value.values():
+                collect(child)
+        elif isinstance(value, list):
+            for child in value:
+                collect(child)
+
+    collect(json.loads(model_json))
+    document = [classes, [[dtype, list(shape)] for dtype, shape in specs], without_names(compile_config)]
+    return hashlib.sha256(json.dumps(document, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _history_tail(history: dict[str, list]) -> str:

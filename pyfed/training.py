@@ -20,14 +20,17 @@ class LocalTrainer:
     Part of the data may be held out (``plan.eval_fraction``) for federated evaluation; the split
     is fixed by ``seed`` so the same examples are held out every round. The tf.data pipelines are
     built once per split and batch size and reused, so Keras never re-traces between rounds.
+    With ``shuffle_seed`` the batches come in a reproducible order (see :func:`make_reproducible`).
     """
 
     def __init__(self, model: Any, x: np.ndarray, y: np.ndarray, *, epochs: int | None = None,
-                 batch_size: int | None = None, use_plan_learning_rate: bool = True, seed: int = 0):
+                 batch_size: int | None = None, use_plan_learning_rate: bool = True, seed: int = 0,
+                 shuffle_seed: int | None = None):
         self.model, self.x, self.y = model, x, y
         self.epochs, self.batch_size = epochs, batch_size
         self.use_plan_learning_rate = use_plan_learning_rate
         self.seed = seed
+        self.shuffle_seed = shuffle_seed
         self._eval_fraction: float | None = None
         self._train_rows: np.ndarray | None = None
         self._holdout_rows: np.ndarray = np.zeros(0, np.int64)
@@ -74,7 +77,7 @@ class LocalTrainer:
         batch_size = self.batch_size or plan.batch_size
         if self._train_dataset is None or self._train_dataset[0] != batch_size:
             x, y = (self.x, self.y) if self._train_rows is None else (self.x[self._train_rows], self.y[self._train_rows])
-            self._train_dataset = (batch_size, training_dataset(x, y, batch_size))
+            self._train_dataset = (batch_size, training_dataset(x, y, batch_size, seed=self.shuffle_seed))
         started = time.perf_counter()
         try:
             history = self.model.fit(self._train_dataset[1], epochs=epochs, verbose=0, shuffle=False)  # tf.data shuffles
@@ -94,6 +97,16 @@ class LocalTrainer:
         self.model.set_weights(weights)
         loss, accuracy = evaluate(self.model, self._eval_dataset)
         return len(self._holdout_rows), (loss if math.isfinite(loss) else None), accuracy
+
+
+def make_reproducible(seed: int) -> None:
+    """Seed Python, numpy and TensorFlow and ask TensorFlow for deterministic ops, so a client
+    given the same weights, data and seed trains to the same bytes every time."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    tf.config.experimental.enable_op_determinism()
 
 
 def weighted_evaluation(results: dict[str, tuple[int, float | None, float | None]]) -> dict[str, Any] | None:
