@@ -87,6 +87,9 @@ def run_server(config: ServerConfig) -> int:
 
     strategy = build_strategy(config, config.min_clients, "--min-clients / MIN_CLIENTS")
     curve = _server_keys(config)
+    import keras
+
+    keras.utils.set_random_seed(config.seed)  # the initial global model is the same for the same --seed
     try:
         test_data = load_shard(config.test_data) if config.test_data else None
         if config.model:

@@ -259,7 +259,7 @@ class ServerConfig(StrategySettings, TrainingSettings):
     round_timeout_s: float | None = setting(None, "--round-timeout", "ROUND_TIMEOUT", optional_seconds,
                                             "seconds to wait for a round's updates before dropping the "
                                             "stragglers (0: no limit; dead clients are dropped anyway)")
-    seed: int = setting(0, "--seed", "SEED", non_negative_int, "seed of the client sampling")
+    seed: int = setting(0, "--seed", "SEED", non_negative_int, "seed of the initial model and the client sampling")
     num_shards: int = setting(0, "--shards", "NUM_CLIENTS", non_negative_int,
                               "data shards (client-1.npz .. client-N.npz) to hand out, one per client that "
                               "asks; 0: clients bring their own data")

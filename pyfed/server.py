@@ -39,7 +39,7 @@ from .security import Admission, CurveKeys
 from .strategy import Aggregator, FedAvg, FitPlan, FitResult, Strategy, sample_clients
 from .tracking import RoundRecord, RunLog, archive_previous_run, format_metric
 from .training import weighted_evaluation
-from .transport import HEARTBEAT_TIMEOUT_MS, ServerTransport
+from .transport import HEARTBEAT_TIMEOUT_MS, RateLimitedLog, ServerTransport
 
 log = logging.getLogger("pyfed.server")
 
@@ -82,26 +82,6 @@ class TokenBucket:
             self._tokens -= 1
             return True
         return False
-
-
-class RateLimitedLog:
-    """Logs at most ``burst`` rejections per ``window_s``, then one line counting the rest."""
-
-    def __init__(self, burst: int = 20, window_s: float = 10.0):
-        self.burst, self.window_s = burst, window_s
-        self._window_start, self._count, self._suppressed = 0.0, 0, 0
-
-    def warning(self, message: str, *args: Any) -> None:
-        now = time.monotonic()
-        if now - self._window_start > self.window_s:
-            if self._suppressed:
-                log.warning("%d more rejected messages were not logged", self._suppressed)
-            self._window_start, self._count, self._suppressed = now, 0, 0
-        if self._count < self.burst:
-            self._count += 1
-            log.warning(message, *args)
-        else:
-            self._suppressed += 1
 
 
 class Server:
@@ -175,7 +155,7 @@ class Server:
         self.run_log: RunLog | None = None
         self.history: list[RoundRecord] = []
         self.final_metrics: tuple[float | None, float | None] = (None, None)
-        self._rejections = RateLimitedLog()
+        self._rejections = RateLimitedLog(log)
         self._joins = TokenBucket(rate=10.0, burst=50)
         self._last_welcome: dict[bytes, float] = {}
         self._finishing = False

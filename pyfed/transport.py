@@ -58,6 +58,26 @@ def keep_receive_buffers() -> bool:
     return bool(mallopt(m_trim_threshold, 256 * 2**20)) and bool(mallopt(m_mmap_threshold, 32 * 2**20))
 
 
+class RateLimitedLog:
+    """Logs at most ``burst`` rejections per ``window_s``, then one line counting the rest."""
+
+    def __init__(self, logger: logging.Logger, burst: int = 20, window_s: float = 10.0):
+        self.log, self.burst, self.window_s = logger, burst, window_s
+        self._window_start, self._count, self._suppressed = 0.0, 0, 0
+
+    def warning(self, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._window_start > self.window_s:
+            if self._suppressed:
+                self.log.warning("%d more such messages were not logged", self._suppressed)
+            self._window_start, self._count, self._suppressed = now, 0, 0
+        if self._count < self.burst:
+            self._count += 1
+            self.log.warning(message, *args)
+        else:
+            self._suppressed += 1
+
+
 def _frame_bytes(frames: Sequence[Any]) -> int:
     return sum(len(f) if isinstance(f, (bytes, zmq.Frame)) else memoryview(f).nbytes for f in frames)
 
@@ -130,6 +150,7 @@ class ServerTransport:
         self.peer_keys: dict[bytes, str] = {}  # peer -> its CURVE public key (z85), when encrypted
         self._lost: dict[bytes, tuple[int, float]] = {}  # peer -> (its closed descriptor, when)
         self.handshake_failures = 0
+        self._drops = RateLimitedLog(log)
         self._poller = zmq.Poller()
         self._poller.register(self.socket, zmq.POLLIN)
         self._poller.register(self._monitor, zmq.POLLIN)
@@ -177,9 +198,8 @@ class ServerTransport:
                     self._lost[peer] = (value, time.monotonic())
             elif event in HANDSHAKE_FAILURES:
                 self.handshake_failures += 1
-                if self.handshake_failures <= 20 or self.handshake_failures % 1000 == 0:
-                    log.warning("refused a connection: %s [code %#x; %d refused so far]",
-                                HANDSHAKE_FAILURES[event], value, self.handshake_failures)
+                self._drops.warning("refused a connection: %s [code %#x; %d refused so far]",
+                                    HANDSHAKE_FAILURES[event], value, self.handshake_failures)
 
     def lost_peers(self, *, idle: bool) -> list[bytes]:
         """Peers whose connection closed or missed heartbeats, and did not come back.
@@ -198,7 +218,7 @@ class ServerTransport:
         try:
             self.socket.send_multipart([peer, *frames], copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:
-            log.warning("peer %s is not reachable or its queue is full; message dropped", peer.hex()[:12])
+            self._drops.warning("peer %s is not reachable or its queue is full; message dropped", peer.hex()[:12])
             return False
         except zmq.ZMQError as error:
             if error.errno == zmq.EHOSTUNREACH:

@@ -1,0 +1,250 @@
+"""Hostile input at a live server on loopback: a malicious joined client, a join flood, and a
+property-based fuzz of at least 10,000 malformed messages during a run whose result must equal
+a clean run's."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+import zmq
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from pyfed import protocol
+from pyfed.checkpoint import list_checkpoints, load_state
+from pyfed.protocol import Message, MessageType
+from tests.conftest import free_port
+from tests.integration.test_reliability import check_every_round_once, shards, start_client, start_server  # noqa: F401
+
+pytestmark = pytest.mark.integration
+
+FUZZ_MESSAGES = 10_000
+
+
+class Peer:
+    """A hand-driven DEALER: what a malicious or broken client can send."""
+
+    def __init__(self, context: zmq.Context, address: str):
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(address)
+
+    def send(self, frames) -> None:
+        self.socket.send_multipart(list(frames))
+
+    def receive(self, timeout_s: float = 30, skip=(MessageType.EVALUATE, MessageType.FIT)) -> Message:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.socket.poll(100):
+                message = protocol.decode(self.socket.recv_multipart())
+                if message.type not in skip:
+                    return message
+        raise AssertionError("no reply from the server")
+
+    def error_code(self, frames) -> str:
+        self.send(frames)
+        reply = self.receive()
+        assert reply.type is MessageType.ERROR, reply
+        return reply.body["code"]
+
+
+def update(round_: int, arrays, client_id: str = "mallory", num_examples: int = 100) -> list:
+    return protocol.encode(Message(MessageType.UPDATE, round=round_, client_id=client_id, arrays=arrays,
+                                   body={"num_examples": num_examples, "fit_s": 0.1, "history": {}}))
+
+
+def test_malicious_client_and_join_flood_are_refused_while_honest_clients_finish(tmp_path, processes, shards):  # noqa: F811
+    logdir, address = tmp_path / "logs", f"tcp://127.0.0.1:{free_port()}"
+    server = start_server(processes, shards, logdir, address, "--rounds", "2", "--min-clients", "4",
+                          "--min-fit-clients", "3", "--epochs", "5", "--round-timeout", "60")
+    context = zmq.Context()
+    try:
+        mallory = Peer(context, address)
+        mallory.send(protocol.encode(Message(MessageType.JOIN, client_id="mallory", body={"num_examples": 100})))
+        welcome = mallory.receive()
+        assert welcome.type is MessageType.WELCOME
+        weights = [np.array(a) for a in welcome.arrays]
+        honest = [start_client(processes, shards, address, i) for i in (1, 2, 3)]
+        fit = mallory.receive(timeout_s=120, skip=())
+        assert fit.type is MessageType.FIT and fit.round == 1
+
+        good = update(1, weights)
+        header = json.loads(bytes(good[0]))
+        hostile = {
+            "wrong array count": update(1, weights[:-1]),
+            "wrong shape": update(1, [np.zeros((3, 3), np.float32), *weights[1:]]),
+            "wrong dtype": update(1, [weights[0].astype(np.float64), *weights[1:]]),
+            "NaN": update(1, [np.full_like(weights[0], np.nan), *weights[1:]]),
+            "Inf": update(1, [*weights[:-1], np.full_like(weights[-1], np.inf)]),
+            "declared size differs from frame": [good[0], bytes(memoryview(good[1])[:-4]), *good[2:]],
+            "truncated multipart": good[:2],
+            "wrong header type": [json.dumps({**header, "round": "one"}).encode(), *good[1:]],
+            "unknown message type": [json.dumps({**header, "type": "steal"}).encode(), *good[1:]],
+            "unknown protocol version": [json.dumps({**header, "v": 2}).encode(), *good[1:]],
+            "stale round": update(0, weights),
+            "another client's id": update(1, weights, client_id="site-1"),
+            "random bytes": [np.random.default_rng(0).bytes(200)],
+        }
+        codes = {name: mallory.error_code(frames) for name, frames in hostile.items()}
+        assert codes == {**{name: "bad_message" for name in hostile}, "NaN": "bad_reply", "Inf": "bad_reply",
+                         "stale round": "bad_reply", "another client's id": "wrong_client_id"}
+        mallory.send(good)  # the one valid update is accepted ...
+        assert mallory.error_code(good) == "bad_reply"  # ... and its replay is not
+
+        flooder = Peer(context, address)
+        flood_replies = []
+        for _ in range(300):  # one peer repeating JOIN
+            flooder.send(protocol.encode(Message(MessageType.JOIN, client_id="flooder", body={"num_examples": 1})))
+        while flooder.socket.poll(3000):  # replies beyond the server's per-peer queue are dropped, not queued
+            flood_replies.append(protocol.decode(flooder.socket.recv_multipart()).type)
+        assert 1 <= flood_replies.count(MessageType.WELCOME) <= 2 and MessageType.ERROR in flood_replies
+        crowd = [Peer(context, address) for _ in range(150)]  # many peers, one JOIN each
+        for index, peer in enumerate(crowd):
+            peer.send(protocol.encode(Message(MessageType.JOIN, client_id=f"crowd-{index}", body={"num_examples": 1})))
+        crowd_replies = [peer.receive(timeout_s=10) for peer in crowd]
+        busy = sum(r.type is MessageType.ERROR and r.body["code"] == "busy" for r in crowd_replies)
+        welcomed = sum(r.type is MessageType.WELCOME for r in crowd_replies)
+        print(f"\njoin flood: 1 peer x 300 JOINs -> {flood_replies.count(MessageType.WELCOME)} welcome(s), "
+              f"{len(flood_replies)} replies; "
+              f"150 peers -> {welcomed} welcomed, {busy} told busy")
+        assert busy >= 90 and welcomed + busy == 150
+        for peer in [*crowd, flooder]:  # the phantoms go away; the server notices and drops them
+            peer.socket.close(0)
+        mallory.send(protocol.encode(Message(MessageType.LEAVE, client_id="mallory", body={"reason": "done"})))
+
+        assert processes.wait(server, 300) == 0, processes.tail(server)
+        for client in honest:
+            assert processes.wait(client, 60) == 0, processes.tail(client)
+    finally:
+        context.destroy(linger=0)
+
+    summary = check_every_round_once(logdir, 2)
+    assert summary["rounds"][0]["clients"] == ["mallory", "site-1", "site-2", "site-3"]
+    assert set(summary["rounds"][1]["clients"]) == {"site-1", "site-2", "site-3"}
+    assert summary["final"]["test_accuracy"] >= 0.85
+    server_log = server.log_path.read_text()
+    assert "client mallory: array 0 holds NaN or Inf" in server_log
+    rejected_lines = server_log.count("rejected message [")
+    print(f"{rejected_lines} rejection lines logged for over 400 rejected messages")
+    assert rejected_lines <= 60  # rate-limited: a flood cannot fill the disk
+
+
+# --- fuzz ---------------------------------------------------------------------------------------
+
+def _valid_templates() -> list[list[bytes]]:
+    weights = [np.zeros((64, 32), np.float32), np.zeros(32, np.float32)]
+    return [[bytes(f) for f in protocol.encode(m)] for m in (
+        Message(MessageType.UPDATE, round=1, client_id="site-1", arrays=weights,
+                body={"num_examples": 5, "fit_s": 0.1, "history": {"loss": [0.5]}}),
+        Message(MessageType.EVALUATION, round=1, client_id="site-2",
+                body={"num_examples": 5, "loss": 0.5, "accuracy": 0.9}),
+        Message(MessageType.JOIN, client_id="site-3", body={"num_examples": 5}),
+        Message(MessageType.LEAVE, client_id="site-1", body={"reason": "x"}),
+    )]
+
+
+json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+                           lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+                           max_leaves=10)
+
+
+@st.composite
+def malformed(draw) -> list[bytes]:
+    """One malformed multipart message: random frames, or a valid one with a corrupted part."""
+    kind = draw(st.sampled_from(["random", "header", "field", "frames", "arrays", "non-finite"]))
+    if kind == "random":
+        return draw(st.lists(st.binary(max_size=300), min_size=1, max_size=4))
+    frames = list(draw(st.sampled_from(_valid_templates())))
+    header = json.loads(frames[0])
+    if kind == "header":
+        cut = draw(st.integers(0, len(frames[0])))
+        frames[0] = frames[0][:cut] + draw(st.binary(max_size=20))
+    elif kind == "field":
+        key = draw(st.sampled_from(["v", "type", "round", "client_id", "arrays", "body", "extra"]))
+        header[key] = draw(json_values)
+        frames[0] = json.dumps(header).encode()
+    elif kind == "frames":
+        if len(frames) > 1 and draw(st.booleans()):
+            index = draw(st.integers(1, len(frames) - 1))
+            frames[index] = frames[index][: draw(st.integers(0, len(frames[index])))] + draw(st.binary(max_size=8))
+        else:
+            frames = frames[: draw(st.integers(1, len(frames)))] + draw(st.lists(st.binary(max_size=64), max_size=3))
+    elif kind == "arrays" and "arrays" in header:
+        header["arrays"] = draw(st.lists(st.tuples(st.sampled_from(["float32", "float64", "int8", "complex64", "O"]),
+                                                   st.lists(st.integers(-2, 70), max_size=3)), max_size=3))
+        frames[0] = json.dumps(header).encode()
+    elif kind == "non-finite" and len(frames) > 1:
+        frames[1] = np.full(len(frames[1]) // 4, draw(st.sampled_from([np.nan, np.inf, -np.inf])), np.float32).tobytes()
+    return frames
+
+
+def _is_admissible_join(frames: list[bytes]) -> bool:
+    """A fuzz message that happens to be a valid JOIN would register a client and change the run."""
+    if b"join" not in frames[0]:
+        return False
+    try:
+        return protocol.decode(frames).type is MessageType.JOIN
+    except protocol.ProtocolError:
+        return False
+
+
+def fuzz(address: str, count: int, sent: list[int], stop: threading.Event) -> None:
+    context = zmq.Context()
+    socket = context.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(address)
+
+    @settings(max_examples=count, deadline=None, database=None, derandomize=True, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(st.lists(malformed(), min_size=1, max_size=20))
+    def throw(batch):
+        for frames in batch:
+            if stop.is_set() or sent[0] >= count or _is_admissible_join(frames):
+                return
+            socket.send_multipart(frames)
+            sent[0] += 1
+        while socket.poll(0):
+            socket.recv_multipart()
+
+    try:
+        throw()
+    finally:
+        context.destroy(linger=0)
+
+
+def _federation(tmp_path, processes, shards, name: str, fuzz_count: int = 0) -> tuple[list, dict, int]:  # noqa: F811
+    logdir, address = tmp_path / name, f"tcp://127.0.0.1:{free_port()}"
+    server = start_server(processes, shards, logdir, address, "--rounds", "3", "--min-clients", "3", "--epochs", "60",
+                          name=f"{name}-server")
+    sent, stop, thread = [0], threading.Event(), None
+    if fuzz_count:
+        thread = threading.Thread(target=fuzz, args=(address, fuzz_count, sent, stop), daemon=True)
+        thread.start()
+    clients = [start_client(processes, shards, address, i, "--seed", str(i), name=f"{name}-site-{i}")
+               for i in (1, 2, 3)]
+    processes.wait_for_line(server, "round 1/3 started")
+    sent_when_round_1_started = sent[0]
+    assert processes.wait(server, 600) == 0, processes.tail(server)
+    sent_during_run, sent_during_rounds = sent[0], sent[0] - sent_when_round_1_started
+    stop.set()
+    if thread:
+        thread.join(timeout=60)
+    for client in clients:
+        assert processes.wait(client, 60) == 0, processes.tail(client)
+    state = load_state(list_checkpoints(logdir / "checkpoints")[-1])
+    return state["weights"], check_every_round_once(logdir, 3), (sent_during_run, sent_during_rounds)
+
+
+def test_fuzzed_run_ends_exactly_like_a_clean_run(tmp_path, processes, shards):  # noqa: F811
+    clean_weights, clean_summary, _ = _federation(tmp_path, processes, shards, "clean")
+    fuzzed_weights, fuzzed_summary, (during_run, during_rounds) = _federation(
+        tmp_path, processes, shards, "fuzzed", FUZZ_MESSAGES)
+    print(f"\nfuzz: {during_run} malformed messages sent before the server finished, {during_rounds} of them "
+          "while rounds ran")
+    assert all(np.array_equal(a, b) for a, b in zip(clean_weights, fuzzed_weights))
+    assert during_run >= FUZZ_MESSAGES
+    assert [r["test_accuracy"] for r in clean_summary["rounds"]] == [r["test_accuracy"] for r in fuzzed_summary["rounds"]]
