@@ -157,12 +157,17 @@ def test_compose_up_scale_3_trains_and_tensorboard_shows_every_client(project_fa
         assert scalar_steps(port, f"clients/{cid}", "round/loss") == [1, 2]
     # TensorBoard keeps serving after training ends
     assert project.containers("tensorboard")[0]["State"] == "running"
+    # encrypted by default: the keys step made the pairs, the server admitted the replicas' key
+    server_log = project.logs("server")
+    assert "(CurveZMQ)" in server_log and "admitting clients whose public key is in /keys (1 keys)" in server_log
+    assert "created /keys/server.key" in project.logs("keys")
 
 
 def test_scaled_replicas_get_distinct_shards_and_an_extra_replica_is_turned_away(project_factory):
     # also: strategy, non-IID partition and federated evaluation are chosen by environment variables
     settings = base_settings(ROUNDS=1, NUM_CLIENTS=4, EPOCHS=1, STRATEGY="fedprox", PROXIMAL_MU="0.1",
-                             PARTITION_SCHEME="dirichlet", PARTITION_ALPHA="0.3", CLIENT_EVAL_FRACTION="0.2")
+                             PARTITION_SCHEME="dirichlet", PARTITION_ALPHA="0.3", CLIENT_EVAL_FRACTION="0.2",
+                             INSECURE="1")
     project = project_factory(**settings)
     project.compose("up", "-d", "--build", "--scale", "client=5")
 
@@ -179,6 +184,7 @@ def test_scaled_replicas_get_distinct_shards_and_an_extra_replica_is_turned_away
     assert summary["rounds"][0]["federated_evaluation"]["num_examples"] > 0
     assert client_log.count("with proximal mu 0.1") == 4
     assert "dirichlet split" in project.logs("data")
+    assert "traffic is NOT encrypted" in project.logs("server") and "(NOT encrypted)" in project.logs("server")
 
 
 def test_a_client_on_another_network_joins_through_the_published_port(project_factory, tmp_path):
@@ -195,9 +201,18 @@ def test_a_client_on_another_network_joins_through_the_published_port(project_fa
     local_data.chmod(0o755)
     for f in local_data.iterdir():
         f.chmod(0o644)
+    # The README's recipe: a key pair for the remote site, made in (and so admitted by) the server's
+    # keys volume, handed over with the server's public key.
+    keys = tmp_path / "site-keys"
+    keys.mkdir()
+    server_side.compose("run", "--rm", "--no-deps", "-T", "keys", "python", "-m", "pyfed", "keys", "--out", "/keys",
+                        "--clients", "2")
+    for source, target in (("server.key", "server.key"), ("client-2.key_secret", "client.key_secret")):
+        output = server_side.compose("run", "--rm", "--no-deps", "-T", "keys", "cat", f"/keys/{source}").stdout
+        (keys / target).write_text(output)
     remote = project_factory(files=("compose.client.yaml",),
                              SERVER_ADDRESS=f"tcp://host.docker.internal:{settings['SERVER_PORT']}",
-                             CLIENT_ID="remote-site", LOCAL_DATA_DIR=str(local_data),
+                             CLIENT_ID="remote-site", LOCAL_DATA_DIR=str(local_data), LOCAL_KEYS_DIR=str(keys),
                              DATA_SHARD="/data/client-2.npz",
                              **({"BASE_IMAGE": settings["BASE_IMAGE"]} if "BASE_IMAGE" in settings else {}))
     remote.compose("up", "-d", "--build")
@@ -214,3 +229,89 @@ def test_a_client_on_another_network_joins_through_the_published_port(project_fa
     assert summary["rounds"][0]["clients"] == ["client-1", "remote-site"]
     tags = wait_for_tensorboard_runs(settings["TENSORBOARD_PORT"], {"server", "clients/client-1", "clients/remote-site"})
     assert "round/loss" in tags["clients/remote-site"]
+
+
+def container_pid(container: str) -> int:
+    return int(docker("inspect", "--format", "{{.State.Pid}}", container).stdout.strip())
+
+
+def wait_for_log(project: Project, service: str, text: str, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if text in project.logs(service):
+            return
+        time.sleep(1)
+    raise AssertionError(f"{text!r} not in the {service} logs:\n{project.logs(service)[-3000:]}")
+
+
+def restarts(container: str) -> int:
+    return int(docker("inspect", "--format", "{{.RestartCount}}", container).stdout.strip())
+
+
+def test_killed_client_containers_are_dropped_and_rejoin(project_factory):
+    """`docker kill` of a client mid-round: the server drops it at once, and the container started
+    again takes its shard back. A client process that crashes (SIGKILL from the host) is restarted
+    by the restart policy and rejoins by itself. With MIN_FIT_CLIENTS=3 each broken round is
+    retried once the client is back, so every round ends with all three."""
+    settings = base_settings(ROUNDS=3, EPOCHS=40, MIN_FIT_CLIENTS=3)
+    project = project_factory(**settings)
+    project.compose("up", "-d", "--build", "--scale", "client=3")
+    wait_for_log(project, "server", "round 2/3 started")
+    victim = project.containers("client")[0]["Name"]
+    docker("kill", victim)
+    wait_for_log(project, "server", "dropped: connection lost")
+    docker("start", victim)  # Docker does not restart a container it was told to kill; the operator does
+    wait_for_log(project, "server", "rejoined")
+    crashing = project.containers("client")[1]["Name"]
+    os.kill(container_pid(crashing), 9)  # a crash: the restart policy brings it back
+    assert project.wait_exit(f"{project.name}-server-1") == 0, project.logs("server")
+    assert restarts(crashing) == 1
+    for client in project.containers("client"):
+        assert project.wait_exit(client["Name"], 120) == 0, project.logs("client")
+
+    summary = json.loads(project.copy_out(f"{project.name}-server-1", "/logs/summary.json").read_text())
+    ids = ["client-1", "client-2", "client-3"]
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
+    assert all(r["clients"] == ids for r in summary["rounds"])
+    failed = [a for r in summary["rounds"] for a in r["failed_attempts"]]
+    assert len(failed) >= 2 and all(
+        any(reason.startswith("connection lost") for reason in a["dropped"].values()) for a in failed), failed
+    assert sorted(c["shard"] for c in summary["clients"].values()) == [f"{cid}.npz" for cid in ids]
+    assert project.logs("server").count("rejoined") >= 2
+    port = settings["TENSORBOARD_PORT"]
+    wait_for_tensorboard_runs(port, {"server"})
+    assert scalar_steps(port, "server", "test/accuracy") == [1, 2, 3]
+
+
+def test_killed_server_container_resumes_from_its_checkpoint(project_factory):
+    """The server crashes (SIGKILL from the host) mid-run: the restart policy restarts it and it
+    resumes from its checkpoint; later `docker kill` + `docker start`: it resumes again. The same
+    client containers carry on, and every round is in summary.json and TensorBoard once."""
+    settings = base_settings(ROUNDS=5, EPOCHS=40)
+    project = project_factory(**settings)
+    project.compose("up", "-d", "--build", "--scale", "client=3")
+    server = f"{project.name}-server-1"
+    wait_for_log(project, "server", "round 2/5 started")
+    os.kill(container_pid(server), 9)
+    wait_for_log(project, "server", "resuming from /checkpoints/round-")
+    assert restarts(server) == 1
+    wait_for_log(project, "server", "round 4/5 started")
+    docker("kill", server)
+    docker("start", server)
+    assert project.wait_exit(server) == 0, project.logs("server")
+    server_log = project.logs("server")
+    assert server_log.count("resuming from /checkpoints/round-") == 2
+    clients = project.containers("client")
+    for client in clients:
+        assert project.wait_exit(client["Name"], 120) == 0, project.logs("client")
+        assert restarts(client["Name"]) == 0  # the same client processes carried on
+    assert project.logs("client").count("rejoining as client-") >= 6
+
+    summary = json.loads(project.copy_out(server, "/logs/summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3, 4, 5]
+    assert all(r["clients"] == ["client-1", "client-2", "client-3"] for r in summary["rounds"])
+    port = settings["TENSORBOARD_PORT"]
+    wait_for_tensorboard_runs(port, {"server", "clients/client-1"})
+    assert scalar_steps(port, "server", "test/accuracy") == [1, 2, 3, 4, 5]
+    assert scalar_steps(port, "clients/client-1", "round/loss") == [1, 2, 3, 4, 5]
