@@ -4,7 +4,9 @@ Both classes are thin wrappers over :class:`pyfed.server.Server` and :class:`pyf
 so the original scripts get the ZeroMQ transport, streaming FedAvg and TensorBoard logging too.
 Differences from the original: ``train()`` returns when the run is over instead of blocking on a
 TensorBoard server (pass ``serve_tensorboard=True`` for the old behaviour), and the model travels
-as JSON + raw arrays, so it must be built from Keras's own layers.
+as JSON + raw arrays, so it must be built from Keras's own layers. Each ``train()`` starts a new run,
+as the original did; the server still checkpoints every round, and ``resume=True`` continues an
+interrupted run from its last checkpoint.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class FL_Server:  # noqa: N801 - the original API's name
 
     def __init__(self, curr_model: Any, num_clients: int, rounds: int, port: int = 54321,
                  multi_system: bool = False, *, logdir: str | Path = "logs", serve_tensorboard: bool = False,
-                 tensorboard_port: int = 6006, epochs: int = 1, batch_size: int = 32):
+                 tensorboard_port: int = 6006, epochs: int = 1, batch_size: int = 32, resume: bool = False):
         _ensure_logging()
         self.curr_model = curr_model
         self.num_clients = int(num_clients)
@@ -56,6 +58,7 @@ class FL_Server:  # noqa: N801 - the original API's name
         self.serve_tensorboard = serve_tensorboard
         self.tensorboard_port = tensorboard_port
         self.plan = FitPlan(epochs=epochs, batch_size=batch_size)
+        self.resume = resume
         self.history: list = []
 
     @property
@@ -68,7 +71,7 @@ class FL_Server:  # noqa: N801 - the original API's name
         if getattr(self.curr_model, "optimizer", None) is None:
             compile_default(self.curr_model, self.plan.learning_rate)
         server = Server(self.curr_model, address=self.address, rounds=self.rounds, min_clients=self.num_clients,
-                        plan=self.plan, logdir=self.logdir,
+                        plan=self.plan, logdir=self.logdir, fresh_start=not self.resume,
                         config_summary={"api": "FL_Server", "num_clients": self.num_clients,
                                         "rounds": self.rounds, "address": self.address})
         self.history = server.run()
