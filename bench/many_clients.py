@@ -28,7 +28,7 @@ from pyfed.transport import ClientTransport
 def run_clients(address: str, count: int, timeout_s: float) -> dict:
     """Drive ``count`` clients from this thread until the server finishes them all."""
     context = zmq.Context()
-    context.set(zmq.MAX_SOCKETS, count + 64)
+    context.set(zmq.MAX_SOCKETS, 3 * count + 64)  # a ClientTransport is a DEALER plus its two monitor sockets
     transports = [ClientTransport(address, context=context) for _ in range(count)]
     poller = zmq.Poller()
     index_of = {}

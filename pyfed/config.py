@@ -242,7 +242,17 @@ class TrainingSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class ServerConfig(StrategySettings, TrainingSettings):
+class EncryptionSettings:
+    """CurveZMQ, shared by ``pyfed server`` and ``pyfed client`` (keys come from ``pyfed keys``)."""
+
+    curve_secret_key: Path | None = setting(None, "--curve-secret-key", "CURVE_SECRET_KEY", optional_path,
+                                            "this side's .key_secret file: encrypt the connections with CurveZMQ")
+    insecure: bool = setting(False, "--insecure", "INSECURE", boolean,
+                             "run unencrypted even if keys are configured (prints a warning)")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig(StrategySettings, TrainingSettings, EncryptionSettings):
     """How ``pyfed server`` runs."""
 
     address: str = setting("tcp://127.0.0.1:5555", "--address", "BIND_ADDRESS", zmq_address,
@@ -271,19 +281,14 @@ class ServerConfig(StrategySettings, TrainingSettings):
     fresh_start: bool = setting(False, "--fresh-start", "FRESH_START", boolean,
                                 "archive an unfinished run's checkpoints and logs and start over, "
                                 "instead of resuming it")
-    curve_secret_key: Path | None = setting(None, "--curve-secret-key", "CURVE_SECRET_KEY", optional_path,
-                                            "the server's .key_secret file: encrypt every connection "
-                                            "with CurveZMQ (make keys with pyfed keys)")
     authorized_keys: Path | None = setting(None, "--authorized-keys", "AUTHORIZED_KEYS", optional_path,
                                            "with --curve-secret-key: admit only clients whose public key "
                                            "is a *.key file in this directory")
-    insecure: bool = setting(False, "--insecure", "INSECURE", boolean,
-                             "run without encryption even if keys are configured (prints a warning)")
     log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
 
 
 @dataclasses.dataclass(frozen=True)
-class ClientConfig:
+class ClientConfig(EncryptionSettings):
     """How ``pyfed client`` runs."""
 
     server: str = setting("tcp://127.0.0.1:5555", "--server", "SERVER_ADDRESS", zmq_address,
@@ -300,12 +305,8 @@ class ClientConfig:
                                      "override the server's batch size")
     seed: int | None = setting(None, "--seed", "CLIENT_SEED", non_negative_int,
                                "make local training reproducible: seeded shuffling and deterministic ops")
-    curve_secret_key: Path | None = setting(None, "--curve-secret-key", "CURVE_SECRET_KEY", optional_path,
-                                            "this client's .key_secret file: connect with CurveZMQ")
     server_public_key: Path | None = setting(None, "--server-public-key", "SERVER_PUBLIC_KEY", optional_path,
                                              "with --curve-secret-key: the server's .key file")
-    insecure: bool = setting(False, "--insecure", "INSECURE", boolean,
-                             "connect without encryption even if keys are configured (prints a warning)")
     log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
 
 

@@ -138,6 +138,7 @@ class ServerTransport:
         self.socket.setsockopt(zmq.LINGER, LINGER_MS)
         self.socket.setsockopt(zmq.SNDHWM, 64)
         self.socket.setsockopt(zmq.RCVHWM, 10_000)
+        self.max_frame_bytes = int(max_frame_bytes or -1)
         if max_frame_bytes:
             self.socket.setsockopt(zmq.MAXMSGSIZE, int(max_frame_bytes))
         _heartbeats(self.socket)
@@ -166,10 +167,14 @@ class ServerTransport:
         Connection events are read first, so a lost connection is pinned to the peer that used it
         before a new connection can reuse its file descriptor.
         """
-        ready = dict(self._poller.poll(max(0, int(timeout_s * 1000))))
-        self._read_monitor()
-        if self.socket not in ready:
-            return None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ready = dict(self._poller.poll(max(0, int((deadline - time.monotonic()) * 1000))))
+            self._read_monitor()
+            if self.socket in ready:
+                break
+            if time.monotonic() >= deadline:
+                return None
         parts = self.socket.recv_multipart(copy=False)
         self.bytes_received += _frame_bytes(parts)
         peer = parts[0].bytes
@@ -196,6 +201,10 @@ class ServerTransport:
                 if peer is not None:
                     self._fd_by_peer.pop(peer, None)
                     self._lost[peer] = (value, time.monotonic())
+                else:
+                    self._drops.warning("a connection closed before delivering any message (a frame over the "
+                                        "%d-byte limit, a broken handshake, or a peer that went away)",
+                                        self.max_frame_bytes)
             elif event in HANDSHAKE_FAILURES:
                 self.handshake_failures += 1
                 self._drops.warning("refused a connection: %s [code %#x; %d refused so far]",

@@ -92,6 +92,8 @@ def test_malicious_client_and_join_flood_are_refused_while_honest_clients_finish
         codes = {name: mallory.error_code(frames) for name, frames in hostile.items()}
         assert codes == {**{name: "bad_message" for name in hostile}, "NaN": "bad_reply", "Inf": "bad_reply",
                          "stale round": "bad_reply", "another client's id": "wrong_client_id"}
+        giant = Peer(context, address)  # a frame far over the server's limit: ZeroMQ drops the connection
+        giant.send([json.dumps(header).encode(), bytes(8 * 2**20)])
         mallory.send(good)  # the one valid update is accepted ...
         assert mallory.error_code(good) == "bad_reply"  # ... and its replay is not
 
@@ -128,6 +130,7 @@ def test_malicious_client_and_join_flood_are_refused_while_honest_clients_finish
     assert summary["final"]["test_accuracy"] >= 0.85
     server_log = server.log_path.read_text()
     assert "client mallory: array 0 holds NaN or Inf" in server_log
+    assert "a connection closed before delivering any message (a frame over the" in server_log
     rejected_lines = server_log.count("rejected message [")
     print(f"{rejected_lines} rejection lines logged for over 400 rejected messages")
     assert rejected_lines <= 60  # rate-limited: a flood cannot fill the disk

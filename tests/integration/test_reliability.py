@@ -42,6 +42,14 @@ def start_client(processes, shards: Path, address: str, index: int, *args: str, 
                            "--client-id", f"site-{index}", *args, name=name or f"site-{index}")
 
 
+def three_clients(processes, shards: Path, tmp_path: Path, rounds: int, min_fit_clients: int):
+    """A server waiting for three clients and the three clients (site-1..3), 20 local epochs a round."""
+    logdir, address = tmp_path / "logs", f"tcp://127.0.0.1:{free_port()}"
+    server = start_server(processes, shards, logdir, address, "--rounds", str(rounds), "--min-clients", "3",
+                          "--min-fit-clients", str(min_fit_clients), "--epochs", "20")
+    return logdir, address, server, {i: start_client(processes, shards, address, i) for i in (1, 2, 3)}
+
+
 def seconds_until(process, text: str, timeout_s: float = 60) -> float:
     """Seconds from now until ``text`` appears in the process's log."""
     started = time.monotonic()
@@ -67,10 +75,7 @@ def test_killed_client_is_dropped_at_once_round_is_retried_and_the_restarted_cli
         tmp_path, processes, shards):
     """SIGKILL one of three clients mid-round with --min-fit-clients 3: the server notices within
     seconds, retries the round, and the client restarted with the same id takes part in it."""
-    logdir, address = tmp_path / "logs", f"tcp://127.0.0.1:{free_port()}"
-    server = start_server(processes, shards, logdir, address, "--rounds", "3", "--min-clients", "3",
-                          "--min-fit-clients", "3", "--epochs", "20")
-    clients = {i: start_client(processes, shards, address, i) for i in (1, 2, 3)}
+    logdir, address, server, clients = three_clients(processes, shards, tmp_path, rounds=3, min_fit_clients=3)
     processes.wait_for_line(server, "round 2/3 started")
     processes.wait_for_line(clients[3], "joined as site-3")
     time.sleep(0.5)  # site-3 is training now
@@ -99,10 +104,7 @@ def test_stalled_client_is_dropped_by_heartbeat_and_an_id_conflict_waits_for_the
     the other two. A second live process claiming the stalled client's id is refused and retries
     with backoff until the stalled one is gone; then it takes the slot. SIGTERM on a client makes
     it leave cleanly."""
-    logdir, address = tmp_path / "logs", f"tcp://127.0.0.1:{free_port()}"
-    server = start_server(processes, shards, logdir, address, "--rounds", "4", "--min-clients", "3",
-                          "--min-fit-clients", "2", "--epochs", "20")
-    clients = {i: start_client(processes, shards, address, i) for i in (1, 2, 3)}
+    logdir, address, server, clients = three_clients(processes, shards, tmp_path, rounds=4, min_fit_clients=2)
     processes.wait_for_line(server, "round 1/4 started")
     processes.wait_for_line(clients[3], "joined as site-3")
     time.sleep(0.5)
