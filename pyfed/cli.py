@@ -86,6 +86,9 @@ def run_server(config: ServerConfig) -> int:
     from .strategy import FitPlan
 
     strategy = build_strategy(config, config.min_clients, "--min-clients / MIN_CLIENTS")
+    if config.num_shards and config.min_fit_clients > config.num_shards:
+        raise UsageError(f"--min-fit-clients / MIN_FIT_CLIENTS is {config.min_fit_clients} but only "
+                         f"{config.num_shards} shards (--shards / NUM_CLIENTS) are handed out: no round could succeed")
     curve = _server_keys(config)
     import keras
 
