@@ -123,6 +123,8 @@ def check_tensorboard_events(logdir):
     (["client", "--data", "x.npz", "--server", "localhost"], "pyfed client: error: --server / SERVER_ADDRESS: must look like"),
     (["partition", "--dataset", "npz:/nonexistent.npz"], "pyfed partition: error: /nonexistent.npz: no such file"),
     (["partition", "--clients", "5000"], "pyfed partition: error: digits: cannot give 5000 clients"),
+    (["server", "--shards", "2", "--min-fit-clients", "3"], "pyfed server: error: --min-fit-clients / MIN_FIT_CLIENTS is 3"),
+    (["server", "--fraction-fit", "0"], "pyfed server: error: --fraction-fit / FRACTION_FIT: must be a number in (0, 1]"),
 ])
 def test_cli_start_up_errors_exit_2_with_one_line(tmp_path, args, message):
     import subprocess
