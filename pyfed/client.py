@@ -32,7 +32,7 @@ log = logging.getLogger("pyfed.client")
 JOIN_RETRY_S = 30.0
 WAIT_LOG_EVERY_S = 60.0
 SEND_RETRY_S = 10.0  # no connection this long: the server restarted or dropped us, and will ask again
-BACKOFF_MAX_S = 30.0
+BACKOFF_MAX_S = 5.0  # a refused join is retried at 1, 2, 4, 5, 5 .. s: back soon after its predecessor is dropped
 #: refusals that go away by themselves (a dead predecessor with our id is detected, a join flood ends)
 RETRYABLE_REFUSALS = frozenset({"id_taken", "busy", "join_flood"})
 

@@ -42,11 +42,11 @@ def start_client(processes, shards: Path, address: str, index: int, *args: str, 
                            "--client-id", f"site-{index}", *args, name=name or f"site-{index}")
 
 
-def three_clients(processes, shards: Path, tmp_path: Path, rounds: int, min_fit_clients: int):
-    """A server waiting for three clients and the three clients (site-1..3), 20 local epochs a round."""
+def three_clients(processes, shards: Path, tmp_path: Path, rounds: int, min_fit_clients: int, epochs: int = 20):
+    """A server waiting for three clients and the three clients (site-1..3)."""
     logdir, address = tmp_path / "logs", f"tcp://127.0.0.1:{free_port()}"
     server = start_server(processes, shards, logdir, address, "--rounds", str(rounds), "--min-clients", "3",
-                          "--min-fit-clients", str(min_fit_clients), "--epochs", "20")
+                          "--min-fit-clients", str(min_fit_clients), "--epochs", str(epochs))
     return logdir, address, server, {i: start_client(processes, shards, address, i) for i in (1, 2, 3)}
 
 
@@ -104,7 +104,8 @@ def test_stalled_client_is_dropped_by_heartbeat_and_an_id_conflict_waits_for_the
     the other two. A second live process claiming the stalled client's id is refused and retries
     with backoff until the stalled one is gone; then it takes the slot. SIGTERM on a client makes
     it leave cleanly."""
-    logdir, address, server, clients = three_clients(processes, shards, tmp_path, rounds=4, min_fit_clients=2)
+    logdir, address, server, clients = three_clients(processes, shards, tmp_path, rounds=4, min_fit_clients=2,
+                                                     epochs=80)  # rounds outlast the twin's join backoff (5 s)
     processes.wait_for_line(server, "round 1/4 started")
     processes.wait_for_line(clients[3], "joined as site-3")
     time.sleep(0.5)
