@@ -285,7 +285,7 @@ class Server:
                  "history": [record.to_json() for record in self.history],
                  "next_client_number": self._next_client_number}
         path = save_checkpoint(self.checkpoint_dir, self.completed_rounds, state, keep=self.keep_checkpoints)
-        log.info("checkpoint written: %s", path)
+        log.info("%s checkpoint written: %s", "final" if finished else "round", path)
 
     # --- rounds --------------------------------------------------------------------------------
 
