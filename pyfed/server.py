@@ -17,7 +17,6 @@ checkpoint, and tells the clients to wait for the server's return.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import hashlib
 import itertools
 import json

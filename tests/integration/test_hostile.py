@@ -18,7 +18,7 @@ from pyfed import protocol
 from pyfed.checkpoint import list_checkpoints, load_state
 from pyfed.protocol import Message, MessageType
 from tests.conftest import free_port
-from tests.integration.test_reliability import check_every_round_once, shards, start_client, start_server  # noqa: F401
+from tests.integration.test_reliability import check_every_round_once, start_client, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -57,7 +57,7 @@ def update(round_: int, arrays, client_id: str = "mallory", num_examples: int = 
                                    body={"num_examples": num_examples, "fit_s": 0.1, "history": {}}))
 
 
-def test_malicious_client_and_join_flood_are_refused_while_honest_clients_finish(tmp_path, processes, shards):  # noqa: F811
+def test_malicious_client_and_join_flood_are_refused_while_honest_clients_finish(tmp_path, processes, shards):
     logdir, address = tmp_path / "logs", f"tcp://127.0.0.1:{free_port()}"
     server = start_server(processes, shards, logdir, address, "--rounds", "2", "--min-clients", "4",
                           "--min-fit-clients", "3", "--epochs", "5", "--round-timeout", "60")
@@ -232,7 +232,7 @@ def throw(address: str, messages: list[list[bytes]], sent: list[int]) -> None:
         context.destroy(linger=0)
 
 
-def _federation(tmp_path, processes, shards, name: str, fuzz: list | None = None) -> tuple[list, dict, tuple]:  # noqa: F811
+def _federation(tmp_path, processes, shards, name: str, fuzz: list | None = None) -> tuple[list, dict, tuple]:
     logdir, address = tmp_path / name, f"tcp://127.0.0.1:{free_port()}"
     server = start_server(processes, shards, logdir, address, "--rounds", "3", "--min-clients", "3", "--epochs", "30",
                           name=f"{name}-server")
@@ -252,7 +252,7 @@ def _federation(tmp_path, processes, shards, name: str, fuzz: list | None = None
     return state["weights"], check_every_round_once(logdir, 3), (sent[0], sent_while_running)
 
 
-def test_fuzzed_run_ends_exactly_like_a_clean_run(tmp_path, processes, shards):  # noqa: F811
+def test_fuzzed_run_ends_exactly_like_a_clean_run(tmp_path, processes, shards):
     started = time.monotonic()
     messages = generate_malformed(FUZZ_MESSAGES)
     generated_s = time.monotonic() - started

@@ -16,18 +16,10 @@ from pathlib import Path
 import pytest
 
 from pyfed.checkpoint import list_checkpoints
-from pyfed.data import load_dataset, write_partitions
 from tests.conftest import free_port
 from tests.integration.test_federation import scalar_steps
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("shards")
-    write_partitions(*load_dataset("digits"), out, 3, seed=0)
-    return out
 
 
 def start_server(processes, shards: Path, logdir: Path, address: str, *args: str, name: str = "server"):

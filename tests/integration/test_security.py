@@ -11,7 +11,7 @@ import pytest
 
 from pyfed.security import generate_keys, load_key_pair, load_public_key
 from tests.conftest import free_port
-from tests.integration.test_reliability import check_every_round_once, shards  # noqa: F401 (fixture)
+from tests.integration.test_reliability import check_every_round_once
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +31,7 @@ def test_keys_command_writes_pyzmq_certificates_and_never_overwrites(tmp_path):
     assert load_key_pair(tmp_path / "keys/server.key_secret") == (server_public, server_secret)
 
 
-def test_encrypted_federation_admits_listed_keys_only_and_binds_ids_to_keys(tmp_path, processes, shards):  # noqa: F811
+def test_encrypted_federation_admits_listed_keys_only_and_binds_ids_to_keys(tmp_path, processes, shards):
     keys, strangers = tmp_path / "keys", tmp_path / "strangers"
     generate_keys(keys, 2)
     generate_keys(strangers, 1)
