@@ -255,14 +255,14 @@ class Server:
             strategy.load_state(state["strategy"])
             known = {str(cid): {"shard": entry.get("shard"), "key": entry.get("key")}
                      for cid, entry in state["known_clients"].items()}
-            restored = {"round": completed, "finished": bool(state["finished"]), "weights": list(weights),
+            restored = {"round": completed, "finished": False, "weights": list(weights),
                         "history": history, "strategy": strategy, "known": known,
                         "summary_clients": dict(state["summary_clients"]),
                         "next_client_number": int(state["next_client_number"])}
         except (KeyError, TypeError, ValueError, AttributeError, ProtocolError) as error:
             raise CheckpointError(f"{path}: not a usable checkpoint of this run "
                                   f"({error.__class__.__name__}: {str(error)[:200]})") from None
-        if completed > self.rounds and not restored["finished"]:
+        if completed > self.rounds:
             raise CheckpointError(f"{path}: {completed} rounds are already completed but --rounds is {self.rounds}")
         return restored
 
