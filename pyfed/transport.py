@@ -92,7 +92,8 @@ def _heartbeats(socket: zmq.Socket) -> None:
 HANDSHAKE_FAILURES = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication failed (key not admitted)",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol or security mechanism mismatch (one side without CURVE?)",
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed (wrong server key, or not a ZeroMQ peer)",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed (one side without CURVE, a wrong server key, "
+                                          "or not a ZeroMQ peer)",
 }
 MONITORED = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)

@@ -62,8 +62,9 @@ def test_encrypted_federation_admits_listed_keys_only_and_binds_ids_to_keys(tmp_
     server_log = server.log_path.read_text()
     stranger_key = load_public_key(strangers / "client-1.key").decode()
     assert f"refused a connection: public key {stranger_key} is not in {keys}" in server_log
-    assert server_log.count("refused a connection: ") >= 2  # the handshake failure's kind depends on timing
-    assert "protocol or security mechanism mismatch" in plaintext.log_path.read_text()
+    # which handshake failure each side reports for the plaintext client depends on timing
+    assert server_log.count("refused a connection: ") >= 2
+    assert "one side without CURVE" in plaintext.log_path.read_text()
     assert "joined (" not in server_log
 
     first, second = client(1, keys, "site-1"), client(2, keys, "site-2")
