@@ -114,7 +114,7 @@ def run_server(config: ServerConfig) -> int:
                     min_fit_clients=max(config.min_fit_clients, strategy.min_fit_clients()),
                     fraction_fit=config.fraction_fit, seed=config.seed, checkpoint_dir=config.checkpoint_dir,
                     keep_checkpoints=config.keep_checkpoints, fresh_start=config.fresh_start, curve=curve,
-                    authorized_keys=config.authorized_keys if curve else None)
+                    authorized_keys=config.authorized_keys if curve else None, join_rate=config.join_rate)
     _on_stop_signals(lambda name: server.request_stop(name))
     try:
         server.run()

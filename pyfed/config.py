@@ -270,6 +270,9 @@ class ServerConfig(StrategySettings, TrainingSettings, EncryptionSettings):
                                             "seconds to wait for a round's updates before dropping the "
                                             "stragglers (0: no limit; dead clients are dropped anyway)")
     seed: int = setting(0, "--seed", "SEED", non_negative_int, "seed of the initial model and the client sampling")
+    join_rate: float = setting(100.0, "--join-rate", "JOIN_RATE", positive_float,
+                               "new clients admitted per second, in bursts of 10 seconds' worth; more are "
+                               "told to retry (guards against join floods)")
     num_shards: int = setting(0, "--shards", "NUM_CLIENTS", non_negative_int,
                               "data shards (client-1.npz .. client-N.npz) to hand out, one per client that "
                               "asks; 0: clients bring their own data")

@@ -108,6 +108,7 @@ class Server:
         fresh_start: bool = False,
         curve: CurveKeys | None = None,
         authorized_keys: Path | None = None,
+        join_rate: float = 100.0,
     ):
         if not 1 <= min_fit_clients:
             raise ValueError(f"min_fit_clients must be at least 1, got {min_fit_clients}")
@@ -155,7 +156,7 @@ class Server:
         self.history: list[RoundRecord] = []
         self.final_metrics: tuple[float | None, float | None] = (None, None)
         self._rejections = RateLimitedLog(log)
-        self._joins = TokenBucket(rate=10.0, burst=50)
+        self._joins = TokenBucket(rate=join_rate, burst=max(1, int(10 * join_rate)))  # 10 s worth at once
         self._last_welcome: dict[bytes, float] = {}
         self._finishing = False
         self._stop_reason: str | None = None

@@ -60,7 +60,8 @@ def update(round_: int, arrays, client_id: str = "mallory", num_examples: int = 
 def test_malicious_client_and_join_flood_are_refused_while_honest_clients_finish(tmp_path, processes, shards):
     logdir, address = tmp_path / "logs", f"tcp://127.0.0.1:{free_port()}"
     server = start_server(processes, shards, logdir, address, "--rounds", "2", "--min-clients", "4",
-                          "--min-fit-clients", "3", "--epochs", "5", "--round-timeout", "60")
+                          "--min-fit-clients", "3", "--epochs", "5", "--round-timeout", "60",
+                          "--join-rate", "5")  # bursts of 50 joins
     context = zmq.Context()
     try:
         mallory = Peer(context, address)
