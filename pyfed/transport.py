@@ -221,6 +221,7 @@ class ServerTransport:
         lost = [peer for peer, (_, seen) in self._lost.items() if idle or now - seen >= LOSS_SETTLE_S]
         for peer in lost:
             del self._lost[peer]
+            self.peer_keys.pop(peer, None)
         return lost
 
     def send(self, peer: bytes, frames: Sequence[Any]) -> bool:
