@@ -160,7 +160,6 @@ class Server:
         self._last_welcome: dict[bytes, float] = {}
         self._finishing = False
         self._stop_reason: str | None = None
-        self.stopped = False
 
     def request_stop(self, reason: str) -> None:
         """Stop at the next wait (safe from a signal handler): the last checkpoint stays the resume point."""
@@ -199,7 +198,6 @@ class Server:
                      format_metric(self.final_metrics[0]), format_metric(self.final_metrics[1]),
                      f"; summary in {self.run_log.summary_path}" if self.run_log else "")
         except ServerStopping:
-            self.stopped = True
             frames = protocol.encode(Message(MessageType.STOPPING, round=self.completed_rounds,
                                              body={"reason": self._stop_reason}))
             for record in self.clients.values():

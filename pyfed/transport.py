@@ -242,9 +242,10 @@ class ServerTransport:
     def close(self) -> None:
         """Close the socket; with our own context, wait (up to LINGER) until queued messages are out."""
         _close(self.socket, None, self._monitor)
-        if self._authenticator is not None:
+        if self._authenticator is not None:  # its ZAP socket must close before the context can end
             self._authenticator.stop()
-        _close(self.socket, self._context if self._own_context else None)
+        if self._own_context and not self._context.closed:
+            self._context.term()
 
     def __enter__(self) -> "ServerTransport":
         return self
