@@ -9,39 +9,17 @@ import json
 import os
 import subprocess
 import time
-import urllib.parse
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.docker.support import (REPO, base_settings, container_pid, docker, steps_once,
+                                  wait_for_tensorboard_runs)
 
 pytestmark = pytest.mark.docker
 
-REPO = Path(__file__).resolve().parents[2]
 ROUND_TIMEOUT_S = 600
-
-
-def docker(*args: str, env: dict | None = None, timeout: float = 600, check: bool = True,
-           cwd: Path = REPO) -> subprocess.CompletedProcess:
-    result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
-                            env={**os.environ, **(env or {})})
-    if check and result.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
-                             f"{result.stderr[-3000:]}")
-    return result
-
-
-@pytest.fixture(scope="session")
-def docker_ready():
-    """Docker and Compose must be there: a missing engine is a failure, not a skip."""
-    try:
-        docker("info", timeout=60)
-        docker("compose", "version", timeout=60)
-    except (FileNotFoundError, AssertionError) as error:
-        pytest.fail(f"the Docker tests need a running Docker engine with Compose v2: {error}")
 
 
 class Project:
@@ -94,51 +72,6 @@ def project_factory(tmp_path, docker_ready):
         project.down()
 
 
-def get_json(url: str):
-    with urllib.request.urlopen(url, timeout=10) as response:
-        return json.load(response)
-
-
-def wait_for_tensorboard_runs(port: int, runs: set[str], timeout_s: float = 120) -> dict:
-    """Poll TensorBoard's HTTP API until every run is listed; return {run: [tags]}."""
-    deadline = time.monotonic() + timeout_s
-    seen: object = None
-    while time.monotonic() < deadline:
-        try:
-            seen = get_json(f"http://127.0.0.1:{port}/data/runs")
-            tags = get_json(f"http://127.0.0.1:{port}/data/plugin/scalars/tags")
-            if runs <= set(seen) and runs <= set(tags):
-                return tags
-        except OSError:
-            pass
-        time.sleep(2)
-    raise AssertionError(f"TensorBoard on port {port} lists {seen}, not all of {sorted(runs)}")
-
-
-def scalar_steps(port: int, run: str, tag: str) -> list[int]:
-    query = urllib.parse.urlencode({"run": run, "tag": tag})
-    return [step for _, step, _ in get_json(f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?{query}")]
-
-
-def steps_once(port: int, run: str, tag: str, rounds: int, timeout_s: float = 60) -> bool:
-    """Whether TensorBoard shows steps 1..rounds exactly once, waiting for its reload (every 5 s)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        steps = scalar_steps(port, run, tag)
-        if steps == list(range(1, rounds + 1)) or time.monotonic() > deadline:
-            assert steps == list(range(1, rounds + 1)), (run, tag, steps)
-            return True
-        time.sleep(2)
-
-
-def base_settings(**extra) -> dict:
-    settings = {"SERVER_PORT": free_port(), "TENSORBOARD_PORT": free_port()}
-    if os.environ.get("BASE_IMAGE"):
-        settings["BASE_IMAGE"] = os.environ["BASE_IMAGE"]
-    settings.update(extra)
-    return settings
-
-
 def test_compose_up_scale_3_trains_and_tensorboard_shows_every_client(project_factory):
     settings = base_settings(ROUNDS=2)
     project = project_factory(**settings)
@@ -172,6 +105,7 @@ def test_compose_up_scale_3_trains_and_tensorboard_shows_every_client(project_fa
     server_log = project.logs("server")
     assert "(CurveZMQ)" in server_log and "admitting clients whose public key is in /keys (1 keys)" in server_log
     assert "created /keys/server.key" in project.logs("keys")
+    assert "refused a connection" not in server_log  # the healthcheck reads /proc, it does not connect
 
 
 def test_scaled_replicas_get_distinct_shards_and_an_extra_replica_is_turned_away(project_factory):
@@ -240,10 +174,6 @@ def test_a_client_on_another_network_joins_through_the_published_port(project_fa
     assert summary["rounds"][0]["clients"] == ["client-1", "remote-site"]
     tags = wait_for_tensorboard_runs(settings["TENSORBOARD_PORT"], {"server", "clients/client-1", "clients/remote-site"})
     assert "round/loss" in tags["clients/remote-site"]
-
-
-def container_pid(container: str) -> int:
-    return int(docker("inspect", "--format", "{{.State.Pid}}", container).stdout.strip())
 
 
 def wait_for_log(project: Project, service: str, text: str, timeout_s: float = 300) -> None:

@@ -1,0 +1,88 @@
+"""What the Docker tests share: the docker CLI, TensorBoard's HTTP API, fresh ports.
+
+The Docker tests need a Docker engine with the Compose v2 plugin. They fail (never skip) without one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def docker(*args: str, env: dict | None = None, timeout: float = 600, check: bool = True,
+           cwd: Path = REPO) -> subprocess.CompletedProcess:
+    result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
+                            env={**os.environ, **(env or {})})
+    if check and result.returncode != 0:
+        raise AssertionError(f"docker {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
+                             f"{result.stderr[-3000:]}")
+    return result
+
+
+def require_docker():
+    """Docker and Compose must be there: a missing engine is a failure, not a skip."""
+    try:
+        docker("info", timeout=60)
+        docker("compose", "version", timeout=60)
+    except (FileNotFoundError, AssertionError) as error:
+        pytest.fail(f"the Docker tests need a running Docker engine with Compose v2: {error}")
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return json.load(response)
+
+
+def wait_for_tensorboard_runs(port: int, runs: set[str], timeout_s: float = 120) -> dict:
+    """Poll TensorBoard's HTTP API until every run is listed; return {run: [tags]}."""
+    deadline = time.monotonic() + timeout_s
+    seen: object = None
+    while time.monotonic() < deadline:
+        try:
+            seen = get_json(f"http://127.0.0.1:{port}/data/runs")
+            tags = get_json(f"http://127.0.0.1:{port}/data/plugin/scalars/tags")
+            if runs <= set(seen) and runs <= set(tags):
+                return tags
+        except OSError:
+            pass
+        time.sleep(2)
+    raise AssertionError(f"TensorBoard on port {port} lists {seen}, not all of {sorted(runs)}")
+
+
+def scalar_steps(port: int, run: str, tag: str) -> list[int]:
+    query = urllib.parse.urlencode({"run": run, "tag": tag})
+    return [step for _, step, _ in get_json(f"http://127.0.0.1:{port}/data/plugin/scalars/scalars?{query}")]
+
+
+def steps_once(port: int, run: str, tag: str, rounds: int, timeout_s: float = 60) -> bool:
+    """Whether TensorBoard shows steps 1..rounds exactly once, waiting for its reload (every 5 s)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        steps = scalar_steps(port, run, tag)
+        if steps == list(range(1, rounds + 1)) or time.monotonic() > deadline:
+            assert steps == list(range(1, rounds + 1)), (run, tag, steps)
+            return True
+        time.sleep(2)
+
+
+def base_settings(**extra) -> dict:
+    settings = {"SERVER_PORT": free_port(), "TENSORBOARD_PORT": free_port()}
+    if os.environ.get("BASE_IMAGE"):
+        settings["BASE_IMAGE"] = os.environ["BASE_IMAGE"]
+    settings.update(extra)
+    return settings
+
+
+def container_pid(container: str) -> int:
+    return int(docker("inspect", "--format", "{{.State.Pid}}", container).stdout.strip())
