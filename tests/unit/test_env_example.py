@@ -4,10 +4,11 @@ import dataclasses
 import re
 from pathlib import Path
 
-from pyfed.config import ClientConfig, PartitionConfig, ServerConfig
+from pyfed.config import ClientConfig, KeysConfig, PartitionConfig, ServerConfig
 
 REPO = Path(__file__).resolve().parents[2]
-COMPOSE_ONLY = {"BASE_IMAGE", "TENSORFLOW", "PYFED_TAG", "SERVER_PORT", "TENSORBOARD_PORT"}
+COMPOSE_ONLY = {"BASE_IMAGE", "TENSORFLOW", "PYFED_TAG", "IMAGE_PREFIX", "SERVER_PORT", "TENSORBOARD_PORT",
+                "CLIENT_REPLICAS", "NODE_DATA_DIR"}
 #: set inside compose.yaml to paths in the containers, not by users
 COMPOSE_SET = {"BIND_ADDRESS", "TEST_DATA", "LOGDIR", "CHECKPOINT_DIR", "CURVE_SECRET_KEY", "AUTHORIZED_KEYS"}
 
@@ -16,12 +17,20 @@ def env_example_keys() -> list[str]:
     return [m.group(1) for m in re.finditer(r"^([A-Z][A-Z0-9_]*)=", (REPO / ".env.example").read_text(), re.M)]
 
 
-def test_every_env_example_variable_is_read_by_a_config_and_passed_by_compose():
-    known = {f.metadata["env"] for cls in (ServerConfig, ClientConfig, PartitionConfig) for f in dataclasses.fields(cls)}
-    compose = (REPO / "compose.yaml").read_text()
+def test_every_env_example_variable_is_read_by_a_config_and_passed_by_compose_or_swarm():
+    known = {f.metadata["env"] for cls in (ServerConfig, ClientConfig, PartitionConfig, KeysConfig)
+             for f in dataclasses.fields(cls)}
+    deploy_files = (REPO / "compose.yaml").read_text() + (REPO / "swarm.yaml").read_text()
     for key in env_example_keys():
         assert key in known | COMPOSE_ONLY, f"{key} in .env.example is read by nothing"
-        assert "${" + key in compose, f"{key} in .env.example is not passed by compose.yaml"
+        assert "${" + key in deploy_files, f"{key} in .env.example is passed by neither compose.yaml nor swarm.yaml"
+
+
+def test_every_variable_a_deploy_file_reads_is_documented_in_env_example():
+    documented = set(env_example_keys())
+    for name in ("compose.yaml", "compose.client.yaml", "swarm.yaml"):
+        used = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", (REPO / name).read_text()))
+        assert used - {"LOCAL_DATA_DIR", "LOCAL_KEYS_DIR"} <= documented, (name, used - documented)
 
 
 def test_every_server_strategy_setting_is_documented_in_env_example():

@@ -1,0 +1,238 @@
+"""The Swarm stack end to end on a one-node swarm: `docker stack deploy` of swarm.yaml, Swarm
+secrets for the keys, node-local data, scaling clients mid-run, and the restart policies.
+
+Each step is run exactly as the README's "Try it on one machine" block writes it (a unit test checks
+they are there), with its variables pointed at this test's directories and ports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.docker.support import (REPO, base_settings, container_pid, docker, steps_once,
+                                  wait_for_tensorboard_runs)
+
+pytestmark = pytest.mark.docker
+
+#: the README's one-machine recipe, step by step (test_readme_has_the_swarm_recipe checks it is there)
+BUILD = "docker compose build"
+INIT = "docker swarm init --advertise-addr 127.0.0.1"
+LABEL = ("docker node update --label-add pyfed.server=true --label-add pyfed.client=true "
+         "\"$(docker info --format '{{.Swarm.NodeID}}')\"")
+MAKE_KEYS = ('docker run --rm -u "$(id -u):$(id -g)" -v "$KEYS_DIR:/keys" '
+             "pyfed-server python -m pyfed keys --out /keys --clients 1")
+MAKE_DATA = ('docker run --rm -u "$(id -u):$(id -g)" -v "$NODE_DATA_DIR:/data" '
+             "pyfed-server python -m pyfed partition --clients 4 --out /data")
+DEPLOY = 'docker stack deploy -c swarm.yaml -c swarm.one-node.yaml "$STACK"'
+SCALE = 'docker service scale "${STACK}_client=4"'
+REMOVE = 'docker stack rm "$STACK"'
+LEAVE = "docker swarm leave --force"
+RECIPE = (BUILD, INIT, LABEL, MAKE_KEYS, MAKE_DATA, DEPLOY, SCALE, REMOVE, LEAVE)
+RUN_TIMEOUT_S = 600
+
+
+def sh(command: str, env: dict[str, str], timeout: float = 900) -> str:
+    """Run one recipe step with bash in the repository, as a user would type it."""
+    result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                            env={**os.environ, **{k: str(v) for k, v in env.items()}})
+    assert result.returncode == 0, f"{command} failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+@pytest.fixture(scope="module")
+def swarm(docker_ready):
+    """A one-node swarm on loopback, labelled for the server and the clients. One this test made is
+    left again at the end; an existing swarm (a developer's) is used and only its labels are undone."""
+    env: dict[str, str] = {}
+    sh(BUILD, base_settings())
+    made = docker("info", "--format", "{{.Swarm.LocalNodeState}}").stdout.strip() == "inactive"
+    if made:
+        sh(INIT, env)
+    sh(LABEL, env)
+    node = docker("info", "--format", "{{.Swarm.NodeID}}").stdout.strip()
+    hostname = docker("node", "inspect", "--format", "{{.Description.Hostname}}", node).stdout.strip()
+    yield hostname
+    if made:
+        sh(LEAVE, env)
+    else:
+        docker("node", "update", "--label-rm", "pyfed.server", "--label-rm", "pyfed.client", node, check=False)
+
+
+class Stack:
+    """One deployed stack under a unique name, with its own keys and node-local data directories."""
+
+    def __init__(self, tmp_path: Path, **settings):
+        self.name = f"pyfedtest{uuid.uuid4().hex[:8]}"
+        keys, data = tmp_path / "keys", tmp_path / "node-data"
+        for directory in (keys, data):
+            directory.mkdir()
+            directory.chmod(0o755)   # the containers run as uid 10001
+        self.env = {"STACK": self.name, "KEYS_DIR": str(keys), "NODE_DATA_DIR": str(data),
+                    **{k: str(v) for k, v in base_settings(**settings).items()}}
+        self.tensorboard_port = int(self.env["TENSORBOARD_PORT"])
+        self.tmp_path = tmp_path
+
+    def run(self, step: str) -> str:
+        return sh(step, self.env)
+
+    def containers(self, service: str) -> list[dict]:
+        """Every container of a service (all its tasks, running or exited), oldest first."""
+        out = docker("ps", "-a", "--no-trunc", "--filter", f"label=com.docker.swarm.service.name={self.name}_{service}",
+                     "--format", "{{json .}}").stdout
+        rows = [json.loads(line) for line in out.splitlines() if line.strip()]
+        return sorted(rows, key=lambda row: row["CreatedAt"])
+
+    def logs(self, service: str, newest: bool = False) -> str:
+        """Every task's log (or the newest task's), one container after another, each in the order written."""
+        rows = self.containers(service)[-1:] if newest else self.containers(service)
+        return "".join(docker("logs", row["ID"], check=False).stdout + docker("logs", row["ID"], check=False).stderr
+                       for row in rows)
+
+    def wait_for_log(self, service: str, text: str, timeout_s: float = 300, newest: bool = False) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if text in self.logs(service, newest):
+                return
+            time.sleep(2)
+        raise AssertionError(f"{text!r} not in the {service} logs:\n{self.logs(service)[-3000:]}")
+
+    def wait_until_finished(self, service: str, count: int, timeout_s: float = RUN_TIMEOUT_S) -> list[dict]:
+        """Wait until `count` containers of a service exited 0 and none is running; return them all."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            rows = self.containers(service)
+            if not any(row["State"] in ("running", "created", "restarting") for row in rows) and \
+                    sum(row["Status"].startswith("Exited (0)") for row in rows) >= count:
+                return rows
+            time.sleep(3)
+        raise AssertionError(f"{service} did not finish: {[row['Status'] for row in self.containers(service)]}\n"
+                             f"{self.logs(service)[-3000:]}")
+
+    def summary(self) -> dict:
+        server = self.containers("server")[-1]["ID"]
+        target = self.tmp_path / "summary.json"
+        docker("cp", f"{server}:/logs/summary.json", str(target))
+        return json.loads(target.read_text())
+
+    def remove(self) -> None:
+        """`docker stack rm`, then its volumes once its containers are gone (Swarm leaves volumes)."""
+        sh(REMOVE, self.env)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and docker(
+                "ps", "-aq", "--filter", f"label=com.docker.stack.namespace={self.name}").stdout.strip():
+            time.sleep(2)
+        volumes = docker("volume", "ls", "-q", "--filter", f"label=com.docker.stack.namespace={self.name}").stdout.split()
+        if volumes:
+            docker("volume", "rm", *volumes, check=False)
+
+
+@pytest.fixture
+def stack_factory(tmp_path, swarm):
+    stacks: list[Stack] = []
+
+    def make(**settings) -> Stack:
+        directory = tmp_path / f"stack{len(stacks)}"
+        directory.mkdir()
+        stack = Stack(directory, **settings)
+        stacks.append(stack)
+        return stack
+
+    yield make
+    for stack in stacks:
+        stack.remove()
+
+
+def rounds_with(summary: dict, client_id: str) -> list[int]:
+    return [r["round"] for r in summary["rounds"] if client_id in r["clients"]]
+
+
+def test_stack_deploy_trains_and_a_client_added_mid_run_joins_at_the_next_round(stack_factory, swarm):
+    stack = stack_factory(ROUNDS=6, EPOCHS=150, MIN_CLIENTS=3)
+    stack.run(MAKE_KEYS)
+    stack.run(MAKE_DATA)
+    stack.run(DEPLOY)
+    stack.wait_for_log("server", "round 2/6 started")
+    scaled = time.monotonic()
+    stack.run(SCALE)
+    stack.wait_for_log("server", f"client {swarm}-4 joined")
+    print(f"\nscaled 3 -> 4: the new client joined within {time.monotonic() - scaled:.0f} s")
+    stack.wait_until_finished("server", 1)
+    stack.wait_until_finished("client", 4, timeout_s=120)
+
+    node = swarm
+    first, added = [f"{node}-{slot}" for slot in (1, 2, 3)], f"{node}-4"
+    summary = stack.summary()
+    assert summary["status"] == "finished" and summary["final"]["test_accuracy"] > 0.8
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3, 4, 5, 6]
+    assert all(set(first) <= set(r["clients"]) for r in summary["rounds"])
+    # the added client joined during a round and trained from the next one to the end
+    server_log = stack.logs("server")
+    joined_at = server_log.index(f"client {added} joined")
+    next_round = int(re.compile(r"round (\d)/6 started").search(server_log, joined_at).group(1))
+    assert rounds_with(summary, added) == list(range(next_round, 7)), (next_round, summary["rounds"])
+    assert next_round >= 3
+    assert re.search(rf"round {next_round}/6 started: 4 of 4 clients \(.*{added}", server_log)
+    print(f"it trained in rounds {next_round}-6; round durations "
+          f"{[round(r['duration_s'], 1) for r in summary['rounds']]} s")
+    # each client's own data: replica k read client-k.npz from the node's directory
+    node_data = Path(stack.env["NODE_DATA_DIR"])
+    assert {cid: c["num_examples"] for cid, c in summary["clients"].items()} == {
+        f"{node}-{k}": len(np.load(node_data / f"client-{k}.npz")["y"]) for k in (1, 2, 3, 4)}
+    # keys from Swarm secrets: encrypted, and the replicas' key admitted
+    assert "(CurveZMQ)" in server_log and "admitting clients whose public key is in /run/secrets (1 keys)" in server_log
+
+    port = stack.tensorboard_port
+    tags = wait_for_tensorboard_runs(port, {"server", *(f"clients/{cid}" for cid in (*first, added))})
+    assert {"test/loss", "test/accuracy", "round/participants"} <= set(tags["server"])
+    assert steps_once(port, "server", "test/accuracy", 6)
+    assert steps_once(port, f"clients/{first[0]}", "round/loss", 6)
+
+
+def test_restart_policies_bring_back_a_crashed_client_and_a_crashed_server(stack_factory, swarm):
+    """A client process and then the server process die (SIGKILL from the host, as in a crash).
+    Swarm starts a new task for each: the client rejoins under its id, the server resumes from its
+    checkpoint and the clients find it again by name. Every round ends with all three clients."""
+    stack = stack_factory(ROUNDS=4, EPOCHS=150, MIN_CLIENTS=3, MIN_FIT_CLIENTS=3)
+    stack.run(MAKE_KEYS)
+    stack.run(MAKE_DATA)
+    stack.run(DEPLOY)
+    node = swarm
+    stack.wait_for_log("server", "round 2/4 started")
+    crashing = next(row for row in stack.containers("client") if row["Names"].startswith(f"{stack.name}_client.2."))
+    os.kill(container_pid(crashing["ID"]), 9)
+    killed = time.monotonic()
+    stack.wait_for_log("server", f"client {node}-2 rejoined")
+    print(f"\nclient SIGKILLed: a new task rejoined within {time.monotonic() - killed:.0f} s")
+    stack.wait_for_log("server", "round 3/4 started")
+    os.kill(container_pid(stack.containers("server")[-1]["ID"]), 9)
+    killed = time.monotonic()
+    stack.wait_for_log("server", "resuming from /checkpoints/round-")
+    stack.wait_for_log("server", "round 3/4 started", newest=True)
+    print(f"server SIGKILLed: a new task resumed, and round 3 restarted with all clients, within "
+          f"{time.monotonic() - killed:.0f} s")
+    servers = stack.wait_until_finished("server", 1)
+    clients = stack.wait_until_finished("client", 3, timeout_s=120)
+
+    assert [row["Status"].split(")")[0] for row in servers] == ["Exited (137", "Exited (0"]
+    assert sorted(row["Status"].split(")")[0] for row in clients) == ["Exited (0"] * 3 + ["Exited (137"]
+    ids = [f"{node}-{slot}" for slot in (1, 2, 3)]
+    summary = stack.summary()
+    assert summary["status"] == "finished"
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3, 4]
+    assert all(r["clients"] == ids for r in summary["rounds"]), summary["rounds"]
+    assert any(reason.startswith("connection lost") for r in summary["rounds"] for a in r["failed_attempts"]
+               for reason in a["dropped"].values()), summary["rounds"]
+    assert stack.logs("client").count("rejoining as") >= 3   # each client found the restarted server
+    port = stack.tensorboard_port
+    wait_for_tensorboard_runs(port, {"server", f"clients/{node}-2"})
+    assert steps_once(port, "server", "test/accuracy", 4)
+    assert steps_once(port, f"clients/{node}-2", "round/loss", 4)

@@ -1,0 +1,25 @@
+"""The README's recipes are the commands the tests run."""
+
+import re
+from pathlib import Path
+
+from tests.docker.test_swarm import RECIPE
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def code_block_after(marker: str) -> list[str]:
+    """The commands of the first ```bash block after `marker`, without trailing comments."""
+    text = README.read_text()
+    start = text.index(marker)
+    block = re.search(r"```bash\n(.*?)```", text[start:], re.S)
+    assert block, f"no ```bash block after {marker!r}"
+    return [re.split(r"\s+# ", line)[0].strip() for line in block.group(1).splitlines()]
+
+
+def test_the_one_machine_swarm_block_is_what_the_swarm_tests_run():
+    commands = code_block_after("**Try it on one machine.**")
+    docker_commands = [c for c in commands if c.startswith("docker ")]
+    assert [c for c in docker_commands if c in RECIPE] == list(RECIPE), "the README shows other steps, or another order"
+    # the only step the tests do differently: they read the server's log instead of following it
+    assert set(docker_commands) - set(RECIPE) == {'docker service logs -f "${STACK}_server"'}
