@@ -18,12 +18,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.docker.support import (REPO, base_settings, container_pid, docker, steps_once,
+from tests.docker.support import (REPO, base_settings, container_pid, docker, scalar_steps, steps_once,
                                   wait_for_tensorboard_runs)
 
 pytestmark = pytest.mark.docker
 
-#: the README's one-machine recipe, step by step (test_readme_has_the_swarm_recipe checks it is there)
+#: the README's one-machine recipe, step by step (tests/unit/test_readme.py checks the README shows them)
 BUILD = "docker compose build"
 INIT = "docker swarm init --advertise-addr 127.0.0.1"
 LABEL = ("docker node update --label-add pyfed.server=true --label-add pyfed.client=true "
@@ -33,10 +33,11 @@ MAKE_KEYS = ('docker run --rm -u "$(id -u):$(id -g)" -v "$KEYS_DIR:/keys" '
 MAKE_DATA = ('docker run --rm -u "$(id -u):$(id -g)" -v "$NODE_DATA_DIR:/data" '
              "pyfed-server python -m pyfed partition --clients 4 --out /data")
 DEPLOY = 'docker stack deploy -c swarm.yaml -c swarm.one-node.yaml "$STACK"'
-SCALE = 'docker service scale "${STACK}_client=4"'
+SCALE_UP = 'docker service scale --detach "${STACK}_client=4"'
+SCALE_DOWN = 'docker service scale --detach "${STACK}_client=3"'
 REMOVE = 'docker stack rm "$STACK"'
 LEAVE = "docker swarm leave --force"
-RECIPE = (BUILD, INIT, LABEL, MAKE_KEYS, MAKE_DATA, DEPLOY, SCALE, REMOVE, LEAVE)
+RECIPE = (BUILD, INIT, LABEL, MAKE_KEYS, MAKE_DATA, DEPLOY, SCALE_UP, SCALE_DOWN, REMOVE, LEAVE)
 RUN_TIMEOUT_S = 600
 
 
@@ -50,21 +51,24 @@ def sh(command: str, env: dict[str, str], timeout: float = 900) -> str:
 
 @pytest.fixture(scope="module")
 def swarm(docker_ready):
-    """A one-node swarm on loopback, labelled for the server and the clients. One this test made is
-    left again at the end; an existing swarm (a developer's) is used and only its labels are undone."""
-    env: dict[str, str] = {}
+    """A one-node swarm on loopback, labelled for the server and the clients; yields the node's
+    hostname. A swarm this fixture made is left at the end; an existing one (a developer's) is used,
+    and only the labels added here are removed."""
     sh(BUILD, base_settings())
     made = docker("info", "--format", "{{.Swarm.LocalNodeState}}").stdout.strip() == "inactive"
     if made:
-        sh(INIT, env)
-    sh(LABEL, env)
+        sh(INIT, {})
     node = docker("info", "--format", "{{.Swarm.NodeID}}").stdout.strip()
+    had = json.loads(docker("node", "inspect", "--format", "{{json .Spec.Labels}}", node).stdout) or {}
+    sh(LABEL, {})
     hostname = docker("node", "inspect", "--format", "{{.Description.Hostname}}", node).stdout.strip()
     yield hostname
     if made:
-        sh(LEAVE, env)
+        sh(LEAVE, {})
     else:
-        docker("node", "update", "--label-rm", "pyfed.server", "--label-rm", "pyfed.client", node, check=False)
+        added = [arg for label in ("pyfed.server", "pyfed.client") if label not in had for arg in ("--label-rm", label)]
+        if added:
+            docker("node", "update", *added, node, check=False)
 
 
 class Stack:
@@ -94,8 +98,8 @@ class Stack:
     def logs(self, service: str, newest: bool = False) -> str:
         """Every task's log (or the newest task's), one container after another, each in the order written."""
         rows = self.containers(service)[-1:] if newest else self.containers(service)
-        return "".join(docker("logs", row["ID"], check=False).stdout + docker("logs", row["ID"], check=False).stderr
-                       for row in rows)
+        outputs = [docker("logs", row["ID"], check=False) for row in rows]
+        return "".join(output.stdout + output.stderr for output in outputs)
 
     def wait_for_log(self, service: str, text: str, timeout_s: float = 300, newest: bool = False) -> None:
         deadline = time.monotonic() + timeout_s
@@ -155,33 +159,46 @@ def rounds_with(summary: dict, client_id: str) -> list[int]:
     return [r["round"] for r in summary["rounds"] if client_id in r["clients"]]
 
 
-def test_stack_deploy_trains_and_a_client_added_mid_run_joins_at_the_next_round(stack_factory, swarm):
+def test_stack_deploy_trains_and_clients_scale_up_and_down_mid_run(stack_factory, swarm):
+    """3 client replicas; mid-run scaled to 4 (the new one trains from the next round on), then back
+    to 3 (Swarm stops one, which leaves, and the run goes on without it)."""
     stack = stack_factory(ROUNDS=6, EPOCHS=150, MIN_CLIENTS=3)
     stack.run(MAKE_KEYS)
     stack.run(MAKE_DATA)
     stack.run(DEPLOY)
+    node = swarm
+    added = f"{node}-4"
     stack.wait_for_log("server", "round 2/6 started")
     scaled = time.monotonic()
-    stack.run(SCALE)
-    stack.wait_for_log("server", f"client {swarm}-4 joined")
+    stack.run(SCALE_UP)
+    stack.wait_for_log("server", f"client {added} joined")
     print(f"\nscaled 3 -> 4: the new client joined within {time.monotonic() - scaled:.0f} s")
+    stack.wait_for_log("server", f"update from {added}")
+    stack.run(SCALE_DOWN)
     stack.wait_until_finished("server", 1)
-    stack.wait_until_finished("client", 4, timeout_s=120)
+    stack.wait_until_finished("client", 3, timeout_s=120)
 
-    node = swarm
-    first, added = [f"{node}-{slot}" for slot in (1, 2, 3)], f"{node}-4"
     summary = stack.summary()
     assert summary["status"] == "finished" and summary["final"]["test_accuracy"] > 0.8
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3, 4, 5, 6]
-    assert all(set(first) <= set(r["clients"]) for r in summary["rounds"])
-    # the added client joined during a round and trained from the next one to the end
+    first = [f"{node}-{slot}" for slot in (1, 2, 3)]
+    assert summary["rounds"][0]["clients"] == first
+    # the added client joined during a round and trained from the next one on
     server_log = stack.logs("server")
     joined_at = server_log.index(f"client {added} joined")
     next_round = int(re.compile(r"round (\d)/6 started").search(server_log, joined_at).group(1))
-    assert rounds_with(summary, added) == list(range(next_round, 7)), (next_round, summary["rounds"])
-    assert next_round >= 3
+    assert 3 <= next_round <= 5 and rounds_with(summary, added)[0] == next_round, (next_round, summary["rounds"])
     assert re.search(rf"round {next_round}/6 started: 4 of 4 clients \(.*{added}", server_log)
-    print(f"it trained in rounds {next_round}-6; round durations "
+    # scaled down: one client (Swarm picks which) left, and no later round waited for it
+    leavers = re.findall(r"client (\S+) dropped: left \(SIGTERM\)", server_log) + re.findall(
+        r"round (?:\d+): dropped client (\S+) before its update: left \(SIGTERM\)", server_log)
+    assert len(set(leavers)) == 1, leavers
+    leaver = leavers[0]
+    last = max(rounds_with(summary, leaver))
+    assert last < 6 and all(len(r["clients"]) == 3 for r in summary["rounds"][last:]), summary["rounds"]
+    assert all(len(r["clients"]) >= 3 for r in summary["rounds"])
+    print(f"{added} trained from round {next_round}; {leaver} left after round {last}; clients per round "
+          f"{[len(r['clients']) for r in summary['rounds']]}; round durations "
           f"{[round(r['duration_s'], 1) for r in summary['rounds']]} s")
     # each client's own data: replica k read client-k.npz from the node's directory
     node_data = Path(stack.env["NODE_DATA_DIR"])
@@ -194,7 +211,7 @@ def test_stack_deploy_trains_and_a_client_added_mid_run_joins_at_the_next_round(
     tags = wait_for_tensorboard_runs(port, {"server", *(f"clients/{cid}" for cid in (*first, added))})
     assert {"test/loss", "test/accuracy", "round/participants"} <= set(tags["server"])
     assert steps_once(port, "server", "test/accuracy", 6)
-    assert steps_once(port, f"clients/{first[0]}", "round/loss", 6)
+    assert scalar_steps(port, f"clients/{added}", "round/loss") == rounds_with(summary, added)
 
 
 def test_restart_policies_bring_back_a_crashed_client_and_a_crashed_server(stack_factory, swarm):
