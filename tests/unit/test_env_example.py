@@ -37,3 +37,25 @@ def test_every_server_strategy_setting_is_documented_in_env_example():
     keys = set(env_example_keys())
     strategy_vars = {f.metadata["env"] for f in dataclasses.fields(ServerConfig)} - COMPOSE_SET
     assert strategy_vars <= keys, strategy_vars - keys
+
+
+#: variables compose.yaml reads that swarm.yaml does not, and why
+NOT_IN_SWARM = {
+    "BASE_IMAGE": "images are built with Compose; a stack only runs them",
+    "TENSORFLOW": "the same",
+    "DATASET": "no data step: each node brings its own data",
+    "NUM_CLIENTS": "the same (the server hands out no shards)",
+    "PARTITION_SCHEME": "the same", "PARTITION_ALPHA": "the same", "CLASSES_PER_CLIENT": "the same",
+    "TEST_FRACTION": "the same",
+    "CLIENT_ID": "each replica is named after its node",
+    "DATA_SHARD": "each replica reads its node's client.npz",
+    "SERVER_ADDRESS": "replicas reach the server by its service name",
+    "INSECURE": "a stack always uses its Swarm secrets",
+}
+
+
+def test_swarm_yaml_passes_every_setting_compose_yaml_does_except_the_listed_ones():
+    def variables(name: str) -> set[str]:
+        return set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)", (REPO / name).read_text()))
+
+    assert variables("compose.yaml") - variables("swarm.yaml") == set(NOT_IN_SWARM)
