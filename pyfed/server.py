@@ -23,7 +23,6 @@ import json
 import logging
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +30,9 @@ import numpy as np
 
 from . import protocol
 from .checkpoint import (CheckpointError, check_fingerprint, list_checkpoints, load_state, save_checkpoint)
-from .data import shard_name
 from .model import evaluate, evaluation_dataset, to_wire
 from .protocol import Message, MessageType, ProtocolError
+from .registry import ClientRecord, JoinRefused, Registry
 from .security import Admission, CurveKeys
 from .strategy import Aggregator, FedAvg, FitPlan, FitResult, Strategy, sample_clients
 from .tracking import RoundRecord, RunLog, archive_previous_run, format_metric
@@ -45,42 +44,12 @@ log = logging.getLogger("pyfed.server")
 PROGRESS_EVERY_S = 10.0
 FINISH_GRACE_S = 15.0
 FINISH_RESEND_S = 2.0
-RESERVE_SHARDS_S = 60.0  # after a resume, a returning client's shard is kept for it this long
 STOP_NOTICE_S = 1.5  # after SIGTERM, how long the STOPPING notice has before the socket closes
-REWELCOME_EVERY_S = 2.0  # a joined peer's repeated JOINs are answered at most this often
 CONNECTION_LOST = f"connection lost (closed, or no heartbeat for {HEARTBEAT_TIMEOUT_MS / 1000:g}s)"
 
 
 class ServerStopping(Exception):
     """Raised inside the run when a stop was requested (SIGTERM); the run ends cleanly."""
-
-
-@dataclass
-class ClientRecord:
-    """A registered client: its id, its ZeroMQ peer id, and what it told us at join."""
-
-    client_id: str
-    peer: bytes
-    num_examples: int
-    shard: str | None = None
-    key: str | None = None  # its CURVE public key, when the server encrypts
-
-
-class TokenBucket:
-    """At most ``rate`` events per second on average, in bursts of up to ``burst``."""
-
-    def __init__(self, rate: float, burst: int):
-        self.rate, self.burst = rate, burst
-        self._tokens, self._stamp = float(burst), time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._stamp) * self.rate)
-        self._stamp = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
 
 
 class Server:
@@ -123,7 +92,6 @@ class Server:
         self.test_data = test_data
         self._test_dataset = None
         self.round_timeout_s = round_timeout_s
-        self.num_shards = num_shards
         self.weights: list[np.ndarray] = model.get_weights()
         self.specs = protocol.array_specs(self.weights)
         self.model_json, self.compile_config = to_wire(model)
@@ -134,12 +102,7 @@ class Server:
         self.transport = ServerTransport(address, max_frame_bytes=protocol.max_frame_bytes(self.specs, self.limits),
                                          curve=curve, admission=admission)
         self.endpoint: str | None = None
-        self.clients: dict[str, ClientRecord] = {}  # the live registry
-        self.known: dict[str, dict[str, Any]] = {}  # every client id ever admitted: {"shard", "key"}
-        self._client_by_peer: dict[bytes, str] = {}
-        self._removed: dict[str, str] = {}  # client id -> why it was last removed
-        self._next_client_number = 1
-        self._reserved_until = 0.0
+        self.registry = Registry(num_shards, join_rate)
         self.current_round = 0
         self.completed_rounds = 0
         self.logdir = Path(logdir) if logdir else None
@@ -156,10 +119,13 @@ class Server:
         self.history: list[RoundRecord] = []
         self.final_metrics: tuple[float | None, float | None] = (None, None)
         self._rejections = RateLimitedLog(log)
-        self._joins = TokenBucket(rate=join_rate, burst=max(1, int(10 * join_rate)))  # 10 s worth at once
-        self._last_welcome: dict[bytes, float] = {}
         self._finishing = False
         self._stop_reason: str | None = None
+
+    @property
+    def clients(self) -> dict[str, ClientRecord]:
+        """The connected clients, by id."""
+        return self.registry.clients
 
     def request_stop(self, reason: str) -> None:
         """Stop at the next wait (safe from a signal handler): the last checkpoint stays the resume point."""
@@ -229,7 +195,7 @@ class Server:
         if state is not None:
             self._restore(state)
             log.info("resuming from %s: %d of %d rounds completed, %d known clients", existing[-1],
-                     self.completed_rounds, self.rounds, len(self.known))
+                     self.completed_rounds, self.rounds, len(self.registry.known))
         if self.logdir:
             self.run_log = RunLog(self.logdir, config=self.config_summary,
                                   resume=self.history if state is not None else None,
@@ -270,18 +236,15 @@ class Server:
         self.weights = state["weights"]
         self.history = state["history"]
         self.strategy = state["strategy"]
-        self.known = state["known"]
-        self._next_client_number = state["next_client_number"]
-        self._reserved_until = time.monotonic() + RESERVE_SHARDS_S
+        self.registry.restore(state["known"], state["next_client_number"])
 
     def _checkpoint(self, *, finished: bool = False) -> None:
         if not self.checkpoint_dir:
             return
         state = {"round": self.completed_rounds, "finished": finished, "fingerprint": self.fingerprint,
-                 "weights": list(self.weights), "strategy": self.strategy.state(), "known_clients": self.known,
+                 "weights": list(self.weights), "strategy": self.strategy.state(),
                  "summary_clients": self.run_log.clients if self.run_log else {},
-                 "history": [record.to_json() for record in self.history],
-                 "next_client_number": self._next_client_number}
+                 "history": [record.to_json() for record in self.history], **self.registry.state()}
         path = save_checkpoint(self.checkpoint_dir, self.completed_rounds, state, keep=self.keep_checkpoints)
         log.info("%s checkpoint written: %s", "final" if finished else "round", path)
 
@@ -406,7 +369,7 @@ class Server:
         while pending:
             for client_id in sorted(pending - set(self.clients)):
                 pending.discard(client_id)
-                dropped[client_id] = self._removed.get(client_id, "left the federation")
+                dropped[client_id] = self.registry.removed.get(client_id, "left the federation")
                 log.warning("round %d: dropped client %s before its %s: %s", server_round, client_id, what,
                             dropped[client_id])
             now = time.monotonic()
@@ -482,8 +445,9 @@ class Server:
             raise ServerStopping(self._stop_reason)
         received = self.transport.recv(timeout_s)
         for lost in self.transport.lost_peers(idle=received is None):
-            if lost in self._client_by_peer:
-                self._remove_client(self._client_by_peer[lost], CONNECTION_LOST, quiet=self._finishing)
+            lost_client = self.registry.client_of(lost)
+            if lost_client is not None:
+                self._remove_client(lost_client, CONNECTION_LOST, quiet=self._finishing)
         if received is None:
             return None
         peer, frames = received
@@ -492,7 +456,7 @@ class Server:
         except ProtocolError as error:
             self._reject(peer, "bad_message", f"from peer {peer.hex()[:12]}: {error}")
             return None
-        client_id = self._client_by_peer.get(peer)
+        client_id = self.registry.client_of(peer)
         if message.type is MessageType.JOIN:
             self._handle_join(peer, message)
             return None
@@ -519,94 +483,28 @@ class Server:
         return None
 
     def _handle_join(self, peer: bytes, message: Message) -> None:
-        known = self._client_by_peer.get(peer)
-        wanted = message.client_id
-        key = self.transport.peer_keys.get(peer)
-        if known is not None and wanted in ("", known):
-            # a repeated JOIN (the client's retry, or its rejoin after a reconnect): welcome it again
-            if time.monotonic() - self._last_welcome.get(peer, 0.0) < REWELCOME_EVERY_S:
-                self._reject(peer, "join_flood", f"client {known} repeats JOIN more than once per "
-                                                 f"{REWELCOME_EVERY_S:g}s; ignored")
-                return
-            record = self.clients[known]
-        elif known is not None:
-            self._reject(peer, "already_joined", f"peer already joined as {known}, now asks for {wanted!r}")
+        try:
+            admitted = self.registry.admit(peer, message.client_id, wants_shard=bool(message.body.get("wants_shard")),
+                                           num_examples=message.body.get("num_examples", 0),
+                                           key=self.transport.peer_keys.get(peer))
+        except JoinRefused as refusal:
+            self._reject(peer, refusal.code, refusal.reason)
             return
-        elif wanted and wanted in self.clients:
-            self._reject(peer, "id_taken", f"client id {wanted!r} is in use by a connected client; "
-                                           "retry once that client is gone")
-            return
-        elif wanted and self.known.get(wanted, {}).get("key") not in (None, key):
-            self._reject(peer, "id_bound_to_key", f"client id {wanted!r} belongs to another client's key")
-            return
-        elif not self._joins.take():
-            self._reject(peer, "busy", "too many join requests; retry in a few seconds")
-            return
-        else:
-            record = self._register(peer, wanted, message.body, key)
-            if record is None:
-                return
-        self._last_welcome[peer] = time.monotonic()
+        record = admitted.record
+        if admitted.event != "welcomed again":
+            if self.run_log:
+                self.run_log.clients[record.client_id] = {"shard": record.shard, "num_examples": record.num_examples}
+            log.info("client %s %s (%s) [%d/%d]", record.client_id, admitted.event,
+                     f"assigned shard {record.shard}" if record.shard else f"{record.num_examples} examples",
+                     len(self.clients), self.min_clients)
         welcome = Message(MessageType.WELCOME, round=self.current_round, client_id=record.client_id,
                           arrays=self.weights,
                           body={"model_json": self.model_json, "compile_config": self.compile_config,
                                 "plan": self.plan.to_body(), "rounds": self.rounds, "shard": record.shard})
         self.transport.send(peer, protocol.encode(welcome))
 
-    def _register(self, peer: bytes, wanted: str, body: dict[str, Any], key: str | None) -> ClientRecord | None:
-        """Admit a client: give it an id and, if it asked, a data shard of its own (the one it had,
-        when it comes back)."""
-        shard = None
-        previous = self.known.get(wanted, {}).get("shard") if wanted else None
-        if body.get("wants_shard") and previous and previous not in {r.shard for r in self.clients.values()}:
-            shard, client_id = previous, wanted
-        elif body.get("wants_shard"):
-            index = self._free_shard_index()
-            if index is None:
-                reason = (f"all {self.num_shards} data shards are taken; this client is not needed"
-                          if self.num_shards else "this server does not assign data shards; give the client its own data")
-                self._reject(peer, "no_shards", reason)
-                return None
-            shard = shard_name(index)
-            client_id = wanted or f"client-{index}"
-        else:
-            client_id = wanted or self._assign_client_id()
-        record = ClientRecord(client_id, peer, body.get("num_examples", 0), shard, key)
-        rejoined = client_id in self.known
-        self.clients[client_id] = record
-        self._client_by_peer[peer] = client_id
-        self.known[client_id] = {"shard": shard, "key": key}
-        if self.run_log:
-            self.run_log.clients[client_id] = {"shard": shard, "num_examples": record.num_examples}
-        log.info("client %s %s (%s) [%d/%d]", client_id, "rejoined" if rejoined else "joined",
-                 f"assigned shard {shard}" if shard else f"{record.num_examples} examples",
-                 len(self.clients), self.min_clients)
-        return record
-
-    def _free_shard_index(self) -> int | None:
-        """The lowest shard not held by a client, whose conventional id no pinned client uses and
-        (shortly after a resume) that no returning client is expected to reclaim."""
-        taken = {r.shard for r in self.clients.values()}
-        if time.monotonic() < self._reserved_until:
-            taken |= {entry["shard"] for entry in self.known.values()}
-        for index in range(1, self.num_shards + 1):
-            if shard_name(index) not in taken and f"client-{index}" not in self.clients:
-                return index
-        return None
-
-    def _assign_client_id(self) -> str:
-        while f"client-{self._next_client_number}" in self.clients:
-            self._next_client_number += 1
-        client_id = f"client-{self._next_client_number}"
-        self._next_client_number += 1
-        return client_id
-
     def _remove_client(self, client_id: str, reason: str, quiet: bool = False) -> None:
-        record = self.clients.pop(client_id, None)
-        if record is not None:
-            self._client_by_peer.pop(record.peer, None)
-            self._last_welcome.pop(record.peer, None)
-            self._removed[client_id] = reason
+        if self.registry.remove(client_id, reason):
             (log.debug if quiet else log.info)("client %s dropped: %s [%d connected]", client_id, reason,
                                                len(self.clients))
 

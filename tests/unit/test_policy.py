@@ -10,7 +10,7 @@ import pytest
 from pyfed.checkpoint import CheckpointError, check_fingerprint, list_checkpoints, save_checkpoint
 from pyfed.config import ConfigError, ServerConfig, resolve
 from pyfed.security import Admission, KeyFileError, generate_keys, load_key_pair, load_public_key
-from pyfed.server import TokenBucket, model_fingerprint
+from pyfed.server import model_fingerprint
 from pyfed.strategy import sample_clients
 
 CLIENTS = [f"c{i:02d}" for i in range(10)]
@@ -29,13 +29,6 @@ def test_sampling_takes_the_fraction_at_least_the_minimum_and_is_reproducible():
     assert sample_clients(CLIENTS, 0.3, 1, (0, 4, 2)) == sample_clients(CLIENTS, 0.3, 1, (0, 4, 2))
     with pytest.raises(ValueError):
         sample_clients(CLIENTS, 0.0, 1, (0,))
-
-
-def test_token_bucket_allows_a_burst_then_the_rate():
-    bucket = TokenBucket(rate=10.0, burst=5)
-    assert [bucket.take() for _ in range(7)] == [True] * 5 + [False] * 2
-    time.sleep(0.25)
-    assert bucket.take() and bucket.take() and not bucket.take()
 
 
 def test_model_fingerprint_ignores_names_but_not_structure():

@@ -1,0 +1,157 @@
+"""The admission rules, without a network: ids, keys, shards, rates, resume reservations."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyfed.registry import RESERVE_SHARDS_S, REWELCOME_EVERY_S, JoinRefused, Registry, TokenBucket
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def registry(num_shards: int = 0, join_rate: float = 100.0) -> tuple[Registry, Clock]:
+    clock = Clock()
+    return Registry(num_shards, join_rate, clock=clock), clock
+
+
+def admit(reg: Registry, peer: bytes, wanted: str = "", *, shard: bool = False, key: str | None = None,
+          num_examples: int = 10):
+    return reg.admit(peer, wanted, wants_shard=shard, num_examples=num_examples, key=key)
+
+
+def refusal(reg: Registry, peer: bytes, wanted: str = "", **kwargs) -> str:
+    with pytest.raises(JoinRefused) as error:
+        admit(reg, peer, wanted, **kwargs)
+    return error.value.code
+
+
+def test_clients_without_an_id_get_the_next_free_number():
+    reg, _ = registry()
+    assert [admit(reg, bytes([i])).record.client_id for i in range(3)] == ["client-1", "client-2", "client-3"]
+    assert reg.client_of(b"\x01") == "client-2" and reg.client_of(b"\x09") is None
+    # a pinned client-4 is skipped over by the numbering
+    admit(reg, b"p", "client-4")
+    assert admit(reg, b"q").record.client_id == "client-5"
+    assert reg.state()["next_client_number"] == 6
+
+
+def test_a_chosen_id_is_kept_and_a_live_id_is_refused():
+    reg, _ = registry()
+    admitted = admit(reg, b"a", "site-a", num_examples=42)
+    assert (admitted.event, admitted.record.client_id, admitted.record.num_examples) == ("joined", "site-a", 42)
+    assert refusal(reg, b"b", "site-a") == "id_taken"
+
+
+def test_a_returning_id_rejoins_with_its_key_and_not_with_another():
+    reg, _ = registry()
+    admit(reg, b"a", "site-a", key="KEY-A")
+    assert reg.remove("site-a", "connection lost")
+    assert reg.removed["site-a"] == "connection lost" and reg.client_of(b"a") is None
+    assert refusal(reg, b"b", "site-a", key="KEY-B") == "id_bound_to_key"
+    assert refusal(reg, b"b", "site-a", key=None) == "id_bound_to_key"
+    assert admit(reg, b"c", "site-a", key="KEY-A").event == "rejoined"
+    assert not reg.remove("nobody", "x")
+
+
+def test_without_encryption_ids_are_not_bound():
+    reg, _ = registry()
+    admit(reg, b"a", "site-a")
+    reg.remove("site-a", "left")
+    assert admit(reg, b"b", "site-a").event == "rejoined"
+
+
+def test_a_joined_peer_is_welcomed_again_at_most_every_two_seconds_and_keeps_its_id():
+    reg, clock = registry()
+    first = admit(reg, b"a").record
+    assert refusal(reg, b"a") == "join_flood"
+    assert refusal(reg, b"a", "client-1") == "join_flood"
+    clock.now += REWELCOME_EVERY_S
+    again = admit(reg, b"a", "client-1")
+    assert again.event == "welcomed again" and again.record is first
+    assert refusal(reg, b"a", "other-id") == "already_joined"
+    assert list(reg.clients) == ["client-1"]
+
+
+def test_new_joins_are_rate_limited_in_bursts_of_ten_seconds_worth():
+    reg, clock = registry(join_rate=2.0)
+    assert [admit(reg, bytes([i])).event for i in range(20)] == ["joined"] * 20
+    assert refusal(reg, b"x") == "busy"
+    clock.now += 1.0
+    admit(reg, b"x")
+    admit(reg, b"y")
+    assert refusal(reg, b"z") == "busy"
+    # refused joins took no id, and a re-welcome is not a new join
+    assert len(reg.clients) == 22 and reg.state()["next_client_number"] == 23
+
+
+def test_shards_go_lowest_first_and_id_k_gets_shard_k():
+    reg, _ = registry(num_shards=3)
+    records = [admit(reg, bytes([i]), shard=True).record for i in range(3)]
+    assert [(r.client_id, r.shard) for r in records] == [(f"client-{k}", f"client-{k}.npz") for k in (1, 2, 3)]
+    assert refusal(reg, b"x", shard=True) == "no_shards"
+    # a client that brings its own data is still welcome
+    assert admit(reg, b"y").record.shard is None
+
+
+def test_a_server_without_shards_says_so():
+    reg, _ = registry(num_shards=0)
+    with pytest.raises(JoinRefused, match="does not assign data shards"):
+        admit(reg, b"a", shard=True)
+
+
+def test_a_freed_shard_goes_to_the_next_client_under_the_same_id():
+    reg, _ = registry(num_shards=3)
+    for i in range(3):
+        admit(reg, bytes([i]), shard=True)
+    reg.remove("client-2", "connection lost")
+    again = admit(reg, b"new", shard=True)
+    assert (again.record.client_id, again.record.shard, again.event) == ("client-2", "client-2.npz", "rejoined")
+
+
+def test_a_named_client_gets_its_shard_back_and_a_pinned_id_keeps_its_number_free():
+    reg, _ = registry(num_shards=3)
+    assert admit(reg, b"a", "site-a", shard=True).record.shard == "client-1.npz"
+    admit(reg, b"p", "client-2")  # pinned client-2, bringing its own data
+    assert admit(reg, b"b", shard=True).record.shard == "client-3.npz"  # shard 2 is client-2's by convention
+    reg.remove("site-a", "left")
+    assert admit(reg, b"a2", "site-a", shard=True).record.shard == "client-1.npz"
+
+
+def test_after_a_resume_known_clients_keep_their_shards_for_a_while():
+    reg, clock = registry(num_shards=3)
+    reg.restore({"client-1": {"shard": "client-1.npz", "key": None},
+                 "site-b": {"shard": "client-2.npz", "key": None}}, next_client_number=4)
+    assert admit(reg, b"x", shard=True).record.shard == "client-3.npz"  # 1 and 2 are reserved
+    assert refusal(reg, b"y", shard=True) == "no_shards"
+    assert admit(reg, b"b", "site-b", shard=True).record.shard == "client-2.npz"  # its own, reclaimed
+    clock.now += RESERVE_SHARDS_S
+    again = admit(reg, b"y", shard=True)
+    assert (again.record.client_id, again.record.shard, again.event) == ("client-1", "client-1.npz", "rejoined")
+    assert admit(reg, b"z").record.client_id == "client-4"
+
+
+def test_state_round_trips_through_restore():
+    reg, _ = registry(num_shards=2)
+    admit(reg, b"a", shard=True, key="K1")
+    admit(reg, b"b", "site-b", key="K2")
+    other, _ = registry(num_shards=2)
+    state = reg.state()
+    other.restore(state["known_clients"], state["next_client_number"])
+    assert other.state() == state and not other.clients
+    assert refusal(other, b"c", "site-b", key="K3") == "id_bound_to_key"
+
+
+def test_token_bucket_allows_a_burst_then_the_rate():
+    clock = Clock()
+    bucket = TokenBucket(rate=10.0, burst=5, clock=clock)
+    assert [bucket.take() for _ in range(7)] == [True] * 5 + [False] * 2
+    clock.now += 0.25
+    assert bucket.take() and bucket.take() and not bucket.take()
+    clock.now += 100
+    assert sum(bucket.take() for _ in range(10)) == 5  # never more than a burst
