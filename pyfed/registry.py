@@ -127,6 +127,12 @@ class Registry:
         """What a checkpoint keeps: every id ever admitted, and the next id number to assign."""
         return {"known_clients": self.known, "next_client_number": self.next_client_number}
 
+    @staticmethod
+    def parse_known(raw: Any) -> dict[str, dict[str, Any]]:
+        """A checkpoint's ``known_clients`` in the shape :meth:`restore` takes; raises TypeError or
+        AttributeError if it is not a mapping of ids to {"shard", "key"} mappings."""
+        return {str(cid): {"shard": entry.get("shard"), "key": entry.get("key")} for cid, entry in raw.items()}
+
     def restore(self, known: dict[str, dict[str, Any]], next_client_number: int) -> None:
         """Take back a checkpoint's clients; their shards are kept for them for RESERVE_SHARDS_S."""
         self.known = known

@@ -218,8 +218,7 @@ class Server:
                 raise ValueError(f"round {completed!r} does not match its history of {len(history)} rounds")
             strategy = copy.deepcopy(self.strategy)
             strategy.load_state(state["strategy"])
-            known = {str(cid): {"shard": entry.get("shard"), "key": entry.get("key")}
-                     for cid, entry in state["known_clients"].items()}
+            known = Registry.parse_known(state["known_clients"])
             restored = {"round": completed, "finished": False, "weights": list(weights),
                         "history": history, "strategy": strategy, "known": known,
                         "summary_clients": dict(state["summary_clients"]),

@@ -155,3 +155,12 @@ def test_token_bucket_allows_a_burst_then_the_rate():
     assert bucket.take() and bucket.take() and not bucket.take()
     clock.now += 100
     assert sum(bucket.take() for _ in range(10)) == 5  # never more than a burst
+
+
+def test_parse_known_takes_a_checkpoint_table_and_refuses_anything_else():
+    raw = {"client-1": {"shard": "client-1.npz", "key": "K", "extra": 1}, 7: {}}
+    assert Registry.parse_known(raw) == {"client-1": {"shard": "client-1.npz", "key": "K"},
+                                         "7": {"shard": None, "key": None}}
+    for bad in ([1, 2], {"client-1": "not a mapping"}, None):
+        with pytest.raises((TypeError, AttributeError)):
+            Registry.parse_known(bad)
