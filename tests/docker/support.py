@@ -11,6 +11,7 @@ import subprocess
 import time
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -86,3 +87,13 @@ def base_settings(**extra) -> dict:
 
 def container_pid(container: str) -> int:
     return int(docker("inspect", "--format", "{{.State.Pid}}", container).stdout.strip())
+
+
+def wait_for_text(read_log: Callable[[], str], text: str, what: str, timeout_s: float = 300) -> None:
+    """Poll a log until it contains ``text``; fail with the log's tail, naming ``what`` it is."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if text in read_log():
+            return
+        time.sleep(1)
+    raise AssertionError(f"{text!r} not in the {what}:\n{read_log()[-3000:]}")

@@ -8,14 +8,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
 from tests.docker.support import (REPO, base_settings, container_pid, docker, steps_once,
-                                  wait_for_tensorboard_runs)
+                                  wait_for_tensorboard_runs, wait_for_text)
 
 pytestmark = pytest.mark.docker
 
@@ -177,12 +176,7 @@ def test_a_client_on_another_network_joins_through_the_published_port(project_fa
 
 
 def wait_for_log(project: Project, service: str, text: str, timeout_s: float = 300) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if text in project.logs(service):
-            return
-        time.sleep(1)
-    raise AssertionError(f"{text!r} not in the {service} logs:\n{project.logs(service)[-3000:]}")
+    wait_for_text(lambda: project.logs(service), text, f"{service} logs", timeout_s)
 
 
 def restarts(container: str) -> int:

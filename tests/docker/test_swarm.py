@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.docker.support import (REPO, base_settings, container_pid, docker, scalar_steps, steps_once,
-                                  wait_for_tensorboard_runs)
+                                  wait_for_tensorboard_runs, wait_for_text)
 
 pytestmark = pytest.mark.docker
 
@@ -102,12 +102,7 @@ class Stack:
         return "".join(output.stdout + output.stderr for output in outputs)
 
     def wait_for_log(self, service: str, text: str, timeout_s: float = 300, newest: bool = False) -> None:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if text in self.logs(service, newest):
-                return
-            time.sleep(2)
-        raise AssertionError(f"{text!r} not in the {service} logs:\n{self.logs(service)[-3000:]}")
+        wait_for_text(lambda: self.logs(service, newest), text, f"{service} logs", timeout_s)
 
     def wait_until_finished(self, service: str, count: int, timeout_s: float = RUN_TIMEOUT_S) -> list[dict]:
         """Wait until `count` containers of a service exited 0 and none is running; return them all."""
