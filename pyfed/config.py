@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .data import SCHEMES
-from .protocol import CLIENT_ID_PATTERN
+from .protocol import is_client_id
 from .strategy import STRATEGIES
 
 T = TypeVar("T")
@@ -65,6 +65,20 @@ def positive_float(text: str) -> float:
 def optional_seconds(text: str) -> float | None:
     """Seconds, or 0 / 'none' for no limit."""
     if text.strip().lower() in {"", "0", "none", "off"}:
+        return None
+    return positive_float(text)
+
+
+def round_timeout(text: str) -> float | str | None:
+    """'auto' (from the plan, then from measured rounds), seconds, or 0 / 'none' for no limit."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    return optional_seconds(text)
+
+
+def optional_positive_float(text: str) -> float | None:
+    """A positive number, or empty / 'none' for unset."""
+    if text.strip().lower() in {"", "none", "off"}:
         return None
     return positive_float(text)
 
@@ -141,7 +155,7 @@ def optional_path(text: str) -> Path | None:
 
 def client_id(text: str) -> str:
     value = text.strip()
-    if value and not CLIENT_ID_PATTERN.match(value):
+    if value and not is_client_id(value):
         raise ValueError(f"must be 1-64 characters of [A-Za-z0-9._-] starting with a letter or digit, got {text!r}")
     return value
 
@@ -266,9 +280,19 @@ class ServerConfig(StrategySettings, TrainingSettings, EncryptionSettings):
     fraction_fit: float = setting(1.0, "--fraction-fit", "FRACTION_FIT", fraction_or_one,
                                   "share of the connected clients asked to train each round (at least "
                                   "--min-fit-clients)")
-    round_timeout_s: float | None = setting(None, "--round-timeout", "ROUND_TIMEOUT", optional_seconds,
-                                            "seconds to wait for a round's updates before dropping the "
-                                            "stragglers (0: no limit; dead clients are dropped anyway)")
+    round_timeout_s: float | str | None = setting(
+        "auto", "--round-timeout", "ROUND_TIMEOUT", round_timeout,
+        "seconds to wait for a round's updates before dropping the stragglers; auto: 300 s + 60 s per epoch "
+        "for the first round, then 3x the slowest answer so far (at least 60 s), doubled after an attempt "
+        "nobody answered in time; 0 or none: no limit (a client that never answers stalls the round)")
+    max_examples: int = setting(10_000_000, "--max-examples", "MAX_EXAMPLES", positive_int,
+                                "most examples a client may claim (FedAvg weights updates by them); an update "
+                                "may also claim no more than its client declared when it joined")
+    max_update_norm: float | None = setting(None, "--max-update-norm", "MAX_UPDATE_NORM", optional_positive_float,
+                                            "scale each client's update (its change from the global model) down "
+                                            "to this L2 norm before aggregating it (Sun et al. 2019); none: off")
+    max_ids_per_key: int = setting(4096, "--max-ids-per-key", "MAX_IDS_PER_KEY", positive_int,
+                                   "client ids one key may hold (without encryption: all clients together)")
     seed: int = setting(0, "--seed", "SEED", non_negative_int, "seed of the initial model and the client sampling")
     join_rate: float = setting(100.0, "--join-rate", "JOIN_RATE", positive_float,
                                "new clients admitted per second, in bursts of 10 seconds' worth; more are "

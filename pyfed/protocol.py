@@ -24,7 +24,8 @@ from typing import Any
 
 import numpy as np
 
-PROTOCOL_VERSION = 1
+#: 2: FIT and UPDATE carry the round's attempt number, so a resent FIT and its answer are matched
+PROTOCOL_VERSION = 2
 
 #: dtypes allowed on the wire; always little-endian.
 ALLOWED_DTYPES = frozenset(
@@ -32,7 +33,10 @@ ALLOWED_DTYPES = frozenset(
      "uint8", "uint16", "uint32", "uint64", "bool"}
 )
 MAX_NDIM = 8
-CLIENT_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+#: Matched with ``fullmatch`` only (:func:`is_client_id`): ``$`` with ``match`` lets a trailing newline through.
+CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: At most this many training metrics travel with an update (Keras' loss, accuracy, and a few more).
+MAX_HISTORY_METRICS = 32
 
 #: An array's description on the wire: (dtype name, shape).
 ArraySpec = tuple[str, tuple[int, ...]]
@@ -122,12 +126,22 @@ def _bool(value: Any) -> bool:
     return value
 
 
-SHARD_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,123}\.npz$")
+SHARD_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,123}\.npz")
+
+
+def is_client_id(value: Any) -> bool:
+    """Whether ``value`` is a valid client id: 1-64 characters of [A-Za-z0-9._-], the first alphanumeric."""
+    return isinstance(value, str) and CLIENT_ID_PATTERN.fullmatch(value) is not None
+
+
+def is_shard_name(value: Any) -> bool:
+    """Whether ``value`` is a bare shard file name (never a path)."""
+    return isinstance(value, str) and SHARD_NAME_PATTERN.fullmatch(value) is not None and ".." not in value
 
 
 def _shard_name(value: Any) -> str:
     """A bare .npz file name: never a path, so a server cannot point a client outside its data dir."""
-    if not isinstance(value, str) or not SHARD_NAME_PATTERN.match(value) or ".." in value:
+    if not is_shard_name(value):
         raise ValueError(f"must be a bare file name ending in .npz, got {str(value)[:80]!r}")
     return value
 
@@ -140,13 +154,13 @@ def _history(value: Any) -> dict[str, list[float | None]]:
     """Per-epoch training metrics: {metric name: [one number per epoch]}; NaN travels as null."""
     if not isinstance(value, dict):
         raise ValueError(f"must be an object, got {type(value).__name__}")
-    if len(value) > 64:
-        raise ValueError(f"must have at most 64 metrics, got {len(value)}")
+    if len(value) > MAX_HISTORY_METRICS:
+        raise ValueError(f"must have at most {MAX_HISTORY_METRICS} metrics, got {len(value)}")
     for name, series in value.items():
         if not re.fullmatch(r"[A-Za-z0-9_./-]{1,64}", name):
             raise ValueError(f"metric name {name[:70]!r} is not 1-64 characters of [A-Za-z0-9_./-]")
-        if not isinstance(series, list) or len(series) > 100_000:
-            raise ValueError(f"metric {name!r} must be a list of at most 100000 numbers")
+        if not isinstance(series, list) or len(series) > MAX_EPOCHS:
+            raise ValueError(f"metric {name!r} must be a list of at most {MAX_EPOCHS} numbers")
         for item in series:
             if item is not None and (not isinstance(item, (int, float)) or isinstance(item, bool)
                                      or not math.isfinite(item)):
@@ -164,8 +178,10 @@ def _json_object(max_bytes: int) -> Callable[[Any], dict]:
     return check
 
 
+MAX_EPOCHS = 100_000
+
 PLAN_SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
-    "epochs": (_int_in(1, 100_000), True),
+    "epochs": (_int_in(1, MAX_EPOCHS), True),
     "batch_size": (_int_in(1, 10_000_000), True),
     "learning_rate": (_float_in(0.0, 1e6, lo_open=True), True),
     "proximal_mu": (_float_in(0.0, 1e6), False),  # FedProx: weight of mu/2 * ||w - w_global||^2
@@ -186,12 +202,15 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
         "rounds": (_int_in(0, 10_000_000), True),
         "shard": (_optional(_shard_name), False),  # the shard file assigned to this client, if asked
     },
-    # server -> client: train round `round` from these global weights (arrays) with this plan.
+    # server -> client: train round `round` from these global weights (arrays) with this plan. A
+    # retried round has a new `attempt`; the same FIT sent again (the client rejoined) has the same one.
     MessageType.FIT: {
         "plan": (_plan, True),
+        "attempt": (_int_in(1, 2**31 - 1), True),
     },
-    # client -> server: the locally trained weights (arrays) for round `round`.
+    # client -> server: the locally trained weights (arrays) for round `round`, attempt `attempt`.
     MessageType.UPDATE: {
+        "attempt": (_int_in(1, 2**31 - 1), True),
         "num_examples": (_int_in(1, 2**53), True),
         "fit_s": (_float_in(0.0, 1e9), True),
         "history": (_history, True),
@@ -375,7 +394,7 @@ def decode(
     if not isinstance(round_, int) or isinstance(round_, bool) or not 0 <= round_ < 2**31:
         raise ProtocolError(f"header.round must be an integer in [0, 2^31), got {str(round_)[:40]!r}")
     client_id = header.get("client_id", "")
-    if not isinstance(client_id, str) or (client_id and not CLIENT_ID_PATTERN.match(client_id)):
+    if not isinstance(client_id, str) or (client_id and not is_client_id(client_id)):
         raise ProtocolError(f"header.client_id {str(client_id)[:70]!r} is not 1-64 characters of [A-Za-z0-9._-]")
     try:
         body = _check_fields(header.get("body", {}), BODY_SCHEMAS[kind], "body")
@@ -385,6 +404,8 @@ def decode(
     specs = _parse_manifest(header.get("arrays", []), limits)
     if len(frames) != 1 + len(specs):
         raise ProtocolError(f"header lists {len(specs)} arrays but {len(frames) - 1} array frames arrived")
+    if specs and kind not in WEIGHT_CARRYING:
+        raise ProtocolError(f"a {kind.value} message carries no arrays, but this one lists {len(specs)}")
     if expected_arrays is not None and kind in WEIGHT_CARRYING:
         check_specs(specs, expected_arrays)
 
@@ -419,7 +440,38 @@ def check_finite(arrays: Sequence[np.ndarray]) -> None:
             raise ProtocolError(f"array {index} holds NaN or Inf")
 
 
-def max_frame_bytes(specs: Sequence[ArraySpec], limits: Limits = Limits(), margin: int = 64 * 1024) -> int:
+#: What ZeroMQ adds to a frame on the wire: CurveZMQ boxes each one in a MESSAGE command (name, nonce,
+#: flags and a 16-byte tag), and ``MAXMSGSIZE`` counts those bytes too.
+FRAME_OVERHEAD_BYTES = 1024
+
+
+def max_frame_bytes(specs: Sequence[ArraySpec], limits: Limits = Limits()) -> int:
     """The largest frame a peer of this model may send: for ``zmq.MAXMSGSIZE`` (a per-frame limit)."""
     largest = max((math.prod(s) * np.dtype(d).itemsize for d, s in specs), default=0)
-    return max(largest, limits.max_header_bytes) + margin
+    return max(largest, limits.max_header_bytes) + FRAME_OVERHEAD_BYTES
+
+
+def client_limits(specs: Sequence[ArraySpec], epochs: int) -> Limits:
+    """What a server accepts from its clients, sized from the model and the plan's epochs.
+
+    The header holds at most an UPDATE's: its manifest (one short entry per array) and a training
+    history of at most :data:`MAX_HISTORY_METRICS` metrics of ``epochs`` numbers each; anything
+    longer is refused before it is parsed. Arrays may add up to the model's size, no more.
+    """
+    model_bytes = sum(math.prod(shape) * np.dtype(dtype).itemsize for dtype, shape in specs)
+    history_bytes = MAX_HISTORY_METRICS * (80 + 26 * min(int(epochs), MAX_EPOCHS))  # '-1.2345678901234567e-05,'
+    return Limits(max_header_bytes=4096 + 64 * len(specs) + history_bytes, max_arrays=max(1, len(specs)),
+                  max_array_bytes=max(1, model_bytes), max_total_bytes=max(1, model_bytes))
+
+
+def message_budget(limits: Limits) -> int:
+    """The most bytes one message within ``limits`` can take on the wire (header + arrays + framing)."""
+    return limits.max_header_bytes + limits.max_total_bytes + 64 * (limits.max_arrays + 1)
+
+
+def check_history(history: Mapping[str, Sequence[Any]], epochs: int) -> None:
+    """Refuse a training history with a series longer than the plan's ``epochs``."""
+    for name, series in history.items():
+        if len(series) > epochs:
+            raise ProtocolError(f"history metric {name!r} has {len(series)} values but the plan trains {epochs} "
+                                "epochs")

@@ -18,13 +18,13 @@ EXAMPLES = {
                                  body={"model_json": '{"class_name": "Sequential"}',
                                        "compile_config": {"loss": "mse"}, "plan": PLAN, "rounds": 3,
                                        "shard": "client-1.npz"}),
-    MessageType.FIT: Message(MessageType.FIT, round=2, body={"plan": {**PLAN, "proximal_mu": 0.1, "eval_fraction": 0.2}},
-                             arrays=WEIGHTS),
+    MessageType.FIT: Message(MessageType.FIT, round=2, arrays=WEIGHTS,
+                             body={"plan": {**PLAN, "proximal_mu": 0.1, "eval_fraction": 0.2}, "attempt": 1}),
     MessageType.EVALUATE: Message(MessageType.EVALUATE, round=2, arrays=WEIGHTS),
     MessageType.EVALUATION: Message(MessageType.EVALUATION, round=2, client_id="client-1",
                                     body={"num_examples": 90, "loss": 0.4, "accuracy": None}),
     MessageType.UPDATE: Message(MessageType.UPDATE, round=2, client_id="client-1", arrays=WEIGHTS,
-                                body={"num_examples": 450, "fit_s": 1.25,
+                                body={"attempt": 1, "num_examples": 450, "fit_s": 1.25,
                                       "history": {"loss": [0.9, 0.5], "accuracy": [0.7, None]}}),
     MessageType.FINISH: Message(MessageType.FINISH, round=3, body={"reason": "the run is complete"}),
     MessageType.STOPPING: Message(MessageType.STOPPING, round=2, body={"reason": "SIGTERM"}),
@@ -84,7 +84,7 @@ def test_sending_does_not_copy_contiguous_arrays():
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "int8", "int32", "int64", "uint8", "uint32", "bool"])
 def test_allowed_dtypes_round_trip(dtype):
     array = (np.arange(6) % 2).astype(dtype).reshape(2, 3)
-    decoded = decode(encode(Message(MessageType.FIT, round=1, body={"plan": PLAN}, arrays=[array])))
+    decoded = decode(encode(Message(MessageType.FIT, round=1, body={"plan": PLAN, "attempt": 1}, arrays=[array])))
     assert decoded.arrays[0].dtype == np.dtype(dtype)
     np.testing.assert_array_equal(decoded.arrays[0], array)
 
@@ -92,21 +92,21 @@ def test_allowed_dtypes_round_trip(dtype):
 def test_big_endian_and_non_contiguous_arrays_are_sent_as_little_endian_contiguous():
     big = np.arange(6, dtype=">f4").reshape(2, 3)
     strided = np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2]
-    decoded = decode(encode(Message(MessageType.FIT, round=1, body={"plan": PLAN}, arrays=[big, strided])))
+    decoded = decode(encode(Message(MessageType.FIT, round=1, body={"plan": PLAN, "attempt": 1}, arrays=[big, strided])))
     np.testing.assert_array_equal(decoded.arrays[0], big)
     np.testing.assert_array_equal(decoded.arrays[1], strided)
 
 
 def test_zero_size_and_scalar_arrays():
     arrays = [np.zeros((0, 4), np.float32), np.array(3.5, np.float64)]
-    decoded = decode(encode(Message(MessageType.FIT, round=1, body={"plan": PLAN}, arrays=arrays)))
+    decoded = decode(encode(Message(MessageType.FIT, round=1, body={"plan": PLAN, "attempt": 1}, arrays=arrays)))
     assert decoded.arrays[0].shape == (0, 4)
     assert decoded.arrays[1].shape == () and decoded.arrays[1] == 3.5
 
 
 def test_encode_refuses_a_disallowed_dtype_and_a_bad_body():
     with pytest.raises(ProtocolError, match="not allowed"):
-        encode(Message(MessageType.FIT, round=1, body={"plan": PLAN}, arrays=[np.array(["a"])]))
+        encode(Message(MessageType.FIT, round=1, body={"plan": PLAN, "attempt": 1}, arrays=[np.array(["a"])]))
     with pytest.raises(ProtocolError, match="lacks required field 'plan'"):
         encode(Message(MessageType.FIT, round=1, body={}))
 
@@ -122,7 +122,7 @@ UPDATE = encode(EXAMPLES[MessageType.UPDATE])
     ([b'{"v": 1, "type": "fit", "round": 1, "body": {"plan": {"epochs": NaN}}}'], "not valid UTF-8 JSON"),
     ([b"[" * 100_000 + b"]" * 100_000], "nested too deeply|not valid"),
     ([b'{"v": 1, "type": "join", "round": ' + b"9" * 5000 + b"}"], "not valid UTF-8 JSON"),
-    (reframe(UPDATE, v=2), "unsupported protocol version '2'; this peer speaks 1"),
+    (reframe(UPDATE, v=1), "unsupported protocol version '1'; this peer speaks 2"),
     (reframe(UPDATE, v=None), "unsupported protocol version"),
     (reframe(UPDATE, v="1"), "unsupported protocol version"),
     (reframe(UPDATE, type="steal"), "unknown message type 'steal'"),
@@ -136,15 +136,15 @@ UPDATE = encode(EXAMPLES[MessageType.UPDATE])
     (reframe(UPDATE, client_id="x" * 65), "header.client_id"),
     (reframe(UPDATE, extra=1), "unknown field"),
     (reframe(UPDATE, body=[]), "body must be an object"),
-    (reframe(UPDATE, body={"fit_s": 1.0, "history": {}}), "lacks required field 'num_examples'"),
-    (reframe(UPDATE, body={"num_examples": 0, "fit_s": 1.0, "history": {}}), r"num_examples must be in \[1"),
-    (reframe(UPDATE, body={"num_examples": "10", "fit_s": 1.0, "history": {}}), "num_examples must be an integer"),
-    (reframe(UPDATE, body={"num_examples": 10, "fit_s": -1.0, "history": {}}), "fit_s must be a finite number"),
+    (reframe(UPDATE, body={"attempt": 1, "fit_s": 1.0, "history": {}}), "lacks required field 'num_examples'"),
+    (reframe(UPDATE, body={"attempt": 1, "num_examples": 0, "fit_s": 1.0, "history": {}}), r"num_examples must be in \[1"),
+    (reframe(UPDATE, body={"attempt": 1, "num_examples": "10", "fit_s": 1.0, "history": {}}), "num_examples must be an integer"),
+    (reframe(UPDATE, body={"attempt": 1, "num_examples": 10, "fit_s": -1.0, "history": {}}), "fit_s must be a finite number"),
     ([bytes(UPDATE[0]).replace(b'"fit_s":1.25', b'"fit_s":1e400'), *UPDATE[1:]], "fit_s must be a finite number"),
-    (reframe(UPDATE, body={"num_examples": 10, "fit_s": 1.0, "history": {"loss": "low"}}), "must be a list"),
-    (reframe(UPDATE, body={"num_examples": 10, "fit_s": 1.0, "history": {"loss": [1, "x"]}}), "not a finite number"),
-    (reframe(UPDATE, body={"num_examples": 10, "fit_s": 1.0, "history": {"bad name!": [1]}}), "metric name"),
-    (reframe(UPDATE, body={"num_examples": 10, "fit_s": 1.0, "history": {}, "pwn": 1}), "unknown field"),
+    (reframe(UPDATE, body={"attempt": 1, "num_examples": 10, "fit_s": 1.0, "history": {"loss": "low"}}), "must be a list"),
+    (reframe(UPDATE, body={"attempt": 1, "num_examples": 10, "fit_s": 1.0, "history": {"loss": [1, "x"]}}), "not a finite number"),
+    (reframe(UPDATE, body={"attempt": 1, "num_examples": 10, "fit_s": 1.0, "history": {"bad name!": [1]}}), "metric name"),
+    (reframe(UPDATE, body={"attempt": 1, "num_examples": 10, "fit_s": 1.0, "history": {}, "pwn": 1}), "unknown field"),
     (reframe(UPDATE, arrays={}), "header.arrays must be a list"),
     (reframe(UPDATE, type="join", arrays=[], body={"wants_shard": "yes"}), "wants_shard must be true or false"),
     (reframe(UPDATE, arrays=[["float32"]]), r"must be \[dtype, shape\]"),
@@ -157,8 +157,18 @@ UPDATE = encode(EXAMPLES[MessageType.UPDATE])
     ([*UPDATE, b"extra"], "lists 2 arrays but 3 array frames"),
     ([UPDATE[0], UPDATE[1][:-4], UPDATE[2]], "declares float32\\[3, 4\\] = 48 bytes but its frame has 44"),
     ([UPDATE[0], UPDATE[1], bytes(UPDATE[2]) + b"\0" * 4], "= 12 bytes but its frame has 16"),
-    (reframe(UPDATE, type="fit", body={"plan": {**PLAN, "proximal_mu": -1}}), "proximal_mu must be a finite number"),
-    (reframe(UPDATE, type="fit", body={"plan": {**PLAN, "eval_fraction": 0.95}}), "eval_fraction must be a finite"),
+    (reframe(UPDATE, type="fit", body={"plan": {**PLAN, "proximal_mu": -1}, "attempt": 1}),
+     "proximal_mu must be a finite number"),
+    (reframe(UPDATE, type="fit", body={"plan": {**PLAN, "eval_fraction": 0.95}, "attempt": 1}),
+     "eval_fraction must be a finite"),
+    (reframe(UPDATE, type="fit", body={"plan": PLAN}), "lacks required field 'attempt'"),
+    (reframe(UPDATE, body={"attempt": 0, "num_examples": 10, "fit_s": 1.0, "history": {}}), r"attempt must be in \[1"),
+    (reframe(UPDATE, client_id="site-1\n"), "header.client_id"),
+    (reframe(UPDATE, type="join", body={"num_examples": 5}), "a join message carries no arrays, but this one lists 2"),
+    (reframe(UPDATE, type="evaluation", body={"num_examples": 5, "loss": 0.1, "accuracy": 0.5}),
+     "an? evaluation message carries no arrays"),
+    (reframe(UPDATE, body={"attempt": 1, "num_examples": 10, "fit_s": 1.0,
+                           "history": {f"m{i}": [1] for i in range(33)}}), "at most 32 metrics"),
     (reframe(UPDATE, type="evaluation", arrays=[], body={"num_examples": 5, "loss": 0.1}),
      "lacks required field 'accuracy'"),
     (reframe(UPDATE, type="evaluation", arrays=[], body={"num_examples": 5, "loss": 0.1, "accuracy": 1.5}),
@@ -178,7 +188,7 @@ def test_malformed_messages_are_rejected_with_a_reason(frames, reason):
 ])
 def test_updates_must_match_the_model(arrays, reason):
     message = Message(MessageType.UPDATE, round=1, arrays=arrays,
-                      body={"num_examples": 1, "fit_s": 0.1, "history": {}})
+                      body={"attempt": 1, "num_examples": 1, "fit_s": 0.1, "history": {}})
     with pytest.raises(ProtocolError, match=reason):
         decode(encode(message), expected_arrays=SPECS)
 
@@ -207,8 +217,36 @@ def test_check_finite_refuses_nan_and_inf():
 
 
 def test_max_frame_bytes_covers_the_largest_array_and_the_header():
-    assert protocol.max_frame_bytes(SPECS, Limits(max_header_bytes=10), margin=0) == 48
-    assert protocol.max_frame_bytes(SPECS, Limits(max_header_bytes=1000), margin=24) == 1024
+    overhead = protocol.FRAME_OVERHEAD_BYTES  # a CurveZMQ box around each frame
+    assert protocol.max_frame_bytes(SPECS, Limits(max_header_bytes=10)) == 48 + overhead
+    assert protocol.max_frame_bytes(SPECS, Limits(max_header_bytes=1000)) == 1000 + overhead
+
+
+def test_client_limits_fit_a_real_update_and_refuse_a_long_history_before_parsing_it():
+    limits = protocol.client_limits(SPECS, epochs=5)
+    honest = Message(MessageType.UPDATE, round=1, client_id="a" * 64, arrays=WEIGHTS, body={
+        "attempt": 2**31 - 1, "num_examples": 2**53, "fit_s": 1e9,
+        "history": {f"metric_{i:02d}_{'x' * 54}": [-1.2345678901234567e-05] * 5 for i in range(32)}})
+    decode(encode(honest), expected_arrays=SPECS, limits=limits)  # the largest honest header fits
+    padded = Message(MessageType.UPDATE, round=1, arrays=WEIGHTS, body={
+        "attempt": 1, "num_examples": 1, "fit_s": 1.0, "history": {f"m{i}": [0.5] * 10_000 for i in range(32)}})
+    with pytest.raises(ProtocolError, match="header is .* bytes; at most"):
+        decode(encode(padded), expected_arrays=SPECS, limits=limits)
+    assert (limits.max_arrays, limits.max_total_bytes) == (2, 60)
+    assert protocol.message_budget(limits) > limits.max_header_bytes + 60
+
+
+def test_history_longer_than_the_plan_is_refused():
+    protocol.check_history({"loss": [1.0, 0.5]}, epochs=2)
+    with pytest.raises(ProtocolError, match="'loss' has 3 values but the plan trains 2 epochs"):
+        protocol.check_history({"loss": [1.0, 0.5, 0.2]}, epochs=2)
+
+
+@pytest.mark.parametrize("value, ok", [("site-1", True), ("a" * 64, True), ("site-1\n", False), ("a" * 65, False),
+                                       ("-lead", False), ("", False), ("x y", False), (7, False)])
+def test_client_ids_match_in_full(value, ok):
+    assert protocol.is_client_id(value) is ok
+    assert protocol.is_shard_name("client-1.npz") and not protocol.is_shard_name("client-1.npz\n")
 
 
 def test_encode_error_trims_long_reasons():
