@@ -6,25 +6,35 @@ Keys are pyzmq's certificate files (``zmq.auth``): ``NAME.key`` holds a public k
 The server encrypts every connection with its secret key and runs a ZAP handler
 (:class:`Admission`, in pyzmq's authenticator thread) that admits a client only if its public
 key is one of the ``*.key`` files in the authorized-keys directory (or any key, without one).
-The directory is re-read when it changes, so adding a client's key needs no restart. The
-admitted key travels with every message (ZeroMQ's ``User-Id`` property); the server binds each
+The directory is re-read when it changes, so adding a client's key needs no restart and deleting
+one revokes it (the server also drops the revoked key's open connections). A key file that does
+not parse is refused, with its name, and the rest of the directory still counts; if the directory
+itself cannot be read, the previous key set stays. The ZAP callback never raises: an exception in
+pyzmq's authenticator thread would end it, and every later handshake would hang.
+
+The admitted key travels with every message (ZeroMQ's ``User-Id`` property); the server binds each
 client id to the key that first claimed it, so no client can act as another.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
+from zmq.utils import z85
 
 log = logging.getLogger("pyfed.security")
 
 SERVER_KEY_NAME = "server"
+MAX_KEY_FILE_BYTES = 64 * 1024  # a certificate is a few hundred bytes
 
 
 class KeyFileError(ValueError):
@@ -80,15 +90,31 @@ def load_public_key(path: Path) -> bytes:
 
 def _load(path: Path) -> tuple[bytes, bytes | None]:
     path = Path(path)
-    if not path.is_file():
-        raise KeyFileError(f"{path}: no such key file")
+    try:
+        info = path.stat()
+    except OSError:
+        raise KeyFileError(f"{path}: no such key file") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise KeyFileError(f"{path}: no such key file (not a regular file)")
+    if info.st_size > MAX_KEY_FILE_BYTES:
+        raise KeyFileError(f"{path}: not a CurveZMQ certificate ({info.st_size} bytes; a certificate has a few hundred)")
     try:
         public, secret = zmq.auth.load_certificate(str(path))
-    except (OSError, ValueError) as error:
-        raise KeyFileError(f"{path}: not a CurveZMQ certificate ({error})") from None
-    if not public or len(public) != 40 or (secret is not None and len(secret) != 40):
-        raise KeyFileError(f"{path}: not a CurveZMQ certificate (keys must be 40 z85 characters)")
+    except Exception as error:  # pyzmq's parser raises IndexError, ValueError, OSError ... on odd files
+        raise KeyFileError(f"{path}: not a CurveZMQ certificate ({error.__class__.__name__}: {error})") from None
+    for name, key in (("public", public), ("secret", secret)):
+        if key is None and name == "secret":
+            continue
+        if not key or len(key) != 40 or not _is_z85_key(key):
+            raise KeyFileError(f"{path}: not a CurveZMQ certificate (its {name} key is not 40 z85 characters)")
     return public, secret
+
+
+def _is_z85_key(key: bytes) -> bool:
+    try:
+        return len(z85.decode(key)) == 32
+    except Exception:  # pyzmq raises KeyError or ValueError for characters outside Z85
+        return False
 
 
 def server_keys(secret_key_file: Path) -> CurveKeys:
@@ -102,47 +128,100 @@ def client_keys(secret_key_file: Path, server_public_key_file: Path) -> CurveKey
 
 
 class Admission:
-    """The ZAP decision: is this client public key allowed in? Runs in the authenticator thread."""
+    """The ZAP decision: is this client public key allowed in? Runs in the authenticator thread;
+    the server also asks :meth:`is_authorized` from its own thread to drop revoked keys' connections."""
+
+    RELOAD_EVERY_S = 1.0  # the directory is checked for changes at most this often
 
     def __init__(self, authorized_dir: Path | None, server_public: bytes):
         self.authorized_dir = Path(authorized_dir) if authorized_dir else None
         self.server_public = server_public
         self._lock = threading.Lock()
         self._stamp: tuple | None = None
+        self._checked = float("-inf")
         self._keys: frozenset[bytes] = frozenset()
+        self._refused_files: dict[str, str] = {}  # file name -> why it was refused (logged once each)
         self.denied = 0
+        self.reload_errors = 0
         if self.authorized_dir is not None:
             if not self.authorized_dir.is_dir():
                 raise KeyFileError(f"{self.authorized_dir}: the authorized-keys directory does not exist")
             self._reload()
             log.info("admitting clients whose public key is in %s (%d keys)", self.authorized_dir, len(self._keys))
 
+    @property
+    def keys(self) -> frozenset[bytes]:
+        """The admitted public keys (z85), as of the last reload."""
+        return self._keys
+
     def _reload(self) -> None:
-        files = sorted(self.authorized_dir.glob("*.key"))
-        stamp = tuple((f.name, f.stat().st_mtime_ns) for f in files)
+        """Re-read the directory if it changed. Files that do not parse are refused by name; if the
+        directory cannot be listed at all, the previous key set stays and the error is logged."""
+        try:
+            entries = sorted((entry.name, entry.path) for entry in os.scandir(self.authorized_dir)
+                             if entry.name.endswith(".key"))
+            stamp = tuple((name, _file_stamp(path)) for name, path in entries)
+        except OSError as error:
+            self.reload_errors += 1
+            if self.reload_errors <= 5 or self.reload_errors % 100 == 0:
+                log.error("cannot read the authorized-keys directory %s (%s); keeping the %d keys read before",
+                          self.authorized_dir, error, len(self._keys))
+            return
         if stamp == self._stamp:
             return
-        keys = set()
-        for file in files:
+        keys, refused = set(), {}
+        for name, path in entries:
             try:
-                keys.add(load_public_key(file))
-            except KeyFileError as error:
-                log.warning("ignoring authorized key: %s", error)
+                keys.add(load_public_key(Path(path)))
+            except KeyFileError as error:  # also a file deleted between the listing and the read
+                refused[name] = str(error)
+        for name, reason in refused.items():
+            if self._refused_files.get(name) != reason:
+                log.warning("refusing authorized key file %s", reason)
         keys.discard(self.server_public)  # the server's own public key sits beside the clients' in Compose
-        self._keys, self._stamp = frozenset(keys), stamp
+        self._keys, self._stamp, self._refused_files = frozenset(keys), stamp, refused
 
-    def callback(self, domain: str, key: bytes) -> bool:
+    def _refresh(self) -> None:
+        now = time.monotonic()
+        if now - self._checked >= self.RELOAD_EVERY_S:
+            self._checked = now
+            self._reload()
+
+    def is_authorized(self, key: bytes) -> bool:
+        """Whether ``key`` (z85) is admitted now (re-reading the directory at most every second)."""
         if self.authorized_dir is None:
             return True
         with self._lock:
-            self._reload()
-            allowed = key in self._keys
+            self._refresh()
+            return key in self._keys
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """pyzmq's CURVE credentials callback. It never raises: on any unexpected error the key is
+        judged against the key set read before, and the error is logged."""
+        if self.authorized_dir is None:
+            return True
+        try:
+            with self._lock:
+                self._checked = float("-inf")  # a new connection always sees the directory as it is now
+                self._refresh()
+        except Exception:  # noqa: BLE001 - the authenticator thread must outlive any surprise
+            log.exception("error while re-reading %s; deciding on the keys read before", self.authorized_dir)
+        allowed = key in self._keys
         if not allowed:
             self.denied += 1
             if self.denied <= 20 or self.denied % 1000 == 0:
                 log.warning("refused a connection: public key %s is not in %s (%d refused so far)",
                             key.decode(errors="replace"), self.authorized_dir, self.denied)
         return allowed
+
+
+def _file_stamp(path: str) -> tuple[int, int, int] | None:
+    """What changes when a key file is replaced or rewritten (None: it vanished or cannot be read)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_mtime_ns, info.st_size, info.st_ino
 
 
 def start_authenticator(context: zmq.Context, admission: Admission) -> ThreadAuthenticator:
