@@ -1,13 +1,18 @@
 """Saving state made of JSON values and lists of numpy arrays (a strategy's, later the server's).
 
-One ``.npz`` file: the JSON part as a UTF-8 byte array, each array as its own entry. It is read
-with ``allow_pickle=False`` and written atomically (temp file, fsync, rename), so a crash leaves
-the old file or the new one, and a file that is not ours is refused with a clear error.
+One ``.npz`` file: the JSON part as a UTF-8 byte array, each array as its own entry. It is
+written atomically (temp file, fsync, rename), so a crash leaves the old file or the new one.
+
+It is read by :func:`read_npz`, not ``np.load``: every entry must be stored uncompressed, hold a
+plain (never object) dtype, and declare a shape whose size matches the bytes actually in the file,
+checked before anything is allocated; so a corrupt or crafted file is refused with its name and
+the reason, and cannot make the reader allocate more than the file's own size.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -24,6 +29,10 @@ class CheckpointError(ValueError):
     """A state file is missing, corrupt or not a PyFed state file; the message names it."""
 
 
+class CheckpointMismatch(CheckpointError):
+    """A sound checkpoint of another run (other model, strategy, shards, or more rounds than asked)."""
+
+
 def _split(value: Any, arrays: dict[str, np.ndarray], key: str) -> Any:
     """``value`` with every list of numpy arrays replaced by a reference into ``arrays``."""
     if isinstance(value, (list, tuple)) and value and all(isinstance(v, np.ndarray) for v in value):
@@ -38,13 +47,18 @@ def _split(value: Any, arrays: dict[str, np.ndarray], key: str) -> Any:
     return value
 
 
-def _join(value: Any, archive: Any) -> Any:
+def _join(value: Any, arrays: dict[str, np.ndarray]) -> Any:
     if isinstance(value, dict) and "__arrays__" in value:
-        return [archive[f"{value['__arrays__']}/{i}"] for i in range(value["count"])]
+        key, count = value["__arrays__"], value.get("count")
+        if not isinstance(count, int) or isinstance(count, bool) or not 0 <= count <= len(arrays):
+            raise ValueError(f"array list {str(key)[:40]!r} has a bad count {str(count)[:20]!r}")
+        return [arrays[f"{key}/{i}"] for i in range(count)]
     if isinstance(value, dict) and "__array__" in value:
-        return archive[value["__array__"]]
+        return arrays[value["__array__"]]
     if isinstance(value, dict):
-        return {k: _join(v, archive) for k, v in value.items()}
+        return {k: _join(v, arrays) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_join(v, arrays) for v in value]
     return value
 
 
@@ -83,19 +97,64 @@ def load_state(path: Path) -> dict[str, Any]:
     """Read what :func:`save_state` wrote; raise :class:`CheckpointError` naming the file if it cannot."""
     path = Path(path)
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "__json__" not in archive.files:
-                raise CheckpointError(f"{path}: not a PyFed state file (no __json__ entry)")
-            document = json.loads(archive["__json__"].tobytes().decode())
-            if not isinstance(document, dict) or document.get("format") != FORMAT:
-                raise CheckpointError(f"{path}: unknown state format {str(document.get('format'))[:40]!r}")
-            return _join(document["state"], archive)
+        arrays = read_npz(path)
+        if "__json__" not in arrays:
+            raise CheckpointError(f"{path}: not a PyFed state file (no __json__ entry)")
+        document = json.loads(arrays.pop("__json__").tobytes().decode())
+        if not isinstance(document, dict) or document.get("format") != FORMAT:
+            found = document.get("format") if isinstance(document, dict) else type(document).__name__
+            raise CheckpointError(f"{path}: unknown state format {str(found)[:40]!r}")
+        state = _join(document["state"], arrays)
+        if not isinstance(state, dict):
+            raise ValueError(f"the state is a {type(state).__name__}, not a mapping")
+        return state
     except CheckpointError:
         raise
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    except (zipfile.BadZipFile, OSError, ValueError, KeyError, EOFError) as error:
-        raise CheckpointError(f"{path}: corrupt state file ({error.__class__.__name__}: {str(error)[:120]})") from None
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError, TypeError, EOFError, RecursionError,
+            MemoryError) as error:
+        raise CheckpointError(f"{path}: corrupt state file ({error.__class__.__name__}: {str(error)[:160]})") from None
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """Every array of an uncompressed ``.npz`` (what ``np.savez`` writes), checked before it is read.
+
+    Raises ValueError (or zipfile/OS errors) for anything else: a compressed or non-``.npy`` entry,
+    an object or structured dtype, a declared shape that does not match the entry's bytes, or
+    entries larger than the file itself.
+    """
+    path = Path(path)
+    file_size = path.stat().st_size
+    arrays: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as archive:
+        members = archive.infolist()
+        if sum(m.file_size for m in members) > file_size:
+            raise ValueError("its entries declare more bytes than the file holds")
+        for member in members:
+            if member.compress_type != zipfile.ZIP_STORED or not member.filename.endswith(".npy"):
+                raise ValueError(f"entry {member.filename[:60]!r} is not an uncompressed .npy array")
+            with archive.open(member) as handle:
+                version = np.lib.format.read_magic(handle)
+                if version == (1, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_1_0(handle, max_header_size=10_000)
+                elif version == (2, 0):
+                    shape, fortran, dtype = np.lib.format.read_array_header_2_0(handle, max_header_size=10_000)
+                else:
+                    raise ValueError(f"entry {member.filename[:60]!r} has .npy format version {version}")
+                if dtype.hasobject or dtype.fields is not None or dtype.kind not in "biufc":
+                    raise ValueError(f"entry {member.filename[:60]!r} has dtype {dtype}, not a plain number type")
+                expected = math.prod(shape) * dtype.itemsize
+                if expected != member.file_size - handle.tell():
+                    raise ValueError(f"entry {member.filename[:60]!r} declares shape {list(shape)[:8]} "
+                                     f"({expected} bytes) but holds {member.file_size - handle.tell()} bytes")
+                data = bytearray(expected)  # writable, like np.load's arrays, and read without a copy
+                if expected and handle.readinto(data) != expected:
+                    raise ValueError(f"entry {member.filename[:60]!r} is truncated")
+            array = np.frombuffer(data, dtype=dtype)
+            array = array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+            arrays[member.filename[:-4]] = array
+    return arrays
 
 
 # --- the server's checkpoints: one file per completed round, the newest K kept -------------------
@@ -127,7 +186,7 @@ def check_fingerprint(path: Path, saved: Any, current: dict[str, Any]) -> None:
         raise CheckpointError(f"{path}: has no run fingerprint; it was not written by a PyFed server")
     for key, value in current.items():
         if saved.get(key) != value:
-            raise CheckpointError(
+            raise CheckpointMismatch(
                 f"{path}: was written by a run with a different {key} ({str(saved.get(key))[:80]} here, "
                 f"{str(value)[:80]} now); resume with the original settings, or pass --fresh-start to "
                 f"archive it and begin a new run")

@@ -7,11 +7,16 @@ so a client on another machine shows up without a shared disk. Layout::
     LOGDIR/server/               global test loss/accuracy, federated (client-side) loss/accuracy,
                                  round duration, participants, bytes
     LOGDIR/clients/<client_id>/  that client's per-epoch training curves, continuing across rounds
+
+Writing logs never stops a run: the server checkpoints a round before it logs it, and a log write
+that fails (a full disk, no free descriptor) is logged as a warning; summary.json is rewritten
+whole after the next round, and a resumed run rewrites every round's events from its checkpoint.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import write_atomic
+from .protocol import is_client_id
+
+log = logging.getLogger("pyfed.tracking")
 
 
 @dataclass
@@ -40,6 +48,7 @@ class RoundRecord:
     train_history: dict[str, dict[str, list[float | None]]] = field(default_factory=dict)
     federated_evaluation: dict[str, Any] | None = None  # {loss, accuracy, num_examples, clients}
     failed_attempts: list[dict[str, Any]] = field(default_factory=list)  # earlier tries with too few updates
+    refused: str | None = None  # why the round's new global model was refused (the previous one was kept)
 
     @classmethod
     def build(cls, server_round: int, selected: list[str], results: dict[str, Any], *, duration_s: float,
@@ -53,6 +62,23 @@ class RoundRecord:
                    bytes_received=bytes_received, test_loss=test[0], test_accuracy=test[1], eval_s=round(eval_s, 4),
                    dropped=dropped, train_history={cid: r.metrics["history"] for cid, r in ordered},
                    federated_evaluation=federated)
+
+    @classmethod
+    def from_json(cls, entry: Any) -> "RoundRecord":
+        """A record read back from a checkpoint, every field's type checked (ValueError names the field)."""
+        if not isinstance(entry, dict):
+            raise ValueError(f"a round record must be a mapping, got {type(entry).__name__}")
+        unknown = set(entry) - set(_RECORD_FIELDS)
+        if unknown:
+            raise ValueError(f"round record has unknown field(s) {sorted(unknown)[:3]}")
+        for name, check in _RECORD_FIELDS.items():
+            if name in entry and not check(entry[name]):
+                raise ValueError(f"round record field {name!r} has a bad value {str(entry[name])[:60]!r}")
+        for name in ("round", "clients", "selected", "duration_s", "fit_s", "num_examples", "bytes_sent",
+                     "bytes_received"):
+            if name not in entry:
+                raise ValueError(f"round record lacks {name!r}")
+        return cls(**entry)
 
     def to_json(self) -> dict[str, Any]:
         """The record as JSON values (a diverged model's NaN loss becomes null)."""
@@ -71,9 +97,48 @@ class RoundRecord:
                    f"on {federated['num_examples']} held-out examples" if federated else ""))
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
+
+
+def _ids(value: Any) -> bool:
+    return isinstance(value, list) and all(is_client_id(v) for v in value)
+
+
+def _by_client(check: Any) -> Any:
+    return lambda value: isinstance(value, dict) and all(is_client_id(k) and check(v) for k, v in value.items())
+
+
+def _optional(check: Any) -> Any:
+    return lambda value: value is None or check(value)
+
+
+def _history(value: Any) -> bool:
+    return isinstance(value, dict) and all(
+        isinstance(name, str) and isinstance(series, list) and all(v is None or _number(v) for v in series)
+        for name, series in value.items())
+
+
+_RECORD_FIELDS = {
+    "round": _count, "clients": _ids, "selected": _ids, "duration_s": _number, "fit_s": _by_client(_number),
+    "num_examples": _by_client(_count), "bytes_sent": _count, "bytes_received": _count,
+    "test_loss": _optional(_number), "test_accuracy": _optional(_number), "eval_s": _number,
+    "dropped": _by_client(lambda v: isinstance(v, str)), "train_history": _by_client(_history),
+    "federated_evaluation": _optional(lambda v: isinstance(v, dict)),
+    "failed_attempts": lambda v: isinstance(v, list) and all(isinstance(a, dict) for a in v),
+    "refused": _optional(lambda v: isinstance(v, str)),
+}
+
+
 def write_json_atomic(path: Path, document: Any) -> None:
-    """Write ``document`` to ``path`` so that a reader sees the old or the new file, never half of one."""
-    data = json.dumps(document, indent=2, allow_nan=False).encode()
+    """Write ``document`` to ``path`` so that a reader sees the old or the new file, never half of one.
+
+    Compact (no indentation): summary.json grows with every round and is rewritten after each."""
+    data = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
     write_atomic(path, lambda handle: handle.write(data))
 
 
@@ -145,15 +210,24 @@ class RunLog:
             self.write_summary()
 
     def _client_writer(self, client_id: str):
-        if client_id not in self._client_writers:
+        if client_id not in self._client_writers:  # created when first needed; not kept if creation fails
             self._client_writers[client_id] = self._tf.summary.create_file_writer(
                 str(self.logdir / "clients" / client_id))
         return self._client_writers[client_id]
 
+    def record_client(self, client_id: str, *, shard: str | None, num_examples: int) -> None:
+        """Note a client that took part (its shard and the examples it trained on) for summary.json."""
+        self.clients[client_id] = {"shard": shard, "num_examples": int(num_examples)}
+
     def record_round(self, record: RoundRecord) -> None:
-        """Log one finished round to TensorBoard and rewrite summary.json."""
-        self._write_events(record)
+        """Log one finished round to TensorBoard and rewrite summary.json; a failed write is a warning."""
         self.rounds.append(record)
+        try:
+            self._write_events(record)
+        except Exception as error:  # noqa: BLE001 - TensorFlow raises many kinds; logs never stop a run
+            log.warning("could not write round %d's TensorBoard events (%s: %s); the round is in the "
+                        "checkpoint, and a resumed run writes its events again", record.round,
+                        error.__class__.__name__, str(error)[:200])
         self.write_summary()
 
     def _write_events(self, record: RoundRecord) -> None:
@@ -198,15 +272,22 @@ class RunLog:
         self.final = {"test_loss": _finite_or_none(test_loss), "test_accuracy": _finite_or_none(test_accuracy)}
         self.write_summary()
 
-    def write_summary(self) -> None:
+    def write_summary(self) -> bool:
+        """Rewrite summary.json; False (and a warning) if it could not be written this time."""
         rounds = [record.to_json() for record in self.rounds]
-        write_json_atomic(self.summary_path, {
-            "status": "finished" if self.final is not None else "running",
-            "config": self.config,
-            "clients": self.clients,
-            "rounds": rounds,
-            "final": self.final,
-        })
+        try:
+            write_json_atomic(self.summary_path, {
+                "status": "finished" if self.final is not None else "running",
+                "config": self.config,
+                "clients": self.clients,
+                "rounds": rounds,
+                "final": self.final,
+            })
+        except OSError as error:
+            log.warning("could not write %s (%s); it is rewritten whole after the next round",
+                        self.summary_path, error)
+            return False
+        return True
 
     def close(self) -> None:
         for writer in [self._server_writer, *self._client_writers.values()]:
