@@ -1,11 +1,24 @@
 """Who is in the federation, and the rules for letting a peer in: pure state, no sockets, no logs.
 
 The server hands every JOIN to :meth:`Registry.admit` and logs or answers what comes back. The
-rules: an id in use by a connected client is refused, and so is an id first used with another
-CURVE key; new joins are rate-limited; a joined peer's repeated JOINs are answered at most every
-``REWELCOME_EVERY_S``; a client that asks for data gets the lowest free shard, or the one it had;
-after a resume, the shards of the clients in the checkpoint are kept for them for
-``RESERVE_SHARDS_S``. Time comes from an injectable clock, so every rule is unit-tested.
+rules:
+
+* an id in use by a connected client is refused, and so is an id first used with another CURVE
+  key, whether the client asked for it or the server would assign it: an id (and its shard) bound
+  to one key is never handed to another;
+* new joins are rate-limited; a joined peer's repeated JOINs are answered at most every
+  ``REWELCOME_EVERY_S``;
+* a client that asks for data gets the lowest free shard and the id ``client-<k>`` that goes with
+  it, or the shard it had; after a resume, the shards of the clients in the checkpoint are kept for
+  them for ``RESERVE_SHARDS_S``;
+* a client that brings its own data and no id gets ``auto-<n>``, a namespace of its own; when the
+  server hands out shards, such an anonymous join is refused (a site with its own data names itself);
+* the table of known ids stays bounded: an anonymous client gets back a free ``auto-<n>`` id its
+  key already holds before a new one is made, so leaving and joining again does not grow the table;
+  one key holds at most ``max_ids_per_key`` ids, and at that cap its oldest ids that are not
+  connected and never sent an update are forgotten to make room (or the join is refused).
+
+Time comes from an injectable clock, so every rule is unit-tested.
 """
 
 from __future__ import annotations
@@ -16,9 +29,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from .data import shard_name
+from .protocol import is_client_id, is_shard_name
 
 RESERVE_SHARDS_S = 60.0  # after a resume, a returning client's shard is kept for it this long
 REWELCOME_EVERY_S = 2.0  # a joined peer's repeated JOINs are answered at most this often
+MAX_IDS_PER_KEY = 4096  # ids one key (or, without encryption, all clients together) may hold
+AUTO_ID_PREFIX = "auto-"  # ids for anonymous clients that bring their own data
+SHARD_ID_PREFIX = "client-"  # client-k holds shard client-k.npz
 
 
 class JoinRefused(Exception):
@@ -69,11 +86,14 @@ class TokenBucket:
 class Registry:
     """The connected clients (by id and by peer) and every id ever admitted, with its shard and key."""
 
-    def __init__(self, num_shards: int = 0, join_rate: float = 100.0, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, num_shards: int = 0, join_rate: float = 100.0, clock: Callable[[], float] = time.monotonic,
+                 max_ids_per_key: int = MAX_IDS_PER_KEY):
         self.num_shards = num_shards
         self.clock = clock
+        self.max_ids_per_key = max_ids_per_key
         self.clients: dict[str, ClientRecord] = {}  # connected now
-        self.known: dict[str, dict[str, Any]] = {}  # every id ever admitted: {"shard", "key"}
+        #: every id admitted and still remembered: {"shard", "key", "contributed"}
+        self.known: dict[str, dict[str, Any]] = {}
         self.removed: dict[str, str] = {}  # client id -> why it was last removed
         self.next_client_number = 1
         self._by_peer: dict[bytes, str] = {}
@@ -100,21 +120,32 @@ class Registry:
         if wanted and wanted in self.clients:
             raise JoinRefused("id_taken", f"client id {wanted!r} is in use by a connected client; "
                                           "retry once that client is gone")
-        if wanted and self.known.get(wanted, {}).get("key") not in (None, key):
+        if wanted and not self._available(wanted, key):
             raise JoinRefused("id_bound_to_key", f"client id {wanted!r} belongs to another client's key")
+        if not wanted and not wants_shard and self.num_shards:
+            raise JoinRefused("no_id", "this server hands out data shards; a client that brings its own data "
+                                       "must name itself (--client-id / CLIENT_ID)")
         if not self._joins.take():
             raise JoinRefused("busy", "too many join requests; retry in a few seconds")
-        client_id, shard = self._id_and_shard(wanted, wants_shard)
+        client_id, shard = self._id_and_shard(wanted, wants_shard, key)
+        if client_id not in self.known:
+            self._make_room(key)
         record = ClientRecord(client_id, peer, num_examples, shard, key)
         event = "rejoined" if client_id in self.known else "joined"
+        previous = self.known.get(client_id, {})
         self.clients[client_id] = record
-        self.known[client_id] = {"shard": shard, "key": key}
+        self.known[client_id] = {"shard": shard, "key": key, "contributed": previous.get("contributed", False)}
         self._by_peer[peer] = client_id
         self._last_welcome[peer] = self.clock()
         return Admitted(record, event)
 
+    def record_contribution(self, client_id: str) -> None:
+        """``client_id`` delivered an update: its id is never forgotten to make room."""
+        if client_id in self.known:
+            self.known[client_id]["contributed"] = True
+
     def remove(self, client_id: str, reason: str) -> bool:
-        """Forget a connected client (it stays known); False if it was not connected."""
+        """Forget a connected client (its id stays known, bound to its key); False if it was not connected."""
         record = self.clients.pop(client_id, None)
         if record is None:
             return False
@@ -129,9 +160,24 @@ class Registry:
 
     @staticmethod
     def parse_known(raw: Any) -> dict[str, dict[str, Any]]:
-        """A checkpoint's ``known_clients`` in the shape :meth:`restore` takes; raises TypeError or
-        AttributeError if it is not a mapping of ids to {"shard", "key"} mappings."""
-        return {str(cid): {"shard": entry.get("shard"), "key": entry.get("key")} for cid, entry in raw.items()}
+        """A checkpoint's ``known_clients`` in the shape :meth:`restore` takes; raises ValueError
+        naming the entry if it is not a mapping of client ids to {"shard", "key", ...} mappings."""
+        if not isinstance(raw, dict):
+            raise ValueError(f"known_clients must be a mapping, got {type(raw).__name__}")
+        known = {}
+        for client_id, entry in raw.items():
+            if not is_client_id(client_id) or not isinstance(entry, dict):
+                raise ValueError(f"known_clients entry {str(client_id)[:70]!r} is not a client id with a mapping")
+            shard, key = entry.get("shard"), entry.get("key")
+            if shard is not None and not is_shard_name(shard):
+                raise ValueError(f"known_clients[{client_id!r}].shard {str(shard)[:70]!r} is not a shard file name")
+            if key is not None and not (isinstance(key, str) and len(key) == 40):
+                raise ValueError(f"known_clients[{client_id!r}].key is not a 40-character public key")
+            contributed = entry.get("contributed", True)  # checkpoints before the flag: keep every id
+            if not isinstance(contributed, bool):
+                raise ValueError(f"known_clients[{client_id!r}].contributed is not true or false")
+            known[client_id] = {"shard": shard, "key": key, "contributed": contributed}
+        return known
 
     def restore(self, known: dict[str, dict[str, Any]], next_client_number: int) -> None:
         """Take back a checkpoint's clients; their shards are kept for them for RESERVE_SHARDS_S."""
@@ -139,33 +185,61 @@ class Registry:
         self.next_client_number = next_client_number
         self._reserved_until = self.clock() + RESERVE_SHARDS_S
 
-    def _id_and_shard(self, wanted: str, wants_shard: bool) -> tuple[str, str | None]:
+    def _available(self, client_id: str, key: str | None) -> bool:
+        """Whether ``key`` may use ``client_id``: unknown, or bound to no key or to this one."""
+        return self.known.get(client_id, {}).get("key") in (None, key)
+
+    def _id_and_shard(self, wanted: str, wants_shard: bool, key: str | None) -> tuple[str, str | None]:
         if not wants_shard:
-            return wanted or self._new_client_id(), None
+            return wanted or self._new_client_id(key), None
         previous = self.known.get(wanted, {}).get("shard") if wanted else None
         if previous and previous not in {r.shard for r in self.clients.values()}:
             return wanted, previous
-        index = self._free_shard_index()
+        index = self._free_shard_index(key, wanted)
         if index is None:
             raise JoinRefused("no_shards", f"all {self.num_shards} data shards are taken; this client is not needed"
                               if self.num_shards else
                               "this server does not assign data shards; give the client its own data")
-        return wanted or f"client-{index}", shard_name(index)
+        return wanted or f"{SHARD_ID_PREFIX}{index}", shard_name(index)
 
-    def _free_shard_index(self) -> int | None:
-        """The lowest shard not held by a client, whose conventional id no connected client uses and
-        (shortly after a resume) that no returning client is expected to reclaim."""
+    def _free_shard_index(self, key: str | None, wanted: str) -> int | None:
+        """The lowest shard that no connected client holds, that no id bound to another key holds,
+        whose id ``client-<k>`` is free for this key (unless the client names itself) and that
+        (shortly after a resume) no returning client is expected to reclaim."""
         taken = {r.shard for r in self.clients.values()}
+        taken |= {entry["shard"] for entry in self.known.values() if entry["key"] not in (None, key)}
         if self.clock() < self._reserved_until:
             taken |= {entry["shard"] for entry in self.known.values()}
         for index in range(1, self.num_shards + 1):
-            if shard_name(index) not in taken and f"client-{index}" not in self.clients:
+            conventional = f"{SHARD_ID_PREFIX}{index}"
+            if shard_name(index) in taken or conventional in self.clients:
+                continue
+            if wanted or self._available(conventional, key):
                 return index
         return None
 
-    def _new_client_id(self) -> str:
-        while f"client-{self.next_client_number}" in self.clients:
+    def _new_client_id(self, key: str | None) -> str:
+        """A free ``auto-<n>`` this key held before (lowest n), else the next unused number."""
+        own = [cid for cid, entry in self.known.items()
+               if cid.startswith(AUTO_ID_PREFIX) and entry["key"] == key and cid not in self.clients]
+        if own:
+            return min(own, key=lambda cid: (len(cid), cid))
+        while any(f"{AUTO_ID_PREFIX}{self.next_client_number}" in table for table in (self.known, self.clients)):
             self.next_client_number += 1
-        client_id = f"client-{self.next_client_number}"
+        client_id = f"{AUTO_ID_PREFIX}{self.next_client_number}"
         self.next_client_number += 1
         return client_id
+
+    def _make_room(self, key: str | None) -> None:
+        """Before ``key`` takes a new id: if it holds ``max_ids_per_key`` already, forget its oldest ids
+        that are neither connected nor contributed anything; if none can go, refuse the join."""
+        held = [cid for cid, entry in self.known.items() if entry["key"] == key]
+        excess = len(held) - self.max_ids_per_key + 1
+        if excess <= 0:
+            return
+        spare = [cid for cid in held if cid not in self.clients and not self.known[cid]["contributed"]]
+        if len(spare) < excess:
+            raise JoinRefused("too_many_ids", f"this key already holds {len(held)} client ids, the most one key may "
+                                              f"hold ({self.max_ids_per_key}); reuse one of them")
+        for cid in spare[:excess]:
+            del self.known[cid]

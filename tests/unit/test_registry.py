@@ -6,6 +6,8 @@ import pytest
 
 from pyfed.registry import RESERVE_SHARDS_S, REWELCOME_EVERY_S, JoinRefused, Registry, TokenBucket
 
+KEY_A, KEY_B, KEY_C = "A" * 40, "B" * 40, "C" * 40
+
 
 class Clock:
     def __init__(self) -> None:
@@ -15,9 +17,9 @@ class Clock:
         return self.now
 
 
-def registry(num_shards: int = 0, join_rate: float = 100.0) -> tuple[Registry, Clock]:
+def registry(num_shards: int = 0, join_rate: float = 100.0, **kwargs) -> tuple[Registry, Clock]:
     clock = Clock()
-    return Registry(num_shards, join_rate, clock=clock), clock
+    return Registry(num_shards, join_rate, clock=clock, **kwargs), clock
 
 
 def admit(reg: Registry, peer: bytes, wanted: str = "", *, shard: bool = False, key: str | None = None,
@@ -31,13 +33,13 @@ def refusal(reg: Registry, peer: bytes, wanted: str = "", **kwargs) -> str:
     return error.value.code
 
 
-def test_clients_without_an_id_get_the_next_free_number():
+def test_clients_without_an_id_get_the_next_free_number_in_their_own_namespace():
     reg, _ = registry()
-    assert [admit(reg, bytes([i])).record.client_id for i in range(3)] == ["client-1", "client-2", "client-3"]
-    assert reg.client_of(b"\x01") == "client-2" and reg.client_of(b"\x09") is None
-    # a pinned client-4 is skipped over by the numbering
-    admit(reg, b"p", "client-4")
-    assert admit(reg, b"q").record.client_id == "client-5"
+    assert [admit(reg, bytes([i])).record.client_id for i in range(3)] == ["auto-1", "auto-2", "auto-3"]
+    assert reg.client_of(b"\x01") == "auto-2" and reg.client_of(b"\x09") is None
+    # a pinned auto-4 is skipped over by the numbering
+    admit(reg, b"p", "auto-4")
+    assert admit(reg, b"q").record.client_id == "auto-5"
     assert reg.state()["next_client_number"] == 6
 
 
@@ -70,12 +72,12 @@ def test_a_joined_peer_is_welcomed_again_at_most_every_two_seconds_and_keeps_its
     reg, clock = registry()
     first = admit(reg, b"a").record
     assert refusal(reg, b"a") == "join_flood"
-    assert refusal(reg, b"a", "client-1") == "join_flood"
+    assert refusal(reg, b"a", "auto-1") == "join_flood"
     clock.now += REWELCOME_EVERY_S
-    again = admit(reg, b"a", "client-1")
+    again = admit(reg, b"a", "auto-1")
     assert again.event == "welcomed again" and again.record is first
     assert refusal(reg, b"a", "other-id") == "already_joined"
-    assert list(reg.clients) == ["client-1"]
+    assert list(reg.clients) == ["auto-1"]
 
 
 def test_new_joins_are_rate_limited_in_bursts_of_ten_seconds_worth():
@@ -95,8 +97,9 @@ def test_shards_go_lowest_first_and_id_k_gets_shard_k():
     records = [admit(reg, bytes([i]), shard=True).record for i in range(3)]
     assert [(r.client_id, r.shard) for r in records] == [(f"client-{k}", f"client-{k}.npz") for k in (1, 2, 3)]
     assert refusal(reg, b"x", shard=True) == "no_shards"
-    # a client that brings its own data is still welcome
-    assert admit(reg, b"y").record.shard is None
+    # a client that brings its own data is still welcome, if it names itself
+    assert admit(reg, b"y", "site-y").record.shard is None
+    assert refusal(reg, b"z") == "no_id"
 
 
 def test_a_server_without_shards_says_so():
@@ -133,18 +136,18 @@ def test_after_a_resume_known_clients_keep_their_shards_for_a_while():
     clock.now += RESERVE_SHARDS_S
     again = admit(reg, b"y", shard=True)
     assert (again.record.client_id, again.record.shard, again.event) == ("client-1", "client-1.npz", "rejoined")
-    assert admit(reg, b"z").record.client_id == "client-4"
+    assert admit(reg, b"z", "site-z").record.client_id == "site-z"
 
 
 def test_state_round_trips_through_restore():
     reg, _ = registry(num_shards=2)
-    admit(reg, b"a", shard=True, key="K1")
-    admit(reg, b"b", "site-b", key="K2")
+    admit(reg, b"a", shard=True, key=KEY_A)
+    admit(reg, b"b", "site-b", key=KEY_B)
     other, _ = registry(num_shards=2)
     state = reg.state()
-    other.restore(state["known_clients"], state["next_client_number"])
+    other.restore(Registry.parse_known(state["known_clients"]), state["next_client_number"])
     assert other.state() == state and not other.clients
-    assert refusal(other, b"c", "site-b", key="K3") == "id_bound_to_key"
+    assert refusal(other, b"c", "site-b", key=KEY_C) == "id_bound_to_key"
 
 
 def test_token_bucket_allows_a_burst_then_the_rate():
@@ -158,9 +161,68 @@ def test_token_bucket_allows_a_burst_then_the_rate():
 
 
 def test_parse_known_takes_a_checkpoint_table_and_refuses_anything_else():
-    raw = {"client-1": {"shard": "client-1.npz", "key": "K", "extra": 1}, 7: {}}
-    assert Registry.parse_known(raw) == {"client-1": {"shard": "client-1.npz", "key": "K"},
-                                         "7": {"shard": None, "key": None}}
-    for bad in ([1, 2], {"client-1": "not a mapping"}, None):
-        with pytest.raises((TypeError, AttributeError)):
+    raw = {"client-1": {"shard": "client-1.npz", "key": KEY_A, "extra": 1}, "site-7": {"contributed": False}}
+    assert Registry.parse_known(raw) == {"client-1": {"shard": "client-1.npz", "key": KEY_A, "contributed": True},
+                                         "site-7": {"shard": None, "key": None, "contributed": False}}
+    for bad, reason in [([1, 2], "must be a mapping"), ({"client-1": "not a mapping"}, "client id with a mapping"),
+                        (None, "must be a mapping"), ({"site\n": {}}, "client id"),
+                        ({7: {}}, "client id"), ({"a": {"shard": "../x.npz"}}, "shard file name"),
+                        ({"a": {"key": "short"}}, "40-character"), ({"a": {"contributed": "yes"}}, "true or false")]:
+        with pytest.raises(ValueError, match=reason):
             Registry.parse_known(bad)
+
+
+def test_an_assigned_id_and_its_shard_stay_with_their_key():
+    """Defect: a second key joining without an id was handed the first key's id and shard, took over
+    the binding, and locked the first client out. Now every assigned id goes through the key check."""
+    reg, _ = registry(num_shards=3)
+    first = admit(reg, b"a1", shard=True, key=KEY_A).record
+    assert (first.client_id, first.shard) == ("client-1", "client-1.npz")
+    reg.remove("client-1", "connection lost")  # gone before it ever sent an update
+    second = admit(reg, b"b1", shard=True, key=KEY_B).record
+    assert (second.client_id, second.shard) == ("client-2", "client-2.npz")  # not A's id, not A's shard
+    back = admit(reg, b"a2", "client-1", shard=True, key=KEY_A)
+    assert (back.event, back.record.client_id, back.record.shard) == ("rejoined", "client-1", "client-1.npz")
+    assert reg.known["client-1"]["key"] == KEY_A
+    # the same key (Compose replicas share one) may take a free slot of its own
+    reg.remove("client-2", "left")
+    assert admit(reg, b"b2", shard=True, key=KEY_B).record.client_id == "client-2"
+    assert admit(reg, b"c1", shard=True, key=KEY_C).record.client_id == "client-3"
+    reg.remove("client-1", "connection lost")  # A is away again: its shard is free but stays A's
+    assert refusal(reg, b"c2", shard=True, key=KEY_C) == "no_shards"
+
+
+def test_auto_ids_never_collide_with_shard_ids_or_another_keys_ids():
+    reg, _ = registry(num_shards=2)
+    assert admit(reg, b"s", shard=True, key=KEY_A).record.client_id == "client-1"
+    assert admit(reg, b"o", "site-o", key=KEY_A).record.client_id == "site-o"
+    plain, _ = registry()
+    assert admit(plain, b"a", key=KEY_A).record.client_id == "auto-1"
+    plain.remove("auto-1", "left")
+    assert admit(plain, b"b", key=KEY_B).record.client_id == "auto-2"  # auto-1 is A's
+
+
+def test_leaving_and_joining_again_without_an_id_does_not_grow_the_table():
+    """Defect: LEAVE then JOIN with an empty id, 200 times from one connection, left 202 ids."""
+    reg, clock = registry()
+    admit(reg, b"x", "site-x")
+    for _ in range(200):
+        admit(reg, b"loop")
+        reg.remove(reg.client_of(b"loop"), "left")
+        clock.now += 0.02
+    assert sorted(reg.known) == ["auto-1", "site-x"]
+    shards, _ = registry(num_shards=2)
+    assert refusal(shards, b"anon") == "no_id"  # with shards handed out, an anonymous join names a shard
+
+
+def test_one_key_holds_a_bounded_number_of_ids():
+    reg, _ = registry(max_ids_per_key=3)
+    for i in range(3):
+        admit(reg, bytes([i]), f"site-{i}", key=KEY_A)
+    reg.record_contribution("site-0")
+    reg.remove("site-0", "left")
+    reg.remove("site-1", "left")
+    admit(reg, b"n", "site-new", key=KEY_A)  # site-1 (gone, never contributed) made room; site-0 stays
+    assert sorted(reg.known) == ["site-0", "site-2", "site-new"]
+    assert refusal(reg, b"m", "site-more", key=KEY_A) == "too_many_ids"  # the rest are connected or contributed
+    assert admit(reg, b"k", "site-b", key=KEY_B).event == "joined"  # another key has its own room
