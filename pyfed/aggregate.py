@@ -224,3 +224,49 @@ def adaptive_step(kind: str, global_weights: Sequence[np.ndarray], mean: Sequenc
         new_v.append(v)
         new_weights.append((w + learning_rate * m / (np.sqrt(v) + tau)).astype(w.dtype))
     return new_weights, new_m, new_v
+
+
+# --- guarding the global model against extreme updates --------------------------------------------
+
+def update_norm(weights: Sequence[np.ndarray], global_weights: Sequence[np.ndarray]) -> float:
+    """The L2 norm of ``weights - global_weights`` over the floating-point arrays, in float64."""
+    total = 0.0
+    for w, g in zip(weights, global_weights):
+        if np.dtype(w.dtype).kind != "f":
+            continue
+        flat_w, flat_g = np.asarray(w).reshape(-1), np.asarray(g).reshape(-1)
+        for start in range(0, flat_w.size, WeightedSum.CHUNK):
+            delta = flat_w[start:start + WeightedSum.CHUNK].astype(np.float64) - flat_g[start:start + WeightedSum.CHUNK]
+            total += float(np.dot(delta, delta))
+    return float(np.sqrt(total))
+
+
+def clip_update(weights: Sequence[np.ndarray], global_weights: Sequence[np.ndarray],
+                max_norm: float) -> tuple[Weights, float]:
+    """``weights`` with their change from ``global_weights`` scaled down to L2 norm ``max_norm`` (if
+    larger); returns (weights, the change's norm before clipping). Non-float arrays pass unchanged."""
+    norm = update_norm(weights, global_weights)
+    if norm <= max_norm:
+        return list(weights), norm
+    scale = max_norm / norm
+    clipped = []
+    for w, g in zip(weights, global_weights):
+        if np.dtype(w.dtype).kind != "f":
+            clipped.append(w)
+            continue
+        out = np.subtract(w, g, dtype=np.float64)
+        out *= scale
+        out += g
+        clipped.append(out.astype(w.dtype))
+    return clipped, norm
+
+
+def why_unusable(weights: Sequence[np.ndarray], test_loss: float | None = None) -> str | None:
+    """Why a candidate global model must not be accepted (non-finite weights, or a non-finite loss
+    on the server's test data), or None if it may."""
+    for index, array in enumerate(weights):
+        if np.dtype(array.dtype).kind == "f" and not np.isfinite(array).all():
+            return f"its array {index} holds NaN or Inf"
+    if test_loss is not None and not np.isfinite(test_loss):
+        return f"its test loss is {test_loss}"
+    return None

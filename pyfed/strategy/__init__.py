@@ -27,6 +27,7 @@ from .fedavg import FedAvg
 from .fedavgm import FedAvgM
 from .fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
 from .fedprox import FedProx
+from .norm_bound import NormBound
 from .robust import FedMedian, Krum, MultiKrum, TrimmedMean
 
 STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (
@@ -45,4 +46,4 @@ def make_strategy(name: str, **options: Any) -> Strategy:
 
 __all__ = ["Aggregator", "FitPlan", "FitResult", "Strategy", "WeightedMeanStrategy", "FedAvg", "FedAvgM",
            "FedProx", "FedOpt", "FedAdagrad", "FedAdam", "FedYogi", "FedMedian", "TrimmedMean", "Krum",
-           "MultiKrum", "STRATEGIES", "make_strategy", "sample_clients"]
+           "MultiKrum", "NormBound", "STRATEGIES", "make_strategy", "sample_clients"]
