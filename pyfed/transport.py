@@ -10,6 +10,12 @@ peer's connection died (SIGKILL, a stalled process, a cut cable), and which peer
 the file descriptor its messages arrived on; a client learns that the server went away and came
 back, so it can rejoin. With :class:`CurveKeys` every connection is CurveZMQ-encrypted and the
 server admits clients through a ZAP handler (see :mod:`pyfed.security`).
+
+What a peer can make the server hold is bounded: a connection that does not finish its
+handshake within ``HANDSHAKE_IVL_MS`` is closed; ``MAXMSGSIZE`` bounds each frame; and, because
+libzmq buffers every frame of a multipart message before the application sees any of it, a
+:class:`ReceiveGuard` thread watches how many bytes each connection has sent that have not yet
+arrived as messages and cuts a connection that goes over one message's budget.
 """
 
 from __future__ import annotations
@@ -19,7 +25,12 @@ import ctypes.util
 import functools
 import logging
 import os
+import resource
+import struct
+import sys
+import threading
 import time
+from dataclasses import dataclass
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,8 +43,46 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_IVL_MS = 2_000
 HEARTBEAT_TIMEOUT_MS = 10_000
+#: A connection must finish its ZMTP (and CURVE) handshake this fast or be closed (libzmq's default
+#: is 30 s): an idle TCP connection holds a server descriptor this long and no longer.
+HANDSHAKE_IVL_MS = 5_000
 LINGER_MS = 5_000
 LOSS_SETTLE_S = 1.0
+#: Heartbeats and framing a live connection sends between messages: allowed on top of the budget.
+GUARD_DRIFT_BYTES_PER_S = 512
+GUARD_SLACK_BYTES = 256 * 1024
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise this process's soft limit on open descriptors to its hard limit; return (before, after).
+
+    Each client connection holds one descriptor, so the soft limit (often 1024) caps how many
+    clients, and how many idle connections from strangers, the server can hold at once.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+    if target > soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        except (ValueError, OSError):
+            return soft, soft
+        return soft, target
+    return soft, soft
+
+
+def trim_freed_memory() -> None:
+    """Give freed heap memory back to the operating system (after a large message was refused)."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 @functools.cache
@@ -50,12 +99,145 @@ def keep_receive_buffers() -> bool:
     if os.environ.get("PYFED_MALLOC_TUNING", "1") == "0":
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc = _libc()
         mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    except AttributeError:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3
     return bool(mallopt(m_trim_threshold, 256 * 2**20)) and bool(mallopt(m_mmap_threshold, 32 * 2**20))
+
+
+# --- per-connection descriptors: what the kernel says a peer sent, and cutting it off -------------
+
+_TCP_INFO = 11  # Linux getsockopt(IPPROTO_TCP, TCP_INFO)
+_TCPI_BYTES_RECEIVED = 128  # offset of tcpi_bytes_received (Linux >= 4.1) in struct tcp_info
+
+
+def tcp_bytes_received(fd: int) -> int | None:
+    """Bytes the kernel has received on TCP socket ``fd`` since it was opened; None if unknown."""
+    libc = _libc()
+    if libc is None:
+        return None
+    buffer = ctypes.create_string_buffer(256)
+    length = ctypes.c_uint32(256)
+    if libc.getsockopt(fd, 6, _TCP_INFO, buffer, ctypes.byref(length)) != 0 or length.value < _TCPI_BYTES_RECEIVED + 8:
+        return None
+    return struct.unpack_from("=Q", buffer.raw, _TCPI_BYTES_RECEIVED)[0]
+
+
+def peer_address(fd: int) -> bytes | None:
+    """The raw peer address of socket ``fd`` (to tell a reused descriptor from the one we meant)."""
+    libc = _libc()
+    if libc is None:
+        return None
+    buffer = ctypes.create_string_buffer(128)
+    length = ctypes.c_uint32(128)
+    if libc.getpeername(fd, buffer, ctypes.byref(length)) != 0:
+        return None
+    return buffer.raw[: length.value]
+
+
+def describe_address(raw: bytes | None) -> str:
+    """'1.2.3.4:5678' (or '[::1]:5678') for a raw sockaddr from :func:`peer_address`."""
+    if not raw or len(raw) < 8:
+        return "an unknown address"
+    family, port = struct.unpack_from("=H", raw, 0)[0], int.from_bytes(raw[2:4], "big")
+    if family == 2:
+        return f"{'.'.join(str(b) for b in raw[4:8])}:{port}"
+    if family == 10 and len(raw) >= 24:
+        import ipaddress
+        return f"[{ipaddress.IPv6Address(raw[8:24])}]:{port}"
+    return "an unknown address"
+
+
+def shutdown_descriptor(fd: int) -> bool:
+    """Shut down TCP socket ``fd`` in both directions: libzmq sees the peer gone, closes the
+    connection and drops whatever it had buffered from it. True if the call succeeded."""
+    libc = _libc()
+    return libc is not None and libc.shutdown(fd, 2) == 0  # SHUT_RDWR
+
+
+@dataclass
+class _Watched:
+    address: bytes | None
+    baseline: int = 0
+    since: float = 0.0
+    delivered: bool = False
+
+
+class ReceiveGuard:
+    """Cuts any connection that has sent more than ``budget_bytes`` the server has not received.
+
+    libzmq keeps every frame of a multipart message until its last frame arrives, so a peer that
+    sends frame after frame (each under ``MAXMSGSIZE``) would otherwise grow the server without
+    bound before the application could look at the message. This thread reads each connection's
+    received-byte counter from the kernel (``TCP_INFO``) every ``interval_s``; the transport tells
+    it when a message from a connection was delivered, which resets that connection's count. A
+    connection whose count goes past the budget (one whole message of the largest legal kind, plus
+    heartbeats) is shut down. Linux only; elsewhere it does nothing.
+    """
+
+    def __init__(self, budget_bytes: int, interval_s: float = 0.01):
+        self.budget_bytes = int(budget_bytes)
+        self.interval_s = interval_s
+        self.cuts = 0
+        self._watched: dict[int, _Watched] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._log = RateLimitedLog(log)
+        self.enabled = sys.platform.startswith("linux") and _libc() is not None
+        self._thread = threading.Thread(target=self._run, name="pyfed-receive-guard", daemon=True)
+        if self.enabled:
+            self._thread.start()
+
+    def watch(self, fd: int) -> None:
+        """A connection was accepted on ``fd``: count everything it sent from its first byte."""
+        with self._lock:
+            self._watched[fd] = _Watched(peer_address(fd), since=time.monotonic())
+
+    def forget(self, fd: int) -> None:
+        with self._lock:
+            self._watched.pop(fd, None)
+
+    def delivered(self, fd: int) -> None:
+        """A whole message from ``fd`` reached the application: what it sent so far is accounted for."""
+        with self._lock:
+            watched = self._watched.get(fd)
+            if watched is not None:
+                watched.delivered = True
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=2)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            now = time.monotonic()
+            with self._lock:
+                for fd, watched in list(self._watched.items()):
+                    received = tcp_bytes_received(fd)
+                    if received is None:
+                        continue
+                    if watched.delivered or received < watched.baseline:
+                        watched.baseline, watched.since, watched.delivered = received, now, False
+                        continue
+                    pending = received - watched.baseline
+                    if pending > self.budget_bytes + GUARD_DRIFT_BYTES_PER_S * (now - watched.since):
+                        self._cut(fd, watched, pending)
+
+    def _cut(self, fd: int, watched: _Watched, pending: int) -> None:
+        address = peer_address(fd)
+        if address != watched.address:  # the descriptor now belongs to another connection
+            self._watched[fd] = _Watched(address, since=time.monotonic())
+            return
+        del self._watched[fd]
+        if shutdown_descriptor(fd):
+            self.cuts += 1
+            self._log.warning("cut the connection from %s: it sent %.1f MB without completing a message "
+                              "(at most %.1f MB allowed)", describe_address(address), pending / 1e6,
+                              self.budget_bytes / 1e6)
+            threading.Timer(0.5, trim_freed_memory).start()  # libzmq frees the partial message on close
 
 
 class RateLimitedLog:
@@ -97,6 +279,7 @@ HANDSHAKE_FAILURES = {
 }
 MONITORED = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
+SERVER_MONITORED = MONITORED | zmq.EVENT_ACCEPTED
 
 
 def _monitor_events(monitor: zmq.Socket) -> list[tuple[int, int]]:
@@ -122,7 +305,8 @@ class ServerTransport:
     """A bound ROUTER socket: receive (peer, frames), send frames to a peer without blocking."""
 
     def __init__(self, address: str, *, max_frame_bytes: int | None = None, context: zmq.Context | None = None,
-                 curve: CurveKeys | None = None, admission: Admission | None = None):
+                 curve: CurveKeys | None = None, admission: Admission | None = None,
+                 max_message_bytes: int | None = None):
         self.address = address
         keep_receive_buffers()
         self._own_context = context is None
@@ -139,6 +323,7 @@ class ServerTransport:
         self.socket.setsockopt(zmq.LINGER, LINGER_MS)
         self.socket.setsockopt(zmq.SNDHWM, 64)
         self.socket.setsockopt(zmq.RCVHWM, 10_000)
+        self.socket.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
         self.max_frame_bytes = int(max_frame_bytes or -1)
         if max_frame_bytes:
             self.socket.setsockopt(zmq.MAXMSGSIZE, int(max_frame_bytes))
@@ -146,11 +331,13 @@ class ServerTransport:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.encrypted = curve is not None
-        self._monitor = self.socket.get_monitor_socket(MONITORED)
+        self.guard = ReceiveGuard(max_message_bytes + GUARD_SLACK_BYTES) if max_message_bytes else None
+        self._monitor = self.socket.get_monitor_socket(SERVER_MONITORED)
         self._peer_by_fd: dict[int, bytes] = {}
         self._fd_by_peer: dict[bytes, int] = {}
         self.peer_keys: dict[bytes, str] = {}  # peer -> its CURVE public key (z85), when encrypted
-        self._lost: dict[bytes, tuple[int, float]] = {}  # peer -> (its closed descriptor, when)
+        self._lost: dict[bytes, tuple[int, int, float]] = {}  # peer -> (its closed descriptor, generation, when)
+        self._generation: dict[int, int] = {}  # descriptor -> connections accepted on it so far
         self.handshake_failures = 0
         self._drops = RateLimitedLog(log)
         self._poller = zmq.Poller()
@@ -166,7 +353,8 @@ class ServerTransport:
         """The next (peer id, frames), or None if nothing arrives within ``timeout_s``.
 
         Connection events are read first, so a lost connection is pinned to the peer that used it
-        before a new connection can reuse its file descriptor.
+        before a new connection can reuse its file descriptor; a message from that peer on a
+        connection accepted since (even on the same descriptor number) means it is back.
         """
         deadline = time.monotonic() + timeout_s
         while True:
@@ -186,8 +374,10 @@ class ServerTransport:
         if fd is not None and self._fd_by_peer.get(peer) != fd:
             self._peer_by_fd.pop(self._fd_by_peer.get(peer, -1), None)
             self._fd_by_peer[peer], self._peer_by_fd[fd] = fd, peer
-        if peer in self._lost and fd is not None and fd != self._lost[peer][0]:
-            del self._lost[peer]  # it is back on a new connection
+        if peer in self._lost and fd is not None and (fd, self._generation.get(fd, 0)) != self._lost[peer][:2]:
+            del self._lost[peer]  # it is back on a new connection (maybe on the same, reused, descriptor number)
+        if fd is not None and self.guard is not None:
+            self.guard.delivered(fd)
         if self.encrypted:
             try:
                 self.peer_keys[peer] = parts[-1].get("User-Id")
@@ -197,11 +387,18 @@ class ServerTransport:
 
     def _read_monitor(self) -> None:
         for event, value in _monitor_events(self._monitor):
+            if event == zmq.EVENT_ACCEPTED:
+                self._generation[value] = self._generation.get(value, 0) + 1
+                if self.guard is not None:
+                    self.guard.watch(value)
+                continue
             if event == zmq.EVENT_DISCONNECTED:
+                if self.guard is not None:
+                    self.guard.forget(value)
                 peer = self._peer_by_fd.pop(value, None)
                 if peer is not None:
                     self._fd_by_peer.pop(peer, None)
-                    self._lost[peer] = (value, time.monotonic())
+                    self._lost[peer] = (value, self._generation.get(value, 0), time.monotonic())
                 else:
                     self._drops.warning("a connection closed before delivering any message (a frame over the "
                                         "%d-byte limit, a broken handshake, or a peer that went away)",
@@ -218,11 +415,20 @@ class ServerTransport:
         exits), so a loss is reported once the socket is ``idle`` or after LOSS_SETTLE_S.
         """
         now = time.monotonic()
-        lost = [peer for peer, (_, seen) in self._lost.items() if idle or now - seen >= LOSS_SETTLE_S]
+        lost = [peer for peer, (_, _, seen) in self._lost.items() if idle or now - seen >= LOSS_SETTLE_S]
         for peer in lost:
             del self._lost[peer]
             self.peer_keys.pop(peer, None)
         return lost
+
+    def disconnect(self, peer: bytes) -> bool:
+        """Close ``peer``'s connection (libzmq has no call for one peer of a ROUTER, so the socket is
+        shut down under it). False if the peer has no known live connection."""
+        self._read_monitor()  # a connection that already closed must not be mistaken for a reused descriptor
+        fd = self._fd_by_peer.get(peer)
+        if fd is None or not shutdown_descriptor(fd):
+            return False
+        return True
 
     def send(self, peer: bytes, frames: Sequence[Any]) -> bool:
         """Queue ``frames`` for ``peer``; False (never a block) if the peer is gone or congested."""
@@ -241,6 +447,8 @@ class ServerTransport:
 
     def close(self) -> None:
         """Close the socket; with our own context, wait (up to LINGER) until queued messages are out."""
+        if self.guard is not None:
+            self.guard.stop()
         _close(self.socket, None, self._monitor)
         if self._authenticator is not None:  # its ZAP socket must close before the context can end
             self._authenticator.stop()
@@ -273,6 +481,7 @@ class ClientTransport:
         self.socket.setsockopt(zmq.LINGER, LINGER_MS)
         self.socket.setsockopt(zmq.RECONNECT_IVL, 200)
         self.socket.setsockopt(zmq.RECONNECT_IVL_MAX, 5_000)
+        self.socket.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
         _heartbeats(self.socket)
         self._monitor = self.socket.get_monitor_socket(MONITORED)
         self._poller = zmq.Poller()
