@@ -83,9 +83,13 @@ def run_server(config: ServerConfig) -> int:
     from .data import DataError, load_shard
     from .model import ModelError, default_model, load_model_spec
     from .server import Server
-    from .strategy import FitPlan
+    from .strategy import FitPlan, NormBound
 
     strategy = build_strategy(config, config.min_clients, "--min-clients / MIN_CLIENTS")
+    if config.max_update_norm is not None:
+        strategy = NormBound(strategy, config.max_update_norm)
+    if config.round_timeout_s is None:
+        log.warning("--round-timeout / ROUND_TIMEOUT is off: a client that never answers stalls its round")
     if config.num_shards and config.min_fit_clients > config.num_shards:
         raise UsageError(f"--min-fit-clients / MIN_FIT_CLIENTS is {config.min_fit_clients} but only "
                          f"{config.num_shards} shards (--shards / NUM_CLIENTS) are handed out: no round could succeed")
@@ -114,7 +118,8 @@ def run_server(config: ServerConfig) -> int:
                     min_fit_clients=max(config.min_fit_clients, strategy.min_fit_clients()),
                     fraction_fit=config.fraction_fit, seed=config.seed, checkpoint_dir=config.checkpoint_dir,
                     keep_checkpoints=config.keep_checkpoints, fresh_start=config.fresh_start, curve=curve,
-                    authorized_keys=config.authorized_keys if curve else None, join_rate=config.join_rate)
+                    authorized_keys=config.authorized_keys if curve else None, join_rate=config.join_rate,
+                    max_examples=config.max_examples, max_ids_per_key=config.max_ids_per_key)
     _on_stop_signals(lambda name: server.request_stop(name))
     try:
         server.run()
@@ -260,8 +265,8 @@ def run_demo(config: DemoConfig) -> int:
     server = subprocess.Popen([*base, "server", "--address", address, "--rounds", str(config.rounds),
                                "--min-clients", str(config.clients), "--test-data", str(shards / "test.npz"),
                                "--logdir", str(logdir)], env=env)
-    clients = [subprocess.Popen([*base, "client", "--server", address, "--data", str(shard_path(shards, i))], env=env)
-               for i in range(1, config.clients + 1)]
+    clients = [subprocess.Popen([*base, "client", "--server", address, "--data", str(shard_path(shards, i)),
+                                 "--client-id", f"client-{i}"], env=env) for i in range(1, config.clients + 1)]
     try:
         status = server.wait()
         for process in clients:

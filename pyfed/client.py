@@ -6,11 +6,15 @@ so Keras never re-traces the training step.
 
 The client outlives the server: when its connection drops (the server restarted, or dropped it
 after missed heartbeats), ZeroMQ reconnects with backoff, and on reconnecting the client joins
-again under its id, gets the current global model and carries on.
+again under its id, gets the current global model and carries on. A JOIN the server answers with
+``busy`` or ``join_flood``, or does not answer, is sent again with backoff until it is welcomed.
+A FIT it already answered (the server sends it again after a rejoin, in case it was lost: same
+round, attempt and global weights) is answered with the same UPDATE, not trained again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from pathlib import Path
@@ -30,6 +34,7 @@ from .transport import ClientTransport
 log = logging.getLogger("pyfed.client")
 
 JOIN_RETRY_S = 30.0
+REJOIN_RETRY_S = 10.0  # a rejoin JOIN with no answer is sent again after this long
 WAIT_LOG_EVERY_S = 60.0
 SEND_RETRY_S = 10.0  # no connection this long: the server restarted or dropped us, and will ask again
 BACKOFF_MAX_S = 5.0  # a refused join is retried at 1, 2, 4, 5, 5 .. s: back soon after its predecessor is dropped
@@ -91,6 +96,9 @@ class Client:
         self.specs: list[protocol.ArraySpec] | None = None
         self.rounds_trained = 0
         self.trainer: LocalTrainer | None = None
+        self._last_answer: tuple[tuple, list] | None = None  # (kind, round, attempt, weights digest), frames
+        self._rejoin_at: float | None = None  # when to send the next JOIN while waiting to be welcomed again
+        self._rejoin_backoff = 1.0
 
     def run(self) -> int:
         """Take part until the server says the run is over; return the process exit code."""
@@ -158,7 +166,9 @@ class Client:
             log.warning("ignoring %s from the server before being admitted", message.type.value)
 
     def _join_frames(self, wants_shard: bool) -> list:
-        body = {"wants_shard": True} if wants_shard else {"num_examples": int(len(self.y))}
+        body: dict[str, Any] = {"wants_shard": True} if wants_shard else {}
+        if self.y is not None:  # what it holds bounds the examples it may claim in an update
+            body["num_examples"] = int(len(self.y))
         return protocol.encode(Message(MessageType.JOIN, client_id=self.client_id, body=body))
 
     def _sleep(self, seconds: float) -> None:
@@ -225,6 +235,8 @@ class Client:
     def _serve(self) -> int:
         next_wait_log = time.monotonic() + WAIT_LOG_EVERY_S
         while True:
+            if self._rejoin_at is not None and time.monotonic() >= self._rejoin_at:
+                self._rejoin()
             message = self._receive(timeout_s=1.0)
             if message is None:
                 if time.monotonic() >= next_wait_log:
@@ -243,6 +255,7 @@ class Client:
                          message.body["reason"], self.rounds_trained)
                 return EXIT_OK
             elif message.type is MessageType.WELCOME:
+                self._rejoin_at, self._rejoin_backoff = None, 1.0
                 self._setup(message)
             elif message.type is MessageType.STOPPING:
                 log.warning("the server is stopping (%s); waiting for it to come back", message.body["reason"])
@@ -253,19 +266,40 @@ class Client:
             elif message.type is MessageType.ERROR and message.body["code"] in ("id_taken", "id_bound_to_key"):
                 raise ClientError(f"the server gave this client's id to another client while it was away "
                                   f"[{message.body['code']}]: {message.body['reason']}")
+            elif message.type is MessageType.ERROR and message.body["code"] in RETRYABLE_REFUSALS:
+                log.warning("the server did not take this client back yet [%s]: %s; asking again in %.0fs",
+                            message.body["code"], message.body["reason"], self._rejoin_backoff)
+                self._rejoin_at = time.monotonic() + self._rejoin_backoff
+                self._rejoin_backoff = min(self._rejoin_backoff * 2, BACKOFF_MAX_S)
             elif message.type is MessageType.ERROR:
                 log.warning("the server reported [%s]: %s", message.body["code"], message.body["reason"])
             else:
                 log.warning("ignoring unexpected %s from the server", message.type.value)
 
+    def _answer_again(self, key: tuple, what: str) -> bool:
+        """If this request was answered already (the server resent it after a rejoin), resend that answer."""
+        if self._last_answer is None or self._last_answer[0] != key:
+            return False
+        log.info("the server asked again for the %s; sent the same answer again", what)
+        self._send(self._last_answer[1], what=what)
+        return True
+
     def _fit(self, message: Message) -> None:
+        attempt = message.body["attempt"]
+        key = ("fit", message.round, attempt, _digest(message.arrays))
+        if self._answer_again(key, f"round {message.round} update"):
+            return
         plan = FitPlan.from_body(message.body["plan"])
         self.trainer.load(message.arrays, plan)
         del message.arrays[:]  # release the received frames before training
+        self._last_answer = None
         weights, num_examples, metrics = self.trainer.train(plan)
+        metrics["history"] = _bounded_history(metrics["history"], plan.epochs)
         update = Message(MessageType.UPDATE, round=message.round, client_id=self.client_id,
-                         body={"num_examples": num_examples, **metrics}, arrays=weights)
-        self._send(protocol.encode(update), what=f"round {message.round} update")
+                         body={"attempt": attempt, "num_examples": num_examples, **metrics}, arrays=weights)
+        frames = protocol.encode(update)
+        self._last_answer = (key, frames)
+        self._send(frames, what=f"round {message.round} update")
         self.rounds_trained += 1
         summary = ", ".join(f"{k} {v[-1]:.4f}" for k, v in metrics["history"].items() if v and v[-1] is not None)
         log.info("round %d: trained %d epochs on %d examples in %.2fs%s: %s", message.round,
@@ -273,11 +307,16 @@ class Client:
                  f" with proximal mu {plan.proximal_mu:g}" if plan.proximal_mu else "", summary)
 
     def _evaluate(self, message: Message) -> None:
+        key = ("evaluate", message.round, _digest(message.arrays))
+        if self._answer_again(key, f"round {message.round} evaluation"):
+            return
         num_examples, loss, accuracy = self.trainer.evaluate(list(message.arrays))
         del message.arrays[:]
         reply = Message(MessageType.EVALUATION, round=message.round, client_id=self.client_id,
                         body={"num_examples": num_examples, "loss": loss, "accuracy": accuracy})
-        self._send(protocol.encode(reply), what=f"round {message.round} evaluation")
+        frames = protocol.encode(reply)
+        self._last_answer = (key, frames)
+        self._send(frames, what=f"round {message.round} evaluation")
         if num_examples:
             log.info("round %d: global model on %d held-out examples: loss %.4f%s", message.round, num_examples,
                      loss if loss is not None else float("nan"),
@@ -303,7 +342,9 @@ class Client:
                                   "client's public key")
 
     def _rejoin(self) -> None:
+        """Ask to be taken back; asked again after REJOIN_RETRY_S (or a refusal's backoff) until welcomed."""
         self._transport.send(self._join_frames(self._wants_shard))
+        self._rejoin_at = time.monotonic() + REJOIN_RETRY_S
 
     def _receive(self, timeout_s: float) -> Message | None:
         self._handle_events()
@@ -328,3 +369,20 @@ class Client:
             log.warning("no connection to the server; retrying the %s in %.1fs", what, delay)
             self._sleep(delay)
             delay = min(delay * 2, 5.0)
+
+
+def _digest(arrays: list[np.ndarray]) -> bytes:
+    """A fingerprint of the global weights a request carries (blake2b, ~1 GB/s): an answer is reused
+    only for the very same weights, never for a new run's round that happens to have the same number."""
+    digest = hashlib.blake2b(digest_size=16)
+    for array in arrays:
+        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
+    return digest.digest()
+
+
+def _bounded_history(history: dict[str, list], epochs: int) -> dict[str, list]:
+    """The training curves as the server accepts them: at most the plan's ``epochs`` values per
+    metric (the last ones, when this client trains more epochs than the plan) and at most
+    MAX_HISTORY_METRICS metrics."""
+    names = list(history)[: protocol.MAX_HISTORY_METRICS]
+    return {name: history[name][-epochs:] for name in names}
