@@ -8,13 +8,15 @@ The client outlives the server: when its connection drops (the server restarted,
 after missed heartbeats), ZeroMQ reconnects with backoff, and on reconnecting the client joins
 again under its id, gets the current global model and carries on. A JOIN the server answers with
 ``busy`` or ``join_flood``, or does not answer, is sent again with backoff until it is welcomed.
-A FIT it already answered (the server sends it again after a rejoin, in case it was lost: same
-round, attempt and global weights) is answered with the same UPDATE, not trained again.
+A FIT it already answered (the server sends it again after a rejoin, in case it was lost, or
+retries the round) is answered with the same update, not trained again, when it carries the same
+round, global weights and plan: the update is the same function of them, whatever the attempt.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
@@ -96,7 +98,8 @@ class Client:
         self.specs: list[protocol.ArraySpec] | None = None
         self.rounds_trained = 0
         self.trainer: LocalTrainer | None = None
-        self._last_answer: tuple[tuple, list] | None = None  # (kind, round, attempt, weights digest), frames
+        #: the last answer: ((kind, round, digest of the global weights, plan), the message sent)
+        self._last_answer: tuple[tuple, Message] | None = None
         self._rejoin_at: float | None = None  # when to send the next JOIN while waiting to be welcomed again
         self._rejoin_backoff = 1.0
 
@@ -276,18 +279,22 @@ class Client:
             else:
                 log.warning("ignoring unexpected %s from the server", message.type.value)
 
-    def _answer_again(self, key: tuple, what: str) -> bool:
-        """If this request was answered already (the server resent it after a rejoin), resend that answer."""
+    def _answer_again(self, key: tuple, what: str, attempt: int | None = None) -> bool:
+        """If this request was answered already (resent after a rejoin, or a retried round from the same
+        weights), send that answer again, under the new attempt number if it has one."""
         if self._last_answer is None or self._last_answer[0] != key:
             return False
+        answer = self._last_answer[1]
+        if attempt is not None and answer.body["attempt"] != attempt:
+            answer.body["attempt"] = attempt
         log.info("the server asked again for the %s; sent the same answer again", what)
-        self._send(self._last_answer[1], what=what)
+        self._send(protocol.encode(answer), what=what)
         return True
 
     def _fit(self, message: Message) -> None:
         attempt = message.body["attempt"]
-        key = ("fit", message.round, attempt, _digest(message.arrays))
-        if self._answer_again(key, f"round {message.round} update"):
+        key = ("fit", message.round, _digest(message.arrays), json.dumps(message.body["plan"], sort_keys=True))
+        if self._answer_again(key, f"round {message.round} update", attempt):
             return
         plan = FitPlan.from_body(message.body["plan"])
         self.trainer.load(message.arrays, plan)
@@ -297,9 +304,8 @@ class Client:
         metrics["history"] = _bounded_history(metrics["history"], plan.epochs)
         update = Message(MessageType.UPDATE, round=message.round, client_id=self.client_id,
                          body={"attempt": attempt, "num_examples": num_examples, **metrics}, arrays=weights)
-        frames = protocol.encode(update)
-        self._last_answer = (key, frames)
-        self._send(frames, what=f"round {message.round} update")
+        self._last_answer = (key, update)
+        self._send(protocol.encode(update), what=f"round {message.round} update")
         self.rounds_trained += 1
         summary = ", ".join(f"{k} {v[-1]:.4f}" for k, v in metrics["history"].items() if v and v[-1] is not None)
         log.info("round %d: trained %d epochs on %d examples in %.2fs%s: %s", message.round,
@@ -314,9 +320,8 @@ class Client:
         del message.arrays[:]
         reply = Message(MessageType.EVALUATION, round=message.round, client_id=self.client_id,
                         body={"num_examples": num_examples, "loss": loss, "accuracy": accuracy})
-        frames = protocol.encode(reply)
-        self._last_answer = (key, frames)
-        self._send(frames, what=f"round {message.round} evaluation")
+        self._last_answer = (key, reply)
+        self._send(protocol.encode(reply), what=f"round {message.round} evaluation")
         if num_examples:
             log.info("round %d: global model on %d held-out examples: loss %.4f%s", message.round, num_examples,
                      loss if loss is not None else float("nan"),
