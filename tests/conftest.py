@@ -22,10 +22,11 @@ class Processes:
         self.logdir = logdir
         self.started: list[tuple[subprocess.Popen, Path]] = []
 
-    def start(self, name: str, args: list[str], cwd: Path | None = None, env: dict | None = None) -> subprocess.Popen:
+    def start(self, name: str, args: list[str], cwd: Path | None = None, env: dict | None = None,
+              preexec_fn=None) -> subprocess.Popen:
         log_path = self.logdir / f"{name}.log"
         handle = open(log_path, "wb")
-        process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd,
+        process = subprocess.Popen(args, stdout=handle, stderr=subprocess.STDOUT, cwd=cwd, preexec_fn=preexec_fn,
                                    env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
         handle.close()
         process.log_path = log_path

@@ -209,8 +209,11 @@ def test_killed_client_containers_are_dropped_and_rejoin(project_factory):
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
     assert all(r["clients"] == ids for r in summary["rounds"])
     failed = [a for r in summary["rounds"] for a in r["failed_attempts"]]
-    assert len(failed) >= 2 and all(
+    assert failed and all(
         any(reason.startswith("connection lost") for reason in a["dropped"].values()) for a in failed), failed
+    # each fault cost its round an attempt, unless the client was back while the round still waited for
+    # the others: then it was sent its FIT again
+    assert len(failed) >= 2 or "is back; sent its FIT again" in project.logs("server"), failed
     assert sorted(c["shard"] for c in summary["clients"].values()) == [f"{cid}.npz" for cid in ids]
     assert project.logs("server").count("rejoined") >= 2
     port = settings["TENSORBOARD_PORT"]

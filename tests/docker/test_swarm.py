@@ -241,8 +241,10 @@ def test_restart_policies_bring_back_a_crashed_client_and_a_crashed_server(stack
     assert summary["status"] == "finished"
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3, 4]
     assert all(r["clients"] == ids for r in summary["rounds"]), summary["rounds"]
+    # the crashed client cost its round an attempt, or was back while the round still waited: sent its FIT again
     assert any(reason.startswith("connection lost") for r in summary["rounds"] for a in r["failed_attempts"]
-               for reason in a["dropped"].values()), summary["rounds"]
+               for reason in a["dropped"].values()) or "is back; sent its FIT again" in stack.logs("server"), \
+        summary["rounds"]
     assert stack.logs("client").count("rejoining as") >= 3   # each client found the restarted server
     port = stack.tensorboard_port
     wait_for_tensorboard_runs(port, {"server", f"clients/{node}-2"})

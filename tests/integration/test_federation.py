@@ -10,12 +10,12 @@ import pytest
 import zmq
 
 from pyfed import protocol
-from tests.conftest import free_port
+from tests.integration.support import free_port, scalar_steps
 
 pytestmark = pytest.mark.integration
 
 ROUNDS = 3
-CLIENTS = ["client-1", "client-2", "client-3"]
+CLIENTS = ["auto-1", "auto-2", "auto-3"]  # no --client-id: the server names them
 
 
 def throw_garbage(address: str, port: int) -> list[str]:
@@ -30,7 +30,7 @@ def throw_garbage(address: str, port: int) -> list[str]:
         dealer.connect(address)
         bad_update = protocol.encode(protocol.Message(
             protocol.MessageType.UPDATE, round=1, client_id="client-1", arrays=[np.zeros(3, np.float32)],
-            body={"num_examples": 5, "fit_s": 0.1, "history": {}}))
+            body={"attempt": 1, "num_examples": 5, "fit_s": 0.1, "history": {}}))
         leave = protocol.encode(protocol.Message(protocol.MessageType.LEAVE, client_id="client-1"))
         for frames in ([b"\x00\xff" * 10], [b'{"v": 99, "type": "join"}'], [b'{"v": 1, "type": "rm -rf"}'],
                        bad_update, leave, [b"{}", b"x" * 100]):
@@ -92,14 +92,6 @@ def test_three_clients_train_digits_to_90_percent_and_log_everything(tmp_path, p
     assert "client bad-site dropped: left (" in server_log and "wrong.npz: examples have shape [5]" in server_log
 
     check_tensorboard_events(logdir)
-
-
-def scalar_steps(run_dir):
-    from tensorboard.backend.event_processing import event_accumulator
-
-    accumulator = event_accumulator.EventAccumulator(str(run_dir), size_guidance={event_accumulator.TENSORS: 0})
-    accumulator.Reload()
-    return {tag: [event.step for event in accumulator.Tensors(tag)] for tag in accumulator.Tags()["tensors"]}
 
 
 def check_tensorboard_events(logdir):

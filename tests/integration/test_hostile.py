@@ -17,86 +17,63 @@ from hypothesis import strategies as st
 from pyfed import protocol
 from pyfed.checkpoint import list_checkpoints, load_state
 from pyfed.protocol import Message, MessageType
-from tests.conftest import free_port
-from tests.integration.test_reliability import check_every_round_once, start_client, start_server
+from tests.integration.support import (Peer, check_every_round_once, finish, free_port, start_client, start_server,
+                                       update)
 
 pytestmark = pytest.mark.integration
 
 FUZZ_MESSAGES = 10_000
 
 
-class Peer:
-    """A hand-driven DEALER: what a malicious or broken client can send."""
-
-    def __init__(self, context: zmq.Context, address: str):
-        self.socket = context.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.connect(address)
-
-    def send(self, frames) -> None:
-        self.socket.send_multipart(list(frames))
-
-    def receive(self, timeout_s: float = 30, skip=(MessageType.EVALUATE, MessageType.FIT)) -> Message:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.socket.poll(100):
-                message = protocol.decode(self.socket.recv_multipart())
-                if message.type not in skip:
-                    return message
-        raise AssertionError("no reply from the server")
-
-    def error_code(self, frames) -> str:
-        self.send(frames)
-        reply = self.receive()
-        assert reply.type is MessageType.ERROR, reply
-        return reply.body["code"]
-
-
-def update(round_: int, arrays, client_id: str = "mallory", num_examples: int = 100) -> list:
-    return protocol.encode(Message(MessageType.UPDATE, round=round_, client_id=client_id, arrays=arrays,
-                                   body={"num_examples": num_examples, "fit_s": 0.1, "history": {}}))
-
-
 def test_malicious_client_and_join_flood_are_refused_while_honest_clients_finish(tmp_path, processes, shards):
     logdir, address = tmp_path / "logs", f"tcp://127.0.0.1:{free_port()}"
     server = start_server(processes, shards, logdir, address, "--rounds", "2", "--min-clients", "4",
-                          "--min-fit-clients", "3", "--epochs", "5", "--round-timeout", "60",
-                          "--join-rate", "5")  # bursts of 50 joins
+                          "--min-fit-clients", "3", "--epochs", "40", "--round-timeout", "60",
+                          "--join-rate", "5")  # bursts of 50 joins; rounds long enough for mallory's battery
     context = zmq.Context()
     try:
         mallory = Peer(context, address)
-        mallory.send(protocol.encode(Message(MessageType.JOIN, client_id="mallory", body={"num_examples": 100})))
-        welcome = mallory.receive()
-        assert welcome.type is MessageType.WELCOME
-        weights = [np.array(a) for a in welcome.arrays]
+        weights = [np.array(a) for a in mallory.join("mallory").arrays]
         honest = [start_client(processes, shards, address, i) for i in (1, 2, 3)]
         fit = mallory.receive(timeout_s=120, skip=())
         assert fit.type is MessageType.FIT and fit.round == 1
 
+        # While asked for round 1: an unusable answer is refused, and mallory is out of the round at once.
+        assert mallory.error_code(update(1, [np.full_like(weights[0], np.nan), *weights[1:]])) == "bad_reply"
         good = update(1, weights)
         header = json.loads(bytes(good[0]))
         hostile = {
             "wrong array count": update(1, weights[:-1]),
             "wrong shape": update(1, [np.zeros((3, 3), np.float32), *weights[1:]]),
-            "wrong dtype": update(1, [weights[0].astype(np.float64), *weights[1:]]),
-            "NaN": update(1, [np.full_like(weights[0], np.nan), *weights[1:]]),
+            "wrong dtype": update(1, [weights[0], weights[1].astype(np.float64), *weights[2:]]),
             "Inf": update(1, [*weights[:-1], np.full_like(weights[-1], np.inf)]),
             "declared size differs from frame": [good[0], bytes(memoryview(good[1])[:-4]), *good[2:]],
             "truncated multipart": good[:2],
+            "many frames": [good[0], *good[1:], *([b"\0" * 1000] * 200)],
             "wrong header type": [json.dumps({**header, "round": "one"}).encode(), *good[1:]],
             "unknown message type": [json.dumps({**header, "type": "steal"}).encode(), *good[1:]],
-            "unknown protocol version": [json.dumps({**header, "v": 2}).encode(), *good[1:]],
+            "unknown protocol version": [json.dumps({**header, "v": 1}).encode(), *good[1:]],
+            "a JOIN carrying arrays": [json.dumps({**header, "type": "join", "body": {}}).encode(), *good[1:]],
+            "33 history metrics": [json.dumps({**header, "body": {**header["body"], "history": {
+                f"m{i}": [0.5] for i in range(33)}}}).encode(), *good[1:]],
             "stale round": update(0, weights),
             "another client's id": update(1, weights, client_id="site-1"),
             "random bytes": [np.random.default_rng(0).bytes(200)],
+            "its own update, after it was dropped": good,
         }
         codes = {name: mallory.error_code(frames) for name, frames in hostile.items()}
-        assert codes == {**{name: "bad_message" for name in hostile}, "NaN": "bad_reply", "Inf": "bad_reply",
-                         "stale round": "bad_reply", "another client's id": "wrong_client_id"}
-        giant = Peer(context, address)  # a frame far over the server's limit: ZeroMQ drops the connection
+        assert codes == {**{name: "bad_message" for name in hostile}, "Inf": "bad_reply", "stale round": "bad_reply",
+                         "another client's id": "wrong_client_id", "its own update, after it was dropped": "bad_reply"}
+        giant = Peer(context, address)  # a frame far over the server's limit: ZeroMQ drops that connection
         giant.send([json.dumps(header).encode(), bytes(8 * 2**20)])
-        mallory.send(good)  # the one valid update is accepted ...
-        assert mallory.error_code(good) == "bad_reply"  # ... and its replay is not
+
+        # Round 2: a training history longer than the plan's epochs is refused at once, unlogged.
+        fit = mallory.receive(timeout_s=120, skip=())
+        assert fit.type is MessageType.FIT and fit.round == 2
+        long_history = update(2, weights, history={"loss": [0.5] * 5_000})
+        started = time.monotonic()
+        assert mallory.error_code(long_history) == "bad_reply"
+        refused_in_s = time.monotonic() - started
 
         flooder = Peer(context, address)
         flood_replies = []
@@ -113,22 +90,28 @@ def test_malicious_client_and_join_flood_are_refused_while_honest_clients_finish
         welcomed = sum(r.type is MessageType.WELCOME for r in crowd_replies)
         print(f"\njoin flood: 1 peer x 300 JOINs -> {flood_replies.count(MessageType.WELCOME)} welcome(s), "
               f"{len(flood_replies)} replies; "
-              f"150 peers -> {welcomed} welcomed, {busy} told busy")
+              f"150 peers -> {welcomed} welcomed, {busy} told busy; a {len(long_history[0]) / 1000:.0f} kB history refused in "
+              f"{refused_in_s * 1000:.0f} ms")
         assert busy >= 90 and welcomed + busy == 150
+        assert refused_in_s < 1.0
         for peer in [*crowd, flooder]:  # the phantoms go away; the server notices and drops them
             peer.socket.close(0)
-        mallory.send(protocol.encode(Message(MessageType.LEAVE, client_id="mallory", body={"reason": "done"})))
-
-        assert processes.wait(server, 300) == 0, processes.tail(server)
-        for client in honest:
-            assert processes.wait(client, 60) == 0, processes.tail(client)
+        mallory.leave("mallory")
+        finish(processes, server, honest)
     finally:
         context.destroy(linger=0)
 
     summary = check_every_round_once(logdir, 2)
-    assert summary["rounds"][0]["clients"] == ["mallory", "site-1", "site-2", "site-3"]
-    assert set(summary["rounds"][1]["clients"]) == {"site-1", "site-2", "site-3"}
+    first, second = summary["rounds"]
+    assert first["clients"] == ["site-1", "site-2", "site-3"]
+    assert first["dropped"]["mallory"] == "answer refused: array 0 holds NaN or Inf"
+    assert first["duration_s"] < 50  # the refused client was not waited for (--round-timeout 60)
+    assert second["clients"] == ["site-1", "site-2", "site-3"]
+    assert second["dropped"]["mallory"].startswith("answer refused: history metric 'loss' has 5000 values but "
+                                                   "the plan trains 40 epochs")
     assert summary["final"]["test_accuracy"] >= 0.85
+    summary_text = (logdir / "summary.json").read_text()
+    assert "\n" not in summary_text.strip()  # compact
     server_log = server.log_path.read_text()
     assert "client mallory: array 0 holds NaN or Inf" in server_log
     assert "a connection closed before delivering any message (a frame over the" in server_log
@@ -143,7 +126,7 @@ def _valid_templates() -> list[list[bytes]]:
     weights = [np.zeros((64, 32), np.float32), np.zeros(32, np.float32)]
     return [[bytes(f) for f in protocol.encode(m)] for m in (  # encoded once: the fuzzer's hot path only copies
         Message(MessageType.UPDATE, round=1, client_id="site-1", arrays=weights,
-                body={"num_examples": 5, "fit_s": 0.1, "history": {"loss": [0.5]}}),
+                body={"attempt": 1, "num_examples": 5, "fit_s": 0.1, "history": {"loss": [0.5]}}),
         Message(MessageType.EVALUATION, round=1, client_id="site-2",
                 body={"num_examples": 5, "loss": 0.5, "accuracy": 0.9}),
         Message(MessageType.JOIN, client_id="site-3", body={"num_examples": 5}),
@@ -152,6 +135,7 @@ def _valid_templates() -> list[list[bytes]]:
 
 
 TEMPLATES = _valid_templates()
+FILLER = b"\xab" * 500
 
 json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
                            lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
@@ -161,7 +145,8 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
 @st.composite
 def malformed(draw) -> list[bytes]:
     """One malformed multipart message: random frames, or a valid one with a corrupted part."""
-    kind = draw(st.sampled_from(["random", "header", "field", "frames", "arrays", "non-finite"]))
+    kind = draw(st.sampled_from(["random", "header", "field", "frames", "arrays", "non-finite", "many-frames",
+                                 "history"]))
     if kind == "random":
         return draw(st.lists(st.binary(max_size=300), min_size=1, max_size=4))
     frames = list(draw(st.sampled_from(TEMPLATES)))
@@ -185,6 +170,12 @@ def malformed(draw) -> list[bytes]:
         frames[0] = json.dumps(header).encode()
     elif kind == "non-finite" and len(frames) > 1:
         frames[1] = np.full(len(frames[1]) // 4, draw(st.sampled_from([np.nan, np.inf, -np.inf])), np.float32).tobytes()
+    elif kind == "many-frames":  # far more frames than the header lists (one shared filler: cheap to hold)
+        frames += [FILLER[: draw(st.integers(0, len(FILLER)))]] * draw(st.integers(1, 200))
+    elif kind == "history" and header["type"] == "update":  # more metrics, or longer series, than allowed
+        metrics, length = draw(st.sampled_from([(33, 1), (1, 31), (2, 600), (32, 40)]))
+        header["body"]["history"] = {f"m{i}": [0.25] * length for i in range(metrics)}
+        frames[0] = json.dumps(header).encode()
     return frames
 
 

@@ -11,56 +11,14 @@ import os
 import re
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
 from pyfed.checkpoint import list_checkpoints
-from tests.conftest import free_port
-from tests.integration.test_federation import scalar_steps
+from tests.integration.support import (check_every_round_once, free_port, scalar_steps, seconds_until, start_client,
+                                       start_server, three_clients)
 
 pytestmark = pytest.mark.integration
-
-
-def start_server(processes, shards: Path, logdir: Path, address: str, *args: str, name: str = "server"):
-    server = processes.pyfed("server", "--address", address, "--test-data", str(shards / "test.npz"),
-                             "--logdir", str(logdir), *args, name=name)
-    processes.wait_for_line(server, "listening on")
-    return server
-
-
-def start_client(processes, shards: Path, address: str, index: int, *args: str, name: str | None = None):
-    return processes.pyfed("client", "--server", address, "--data", str(shards / f"client-{index}.npz"),
-                           "--client-id", f"site-{index}", *args, name=name or f"site-{index}")
-
-
-def three_clients(processes, shards: Path, tmp_path: Path, rounds: int, min_fit_clients: int, epochs: int = 20):
-    """A server waiting for three clients and the three clients (site-1..3)."""
-    logdir, address = tmp_path / "logs", f"tcp://127.0.0.1:{free_port()}"
-    server = start_server(processes, shards, logdir, address, "--rounds", str(rounds), "--min-clients", "3",
-                          "--min-fit-clients", str(min_fit_clients), "--epochs", str(epochs))
-    return logdir, address, server, {i: start_client(processes, shards, address, i) for i in (1, 2, 3)}
-
-
-def seconds_until(process, text: str, timeout_s: float = 60) -> float:
-    """Seconds from now until ``text`` appears in the process's log."""
-    started = time.monotonic()
-    deadline = started + timeout_s
-    while time.monotonic() < deadline:
-        if text in process.log_path.read_text(errors="replace"):
-            return time.monotonic() - started
-        time.sleep(0.05)
-    raise AssertionError(f"{text!r} not seen in {process.log_path.name} within {timeout_s}s")
-
-
-def check_every_round_once(logdir: Path, rounds: int) -> dict:
-    summary = json.loads((logdir / "summary.json").read_text())
-    assert summary["status"] == "finished"
-    assert [r["round"] for r in summary["rounds"]] == list(range(1, rounds + 1))
-    steps = scalar_steps(logdir / "server")
-    for tag in ("test/accuracy", "round/participants"):
-        assert steps[tag] == list(range(1, rounds + 1)), (tag, steps[tag])
-    return summary
 
 
 def test_killed_client_is_dropped_at_once_round_is_retried_and_the_restarted_client_rejoins(
@@ -125,9 +83,13 @@ def test_stalled_client_is_dropped_by_heartbeat_and_an_id_conflict_waits_for_the
     server_log = server.log_path.read_text()
     assert "client site-2 dropped: left (SIGTERM)" in server_log
     summary = check_every_round_once(logdir, 4)
-    stalled_round = next(r for r in summary["rounds"] if "site-3" in r["dropped"])
-    assert stalled_round["dropped"]["site-3"].startswith("connection lost")
+    assert "round 1: dropped client site-3 before its update: connection lost" in server_log
+    stalled_round = summary["rounds"][0]
     assert len(stalled_round["clients"]) >= 2 and not stalled_round["failed_attempts"]
+    if "site-3" in stalled_round["clients"]:  # the twin joined while round 1 still waited: it was sent the FIT
+        assert "round 1: client site-3 is back; sent its FIT again" in server_log
+    else:
+        assert stalled_round["dropped"]["site-3"].startswith("connection lost")
     assert "site-3" in summary["rounds"][-1]["clients"]  # the twin trained in the last rounds
 
 
@@ -189,45 +151,57 @@ def test_sigterm_tells_idle_clients_which_wait_and_rejoin(tmp_path, processes, s
     assert json.loads((logdir / "summary.json").read_text())["rounds"][0]["clients"] == ["site-1", "site-2", "site-3"]
 
 
-def test_checkpoints_that_are_corrupt_or_from_another_run_are_refused_and_fresh_start_archives(tmp_path):
+def test_checkpoints_from_another_run_are_refused_corrupt_ones_skipped_and_fresh_start_archives(tmp_path, caplog):
     """Run the server in-process on a crafted checkpoint directory."""
-    from pyfed.checkpoint import CheckpointError, checkpoint_path
+    from pyfed.checkpoint import CheckpointMismatch, checkpoint_path
     from pyfed.model import default_model
     from pyfed.server import Server
     from pyfed.strategy import FedAvg, FedAvgM, FitPlan
+
+    checkpoints = tmp_path / "logs/checkpoints"
 
     def server(strategy=None, units=10, **kwargs):
         model = default_model((64,), units, 0.001)
         return Server(model, address="tcp://127.0.0.1:0", rounds=3, min_clients=1, plan=FitPlan(),
                       strategy=strategy or FedAvg(), logdir=tmp_path / "logs", **kwargs)
 
-    first = server()
-    first.completed_rounds = 1
-    first.history = []  # round 1's record is missing: a checkpoint that does not add up
-    first._checkpoint()
-    with pytest.raises(CheckpointError, match="round 1 does not match its history of 0 rounds"):
-        server().run()
+    def opened(**kwargs) -> Server:
+        instance = server(**kwargs)
+        instance._open_run()
+        instance.transport.close()
+        if instance.run_log:
+            instance.run_log.close()
+        return instance
 
+    first = server()
     first.completed_rounds = 0
     first._checkpoint()  # an honest checkpoint after 0 rounds (well-formed)
-    (tmp_path / "logs/checkpoints/round-000001.npz").unlink()
-    with pytest.raises(CheckpointError, match="different strategy"):
+    with pytest.raises(CheckpointMismatch, match="different strategy"):
         server(FedAvgM()).run()
-    with pytest.raises(CheckpointError, match="different model"):
+    with pytest.raises(CheckpointMismatch, match="different model"):
         server(units=12).run()
+    assert list_checkpoints(checkpoints) == [checkpoint_path(checkpoints, 0)]  # a mismatch is not touched
 
-    path = checkpoint_path(tmp_path / "logs/checkpoints", 0)
-    original = path.read_bytes()
-    for corrupt in (original[: len(original) // 2], b"not a zip file", original.replace(b"pyfed-state/1", b"pyfed-state/9")):
-        path.write_bytes(corrupt)
-        refused = server()
-        with pytest.raises(CheckpointError, match=re.escape(str(path))):
-            refused.run()
-        assert refused.completed_rounds == 0 and refused.history == []  # nothing half-loaded
+    newest = checkpoint_path(checkpoints, 1)
+    first.completed_rounds = 1
+    first._checkpoint()
+    original = newest.read_bytes()
+    first.history = []  # round 1's record is missing: a checkpoint that does not add up
+    first._checkpoint()
+    inconsistent = newest.read_bytes()
+    for corrupt in (inconsistent, original[: len(original) // 2], b"not a zip file",
+                    original.replace(b"pyfed-state/1", b"pyfed-state/9")):
+        newest.write_bytes(corrupt)
+        caplog.clear()
+        resumed = opened()  # falls back to round 0's checkpoint, keeps the bad one aside
+        assert resumed.completed_rounds == 0 and resumed.history == [] and resumed.run_log.rounds == []
+        assert f"skipped a checkpoint that does not load ({newest}" in caplog.text
+        assert newest.with_name("round-000001.npz.corrupt").exists() and not newest.exists()
+        newest.with_name("round-000001.npz.corrupt").unlink()
+        if corrupt is inconsistent:
+            assert "round 1 does not match its history of 0 rounds" in caplog.text
 
-    fresh = server(fresh_start=True, min_fit_clients=1)
-    fresh._open_run()
+    fresh = opened(fresh_start=True, min_fit_clients=1)
     assert fresh.completed_rounds == 0
-    assert not list_checkpoints(tmp_path / "logs/checkpoints")
+    assert not list_checkpoints(checkpoints)
     assert len(list((tmp_path / "logs/archive").glob("*/checkpoints/round-000000.npz"))) == 1
-    fresh.transport.close()

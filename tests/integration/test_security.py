@@ -10,8 +10,7 @@ import sys
 import pytest
 
 from pyfed.security import generate_keys, load_key_pair, load_public_key
-from tests.conftest import free_port
-from tests.integration.test_reliability import check_every_round_once
+from tests.integration.support import check_every_round_once, free_port
 
 pytestmark = pytest.mark.integration
 

@@ -14,7 +14,7 @@ def server(flags=None, environ=None, dotenv=None):
 def test_defaults():
     config = server()
     assert config.rounds == 3 and config.min_clients == 2 and config.address == "tcp://127.0.0.1:5555"
-    assert config.logdir == Path("logs") and config.test_data is None and config.round_timeout_s is None
+    assert config.logdir == Path("logs") and config.test_data is None and config.round_timeout_s == "auto"
 
 
 def test_precedence_flags_over_environment_over_dotenv_over_defaults():
@@ -39,6 +39,9 @@ def test_values_are_parsed_to_their_types():
     assert config.round_timeout_s == 90.0
     assert config.address == "tcp://*:6000" and config.log_level == "DEBUG"
     assert server(environ={"ROUND_TIMEOUT": "0"}).round_timeout_s is None
+    assert server(environ={"ROUND_TIMEOUT": "Auto"}).round_timeout_s == "auto"
+    assert server(environ={"MAX_UPDATE_NORM": "2.5", "MAX_EXAMPLES": "100"}).max_update_norm == 2.5
+    assert server().max_update_norm is None and server().max_examples == 10_000_000
 
 
 def test_client_and_partition_configs():

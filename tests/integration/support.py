@@ -1,0 +1,120 @@
+"""Helpers the integration tests share: starting servers and clients, a hand-driven peer, and
+checks of what a run left behind (summary.json, TensorBoard events). No test module imports another."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import zmq
+
+from pyfed import protocol
+from pyfed.protocol import Message, MessageType
+from tests.conftest import free_port  # noqa: F401  (re-exported: one import line for the tests)
+
+
+def start_server(processes, shards: Path, logdir: Path, address: str, *args: str, name: str = "server", **kwargs):
+    server = processes.pyfed("server", "--address", address, "--test-data", str(shards / "test.npz"),
+                             "--logdir", str(logdir), *args, name=name, **kwargs)
+    processes.wait_for_line(server, "listening on")
+    return server
+
+
+def start_client(processes, shards: Path, address: str, index: int, *args: str, name: str | None = None):
+    return processes.pyfed("client", "--server", address, "--data", str(shards / f"client-{index}.npz"),
+                           "--client-id", f"site-{index}", *args, name=name or f"site-{index}")
+
+
+def three_clients(processes, shards: Path, tmp_path: Path, rounds: int, min_fit_clients: int, epochs: int = 20):
+    """A server waiting for three clients and the three clients (site-1..3)."""
+    logdir, address = tmp_path / "logs", f"tcp://127.0.0.1:{free_port()}"
+    server = start_server(processes, shards, logdir, address, "--rounds", str(rounds), "--min-clients", "3",
+                          "--min-fit-clients", str(min_fit_clients), "--epochs", str(epochs))
+    return logdir, address, server, {i: start_client(processes, shards, address, i) for i in (1, 2, 3)}
+
+
+def curve_client(processes, address: str, shards: Path, keys: Path, index: int, *, name: str | None = None):
+    """Client site-<index> on shard <index> with key pair client-<index> from ``keys`` (made by ``pyfed keys``)."""
+    return processes.pyfed("client", "--server", address, "--data", str(shards / f"client-{index}.npz"),
+                           "--client-id", f"site-{index}", "--curve-secret-key", str(keys / f"client-{index}.key_secret"),
+                           "--server-public-key", str(keys / "server.key"), name=name or f"site-{index}")
+
+
+def finish(processes, server, clients, server_timeout_s: float = 300) -> None:
+    """The server ends the run with status 0, then every client exits 0."""
+    assert processes.wait(server, server_timeout_s) == 0, processes.tail(server)
+    for client in clients:
+        assert processes.wait(client, 60) == 0, processes.tail(client)
+
+
+def seconds_until(process, text: str, timeout_s: float = 60) -> float:
+    """Seconds from now until ``text`` appears in the process's log."""
+    started = time.monotonic()
+    deadline = started + timeout_s
+    while time.monotonic() < deadline:
+        if text in process.log_path.read_text(errors="replace"):
+            return time.monotonic() - started
+        time.sleep(0.05)
+    raise AssertionError(f"{text!r} not seen in {process.log_path.name} within {timeout_s}s")
+
+
+def scalar_steps(run_dir):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    accumulator = event_accumulator.EventAccumulator(str(run_dir), size_guidance={event_accumulator.TENSORS: 0})
+    accumulator.Reload()
+    return {tag: [event.step for event in accumulator.Tensors(tag)] for tag in accumulator.Tags()["tensors"]}
+
+
+def check_every_round_once(logdir: Path, rounds: int) -> dict:
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert summary["status"] == "finished"
+    assert [r["round"] for r in summary["rounds"]] == list(range(1, rounds + 1))
+    steps = scalar_steps(logdir / "server")
+    for tag in ("test/accuracy", "round/participants"):
+        assert steps[tag] == list(range(1, rounds + 1)), (tag, steps[tag])
+    return summary
+
+
+class Peer:
+    """A hand-driven DEALER: what a malicious or broken client can send."""
+
+    def __init__(self, context: zmq.Context, address: str):
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(address)
+
+    def send(self, frames) -> None:
+        self.socket.send_multipart(list(frames))
+
+    def receive(self, timeout_s: float = 30, skip=(MessageType.EVALUATE, MessageType.FIT)) -> Message:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.socket.poll(100):
+                message = protocol.decode(self.socket.recv_multipart())
+                if message.type not in skip:
+                    return message
+        raise AssertionError("no reply from the server")
+
+    def error_code(self, frames) -> str:
+        self.send(frames)
+        reply = self.receive()
+        assert reply.type is MessageType.ERROR, reply
+        return reply.body["code"]
+
+    def leave(self, client_id: str) -> None:
+        self.send(protocol.encode(Message(MessageType.LEAVE, client_id=client_id, body={"reason": "done"})))
+
+    def join(self, client_id: str, num_examples: int = 100) -> Message:
+        self.send(protocol.encode(Message(MessageType.JOIN, client_id=client_id, body={"num_examples": num_examples})))
+        welcome = self.receive()
+        assert welcome.type is MessageType.WELCOME, welcome
+        return welcome
+
+
+def update(round_: int, arrays, client_id: str = "mallory", num_examples: int = 100, attempt: int = 1,
+           history: dict | None = None) -> list:
+    return protocol.encode(Message(MessageType.UPDATE, round=round_, client_id=client_id, arrays=arrays,
+                                   body={"attempt": attempt, "num_examples": num_examples, "fit_s": 0.1,
+                                         "history": history or {}}))
