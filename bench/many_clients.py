@@ -54,7 +54,8 @@ def run_clients(address: str, count: int, timeout_s: float) -> dict:
                 delta = np.float32(1e-4 * ((i % 7) - 3))
                 update = Message(MessageType.UPDATE, round=message.round, client_id=client_ids[i],
                                  arrays=[a + delta for a in message.arrays],
-                                 body={"num_examples": 10 + i % 90, "fit_s": 0.001, "history": {"loss": [0.5]}})
+                                 body={"attempt": message.body["attempt"], "num_examples": 10 + i % 90, "fit_s": 0.001,
+                                       "history": {"loss": [0.5]}})
                 transports[i].send(protocol.encode(update))
                 updates_sent += 1
             elif message.type is MessageType.FINISH:

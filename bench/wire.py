@@ -76,7 +76,7 @@ def _pyfed_client(address: str, repeats: int) -> None:
     specs = [("float32", shape) for shape in seed_shapes()]
     update_arrays = seed_weights(seed=1)
     update = protocol.encode(Message(MessageType.UPDATE, round=1, client_id="bench", arrays=update_arrays,
-                                     body={"num_examples": 1, "fit_s": 0.0, "history": {}}))
+                                     body={"attempt": 1, "num_examples": 1, "fit_s": 0.0, "history": {}}))
     with ClientTransport(address) as transport:
         while not transport.send([b"hello"]):
             time.sleep(0.01)
@@ -106,7 +106,7 @@ def pyfed_wire(weights: list[np.ndarray], repeats: int) -> tuple[float, float]:
         for _ in range(repeats):
             started = time.perf_counter()
             frames = protocol.encode(Message(MessageType.FIT, round=1, body={"plan": {
-                "epochs": 1, "batch_size": 32, "learning_rate": 0.001}}, arrays=weights))
+                "epochs": 1, "batch_size": 32, "learning_rate": 0.001}, "attempt": 1}, arrays=weights))
             server.send(peer, frames)
             server.recv(60)
             down.append(time.perf_counter() - started)
