@@ -211,9 +211,9 @@ def test_killed_client_containers_are_dropped_and_rejoin(project_factory):
     failed = [a for r in summary["rounds"] for a in r["failed_attempts"]]
     assert failed and all(
         any(reason.startswith("connection lost") for reason in a["dropped"].values()) for a in failed), failed
-    # each fault cost its round an attempt, unless the client was back while the round still waited for
-    # the others: then it was sent its FIT again
-    assert len(failed) >= 2 or "is back; sent its FIT again" in project.logs("server"), failed
+    # (the crash costs its round an attempt only if it lands while that client owes an update and the
+    # restarted client is not back before the others finish; otherwise it is sent its FIT again, or
+    # simply takes part in the next round: all three end every round above either way)
     assert sorted(c["shard"] for c in summary["clients"].values()) == [f"{cid}.npz" for cid in ids]
     assert project.logs("server").count("rejoined") >= 2
     port = settings["TENSORBOARD_PORT"]
