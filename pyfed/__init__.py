@@ -1,11 +1,22 @@
 """PyFed: federated learning for Keras models over ZeroMQ.
 
-The library's pieces, each in one module: ``protocol`` (the wire format), ``transport`` (ZeroMQ
-sockets and connection events), ``security`` (CurveZMQ keys and admission), ``aggregate`` and ``strategy`` (how updates combine), ``server`` and ``client`` (the two
-roles), ``training`` (local training, shared with ``simulation``), ``tracking`` (TensorBoard and
-summary.json), ``checkpoint`` (saved state and the server's per-round checkpoints), ``data`` (datasets, partitions and shards), ``config``
-and ``cli``. ``pyfed.components`` and ``pyfed.experiment`` keep the original PyFed API
-(FL_Server, FL_Client, FL_Experiment).
+The package's folders are its layers, each importing only those below it:
+
+* ``pyfed.wire`` - the wire contract (``protocol``: messages, the plan, error codes and event
+  kinds, every validation), ZeroMQ sockets (``transport``) and CurveZMQ keys and admission
+  (``security``);
+* ``pyfed.persistence`` - state files and the one atomic write (``files``), the run store and the
+  background persister (``store``), TensorBoard events and summary.json (``tracking``);
+* ``pyfed.learning`` - Keras models and their safe wire form (``model``), local training
+  (``training``), datasets, partitions and shards (``data``);
+* ``pyfed.federation`` - the round engine (``engine``) over a client pool (``pool``: the interface
+  and the in-process pool; ``network``: the ZeroMQ pool), the two roles (``server``, ``client``),
+  in-process simulation (``simulation``), admission (``registry``), aggregation arithmetic
+  (``aggregate``) and the strategies (``strategy``);
+* the entry points at the top: ``cli`` and ``config``, and the original PyFed API in
+  ``components`` (FL_Server, FL_Client) and ``experiment`` (FL_Experiment).
+
+``pyfed.ranges`` is the one range check every layer uses.
 """
 
 __version__ = "0.1.0"

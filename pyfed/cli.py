@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import (ClientConfig, ConfigError, KeysConfig, PartitionConfig, ServerConfig, SimulateConfig,
+from pyfed.config import (ClientConfig, ConfigError, KeysConfig, PartitionConfig, ServerConfig, SimulateConfig,
                      StrategySettings, add_arguments, describe, log_level, non_negative_int, path, positive_int,
                      resolve, setting)
 
@@ -54,7 +54,7 @@ INSECURE_WARNING = ("traffic is NOT encrypted and any client that reaches the po
 
 
 def _server_keys(config: ServerConfig) -> Any:
-    from .security import KeyFileError, server_keys
+    from pyfed.wire.security import KeyFileError, server_keys
 
     if config.insecure or config.curve_secret_key is None:
         if config.authorized_keys is not None and not config.insecure:
@@ -79,11 +79,12 @@ def _on_stop_signals(handler: Any) -> None:
 
 
 def run_server(config: ServerConfig) -> int:
-    from .checkpoint import CheckpointError
-    from .data import DataError, load_shard
-    from .model import ModelError, default_model, load_model_spec
-    from .server import Server
-    from .strategy import FitPlan, NormBound
+    from pyfed.persistence.files import CheckpointError
+    from pyfed.learning.data import DataError, load_shard
+    from pyfed.learning.model import ModelError, default_model, evaluator, load_model_spec, wire_model
+    from pyfed.federation.server import Server
+    from pyfed.federation.strategy import NormBound
+    from pyfed.wire.protocol import FitPlan
 
     strategy = build_strategy(config, config.min_clients, "--min-clients / MIN_CLIENTS")
     if config.max_update_norm is not None:
@@ -109,10 +110,11 @@ def run_server(config: ServerConfig) -> int:
                              "the default model is sized from the test data")
     except (DataError, ModelError) as error:
         raise UsageError(str(error)) from None
-    server = Server(model, address=config.address, rounds=config.rounds, min_clients=config.min_clients,
+    server = Server(wire_model(model), address=config.address, rounds=config.rounds, min_clients=config.min_clients,
                     plan=FitPlan(config.epochs, config.batch_size, config.learning_rate,
                                  eval_fraction=config.client_eval_fraction),
-                    strategy=strategy, test_data=test_data, logdir=config.logdir,
+                    strategy=strategy, evaluate=evaluator(model, *test_data) if test_data is not None else None,
+                    logdir=config.logdir,
                     round_timeout_s=config.round_timeout_s, num_shards=config.num_shards,
                     config_summary=describe(config),
                     min_fit_clients=max(config.min_fit_clients, strategy.min_fit_clients()),
@@ -130,7 +132,7 @@ def run_server(config: ServerConfig) -> int:
 
 def build_strategy(settings: StrategySettings, clients_per_round: int, clients_setting: str) -> Any:
     """The configured strategy, refusing parameters it rejects and too few clients for its rule."""
-    from .strategy import make_strategy
+    from pyfed.federation.strategy import make_strategy
 
     try:
         strategy = make_strategy(settings.strategy, **settings.strategy_options())
@@ -143,9 +145,9 @@ def build_strategy(settings: StrategySettings, clients_per_round: int, clients_s
 
 
 def run_client(config: ClientConfig) -> int:
-    from .client import Client, ClientStopped
-    from .data import DataError, load_shard
-    from .security import KeyFileError, client_keys
+    from pyfed.federation.client import Client, ClientStopped
+    from pyfed.learning.data import DataError, load_shard
+    from pyfed.wire.security import KeyFileError, client_keys
 
     curve = None
     if config.insecure or config.curve_secret_key is None:
@@ -184,7 +186,7 @@ def run_client(config: ClientConfig) -> int:
 
 def run_keys(config: KeysConfig) -> int:
     """Make the server's and N clients' CurveZMQ key pairs (existing pairs are kept)."""
-    from .security import KeyFileError, generate_keys
+    from pyfed.wire.security import KeyFileError, generate_keys
 
     try:
         created, kept = generate_keys(config.out, config.clients)
@@ -201,7 +203,7 @@ def run_keys(config: KeysConfig) -> int:
 
 
 def run_partition(config: PartitionConfig) -> int:
-    from .data import DataError, describe_shards, load_dataset, read_manifest, write_manifest, write_partitions
+    from pyfed.learning.data import DataError, describe_shards, load_dataset, read_manifest, write_manifest, write_partitions
 
     settings = {k: v for k, v in describe(config).items() if k not in {"out", "skip_existing", "log_level"}}
     if config.skip_existing:
@@ -226,10 +228,12 @@ def run_partition(config: PartitionConfig) -> int:
 
 def run_simulate(config: SimulateConfig) -> int:
     """Partition a dataset in memory and run the whole federation in this process."""
-    from .data import DataError, label_table, load_dataset, split_dataset
-    from .model import ModelError, default_model, load_model_spec
-    from .simulation import Simulation
-    from .strategy import FitPlan
+    from pyfed.learning.data import DataError, label_table, load_dataset, split_dataset
+    from pyfed.learning.model import ModelError, default_model, load_model_spec
+    from pyfed.federation.engine import EngineStopping
+    from pyfed.federation.simulation import Simulation
+    from pyfed.persistence.files import CheckpointError
+    from pyfed.wire.protocol import FitPlan
 
     strategy = build_strategy(config, config.clients, "--clients / NUM_CLIENTS")
     try:
@@ -246,15 +250,26 @@ def run_simulate(config: SimulateConfig) -> int:
     for line in label_table([f"client-{i}" for i in range(1, len(clients) + 1)], [c[1] for c in clients]):
         print(line)
     plan = FitPlan(config.epochs, config.batch_size, config.learning_rate, eval_fraction=config.client_eval_fraction)
-    Simulation(model, clients, rounds=config.rounds, plan=plan, strategy=strategy, test_data=test_data,
-               logdir=config.logdir, config_summary=describe(config), seed=config.seed,
-               progress=config.progress).run()
+    simulation = Simulation(
+        model, clients, rounds=config.rounds, plan=plan, strategy=strategy, test_data=test_data,
+        fraction_fit=config.fraction_fit, min_fit_clients=max(config.min_fit_clients, strategy.min_fit_clients()),
+        drop_rate=config.drop_rate, checkpoint_dir=config.checkpoint_dir, keep_checkpoints=config.keep_checkpoints,
+        fresh_start=config.fresh_start, logdir=config.logdir, config_summary=describe(config), seed=config.seed,
+        progress=config.progress)
+    _on_stop_signals(lambda name: simulation.engine.request_stop(name))
+    try:
+        simulation.run()
+    except CheckpointError as error:
+        raise UsageError(f"cannot resume: {error}") from None
+    except EngineStopping as stopping:
+        log.info("stopped (%s) after %d completed rounds; the same command resumes from the last checkpoint",
+                 stopping, simulation.engine.completed_rounds)
     return 0
 
 
 def run_demo(config: DemoConfig) -> int:
     """Partition digits, then run one server and N clients as separate processes on loopback."""
-    from .data import shard_path
+    from pyfed.learning.data import shard_path
 
     shards = config.workdir / "shards"
     run_partition(PartitionConfig(clients=config.clients, out=shards, seed=config.seed))

@@ -1,6 +1,6 @@
 """The original PyFed API (``FL_Server``, ``FL_Client``), kept so its example scripts run unchanged.
 
-Both classes are thin wrappers over :class:`pyfed.server.Server` and :class:`pyfed.client.Client`,
+Both classes are thin wrappers over :class:`pyfed.federation.server.Server` and :class:`pyfed.federation.client.Client`,
 so the original scripts get the ZeroMQ transport, streaming FedAvg and TensorBoard logging too.
 Differences from the original: ``train()`` returns when the run is over instead of blocking on a
 TensorBoard server (pass ``serve_tensorboard=True`` for the old behaviour), and the model travels
@@ -19,23 +19,23 @@ from typing import Any
 
 import numpy as np
 
-from .client import Client, ClientError
-from .data import check_examples
-from .model import compile_default
-from .server import Server
-from .strategy import FitPlan
+from pyfed.federation.client import Client, ClientError
+from pyfed.learning.data import check_examples
+from pyfed.learning.model import compile_default, wire_model
+from pyfed.federation.server import Server
+from pyfed.wire.protocol import FitPlan
 
 log = logging.getLogger("pyfed")
 
 
-def _ensure_logging() -> None:
+def ensure_logging() -> None:
     """Scripts written for the original PyFed configure no logging: show PyFed's progress lines."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                             datefmt="%H:%M:%S")
 
 
-def _optimizer(optimizer: Any, lr: float) -> Any:
+def make_optimizer(optimizer: Any, lr: float) -> Any:
     """The original API passes an optimizer class (``tf.optimizers.Adam``) and a learning rate."""
     if isinstance(optimizer, type) or (callable(optimizer) and not hasattr(optimizer, "apply")):
         return optimizer(learning_rate=lr)
@@ -48,7 +48,7 @@ class FL_Server:  # noqa: N801 - the original API's name
     def __init__(self, curr_model: Any, num_clients: int, rounds: int, port: int = 54321,
                  multi_system: bool = False, *, logdir: str | Path = "logs", serve_tensorboard: bool = False,
                  tensorboard_port: int = 6006, epochs: int = 1, batch_size: int = 32, resume: bool = False):
-        _ensure_logging()
+        ensure_logging()
         self.curr_model = curr_model
         self.num_clients = int(num_clients)
         self.rounds = int(rounds)
@@ -70,8 +70,8 @@ class FL_Server:  # noqa: N801 - the original API's name
         """Run every round with ``num_clients`` clients; afterwards ``curr_model`` holds the global model."""
         if getattr(self.curr_model, "optimizer", None) is None:
             compile_default(self.curr_model, self.plan.learning_rate)
-        server = Server(self.curr_model, address=self.address, rounds=self.rounds, min_clients=self.num_clients,
-                        plan=self.plan, logdir=self.logdir, fresh_start=not self.resume,
+        server = Server(wire_model(self.curr_model), address=self.address, rounds=self.rounds,
+                        min_clients=self.num_clients, plan=self.plan, logdir=self.logdir, fresh_start=not self.resume,
                         config_summary={"api": "FL_Server", "num_clients": self.num_clients,
                                         "rounds": self.rounds, "address": self.address})
         self.history = server.run()
@@ -85,7 +85,7 @@ class FL_Server:  # noqa: N801 - the original API's name
              metrics: list[Any]) -> dict[str, float]:
         """Evaluate the global model on (data, target), print the loss and accuracy, and return them."""
         x, y = check_examples(np.asarray(data), np.asarray(target), "FL_Server.test data")
-        self.curr_model.compile(loss=loss, optimizer=_optimizer(optimizer, lr), metrics=metrics)
+        self.curr_model.compile(loss=loss, optimizer=make_optimizer(optimizer, lr), metrics=metrics)
         results = self.curr_model.evaluate(x, y, verbose=0, return_dict=True)
         print("Test results: " + ", ".join(f"{name} {value:.4f}" for name, value in results.items()))
         return {name: float(value) for name, value in results.items()}
@@ -96,7 +96,7 @@ class FL_Client:  # noqa: N801 - the original API's name
 
     def __init__(self, name: str, data: np.ndarray, target: np.ndarray, server_ip: str = "127.0.0.1",
                  server_port: int = 54321):
-        _ensure_logging()
+        ensure_logging()
         self.name = name
         self.data, self.target = check_examples(np.asarray(data), np.asarray(target), f"client {name}'s data")
         self.server_ip = server_ip
@@ -106,7 +106,7 @@ class FL_Client:  # noqa: N801 - the original API's name
         """Take part in every round, training with these settings; return when the server is done."""
         client = Client(f"tcp://{self.server_ip}:{self.server_port}", self.data, self.target,
                         client_id=self.name, epochs=int(epochs), batch_size=int(batch_size),
-                        compile_override={"loss": loss, "optimizer": _optimizer(optimizer, lr), "metrics": metrics},
+                        compile_override={"loss": loss, "optimizer": make_optimizer(optimizer, lr), "metrics": metrics},
                         data_source=f"client {self.name}'s data")
         status = client.run()
         if status != 0:

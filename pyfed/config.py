@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .data import SCHEMES
-from .protocol import is_client_id
-from .strategy import STRATEGIES
+from pyfed.learning.data import SCHEMES
+from pyfed.ranges import Range
+from pyfed.wire.protocol import is_client_id
+from pyfed.federation.strategy import STRATEGIES
 
 T = TypeVar("T")
 
@@ -34,32 +34,18 @@ def setting(default: Any, flag: str, env: str, parse: Callable[[str], Any], help
 
 # --- parsers: str -> value, raising ValueError with a short reason -----------------------------
 
-def _int_at_least(text: str, minimum: int, kind: str) -> int:
-    try:
-        value = int(text.strip())
-    except ValueError:
-        value = minimum - 1
-    if value < minimum:
-        raise ValueError(f"must be a {kind} integer, got {text!r}")
-    return value
+# Every number goes through one range check (pyfed.ranges, the one the protocol and the strategies use).
+positive_int = Range(1, integer=True).parse
+non_negative_int = Range(0, integer=True).parse
+positive_float = Range(0, low_open=True).parse
+non_negative_float = Range(0).parse
+fraction = Range(0, 1, low_open=True, high_open=True).parse
+fraction_or_one = Range(0, 1, low_open=True).parse
 
 
-def positive_int(text: str) -> int:
-    return _int_at_least(text, 1, "positive")
-
-
-def non_negative_int(text: str) -> int:
-    return _int_at_least(text, 0, "non-negative")
-
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ValueError(f"must be a positive number, got {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ValueError(f"must be a positive number, got {text!r}")
-    return value
+def interval(low: float, high: float, *, high_open: bool = True) -> Callable[[str], float]:
+    """A number in [low, high) (or [low, high] with ``high_open=False``)."""
+    return Range(low, high, high_open=high_open).parse
 
 
 def optional_seconds(text: str) -> float | None:
@@ -81,49 +67,6 @@ def optional_positive_float(text: str) -> float | None:
     if text.strip().lower() in {"", "none", "off"}:
         return None
     return positive_float(text)
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        value = -1.0
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"must be a non-negative number, got {text!r}")
-    return value
-
-
-def interval(low: float, high: float, *, high_open: bool = True) -> Callable[[str], float]:
-    """A number in [low, high) (or [low, high] with ``high_open=False``)."""
-    def parse(text: str) -> float:
-        try:
-            value = float(text.strip())
-        except ValueError:
-            value = math.nan
-        if not (low <= value < high or (not high_open and value == high)):
-            raise ValueError(f"must be a number in [{low:g}, {high:g}{')' if high_open else ']'}, got {text!r}")
-        return value
-    return parse
-
-
-def fraction(text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        raise ValueError(f"must be a number in (0, 1), got {text!r}") from None
-    if not 0 < value < 1:
-        raise ValueError(f"must be a number in (0, 1), got {text!r}")
-    return value
-
-
-def fraction_or_one(text: str) -> float:
-    try:
-        value = float(text.strip())
-    except ValueError:
-        value = math.nan
-    if not 0 < value <= 1:
-        raise ValueError(f"must be a number in (0, 1], got {text!r}")
-    return value
 
 
 def boolean(text: str) -> bool:
@@ -266,7 +209,32 @@ class EncryptionSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class ServerConfig(StrategySettings, TrainingSettings, EncryptionSettings):
+class ParticipationSettings:
+    """Who trains each round and how many updates it needs, shared by ``pyfed server`` and ``pyfed simulate``."""
+
+    min_fit_clients: int = setting(1, "--min-fit-clients", "MIN_FIT_CLIENTS", positive_int,
+                                   "updates a round needs to count; with fewer it is retried")
+    fraction_fit: float = setting(1.0, "--fraction-fit", "FRACTION_FIT", fraction_or_one,
+                                  "share of the connected clients asked to train each round (at least "
+                                  "--min-fit-clients)")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSettings:
+    """Checkpoints and resuming, shared by ``pyfed server`` and ``pyfed simulate``."""
+
+    checkpoint_dir: Path | None = setting(None, "--checkpoint-dir", "CHECKPOINT_DIR", optional_path,
+                                          "where the server checkpoints after every round; default "
+                                          "LOGDIR/checkpoints")
+    keep_checkpoints: int = setting(3, "--keep-checkpoints", "KEEP_CHECKPOINTS", positive_int,
+                                    "checkpoints kept (the newest)")
+    fresh_start: bool = setting(False, "--fresh-start", "FRESH_START", boolean,
+                                "archive an unfinished run's checkpoints and logs and start over, "
+                                "instead of resuming it")
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig(StrategySettings, TrainingSettings, EncryptionSettings, ParticipationSettings, CheckpointSettings):
     """How ``pyfed server`` runs."""
 
     address: str = setting("tcp://127.0.0.1:5555", "--address", "BIND_ADDRESS", zmq_address,
@@ -275,11 +243,6 @@ class ServerConfig(StrategySettings, TrainingSettings, EncryptionSettings):
                                "clients that must join before round 1 starts")
     test_data: Path | None = setting(None, "--test-data", "TEST_DATA", optional_path,
                                      ".npz file (arrays x, y) the server evaluates the global model on")
-    min_fit_clients: int = setting(1, "--min-fit-clients", "MIN_FIT_CLIENTS", positive_int,
-                                   "updates a round needs to count; with fewer it is retried")
-    fraction_fit: float = setting(1.0, "--fraction-fit", "FRACTION_FIT", fraction_or_one,
-                                  "share of the connected clients asked to train each round (at least "
-                                  "--min-fit-clients)")
     round_timeout_s: float | str | None = setting(
         "auto", "--round-timeout", "ROUND_TIMEOUT", round_timeout,
         "seconds to wait for a round's updates before dropping the stragglers; auto: 300 s + 60 s per epoch "
@@ -300,14 +263,6 @@ class ServerConfig(StrategySettings, TrainingSettings, EncryptionSettings):
     num_shards: int = setting(0, "--shards", "NUM_CLIENTS", non_negative_int,
                               "data shards (client-1.npz .. client-N.npz) to hand out, one per client that "
                               "asks; 0: clients bring their own data")
-    checkpoint_dir: Path | None = setting(None, "--checkpoint-dir", "CHECKPOINT_DIR", optional_path,
-                                          "where the server checkpoints after every round; default "
-                                          "LOGDIR/checkpoints")
-    keep_checkpoints: int = setting(3, "--keep-checkpoints", "KEEP_CHECKPOINTS", positive_int,
-                                    "checkpoints kept (the newest)")
-    fresh_start: bool = setting(False, "--fresh-start", "FRESH_START", boolean,
-                                "archive an unfinished run's checkpoints and logs and start over, "
-                                "instead of resuming it")
     authorized_keys: Path | None = setting(None, "--authorized-keys", "AUTHORIZED_KEYS", optional_path,
                                            "with --curve-secret-key: admit only clients whose public key "
                                            "is a *.key file in this directory")
@@ -377,9 +332,12 @@ class PartitionConfig(PartitionSettings):
 
 
 @dataclasses.dataclass(frozen=True)
-class SimulateConfig(StrategySettings, TrainingSettings, PartitionSettings):
+class SimulateConfig(StrategySettings, TrainingSettings, PartitionSettings, ParticipationSettings, CheckpointSettings):
     """How ``pyfed simulate`` runs a whole federation in one process, without sockets."""
 
+    drop_rate: float = setting(0.0, "--drop-rate", "DROP_RATE", interval(0, 1),
+                               "inject failures: the share of requests a client loses (it drops out of that "
+                               "attempt and is back for the next), drawn from --seed")
     progress: bool = setting(True, "--progress", "PROGRESS", boolean, "show a progress bar on a terminal")
     log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
 

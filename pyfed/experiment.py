@@ -2,7 +2,7 @@
 
 ``FL_Experiment(num_clients, clients_data, clients_target, server_data, server_target)
 .run(model, rounds, epochs, batch_size, lr, optimizer, loss, metrics)`` as in the original
-README, now run in-process by :class:`pyfed.simulation.Simulation` (no sockets, no subprocesses),
+README, now run in-process by :class:`pyfed.federation.simulation.Simulation` (no sockets, no subprocesses),
 with any PyFed strategy and the same summary.json and TensorBoard logs as a networked run.
 """
 
@@ -14,11 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from .components import _ensure_logging, _optimizer
-from .data import check_examples
-from .simulation import Simulation
-from .strategy import FitPlan, make_strategy
-from .tracking import RoundRecord
+from pyfed.components import ensure_logging, make_optimizer
+from pyfed.learning.data import check_examples
+from pyfed.federation.simulation import Simulation
+from pyfed.federation.strategy import make_strategy
+from pyfed.wire.protocol import FitPlan
+from pyfed.persistence.tracking import RoundRecord
 
 
 class FL_Experiment:  # noqa: N801 - the original API's name
@@ -26,7 +27,7 @@ class FL_Experiment:  # noqa: N801 - the original API's name
 
     def __init__(self, num_clients: int, clients_data: Sequence[Any], clients_target: Sequence[Any],
                  server_data: Any, server_target: Any):
-        _ensure_logging()
+        ensure_logging()
         if not (int(num_clients) == len(clients_data) == len(clients_target)):
             raise ValueError(f"num_clients is {num_clients} but {len(clients_data)} data arrays and "
                              f"{len(clients_target)} target arrays were given")
@@ -44,11 +45,11 @@ class FL_Experiment:  # noqa: N801 - the original API's name
         ``strategy`` (and its options, e.g. ``proximal_mu=0.1``) picks any PyFed strategy; the
         original API had FedAvg only. Afterwards ``model`` holds the global weights.
         """
-        model.compile(optimizer=_optimizer(optimizer, lr), loss=loss, metrics=metrics)
+        model.compile(optimizer=make_optimizer(optimizer, lr), loss=loss, metrics=metrics)
         simulation = Simulation(
             model, self.clients, rounds=int(rounds), plan=FitPlan(int(epochs), int(batch_size), float(lr)),
             strategy=make_strategy(strategy, **strategy_options), test_data=self.server_data,
-            logdir=Path(logdir) if logdir is not None else None, progress=progress,
+            logdir=Path(logdir) if logdir is not None else None, progress=progress, fresh_start=True,
             config_summary={"api": "FL_Experiment", "num_clients": self.num_clients, "rounds": int(rounds),
                             "epochs": int(epochs), "batch_size": int(batch_size), "lr": float(lr),
                             "strategy": strategy, **strategy_options})

@@ -132,7 +132,7 @@ def test_scaled_replicas_get_distinct_shards_and_an_extra_replica_is_turned_away
 
 
 def test_a_client_on_another_network_joins_through_the_published_port(project_factory, tmp_path):
-    from pyfed.data import load_dataset, write_partitions
+    from pyfed.learning.data import load_dataset, write_partitions
 
     settings = base_settings(ROUNDS=1, NUM_CLIENTS=2, MIN_CLIENTS=2, EPOCHS=1)
     server_side = project_factory(**settings)

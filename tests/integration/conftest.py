@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from pyfed.data import load_dataset, write_partitions
+from pyfed.learning.data import load_dataset, write_partitions
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import zmq
 
-from pyfed import protocol
-from pyfed.protocol import Message, MessageType
+from pyfed.wire import protocol
+from pyfed.wire.protocol import Message, MessageType
 from tests.conftest import free_port  # noqa: F401  (re-exported: one import line for the tests)
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import zmq
 
-from pyfed import protocol
+from pyfed.wire import protocol
 from tests.integration.support import free_port, scalar_steps
 
 pytestmark = pytest.mark.integration

@@ -14,9 +14,10 @@ import zmq
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from pyfed import protocol
-from pyfed.checkpoint import list_checkpoints, load_state
-from pyfed.protocol import Message, MessageType
+from pyfed.wire import protocol
+from pyfed.persistence.files import load_state
+from pyfed.persistence.store import list_checkpoints
+from pyfed.wire.protocol import Message, MessageType
 from tests.integration.support import (Peer, check_every_round_once, finish, free_port, start_client, start_server,
                                        update)
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pyfed.security import generate_keys, load_key_pair, load_public_key
+from pyfed.wire.security import generate_keys, load_key_pair, load_public_key
 from tests.integration.support import check_every_round_once, free_port
 
 pytestmark = pytest.mark.integration

@@ -6,8 +6,10 @@ import sys
 
 import pytest
 
-from pyfed.strategy import STRATEGIES
-from tests.conftest import free_port
+from pyfed.federation.strategy import STRATEGIES
+from tests.integration.support import free_port
+
+pytestmark = pytest.mark.integration
 
 # Krum's default f=1 needs 2f+3 = 5 clients; three client processes run it with f=0.
 OPTIONS = {"krum": ["--num-byzantine", "0"], "multi-krum": ["--num-byzantine", "0", "--num-selected", "2"],
@@ -16,7 +18,7 @@ OPTIONS = {"krum": ["--num-byzantine", "0"], "multi-krum": ["--num-byzantine", "
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
-    from pyfed.data import load_dataset, write_partitions
+    from pyfed.learning.data import load_dataset, write_partitions
 
     out = tmp_path_factory.mktemp("shards")
     x, y = load_dataset("digits")
@@ -82,10 +84,41 @@ def test_simulate_runs_100_clients_on_digits_with_federated_evaluation(tmp_path,
         assert len(record["clients"]) == 100
         assert record["federated_evaluation"]["num_examples"] > 0
         assert sum(record["num_examples"].values()) + record["federated_evaluation"]["num_examples"] == 1797 - 359
-    from tests.integration.test_federation import scalar_steps
+    from tests.integration.support import scalar_steps
 
     assert scalar_steps(logdir / "server")["federated/accuracy"] == [1, 2, 3]
     assert scalar_steps(logdir / "clients" / "client-100")["round/fit_s"] == [1, 2, 3]
+
+
+def test_simulate_samples_injects_failures_retries_and_resumes_after_a_stop(tmp_path, processes):
+    """The in-process pool runs on the same round engine as the server: sampled clients, injected
+    failures, retries below --min-fit-clients, checkpoints; stopped mid-run (SIGTERM), the same
+    command resumes after the last completed round and records every round once."""
+    import signal
+
+    from tests.integration.support import check_every_round_once
+
+    logdir = tmp_path / "logs"
+    args = ("simulate", "--clients", "20", "--rounds", "6", "--epochs", "20", "--dataset", "digits", "--seed", "3",
+            "--fraction-fit", "0.5", "--min-fit-clients", "8", "--drop-rate", "0.3", "--logdir", str(logdir),
+            "--progress", "false")
+    first = processes.pyfed(*args, name="simulate-1")
+    processes.wait_for_line(first, "round 3/6 finished", timeout_s=300)
+    first.send_signal(signal.SIGTERM)
+    assert processes.wait(first, 120) == 0, processes.tail(first)
+    assert "stopped (SIGTERM)" in first.log_path.read_text()
+    second = processes.pyfed(*args, name="simulate-2")
+    assert processes.wait(second, 600) == 0, processes.tail(second)
+    log_text = second.log_path.read_text()
+    completed = int(log_text.split(" of 6 rounds completed")[0].rsplit(" ", 1)[1])
+    assert "resuming from" in log_text and completed >= 3
+    summary = check_every_round_once(logdir, 6)
+    for record in summary["rounds"]:
+        assert len(record["selected"]) == 10 and len(record["clients"]) >= 8
+        assert all(reason == "dropped (simulated failure)" for reason in record["dropped"].values())
+    assert any(record["dropped"] for record in summary["rounds"])
+    assert any(record["failed_attempts"] for record in summary["rounds"])  # 30% loss of 10 sampled < 8 sometimes
+    assert summary["final"]["test_accuracy"] > 0.8
 
 
 def test_simulate_is_deterministic_in_its_partition_and_refuses_bad_settings(tmp_path, processes):

@@ -3,8 +3,11 @@
 import numpy as np
 import pytest
 
-from pyfed.aggregate import WeightedSum, weighted_average
-from pyfed.strategy import FedAvg, FitPlan, FitResult, make_strategy
+from pyfed.federation.aggregate import WeightedSum, weighted_average
+from pyfed.federation.strategy import FedAvg, FitResult, make_strategy
+from pyfed.wire.protocol import FitPlan
+
+pytestmark = pytest.mark.unit
 
 
 def test_weighted_mean_matches_hand_computation_with_unequal_num_examples():

@@ -6,6 +6,8 @@ import pytest
 
 from pyfed.config import ClientConfig, ConfigError, PartitionConfig, ServerConfig, SimulateConfig, resolve
 
+pytestmark = pytest.mark.unit
+
 
 def server(flags=None, environ=None, dotenv=None):
     return resolve(ServerConfig, flags or {}, environ or {}, dotenv or {})

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pyfed.data import DataError, load_dataset, load_shard, partition_iid, split_test, write_partitions
+from pyfed.learning.data import DataError, load_dataset, load_shard, partition_iid, split_test, write_partitions
 
 
 @pytest.mark.parametrize("num_examples, num_clients", [(10, 3), (1797, 3), (7, 7), (100, 1)])
@@ -84,7 +84,9 @@ def test_unreadable_files_are_named(tmp_path):
 
 # --- non-IID schemes ----------------------------------------------------------------------------
 
-from pyfed.data import SCHEMES, label_table, partition, split_dataset  # noqa: E402
+from pyfed.learning.data import SCHEMES, label_table, partition, split_dataset  # noqa: E402
+
+pytestmark = pytest.mark.unit
 
 LABELS = np.repeat(np.arange(10), 60)  # 600 examples, 10 balanced classes
 

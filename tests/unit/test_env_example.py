@@ -5,6 +5,9 @@ import re
 from pathlib import Path
 
 from pyfed.config import ClientConfig, KeysConfig, PartitionConfig, ServerConfig
+import pytest
+
+pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_ONLY = {"BASE_IMAGE", "TENSORFLOW", "PYFED_TAG", "IMAGE_PREFIX", "SERVER_PORT", "TENSORBOARD_PORT",

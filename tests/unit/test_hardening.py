@@ -15,14 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyfed import security
-from pyfed.aggregate import clip_update, update_norm, why_unusable
-from pyfed.checkpoint import CheckpointError, load_state, read_npz, save_state
-from pyfed.security import Admission, KeyFileError, generate_keys, load_public_key
-from pyfed.server import RoundTimeout
-from pyfed.strategy import FedAvg, FedAvgM, FitResult, NormBound
-from pyfed.tracking import RoundRecord
-from pyfed.transport import raise_open_file_limit
+from pyfed.wire import security
+from pyfed.federation.aggregate import clip_update, update_norm, why_unusable
+from pyfed.persistence.files import CheckpointError, load_state, read_npz, save_state
+from pyfed.wire.security import Admission, KeyFileError, generate_keys, load_public_key
+from pyfed.federation.engine import RoundTimeout
+from pyfed.federation.strategy import FedAvg, FedAvgM, FitResult, NormBound
+from pyfed.persistence.tracking import RoundRecord
+from pyfed.wire.transport import raise_open_file_limit
+
+pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from pyfed.model import ModelError, check_keras_config, default_model, from_wire, load_model_spec, to_wire
+from pyfed.learning.model import ModelError, check_keras_config, default_model, from_wire, load_model_spec, to_wire
+
+pytestmark = pytest.mark.unit
 
 
 def test_round_trip_rebuilds_an_equivalent_compiled_model():

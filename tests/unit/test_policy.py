@@ -7,11 +7,13 @@ import time
 import numpy as np
 import pytest
 
-from pyfed.checkpoint import CheckpointError, check_fingerprint, list_checkpoints, save_checkpoint
+from pyfed.persistence.files import CheckpointError
+from pyfed.persistence.store import check_fingerprint, list_checkpoints, model_fingerprint, save_checkpoint
 from pyfed.config import ConfigError, ServerConfig, resolve
-from pyfed.security import Admission, KeyFileError, generate_keys, load_key_pair, load_public_key
-from pyfed.server import model_fingerprint
-from pyfed.strategy import sample_clients
+from pyfed.wire.security import Admission, KeyFileError, generate_keys, load_key_pair, load_public_key
+from pyfed.federation.strategy import sample_clients
+
+pytestmark = pytest.mark.unit
 
 CLIENTS = [f"c{i:02d}" for i in range(10)]
 

@@ -5,12 +5,15 @@ import json
 import numpy as np
 import pytest
 
-from pyfed import protocol
-from pyfed.protocol import Limits, Message, MessageType, ProtocolError, decode, encode
+from pyfed.wire import protocol
+from pyfed.wire.protocol import Limits, Message, MessageType, ProtocolError, decode, encode
+
+pytestmark = pytest.mark.unit
 
 WEIGHTS = [np.arange(12, dtype=np.float32).reshape(3, 4), np.array([0.5, -1.5, 2.0], dtype=np.float32)]
 SPECS = protocol.array_specs(WEIGHTS)
 PLAN = {"epochs": 2, "batch_size": 16, "learning_rate": 0.01}
+RUN = "0123456789abcdef"
 
 EXAMPLES = {
     MessageType.JOIN: Message(MessageType.JOIN, client_id="site-a", body={"num_examples": 450, "wants_shard": False}),
@@ -19,8 +22,8 @@ EXAMPLES = {
                                        "compile_config": {"loss": "mse"}, "plan": PLAN, "rounds": 3,
                                        "shard": "client-1.npz"}),
     MessageType.FIT: Message(MessageType.FIT, round=2, arrays=WEIGHTS,
-                             body={"plan": {**PLAN, "proximal_mu": 0.1, "eval_fraction": 0.2}, "attempt": 1}),
-    MessageType.EVALUATE: Message(MessageType.EVALUATE, round=2, arrays=WEIGHTS),
+                             body={"plan": {**PLAN, "proximal_mu": 0.1, "eval_fraction": 0.2}, "attempt": 1, "run": RUN}),
+    MessageType.EVALUATE: Message(MessageType.EVALUATE, round=2, arrays=WEIGHTS, body={"run": RUN}),
     MessageType.EVALUATION: Message(MessageType.EVALUATION, round=2, client_id="client-1",
                                     body={"num_examples": 90, "loss": 0.4, "accuracy": None}),
     MessageType.UPDATE: Message(MessageType.UPDATE, round=2, client_id="client-1", arrays=WEIGHTS,
@@ -84,7 +87,7 @@ def test_sending_does_not_copy_contiguous_arrays():
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64", "int8", "int32", "int64", "uint8", "uint32", "bool"])
 def test_allowed_dtypes_round_trip(dtype):
     array = (np.arange(6) % 2).astype(dtype).reshape(2, 3)
-    decoded = decode(encode(Message(MessageType.FIT, round=1, body={"plan": PLAN, "attempt": 1}, arrays=[array])))
+    decoded = decode(encode(Message(MessageType.FIT, round=1, body={"plan": PLAN, "attempt": 1, "run": RUN}, arrays=[array])))
     assert decoded.arrays[0].dtype == np.dtype(dtype)
     np.testing.assert_array_equal(decoded.arrays[0], array)
 
@@ -92,21 +95,21 @@ def test_allowed_dtypes_round_trip(dtype):
 def test_big_endian_and_non_contiguous_arrays_are_sent_as_little_endian_contiguous():
     big = np.arange(6, dtype=">f4").reshape(2, 3)
     strided = np.arange(12, dtype=np.float32).reshape(3, 4)[:, ::2]
-    decoded = decode(encode(Message(MessageType.FIT, round=1, body={"plan": PLAN, "attempt": 1}, arrays=[big, strided])))
+    decoded = decode(encode(Message(MessageType.FIT, round=1, body={"plan": PLAN, "attempt": 1, "run": RUN}, arrays=[big, strided])))
     np.testing.assert_array_equal(decoded.arrays[0], big)
     np.testing.assert_array_equal(decoded.arrays[1], strided)
 
 
 def test_zero_size_and_scalar_arrays():
     arrays = [np.zeros((0, 4), np.float32), np.array(3.5, np.float64)]
-    decoded = decode(encode(Message(MessageType.FIT, round=1, body={"plan": PLAN, "attempt": 1}, arrays=arrays)))
+    decoded = decode(encode(Message(MessageType.FIT, round=1, body={"plan": PLAN, "attempt": 1, "run": RUN}, arrays=arrays)))
     assert decoded.arrays[0].shape == (0, 4)
     assert decoded.arrays[1].shape == () and decoded.arrays[1] == 3.5
 
 
 def test_encode_refuses_a_disallowed_dtype_and_a_bad_body():
     with pytest.raises(ProtocolError, match="not allowed"):
-        encode(Message(MessageType.FIT, round=1, body={"plan": PLAN, "attempt": 1}, arrays=[np.array(["a"])]))
+        encode(Message(MessageType.FIT, round=1, body={"plan": PLAN, "attempt": 1, "run": RUN}, arrays=[np.array(["a"])]))
     with pytest.raises(ProtocolError, match="lacks required field 'plan'"):
         encode(Message(MessageType.FIT, round=1, body={}))
 
@@ -137,10 +140,10 @@ UPDATE = encode(EXAMPLES[MessageType.UPDATE])
     (reframe(UPDATE, extra=1), "unknown field"),
     (reframe(UPDATE, body=[]), "body must be an object"),
     (reframe(UPDATE, body={"attempt": 1, "fit_s": 1.0, "history": {}}), "lacks required field 'num_examples'"),
-    (reframe(UPDATE, body={"attempt": 1, "num_examples": 0, "fit_s": 1.0, "history": {}}), r"num_examples must be in \[1"),
-    (reframe(UPDATE, body={"attempt": 1, "num_examples": "10", "fit_s": 1.0, "history": {}}), "num_examples must be an integer"),
-    (reframe(UPDATE, body={"attempt": 1, "num_examples": 10, "fit_s": -1.0, "history": {}}), "fit_s must be a finite number"),
-    ([bytes(UPDATE[0]).replace(b'"fit_s":1.25', b'"fit_s":1e400'), *UPDATE[1:]], "fit_s must be a finite number"),
+    (reframe(UPDATE, body={"attempt": 1, "num_examples": 0, "fit_s": 1.0, "history": {}}), r"num_examples must be an integer in \[1"),
+    (reframe(UPDATE, body={"attempt": 1, "num_examples": "10", "fit_s": 1.0, "history": {}}), "num_examples must be an integer in"),
+    (reframe(UPDATE, body={"attempt": 1, "num_examples": 10, "fit_s": -1.0, "history": {}}), "fit_s must be a number in"),
+    ([bytes(UPDATE[0]).replace(b'"fit_s":1.25', b'"fit_s":1e400'), *UPDATE[1:]], "fit_s must be a number in"),
     (reframe(UPDATE, body={"attempt": 1, "num_examples": 10, "fit_s": 1.0, "history": {"loss": "low"}}), "must be a list"),
     (reframe(UPDATE, body={"attempt": 1, "num_examples": 10, "fit_s": 1.0, "history": {"loss": [1, "x"]}}), "not a finite number"),
     (reframe(UPDATE, body={"attempt": 1, "num_examples": 10, "fit_s": 1.0, "history": {"bad name!": [1]}}), "metric name"),
@@ -157,12 +160,12 @@ UPDATE = encode(EXAMPLES[MessageType.UPDATE])
     ([*UPDATE, b"extra"], "lists 2 arrays but 3 array frames"),
     ([UPDATE[0], UPDATE[1][:-4], UPDATE[2]], "declares float32\\[3, 4\\] = 48 bytes but its frame has 44"),
     ([UPDATE[0], UPDATE[1], bytes(UPDATE[2]) + b"\0" * 4], "= 12 bytes but its frame has 16"),
-    (reframe(UPDATE, type="fit", body={"plan": {**PLAN, "proximal_mu": -1}, "attempt": 1}),
-     "proximal_mu must be a finite number"),
-    (reframe(UPDATE, type="fit", body={"plan": {**PLAN, "eval_fraction": 0.95}, "attempt": 1}),
-     "eval_fraction must be a finite"),
+    (reframe(UPDATE, type="fit", body={"plan": {**PLAN, "proximal_mu": -1}, "attempt": 1, "run": RUN}),
+     "proximal_mu must be a number in"),
+    (reframe(UPDATE, type="fit", body={"plan": {**PLAN, "eval_fraction": 0.95}, "attempt": 1, "run": RUN}),
+     "eval_fraction must be a number in"),
     (reframe(UPDATE, type="fit", body={"plan": PLAN}), "lacks required field 'attempt'"),
-    (reframe(UPDATE, body={"attempt": 0, "num_examples": 10, "fit_s": 1.0, "history": {}}), r"attempt must be in \[1"),
+    (reframe(UPDATE, body={"attempt": 0, "num_examples": 10, "fit_s": 1.0, "history": {}}), r"attempt must be an integer in \[1"),
     (reframe(UPDATE, client_id="site-1\n"), "header.client_id"),
     (reframe(UPDATE, type="join", body={"num_examples": 5}), "a join message carries no arrays, but this one lists 2"),
     (reframe(UPDATE, type="evaluation", body={"num_examples": 5, "loss": 0.1, "accuracy": 0.5}),
@@ -172,8 +175,9 @@ UPDATE = encode(EXAMPLES[MessageType.UPDATE])
     (reframe(UPDATE, type="evaluation", arrays=[], body={"num_examples": 5, "loss": 0.1}),
      "lacks required field 'accuracy'"),
     (reframe(UPDATE, type="evaluation", arrays=[], body={"num_examples": 5, "loss": 0.1, "accuracy": 1.5}),
-     "accuracy must be a finite number in"),
-    (reframe(UPDATE, type="evaluate", body={"plan": PLAN}), "unknown field"),
+     "accuracy must be a number in"),
+    (reframe(UPDATE, type="evaluate", body={"plan": PLAN, "run": RUN}), "unknown field"),
+    (reframe(UPDATE, type="fit", body={"plan": PLAN, "attempt": 1, "run": "NOT-HEX"}), "run must be 8-64 lowercase hex"),
 ])
 def test_malformed_messages_are_rejected_with_a_reason(frames, reason):
     with pytest.raises(ProtocolError, match=reason):
@@ -249,10 +253,15 @@ def test_client_ids_match_in_full(value, ok):
     assert protocol.is_shard_name("client-1.npz") and not protocol.is_shard_name("client-1.npz\n")
 
 
-def test_encode_error_trims_long_reasons():
-    decoded = decode(protocol.encode_error("x" * 100, "y" * 5000))
-    assert decoded.type is MessageType.ERROR
-    assert len(decoded.body["code"]) == 64 and len(decoded.body["reason"]) == 2000
+def test_errors_carry_a_known_code_and_a_trimmed_reason():
+    decoded = decode(protocol.encode_error(protocol.ErrorCode.BUSY, "y" * 5000))
+    assert decoded.type is MessageType.ERROR and decoded.body["code"] is protocol.ErrorCode.BUSY
+    assert len(decoded.body["reason"]) == 2000
+    with pytest.raises(ValueError):
+        protocol.encode_error("no_such_code", "why")
+    unknown = reframe(encode(EXAMPLES[MessageType.ERROR]), body={"code": "rm -rf", "reason": "x"})
+    with pytest.raises(ProtocolError, match="code must be one of id_taken"):
+        decode(unknown)
 
 
 @pytest.mark.parametrize("shard", ["../etc/passwd.npz", "/data/client-1.npz", "client-1.npy", "a/b.npz", "..npz", ".hidden.npz", 5])

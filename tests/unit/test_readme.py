@@ -4,6 +4,9 @@ import re
 from pathlib import Path
 
 from tests.docker.test_swarm import RECIPE
+import pytest
+
+pytestmark = pytest.mark.unit
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from pyfed.registry import RESERVE_SHARDS_S, REWELCOME_EVERY_S, JoinRefused, Registry, TokenBucket
+from pyfed.federation.registry import RESERVE_SHARDS_S, REWELCOME_EVERY_S, JoinRefused, Registry, TokenBucket
+
+pytestmark = pytest.mark.unit
 
 KEY_A, KEY_B, KEY_C = "A" * 40, "B" * 40, "C" * 40
 

@@ -5,10 +5,12 @@ import math
 import numpy as np
 import pytest
 
-from pyfed.aggregate import adaptive_step, coordinate_median, krum_scores, krum_select, momentum_step, trimmed_mean
-from pyfed.checkpoint import CheckpointError, load_state, save_state
-from pyfed.strategy import (STRATEGIES, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedYogi,
+from pyfed.federation.aggregate import adaptive_step, coordinate_median, krum_scores, krum_select, momentum_step, trimmed_mean
+from pyfed.persistence.files import CheckpointError, load_state, save_state
+from pyfed.federation.strategy import (STRATEGIES, FedAdagrad, FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedYogi,
                             FitPlan, FitResult, Krum, MultiKrum, Strategy, TrimmedMean, make_strategy)
+
+pytestmark = pytest.mark.unit
 
 
 def results_of(values, num_examples=None):
@@ -172,11 +174,11 @@ def test_make_strategy_passes_only_the_options_a_strategy_takes():
 
 
 @pytest.mark.parametrize("name, options, message", [
-    ("fedavgm", {"server_momentum": 1.0}, "server_momentum must be in"),
-    ("fedadam", {"tau": 0.0}, "tau must be in"),
-    ("fedyogi", {"beta2": 1.5}, "beta2 must be in"),
-    ("trimmed-mean", {"trim_fraction": 0.5}, "trim_fraction must be in"),
-    ("fedprox", {"proximal_mu": -0.1}, "proximal_mu must be in"),
+    ("fedavgm", {"server_momentum": 1.0}, "server_momentum must be a number in"),
+    ("fedadam", {"tau": 0.0}, "tau must be a number in"),
+    ("fedyogi", {"beta2": 1.5}, "beta2 must be a number in"),
+    ("trimmed-mean", {"trim_fraction": 0.5}, "trim_fraction must be a number in"),
+    ("fedprox", {"proximal_mu": -0.1}, "proximal_mu must be a number in"),
     ("krum", {"num_byzantine": -1}, "num_byzantine must be a non-negative integer"),
 ])
 def test_bad_strategy_parameters_are_refused_by_name(name, options, message):

@@ -3,7 +3,11 @@
 import json
 import os
 
-from pyfed.tracking import RoundRecord, RunLog, archive_previous_run, write_json_atomic
+from pyfed.persistence.files import write_json_atomic
+from pyfed.persistence.tracking import RoundRecord, RunLog, archive_previous_run
+import pytest
+
+pytestmark = pytest.mark.unit
 
 
 def test_atomic_write_leaves_no_temp_files(tmp_path):

@@ -4,9 +4,12 @@ weighted combination of clients' evaluations."""
 import numpy as np
 import pytest
 
-from pyfed.model import default_model, set_proximal_term
-from pyfed.strategy import FitPlan
-from pyfed.training import LocalTrainer, weighted_evaluation
+from pyfed.learning.model import default_model, set_proximal_term
+from pyfed.wire.protocol import FitPlan
+from pyfed.federation.aggregate import weighted_evaluation
+from pyfed.learning.training import LocalTrainer
+
+pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")

@@ -3,10 +3,13 @@
 import os
 import subprocess
 import sys
+import pytest
+
+pytestmark = pytest.mark.unit
 
 
 def _applied(env: dict) -> str:
-    return subprocess.run([sys.executable, "-c", "from pyfed.transport import keep_receive_buffers as k; print(k())"],
+    return subprocess.run([sys.executable, "-c", "from pyfed.wire.transport import keep_receive_buffers as k; print(k())"],
                           capture_output=True, text=True, env={**os.environ, **env}, timeout=60).stdout.strip()
 
 

@@ -12,8 +12,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..aggregate import Weights, adaptive_step
-from .base import WeightedMeanStrategy, check_range
+from pyfed.federation.aggregate import Weights, adaptive_step
+from pyfed.ranges import Range
+
+from .base import WeightedMeanStrategy
 
 
 @dataclass
@@ -31,10 +33,10 @@ class FedOpt(WeightedMeanStrategy):
     tau: float = 1e-3
 
     def __post_init__(self) -> None:
-        check_range("server_learning_rate", self.server_learning_rate, 0, 1e6, low_open=True)
-        check_range("beta1", self.beta1, 0, 1, high_open=True)
-        check_range("beta2", self.beta2, 0, 1, high_open=True)
-        check_range("tau", self.tau, 0, 1e6, low_open=True)
+        Range(0, 1e6, low_open=True).check(self.server_learning_rate, "server_learning_rate")
+        Range(0, 1, high_open=True).check(self.beta1, "beta1")
+        Range(0, 1, high_open=True).check(self.beta2, "beta2")
+        Range(0, 1e6, low_open=True).check(self.tau, "tau")
         self._m: list[np.ndarray] | None = None
         self._v: list[np.ndarray] | None = None
 

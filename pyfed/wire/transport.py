@@ -9,7 +9,7 @@ Both ends watch their socket's monitor: the server learns within the heartbeat t
 peer's connection died (SIGKILL, a stalled process, a cut cable), and which peer that was, from
 the file descriptor its messages arrived on; a client learns that the server went away and came
 back, so it can rejoin. With :class:`CurveKeys` every connection is CurveZMQ-encrypted and the
-server admits clients through a ZAP handler (see :mod:`pyfed.security`).
+server admits clients through a ZAP handler (see :mod:`pyfed.wire.security`).
 
 What a peer can make the server hold is bounded: a connection that does not finish its
 handshake within ``HANDSHAKE_IVL_MS`` is closed; ``MAXMSGSIZE`` bounds each frame; and, because
@@ -37,7 +37,8 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from .security import Admission, CurveKeys, start_authenticator
+from pyfed.wire.protocol import ConnectionEvent
+from pyfed.wire.security import Admission, CurveKeys, start_authenticator
 
 log = logging.getLogger(__name__)
 
@@ -489,10 +490,11 @@ class ClientTransport:
         self._poller.register(self.socket, zmq.POLLIN)
         self.socket.connect(address)
 
-    def events(self) -> list[tuple[str, str]]:
-        """Connection events since the last call: ("connected" | "disconnected" | "refused", detail)."""
-        names = {zmq.EVENT_HANDSHAKE_SUCCEEDED: "connected", zmq.EVENT_DISCONNECTED: "disconnected"}
-        return [(names[event], "") if event in names else ("refused", f"{HANDSHAKE_FAILURES[event]} [code {value:#x}]")
+    def events(self) -> list[tuple[ConnectionEvent, str]]:
+        """Connection events since the last call, each with a detail (why a handshake was refused)."""
+        names = {zmq.EVENT_HANDSHAKE_SUCCEEDED: ConnectionEvent.CONNECTED, zmq.EVENT_DISCONNECTED: ConnectionEvent.DISCONNECTED}
+        return [(names[event], "") if event in names
+                else (ConnectionEvent.REFUSED, f"{HANDSHAKE_FAILURES[event]} [code {value:#x}]")
                 for event, value in _monitor_events(self._monitor)]
 
     def send(self, frames: Sequence[Any]) -> bool:

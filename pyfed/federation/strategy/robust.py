@@ -16,8 +16,10 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..aggregate import Weights, coordinate_median, krum_select, trimmed_mean, weighted_average
-from .base import FitResult, Strategy, check_range
+from pyfed.federation.aggregate import Weights, coordinate_median, krum_select, trimmed_mean, weighted_average
+from pyfed.ranges import Range
+
+from .base import FitResult, Strategy
 
 log = logging.getLogger("pyfed.strategy")
 
@@ -40,7 +42,7 @@ class TrimmedMean(Strategy):
     trim_fraction: float = 0.2
 
     def __post_init__(self) -> None:
-        check_range("trim_fraction", self.trim_fraction, 0, 0.5, high_open=True)
+        Range(0, 0.5, high_open=True).check(self.trim_fraction, "trim_fraction")
 
     def aggregate(self, server_round: int, global_weights: Weights, results: Sequence[FitResult]) -> Weights:
         return trimmed_mean([r.weights for r in results], self.trim_fraction)

@@ -23,8 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .checkpoint import write_atomic
-from .protocol import is_client_id
+from pyfed.persistence.files import write_json_atomic
+from pyfed.wire.protocol import is_client_id
 
 log = logging.getLogger("pyfed.tracking")
 
@@ -132,14 +132,6 @@ _RECORD_FIELDS = {
     "failed_attempts": lambda v: isinstance(v, list) and all(isinstance(a, dict) for a in v),
     "refused": _optional(lambda v: isinstance(v, str)),
 }
-
-
-def write_json_atomic(path: Path, document: Any) -> None:
-    """Write ``document`` to ``path`` so that a reader sees the old or the new file, never half of one.
-
-    Compact (no indentation): summary.json grows with every round and is rewritten after each."""
-    data = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
-    write_atomic(path, lambda handle: handle.write(data))
 
 
 RUN_ENTRIES = ("summary.json", "server", "clients", "checkpoints")

@@ -28,8 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .data import shard_name
-from .protocol import is_client_id, is_shard_name
+from pyfed.wire.protocol import AdmissionEvent, ErrorCode, is_client_id, is_shard_name, shard_name
 
 RESERVE_SHARDS_S = 60.0  # after a resume, a returning client's shard is kept for it this long
 REWELCOME_EVERY_S = 2.0  # a joined peer's repeated JOINs are answered at most this often
@@ -41,7 +40,7 @@ SHARD_ID_PREFIX = "client-"  # client-k holds shard client-k.npz
 class JoinRefused(Exception):
     """A JOIN that is not admitted: ``code`` for the ERROR message, ``reason`` for people."""
 
-    def __init__(self, code: str, reason: str):
+    def __init__(self, code: ErrorCode, reason: str):
         super().__init__(reason)
         self.code, self.reason = code, reason
 
@@ -59,11 +58,10 @@ class ClientRecord:
 
 @dataclass(frozen=True)
 class Admitted:
-    """An admitted JOIN: the client, and whether it is new ("joined"), an id seen before
-    ("rejoined"), or a joined peer asking again ("welcomed again")."""
+    """An admitted JOIN: the client, and whether it is new, an id seen before, or a joined peer asking again."""
 
     record: ClientRecord
-    event: str
+    event: AdmissionEvent
 
 
 class TokenBucket:
@@ -111,27 +109,27 @@ class Registry:
         known = self._by_peer.get(peer)
         if known is not None:
             if wanted not in ("", known):
-                raise JoinRefused("already_joined", f"peer already joined as {known}, now asks for {wanted!r}")
+                raise JoinRefused(ErrorCode.ALREADY_JOINED, f"peer already joined as {known}, now asks for {wanted!r}")
             if self.clock() - self._last_welcome[peer] < REWELCOME_EVERY_S:
-                raise JoinRefused("join_flood", f"client {known} repeats JOIN more than once per "
+                raise JoinRefused(ErrorCode.JOIN_FLOOD, f"client {known} repeats JOIN more than once per "
                                                 f"{REWELCOME_EVERY_S:g}s; ignored")
             self._last_welcome[peer] = self.clock()
-            return Admitted(self.clients[known], "welcomed again")
+            return Admitted(self.clients[known], AdmissionEvent.WELCOMED_AGAIN)
         if wanted and wanted in self.clients:
-            raise JoinRefused("id_taken", f"client id {wanted!r} is in use by a connected client; "
+            raise JoinRefused(ErrorCode.ID_TAKEN, f"client id {wanted!r} is in use by a connected client; "
                                           "retry once that client is gone")
         if wanted and not self._available(wanted, key):
-            raise JoinRefused("id_bound_to_key", f"client id {wanted!r} belongs to another client's key")
+            raise JoinRefused(ErrorCode.ID_BOUND_TO_KEY, f"client id {wanted!r} belongs to another client's key")
         if not wanted and not wants_shard and self.num_shards:
-            raise JoinRefused("no_id", "this server hands out data shards; a client that brings its own data "
+            raise JoinRefused(ErrorCode.NO_ID, "this server hands out data shards; a client that brings its own data "
                                        "must name itself (--client-id / CLIENT_ID)")
         if not self._joins.take():
-            raise JoinRefused("busy", "too many join requests; retry in a few seconds")
+            raise JoinRefused(ErrorCode.BUSY, "too many join requests; retry in a few seconds")
         client_id, shard = self._id_and_shard(wanted, wants_shard, key)
         if client_id not in self.known:
             self._make_room(key)
         record = ClientRecord(client_id, peer, num_examples, shard, key)
-        event = "rejoined" if client_id in self.known else "joined"
+        event = AdmissionEvent.REJOINED if client_id in self.known else AdmissionEvent.JOINED
         previous = self.known.get(client_id, {})
         self.clients[client_id] = record
         self.known[client_id] = {"shard": shard, "key": key, "contributed": previous.get("contributed", False)}
@@ -197,7 +195,7 @@ class Registry:
             return wanted, previous
         index = self._free_shard_index(key, wanted)
         if index is None:
-            raise JoinRefused("no_shards", f"all {self.num_shards} data shards are taken; this client is not needed"
+            raise JoinRefused(ErrorCode.NO_SHARDS, f"all {self.num_shards} data shards are taken; this client is not needed"
                               if self.num_shards else
                               "this server does not assign data shards; give the client its own data")
         return wanted or f"{SHARD_ID_PREFIX}{index}", shard_name(index)
@@ -239,7 +237,7 @@ class Registry:
             return
         spare = [cid for cid in held if cid not in self.clients and not self.known[cid]["contributed"]]
         if len(spare) < excess:
-            raise JoinRefused("too_many_ids", f"this key already holds {len(held)} client ids, the most one key may "
+            raise JoinRefused(ErrorCode.TOO_MANY_IDS, f"this key already holds {len(held)} client ids, the most one key may "
                                               f"hold ({self.max_ids_per_key}); reuse one of them")
         for cid in spare[:excess]:
             del self.known[cid]

@@ -15,6 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
+from pyfed.persistence.files import write_atomic, write_json_atomic
+from pyfed.wire.protocol import shard_name
+
 log = logging.getLogger(__name__)
 
 
@@ -206,11 +209,6 @@ def split_test(num_examples: int, test_fraction: float, rng: np.random.Generator
     return np.sort(order[num_test:]), np.sort(order[:num_test])
 
 
-def shard_name(client_index: int) -> str:
-    """The file name of shard ``client_index`` (1-based): partition writes it, the server hands it out."""
-    return f"client-{client_index}.npz"
-
-
 def shard_path(out_dir: Path, client_index: int) -> Path:
     """Where client ``client_index`` (1-based) finds its shard."""
     return Path(out_dir) / shard_name(client_index)
@@ -257,15 +255,11 @@ def read_manifest(out_dir: Path) -> dict | None:
 
 
 def write_manifest(out_dir: Path, settings: dict, paths: Sequence[Path]) -> None:
-    from .tracking import write_json_atomic
-
     write_json_atomic(Path(out_dir) / MANIFEST, {"settings": settings, "files": [p.name for p in paths]})
 
 
 def _save(path: Path, x: np.ndarray, y: np.ndarray) -> Path:
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, x=x, y=y)
-    tmp.replace(path)
+    write_atomic(path, lambda handle: np.savez(handle, x=x, y=y))
     return path
 
 

@@ -9,8 +9,10 @@ from typing import Any
 
 import numpy as np
 
-from ..aggregate import Weights, momentum_step
-from .base import WeightedMeanStrategy, check_range
+from pyfed.federation.aggregate import Weights, momentum_step
+from pyfed.ranges import Range
+
+from .base import WeightedMeanStrategy
 
 
 @dataclass
@@ -22,8 +24,8 @@ class FedAvgM(WeightedMeanStrategy):
     server_momentum: float = 0.9
 
     def __post_init__(self) -> None:
-        check_range("server_learning_rate", self.server_learning_rate, 0, 1e6, low_open=True)
-        check_range("server_momentum", self.server_momentum, 0, 1, high_open=True)
+        Range(0, 1e6, low_open=True).check(self.server_learning_rate, "server_learning_rate")
+        Range(0, 1, high_open=True).check(self.server_momentum, "server_momentum")
         self._velocity: list[np.ndarray] | None = None
 
     def server_update(self, global_weights: Weights, mean: Weights) -> Weights:

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import weakref
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+
+from pyfed.wire.protocol import WireModel  # noqa: E402
 
 DEFAULT_LOSS = "sparse_categorical_crossentropy"
 
@@ -95,6 +98,45 @@ def to_wire(model: keras.Model) -> tuple[str, dict[str, Any]]:
     check_keras_config(json.loads(model_json), "architecture")
     check_keras_config(config, "compile settings")
     return model_json, config
+
+
+def wire_model(model: keras.Model) -> WireModel:
+    """The model as the server sends it to clients: architecture, compile settings, weights."""
+    model_json, compile_config = to_wire(model)
+    return WireModel(model_json, compile_config, model.get_weights())
+
+
+PROBE_EXAMPLES = 64
+
+
+class Evaluator:
+    """``evaluator(weights) -> (loss, accuracy)`` of ``model`` with those weights on (x, y): what the
+    round engine is given, so that it never imports Keras itself. ``probe(weights)`` runs the model
+    on a few of the examples only and says why the model is unusable (outputs that are not finite),
+    or None: cheap enough to decide before the next round whether a new global model is accepted,
+    while the full evaluation runs in the background."""
+
+    def __init__(self, model: keras.Model, x: np.ndarray, y: np.ndarray):
+        self.model, self.x, self.y = model, x, y
+        self._dataset = None
+
+    def __call__(self, weights: Sequence[np.ndarray]) -> tuple[float, float | None]:
+        if self._dataset is None:
+            self._dataset = evaluation_dataset(self.x, self.y)
+        self.model.set_weights(list(weights))
+        return evaluate(self.model, self._dataset)
+
+    def probe(self, weights: Sequence[np.ndarray]) -> str | None:
+        self.model.set_weights(list(weights))
+        outputs = np.asarray(self.model(self.x[:PROBE_EXAMPLES], training=False))
+        if not np.isfinite(outputs).all():
+            return f"its outputs on {min(len(self.x), PROBE_EXAMPLES)} test examples are not finite"
+        return None
+
+
+def evaluator(model: keras.Model, x: np.ndarray, y: np.ndarray) -> Evaluator:
+    """The evaluation function the round engine is given (see :class:`Evaluator`)."""
+    return Evaluator(model, x, y)
 
 
 def check_keras_config(config: Any, what: str, _depth: int = 0) -> None:

@@ -1,4 +1,5 @@
-"""Saving state made of JSON values and lists of numpy arrays (a strategy's, later the server's).
+"""State files: JSON values and lists of numpy arrays in one ``.npz``, and the one atomic write
+that every file PyFed persists goes through (checkpoints, strategy state, summary.json, shards).
 
 One ``.npz`` file: the JSON part as a UTF-8 byte array, each array as its own entry. It is
 written atomically (temp file, fsync, rename), so a crash leaves the old file or the new one.
@@ -93,6 +94,14 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
         os.close(dir_fd)
 
 
+def write_json_atomic(path: Path, document: Any) -> None:
+    """Write ``document`` to ``path`` so that a reader sees the old or the new file, never half of one.
+
+    Compact (no indentation): summary.json grows with every round and is rewritten after each."""
+    data = json.dumps(document, separators=(",", ":"), allow_nan=False).encode()
+    write_atomic(path, lambda handle: handle.write(data))
+
+
 def load_state(path: Path) -> dict[str, Any]:
     """Read what :func:`save_state` wrote; raise :class:`CheckpointError` naming the file if it cannot."""
     path = Path(path)
@@ -155,38 +164,3 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
             array = array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
             arrays[member.filename[:-4]] = array
     return arrays
-
-
-# --- the server's checkpoints: one file per completed round, the newest K kept -------------------
-
-CHECKPOINT_GLOB = "round-*.npz"
-
-
-def checkpoint_path(directory: Path, server_round: int) -> Path:
-    return Path(directory) / f"round-{server_round:06d}.npz"
-
-
-def list_checkpoints(directory: Path) -> list[Path]:
-    """The directory's checkpoints, oldest first (temp files of an interrupted write are ignored)."""
-    return sorted(p for p in Path(directory).glob(CHECKPOINT_GLOB) if p.name[6:12].isdigit())
-
-
-def save_checkpoint(directory: Path, server_round: int, state: dict[str, Any], keep: int) -> Path:
-    """Write the server's state after ``server_round`` atomically, then delete all but the newest ``keep``."""
-    path = checkpoint_path(directory, server_round)
-    save_state(path, state)
-    for old in list_checkpoints(directory)[:-keep]:
-        old.unlink(missing_ok=True)
-    return path
-
-
-def check_fingerprint(path: Path, saved: Any, current: dict[str, Any]) -> None:
-    """Refuse a checkpoint written by a run with a different model or strategy, naming what differs."""
-    if not isinstance(saved, dict):
-        raise CheckpointError(f"{path}: has no run fingerprint; it was not written by a PyFed server")
-    for key, value in current.items():
-        if saved.get(key) != value:
-            raise CheckpointMismatch(
-                f"{path}: was written by a run with a different {key} ({str(saved.get(key))[:80]} here, "
-                f"{str(value)[:80]} now); resume with the original settings, or pass --fresh-start to "
-                f"archive it and begin a new run")

@@ -14,35 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
-from ..aggregate import Weights, WeightedSum
-
-
-@dataclass(frozen=True)
-class FitPlan:
-    """How a client trains in one round (sent with every FIT).
-
-    ``proximal_mu`` > 0 adds FedProx's ``mu/2 * ||w - w_global||^2`` to the client's loss;
-    ``eval_fraction`` > 0 holds that share of each client's data out of training, for
-    federated evaluation of the global model.
-    """
-
-    epochs: int = 1
-    batch_size: int = 32
-    learning_rate: float = 0.001
-    proximal_mu: float = 0.0
-    eval_fraction: float = 0.0
-
-    def to_body(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_body(cls, body: dict[str, Any]) -> "FitPlan":
-        return cls(**body)
+from pyfed.federation.aggregate import Weights, WeightedSum
+from pyfed.wire.protocol import FitPlan
 
 
 @dataclass
@@ -158,13 +136,3 @@ def sample_clients(available: Sequence[str], fraction: float, minimum: int, seed
         return available
     chosen = np.random.default_rng(list(seed)).choice(len(available), size=count, replace=False)
     return [available[i] for i in sorted(chosen)]
-
-
-def check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False,
-                high_open: bool = False) -> None:
-    """Raise ValueError unless ``value`` lies in the interval (used by the strategies' __post_init__)."""
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if too_low or too_high or not np.isfinite(value):
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
-        raise ValueError(f"{name} must be in {interval}, got {value}")

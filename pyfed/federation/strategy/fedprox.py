@@ -11,7 +11,9 @@ import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .base import FitPlan, WeightedMeanStrategy, check_range
+from pyfed.wire.protocol import FitPlan
+
+from .base import WeightedMeanStrategy
 
 
 @dataclass
@@ -22,7 +24,7 @@ class FedProx(WeightedMeanStrategy):
     proximal_mu: float = 0.01
 
     def __post_init__(self) -> None:
-        check_range("proximal_mu", self.proximal_mu, 0, 1e6)
+        FitPlan.range_of("proximal_mu").check(self.proximal_mu, "proximal_mu")
 
     def configure_fit(self, server_round: int, available: Sequence[str], plan: FitPlan) -> list[tuple[str, FitPlan]]:
         plan = dataclasses.replace(plan, proximal_mu=self.proximal_mu)

@@ -10,12 +10,12 @@ again under its id, gets the current global model and carries on. A JOIN the ser
 ``busy`` or ``join_flood``, or does not answer, is sent again with backoff until it is welcomed.
 A FIT it already answered (the server sends it again after a rejoin, in case it was lost, or
 retries the round) is answered with the same update, not trained again, when it carries the same
-round, global weights and plan: the update is the same function of them, whatever the attempt.
+run, round and plan: within a run a round's global weights never change, so the update is the same
+function of them, whatever the attempt.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
@@ -24,14 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from . import protocol
-from .data import DataError, load_shard
-from .model import from_wire, input_shape, output_units
-from .protocol import Message, MessageType, ProtocolError
-from .strategy import FitPlan
-from .training import LocalTrainer, make_reproducible
-from .security import CurveKeys
-from .transport import ClientTransport
+from pyfed.wire import protocol
+from pyfed.learning.data import DataError, load_shard
+from pyfed.learning.model import from_wire, input_shape, output_units
+from pyfed.wire.protocol import (RETRYABLE_REFUSALS, ConnectionEvent, ErrorCode, FitPlan, Message, MessageType,
+                                 ProtocolError)
+from pyfed.learning.training import LocalTrainer, make_reproducible
+from pyfed.wire.security import CurveKeys
+from pyfed.wire.transport import ClientTransport
 
 log = logging.getLogger("pyfed.client")
 
@@ -40,8 +40,6 @@ REJOIN_RETRY_S = 10.0  # a rejoin JOIN with no answer is sent again after this l
 WAIT_LOG_EVERY_S = 60.0
 SEND_RETRY_S = 10.0  # no connection this long: the server restarted or dropped us, and will ask again
 BACKOFF_MAX_S = 5.0  # a refused join is retried at 1, 2, 4, 5, 5 .. s: back soon after its predecessor is dropped
-#: refusals that go away by themselves (a dead predecessor with our id is detected, a join flood ends)
-RETRYABLE_REFUSALS = frozenset({"id_taken", "busy", "join_flood"})
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -98,7 +96,7 @@ class Client:
         self.specs: list[protocol.ArraySpec] | None = None
         self.rounds_trained = 0
         self.trainer: LocalTrainer | None = None
-        #: the last answer: ((kind, round, digest of the global weights, plan), the message sent)
+        #: the last answer: ((kind, run, round, plan), the message sent)
         self._last_answer: tuple[tuple, Message] | None = None
         self._rejoin_at: float | None = None  # when to send the next JOIN while waiting to be welcomed again
         self._rejoin_backoff = 1.0
@@ -154,7 +152,7 @@ class Client:
                 self._admitted = True
                 self._setup(message)
                 return
-            if message.type is MessageType.ERROR and message.body["code"] == "no_shards" and wants_shard:
+            if message.type is MessageType.ERROR and message.body["code"] is ErrorCode.NO_SHARDS and wants_shard:
                 raise NotNeeded(message.body["reason"])
             if message.type is MessageType.ERROR and message.body["code"] in RETRYABLE_REFUSALS:
                 log.warning("the server refused to admit this client for now [%s]: %s; retrying in %.0fs",
@@ -262,11 +260,11 @@ class Client:
                 self._setup(message)
             elif message.type is MessageType.STOPPING:
                 log.warning("the server is stopping (%s); waiting for it to come back", message.body["reason"])
-            elif message.type is MessageType.ERROR and message.body["code"] == "not_joined":
+            elif message.type is MessageType.ERROR and message.body["code"] is ErrorCode.NOT_JOINED:
                 log.warning("the server no longer knows this client (it restarted); joining again as %s",
                             self.client_id)
                 self._rejoin()
-            elif message.type is MessageType.ERROR and message.body["code"] in ("id_taken", "id_bound_to_key"):
+            elif message.type is MessageType.ERROR and message.body["code"] in (ErrorCode.ID_TAKEN, ErrorCode.ID_BOUND_TO_KEY):
                 raise ClientError(f"the server gave this client's id to another client while it was away "
                                   f"[{message.body['code']}]: {message.body['reason']}")
             elif message.type is MessageType.ERROR and message.body["code"] in RETRYABLE_REFUSALS:
@@ -293,10 +291,11 @@ class Client:
 
     def _fit(self, message: Message) -> None:
         attempt = message.body["attempt"]
-        key = ("fit", message.round, _digest(message.arrays), json.dumps(message.body["plan"], sort_keys=True))
+        key = ("fit", message.body["run"], message.round, json.dumps(message.body["plan"], sort_keys=True))
         if self._answer_again(key, f"round {message.round} update", attempt):
             return
         plan = FitPlan.from_body(message.body["plan"])
+        log.info("round %d: training%s", message.round, f" (attempt {attempt})" if attempt > 1 else "")
         self.trainer.load(message.arrays, plan)
         del message.arrays[:]  # release the received frames before training
         self._last_answer = None
@@ -313,7 +312,7 @@ class Client:
                  f" with proximal mu {plan.proximal_mu:g}" if plan.proximal_mu else "", summary)
 
     def _evaluate(self, message: Message) -> None:
-        key = ("evaluate", message.round, _digest(message.arrays))
+        key = ("evaluate", message.body["run"], message.round)
         if self._answer_again(key, f"round {message.round} evaluation"):
             return
         num_examples, loss, accuracy = self.trainer.evaluate(list(message.arrays))
@@ -332,16 +331,16 @@ class Client:
     def _handle_events(self) -> None:
         """React to the connection going away and coming back: log it, and rejoin once admitted."""
         for event, detail in self._transport.events():
-            if event == "disconnected" and not self._reconnecting:
+            if event is ConnectionEvent.DISCONNECTED and not self._reconnecting:
                 self._reconnecting = True
                 log.warning("lost the connection to the server at %s; reconnecting (backoff up to 5s)",
                             self.server_address)
-            elif event == "connected" and self._reconnecting:
+            elif event is ConnectionEvent.CONNECTED and self._reconnecting:
                 self._reconnecting = False
                 log.info("reconnected to the server%s", f"; rejoining as {self.client_id}" if self._admitted else "")
                 if self._admitted:
                     self._rejoin()
-            elif event == "refused":
+            elif event is ConnectionEvent.REFUSED:
                 raise ClientError(f"the server at {self.server_address} refused the connection: {detail}; check "
                                   "--curve-secret-key / --server-public-key, and that the server lists this "
                                   "client's public key")
@@ -374,15 +373,6 @@ class Client:
             log.warning("no connection to the server; retrying the %s in %.1fs", what, delay)
             self._sleep(delay)
             delay = min(delay * 2, 5.0)
-
-
-def _digest(arrays: list[np.ndarray]) -> bytes:
-    """A fingerprint of the global weights a request carries (blake2b, ~1 GB/s): an answer is reused
-    only for the very same weights, never for a new run's round that happens to have the same number."""
-    digest = hashlib.blake2b(digest_size=16)
-    for array in arrays:
-        digest.update(memoryview(np.ascontiguousarray(array)).cast("B"))
-    return digest.digest()
 
 
 def _bounded_history(history: dict[str, list], epochs: int) -> dict[str, list]:

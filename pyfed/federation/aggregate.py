@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
+from typing import Any
+
 import numpy as np
 
 Weights = list[np.ndarray]
@@ -270,3 +272,19 @@ def why_unusable(weights: Sequence[np.ndarray], test_loss: float | None = None) 
     if test_loss is not None and not np.isfinite(test_loss):
         return f"its test loss is {test_loss}"
     return None
+
+
+# --- federated evaluation ------------------------------------------------------------------------
+
+def weighted_evaluation(results: dict[str, tuple[int, float | None, float | None]]) -> dict[str, Any] | None:
+    """Combine clients' (num_examples, loss, accuracy) into one example-weighted result, with the parts."""
+    usable = {cid: r for cid, r in results.items() if r[0] > 0 and r[1] is not None}
+    if not usable:
+        return None
+    total = sum(r[0] for r in usable.values())
+    loss = sum(r[0] * r[1] for r in usable.values()) / total
+    with_accuracy = [r for r in usable.values() if r[2] is not None]
+    accuracy = (sum(r[0] * r[2] for r in with_accuracy) / sum(r[0] for r in with_accuracy)
+                if with_accuracy else None)
+    return {"loss": loss, "accuracy": accuracy, "num_examples": total,
+            "clients": {cid: {"num_examples": n, "loss": l, "accuracy": a} for cid, (n, l, a) in sorted(usable.items())}}

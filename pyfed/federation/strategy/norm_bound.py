@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from ..aggregate import Weights, clip_update
+from pyfed.federation.aggregate import Weights, clip_update
 from .base import Aggregator, FitPlan, FitResult, Strategy
 
 log = logging.getLogger("pyfed.strategy")

@@ -19,10 +19,12 @@ import json
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
+
+from pyfed.ranges import Range
 
 #: 2: FIT and UPDATE carry the round's attempt number, so a resent FIT and its answer are matched
 PROTOCOL_VERSION = 2
@@ -37,6 +39,7 @@ MAX_NDIM = 8
 CLIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 #: At most this many training metrics travel with an update (Keras' loss, accuracy, and a few more).
 MAX_HISTORY_METRICS = 32
+MAX_EPOCHS = 100_000
 
 #: An array's description on the wire: (dtype name, shape).
 ArraySpec = tuple[str, tuple[int, ...]]
@@ -57,6 +60,50 @@ class MessageType(str, enum.Enum):
     LEAVE = "leave"
 
 
+class ErrorCode(enum.StrEnum):
+    """Why the server refused a message (the ``code`` of an ERROR): the one list the server, the
+    registry and the client share."""
+
+    # a JOIN that is not admitted
+    ID_TAKEN = "id_taken"  # the id is in use by a connected client (retry once it is gone)
+    ID_BOUND_TO_KEY = "id_bound_to_key"  # the id belongs to another client's key
+    ALREADY_JOINED = "already_joined"  # this peer joined under another id
+    JOIN_FLOOD = "join_flood"  # a joined peer repeats JOIN too often (retry later)
+    BUSY = "busy"  # too many joins right now (retry later)
+    NO_SHARDS = "no_shards"  # every data shard is taken (this client is not needed)
+    NO_ID = "no_id"  # a client with its own data must name itself when the server hands out shards
+    TOO_MANY_IDS = "too_many_ids"  # this key holds the most ids one key may
+    TOO_MANY_EXAMPLES = "too_many_examples"  # it declares more examples than --max-examples
+    # a message that is not taken
+    BAD_MESSAGE = "bad_message"  # it breaks the protocol
+    BAD_REPLY = "bad_reply"  # a well-formed answer that cannot be used (stale, unasked, NaN, too long a history)
+    NOT_JOINED = "not_joined"  # from a peer that has not joined (the server restarted: join again)
+    WRONG_CLIENT_ID = "wrong_client_id"  # it claims another client's id
+    WRONG_KEY = "wrong_key"  # it came with another CURVE key than its client's
+    KEY_REVOKED = "key_revoked"  # its key is no longer authorized
+    UNEXPECTED_TYPE = "unexpected_type"  # a message type only servers send
+
+
+#: Refusals that go away by themselves: the client asks again after a backoff.
+RETRYABLE_REFUSALS = frozenset({ErrorCode.ID_TAKEN, ErrorCode.BUSY, ErrorCode.JOIN_FLOOD})
+
+
+class ConnectionEvent(enum.StrEnum):
+    """What a client's transport reports about its connection to the server."""
+
+    CONNECTED = "connected"
+    DISCONNECTED = "disconnected"
+    REFUSED = "refused"  # the handshake failed (a key not admitted, or one side without CURVE)
+
+
+class AdmissionEvent(enum.StrEnum):
+    """How a JOIN was admitted: a new id, an id seen before, or a joined peer asking again."""
+
+    JOINED = "joined"
+    REJOINED = "rejoined"
+    WELCOMED_AGAIN = "welcomed again"
+
+
 class ProtocolError(ValueError):
     """A message broke the protocol; ``str(error)`` says exactly how."""
 
@@ -69,6 +116,15 @@ class Limits:
     max_arrays: int = 4096
     max_array_bytes: int = 2**34
     max_total_bytes: int = 2**36
+
+
+@dataclass(frozen=True)
+class WireModel:
+    """A model as it travels to clients: its Keras architecture (JSON), compile settings and weights."""
+
+    model_json: str
+    compile_config: dict[str, Any]
+    weights: list[np.ndarray]
 
 
 @dataclass
@@ -85,25 +141,19 @@ class Message:
 # --- body schemas -----------------------------------------------------------------------------
 # Each body field maps to (checker, required). A checker returns the value or raises ValueError.
 
-def _int_in(lo: int, hi: int) -> Callable[[Any], int]:
-    def check(value: Any) -> int:
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"must be an integer, got {type(value).__name__}")
-        if not lo <= value <= hi:
-            raise ValueError(f"must be in [{lo}, {hi}], got {value}")
-        return value
-    return check
+def _in(bounds: Range) -> Callable[[Any], Any]:
+    """A checker for numbers in ``bounds`` (floats come back as float, integers as int)."""
+    if bounds.integer:
+        return bounds.check
+    return lambda value: float(bounds.check(value))
 
 
-def _float_in(lo: float, hi: float, *, lo_open: bool = False) -> Callable[[Any], float]:
-    def check(value: Any) -> float:
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            raise ValueError(f"must be a number, got {type(value).__name__}")
-        value = float(value)
-        if not math.isfinite(value) or value > hi or value < lo or (lo_open and value == lo):
-            raise ValueError(f"must be a finite number in {'(' if lo_open else '['}{lo}, {hi}], got {value}")
-        return value
-    return check
+def _int_in(low: int, high: int) -> Callable[[Any], int]:
+    return _in(Range(low, high, integer=True))
+
+
+def _float_in(low: float, high: float) -> Callable[[Any], float]:
+    return _in(Range(low, high))
 
 
 def _text(max_len: int) -> Callable[[Any], str]:
@@ -134,6 +184,11 @@ def is_client_id(value: Any) -> bool:
     return isinstance(value, str) and CLIENT_ID_PATTERN.fullmatch(value) is not None
 
 
+def shard_name(client_index: int) -> str:
+    """The file name of shard ``client_index`` (1-based): partition writes it, the server hands it out."""
+    return f"client-{client_index}.npz"
+
+
 def is_shard_name(value: Any) -> bool:
     """Whether ``value`` is a bare shard file name (never a path)."""
     return isinstance(value, str) and SHARD_NAME_PATTERN.fullmatch(value) is not None and ".." not in value
@@ -148,6 +203,24 @@ def _shard_name(value: Any) -> str:
 
 def _plan(value: Any) -> dict[str, Any]:
     return _check_fields(value, PLAN_SCHEMA, "plan")
+
+
+RUN_ID_PATTERN = re.compile(r"[0-9a-f]{8,64}")
+
+
+def _run_id(value: Any) -> str:
+    if not isinstance(value, str) or RUN_ID_PATTERN.fullmatch(value) is None:
+        raise ValueError(f"must be 8-64 lowercase hex digits, got {str(value)[:70]!r}")
+    return value
+
+
+def _enum(kind: type[enum.Enum]) -> Callable[[Any], Any]:
+    def check(value: Any) -> Any:
+        try:
+            return kind(value)
+        except ValueError:
+            raise ValueError(f"must be one of {', '.join(m.value for m in kind)}, got {str(value)[:40]!r}") from None
+    return check
 
 
 def _history(value: Any) -> dict[str, list[float | None]]:
@@ -178,15 +251,40 @@ def _json_object(max_bytes: int) -> Callable[[Any], dict]:
     return check
 
 
-MAX_EPOCHS = 100_000
+def _plan_field(default: Any, bounds: Range, *, required: bool = True) -> Any:
+    return field(default=default, metadata={"range": bounds, "required": required})
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """How a client trains in one round (sent with every FIT and in the WELCOME).
+
+    ``proximal_mu`` > 0 adds FedProx's ``mu/2 * ||w - w_global||^2`` to the client's loss;
+    ``eval_fraction`` > 0 holds that share of each client's data out of training, for federated
+    evaluation of the global model. Each field's range is the one the wire, the configuration and
+    the strategies all check (:meth:`range_of`).
+    """
+
+    epochs: int = _plan_field(1, Range(1, MAX_EPOCHS, integer=True))
+    batch_size: int = _plan_field(32, Range(1, 10_000_000, integer=True))
+    learning_rate: float = _plan_field(0.001, Range(0, 1e6, low_open=True))
+    proximal_mu: float = _plan_field(0.0, Range(0, 1e6), required=False)
+    eval_fraction: float = _plan_field(0.0, Range(0, 0.9), required=False)
+
+    @staticmethod
+    def range_of(name: str) -> Range:
+        return next(f.metadata["range"] for f in fields(FitPlan) if f.name == name)
+
+    def to_body(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_body(cls, body: dict[str, Any]) -> "FitPlan":
+        return cls(**body)
+
 
 PLAN_SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
-    "epochs": (_int_in(1, MAX_EPOCHS), True),
-    "batch_size": (_int_in(1, 10_000_000), True),
-    "learning_rate": (_float_in(0.0, 1e6, lo_open=True), True),
-    "proximal_mu": (_float_in(0.0, 1e6), False),  # FedProx: weight of mu/2 * ||w - w_global||^2
-    "eval_fraction": (_float_in(0.0, 0.9), False),  # share of the client's data held out for EVALUATE
-}
+    f.name: (_in(f.metadata["range"]), f.metadata["required"]) for f in fields(FitPlan)}
 
 BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = {
     # client -> server: "let me in"; header client_id is the id wanted ("" lets the server choose).
@@ -204,9 +302,12 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
     },
     # server -> client: train round `round` from these global weights (arrays) with this plan. A
     # retried round has a new `attempt`; the same FIT sent again (the client rejoined) has the same one.
+    # `run` names the run: within it, a round's global weights never change, so (run, round, plan)
+    # is what an answer depends on.
     MessageType.FIT: {
         "plan": (_plan, True),
         "attempt": (_int_in(1, 2**31 - 1), True),
+        "run": (_run_id, True),
     },
     # client -> server: the locally trained weights (arrays) for round `round`, attempt `attempt`.
     MessageType.UPDATE: {
@@ -216,7 +317,9 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
         "history": (_history, True),
     },
     # server -> client: evaluate these global weights (arrays) on your held-out data.
-    MessageType.EVALUATE: {},
+    MessageType.EVALUATE: {
+        "run": (_run_id, True),
+    },
     # client -> server: the result of an EVALUATE for round `round`; num_examples 0 if nothing held out.
     MessageType.EVALUATION: {
         "num_examples": (_int_in(0, 2**53), True),
@@ -234,7 +337,7 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
     },
     # either way: something went wrong; `code` is machine-readable, `reason` is for people.
     MessageType.ERROR: {
-        "code": (_text(64), True),
+        "code": (_enum(ErrorCode), True),
         "reason": (_text(2000), True),
     },
     # client -> server: the client is leaving the federation.
@@ -308,10 +411,10 @@ def encode(message: Message) -> list[bytes | memoryview]:
     return frames
 
 
-def encode_error(code: str, reason: str, *, client_id: str = "", round: int = 0) -> list[bytes | memoryview]:
+def encode_error(code: ErrorCode, reason: str, *, client_id: str = "", round: int = 0) -> list[bytes | memoryview]:
     """Frames for an ERROR message (reason trimmed to the protocol's limit)."""
     return encode(Message(MessageType.ERROR, round=round, client_id=client_id,
-                          body={"code": code[:64], "reason": reason[:2000]}))
+                          body={"code": ErrorCode(code), "reason": reason[:2000]}))
 
 
 # --- decoding ---------------------------------------------------------------------------------

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from .model import (clear_proximal_term, evaluate, evaluation_dataset, reset_optimizer, set_learning_rate,
+from pyfed.learning.model import (clear_proximal_term, evaluate, evaluation_dataset, reset_optimizer, set_learning_rate,
                     set_proximal_term, training_dataset)
-from .strategy import FitPlan
+from pyfed.wire.protocol import FitPlan
 
 
 class LocalTrainer:
@@ -36,6 +36,11 @@ class LocalTrainer:
         self._holdout_rows: np.ndarray = np.zeros(0, np.int64)
         self._train_dataset: tuple[int, Any] | None = None
         self._eval_dataset: Any = None
+
+    @property
+    def num_examples(self) -> int:
+        """All the examples this client holds (training and held-out)."""
+        return len(self.y)
 
     @property
     def num_train_examples(self) -> int:
@@ -107,17 +112,3 @@ def make_reproducible(seed: int) -> None:
 
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
-
-
-def weighted_evaluation(results: dict[str, tuple[int, float | None, float | None]]) -> dict[str, Any] | None:
-    """Combine clients' (num_examples, loss, accuracy) into one example-weighted result, with the parts."""
-    usable = {cid: r for cid, r in results.items() if r[0] > 0 and r[1] is not None}
-    if not usable:
-        return None
-    total = sum(r[0] for r in usable.values())
-    loss = sum(r[0] * r[1] for r in usable.values()) / total
-    with_accuracy = [r for r in usable.values() if r[2] is not None]
-    accuracy = (sum(r[0] * r[2] for r in with_accuracy) / sum(r[0] for r in with_accuracy)
-                if with_accuracy else None)
-    return {"loss": loss, "accuracy": accuracy, "num_examples": total,
-            "clients": {cid: {"num_examples": n, "loss": l, "accuracy": a} for cid, (n, l, a) in sorted(usable.items())}}

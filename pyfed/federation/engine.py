@@ -1,0 +1,576 @@
+"""The round engine: every round of every federation, networked or in-process, runs here.
+
+It reads top to bottom, against a :class:`~pyfed.federation.pool.ClientPool`::
+
+    wait for --min-clients  ->  for each round:
+        sample clients, configure_fit (the strategy), send each its FIT, collect the answers
+        (dropping clients that go away, are refused or time out; sending the FIT again to one that
+        comes back); with fewer than --min-fit-clients updates, retry the round with a new attempt;
+        aggregate (streamed), check the new model (finite, finite test loss) or keep the old one,
+        evaluate (the injected function; federated evaluation through the pool), record,
+        and hand the round to the persister, which checkpoints and logs it while the next round's
+        clients already train
+    ->  tell every client the run is over.
+
+No sockets and no TensorFlow here: the pool carries the messages and ``evaluate`` is a function
+the caller builds, so the engine is unit-tested against a fake pool. The crash guarantee, given a
+persister: a crash loses at most the round in flight, and, if it comes while the previous round's
+checkpoint is still being written (that write starts as the next round's FITs go out and takes
+well under a second), that round too; every other completed round is resumed from its checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pyfed.federation.pool import (Answer, Back, ClientPool, EvaluateRequest, FitRequest, Gone, Misbehaved,
+                                   Request)
+from pyfed.federation.strategy import Aggregator, FitResult, Strategy, WeightedMeanStrategy, sample_clients
+from pyfed.federation.aggregate import weighted_evaluation, why_unusable
+from pyfed.persistence.files import CheckpointError, CheckpointMismatch
+from pyfed.persistence.store import Persister, RunStore
+from pyfed.persistence.tracking import RoundRecord, RunLog
+from pyfed.wire import protocol
+from pyfed.wire.protocol import FitPlan, MessageType, ProtocolError
+
+log = logging.getLogger("pyfed.server")
+
+PROGRESS_EVERY_S = 10.0
+MAX_EXAMPLES = 10_000_000
+AUTO = "auto"
+
+#: ``evaluate(weights) -> (loss, accuracy)`` on the server's test data (None when it has none). It may
+#: offer ``evaluate.probe(weights) -> why the model is unusable, or None``: a quick look at a few test
+#: examples that decides whether a new model is accepted, so the full evaluation can run in the
+#: background, while the next round trains.
+Evaluate = Callable[[Sequence[np.ndarray]], tuple[float | None, float | None]]
+
+
+class EngineStopping(Exception):
+    """A stop was requested (SIGTERM): the run ends cleanly at the next wait."""
+
+
+class RoundTimeout:
+    """How long a round waits for its answers. A fixed number of seconds, None (no limit), or "auto":
+
+    * before any answer was measured: 300 s plus 60 s per local epoch of the plan;
+    * after that: 3 x the slowest answer seen so far in the run (request sent to answer received,
+      so training and both transfers), at least 60 s;
+    * an attempt in which no selected client answered in time doubles it for the retry, so a
+      workload slower than the estimate still gets through.
+    """
+
+    FIRST_BASE_S, FIRST_PER_EPOCH_S, FACTOR, MINIMUM_S = 300.0, 60.0, 3.0, 60.0
+
+    def __init__(self, setting: float | str | None, epochs: int):
+        self.setting, self.epochs = setting, epochs
+        self.slowest_answer_s: float | None = None
+        self._backoff = 1.0
+
+    @property
+    def seconds(self) -> float | None:
+        if self.setting != AUTO:
+            return self.setting  # a number, or None for no limit
+        if self.slowest_answer_s is None:
+            base = self.FIRST_BASE_S + self.FIRST_PER_EPOCH_S * self.epochs
+        else:
+            base = max(self.MINIMUM_S, self.FACTOR * self.slowest_answer_s)
+        return base * self._backoff
+
+    def describe(self) -> str:
+        seconds = self.seconds
+        return "none" if seconds is None else f"{seconds:g}s" + (" (auto)" if self.setting == AUTO else "")
+
+    def answered(self, seconds: float) -> None:
+        self.slowest_answer_s = max(self.slowest_answer_s or 0.0, seconds)
+
+    def attempt_ended(self, *, answered: int) -> None:
+        """An attempt ended; with no answer in time, the next one waits twice as long."""
+        self._backoff = 1.0 if answered else self._backoff * 2
+
+
+@dataclass
+class Collection:
+    """The answers one attempt waits for: who was asked, with what, and who still owes an answer."""
+
+    kind: MessageType
+    server_round: int
+    attempt: int
+    requests: dict[str, Request] = field(default_factory=dict)  # client id -> what it was asked (again on return)
+    pending: set[str] = field(default_factory=set)
+    answered: set[str] = field(default_factory=set)
+    refused: set[str] = field(default_factory=set)
+    dropped: dict[str, str] = field(default_factory=dict)
+    sent_at: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def what(self) -> str:
+        return "update" if self.kind is MessageType.UPDATE else self.kind.value
+
+    def drop(self, client_id: str, reason: str) -> bool:
+        if client_id not in self.pending:
+            return False
+        self.pending.discard(client_id)
+        self.dropped[client_id] = reason
+        return True
+
+
+@dataclass
+class RunState:
+    """Everything a checkpoint holds of a run, and what the engine resumes from."""
+
+    completed_rounds: int
+    weights: list[np.ndarray]
+    history: list[RoundRecord]
+    strategy: Strategy
+    pool_state: dict[str, Any]
+    summary_clients: dict[str, dict[str, Any]]
+    slowest_answer_s: float | None
+    run_id: str | None = None
+
+
+class RoundEngine:
+    """Runs ``rounds`` rounds of ``strategy`` over ``pool``; returns the rounds' records."""
+
+    def __init__(
+        self,
+        pool: ClientPool,
+        weights: Sequence[np.ndarray],
+        *,
+        rounds: int,
+        plan: FitPlan,
+        strategy: Strategy,
+        min_clients: int = 1,
+        min_fit_clients: int = 1,
+        fraction_fit: float = 1.0,
+        seed: int = 0,
+        round_timeout: RoundTimeout | None = None,
+        evaluate: Evaluate | None = None,
+        max_examples: int = MAX_EXAMPLES,
+        persister: Any = None,
+        evaluate_in_background: bool = True,
+        on_round: Callable[[RoundRecord], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        label: str = "round",
+    ):
+        if not 1 <= min_fit_clients:
+            raise ValueError(f"min_fit_clients must be at least 1, got {min_fit_clients}")
+        self.pool = pool
+        self.weights = list(weights)
+        self.specs = protocol.array_specs(self.weights)
+        self.rounds, self.plan, self.strategy = rounds, plan, strategy
+        self.min_clients, self.min_fit_clients, self.fraction_fit = min_clients, min_fit_clients, fraction_fit
+        self.seed = seed
+        self.round_timeout = round_timeout or RoundTimeout(None, plan.epochs)
+        self.evaluate = evaluate
+        self.max_examples = max_examples
+        self.persister = persister
+        self.evaluate_in_background = evaluate_in_background
+        self.on_round = on_round
+        self.clock = clock
+        self.run_id = secrets.token_hex(8)  # names the run in every FIT: a resumed run keeps it
+        self.completed_rounds = 0
+        self.current_round = 0
+        self.history: list[RoundRecord] = []
+        self.summary_clients: dict[str, dict[str, Any]] = {}
+        self.final_metrics: tuple[float | None, float | None] = (None, None)
+        self._stop_reason: str | None = None
+        self._collection: Collection | None = None
+
+    # --- the run, top to bottom ----------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        """Stop at the next wait (safe from a signal handler): the last checkpoint stays the resume point."""
+        self._stop_reason = reason
+
+    def restore(self, state: RunState) -> None:
+        self.run_id = state.run_id or self.run_id
+        self.completed_rounds = self.current_round = state.completed_rounds
+        self.weights = list(state.weights)
+        self.history = list(state.history)
+        self.strategy = state.strategy
+        self.summary_clients = dict(state.summary_clients)
+        self.round_timeout.slowest_answer_s = state.slowest_answer_s
+        self.pool.restore(state.pool_state)
+
+    def load_checkpoint(self, path: Any, state: dict[str, Any]) -> RunState:
+        """A checkpoint's state, every field checked against this run (the model's arrays, the strategy,
+        the pool's tables); CheckpointError naming the file and the field if it cannot be used."""
+        try:
+            completed = state["round"]
+            if not isinstance(completed, int) or isinstance(completed, bool) or completed < 0:
+                raise ValueError(f"round is {str(completed)[:20]!r}, not a count")
+            if completed > self.rounds:
+                raise CheckpointMismatch(f"{path}: {completed} rounds are already completed but --rounds is "
+                                         f"{self.rounds}")
+            weights = state["weights"]
+            if not isinstance(weights, list) or not all(isinstance(w, np.ndarray) for w in weights):
+                raise ValueError("weights are not a list of arrays")
+            protocol.check_specs(protocol.array_specs(weights), self.specs)
+            if why_unusable(weights):
+                raise ValueError(f"the saved global model is unusable: {why_unusable(weights)}")
+            if not isinstance(state["history"], list):
+                raise ValueError("history is not a list")
+            history = [RoundRecord.from_json(entry) for entry in state["history"]]
+            if [r.round for r in history] != list(range(1, completed + 1)):
+                raise ValueError(f"round {completed!r} does not match its history of {len(history)} rounds")
+            strategy = restored_strategy(self.strategy, state["strategy"], weights)
+            raw_pool = state["pool"] if "pool" in state else {  # checkpoints before the engine kept these on top
+                "known_clients": state["known_clients"], "next_client_number": state["next_client_number"]}
+            pool_state = dict(self.pool.check_state(raw_pool)) if raw_pool else {}
+            summary_clients = _parse_summary_clients(state["summary_clients"])
+            run_id = state.get("run_id")
+            if run_id is not None and protocol.RUN_ID_PATTERN.fullmatch(str(run_id)) is None:
+                raise ValueError(f"run_id is {str(run_id)[:40]!r}")
+            slowest = state.get("slowest_answer_s")
+            if slowest is not None and not (isinstance(slowest, (int, float)) and np.isfinite(slowest) and slowest >= 0):
+                raise ValueError(f"slowest_answer_s is {str(slowest)[:20]!r}")
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, ProtocolError, ArithmeticError) as error:
+            raise CheckpointError(f"{path}: not a usable checkpoint of this run "
+                                  f"({error.__class__.__name__}: {str(error)[:200]})") from None
+        return RunState(completed, list(weights), history, strategy, pool_state, summary_clients, slowest, run_id)
+
+    def open(self, store: RunStore, *, logdir: Path | None, config: dict[str, Any], fresh_start: bool = False,
+             ) -> RunLog | None:
+        """Resume from ``store``'s newest usable checkpoint (unless ``fresh_start``) or archive the last
+        run; open the run log (rewriting a resumed run's events); persist through ``store`` from now on."""
+        restored = None if fresh_start else store.resume(self.load_checkpoint)
+        if restored is None:
+            store.archive(logdir)
+        else:
+            state, source = restored
+            self.restore(state)
+            log.info("resuming from %s: %d of %d rounds completed, %d known clients", source, self.completed_rounds,
+                     self.rounds, len(state.pool_state.get("known_clients", {})))
+        run_log = None
+        if logdir:
+            run_log = RunLog(logdir, config=config, resume=self.history if restored else None,
+                             clients=self.summary_clients if restored else None)
+            if run_log.archived_to:
+                log.info("moved the previous run's logs to %s", run_log.archived_to)
+        self.persister = Persister(store, run_log)
+        return run_log
+
+    def run(self) -> list[RoundRecord]:
+        """Every remaining round, then the end of the run. Raises :class:`EngineStopping` if stopped;
+        the rounds already handed to the persister are then persisted before it propagates."""
+        self.pool.publish(self.weights, self.completed_rounds)
+        try:
+            self._wait_for_clients(self.min_clients)
+            for server_round in range(self.completed_rounds + 1, self.rounds + 1):
+                self._run_round(server_round)
+        finally:
+            if self.persister is not None:
+                self.persister.wait()
+        self.final_metrics = ((self.history[-1].test_loss, self.history[-1].test_accuracy)
+                              if self.history else self._evaluate(self.weights))
+        if self.persister is not None:
+            self.persister.finish(self.snapshot(finished=True), self.final_metrics)
+        return self.history
+
+    def snapshot(self, *, finished: bool = False) -> dict[str, Any]:
+        """The run's state as a checkpoint holds it (arrays shared, never modified in place)."""
+        return {"round": self.completed_rounds, "finished": finished, "run_id": self.run_id, "weights": list(self.weights),
+                "strategy": copy.deepcopy(self.strategy.state()), "summary_clients": copy.deepcopy(self.summary_clients),
+                "history": [record.to_json() for record in self.history],
+                "slowest_answer_s": self.round_timeout.slowest_answer_s, "pool": copy.deepcopy(self.pool.state())}
+
+    def _wait_for_clients(self, needed: int) -> None:
+        next_progress = self.clock() + PROGRESS_EVERY_S
+        while len(self.pool.connected()) < needed:
+            self._poll(timeout_s=1.0)
+            if self.clock() >= next_progress:
+                log.info("waiting for clients: %d/%d joined", len(self.pool.connected()), needed)
+                next_progress = self.clock() + PROGRESS_EVERY_S
+
+    def _run_round(self, server_round: int) -> None:
+        self.current_round = server_round
+        started = self.clock()
+        sent_before, received_before = self.pool.bytes_sent, self.pool.bytes_received
+        failed_attempts: list[dict[str, Any]] = []
+        for attempt in itertools.count(1):
+            self._wait_for_clients(self.min_fit_clients)
+            selected, aggregator, results, dropped = self._fit_attempt(server_round, attempt)
+            self.round_timeout.attempt_ended(answered=len(results))
+            if len(results) >= self.min_fit_clients:
+                break
+            failed_attempts.append({"attempt": attempt, "selected": [cid for cid, _ in selected],
+                                    "answered": sorted(results), "dropped": dropped})
+            log.warning("round %d attempt %d failed: %d update(s), fewer than --min-fit-clients %d; "
+                        "retrying the round", server_round, attempt, len(results), self.min_fit_clients)
+        eval_started = self.clock()
+        refused = self._accept_new_model(server_round, aggregator, sorted(results))
+        self.pool.publish(self.weights, server_round)
+        federated = None
+        if self.plan.eval_fraction > 0 and not refused:
+            federated, eval_dropped = self._federated_evaluation(server_round)
+            for client_id, reason in eval_dropped.items():
+                dropped.setdefault(client_id, f"evaluation: {reason}")
+
+        record = RoundRecord.build(
+            server_round, [cid for cid, _ in selected], results, duration_s=self.clock() - started,
+            test=(None, None), eval_s=self.clock() - eval_started, dropped=dropped, federated=federated,
+            bytes_sent=self.pool.bytes_sent - sent_before, bytes_received=self.pool.bytes_received - received_before)
+        record.failed_attempts = failed_attempts
+        record.refused = refused
+        self.history.append(record)
+        self.completed_rounds = server_round
+        weights = self.weights
+
+        def evaluate_and_report() -> None:
+            """The global model on the test data, and the round's log line (in the persister's thread
+            when evaluation runs in the background: the next round's clients already train)."""
+            started_s = self.clock()
+            record.test_loss, record.test_accuracy = self._evaluate(weights)
+            record.eval_s = round(record.eval_s + self.clock() - started_s, 4)
+            log.info("%s", record.describe(self.rounds))
+
+        if self.persister is not None and self.evaluate_in_background:
+            self.persister.submit(self.snapshot(), record, dict(self.summary_clients), before=evaluate_and_report)
+        else:
+            evaluate_and_report()
+            if self.persister is not None:  # written while the next round's clients train
+                self.persister.submit(self.snapshot(), record, dict(self.summary_clients))
+        if self.on_round is not None:
+            self.on_round(record)
+
+    def _accept_new_model(self, server_round: int, aggregator: Aggregator, contributors: list[str]) -> str | None:
+        """Aggregate; keep the result as the global model unless it is unusable (not finite, or its
+        outputs or test loss are not). Returns why it was refused, or None."""
+        if self.persister is not None and self.evaluate_in_background:
+            self.persister.wait()  # the last round's evaluation is done with the model before it is probed
+        saved_state = copy.deepcopy(self.strategy.state())
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is judged just below
+                candidate = aggregator.result()
+        except (ValueError, ArithmeticError) as error:
+            candidate, reason = None, f"aggregation failed ({error})"
+        else:
+            reason = why_unusable(candidate)
+        if candidate is not None and reason is None and self.evaluate is not None:
+            probe = getattr(self.evaluate, "probe", None)  # a quick look at a few test examples, if offered
+            reason = probe(candidate) if probe is not None else why_unusable(candidate, self.evaluate(candidate)[0])
+        if reason is None:
+            self.weights = candidate
+            return None
+        self.strategy.load_state(saved_state)
+        log.warning("round %d: refused the new global model: %s; kept the previous one. Contributing clients: %s",
+                    server_round, reason, ", ".join(contributors))
+        return reason
+
+    def _evaluate(self, weights: Sequence[np.ndarray]) -> tuple[float | None, float | None]:
+        return self.evaluate(weights) if self.evaluate is not None else (None, None)
+
+    def _fit_attempt(self, server_round: int, attempt: int) -> tuple[list[tuple[str, FitPlan]], Aggregator,
+                                                                     dict[str, FitResult], dict[str, str]]:
+        """One try at a round: sample clients, ask them to train, collect what arrives."""
+        connected = self.pool.connected()
+        sampled = sample_clients(connected, self.fraction_fit, self.min_fit_clients,
+                                 (self.seed, server_round, attempt))
+        selected = self.strategy.configure_fit(server_round, sampled, self.plan)
+        log.info("round %d/%d started%s: %d of %d clients (%s)", server_round, self.rounds,
+                 f" (attempt {attempt})" if attempt > 1 else "", len(selected), len(connected),
+                 ", ".join(cid for cid, _ in selected))
+        aggregator = self.strategy.aggregator(server_round, self.weights)
+        collection = Collection(MessageType.UPDATE, server_round, attempt,
+                                {cid: FitRequest(server_round, attempt, plan, self.weights, self.run_id)
+                                 for cid, plan in selected})
+        results: dict[str, FitResult] = {}
+
+        def accept(answer: Answer) -> None:
+            body = answer.body
+            result = FitResult(answer.client_id, answer.arrays, body["num_examples"],
+                               {"fit_s": body["fit_s"], "history": body["history"]})
+            aggregator.add(result)
+            result.weights = ()
+            answer.arrays = []
+            results[answer.client_id] = result
+            self.pool.accepted(answer.client_id)
+            self.summary_clients[answer.client_id] = {"shard": self.pool.info(answer.client_id).shard,
+                                                      "num_examples": int(result.num_examples)}
+            log.info("round %d: update from %s (%d examples, fit %.2fs)%s", server_round, answer.client_id,
+                     body["num_examples"], body["fit_s"], _history_tail(body["history"]))
+
+        dropped = self._collect(collection, accept)
+        return selected, aggregator, results, dropped
+
+    def _federated_evaluation(self, server_round: int) -> tuple[dict[str, Any] | None, dict[str, str]]:
+        """Ask every connected client to evaluate the new global weights on its held-out data."""
+        request = EvaluateRequest(server_round, self.weights, self.run_id)
+        collection = Collection(MessageType.EVALUATION, server_round, 1,
+                                {cid: request for cid in self.pool.connected()})
+        results: dict[str, tuple[int, float | None, float | None]] = {}
+
+        def accept(answer: Answer) -> None:
+            results[answer.client_id] = (answer.body["num_examples"], answer.body["loss"], answer.body["accuracy"])
+
+        dropped = self._collect(collection, accept)
+        return weighted_evaluation(results), dropped
+
+    # --- collecting answers ----------------------------------------------------------------------
+
+    def _send(self, collection: Collection, client_id: str) -> bool:
+        if not self.pool.send(client_id, collection.requests[client_id]):
+            return False
+        collection.pending.add(client_id)
+        collection.dropped.pop(client_id, None)
+        collection.sent_at[client_id] = self.clock()
+        return True
+
+    def _collect(self, collection: Collection, accept: Callable[[Answer], None]) -> dict[str, str]:
+        """Send what ``collection`` holds and poll the pool until every asked client has answered,
+        been dropped, or the round timeout expired. Returns {client id: why it was dropped}."""
+        server_round, what = collection.server_round, collection.what
+        for client_id in collection.requests:
+            if not self._send(collection, client_id):
+                collection.dropped[client_id] = "could not be reached"
+                log.warning("round %d: could not reach client %s", server_round, client_id)
+        timeout_s = self.round_timeout.seconds
+        deadline = self.clock() + timeout_s if timeout_s else None
+        next_progress = self.clock() + PROGRESS_EVERY_S
+        self._collection = collection
+        try:
+            while collection.pending:
+                now = self.clock()
+                if deadline is not None and now >= deadline:
+                    for client_id in sorted(collection.pending):
+                        collection.drop(client_id, f"no {what} within {timeout_s:g}s")
+                        log.warning("round %d: dropped client %s: no %s within %gs", server_round, client_id,
+                                    what, timeout_s)
+                    break
+                if now >= next_progress:
+                    log.info("round %d: waiting for %d %s(s): %s", server_round, len(collection.pending), what,
+                             ", ".join(sorted(collection.pending)))
+                    next_progress = now + PROGRESS_EVERY_S
+                for answer in self._poll(timeout_s=min(1.0, deadline - now) if deadline else 1.0):
+                    self._take_answer(collection, answer, accept)
+        finally:
+            self._collection = None
+        return collection.dropped
+
+    def _poll(self, timeout_s: float) -> list[Answer]:
+        """Poll the pool; handle departures, returns and misbehaviour here; return the answers."""
+        if self._stop_reason:
+            raise EngineStopping(self._stop_reason)
+        answers = []
+        collection = self._collection
+        for event in self.pool.poll(timeout_s):
+            if isinstance(event, Answer):
+                answers.append(event)
+            elif collection is None:
+                continue
+            elif isinstance(event, Gone):
+                if collection.drop(event.client_id, event.reason):
+                    log.warning("round %d: dropped client %s before its %s: %s", collection.server_round,
+                                event.client_id, collection.what, event.reason)
+            elif isinstance(event, Back):
+                client_id = event.client_id  # asked in this round and back (or asking again): its request
+                if (client_id in collection.requests and client_id not in collection.answered  # may be lost
+                        and client_id not in collection.refused and self._send(collection, client_id)):
+                    log.info("round %d: client %s is back; sent its %s again", collection.server_round, client_id,
+                             "FIT" if collection.kind is MessageType.UPDATE else "EVALUATE")
+            elif isinstance(event, Misbehaved) and collection.drop(event.client_id,
+                                                                   f"sent a malformed message: {event.reason}"):
+                collection.refused.add(event.client_id)
+                log.warning("round %d: dropped client %s: it sent a malformed message", collection.server_round,
+                            event.client_id)
+        return answers
+
+    def _take_answer(self, collection: Collection, answer: Answer, accept: Callable[[Answer], None]) -> None:
+        """Judge an answer: stale and unasked ones are refused; a repeat of one already taken is
+        ignored; an unusable one is refused and its client dropped from the round."""
+        client_id, kind, server_round = answer.client_id, collection.kind, collection.server_round
+        if answer.kind is not kind or answer.round != server_round or answer.attempt != collection.attempt:
+            self.pool.refuse(client_id, f"{answer.kind.value} for round {answer.round} attempt {answer.attempt}; the "
+                                        f"server waits for {kind.value} of round {server_round} attempt "
+                                        f"{collection.attempt} (late or out of order)")
+            return
+        if client_id in collection.answered:
+            log.debug("round %d: ignored a repeated %s from %s", server_round, kind.value, client_id)
+            return
+        if client_id not in collection.pending:
+            self.pool.refuse(client_id, f"no {kind.value} expected from it in round {server_round}")
+            return
+        problem = self._check_answer(answer)
+        if problem:
+            self.pool.refuse(client_id, problem)
+            collection.refused.add(client_id)
+            collection.drop(client_id, f"answer refused: {problem}")
+            log.warning("round %d: dropped client %s: its %s was refused (%s)", server_round, client_id,
+                        kind.value, problem)
+            return
+        collection.pending.discard(client_id)
+        collection.answered.add(client_id)
+        if kind is MessageType.UPDATE:
+            self.round_timeout.answered(self.clock() - collection.sent_at[client_id])
+        accept(answer)
+
+    def _check_answer(self, answer: Answer) -> str | None:
+        """Why an answer's content cannot be used, or None if it can."""
+        try:
+            if answer.kind is MessageType.UPDATE:
+                protocol.check_specs(protocol.array_specs(answer.arrays), self.specs)
+                protocol.check_history(answer.body["history"], self.plan.epochs)
+            protocol.check_finite(answer.arrays)
+        except ProtocolError as error:
+            return str(error)
+        if answer.kind is MessageType.UPDATE:
+            claimed, declared = answer.body["num_examples"], self.pool.info(answer.client_id).declared_examples
+            if declared and claimed > declared:
+                return f"claims {claimed} examples but declared {declared} when it joined"
+            if claimed > self.max_examples:
+                return f"claims {claimed} examples, more than --max-examples {self.max_examples}"
+        return None
+
+
+def _parse_summary_clients(raw: Any) -> dict[str, dict[str, Any]]:
+    """A checkpoint's table of the clients that took part, type-checked (ValueError otherwise)."""
+    if not isinstance(raw, dict):
+        raise ValueError("summary_clients is not a mapping")
+    clients = {}
+    for client_id, entry in raw.items():
+        if not protocol.is_client_id(client_id) or not isinstance(entry, dict):
+            raise ValueError(f"summary_clients entry {str(client_id)[:70]!r} is not a client id with a mapping")
+        shard, count = entry.get("shard"), entry.get("num_examples", 0)
+        if (shard is not None and not protocol.is_shard_name(shard)) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"summary_clients entry {client_id!r} has a bad shard or num_examples")
+        clients[client_id] = {"shard": shard, "num_examples": count}
+    return clients
+
+
+def restored_strategy(strategy: Strategy, saved: Any, weights: list[np.ndarray]) -> Strategy:
+    """A copy of ``strategy`` holding ``saved`` state, after a trial server step on a copy shows the
+    state fits the model (a wrong-shaped momentum, say, would otherwise fail mid-run). ValueError
+    (or the TypeError the strategy raises) says why not."""
+    if not isinstance(saved, dict):
+        raise ValueError("the strategy state is not a mapping")
+    restored = copy.deepcopy(strategy)
+    restored.load_state(saved)
+    trial = getattr(copy.deepcopy(restored), "inner", None) or copy.deepcopy(restored)
+    if isinstance(trial, WeightedMeanStrategy):  # the strategies that keep state between rounds
+        with np.errstate(over="ignore", invalid="ignore"):
+            reason = why_unusable(trial.server_update(weights, weights))
+        if reason:
+            raise ValueError(f"the strategy state does not fit the model: a trial step gives a model where {reason}")
+    return restored
+
+
+def _history_tail(history: dict[str, list]) -> str:
+    parts = [f"{name} {series[-1]:.4f}" for name, series in history.items() if series and series[-1] is not None]
+    return f": {', '.join(parts)}" if parts else ""
+
+
+__all__ = ["AUTO", "Collection", "EngineStopping", "Evaluate", "RoundEngine", "RoundTimeout", "RunState",
+           "restored_strategy"]

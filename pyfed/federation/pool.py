@@ -1,0 +1,226 @@
+"""The client pool: how the round engine reaches its clients, whatever carries them.
+
+The engine (:mod:`pyfed.federation.engine`) runs every round against this small interface; two
+adapters implement it: :class:`~pyfed.federation.network.NetworkPool` (ZeroMQ: transport, registry,
+joins, heartbeats) and :class:`InProcessPool` (local trainers called in this process, with injected
+failures). A fake pool in the unit tests drives every failure path without sockets or TensorFlow.
+
+The engine sends requests (:class:`FitRequest`, :class:`EvaluateRequest`) and polls for events:
+an :class:`Answer`, a client :class:`Gone` (it left, its connection died, its key was revoked),
+a client :class:`Back` (it joined or rejoined: if it owes the round an answer, the engine sends its
+request again), or a client that :class:`Misbehaved` (sent a message that could not be decoded).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from pyfed.wire.protocol import FitPlan, MessageType
+
+log = logging.getLogger("pyfed.pool")
+
+
+@dataclass(frozen=True)
+class FitRequest:
+    """Train ``round`` (attempt ``attempt``) of run ``run`` from these global weights with this plan."""
+
+    round: int
+    attempt: int
+    plan: FitPlan
+    weights: Sequence[np.ndarray]
+    run: str = "0" * 16
+
+
+@dataclass(frozen=True)
+class EvaluateRequest:
+    """Evaluate these global weights (of ``round`` of run ``run``) on the held-out part of your data."""
+
+    round: int
+    weights: Sequence[np.ndarray]
+    run: str = "0" * 16
+
+
+Request = FitRequest | EvaluateRequest
+
+
+@dataclass
+class Answer:
+    """A client's UPDATE or EVALUATION: its header fields, its body and its arrays (views, maybe)."""
+
+    client_id: str
+    kind: MessageType
+    round: int
+    attempt: int
+    body: dict[str, Any]
+    arrays: list[np.ndarray] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Gone:
+    client_id: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Back:
+    client_id: str
+
+
+@dataclass(frozen=True)
+class Misbehaved:
+    client_id: str
+    reason: str
+
+
+PoolEvent = Answer | Gone | Back | Misbehaved
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """What the pool knows of a client: its data shard (if it was handed one) and the examples it
+    declared when it joined (0: unknown), which bounds what it may claim in an update."""
+
+    shard: str | None = None
+    declared_examples: int = 0
+
+
+class ClientPool(Protocol):
+    """What the round engine needs from the clients' side."""
+
+    bytes_sent: int
+    bytes_received: int
+
+    def connected(self) -> list[str]:
+        """The ids of the clients that can be asked now."""
+
+    def info(self, client_id: str) -> ClientInfo: ...
+
+    def publish(self, weights: Sequence[np.ndarray], server_round: int) -> None:
+        """The global model as of ``server_round``: what a client that joins now is given."""
+
+    def send(self, client_id: str, request: Request) -> bool:
+        """Ask a client; False if it cannot be reached."""
+
+    def poll(self, timeout_s: float) -> list[PoolEvent]:
+        """Events since the last poll, waiting up to ``timeout_s`` for one."""
+
+    def refuse(self, client_id: str, reason: str) -> None:
+        """Tell a client its answer was refused."""
+
+    def accepted(self, client_id: str) -> None:
+        """A client's update counted (its id is kept for good)."""
+
+    def state(self) -> dict[str, Any]:
+        """What a checkpoint keeps of the pool (JSON values)."""
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Take back :meth:`state` from a checkpoint (validated by :meth:`check_state` first)."""
+
+    def check_state(self, state: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``state`` read back from a checkpoint, type-checked; ValueError names what is wrong."""
+
+    def finish(self, reason: str) -> None:
+        """The run is over: tell every client."""
+
+    def stop(self, reason: str) -> None:
+        """The server is stopping (it will resume): tell every client."""
+
+
+class Trainer(Protocol):
+    """A local trainer, as the in-process pool uses it (:class:`~pyfed.learning.training.LocalTrainer`)."""
+
+    num_examples: int
+
+    def fit(self, weights: list[np.ndarray], plan: FitPlan) -> tuple[list[np.ndarray], int, dict[str, Any]]: ...
+
+    def evaluate(self, weights: list[np.ndarray]) -> tuple[int, float | None, float | None]: ...
+
+
+class InProcessPool:
+    """Clients that are local trainers, called one at a time in this process (a simulation).
+
+    ``drop_rate`` injects failures: each request is lost with that probability (the client is
+    dropped from that attempt, as a crashed or unplugged client would be) and the client is back
+    for the next request. Draws come from ``seed``, so a simulation with failures is reproducible.
+    """
+
+    bytes_sent = 0
+    bytes_received = 0
+
+    def __init__(self, trainers: Mapping[str, Trainer], *, drop_rate: float = 0.0, seed: int = 0,
+                 on_answer: Any = None):
+        if not 0 <= drop_rate < 1:
+            raise ValueError(f"drop_rate must be in [0, 1), got {drop_rate}")
+        self.trainers = dict(trainers)
+        self.drop_rate = drop_rate
+        self._rng = np.random.default_rng(seed)
+        self._queue: deque[tuple[str, Request]] = deque()
+        self._on_answer = on_answer  # on_answer(done, remaining): progress through the requests queued
+        self._done = 0
+
+    def connected(self) -> list[str]:
+        return list(self.trainers)
+
+    def info(self, client_id: str) -> ClientInfo:
+        return ClientInfo(None, int(self.trainers[client_id].num_examples))
+
+    def publish(self, weights: Sequence[np.ndarray], server_round: int) -> None:
+        pass  # trainers are given the weights with each request
+
+    def send(self, client_id: str, request: Request) -> bool:
+        self._queue.append((client_id, request))
+        return True
+
+    def poll(self, timeout_s: float) -> list[PoolEvent]:
+        """Run the next queued request (all of the waiting happens here, as compute)."""
+        if not self._queue:
+            return []
+        client_id, request = self._queue.popleft()
+        events = self._run(client_id, request)
+        self._done += 1
+        if self._on_answer is not None:
+            self._on_answer(self._done, len(self._queue))
+        if not self._queue:
+            self._done = 0
+        return events
+
+    def _run(self, client_id: str, request: Request) -> list[PoolEvent]:
+        if self.drop_rate and self._rng.random() < self.drop_rate:  # lost for this request; asked again later
+            return [Gone(client_id, "dropped (simulated failure)")]
+        trainer = self.trainers[client_id]
+        if isinstance(request, FitRequest):
+            weights, num_examples, metrics = trainer.fit(list(request.weights), request.plan)
+            answer = Answer(client_id, MessageType.UPDATE, request.round, request.attempt,
+                            {"num_examples": num_examples, **metrics}, list(weights))
+        else:
+            num_examples, loss, accuracy = trainer.evaluate(list(request.weights))
+            answer = Answer(client_id, MessageType.EVALUATION, request.round, 1,
+                            {"num_examples": num_examples, "loss": loss, "accuracy": accuracy})
+        return [answer]
+
+    def refuse(self, client_id: str, reason: str) -> None:
+        log.warning("client %s: %s", client_id, reason)
+
+    def accepted(self, client_id: str) -> None:
+        pass
+
+    def state(self) -> dict[str, Any]:
+        return {}
+
+    def check_state(self, state: Mapping[str, Any]) -> Mapping[str, Any]:
+        return state
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        pass
+
+    def finish(self, reason: str) -> None:
+        pass
+
+    def stop(self, reason: str) -> None:
+        pass

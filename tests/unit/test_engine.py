@@ -1,0 +1,347 @@
+"""The round engine against a fake pool and a fake clock: every failure path, no sockets, no TensorFlow."""
+
+from __future__ import annotations
+
+import sys
+from collections import deque
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from pyfed.federation.engine import EngineStopping, RoundEngine, RoundTimeout
+from pyfed.federation.pool import (Answer, Back, ClientInfo, EvaluateRequest, FitRequest, Gone, InProcessPool,
+                                   Misbehaved, PoolEvent)
+from pyfed.federation.strategy import FedAvg, FedAvgM
+from pyfed.persistence.store import Persister, RunStore
+from pyfed.wire.protocol import FitPlan, MessageType
+
+pytestmark = pytest.mark.unit
+
+WEIGHTS = [np.zeros((2, 2), np.float32), np.zeros(2, np.float32)]
+PLAN = FitPlan(epochs=2)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def update(client_id: str, request: FitRequest, value: float, examples: int = 10, **changes) -> Answer:
+    body = {"num_examples": examples, "fit_s": 0.5, "history": {"loss": [1.0, 0.5]}}
+    fields = {"round": request.round, "attempt": request.attempt, **changes}
+    return Answer(client_id, MessageType.UPDATE, fields["round"], fields["attempt"], body,
+                  [np.full_like(w, value) for w in request.weights])
+
+
+Behaviour = Callable[[str, FitRequest], list[PoolEvent]]
+
+
+def answers(value: float, examples: int = 10) -> Behaviour:
+    return lambda cid, request: [update(cid, request, value, examples)]
+
+
+class FakePool:
+    """Clients scripted by behaviours: what each does when asked (events it causes)."""
+
+    bytes_sent = bytes_received = 0
+
+    def __init__(self, behaviours: dict[str, Behaviour], clock: Clock, declared: int = 0):
+        self.behaviours, self.clock, self.declared = behaviours, clock, declared
+        self.present = set(behaviours)
+        self.sent: list[tuple[str, object]] = []
+        self.refused: list[tuple[str, str]] = []
+        self.events: deque[PoolEvent] = deque()
+        self.published: list[int] = []
+        self.finished = self.stopped = False
+
+    def connected(self) -> list[str]:
+        return sorted(self.present)
+
+    def info(self, client_id: str) -> ClientInfo:
+        return ClientInfo(None, self.declared)
+
+    def publish(self, weights, server_round: int) -> None:
+        self.published.append(server_round)
+
+    def send(self, client_id: str, request) -> bool:
+        if client_id not in self.present:
+            return False
+        self.sent.append((client_id, request))
+        if isinstance(request, FitRequest):
+            self.events.extend(self.behaviours[client_id](client_id, request))
+        return True
+
+    def poll(self, timeout_s: float) -> list[PoolEvent]:
+        if self.events:
+            event = self.events.popleft()
+            if isinstance(event, Gone):
+                self.present.discard(event.client_id)
+            elif isinstance(event, Back):
+                self.present.add(event.client_id)
+            return [event]
+        self.clock.now += timeout_s  # nothing happens: time passes
+        return []
+
+    def refuse(self, client_id: str, reason: str) -> None:
+        self.refused.append((client_id, reason))
+
+    def accepted(self, client_id: str) -> None:
+        pass
+
+    def state(self) -> dict:
+        return {}
+
+    def check_state(self, state):
+        return state
+
+    def restore(self, state) -> None:
+        pass
+
+    def finish(self, reason: str) -> None:
+        self.finished = True
+
+    def stop(self, reason: str) -> None:
+        self.stopped = True
+
+
+def engine(pool: FakePool, clock: Clock, **kwargs) -> RoundEngine:
+    options = {"rounds": 1, "plan": PLAN, "strategy": FedAvg(), "min_clients": 1,
+               "round_timeout": RoundTimeout(100.0, PLAN.epochs), **kwargs}
+    return RoundEngine(pool, WEIGHTS, clock=clock, **options)
+
+
+def fit_requests(pool: FakePool) -> list[tuple[str, int, int]]:
+    return [(cid, r.round, r.attempt) for cid, r in pool.sent if isinstance(r, FitRequest)]
+
+
+def test_a_round_averages_the_answers_by_examples_and_records_it():
+    clock = Clock()
+    pool = FakePool({"a": answers(1.0, 10), "b": answers(4.0, 30)}, clock)
+    run = engine(pool, clock, evaluate=lambda weights: (float(weights[0][0, 0]), 0.5))
+    history = run.run()
+    np.testing.assert_allclose(run.weights[0], np.full((2, 2), 3.25))  # (1*10 + 4*30) / 40
+    record = history[0]
+    assert (record.clients, record.selected, record.test_loss, record.dropped) == (["a", "b"], ["a", "b"], 3.25, {})
+    assert record.num_examples == {"a": 10, "b": 30} and record.train_history["a"] == {"loss": [1.0, 0.5]}
+    assert run.summary_clients == {"a": {"shard": None, "num_examples": 10}, "b": {"shard": None, "num_examples": 30}}
+    assert pool.published == [0, 1]  # joining clients get the model of the round that just ended
+
+
+def test_a_client_that_goes_away_is_dropped_and_the_round_goes_on():
+    clock = Clock()
+    pool = FakePool({"a": answers(1.0), "b": lambda cid, r: [Gone(cid, "connection lost")]}, clock)
+    record = engine(pool, clock).run()[0]
+    assert record.clients == ["a"] and record.dropped == {"b": "connection lost"}
+
+
+def test_too_few_updates_retry_the_round_with_a_new_attempt():
+    clock = Clock()
+    flaky = iter([[Gone("b", "connection lost"), Back("b")], []])
+
+    def b(cid, request):
+        events = next(flaky, None)
+        return events if events else [update(cid, request, 2.0)]
+
+    pool = FakePool({"a": answers(1.0), "b": b}, clock)
+    run = engine(pool, clock, min_fit_clients=2)
+    record = run.run()[0]
+    assert record.failed_attempts[0]["answered"] == ["a"]
+    assert record.failed_attempts[0]["dropped"] == {"b": "connection lost"}
+    assert record.clients == ["a", "b"]  # the retry, once b was back, took both
+    assert fit_requests(pool) == [("a", 1, 1), ("b", 1, 1), ("a", 1, 2), ("b", 1, 2)]
+
+
+def test_a_client_that_never_answers_is_dropped_when_the_round_times_out():
+    clock = Clock()
+    pool = FakePool({"a": answers(1.0), "silent": lambda cid, r: []}, clock)
+    record = engine(pool, clock, round_timeout=RoundTimeout(30.0, 2)).run()[0]
+    assert record.dropped == {"silent": "no update within 30s"} and record.clients == ["a"]
+    assert clock.now >= 30
+
+
+def test_the_auto_timeout_doubles_after_an_attempt_nobody_answered():
+    clock = Clock()
+    calls = []
+
+    def slow(cid, request):
+        calls.append(request.attempt)
+        return [] if request.attempt == 1 else [update(cid, request, 1.0)]
+
+    pool = FakePool({"a": slow}, clock)
+    timeout = RoundTimeout("auto", PLAN.epochs)
+    record = engine(pool, clock, round_timeout=timeout).run()[0]
+    assert calls == [1, 2] and record.failed_attempts[0]["dropped"] == {"a": "no update within 420s"}
+    assert timeout.seconds == 60  # measured answers: 3 x the slowest, at least 60 s
+
+
+def test_stale_unasked_and_repeated_answers():
+    clock = Clock()
+
+    def chatty(cid, request):
+        return [update(cid, request, 9.0, round=request.round + 5),  # stale: refused, still pending
+                update(cid, request, 9.0, attempt=request.attempt + 1),  # another attempt: refused
+                update(cid, request, 2.0),  # the real one
+                update(cid, request, 7.0)]  # a repeat (an answer sent again): ignored
+
+    pool = FakePool({"a": chatty, "b": answers(2.0)}, clock)
+    pool.events.append(update("nobody", FitRequest(1, 1, PLAN, WEIGHTS), 5.0))  # not asked
+    run = engine(pool, clock)
+    record = run.run()[0]
+    np.testing.assert_allclose(run.weights[0], 2.0)
+    assert record.clients == ["a", "b"]
+    reasons = [reason for _, reason in pool.refused]
+    assert any("round 6 attempt 1" in r for r in reasons) and any("round 1 attempt 2" in r for r in reasons)
+    assert any(c == "nobody" and "no update expected" in r for c, r in pool.refused)
+    assert len(pool.refused) == 3  # the repeat was not refused
+
+
+def test_a_client_back_in_the_same_round_is_asked_again_and_its_answer_counts():
+    clock = Clock()
+    seen = []
+
+    def comes_back(cid, request):  # gone and back while "a" still trains; "a" answers after that
+        seen.append(request.attempt)
+        if len(seen) == 1:
+            return [Gone(cid, "connection lost"), Back(cid), update("a", request, 1.0)]
+        return [update(cid, request, 3.0)]
+
+    pool = FakePool({"a": lambda cid, r: [], "b": comes_back}, clock)
+    record = engine(pool, clock).run()[0]
+    assert record.clients == ["a", "b"] and record.dropped == {} and not record.failed_attempts
+    assert seen == [1, 1]  # the same attempt's FIT, sent again
+
+
+@pytest.mark.parametrize("bad, reason", [
+    (lambda cid, r: [update(cid, r, np.nan)], "answer refused: array 0 holds NaN or Inf"),
+    (lambda cid, r: [update(cid, r, 1.0, examples=500)], "answer refused: claims 500 examples but declared 100"),
+    (lambda cid, r: [Misbehaved(cid, "header is 9 bytes too long")], "sent a malformed message: header is"),
+])
+def test_an_unusable_answer_drops_its_client_at_once(bad, reason):
+    clock = Clock()
+    pool = FakePool({"a": answers(1.0), "bad": bad}, clock, declared=100)
+    record = engine(pool, clock).run()[0]
+    assert record.dropped["bad"].startswith(reason) and record.clients == ["a"]
+    assert clock.now == 0  # nobody waited for it
+
+
+def test_a_model_that_would_be_useless_is_refused_and_the_strategy_rolled_back():
+    clock = Clock()
+    pool = FakePool({"a": answers(3e38), "b": answers(3e38)}, clock)
+    strategy = FedAvgM()
+    losses = iter([float("nan"), 0.7])
+    run = engine(pool, clock, strategy=strategy, evaluate=lambda w: (next(losses), 0.1))
+    record = run.run()[0]
+    assert record.refused == "its test loss is nan" and record.test_loss == 0.7
+    assert all(np.array_equal(w, z) for w, z in zip(run.weights, WEIGHTS))
+    assert strategy.state() == {"velocity": None}  # as before the round
+
+
+class RecordingPersister:
+    def __init__(self) -> None:
+        self.snapshots, self.finished = [], None
+
+    def submit(self, snapshot, record, summary_clients, before=None) -> None:
+        if before is not None:
+            before()
+        self.snapshots.append(snapshot)
+
+    def wait(self) -> None:
+        pass
+
+    def finish(self, snapshot, final) -> None:
+        self.finished = (snapshot, final)
+
+
+def test_every_round_is_handed_to_the_persister_and_the_run_finishes_with_a_final_snapshot():
+    clock = Clock()
+    pool = FakePool({"a": answers(1.0)}, clock)
+    persister = RecordingPersister()
+    engine(pool, clock, rounds=3, persister=persister).run()
+    assert [s["round"] for s in persister.snapshots] == [1, 2, 3]
+    assert persister.finished[0]["finished"] is True and persister.finished[0]["round"] == 3
+
+
+def test_a_stop_request_ends_the_run_at_the_next_wait():
+    clock = Clock()
+    pool = FakePool({"a": answers(1.0)}, clock)
+    run = engine(pool, clock, rounds=5, min_clients=2)  # waits for a second client that never comes
+    run.request_stop("SIGTERM")
+    with pytest.raises(EngineStopping, match="SIGTERM"):
+        run.run()
+
+
+def test_a_crash_between_a_round_and_its_checkpoint_loses_that_round_only(tmp_path):
+    """Round 2's checkpoint is never written (the process dies while writing it): a new engine on
+    the same store resumes after round 1 and records rounds 2 and 3 once each."""
+
+    class CrashingStore(RunStore):
+        def save(self, state):
+            if state["round"] == 2:
+                raise KeyboardInterrupt("killed while writing round 2's checkpoint")
+            return super().save(state)
+
+    fingerprint = {"model": "m", "strategy": "fedavg"}
+    clock = Clock()
+    first = engine(FakePool({"a": answers(1.0)}, clock), clock, rounds=3)
+    first.persister = Persister(CrashingStore(tmp_path, fingerprint))
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    assert [p.name for p in RunStore(tmp_path, fingerprint).checkpoints()] == ["round-000001.npz"]
+
+    second = engine(FakePool({"a": answers(2.0)}, clock), clock, rounds=3)
+    second.open(RunStore(tmp_path, fingerprint), logdir=None, config={})
+    assert second.completed_rounds == 1
+    history = second.run()
+    assert [r.round for r in history] == [1, 2, 3]
+    assert [p.name for p in RunStore(tmp_path, fingerprint).checkpoints()] == [
+        "round-000001.npz", "round-000002.npz", "round-000003.npz"]
+
+
+def test_the_engine_imports_no_tensorflow():
+    assert "pyfed.federation.engine" in sys.modules
+    import subprocess
+
+    loaded = subprocess.run([sys.executable, "-c", "import sys, pyfed.federation.server, pyfed.federation.engine; "
+                             "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"
+
+
+class Trainer:
+    num_examples = 10
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def fit(self, weights, plan):
+        return [np.full_like(w, self.value) for w in weights], 10, {"fit_s": 0.1, "history": {"loss": [0.5]}}
+
+    def evaluate(self, weights):
+        return 5, 0.25, 0.75
+
+
+def test_the_in_process_pool_runs_rounds_with_injected_failures_reproducibly():
+    def run(seed: int) -> list:
+        pool = InProcessPool({f"c{i}": Trainer(float(i)) for i in range(10)}, drop_rate=0.3, seed=seed)
+        return RoundEngine(pool, WEIGHTS, rounds=3, plan=PLAN, strategy=FedAvg(), min_fit_clients=5).run()
+
+    def outcome(history):
+        return [(r.clients, r.dropped) for r in history]
+
+    history = run(0)
+    assert outcome(history) == outcome(run(0))  # the same failures for the same seed
+    dropped = [r.dropped for r in history]
+    assert any(dropped) and all(reason == "dropped (simulated failure)" for d in dropped for reason in d.values())
+    assert all(len(r.clients) >= 5 for r in history)
+    assert outcome(run(1)) != outcome(history)
+
+
+def test_federated_evaluation_goes_through_the_pool():
+    pool = InProcessPool({"a": Trainer(1.0), "b": Trainer(2.0)})
+    record = RoundEngine(pool, WEIGHTS, rounds=1, plan=FitPlan(eval_fraction=0.2), strategy=FedAvg()).run()[0]
+    assert record.federated_evaluation["num_examples"] == 10 and record.federated_evaluation["accuracy"] == 0.75
+    assert isinstance(EvaluateRequest(1, WEIGHTS), EvaluateRequest)
