@@ -1,6 +1,6 @@
 """Aggregation at scale: FedAvg over N = 10, 100, 1,000 updates of the seed model, arriving one by one.
 
-PyFed's FedAvg folds each update into a running float64 weighted sum (pyfed.aggregate.WeightedSum),
+PyFed's FedAvg folds each update into a running float64 weighted sum (pyfed.federation.aggregate.WeightedSum),
 so memory should not grow with N. Compared, in the same run, with a plain numpy axpy loop
 (``acc += w * update`` per array, float64 accumulator). Peak memory is what tracemalloc sees numpy
 allocate above the baseline, in copies of the model (21.6 MB); the updates themselves come from a
@@ -16,7 +16,7 @@ import tracemalloc
 import numpy as np
 
 from bench.common import emit, seed_weights, table
-from pyfed.aggregate import WeightedSum
+from pyfed.federation.aggregate import WeightedSum
 
 POOL = 4
 

@@ -20,9 +20,9 @@ import numpy as np
 import zmq
 
 from bench.common import free_port, BENCH, emit, finish, median, start, synthetic_data, table, tail
-from pyfed import protocol
-from pyfed.protocol import Message, MessageType
-from pyfed.transport import ClientTransport
+from pyfed.wire import protocol
+from pyfed.wire.protocol import Message, MessageType
+from pyfed.wire.transport import ClientTransport
 
 
 def run_clients(address: str, count: int, timeout_s: float) -> dict:

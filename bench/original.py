@@ -106,5 +106,5 @@ def run_rounds(shards: list[Path], rounds_: int, epochs: int, batch_size: int, p
         per_round.append({"wall_s": round_end - round_start, "slowest_fit_s": slowest,
                           "overhead_s": round_end - round_start - slowest})
     warm = per_round[1:] or per_round  # as for PyFed: rounds 2..R
-    return {"rounds": per_round, "server_peak_rss_mb": server_done.peak_rss_mb,
+    return {"rounds": per_round, "server_peak_rss_mb": server_done.peak_rss_mb, "server_wall_s": server_done.wall_s,
             **{f"median_{key}": median([r[key] for r in warm]) for key in warm[0]}}

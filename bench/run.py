@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from bench import aggregate, many_clients, original, round as round_bench, wire
+from bench import aggregate, many_clients, original, outside, round as round_bench, wire
 from bench.common import free_port, BENCH, machine, table
 
 START, END = "<!-- results:start -->", "<!-- results:end -->"
@@ -49,6 +49,13 @@ def targets(results: dict) -> list[list]:
         ["server peak RSS vs original", "(reported)", f"{r['seed']['pyfed']['server_peak_rss_mb']:.0f} MB vs "
          f"{r['seed']['original']['server_peak_rss_mb']:.0f} MB ({r['server_rss_ratio']:.1f}x less)", True],
     ]
+    o = results["outside"]
+    rows += [
+        ["a round from outside vs original", ">= 8x cheaper", f"{o['original_over_pyfed']:.1f}x",
+         o["original_over_pyfed"] >= 8],
+        ["a round from outside vs its floor", "<= 1.2x (slowest fit + transfers)", f"{o['pyfed_round_over_floor']:.2f}x",
+         o["pyfed_round_over_floor"] <= 1.2],
+    ]
     return rows
 
 
@@ -62,13 +69,14 @@ def main() -> None:
     results["original_wire"] = original.wire(repeats=2 if args.quick else 5, port=free_port())
     results["wire"] = wire.run(args.quick, original=results["original_wire"])
     results["round"] = round_bench.run(args.quick)
+    results["outside"] = outside.run(args.quick)
     results["aggregate"] = aggregate.run(args.quick)
     results["many_clients"] = many_clients.run(args.quick)
     results["seconds"] = time.monotonic() - started
 
     rows = [[figure, target, measured, "yes" if met else "**no**"] for figure, target, measured, met in targets(results)]
     sections = [table("Targets", ["figure", "target", "measured", "met"], rows)]
-    for name in ("wire", "round", "aggregate", "many_clients"):
+    for name in ("wire", "round", "outside", "aggregate", "many_clients"):
         sections.append(results[name].pop("_markdown", ""))
     env = results["machine"]
     header = (f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `python -m bench.run"

@@ -3,7 +3,7 @@
     python -m bench.strategies                 # the committed table (about 15 minutes on 2 cores)
     python -m bench.strategies --quick         # 2 strategies x 2 rounds x 1 seed, to check the script
 
-Each run is an in-process simulation (``pyfed.simulation``) with the strategy's default
+Each run is an in-process simulation (``pyfed.federation.simulation``) with the strategy's default
 parameters: 10 clients on scikit-learn's digits (1,438 training and 359 test examples), the
 default MLP, Adam on the clients, the same plan for every strategy. Writes bench/STRATEGIES.md
 and bench/STRATEGIES.json (or --out).
@@ -29,10 +29,11 @@ def run_one(strategy_name: str, scheme: str, alpha: float | None, seed: int, *, 
             learning_rate: float, num_clients: int) -> dict:
     import keras
 
-    from pyfed.data import load_dataset, split_dataset
-    from pyfed.model import default_model
-    from pyfed.simulation import Simulation, rounds_to_reach
-    from pyfed.strategy import FitPlan, make_strategy
+    from pyfed.learning.data import load_dataset, split_dataset
+    from pyfed.learning.model import default_model
+    from pyfed.federation.simulation import Simulation, rounds_to_reach
+    from pyfed.federation.strategy import make_strategy
+    from pyfed.wire.protocol import FitPlan
 
     x, y = load_dataset("digits")
     clients, test = split_dataset(x, y, num_clients, seed=seed, scheme=scheme, alpha=alpha or 0.5)
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
 
-    from pyfed.strategy import STRATEGIES
+    from pyfed.federation.strategy import STRATEGIES
 
     strategies = [s for s in args.strategies.split(",") if s] or list(STRATEGIES)
     if args.quick:

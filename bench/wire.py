@@ -68,10 +68,13 @@ def raw_socket(weights: list[np.ndarray], repeats: int) -> float:
 
 # --- PyFed ------------------------------------------------------------------------------------
 
+RUN = "0123456789abcdef"
+
+
 def _pyfed_client(address: str, repeats: int) -> None:
-    from pyfed import protocol
-    from pyfed.protocol import Message, MessageType
-    from pyfed.transport import ClientTransport
+    from pyfed.wire import protocol
+    from pyfed.wire.protocol import Message, MessageType
+    from pyfed.wire.transport import ClientTransport
 
     specs = [("float32", shape) for shape in seed_shapes()]
     update_arrays = seed_weights(seed=1)
@@ -90,9 +93,9 @@ def _pyfed_client(address: str, repeats: int) -> None:
 
 
 def pyfed_wire(weights: list[np.ndarray], repeats: int) -> tuple[float, float]:
-    from pyfed import protocol
-    from pyfed.protocol import Message, MessageType
-    from pyfed.transport import ServerTransport
+    from pyfed.wire import protocol
+    from pyfed.wire.protocol import Message, MessageType
+    from pyfed.wire.transport import ServerTransport
 
     specs = protocol.array_specs(weights)
     limits = protocol.Limits(max_arrays=len(specs), max_array_bytes=sum(w.nbytes for w in weights),
@@ -106,7 +109,7 @@ def pyfed_wire(weights: list[np.ndarray], repeats: int) -> tuple[float, float]:
         for _ in range(repeats):
             started = time.perf_counter()
             frames = protocol.encode(Message(MessageType.FIT, round=1, body={"plan": {
-                "epochs": 1, "batch_size": 32, "learning_rate": 0.001}, "attempt": 1}, arrays=weights))
+                "epochs": 1, "batch_size": 32, "learning_rate": 0.001}, "attempt": 1, "run": RUN}, arrays=weights))
             server.send(peer, frames)
             server.recv(60)
             down.append(time.perf_counter() - started)
