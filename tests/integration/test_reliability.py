@@ -49,17 +49,23 @@ def test_killed_client_is_dropped_at_once_round_is_retried_and_the_restarted_cli
 
 
 def test_stalled_client_is_dropped_by_heartbeat_and_an_id_conflict_waits_for_the_slot(tmp_path, processes, shards):
-    """SIGSTOP a client mid-round: its missed heartbeats drop it (~10 s) and the round goes on with
-    the other two. A second live process claiming the stalled client's id is refused and retries
-    with backoff until the stalled one is gone; then it takes the slot. SIGTERM on a client makes
-    it leave cleanly."""
+    """A second live process claiming a connected client's id is refused and retries with backoff.
+    SIGSTOP the original mid-round: its missed heartbeats drop it (~10 s), the round goes on with
+    the other two, and the waiting twin takes the slot. The stalled original, resumed, finds its id
+    taken and exits 1. SIGTERM on a client makes it leave cleanly.
+
+    The twin is refused *before* the original is stopped: a new process needs seconds to import
+    TensorFlow on a loaded machine, and it must not arrive only after the heartbeat drop."""
     logdir, address, server, clients = three_clients(processes, shards, tmp_path, rounds=4, min_fit_clients=2,
                                                      epochs=80)  # rounds outlast the twin's join backoff (5 s)
-    processes.wait_for_line(clients[3], "round 1: training")
-    os.kill(clients[3].pid, signal.SIGSTOP)
-    stopped_at = time.monotonic()
+    processes.wait_for_line(clients[3], "joined as site-3")
     twin = start_client(processes, shards, address, 3, name="site-3-twin")
     processes.wait_for_line(twin, "[id_taken]")
+    deadline = time.monotonic() + 120  # stop the original while it trains (its last line says so)
+    while not clients[3].log_path.read_text().rstrip().endswith(": training") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(clients[3].pid, signal.SIGSTOP)
+    stopped_at = time.monotonic()
     seconds_until(server, "client site-3 dropped: connection lost", timeout_s=40)
     detection_s = time.monotonic() - stopped_at
     print(f"\nstalled (SIGSTOPped) client detected in {detection_s:.1f}s")
@@ -80,11 +86,13 @@ def test_stalled_client_is_dropped_by_heartbeat_and_an_id_conflict_waits_for_the
     server_log = server.log_path.read_text()
     assert "client site-2 dropped: left (SIGTERM)" in server_log
     summary = check_every_round_once(logdir, 4)
-    assert "round 1: dropped client site-3 before its update: connection lost" in server_log
-    stalled_round = summary["rounds"][0]
+    stalled = re.search(r"round (\d): dropped client site-3 before its update: connection lost", server_log)
+    assert stalled, server_log  # the original was stopped while training (round 1, or later if the twin was slow)
+    stalled_number = int(stalled.group(1))
+    stalled_round = summary["rounds"][stalled_number - 1]
     assert len(stalled_round["clients"]) >= 2 and not stalled_round["failed_attempts"]
-    if "site-3" in stalled_round["clients"]:  # the twin joined while round 1 still waited: it was sent the FIT
-        assert "round 1: client site-3 is back; sent its FIT again" in server_log
+    if "site-3" in stalled_round["clients"]:  # the twin joined while the round still waited: it was sent the FIT
+        assert f"round {stalled_number}: client site-3 is back; sent its FIT again" in server_log
     else:
         assert stalled_round["dropped"]["site-3"].startswith("connection lost")
     assert "site-3" in summary["rounds"][-1]["clients"]  # the twin trained in the last rounds
