@@ -39,7 +39,7 @@ from pyfed.federation.strategy import Aggregator, FitResult, Strategy, WeightedM
 from pyfed.federation.aggregate import weighted_evaluation, why_unusable
 from pyfed.persistence.files import CheckpointError, CheckpointMismatch
 from pyfed.persistence.store import Persister, RunStore
-from pyfed.persistence.tracking import RoundRecord, RunLog
+from pyfed.persistence.tracking import RoundRecord, RunLog, format_metric
 from pyfed.wire import protocol
 from pyfed.wire.protocol import FitPlan, MessageType, ProtocolError
 
@@ -263,6 +263,29 @@ class RoundEngine:
         self.persister = Persister(store, run_log)
         return run_log
 
+    def evaluate_initial_model(self) -> tuple[float | None, float | None]:
+        """Evaluate the global model before the first round (or the resumed one), log it, and mark
+        the start in TensorBoard; in the persister's thread, which evaluates and writes for the rest
+        of the run, so that this thread has run TensorFlow before any client can connect."""
+        metrics: tuple[float | None, float | None] = (None, None)
+        if self.evaluate is None:
+            return metrics
+
+        def evaluate() -> None:
+            nonlocal metrics
+            metrics = self.evaluate(self.weights)
+            log.info("global model %s: test loss %s, accuracy %s",
+                     f"after round {self.completed_rounds}" if self.completed_rounds else "before round 1",
+                     format_metric(metrics[0]), format_metric(metrics[1]))
+            if self.persister is not None and self.persister.run_log is not None:
+                self.persister.run_log.record_start(self.completed_rounds)
+
+        if self.persister is not None:
+            self.persister.call(evaluate)
+        else:
+            evaluate()
+        return metrics
+
     def run(self) -> list[RoundRecord]:
         """Every remaining round, then the end of the run. Raises :class:`EngineStopping` if stopped;
         the rounds already handed to the persister are then persisted before it propagates."""
@@ -279,6 +302,11 @@ class RoundEngine:
         if self.persister is not None:
             self.persister.finish(self.snapshot(finished=True), self.final_metrics)
         return self.history
+
+    def close(self) -> None:
+        """The run is over or stopping: let the persister's thread end."""
+        if self.persister is not None:
+            self.persister.close()
 
     def snapshot(self, *, finished: bool = False) -> dict[str, Any]:
         """The run's state as a checkpoint holds it (arrays shared, never modified in place)."""

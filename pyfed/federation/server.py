@@ -124,6 +124,7 @@ class Server:
             log.info("raised the open-file limit from %d to %d (one descriptor per connection)", before, after)
         try:
             self.open()
+            self.engine.evaluate_initial_model()  # before listening: see Persister
             endpoint = self.pool.bind()
         except BaseException:
             self._close()
@@ -148,6 +149,7 @@ class Server:
         return self.engine.history
 
     def _close(self) -> None:
+        self.engine.close()
         if self.run_log:
             self.run_log.close()
         self.pool.close()

@@ -146,6 +146,7 @@ class Simulation:
         try:
             self.engine.run()
         finally:
+            self.engine.close()
             if self.run_log:
                 self.run_log.close()
         self.model.set_weights(self.engine.weights)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -163,49 +164,78 @@ class RunStore:
 
 
 class Persister:
-    """Persists each finished round in a background thread: its checkpoint, then its logs.
+    """Persists each finished round in one background thread: its checkpoint, then its logs.
 
-    ``submit`` waits for the previous round's job before it starts the next, so the files are
+    ``submit`` waits for the previous round's job before it hands over the next, so the files are
     written in order and at most one round is ever unwritten. The thread owns every write, the
     TensorBoard ones included; the engine's thread only computes and talks to clients.
+
+    It is one thread for the whole run, not one per round, and :meth:`call` lets the engine use it
+    before the server listens: TensorFlow opens ``/dev/urandom`` the first time a thread runs an
+    op, and a new thread doing so while connections hold every descriptor aborts the process.
     """
 
     def __init__(self, store: RunStore, run_log: RunLog | None = None):
         self.store, self.run_log = store, run_log
-        self._thread: threading.Thread | None = None
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._idle = threading.Event()
+        self._idle.set()
         self._failure: BaseException | None = None
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="pyfed-persister", daemon=True)
+        self._thread.start()
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                job()
+            except BaseException as error:  # noqa: BLE001 - reported by wait(), in the engine's thread
+                self._failure = error
+            finally:
+                self._idle.set()
+
+    def _hand_over(self, job: Callable[[], None]) -> None:
+        self.wait()
+        if self._closed:
+            raise RuntimeError("the persister was closed")
+        self._idle.clear()
+        self._jobs.put(job)
+
+    def call(self, job: Callable[[], None]) -> None:
+        """Run ``job`` in the persister's thread and wait for it; re-raise what it raised."""
+        self._hand_over(job)
+        self.wait()
 
     def submit(self, snapshot: dict[str, Any], record: RoundRecord, summary_clients: dict[str, Any],
                before: Callable[[], None] | None = None) -> None:
         """Write the round in the background; ``before`` (the round's evaluation) runs first, there,
         and may complete ``record``, which is then what the checkpoint holds as the round's last entry."""
-        self.wait()
-        self._thread = threading.Thread(target=self._write, args=(snapshot, record, summary_clients, before),
-                                        name="pyfed-persister", daemon=True)
-        self._thread.start()
+        self._hand_over(lambda: self._write(snapshot, record, summary_clients, before))
 
     def _write(self, snapshot: dict[str, Any], record: RoundRecord, summary_clients: dict[str, Any],
                before: Callable[[], None] | None) -> None:
-        try:
-            if before is not None:
-                before()
-                snapshot["history"][-1] = record.to_json()
-            self.store.save(snapshot)
-            if self.run_log is not None:
-                for client_id, entry in summary_clients.items():
-                    self.run_log.record_client(client_id, shard=entry["shard"], num_examples=entry["num_examples"])
-                self.run_log.record_round(record)
-        except BaseException as error:  # noqa: BLE001 - reported by wait(), in the engine's thread
-            self._failure = error
+        if before is not None:
+            before()
+            snapshot["history"][-1] = record.to_json()
+        self.store.save(snapshot)
+        if self.run_log is not None:
+            for client_id, entry in summary_clients.items():
+                self.run_log.record_client(client_id, shard=entry["shard"], num_examples=entry["num_examples"])
+            self.run_log.record_round(record)
 
     def wait(self) -> None:
-        """Block until the round handed over last is written; re-raise what went wrong writing it."""
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+        """Block until the job handed over last is done; re-raise what went wrong doing it."""
+        self._idle.wait()
         if self._failure is not None:
             failure, self._failure = self._failure, None
             raise failure
+
+    def close(self) -> None:
+        """End the thread once its job is done (the run is over, or the server stops)."""
+        if not self._closed:
+            self._closed = True
+            self._jobs.put(None)
+            self._thread.join()
 
     def finish(self, snapshot: dict[str, Any], final: tuple[float | None, float | None]) -> None:
         """The run is over: its final checkpoint, then summary.json marked finished (in this thread)."""

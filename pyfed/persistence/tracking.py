@@ -222,6 +222,16 @@ class RunLog:
                         error.__class__.__name__, str(error)[:200])
         self.write_summary()
 
+    def record_start(self, completed_rounds: int) -> None:
+        """Mark in TensorBoard where this server process started (``run/start``, at the completed
+        round it starts from: 0, or the round a resume continues after); a failed write is a warning."""
+        try:
+            with self._server_writer.as_default():
+                self._tf.summary.scalar("run/start", completed_rounds, step=completed_rounds)
+            self._server_writer.flush()
+        except Exception as error:  # noqa: BLE001 - TensorFlow raises many kinds; logs never stop a run
+            log.warning("could not write to TensorBoard (%s: %s)", error.__class__.__name__, str(error)[:200])
+
     def _write_events(self, record: RoundRecord) -> None:
         tf, step = self._tf, record.round
         with self._server_writer.as_default():

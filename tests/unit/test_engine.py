@@ -14,6 +14,7 @@ from pyfed.federation.pool import (Answer, Back, ClientInfo, EvaluateRequest, Fi
                                    Misbehaved, PoolEvent)
 from pyfed.federation.strategy import FedAvg, FedAvgM
 from pyfed.persistence.store import Persister, RunStore
+from pyfed.persistence.tracking import RoundRecord
 from pyfed.wire.protocol import FitPlan, MessageType
 
 pytestmark = pytest.mark.unit
@@ -241,8 +242,16 @@ def test_a_model_that_would_be_useless_is_refused_and_the_strategy_rolled_back()
 
 
 class RecordingPersister:
+    run_log = None
+
     def __init__(self) -> None:
         self.snapshots, self.finished = [], None
+
+    def call(self, job) -> None:
+        job()
+
+    def close(self) -> None:
+        pass
 
     def submit(self, snapshot, record, summary_clients, before=None) -> None:
         if before is not None:
@@ -263,6 +272,55 @@ def test_every_round_is_handed_to_the_persister_and_the_run_finishes_with_a_fina
     engine(pool, clock, rounds=3, persister=persister).run()
     assert [s["round"] for s in persister.snapshots] == [1, 2, 3]
     assert persister.finished[0]["finished"] is True and persister.finished[0]["round"] == 3
+
+
+def test_the_persister_does_every_job_in_one_thread_in_order_and_reports_failures(tmp_path):
+    """One thread for the whole run: TensorFlow opens /dev/urandom the first time a thread runs an
+    op, which aborts the process once connections hold every descriptor; the engine runs the
+    initial evaluation there before the server listens, and every later evaluation and write
+    happens in that same, already initialised, thread."""
+    import threading
+
+    persister = Persister(RunStore(tmp_path, {"model": "m"}))
+    threads, order = [], []
+    persister.call(lambda: threads.append(threading.get_ident()))
+    for number in range(3):
+        persister.submit({"round": number + 1, "finished": False, "weights": list(WEIGHTS), "history": [{}]},
+                         record=RoundRecord.build(number + 1, [], {}, duration_s=0.1, test=(None, None), eval_s=0.0,
+                                                  dropped={}, federated=None), summary_clients={},
+                         before=lambda n=number: (threads.append(threading.get_ident()), order.append(n)))
+    persister.wait()
+    assert len(set(threads)) == 1 and threads[0] != threading.get_ident() and order == [0, 1, 2]
+
+    def fails() -> None:
+        raise OSError(24, "Too many open files")
+
+    with pytest.raises(OSError, match="Too many open files"):
+        persister.call(fails)
+    persister.call(lambda: threads.append(threading.get_ident()))  # the thread survives a failed job
+    assert len(set(threads)) == 1
+    persister.close()
+    assert not persister._thread.is_alive()
+    with pytest.raises(RuntimeError, match="closed"):
+        persister.call(lambda: None)
+
+
+def test_the_initial_model_is_evaluated_in_the_persisters_thread_before_any_round(tmp_path):
+    import threading
+
+    evaluated_in = []
+
+    def evaluate(weights):
+        evaluated_in.append(threading.get_ident())
+        return 0.5, 0.25
+
+    clock = Clock()
+    run = engine(FakePool({"a": answers(1.0)}, clock), clock, rounds=2, evaluate=evaluate)
+    run.open(RunStore(tmp_path, {"model": "m"}), logdir=None, config={})
+    assert run.evaluate_initial_model() == (0.5, 0.25)
+    run.run()
+    run.close()
+    assert len(evaluated_in) >= 3 and evaluated_in[0] != threading.get_ident()
 
 
 def test_a_stop_request_ends_the_run_at_the_next_wait():

@@ -46,3 +46,14 @@ def test_run_log_writes_summary_per_round_and_final(tmp_path):
     assert summary["status"] == "finished" and summary["final"] == {"test_loss": 0.4, "test_accuracy": 0.6}
     assert summary["clients"] == {"a": {"shard": None, "num_examples": 3}}
     assert list((tmp_path / "clients" / "a").glob("events.out.tfevents.*"))
+
+
+def test_run_log_marks_where_each_server_process_started(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+
+    run_log = RunLog(tmp_path, config={})
+    run_log.record_start(0)
+    run_log.close()
+    accumulator = event_accumulator.EventAccumulator(str(tmp_path / "server"), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    assert [event.step for event in accumulator.Tensors("run/start")] == [0]
