@@ -72,13 +72,28 @@ def save_state(path: Path, state: dict[str, Any]) -> None:
     write_atomic(path, lambda handle: np.savez(handle, **arrays))
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it (``os.umask`` would, for every thread)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write`` on a temp file beside ``path``, fsync it, rename it over ``path``, fsync the
-    directory: a reader (or a restart after a crash) sees the old file or the new one, never half."""
+    directory: a reader (or a restart after a crash) sees the old file or the new one, never half.
+
+    The file gets the permissions a plain ``open`` would give it (0666 less the umask), not the
+    temp file's 0600: data shards written by one user are read by the services' own user."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()

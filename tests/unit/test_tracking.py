@@ -57,3 +57,13 @@ def test_run_log_marks_where_each_server_process_started(tmp_path):
     accumulator = event_accumulator.EventAccumulator(str(tmp_path / "server"), size_guidance={"tensors": 0})
     accumulator.Reload()
     assert [event.step for event in accumulator.Tensors("run/start")] == [0]
+
+
+def test_an_atomic_write_gives_the_file_the_permissions_of_a_plain_open(tmp_path):
+    """Not the temp file's 0600: shards made by one user are read by the services' own user."""
+    previous = os.umask(0o022)
+    try:
+        write_json_atomic(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
