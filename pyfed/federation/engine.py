@@ -15,8 +15,8 @@ It reads top to bottom, against a :class:`~pyfed.federation.pool.ClientPool`::
 No sockets and no TensorFlow here: the pool carries the messages and ``evaluate`` is a function
 the caller builds, so the engine is unit-tested against a fake pool. The crash guarantee, given a
 persister: a crash loses at most the round in flight, and, if it comes while the previous round's
-checkpoint is still being written (that write starts as the next round's FITs go out and takes
-well under a second), that round too; every other completed round is resumed from its checkpoint.
+evaluation or checkpoint is still under way (both start as the next round's FITs go out), that
+round too; every other completed round is resumed from its checkpoint.
 """
 
 from __future__ import annotations
