@@ -311,7 +311,7 @@ class RoundEngine:
     def snapshot(self, *, finished: bool = False) -> dict[str, Any]:
         """The run's state as a checkpoint holds it (arrays shared, never modified in place)."""
         return {"round": self.completed_rounds, "finished": finished, "run_id": self.run_id, "weights": list(self.weights),
-                "strategy": copy.deepcopy(self.strategy.state()), "summary_clients": copy.deepcopy(self.summary_clients),
+                "strategy": dict(self.strategy.state()), "summary_clients": copy.deepcopy(self.summary_clients),
                 "history": [record.to_json() for record in self.history],
                 "slowest_answer_s": self.round_timeout.slowest_answer_s, "pool": copy.deepcopy(self.pool.state())}
 
@@ -379,7 +379,7 @@ class RoundEngine:
         outputs or test loss are not). Returns why it was refused, or None."""
         if self.persister is not None and self.evaluate_in_background:
             self.persister.wait()  # the last round's evaluation is done with the model before it is probed
-        saved_state = copy.deepcopy(self.strategy.state())
+        saved_state = dict(self.strategy.state())  # arrays are replaced, never changed in place
         try:
             with np.errstate(over="ignore", invalid="ignore"):  # an overflow is judged just below
                 candidate = aggregator.result()

@@ -230,3 +230,19 @@ def test_a_corrupt_state_file_is_refused_with_its_name(tmp_path):
         load_state(tmp_path / "other.npz")
     with pytest.raises(CheckpointError, match="no such file"):
         load_state(tmp_path / "missing.npz")
+
+
+@pytest.mark.parametrize("name", ["fedavgm", "fedadam", "fedyogi", "fedadagrad"])
+def test_a_step_replaces_the_state_arrays_and_never_changes_a_returned_state(name):
+    """The engine keeps a returned state (no copy) to roll back a refused round."""
+    from pyfed.federation.strategy import make_strategy
+
+    strategy = make_strategy(name)
+    weights = [np.ones((3, 2), np.float32), np.zeros(2, np.float32)]
+    strategy.server_update(weights, [w + 0.5 for w in weights])
+    before = strategy.state()
+    frozen = {key: [a.copy() for a in value] for key, value in before.items()}
+    strategy.server_update(weights, [w - 0.25 for w in weights])
+    for key, arrays in frozen.items():
+        assert all(np.array_equal(a, b) for a, b in zip(arrays, before[key]))
+        assert any(not np.array_equal(a, b) for a, b in zip(arrays, strategy.state()[key]))

@@ -68,7 +68,11 @@ class Strategy:
         return 1
 
     def state(self) -> dict[str, Any]:
-        """Everything needed to resume this strategy: JSON values and lists of numpy arrays."""
+        """Everything needed to resume this strategy: JSON values and lists of numpy arrays.
+
+        The arrays are shared, not copied: a strategy replaces its state arrays on each step and
+        never modifies them in place, so a returned state stays valid (the engine keeps one to
+        roll back a refused round, and hands one to the checkpoint writer)."""
         return {}
 
     def load_state(self, state: dict[str, Any]) -> None:
