@@ -54,7 +54,7 @@ def original_wall(shards: list[Path], rounds: int, workdir: Path) -> float:
 
 
 def run(quick: bool = False, with_original: bool = True) -> dict:
-    long_rounds = 3 if quick else LONG
+    long_rounds = 2 if quick else LONG
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         shards, test = write_shards(workdir, EXAMPLES)

@@ -65,13 +65,20 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="write the markdown here instead of bench/RESULTS.md")
     args = parser.parse_args()
     started = time.monotonic()
-    results = {"machine": machine(), "quick": args.quick}
-    results["original_wire"] = original.wire(repeats=2 if args.quick else 5, port=free_port())
-    results["wire"] = wire.run(args.quick, original=results["original_wire"])
-    results["round"] = round_bench.run(args.quick)
-    results["outside"] = outside.run(args.quick)
-    results["aggregate"] = aggregate.run(args.quick)
-    results["many_clients"] = many_clients.run(args.quick)
+    results = {"machine": machine(), "quick": args.quick, "section_seconds": {}}
+    sections_to_run = {
+        "original_wire": lambda: original.wire(repeats=2 if args.quick else 5, port=free_port()),
+        "wire": lambda: wire.run(args.quick, original=results["original_wire"]),
+        "round": lambda: round_bench.run(args.quick),
+        "outside": lambda: outside.run(args.quick),
+        "aggregate": lambda: aggregate.run(args.quick),
+        "many_clients": lambda: many_clients.run(args.quick),
+    }
+    for name, run_section in sections_to_run.items():
+        section_started = time.monotonic()
+        results[name] = run_section()
+        results["section_seconds"][name] = round(time.monotonic() - section_started, 1)
+        print(f"bench: {name} took {results['section_seconds'][name]:.0f} s", flush=True)
     results["seconds"] = time.monotonic() - started
 
     rows = [[figure, target, measured, "yes" if met else "**no**"] for figure, target, measured, met in targets(results)]
@@ -87,6 +94,7 @@ def main() -> None:
     block = "\n".join([START, header, *[s for s in sections if s], END])
     print("\n" + block)
     out = args.out or BENCH / "RESULTS.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
     text = out.read_text() if out.exists() else f"# Benchmark results\n\n{START}\n{END}\n"
     if START not in text:
         text += f"\n{START}\n{END}\n"
