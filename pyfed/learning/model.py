@@ -123,12 +123,12 @@ class Evaluator:
     def __call__(self, weights: Sequence[np.ndarray]) -> tuple[float, float | None]:
         if self._dataset is None:
             self._dataset = evaluation_dataset(self.x, self.y)
-        self.model.set_weights(list(weights))
+        self.model.set_weights(list(weights))  # every time: a simulation's trainers share this model
         return evaluate(self.model, self._dataset)
 
     def probe(self, weights: Sequence[np.ndarray]) -> str | None:
         self.model.set_weights(list(weights))
-        outputs = np.asarray(self.model(self.x[:PROBE_EXAMPLES], training=False))
+        outputs = np.asarray(self.model.predict_on_batch(self.x[:PROBE_EXAMPLES]))  # compiled: 12 -> 5 ms
         if not np.isfinite(outputs).all():
             return f"its outputs on {min(len(self.x), PROBE_EXAMPLES)} test examples are not finite"
         return None
@@ -182,14 +182,42 @@ def from_wire(model_json: str, compile_config: dict[str, Any]) -> keras.Model:
 
 
 def reset_optimizer(model: keras.Model) -> None:
-    """Zero the optimizer's slots and step count, keeping its learning rate: each round starts fresh."""
+    """Zero the optimizer's slots and step count, keeping its learning rate: each round starts fresh.
+
+    One compiled function per optimizer zeroes every slot in one call (0.3-0.7 ms on the seed model,
+    against 6 ms for one eager assignment per slot). An optimizer not built yet is built here, as
+    ``fit`` would, so that the function is traced in the first round (with ``fit``'s own tracing),
+    not the second.
+    """
     optimizer = model.optimizer
-    if optimizer is None or not optimizer.built:
+    if optimizer is None:
         return
+    if not optimizer.built:
+        if not (model.built and model.trainable_variables):
+            return  # fit builds it once the model knows its variables
+        optimizer.build(model.trainable_variables)
+    zero_slots = _SLOT_ZEROERS.get(optimizer)
+    if zero_slots is None or zero_slots.count != len(optimizer.variables):
+        zero_slots = _SLOT_ZEROERS[optimizer] = _slot_zeroer(optimizer)
+    zero_slots()
+
+
+_SLOT_ZEROERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _slot_zeroer(optimizer: keras.optimizers.Optimizer) -> Callable[[], None]:
+    import tensorflow as tf
+
     keep = {id(optimizer._learning_rate)} if isinstance(optimizer._learning_rate, keras.Variable) else set()
-    for variable in optimizer.variables:
-        if id(variable) not in keep:
-            variable.assign(keras.ops.zeros(variable.shape, dtype=variable.dtype))  # no host copy: 53 -> 35 ms on the seed model
+    slots = [variable.value for variable in optimizer.variables if id(variable) not in keep]
+
+    @tf.function(autograph=False)
+    def zero_slots() -> None:
+        for slot in slots:
+            slot.assign(tf.zeros(slot.shape, slot.dtype))
+
+    zero_slots.count = len(optimizer.variables)
+    return zero_slots
 
 
 def training_dataset(x: np.ndarray, y: np.ndarray, batch_size: int, *, seed: int | None = None):

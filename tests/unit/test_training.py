@@ -103,3 +103,32 @@ def test_weighted_evaluation_by_hand():
     assert set(combined["clients"]) == {"a", "b"}
     assert weighted_evaluation({"a": (0, None, None)}) is None
     assert weighted_evaluation({"a": (5, 1.0, None)})["accuracy"] is None
+
+
+def test_each_round_starts_with_a_fresh_optimizer_and_keeps_its_learning_rate(data):
+    """A round trained after ``reset_optimizer`` equals the same round on a just-compiled model, and
+    a recompiled model (a new optimizer) is reset too."""
+    import keras
+
+    from pyfed.learning.model import reset_optimizer
+
+    def trained(model, start):
+        keras.utils.set_random_seed(1)
+        model.set_weights(start)
+        model.fit(*data, epochs=2, batch_size=8, verbose=0, shuffle=False)
+        return model.get_weights()
+
+    keras.utils.set_random_seed(0)
+    model = default_model((8,), 2, 0.05)
+    start = [w.copy() for w in model.get_weights()]
+    fresh = trained(model, start)
+    for compiled_again in (False, True):
+        if compiled_again:
+            model.compile(optimizer=keras.optimizers.Adam(0.05), loss="sparse_categorical_crossentropy")
+            trained(model, start)
+        reset_optimizer(model)
+        optimizer = model.optimizer
+        slots = [v for v in optimizer.variables if v is not optimizer._learning_rate]
+        assert slots and all(not np.asarray(v).any() for v in slots)
+        assert float(np.asarray(optimizer.learning_rate)) == pytest.approx(0.05)
+        assert all(np.array_equal(a, b) for a, b in zip(trained(model, start), fresh))
