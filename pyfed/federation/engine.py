@@ -284,6 +284,12 @@ class RoundEngine:
             self.persister.call(evaluate)
         else:
             evaluate()
+        probe = getattr(self.evaluate, "probe", None)
+        if probe is not None:  # builds the probe's compiled function in this thread, before any client connects
+            reason = probe(self.weights)
+            if reason:
+                log.warning("the global model %s is already unusable: %s", "as resumed" if self.completed_rounds
+                            else "before round 1", reason)
         return metrics
 
     def run(self) -> list[RoundRecord]:
