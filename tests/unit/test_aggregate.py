@@ -35,6 +35,23 @@ def test_float_dtypes_are_preserved_and_accumulated_precisely(dtype):
     np.testing.assert_allclose(result, np.full((4,), 5.0 / 3.0), rtol=1e-3 if dtype == np.float16 else 1e-6)
 
 
+def test_the_chunked_mean_is_the_float64_quotient_rounded_once_at_any_size():
+    """Arrays smaller than, equal to and larger than one chunk (and empty ones) divide exactly as one
+    float64 division cast to the array's dtype."""
+    rng = np.random.default_rng(0)
+    chunk = WeightedSum.CHUNK
+    shapes = [(0,), (3, 0), (5,), (chunk,), (chunk + 7,), (3, chunk // 2 + 1)]
+    updates = [([rng.normal(size=s).astype(np.float32) for s in shapes], n) for n in (96, 97, 95)]
+    total = WeightedSum()
+    for arrays, n in updates:
+        total.add(arrays, n)
+    exact = [(sum(np.float64(n) * a.astype(np.float64) for a, n in ((u[i], n) for u, n in updates))
+              / np.float64(288)).astype(np.float32) for i in range(len(shapes))]
+    result = total.mean()
+    assert [r.shape for r in result] == shapes and all(r.dtype == np.float32 for r in result)
+    assert all(np.array_equal(r, e) for r, e in zip(result, exact))
+
+
 def test_integer_and_bool_arrays_are_rounded_back():
     ints = weighted_average([([np.array([1, 10], np.int32)], 1), ([np.array([2, 20], np.int32)], 3)])[0]
     assert ints.dtype == np.int32
