@@ -200,8 +200,9 @@ def test_a_poisoned_update_cannot_poison_the_run(tmp_path, processes, shards, st
 
 def test_a_lost_fit_and_a_cut_link_do_not_stall_the_round(tmp_path, processes, shards):
     """With the default (auto) round timeout: the FIT to site-3 is dropped by a proxy, then the link
-    is cut; site-3 reconnects, rejoins and is sent its FIT again, so round 1 completes with all three
-    long before any timeout. In round 2 the link is cut while site-3 trains: it rejoins before
+    is cut; site-3 reconnects, rejoins and is sent its FIT again (in the same attempt if it is back
+    before its loss is reported, else in the retry), so round 1 completes with all three long before
+    any timeout. In round 2 the link is cut while site-3 trains: it rejoins before
     sending its update, and answers the FIT sent again with the same update."""
     logdir, port = tmp_path / "logs", free_port()
     address = f"tcp://127.0.0.1:{port}"
@@ -229,9 +230,17 @@ def test_a_lost_fit_and_a_cut_link_do_not_stall_the_round(tmp_path, processes, s
 
     summary = check_every_round_once(logdir, 2)
     first, second = summary["rounds"]
-    assert first["clients"] == ["site-1", "site-2", "site-3"] and not first["failed_attempts"]
+    assert first["clients"] == ["site-1", "site-2", "site-3"] and len(first["failed_attempts"]) <= 1
     assert first["duration_s"] < 120  # nowhere near the 900 s auto timeout
-    assert "round 1: client site-3 is back; sent its FIT again" in server.log_path.read_text()
+    if first["failed_attempts"]:
+        # the lost connection was reported (the link went idle at once) before site-3 was back: that
+        # attempt ends, and the retry is answered by site-1 and site-2 from their cached updates
+        assert list(first["failed_attempts"][0]["dropped"]) == ["site-3"]
+        assert first["failed_attempts"][0]["dropped"]["site-3"].startswith("connection lost")
+        assert all("the server asked again for the round 1 update; sent the same answer again" in
+                   client.log_path.read_text() for client in clients[:2])
+    else:  # site-3 was back first: its FIT was sent again within the attempt
+        assert "round 1: client site-3 is back; sent its FIT again" in server.log_path.read_text()
     # round 2: site-3 is either back before the others finish (sent its FIT again), or the attempt ends
     # without it and the retry takes its update, trained once for the same weights, without retraining
     assert second["clients"] == ["site-1", "site-2", "site-3"] and len(second["failed_attempts"]) <= 1
