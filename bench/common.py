@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -144,3 +145,12 @@ def emit(name: str, result: dict, markdown: str) -> None:
     print(markdown)
     print(f"RESULT {name} " + json.dumps(result, default=float))
     sys.stdout.flush()
+
+
+def main_with_original(doc: str | None, run) -> None:
+    """``python -m bench.X [--quick] [--no-original]`` for a benchmark that compares with the original."""
+    parser = argparse.ArgumentParser(description=doc)
+    parser.add_argument("--quick", action="store_true", help="small sizes: check the script works")
+    parser.add_argument("--no-original", action="store_true", help="measure PyFed only")
+    args = parser.parse_args()
+    run(args.quick, not args.no_original)

@@ -18,14 +18,13 @@ summary.json) plus the round's transfers at the wire speed measured in this run
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 from pathlib import Path
 
 from bench import original, wire
-from bench.common import BENCH, emit, finish, free_port, median, seed_weights, start, table, tail
+from bench.common import BENCH, emit, finish, main_with_original, free_port, median, seed_weights, start, table, tail
 from bench.round import CLIENTS, write_shards
 
 EXAMPLES = 96
@@ -106,8 +105,4 @@ def run(quick: bool = False, with_original: bool = True) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--no-original", action="store_true")
-    args = parser.parse_args()
-    run(args.quick, not args.no_original)
+    main_with_original(__doc__, run)

@@ -13,7 +13,6 @@ Server peak RSS is read from the kernel (wait4) for both.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from bench import original
-from bench.common import free_port, BENCH, emit, finish, median, start, synthetic_data, table, tail
+from bench.common import free_port, BENCH, emit, finish, main_with_original, median, start, synthetic_data, table, tail
 
 CLIENTS = 3
 
@@ -108,8 +107,4 @@ def run(quick: bool = False, with_original: bool = True) -> dict:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--no-original", action="store_true")
-    args = parser.parse_args()
-    run(args.quick, not args.no_original)
+    main_with_original(__doc__, run)
