@@ -15,6 +15,12 @@ import numpy as np
 Weights = list[np.ndarray]
 
 
+def _chunks(size: int, chunk: int):
+    """``(start, stop)`` of consecutive slices of at most ``chunk`` elements covering ``size``."""
+    for start in range(0, size, max(chunk, 1)):
+        yield start, min(start + chunk, size)
+
+
 class WeightedSum:
     """A running weighted sum of model updates: ``add`` each as it arrives, then ``mean``.
 
@@ -46,8 +52,7 @@ class WeightedSum:
             if array.shape != total.shape:
                 raise ValueError(f"array shape {array.shape} does not match {total.shape}")
             flat_total, flat_array = total.reshape(-1), np.asarray(array).reshape(-1)
-            for start in range(0, flat_total.size, self.CHUNK):
-                stop = min(start + self.CHUNK, flat_total.size)
+            for start, stop in _chunks(flat_total.size, self.CHUNK):
                 product = self._scratch[: stop - start]
                 np.multiply(flat_array[start:stop], w, out=product)
                 flat_total[start:stop] += product
@@ -69,8 +74,7 @@ def _divided(total: np.ndarray, weight: np.float64, dtype: np.dtype, scratch: np
     if dtype.kind == "f":
         out = np.empty(total.shape, dtype)
         flat_total, flat_out = total.reshape(-1), out.reshape(-1)
-        for start in range(0, flat_total.size, scratch.size or 1):
-            stop = min(start + scratch.size, flat_total.size)
+        for start, stop in _chunks(flat_total.size, scratch.size):
             quotient = scratch[: stop - start]
             np.divide(flat_total[start:stop], weight, out=quotient)
             flat_out[start:stop] = quotient
@@ -246,8 +250,8 @@ def update_norm(weights: Sequence[np.ndarray], global_weights: Sequence[np.ndarr
         if np.dtype(w.dtype).kind != "f":
             continue
         flat_w, flat_g = np.asarray(w).reshape(-1), np.asarray(g).reshape(-1)
-        for start in range(0, flat_w.size, WeightedSum.CHUNK):
-            delta = flat_w[start:start + WeightedSum.CHUNK].astype(np.float64) - flat_g[start:start + WeightedSum.CHUNK]
+        for start, stop in _chunks(flat_w.size, WeightedSum.CHUNK):
+            delta = flat_w[start:stop].astype(np.float64) - flat_g[start:stop]
             total += float(np.dot(delta, delta))
     return float(np.sqrt(total))
 

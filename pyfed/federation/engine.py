@@ -173,6 +173,7 @@ class RoundEngine:
         self.seed = seed
         self.round_timeout = round_timeout or RoundTimeout(None, plan.epochs)
         self.evaluate = evaluate
+        self._probe = getattr(evaluate, "probe", None)  # a quick look at a few test examples, if offered
         self.max_examples = max_examples
         self.persister = persister
         self.evaluate_in_background = evaluate_in_background
@@ -284,9 +285,8 @@ class RoundEngine:
             self.persister.call(evaluate)
         else:
             evaluate()
-        probe = getattr(self.evaluate, "probe", None)
-        if probe is not None:  # builds the probe's compiled function in this thread, before any client connects
-            reason = probe(self.weights)
+        if self._probe is not None:  # builds the probe's compiled function in this thread, before clients connect
+            reason = self._probe(self.weights)
             if reason:
                 log.warning("the global model %s is already unusable: %s", "as resumed" if self.completed_rounds
                             else "before round 1", reason)
@@ -394,8 +394,8 @@ class RoundEngine:
         else:
             reason = why_unusable(candidate)
         if candidate is not None and reason is None and self.evaluate is not None:
-            probe = getattr(self.evaluate, "probe", None)  # a quick look at a few test examples, if offered
-            reason = probe(candidate) if probe is not None else why_unusable(candidate, self.evaluate(candidate)[0])
+            reason = (self._probe(candidate) if self._probe is not None
+                      else why_unusable(candidate, self.evaluate(candidate)[0]))
         if reason is None:
             self.weights = candidate
             return None

@@ -196,27 +196,25 @@ def reset_optimizer(model: keras.Model) -> None:
         if not (model.built and model.trainable_variables):
             return  # fit builds it once the model knows its variables
         optimizer.build(model.trainable_variables)
-    zero_slots = _SLOT_ZEROERS.get(optimizer)
-    if zero_slots is None or zero_slots.count != len(optimizer.variables):
-        zero_slots = _SLOT_ZEROERS[optimizer] = _slot_zeroer(optimizer)
-    zero_slots()
+    if optimizer not in _SLOT_ZEROERS:  # one per optimizer: a recompiled model has a new one
+        _SLOT_ZEROERS[optimizer] = _slot_zeroer(optimizer)
+    _SLOT_ZEROERS[optimizer]()
 
 
 _SLOT_ZEROERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _slot_zeroer(optimizer: keras.optimizers.Optimizer) -> Callable[[], None]:
+    """A compiled function zeroing every variable of the built ``optimizer`` but its learning rate."""
     import tensorflow as tf
 
-    keep = {id(optimizer._learning_rate)} if isinstance(optimizer._learning_rate, keras.Variable) else set()
-    slots = [variable.value for variable in optimizer.variables if id(variable) not in keep]
+    slots = [variable.value for variable in optimizer.variables if variable is not optimizer._learning_rate]
 
     @tf.function(autograph=False)
     def zero_slots() -> None:
         for slot in slots:
             slot.assign(tf.zeros(slot.shape, slot.dtype))
 
-    zero_slots.count = len(optimizer.variables)
     return zero_slots
 
 
