@@ -145,7 +145,7 @@ def build_strategy(settings: StrategySettings, clients_per_round: int, clients_s
 
 
 def run_client(config: ClientConfig) -> int:
-    from pyfed.federation.client import Client, ClientStopped
+    from pyfed.federation.client import Client
     from pyfed.learning.data import DataError, load_shard
     from pyfed.wire.security import KeyFileError, client_keys
 
@@ -177,10 +177,7 @@ def run_client(config: ClientConfig) -> int:
                     data_source=str(config.data) if config.data else "the assigned shard", curve=curve,
                     seed=config.seed)
 
-    def stop(name: str) -> None:
-        raise ClientStopped(name)
-
-    _on_stop_signals(stop)
+    _on_stop_signals(client.request_stop)
     return client.run()
 
 

@@ -53,8 +53,10 @@ class ClientError(RuntimeError):
     """The client cannot take part (refused by the server, incompatible model or data)."""
 
 
-class ClientStopped(Exception):
-    """Raised (from a SIGTERM handler) to make the client leave the federation cleanly."""
+class ClientStopped(BaseException):
+    """Raised (from a SIGTERM handler, by :meth:`Client.request_stop`) to make the client leave the
+    federation cleanly. A BaseException, as KeyboardInterrupt is, so that no ``except Exception`` on
+    the way (logging's ``Handler.emit``, for one, swallows what it catches) can eat it."""
 
 
 class Client:
@@ -100,6 +102,18 @@ class Client:
         self._last_answer: tuple[tuple, Message] | None = None
         self._rejoin_at: float | None = None  # when to send the next JOIN while waiting to be welcomed again
         self._rejoin_backoff = 1.0
+        self._stop_reason: str | None = None
+
+    def request_stop(self, reason: str) -> None:
+        """Leave the federation now (call it from a signal handler). Raises ClientStopped where the
+        client is; the request is also remembered, so that if the exception is swallowed (raised
+        inside a ``__del__``, which Python only reports), the client stops at its next wait."""
+        self._stop_reason = reason
+        raise ClientStopped(reason)
+
+    def _check_stop(self) -> None:
+        if self._stop_reason is not None:
+            raise ClientStopped(self._stop_reason)
 
     def run(self) -> int:
         """Take part until the server says the run is over; return the process exit code."""
@@ -176,6 +190,7 @@ class Client:
         """Wait without missing connection events (or a SIGTERM)."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
+            self._check_stop()
             self._handle_events()
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
@@ -351,6 +366,7 @@ class Client:
         self._rejoin_at = time.monotonic() + REJOIN_RETRY_S
 
     def _receive(self, timeout_s: float) -> Message | None:
+        self._check_stop()
         self._handle_events()
         frames = self._transport.recv(timeout_s)
         if frames is None:

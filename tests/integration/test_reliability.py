@@ -56,7 +56,8 @@ def test_stalled_client_is_dropped_by_heartbeat_and_an_id_conflict_waits_for_the
 
     The twin is refused *before* the original is stopped: a new process needs seconds to import
     TensorFlow on a loaded machine, and it must not arrive only after the heartbeat drop."""
-    logdir, address, server, clients = three_clients(processes, shards, tmp_path, rounds=4, min_fit_clients=2,
+    rounds = 8  # the stall, the twin's return and the SIGTERM all fall before the last round, on a fast machine too
+    logdir, address, server, clients = three_clients(processes, shards, tmp_path, rounds=rounds, min_fit_clients=2,
                                                      epochs=80)  # rounds outlast the twin's join backoff (5 s)
     processes.wait_for_line(clients[3], "joined as site-3")
     twin = start_client(processes, shards, address, 3, name="site-3-twin")
@@ -75,7 +76,18 @@ def test_stalled_client_is_dropped_by_heartbeat_and_an_id_conflict_waits_for_the
     assert processes.wait(clients[3], 120) == 1
     assert "gave this client's id to another client" in clients[3].log_path.read_text()
 
-    processes.wait_for_line(server, "round 3/4 started")
+    # SIGTERM site-2 while it trains a round before the last two: the run cannot end without its answer
+    # or its leave, and the twin trains after it. (Waiting for "round 3/4 started" raced the run's end:
+    # on a fast machine rounds 3 and 4 were done while the stalled original still found its id taken.)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        training = re.search(r"round (\d+): training$", clients[2].log_path.read_text().rstrip())
+        if training and int(training.group(1)) < rounds - 1:
+            break
+        assert clients[2].poll() is None, "site-2 ended before it could be stopped: " + processes.tail(clients[2])
+        time.sleep(0.02)
+    else:
+        raise AssertionError("site-2 never trained a round before the last: " + processes.tail(clients[2]))
     os.kill(clients[2].pid, signal.SIGTERM)
     assert processes.wait(clients[2], 60) == 0
     assert "stopping (SIGTERM); told the server" in clients[2].log_path.read_text()
@@ -85,7 +97,7 @@ def test_stalled_client_is_dropped_by_heartbeat_and_an_id_conflict_waits_for_the
 
     server_log = server.log_path.read_text()
     assert "client site-2 dropped: left (SIGTERM)" in server_log
-    summary = check_every_round_once(logdir, 4)
+    summary = check_every_round_once(logdir, rounds)
     stalled = re.search(r"round (\d): dropped client site-3 before its update: connection lost", server_log)
     assert stalled, server_log  # the original was stopped while training (round 1, or later if the twin was slow)
     stalled_number = int(stalled.group(1))
