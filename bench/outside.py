@@ -8,8 +8,9 @@ the wall time of the whole server process (start to exit) is taken each time, an
 
 so process start-up, model building and the end of the run cancel out, and everything a round
 does counts: transfers, aggregation, evaluation, checkpoints, logs. Each wall is the median of
-``REPEATS`` runs (taken in turn, short and long), since start-up alone varies by ~0.5 s: over 10
-rounds, that is +-0.05 s on a ~0.4 s round. The server's own median round duration (from
+``REPEATS`` runs (taken in turn, short and long), since start-up alone varies by up to ~0.8 s: over
+10 rounds, that is +-0.08 s on a ~0.4 s round for one run (three runs each still gave 1.12x to
+1.35x of the floor on the same code; five narrow it). The server's own median round duration (from
 summary.json, which leaves out the time between rounds) is shown beside it as a cross-check. PyFed's figure is set against
 the floor no framework can beat: the slowest client's fit (median over rounds 2..LONG, from
 summary.json) plus the round's transfers at the wire speed measured in this run
@@ -29,7 +30,7 @@ from bench.round import CLIENTS, write_shards
 
 EXAMPLES = 96
 LONG = 11
-REPEATS = 3  # each wall is the median of this many runs: process start-up varies by ~0.5 s
+REPEATS = 5  # each wall is the median of this many runs: process start-up varies by up to ~0.8 s
 
 
 def pyfed_wall(shards: list[Path], test: Path, rounds: int, workdir: Path) -> tuple[float, dict]:
