@@ -1,6 +1,6 @@
 """Run every benchmark in one go, check each figure against its target, and write the results.
 
-    python -m bench.run            # full run (about 4 minutes on 2 cores); rewrites the results in bench/RESULTS.md
+    python -m bench.run            # full run (about 9 minutes on 2 cores); rewrites the results in bench/RESULTS.md
     python -m bench.run --quick    # small sizes, to check the scripts still work (CI); writes to --out
 
 Everything in one run, so the ratios compare like with like on a shared, noisy machine.
