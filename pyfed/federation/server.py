@@ -150,6 +150,4 @@ class Server:
 
     def _close(self) -> None:
         self.engine.close()
-        if self.run_log:
-            self.run_log.close()
         self.pool.close()

@@ -147,8 +147,6 @@ class Simulation:
             self.engine.run()
         finally:
             self.engine.close()
-            if self.run_log:
-                self.run_log.close()
         self.model.set_weights(self.engine.weights)
         loss, accuracy = self.engine.final_metrics
         log.info("simulation finished: %d rounds, final test loss %s, accuracy %s%s", self.rounds,

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pyfed.persistence.events import EventFile
 from pyfed.persistence.files import write_json_atomic
 from pyfed.wire.protocol import is_client_id
 
@@ -176,9 +177,6 @@ class RunLog:
                  clients: dict[str, dict[str, Any]] | None = None):
         import shutil
 
-        import tensorflow as tf
-
-        self._tf = tf
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
         self.summary_path = self.logdir / "summary.json"
@@ -190,8 +188,8 @@ class RunLog:
                 shutil.rmtree(self.logdir / name, ignore_errors=True)
         self.rounds: list[RoundRecord] = []
         self.config = config
-        self._server_writer = tf.summary.create_file_writer(str(self.logdir / "server"))
-        self._client_writers: dict[str, Any] = {}
+        self._server_events = EventFile(self.logdir / "server")
+        self._client_events: dict[str, EventFile] = {}
         self._client_epochs: dict[str, int] = {}
         self.final: dict[str, Any] | None = None
         self.clients: dict[str, dict[str, Any]] = dict(clients or {})  # client id -> {"shard", "num_examples"}
@@ -201,11 +199,10 @@ class RunLog:
         if resume:
             self.write_summary()
 
-    def _client_writer(self, client_id: str):
-        if client_id not in self._client_writers:  # created when first needed; not kept if creation fails
-            self._client_writers[client_id] = self._tf.summary.create_file_writer(
-                str(self.logdir / "clients" / client_id))
-        return self._client_writers[client_id]
+    def _client_event_file(self, client_id: str) -> EventFile:
+        if client_id not in self._client_events:
+            self._client_events[client_id] = EventFile(self.logdir / "clients" / client_id)
+        return self._client_events[client_id]
 
     def record_client(self, client_id: str, *, shard: str | None, num_examples: int) -> None:
         """Note a client that took part (its shard and the examples it trained on) for summary.json."""
@@ -216,7 +213,7 @@ class RunLog:
         self.rounds.append(record)
         try:
             self._write_events(record)
-        except Exception as error:  # noqa: BLE001 - TensorFlow raises many kinds; logs never stop a run
+        except Exception as error:  # noqa: BLE001 - logs never stop a run
             log.warning("could not write round %d's TensorBoard events (%s: %s); the round is in the "
                         "checkpoint, and a resumed run writes its events again", record.round,
                         error.__class__.__name__, str(error)[:200])
@@ -226,47 +223,35 @@ class RunLog:
         """Mark in TensorBoard where this server process started (``run/start``, at the completed
         round it starts from: 0, or the round a resume continues after); a failed write is a warning."""
         try:
-            with self._server_writer.as_default():
-                self._tf.summary.scalar("run/start", completed_rounds, step=completed_rounds)
-            self._server_writer.flush()
-        except Exception as error:  # noqa: BLE001 - TensorFlow raises many kinds; logs never stop a run
+            self._server_events.write_scalars([("run/start", completed_rounds, completed_rounds)])
+        except Exception as error:  # noqa: BLE001 - logs never stop a run
             log.warning("could not write to TensorBoard (%s: %s)", error.__class__.__name__, str(error)[:200])
 
     def _write_events(self, record: RoundRecord) -> None:
-        tf, step = self._tf, record.round
-        with self._server_writer.as_default():
-            if record.test_loss is not None:
-                tf.summary.scalar("test/loss", record.test_loss, step=step)
-            if record.test_accuracy is not None:
-                tf.summary.scalar("test/accuracy", record.test_accuracy, step=step)
-            federated = record.federated_evaluation or {}
-            for name in ("loss", "accuracy"):
-                if _finite_or_none(federated.get(name)) is not None:
-                    tf.summary.scalar(f"federated/{name}", federated[name], step=step)
-            tf.summary.scalar("round/duration_s", record.duration_s, step=step)
-            tf.summary.scalar("round/participants", len(record.clients), step=step)
-            tf.summary.scalar("round/bytes_sent", record.bytes_sent, step=step)
-            tf.summary.scalar("round/bytes_received", record.bytes_received, step=step)
-        self._server_writer.flush()
+        step = record.round
+        scalars = [("test/loss", record.test_loss, step), ("test/accuracy", record.test_accuracy, step)]
+        federated = record.federated_evaluation or {}
+        scalars += [(f"federated/{name}", _finite_or_none(federated.get(name)), step) for name in ("loss", "accuracy")]
+        scalars += [("round/duration_s", record.duration_s, step), ("round/participants", len(record.clients), step),
+                    ("round/bytes_sent", record.bytes_sent, step), ("round/bytes_received", record.bytes_received, step)]
+        self._server_events.write_scalars([s for s in scalars if s[1] is not None])
         for client_id in record.clients:
             self._record_client(client_id, record)
 
     def _record_client(self, client_id: str, record: RoundRecord) -> None:
-        tf, history = self._tf, record.train_history.get(client_id, {})
-        writer = self._client_writer(client_id)
+        history = record.train_history.get(client_id, {})
         first_epoch = self._client_epochs.get(client_id, 0)
         num_epochs = max((len(series) for series in history.values()), default=0)
-        with writer.as_default():
-            for name, series in history.items():
-                for offset, value in enumerate(series):
-                    if value is not None and math.isfinite(value):
-                        tf.summary.scalar(f"epoch/{name}", value, step=first_epoch + offset + 1)
-                last = series[-1] if series else None
-                if last is not None and math.isfinite(last):
-                    tf.summary.scalar(f"round/{name}", last, step=record.round)
-            tf.summary.scalar("round/fit_s", record.fit_s.get(client_id, 0.0), step=record.round)
-            tf.summary.scalar("round/num_examples", record.num_examples.get(client_id, 0), step=record.round)
-        writer.flush()
+        scalars = []
+        for name, series in history.items():
+            scalars += [(f"epoch/{name}", value, first_epoch + offset + 1) for offset, value in enumerate(series)
+                        if value is not None and math.isfinite(value)]
+            last = series[-1] if series else None
+            if last is not None and math.isfinite(last):
+                scalars.append((f"round/{name}", last, record.round))
+        scalars += [("round/fit_s", record.fit_s.get(client_id, 0.0), record.round),
+                    ("round/num_examples", record.num_examples.get(client_id, 0), record.round)]
+        self._client_event_file(client_id).write_scalars(scalars)
         self._client_epochs[client_id] = first_epoch + num_epochs
 
     def finish(self, test_loss: float | None, test_accuracy: float | None) -> None:
@@ -290,7 +275,3 @@ class RunLog:
                         self.summary_path, error)
             return False
         return True
-
-    def close(self) -> None:
-        for writer in [self._server_writer, *self._client_writers.values()]:
-            writer.close()

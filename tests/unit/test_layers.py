@@ -64,34 +64,13 @@ def test_each_module_imports_only_its_own_layer_and_those_below(path):
     assert not wrong, f"{path.relative_to(PACKAGE)} ({layer}) imports {sorted(wrong)}; it may import {sorted(allowed)}"
 
 
-#: the one module below learning that uses TensorFlow: TensorBoard event files are written with
-#: tf.summary, imported when a run log is opened (a server process has TensorFlow to evaluate anyway)
-LAZY_ML_IMPORT = {"persistence/tracking.py"}
-
-
-def top_level_imports(path: Path) -> set[str]:
-    names = set()
-    for node in ast.parse(path.read_text(), filename=str(path)).body:
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names.add(node.module)
-    return names
-
-
 @pytest.mark.parametrize("path", [p for p in MODULES if layer_of(p) in ("wire", "persistence", "ranges", "federation")
                                   and p.name not in FEDERATION_WITH_LEARNING],
                          ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_the_engine_server_wire_and_persistence_import_no_ml_framework(path):
     name = str(path.relative_to(PACKAGE))
-    imports = top_level_imports(path) if name in LAZY_ML_IMPORT else imported_modules(path)
-    frameworks = {m for m in imports if m.split(".")[0] in ML_FRAMEWORKS}
+    frameworks = {m for m in imported_modules(path) if m.split(".")[0] in ML_FRAMEWORKS}
     assert not frameworks, f"{name} imports {sorted(frameworks)}"
-
-
-def test_the_lazy_tensorflow_import_is_still_needed():
-    for name in LAZY_ML_IMPORT:  # the allowance goes when the import does
-        assert {m for m in imported_modules(PACKAGE / name) if m.split(".")[0] in ML_FRAMEWORKS}, name
 
 
 def test_the_layer_table_lists_every_layer():

@@ -41,7 +41,6 @@ def test_run_log_writes_summary_per_round_and_final(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "running" and summary["rounds"][0]["test_loss"] is None
     run_log.finish(0.4, 0.6)
-    run_log.close()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["final"] == {"test_loss": 0.4, "test_accuracy": 0.6}
     assert summary["clients"] == {"a": {"shard": None, "num_examples": 3}}
@@ -53,7 +52,6 @@ def test_run_log_marks_where_each_server_process_started(tmp_path):
 
     run_log = RunLog(tmp_path, config={})
     run_log.record_start(0)
-    run_log.close()
     accumulator = event_accumulator.EventAccumulator(str(tmp_path / "server"), size_guidance={"tensors": 0})
     accumulator.Reload()
     assert [event.step for event in accumulator.Tensors("run/start")] == [0]
@@ -67,3 +65,65 @@ def test_an_atomic_write_gives_the_file_the_permissions_of_a_plain_open(tmp_path
     finally:
         os.umask(previous)
     assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+
+
+def read_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    accumulator = event_accumulator.EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    return {tag: [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in accumulator.Tensors(tag)]
+            for tag in accumulator.Tags()["tensors"]}
+
+
+def test_event_files_hold_what_tensorboard_reads_as_scalars_and_no_descriptor_stays_open(tmp_path):
+    from pyfed.persistence.events import EventFile
+
+    events = EventFile(tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # created on the first write
+    before = len(os.listdir("/proc/self/fd"))
+    events.write_scalars([("round/loss", 1.5, 1), ("round/accuracy", 0.25, 1)])
+    events.write_scalars([("round/loss", 0.75, 2)])
+    assert len(os.listdir("/proc/self/fd")) == before
+    assert read_scalars(tmp_path / "run") == {"round/loss": [(1, 1.5), (2, 0.75)], "round/accuracy": [(1, 0.25)]}
+    assert len(list((tmp_path / "run").iterdir())) == 1
+
+
+def test_after_a_failed_event_write_the_next_one_starts_a_new_file(tmp_path, monkeypatch):
+    from pyfed.persistence import events as events_module
+
+    events = events_module.EventFile(tmp_path / "run")
+    events.write_scalars([("a", 1.0, 1)])
+    first = events.path
+
+    def full_disk(path, mode):
+        handle = open(path, mode)
+        handle.write(b"\x00\x01")  # a record cut short
+        handle.close()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(events_module, "open", full_disk, raising=False)
+    with pytest.raises(OSError, match="No space left"):
+        events.write_scalars([("a", 2.0, 2)])
+    monkeypatch.undo()
+    events.write_scalars([("a", 3.0, 3)])
+    assert events.path != first
+    assert read_scalars(tmp_path / "run") == {"a": [(1, 1.0), (3, 3.0)]}
+
+
+def test_run_log_writes_every_client_curve_and_the_servers_round_scalars(tmp_path):
+    run_log = RunLog(tmp_path, config={})
+    for round_number in (1, 2):
+        run_log.record_round(RoundRecord(
+            round=round_number, clients=["a", "b"], selected=["a", "b"], duration_s=0.5, fit_s={"a": 0.2, "b": 0.3},
+            num_examples={"a": 3, "b": 4}, bytes_sent=10, bytes_received=20, test_loss=0.5, test_accuracy=0.75,
+            federated_evaluation={"loss": 0.25, "accuracy": None},
+            train_history={"a": {"loss": [1.0, None]}, "b": {"loss": [2.0, 1.0]}}))
+    server = read_scalars(tmp_path / "server")
+    assert server["test/accuracy"] == [(1, 0.75), (2, 0.75)] and server["federated/loss"] == [(1, 0.25), (2, 0.25)]
+    assert "federated/accuracy" not in server and server["round/participants"] == [(1, 2.0), (2, 2.0)]
+    b = read_scalars(tmp_path / "clients" / "b")
+    assert b["epoch/loss"] == [(1, 2.0), (2, 1.0), (3, 2.0), (4, 1.0)]  # epochs continue across rounds
+    assert b["round/loss"] == [(1, 1.0), (2, 1.0)] and b["round/num_examples"] == [(1, 4.0), (2, 4.0)]
+    assert read_scalars(tmp_path / "clients" / "a")["epoch/loss"] == [(1, 1.0), (3, 1.0)]
