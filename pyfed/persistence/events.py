@@ -23,6 +23,7 @@ from tensorboard.plugins.scalar.summary_v2 import scalar_pb
 from tensorboard.summary.writer.record_writer import RecordWriter
 
 FILE_VERSION = "brain.Event:2"
+_HOST = socket.gethostname()  # part of every file name, as tf.summary names its files
 _file_numbers = itertools.count(1)  # two files opened in the same second still get distinct names
 
 
@@ -35,7 +36,7 @@ class EventFile:
         self._new_file()
 
     def _new_file(self) -> None:
-        self.path = self.directory / (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+        self.path = self.directory / (f"events.out.tfevents.{int(time.time()):010d}.{_HOST}."
                                       f"{os.getpid()}.{next(_file_numbers)}.v2")
         self._started = False
 
@@ -50,7 +51,8 @@ class EventFile:
         for event in events:
             records.write(event.SerializeToString())
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
+            if not self._started:  # the directory is made with the file, not checked on every write
+                self.directory.mkdir(parents=True, exist_ok=True)
             with open(self.path, "ab") as handle:
                 handle.write(buffer.getvalue())
         except OSError:

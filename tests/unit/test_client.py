@@ -9,6 +9,8 @@ import pytest
 
 from pyfed.federation.client import Client, ClientStopped
 
+pytestmark = pytest.mark.unit
+
 
 class SilentTransport:
     """Never connected to anything: no events, no messages."""
@@ -39,7 +41,7 @@ def test_a_stop_request_is_not_swallowed_by_a_broad_except():
             pass
 
 
-def test_a_swallowed_stop_request_still_stops_the_client_at_its_next_wait(caplog):
+def test_a_swallowed_stop_request_still_stops_the_client_at_its_next_wait():
     client, transport = idle_client()
     assert client._receive(timeout_s=0) is None  # no request yet: waits as usual
     try:
