@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pyfed.config import (ClientConfig, ConfigError, KeysConfig, PartitionConfig, ServerConfig, SimulateConfig,
+from pyfed.config import (ClientConfig, ConfigError, ExportConfig, KeysConfig, PartitionConfig, ServerConfig, SimulateConfig,
                      StrategySettings, add_arguments, describe, log_level, non_negative_int, path, positive_int,
                      resolve, setting)
 
@@ -110,11 +110,12 @@ def run_server(config: ServerConfig) -> int:
                              "the default model is sized from the test data")
     except (DataError, ModelError) as error:
         raise UsageError(str(error)) from None
+    export = model_files(model, config, has_test_data=test_data is not None)
     server = Server(wire_model(model), address=config.address, rounds=config.rounds, min_clients=config.min_clients,
                     plan=FitPlan(config.epochs, config.batch_size, config.learning_rate,
                                  eval_fraction=config.client_eval_fraction),
                     strategy=strategy, evaluate=evaluator(model, *test_data) if test_data is not None else None,
-                    logdir=config.logdir,
+                    export=export, logdir=config.logdir,
                     round_timeout_s=config.round_timeout_s, num_shards=config.num_shards,
                     config_summary=describe(config),
                     min_fit_clients=max(config.min_fit_clients, strategy.min_fit_clients()),
@@ -128,6 +129,21 @@ def run_server(config: ServerConfig) -> int:
     except CheckpointError as error:
         raise UsageError(f"cannot resume: {error}") from None
     return 0
+
+
+def model_files(model: Any, config: ServerConfig | SimulateConfig, *, has_test_data: bool) -> Any:
+    """LOGDIR/model/latest.keras and best.keras, written after every round (see learning/export.py)."""
+    from pyfed.learning.export import ModelFiles
+
+    metric = config.best_metric
+    if metric == "auto":
+        metric = "test_accuracy" if has_test_data else "federated_accuracy"
+    measured = has_test_data if metric.startswith("test_") else config.client_eval_fraction > 0
+    if not measured:
+        log.warning("LOGDIR/model/best.keras will not be written: --best-metric %s is not measured (it needs %s)",
+                    metric, "--test-data / TEST_DATA" if metric.startswith("test_")
+                    else "--client-eval-fraction / CLIENT_EVAL_FRACTION above 0")
+    return ModelFiles(model, config.logdir / "model", metric)
 
 
 def build_strategy(settings: StrategySettings, clients_per_round: int, clients_setting: str) -> Any:
@@ -252,7 +268,7 @@ def run_simulate(config: SimulateConfig) -> int:
         fraction_fit=config.fraction_fit, min_fit_clients=max(config.min_fit_clients, strategy.min_fit_clients()),
         drop_rate=config.drop_rate, checkpoint_dir=config.checkpoint_dir, keep_checkpoints=config.keep_checkpoints,
         fresh_start=config.fresh_start, logdir=config.logdir, config_summary=describe(config), seed=config.seed,
-        progress=config.progress)
+        progress=config.progress, export=model_files(model, config, has_test_data=test_data is not None))
     _on_stop_signals(lambda name: simulation.engine.request_stop(name))
     try:
         simulation.run()
@@ -293,12 +309,28 @@ def run_demo(config: DemoConfig) -> int:
     return status
 
 
+def run_export(config: ExportConfig) -> int:
+    """Write a run's trained model (or any checkpoint's) as a .keras, SavedModel or TFLite file."""
+    if config.source is None or config.out is None:
+        raise UsageError("--from / EXPORT_FROM and --out / EXPORT_OUT are required")
+    from pyfed.learning.export import ExportError, export_model, model_to_export
+
+    try:
+        model = model_to_export(config.source, which=config.which, model_spec=config.model)
+        written = export_model(model, config.format, config.out)
+    except ExportError as error:
+        raise UsageError(str(error)) from None
+    log.info("wrote %s (%s) from %s", written, config.format, config.source)
+    return 0
+
+
 COMMANDS: dict[str, tuple[type, Any, str]] = {
     "server": (ServerConfig, run_server, "run the federated server"),
     "client": (ClientConfig, run_client, "run one federated client"),
     "partition": (PartitionConfig, run_partition, "split a dataset into client shards and a test set"),
     "simulate": (SimulateConfig, run_simulate, "run a whole federation in this process, without sockets"),
     "keys": (KeysConfig, run_keys, "make CurveZMQ key pairs for the server and N clients"),
+    "export": (ExportConfig, run_export, "write a trained model as a .keras, SavedModel or TFLite file"),
     "demo": (DemoConfig, run_demo, "run a server and clients on this machine on the digits dataset"),
 }
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pyfed.learning.data import SCHEMES
+from pyfed.persistence.tracking import BEST_METRICS
 from pyfed.ranges import Range
 from pyfed.wire.protocol import is_client_id
 from pyfed.federation.strategy import STRATEGIES
@@ -195,7 +196,10 @@ class TrainingSettings:
                                 "module:function or path/to/file.py:function returning a Keras model; "
                                 "default: an MLP sized from the data")
     logdir: Path = setting(Path("logs"), "--logdir", "LOGDIR", path,
-                           "directory for TensorBoard events and summary.json")
+                           "directory for TensorBoard events, summary.json and the trained model (model/)")
+    best_metric: str = setting("auto", "--best-metric", "BEST_METRIC", choice("auto", *BEST_METRICS),
+                               "what LOGDIR/model/best.keras is chosen by (accuracies maximised, losses "
+                               "minimised); auto: test_accuracy with test data, else federated_accuracy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,6 +302,26 @@ class KeysConfig:
 
     out: Path = setting(Path("keys"), "--out", "KEYS_DIR", path, "directory for the key files")
     clients: int = setting(1, "--clients", "KEY_CLIENTS", non_negative_int, "client key pairs to make")
+    log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+    """How ``pyfed export`` writes a trained model in a deployable format."""
+
+    source: Path | None = setting(None, "--from", "EXPORT_FROM", optional_path,
+                                  "a .keras file; a run's LOGDIR (its model/latest.keras, or best.keras with "
+                                  "--which best); or a checkpoint .npz (with --model, the server's model)")
+    out: Path | None = setting(None, "--out", "EXPORT_OUT", optional_path,
+                               "where to write: a .keras or .tflite file, or a SavedModel directory")
+    format: str = setting("keras", "--format", "EXPORT_FORMAT", choice("keras", "savedmodel", "tflite"),
+                          "keras: a .keras archive; savedmodel: a TensorFlow SavedModel (TF Serving); "
+                          "tflite: a TensorFlow Lite flat buffer (mobile and edge devices)")
+    which: str = setting("latest", "--which", "EXPORT_WHICH", choice("latest", "best"),
+                         "with a LOGDIR: which of its model files to export")
+    model: str | None = setting(None, "--model", "MODEL", optional_text,
+                                "with a checkpoint: the server's module:function or path/to/file.py:function "
+                                "(every weight array's shape is checked against the checkpoint)")
     log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
 
 

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from pyfed.federation.engine import AUTO, MAX_EXAMPLES, EngineStopping, Evaluate, RoundEngine, RoundTimeout
+from pyfed.federation.engine import (AUTO, MAX_EXAMPLES, EngineStopping, Evaluate, ExportModel, RoundEngine,
+                                    RoundTimeout)
 from pyfed.federation.network import NetworkPool
 from pyfed.federation.registry import ClientRecord
 from pyfed.federation.strategy import FedAvg, Strategy
@@ -46,6 +47,7 @@ class Server:
         plan: FitPlan,
         strategy: Strategy | None = None,
         evaluate: Evaluate | None = None,
+        export: ExportModel | None = None,
         logdir: Path | None = None,
         round_timeout_s: float | str | None = AUTO,
         num_shards: int = 0,
@@ -69,7 +71,8 @@ class Server:
         self.engine = RoundEngine(self.pool, model.weights, rounds=rounds, plan=plan, strategy=strategy,
                                   min_clients=min_clients, min_fit_clients=min_fit_clients, fraction_fit=fraction_fit,
                                   seed=seed, round_timeout=RoundTimeout(round_timeout_s, plan.epochs),
-                                  evaluate=evaluate, max_examples=max_examples)
+                                  evaluate=evaluate, export=export if logdir else None,
+                                  max_examples=max_examples)
         self.logdir = Path(logdir) if logdir else None
         checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else (self.logdir / "checkpoints" if logdir else None)
         self.store = RunStore(checkpoint_dir, {

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from pyfed.federation.engine import RoundEngine, RoundTimeout
+from pyfed.federation.engine import ExportModel, RoundEngine, RoundTimeout
 from pyfed.federation.pool import InProcessPool
 from pyfed.federation.strategy import FedAvg, Strategy
 from pyfed.learning.model import evaluator, to_wire
@@ -81,6 +81,7 @@ class Simulation:
         checkpoint_dir: Path | None = None,
         keep_checkpoints: int = 3,
         fresh_start: bool = False,
+        export: ExportModel | None = None,
     ):
         if not clients:
             raise ValueError("a simulation needs at least one client")
@@ -101,6 +102,7 @@ class Simulation:
                                   min_fit_clients=min_fit_clients, fraction_fit=fraction_fit, seed=seed,
                                   round_timeout=RoundTimeout(None, plan.epochs),  # local trainers cannot stall
                                   evaluate=evaluator(model, *test_data) if test_data is not None else None,
+                                  export=export if logdir else None,
                                   evaluate_in_background=False,  # the trainers share the evaluated model
                                   on_round=self._round_done)
         self.logdir = Path(logdir) if logdir else None

@@ -20,6 +20,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,31 @@ class RoundRecord:
                    f"on {federated['num_examples']} held-out examples" if federated else ""))
 
 
+#: what ``best.keras`` is chosen by; the accuracies are maximised, the losses minimised
+BEST_METRICS = ("test_accuracy", "test_loss", "federated_accuracy", "federated_loss")
+
+
+def metric_of(record: RoundRecord, metric: str) -> float | None:
+    """A round's value of one of BEST_METRICS (None if it was not measured, or not finite)."""
+    if metric not in BEST_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(BEST_METRICS)}")
+    source, _, name = metric.partition("_")
+    value = getattr(record, metric) if source == "test" else (record.federated_evaluation or {}).get(name)
+    return _finite_or_none(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def best_round(records: list[RoundRecord], metric: str) -> RoundRecord | None:
+    """The round whose global model scored best on ``metric`` (the earliest of equals); None if no
+    round measured it."""
+    sign = -1.0 if metric.endswith("_loss") else 1.0
+    best, best_value = None, None
+    for record in records:
+        value = metric_of(record, metric)
+        if value is not None and (best_value is None or sign * value > sign * best_value):
+            best, best_value = record, value
+    return best
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -135,7 +161,7 @@ _RECORD_FIELDS = {
 }
 
 
-RUN_ENTRIES = ("summary.json", "server", "clients", "checkpoints")
+RUN_ENTRIES = ("summary.json", "server", "clients", "checkpoints", "model")
 
 
 def archive_previous_run(logdir: Path, entries: tuple[str, ...] = RUN_ENTRIES) -> Path | None:
@@ -174,7 +200,8 @@ class RunLog:
     """
 
     def __init__(self, logdir: Path, *, config: dict[str, Any], resume: list[RoundRecord] | None = None,
-                 clients: dict[str, dict[str, Any]] | None = None):
+                 clients: dict[str, dict[str, Any]] | None = None,
+                 model_files: Callable[[], dict[str, Any]] | None = None):
         import shutil
 
         self.logdir = Path(logdir)
@@ -188,6 +215,7 @@ class RunLog:
                 shutil.rmtree(self.logdir / name, ignore_errors=True)
         self.rounds: list[RoundRecord] = []
         self.config = config
+        self.model_files = model_files  # which round each model file holds, when they are written
         self._server_events = EventFile(self.logdir / "server")
         self._client_events: dict[str, EventFile] = {}
         self._client_epochs: dict[str, int] = {}
@@ -259,6 +287,16 @@ class RunLog:
         self.final = {"test_loss": _finite_or_none(test_loss), "test_accuracy": _finite_or_none(test_accuracy)}
         self.write_summary()
 
+    def model_summary(self) -> dict[str, Any]:
+        """Which round's global model each model file holds, and the best one's score."""
+        written = self.model_files()
+        best = written.get("best")
+        if best is not None:
+            record = next((r for r in self.rounds if r.round == best["round"]), None)
+            best = {**best, "value": metric_of(record, best["metric"]) if record and best["metric"] in BEST_METRICS
+                    else None}
+        return {**written, "best": best}
+
     def write_summary(self) -> bool:
         """Rewrite summary.json; False (and a warning) if it could not be written this time."""
         rounds = [record.to_json() for record in self.rounds]
@@ -269,6 +307,7 @@ class RunLog:
                 "clients": self.clients,
                 "rounds": rounds,
                 "final": self.final,
+                **({"model": self.model_summary()} if self.model_files is not None else {}),
             })
         except OSError as error:
             log.warning("could not write %s (%s); it is rewritten whole after the next round",

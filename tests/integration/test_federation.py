@@ -3,6 +3,7 @@
 import json
 import os
 import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -92,6 +93,31 @@ def test_three_clients_train_digits_to_90_percent_and_log_everything(tmp_path, p
     assert "client bad-site dropped: left (" in server_log and "wrong.npz: examples have shape [5]" in server_log
 
     check_tensorboard_events(logdir)
+    check_model_files(logdir, shards / "test.npz", summary)
+
+
+def check_model_files(logdir, test_data, summary):
+    """model/latest.keras and best.keras load in a fresh process, with Keras alone, and score on the
+    test data exactly what summary.json reports for the rounds they hold."""
+    model = summary["model"]
+    assert model["latest"] == {"file": "model/latest.keras", "round": ROUNDS}
+    accuracies = {r["round"]: r["test_accuracy"] for r in summary["rounds"]}
+    best_round = max(accuracies, key=lambda r: (accuracies[r], -r))
+    assert model["best"] == {"file": "model/best.keras", "round": best_round, "metric": "test_accuracy",
+                             "value": accuracies[best_round]}
+    assert json.loads((logdir / "model" / "files.json").read_text()) == {
+        "latest": model["latest"], "best": {k: v for k, v in model["best"].items() if k != "value"}}
+    script = ("import sys, numpy as np, keras\n"
+              "data = np.load(sys.argv[1])\n"
+              "for path in sys.argv[2:]:\n"
+              "    result = keras.saving.load_model(path).evaluate(data['x'], data['y'], batch_size=1024, verbose=0, return_dict=True)\n"
+              "    print(repr(result['accuracy']))\n")
+    done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", script, str(test_data),
+                           str(logdir / "model" / "latest.keras"), str(logdir / "model" / "best.keras")],
+                          capture_output=True, text=True, timeout=300, check=True)
+    latest_accuracy, best_accuracy = (float(line) for line in done.stdout.split())
+    assert abs(latest_accuracy - accuracies[ROUNDS]) <= 1e-6
+    assert abs(best_accuracy - accuracies[best_round]) <= 1e-6
 
 
 def check_tensorboard_events(logdir):

@@ -127,3 +127,39 @@ def test_run_log_writes_every_client_curve_and_the_servers_round_scalars(tmp_pat
     assert b["epoch/loss"] == [(1, 2.0), (2, 1.0), (3, 2.0), (4, 1.0)]  # epochs continue across rounds
     assert b["round/loss"] == [(1, 1.0), (2, 1.0)] and b["round/num_examples"] == [(1, 4.0), (2, 4.0)]
     assert read_scalars(tmp_path / "clients" / "a")["epoch/loss"] == [(1, 1.0), (3, 1.0)]
+
+
+def scored(round_number: int, test_accuracy=None, test_loss=None, federated=None) -> RoundRecord:
+    return RoundRecord(round=round_number, clients=[], selected=[], duration_s=0.1, fit_s={}, num_examples={},
+                       bytes_sent=0, bytes_received=0, test_loss=test_loss, test_accuracy=test_accuracy,
+                       federated_evaluation=federated)
+
+
+def test_the_best_round_maximises_accuracies_minimises_losses_and_skips_unmeasured_rounds():
+    from pyfed.persistence.tracking import best_round, metric_of
+
+    records = [scored(1, 0.5, 2.0, {"accuracy": 0.4, "loss": 1.0}), scored(2, None, float("nan"), None),
+               scored(3, 0.7, 1.5, {"accuracy": 0.3, "loss": 0.2}), scored(4, 0.7, 1.0, {"accuracy": None})]
+    assert best_round(records, "test_accuracy").round == 3  # the earliest of equals
+    assert best_round(records, "test_loss").round == 4
+    assert best_round(records, "federated_accuracy").round == 1
+    assert best_round(records, "federated_loss").round == 3
+    assert best_round([scored(1)], "test_accuracy") is None and best_round([], "test_loss") is None
+    assert metric_of(records[1], "test_loss") is None  # not finite: never best
+    with pytest.raises(ValueError, match="unknown metric 'accuracy'"):
+        metric_of(records[0], "accuracy")
+
+
+def test_summary_json_says_which_round_each_model_file_holds(tmp_path):
+    written = {"latest": None, "best": None}
+    run_log = RunLog(tmp_path, config={}, model_files=lambda: written)
+    run_log.record_round(scored(1, 0.5))
+    assert json.loads((tmp_path / "summary.json").read_text())["model"] == {"latest": None, "best": None}
+    written.update(latest={"file": "model/latest.keras", "round": 2},
+                   best={"file": "model/best.keras", "round": 1, "metric": "test_accuracy"})
+    run_log.record_round(scored(2, 0.25))
+    assert json.loads((tmp_path / "summary.json").read_text())["model"] == {
+        "latest": {"file": "model/latest.keras", "round": 2},
+        "best": {"file": "model/best.keras", "round": 1, "metric": "test_accuracy", "value": 0.5}}
+    assert "model" not in json.loads((RunLog(tmp_path / "other", config={}).write_summary() and
+                                      (tmp_path / "other" / "summary.json").read_text()))
