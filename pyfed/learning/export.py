@@ -33,9 +33,15 @@ RECORD = "files.json"
 
 
 def save_keras(model: keras.Model, path: Path) -> None:
-    """``model`` as a ``.keras`` archive at ``path``, atomically."""
+    """``model`` as a ``.keras`` archive at ``path``, atomically.
+
+    A compiled model's optimizer is built first (zero slots, as after ``fit``): Keras warns when it
+    loads a file whose optimizer holds fewer variables than the one it builds, and the file can go
+    on training as it is."""
     from keras.src.saving import saving_lib  # the public save_model refuses a file object
 
+    if model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
     write_atomic(Path(path), lambda handle: saving_lib.save_model(model, handle))
 
 
@@ -50,10 +56,6 @@ class ModelFiles:
 
     def __init__(self, model: keras.Model, directory: Path, best_metric: str):
         self.model = model
-        if model.optimizer is not None and not model.optimizer.built:
-            # saved with its (zero) slots, as after fit: Keras warns on loading a file whose optimizer
-            # has fewer variables than the one it builds, and the file can go on training as is
-            model.optimizer.build(model.trainable_variables)
         self.directory = Path(directory)
         self.best_metric = best_metric
         self._written = self._read_record()

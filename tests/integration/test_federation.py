@@ -119,6 +119,26 @@ def check_model_files(logdir, test_data, summary):
     assert abs(latest_accuracy - accuracies[ROUNDS]) <= 1e-6
     assert abs(best_accuracy - accuracies[best_round]) <= 1e-6
 
+    # pyfed export: the best model as a TensorFlow Lite file, which predicts as best.keras does
+    lite = logdir.parent / "digits.tflite"
+    exported = subprocess.run([sys.executable, "-m", "pyfed", "export", "--from", str(logdir), "--which", "best",
+                               "--format", "tflite", "--out", str(lite)], capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert f"wrote {lite} (tflite) from {logdir}" in exported.stderr
+    script = ("import sys, numpy as np, keras, tensorflow as tf\n"
+              "x = np.load(sys.argv[1])['x'][:16].astype(np.float32)\n"
+              "expected = keras.saving.load_model(sys.argv[2]).predict(x, verbose=0)\n"
+              "lite = tf.lite.Interpreter(model_path=sys.argv[3])\n"
+              "inp, out = lite.get_input_details()[0], lite.get_output_details()[0]\n"
+              "lite.resize_tensor_input(inp['index'], x.shape)\n"
+              "lite.allocate_tensors()\n"
+              "lite.set_tensor(inp['index'], x)\n"
+              "lite.invoke()\n"
+              "print(float(np.abs(lite.get_tensor(out['index']) - expected).max()))\n")
+    compared = subprocess.run([sys.executable, "-c", script, str(test_data), str(logdir / "model" / "best.keras"),
+                               str(lite)], capture_output=True, text=True, timeout=300, check=True)
+    assert float(compared.stdout.split()[-1]) < 1e-5
+
 
 def check_tensorboard_events(logdir):
     server = scalar_steps(logdir / "server")
@@ -143,6 +163,15 @@ def check_tensorboard_events(logdir):
     (["partition", "--clients", "5000"], "pyfed partition: error: digits: cannot give 5000 clients"),
     (["server", "--shards", "2", "--min-fit-clients", "3"], "pyfed server: error: --min-fit-clients / MIN_FIT_CLIENTS is 3"),
     (["server", "--fraction-fit", "0"], "pyfed server: error: --fraction-fit / FRACTION_FIT: must be a number in (0, 1]"),
+    (["export", "--out", "m.keras"], "pyfed export: error: --from / EXPORT_FROM and --out / EXPORT_OUT are required"),
+    (["export", "--from", "/nonexistent.keras", "--out", "m.keras"], "pyfed export: error: /nonexistent.keras: no such file"),
+    (["export", "--from", "/tmp", "--out", "m.keras"], "pyfed export: error: /tmp holds no model/latest.keras"),
+    (["export", "--from", "/nonexistent/round-000001.npz", "--out", "m.keras"],
+     "pyfed export: error: /nonexistent/round-000001.npz: a checkpoint holds weights only; give --model / MODEL"),
+    (["export", "--from", "/x.keras", "--out", "m.tflite", "--format", "onnx"],
+     "pyfed export: error: --format / EXPORT_FORMAT: must be one of keras, savedmodel, tflite"),
+    (["server", "--test-data", "x.npz", "--best-metric", "accuracy"],
+     "pyfed server: error: --best-metric / BEST_METRIC: must be one of auto, test_accuracy"),
 ])
 def test_cli_start_up_errors_exit_2_with_one_line(tmp_path, args, message):
     import subprocess

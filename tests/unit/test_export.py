@@ -68,9 +68,12 @@ def test_a_model_file_that_cannot_be_written_raises_and_its_record_keeps_the_pre
 # --- pyfed export -------------------------------------------------------------------------------------
 
 def run_dir_with_model(tmp_path, model):
+    """A LOGDIR whose best.keras holds the model's weights + 0.1 and latest.keras + 0.2 (the files
+    set the model's weights: both are taken from its weights before)."""
+    first, second = shifted(model, 0.1), shifted(model, 0.2)
     files = ModelFiles(model, tmp_path / "logs" / "model", "test_accuracy")
-    files(shifted(model, 0.1), 1, True)
-    files(shifted(model, 0.2), 2, False)
+    files(first, 1, True)
+    files(second, 2, False)
     return tmp_path / "logs"
 
 
@@ -81,7 +84,7 @@ def test_export_finds_a_runs_latest_or_best_model_a_keras_file_or_a_checkpoint_w
 
     model = default_model((4,), 3, learning_rate=0.01)
     reference = model.get_weights()
-    logdir = run_dir_with_model(tmp_path, model)
+    logdir = run_dir_with_model(tmp_path, model)  # the files change the model's weights: reference is from before
     x = np.random.default_rng(1).random((3, 4), np.float32)
 
     def predicts_like(candidate, like, weights):
@@ -146,7 +149,8 @@ def test_each_format_loads_and_predicts_as_the_model_does(tmp_path):
     np.testing.assert_array_equal(load_model_file(keras_file).predict(x, verbose=0), expected)
 
     saved = export_model(model, "savedmodel", tmp_path / "out" / "saved")
-    np.testing.assert_allclose(tf.saved_model.load(str(saved)).serve(x).numpy(), expected, rtol=1e-6)
+    served = tf.saved_model.load(str(saved))  # held: its variables go with it
+    np.testing.assert_allclose(served.serve(x).numpy(), expected, rtol=1e-6)
     with pytest.raises(ExportError, match="already exists"):
         export_model(model, "savedmodel", saved)
 
