@@ -110,6 +110,7 @@ def run_server(config: ServerConfig) -> int:
                              "the default model is sized from the test data")
     except (DataError, ModelError) as error:
         raise UsageError(str(error)) from None
+    start_from(model, config.initial_weights)
     export = model_files(model, config, has_test_data=test_data is not None)
     server = Server(wire_model(model), address=config.address, rounds=config.rounds, min_clients=config.min_clients,
                     plan=FitPlan(config.epochs, config.batch_size, config.learning_rate,
@@ -129,6 +130,19 @@ def run_server(config: ServerConfig) -> int:
     except CheckpointError as error:
         raise UsageError(f"cannot resume: {error}") from None
     return 0
+
+
+def start_from(model: Any, initial_weights: Path | None) -> None:
+    """--initial-weights: the run's first global model (a resumed run then restores its checkpoint's)."""
+    if initial_weights is None:
+        return
+    from pyfed.learning.export import ExportError, load_initial_weights
+
+    try:
+        load_initial_weights(model, initial_weights)
+    except ExportError as error:
+        raise UsageError(f"--initial-weights / INITIAL_WEIGHTS: {error}") from None
+    log.info("the initial global model's weights come from %s (unless a checkpoint is resumed)", initial_weights)
 
 
 def model_files(model: Any, config: ServerConfig | SimulateConfig, *, has_test_data: bool) -> Any:
@@ -260,6 +274,7 @@ def run_simulate(config: SimulateConfig) -> int:
         raise UsageError(str(error)) from None
     except ValueError as error:
         raise UsageError(f"{config.dataset}, --scheme {config.scheme}: {error}") from None
+    start_from(model, config.initial_weights)
     for line in label_table([f"client-{i}" for i in range(1, len(clients) + 1)], [c[1] for c in clients]):
         print(line)
     plan = FitPlan(config.epochs, config.batch_size, config.learning_rate, eval_fraction=config.client_eval_fraction)

@@ -197,6 +197,10 @@ class TrainingSettings:
                                 "default: an MLP sized from the data")
     logdir: Path = setting(Path("logs"), "--logdir", "LOGDIR", path,
                            "directory for TensorBoard events, summary.json and the trained model (model/)")
+    initial_weights: Path | None = setting(None, "--initial-weights", "INITIAL_WEIGHTS", optional_path,
+                                           "start a new run from these weights: a .keras model or a .weights.h5 "
+                                           "file of the same architecture (e.g. an earlier run's best.keras); a "
+                                           "resumed run keeps its checkpoint's")
     best_metric: str = setting("auto", "--best-metric", "BEST_METRIC", choice("auto", *BEST_METRICS),
                                "what LOGDIR/model/best.keras is chosen by (accuracies maximised, losses "
                                "minimised); auto: test_accuracy with test data, else federated_accuracy")

@@ -215,3 +215,31 @@ def export_model(model: keras.Model, fmt: str, out: Path) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+# --- starting from pretrained weights ---------------------------------------------------------------
+
+def load_initial_weights(model: keras.Model, path: Path) -> None:
+    """Put the weights in ``path`` (a ``.keras`` model, or a ``.weights.h5`` file from
+    ``model.save_weights``) into ``model``; ExportError, naming the file and the first array that
+    differs, if they do not fit it. The model itself (architecture, compile settings) stays."""
+    from pyfed.wire.protocol import ProtocolError, array_specs, check_specs
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: no such file")
+    if path.name.endswith(".weights.h5"):
+        try:
+            model.load_weights(path)
+        except Exception as error:  # Keras raises ValueError and h5py's errors for a file that does not fit
+            raise ExportError(f"{path}: its weights do not fit the model ({error.__class__.__name__}: "
+                              f"{str(error)[:300]})") from None
+        return
+    if path.suffix != ".keras":
+        raise ExportError(f"{path}: give a .keras model or a .weights.h5 file")
+    weights = load_model_file(path).get_weights()
+    try:
+        check_specs(array_specs(weights), array_specs(model.get_weights()))
+    except ProtocolError as error:
+        raise ExportError(f"{path}: its weights do not fit the model: {error}") from None
+    model.set_weights(weights)

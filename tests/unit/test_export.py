@@ -164,3 +164,27 @@ def test_each_format_loads_and_predicts_as_the_model_does(tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["model.keras", "model.tflite", "saved"]
     with pytest.raises(ExportError, match="must end in .tflite"):
         export_model(model, "tflite", tmp_path / "out" / "model.bin")
+
+
+def test_a_run_starts_from_a_keras_file_or_weights_file_of_the_same_model_and_refuses_others(tmp_path):
+    from pyfed.learning.export import ExportError, load_initial_weights, save_keras
+
+    trained = default_model((4,), 3, learning_rate=0.01)
+    trained.set_weights(shifted(trained, 0.3))
+    save_keras(trained, tmp_path / "best.keras")
+    trained.save_weights(tmp_path / "trained.weights.h5")
+    for source in ("best.keras", "trained.weights.h5"):
+        fresh = default_model((4,), 3, learning_rate=0.01)
+        load_initial_weights(fresh, tmp_path / source)
+        assert all(np.array_equal(a, b) for a, b in zip(fresh.get_weights(), trained.get_weights())), source
+
+    other = default_model((5,), 3, learning_rate=0.01)
+    with pytest.raises(ExportError, match="best.keras: its weights do not fit the model: array 0"):
+        load_initial_weights(other, tmp_path / "best.keras")
+    with pytest.raises(ExportError, match="trained.weights.h5: its weights do not fit the model"):
+        load_initial_weights(other, tmp_path / "trained.weights.h5")
+    with pytest.raises(ExportError, match="give a .keras model or a .weights.h5 file"):
+        (tmp_path / "w.npz").write_bytes(b"x")
+        load_initial_weights(other, tmp_path / "w.npz")
+    with pytest.raises(ExportError, match="missing.keras: no such file"):
+        load_initial_weights(other, tmp_path / "missing.keras")
