@@ -5,7 +5,7 @@
 Any file here is mounted read-only into the server at /models. Only the server runs it: clients
 receive the architecture as JSON (no code) and rebuild it in Keras's safe mode, so it must be made
 of Keras's own layers (no Lambda). The digits examples arrive as 64 features; the first layer
-turns them back into 8x8 single-channel images.
+turns them back into 8x8 single-channel images (pixels already scaled to [0, 1] by `pyfed partition`).
 """
 
 import keras
@@ -15,7 +15,6 @@ def build() -> keras.Model:
     model = keras.Sequential([
         keras.layers.Input((64,)),
         keras.layers.Reshape((8, 8, 1)),
-        keras.layers.Rescaling(1 / 16),  # digits pixels are 0..16
         keras.layers.Conv2D(16, 3, padding="same", activation="relu"),
         keras.layers.MaxPooling2D(),
         keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
