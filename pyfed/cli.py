@@ -239,7 +239,7 @@ def run_partition(config: PartitionConfig) -> int:
             log.info("%s already holds the shards for %s; nothing to do", config.out, settings)
             return 0
     try:
-        x, y = load_dataset(config.dataset)
+        x, y = load_dataset(config.dataset, label_column=config.label_column)
         paths = write_partitions(x, y, config.out, config.clients, seed=config.seed,
                                  test_fraction=config.test_fraction, scheme=config.scheme, alpha=config.alpha,
                                  classes_per_client=config.classes_per_client)
@@ -264,7 +264,7 @@ def run_simulate(config: SimulateConfig) -> int:
 
     strategy = build_strategy(config, config.clients, "--clients / NUM_CLIENTS")
     try:
-        x, y = load_dataset(config.dataset)
+        x, y = load_dataset(config.dataset, label_column=config.label_column)
         clients, test_data = split_dataset(x, y, config.clients, seed=config.seed, test_fraction=config.test_fraction,
                                            scheme=config.scheme, alpha=config.alpha,
                                            classes_per_client=config.classes_per_client)

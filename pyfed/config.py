@@ -87,6 +87,13 @@ def optional_text(text: str) -> str | None:
     return text.strip() or None
 
 
+def column_name(text: str) -> str:
+    value = text.strip()
+    if not value:
+        raise ValueError("must name a column, got an empty string")
+    return value
+
+
 def path(text: str) -> Path:
     if not text.strip():
         raise ValueError("must be a path, got an empty string")
@@ -131,9 +138,9 @@ def dataset_name(text: str) -> str:
     value = text.strip()
     if value.lower() in {"digits", "mnist"}:
         return value.lower()
-    if value.startswith("npz:") and len(value) > 4:
+    if value[:4] in {"npz:", "csv:"} and len(value) > 4:
         return value
-    raise ValueError(f"must be digits, mnist or npz:PATH, got {text!r}")
+    raise ValueError(f"must be digits, mnist, npz:PATH or csv:PATH, got {text!r}")
 
 
 def log_level(text: str) -> str:
@@ -334,7 +341,10 @@ class PartitionSettings:
     """How a dataset is split among clients, shared by ``pyfed partition`` and ``pyfed simulate``."""
 
     dataset: str = setting("digits", "--dataset", "DATASET", dataset_name,
-                           "digits (embedded, offline), mnist (downloaded) or npz:PATH (arrays x, y)")
+                           "digits (embedded, offline), mnist (downloaded), npz:PATH (arrays x, y) or csv:PATH "
+                           "(a header row; numeric features and a class-number column, --label-column)")
+    label_column: str = setting("label", "--label-column", "LABEL_COLUMN", column_name,
+                                "with csv:PATH: the column holding each example's class number")
     clients: int = setting(3, "--clients", "NUM_CLIENTS", positive_int, "number of clients (shards)")
     scheme: str = setting("iid", "--scheme", "PARTITION_SCHEME", choice(*SCHEMES),
                           "how samples are split: iid; dirichlet (label skew, --alpha); shards (each client "

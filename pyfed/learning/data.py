@@ -7,8 +7,10 @@ gives one error naming the file instead of a traceback deep inside training.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import math
 import zipfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,8 +27,9 @@ class DataError(ValueError):
     """A dataset or shard file is unusable; the message names the file and what is wrong."""
 
 
-def load_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """``digits`` (scikit-learn's embedded 8x8 digits, offline), ``mnist`` (downloaded) or ``npz:PATH``.
+def load_dataset(name: str, *, label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:
+    """``digits`` (scikit-learn's embedded 8x8 digits, offline), ``mnist`` (downloaded), ``npz:PATH``
+    or ``csv:PATH`` (see :func:`load_csv`).
 
     Features are float32 scaled to [0, 1] and flattened; labels are int64.
     """
@@ -43,7 +46,9 @@ def load_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
         return x, np.concatenate([y_train, y_test]).astype(np.int64)
     if name.startswith("npz:"):
         return load_shard(Path(name[4:]))
-    raise DataError(f"unknown dataset {name!r}; use digits, mnist or npz:PATH")
+    if name.startswith("csv:"):
+        return load_csv(Path(name[4:]), label_column=label_column)
+    raise DataError(f"unknown dataset {name!r}; use digits, mnist, npz:PATH or csv:PATH")
 
 
 def load_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -65,6 +70,63 @@ def load_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise
         raise DataError(f"{path}: not a readable .npz file ({error})") from None
     return check_examples(x, y, str(path))
+
+
+def load_csv(path: Path, *, label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:
+    """A CSV file with a header row: ``label_column`` holds each example's class number (0, 1, 2 ...),
+    every other column a numeric feature. Read with the standard library's ``csv`` module; anything
+    that does not fit is refused with the file, line and column named."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = csv.reader(handle)
+            header = [name.strip() for name in next(rows, [])]
+            if not any(header):
+                raise DataError(f"{path}: is empty; a CSV needs a header row naming its columns")
+            if label_column not in header:
+                shown = ", ".join(header[:12]) + (" ..." if len(header) > 12 else "")
+                raise DataError(f"{path}: has no column {label_column!r} (--label-column); its columns are {shown}")
+            repeated = sorted({name for name in header if header.count(name) > 1})
+            if repeated:
+                raise DataError(f"{path}: names column(s) {', '.join(map(repr, repeated[:5]))} more than once")
+            label_index = header.index(label_column)
+            features, labels = [], []
+            for line, row in enumerate(rows, start=2):
+                if not row or all(not value.strip() for value in row):
+                    continue
+                if len(row) != len(header):
+                    raise DataError(f"{path}: line {line} has {len(row)} values; the header has {len(header)}")
+                values = []
+                for name, value in zip(header, row):
+                    try:
+                        number = float(value)
+                    except ValueError:
+                        number = math.nan
+                    if name == label_column:
+                        if not (math.isfinite(number) and number >= 0 and number.is_integer()):
+                            raise DataError(f"{path}: line {line}, column {name!r}: {value.strip()[:40]!r} is not a "
+                                            f"class number (0, 1, 2 ...); map class names to numbers the same "
+                                            f"way at every site")
+                    elif not math.isfinite(number):
+                        raise DataError(f"{path}: line {line}, column {name!r}: {value.strip()[:40]!r} is not a "
+                                        f"finite number (every feature must be numeric)")
+                    values.append(number)
+                label = values.pop(label_index)
+                features.append(values)
+                labels.append(int(label))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not a CSV file") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not a UTF-8 text file ({error.reason} at byte {error.start})") from None
+    except csv.Error as error:
+        raise DataError(f"{path}: not a readable CSV file ({error})") from None
+    if not labels:
+        raise DataError(f"{path}: has a header but no examples")
+    if len(header) < 2:
+        raise DataError(f"{path}: has only the label column; a CSV needs feature columns too")
+    return check_examples(np.asarray(features, np.float32), np.asarray(labels, np.int64), str(path))
 
 
 def check_examples(x: np.ndarray, y: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
