@@ -176,7 +176,7 @@ def build_strategy(settings: StrategySettings, clients_per_round: int, clients_s
 
 def run_client(config: ClientConfig) -> int:
     from pyfed.federation.client import Client
-    from pyfed.learning.data import DataError, load_shard
+    from pyfed.learning.data import DataError, load_site_data
     from pyfed.wire.security import KeyFileError, client_keys
 
     curve = None
@@ -196,7 +196,7 @@ def run_client(config: ClientConfig) -> int:
     x = y = None
     if config.data is not None:
         try:
-            x, y = load_shard(config.data)
+            x, y = load_site_data(config.data, label_column=config.label_column)
         except DataError as error:
             raise UsageError(str(error)) from None
     elif config.data_dir is None:

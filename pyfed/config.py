@@ -290,8 +290,11 @@ class ClientConfig(EncryptionSettings):
 
     server: str = setting("tcp://127.0.0.1:5555", "--server", "SERVER_ADDRESS", zmq_address,
                           "the server's ZeroMQ address")
-    data: Path | None = setting(None, "--data", "DATA_SHARD", optional_path,
-                                "this client's .npz shard (arrays x, y)")
+    data: str | None = setting(None, "--data", "DATA_SHARD", optional_text,
+                               "this client's data: an .npz shard (arrays x, y), or csv:PATH (a header row; "
+                               "numeric features and a class-number column, --label-column)")
+    label_column: str = setting("label", "--label-column", "LABEL_COLUMN", column_name,
+                                "with --data csv:PATH: the column holding each example's class number")
     data_dir: Path | None = setting(None, "--data-dir", "DATA_DIR", optional_path,
                                     "without --data: ask the server for a shard and load it from here")
     client_id: str = setting("", "--client-id", "CLIENT_ID", client_id,

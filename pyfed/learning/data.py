@@ -72,6 +72,13 @@ def load_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return check_examples(x, y, str(path))
 
 
+def load_site_data(spec: str, *, label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:
+    """A client's own data: ``csv:PATH`` (see :func:`load_csv`), or an ``.npz`` shard (``PATH`` or ``npz:PATH``)."""
+    if spec.startswith("csv:"):
+        return load_csv(Path(spec[4:]), label_column=label_column)
+    return load_shard(Path(spec[4:] if spec.startswith("npz:") else spec))
+
+
 def load_csv(path: Path, *, label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:
     """A CSV file with a header row: ``label_column`` holds each example's class number (0, 1, 2 ...),
     every other column a numeric feature. Read with the standard library's ``csv`` module; anything

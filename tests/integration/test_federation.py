@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 from pyfed.wire import protocol
-from tests.integration.support import free_port, scalar_steps
+from tests.integration.support import free_port, scalar_steps, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -216,3 +216,39 @@ def test_server_assigns_each_shard_to_one_client_and_turns_away_extra_clients(tm
         "client-2": {"shard": "client-2.npz", "num_examples": 719},
     }
     assert summary["rounds"][0]["clients"] == ["client-1", "client-2"]
+
+
+def write_csv(path, x, y, label_column="label"):
+    with open(path, "w", newline="") as handle:
+        handle.write(",".join([f"f{i}" for i in range(x.shape[1])] + [label_column]) + "\n")
+        for row, label in zip(x, y):
+            handle.write(",".join(f"{v:.6g}" for v in row) + f",{int(label)}\n")
+
+
+def test_csv_sites_train_and_a_site_whose_csv_does_not_fit_is_told_why_while_the_others_carry_on(
+        tmp_path, processes, shards):
+    from pyfed.learning.data import load_shard
+
+    for index in (1, 2):
+        write_csv(tmp_path / f"site-{index}.csv", *load_shard(shards / f"client-{index}.npz"), label_column="diagnosis")
+    x, y = load_shard(shards / "client-3.npz")
+    write_csv(tmp_path / "narrow.csv", x[:, :60], y)  # 60 features; the model takes 64
+    address, logdir = f"tcp://127.0.0.1:{free_port()}", tmp_path / "logs"
+    server = start_server(processes, shards, logdir, address, "--rounds", "2", "--min-clients", "2", "--epochs", "10")
+    clients = [processes.pyfed("client", "--server", address, "--data", f"csv:{tmp_path / f'site-{i}.csv'}",
+                               "--label-column", "diagnosis", name=f"csv-site-{i}") for i in (1, 2)]
+    narrow = processes.pyfed("client", "--server", address, "--data", f"csv:{tmp_path / 'narrow.csv'}",
+                             name="narrow-site")
+    assert processes.wait(narrow, 120) == 1
+    assert (f"{tmp_path / 'narrow.csv'}: examples have shape [60] but the server's model takes [64]"
+            in narrow.log_path.read_text())
+    wrong_column = processes.pyfed("client", "--server", address, "--data", f"csv:{tmp_path / 'site-1.csv'}",
+                                   name="wrong-column")
+    assert processes.wait(wrong_column, 60) == 2
+    assert f"site-1.csv: has no column 'label' (--label-column)" in wrong_column.log_path.read_text()
+    assert processes.wait(server, 300) == 0, processes.tail(server)
+    for client in clients:
+        assert processes.wait(client, 60) == 0, processes.tail(client)
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert [len(r["clients"]) for r in summary["rounds"]] == [2, 2]
+    assert summary["final"]["test_accuracy"] >= 0.85

@@ -50,7 +50,7 @@ def test_client_and_partition_configs():
     client = resolve(ClientConfig, {"client_id": "site-7"}, {"SERVER_ADDRESS": "tcp://server:5555",
                                                             "DATA_SHARD": "/data/client-1.npz"}, {})
     assert client.client_id == "site-7" and client.server == "tcp://server:5555"
-    assert client.data == Path("/data/client-1.npz")
+    assert client.data == "/data/client-1.npz"  # a path, or csv:PATH
     partition = resolve(PartitionConfig, {}, {"DATASET": "npz:/tmp/all.npz", "NUM_CLIENTS": "5"}, {})
     assert partition.dataset == "npz:/tmp/all.npz" and partition.clients == 5
 
