@@ -196,7 +196,7 @@ def run_client(config: ClientConfig) -> int:
     x = y = None
     if config.data is not None:
         try:
-            x, y = load_site_data(config.data, label_column=config.label_column)
+            x, y = load_site_data(config.data, config.read_options())
         except DataError as error:
             raise UsageError(str(error)) from None
     elif config.data_dir is None:
@@ -239,7 +239,7 @@ def run_partition(config: PartitionConfig) -> int:
             log.info("%s already holds the shards for %s; nothing to do", config.out, settings)
             return 0
     try:
-        x, y = load_dataset(config.dataset, label_column=config.label_column)
+        x, y = load_dataset(config.dataset, config.read_options())
         paths = write_partitions(x, y, config.out, config.clients, seed=config.seed,
                                  test_fraction=config.test_fraction, scheme=config.scheme, alpha=config.alpha,
                                  classes_per_client=config.classes_per_client)
@@ -264,7 +264,7 @@ def run_simulate(config: SimulateConfig) -> int:
 
     strategy = build_strategy(config, config.clients, "--clients / NUM_CLIENTS")
     try:
-        x, y = load_dataset(config.dataset, label_column=config.label_column)
+        x, y = load_dataset(config.dataset, config.read_options())
         clients, test_data = split_dataset(x, y, config.clients, seed=config.seed, test_fraction=config.test_fraction,
                                            scheme=config.scheme, alpha=config.alpha,
                                            classes_per_client=config.classes_per_client)

@@ -13,6 +13,7 @@ import logging
 import math
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +28,9 @@ class DataError(ValueError):
     """A dataset or shard file is unusable; the message names the file and what is wrong."""
 
 
-def load_dataset(name: str, *, label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:
-    """``digits`` (scikit-learn's embedded 8x8 digits, offline), ``mnist`` (downloaded), ``npz:PATH``
-    or ``csv:PATH`` (see :func:`load_csv`).
+def load_dataset(name: str, options: ReadOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``digits`` (scikit-learn's embedded 8x8 digits, offline), ``mnist`` (downloaded), ``npz:PATH``,
+    ``csv:PATH`` (see :func:`load_csv`) or ``images:DIR`` (see :func:`load_image_folder`).
 
     Features are float32 scaled to [0, 1] and flattened; labels are int64.
     """
@@ -46,9 +47,9 @@ def load_dataset(name: str, *, label_column: str = "label") -> tuple[np.ndarray,
         return x, np.concatenate([y_train, y_test]).astype(np.int64)
     if name.startswith("npz:"):
         return load_shard(Path(name[4:]))
-    if name.startswith("csv:"):
-        return load_csv(Path(name[4:]), label_column=label_column)
-    raise DataError(f"unknown dataset {name!r}; use digits, mnist, npz:PATH or csv:PATH")
+    if name.startswith(("csv:", "images:")):
+        return load_site_data(name, options or ReadOptions())
+    raise DataError(f"unknown dataset {name!r}; use digits, mnist, npz:PATH, csv:PATH or images:DIR")
 
 
 def load_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -72,11 +73,73 @@ def load_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return check_examples(x, y, str(path))
 
 
-def load_site_data(spec: str, *, label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:
-    """A client's own data: ``csv:PATH`` (see :func:`load_csv`), or an ``.npz`` shard (``PATH`` or ``npz:PATH``)."""
+@dataclass(frozen=True)
+class ReadOptions:
+    """How CSV files and image folders are read (``--label-column``, ``--image-size``, ...)."""
+
+    label_column: str = "label"
+    image_size: tuple[int, int] | None = None  # (height, width); None: the images' own, all alike
+    color_mode: str = "rgb"  # or "grayscale"
+    class_names: tuple[str, ...] = ()  # image folders named by class, in class-number order
+
+
+def load_site_data(spec: str, options: ReadOptions = ReadOptions()) -> tuple[np.ndarray, np.ndarray]:
+    """A client's own data: ``csv:PATH`` (see :func:`load_csv`), ``images:DIR`` (see
+    :func:`load_image_folder`), or an ``.npz`` shard (``PATH`` or ``npz:PATH``)."""
     if spec.startswith("csv:"):
-        return load_csv(Path(spec[4:]), label_column=label_column)
+        return load_csv(Path(spec[4:]), label_column=options.label_column)
+    if spec.startswith("images:"):
+        return load_image_folder(Path(spec[7:]), options)
     return load_shard(Path(spec[4:] if spec.startswith("npz:") else spec))
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
+
+def load_image_folder(directory: Path, options: ReadOptions = ReadOptions()) -> tuple[np.ndarray, np.ndarray]:
+    """Images in one subfolder per class, read with Keras's image utilities (Pillow underneath).
+
+    A class folder is named by its class number (``0``, ``1`` ...) or, with ``class_names``, by its
+    name, numbered by that list's order: the same numbers at every site, even one that lacks a class.
+    Pixels become float32 in [0, 1], shaped (height, width, channels)."""
+    import keras
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: no such directory (an image folder holds one subfolder per class)")
+    folders = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(f"{directory}: holds no class folders (one subfolder per class, named 0, 1, 2 ... "
+                        f"or as --class-names lists)")
+    names = list(options.class_names)
+    paths, labels = [], []
+    for folder in folders:
+        if names:
+            if folder.name not in names:
+                raise DataError(f"{folder}: is not one of --class-names ({', '.join(names[:10])})")
+            label = names.index(folder.name)
+        elif folder.name.isdigit():
+            label = int(folder.name)
+        else:
+            raise DataError(f"{folder}: a class folder must be named by its class number (0, 1, 2 ...), or "
+                            f"list the class names in order with --class-names, the same at every site")
+        images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        paths += images
+        labels += [label] * len(images)
+    if not paths:
+        raise DataError(f"{directory}: its class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
+    arrays = []
+    for path in paths:
+        try:
+            image = keras.utils.load_img(path, color_mode=options.color_mode, target_size=options.image_size)
+        except Exception as error:  # Pillow raises many kinds for a file that is not an image
+            raise DataError(f"{path}: not a readable image ({error.__class__.__name__}: {str(error)[:100]})") from None
+        array = keras.utils.img_to_array(image, dtype="float32")
+        if arrays and array.shape != arrays[0].shape:
+            raise DataError(f"{path}: is {array.shape[1]}x{array.shape[0]} but {paths[0]} is "
+                            f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; give --image-size HEIGHTxWIDTH to resize all")
+        arrays.append(array)
+    return check_examples(np.stack(arrays) / np.float32(255), np.asarray(labels, np.int64), str(directory))
 
 
 def load_csv(path: Path, *, label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:

@@ -70,7 +70,7 @@ def test_client_and_partition_configs():
     (ClientConfig, {}, {"CLIENT_ID": "bad id!"}, "--client-id / CLIENT_ID: must be 1-64 characters"),
     (ClientConfig, {}, {"SERVER_ADDRESS": "http://server"}, "--server / SERVER_ADDRESS: must look like tcp://HOST:PORT"),
     (ClientConfig, {}, {"CLIENT_EPOCHS": "1.5"}, "--epochs / CLIENT_EPOCHS: must be a positive integer"),
-    (PartitionConfig, {}, {"DATASET": "cifar"}, "--dataset / DATASET: must be digits, mnist, npz:PATH or csv:PATH"),
+    (PartitionConfig, {}, {"DATASET": "cifar"}, "--dataset / DATASET: must be digits, mnist, npz:PATH, csv:PATH or images:DIR"),
     (PartitionConfig, {}, {"TEST_FRACTION": "1.5"}, "--test-fraction / TEST_FRACTION: must be a number in (0, 1)"),
     (PartitionConfig, {}, {"SEED": "-1"}, "--seed / SEED: must be a non-negative integer"),
     (PartitionConfig, {}, {"PARTITION_SCHEME": "random"}, "--scheme / PARTITION_SCHEME: must be one of iid, dirichlet"),

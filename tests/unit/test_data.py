@@ -186,7 +186,7 @@ def test_label_table_lists_each_client_with_its_label_counts():
 # --- CSV sites ----------------------------------------------------------------------------------------
 
 def test_a_csv_site_gives_float_features_and_class_numbers_whatever_the_label_columns_place(tmp_path):
-    from pyfed.learning.data import load_csv, load_dataset
+    from pyfed.learning.data import ReadOptions, load_csv, load_dataset
 
     (tmp_path / "site.csv").write_text("age,label,score\n31,1,0.5\n\n45.5,0,1e-3\n52,2.0,7\n", encoding="utf-8")
     x, y = load_csv(tmp_path / "site.csv")
@@ -197,7 +197,7 @@ def test_a_csv_site_gives_float_features_and_class_numbers_whatever_the_label_co
     with pytest.raises(DataError, match="no column 'label'.*its columns are diagnosis;x"):
         load_csv(tmp_path / "other.csv")
     (tmp_path / "named.csv").write_text("f1,diagnosis\n0.1,3\n", encoding="utf-8")
-    x, y = load_dataset(f"csv:{tmp_path / 'named.csv'}", label_column="diagnosis")
+    x, y = load_dataset(f"csv:{tmp_path / 'named.csv'}", ReadOptions(label_column="diagnosis"))
     assert x.tolist() == [[pytest.approx(0.1)]] and y.tolist() == [3]
 
 
@@ -231,3 +231,52 @@ def test_a_missing_or_binary_csv_is_refused_by_name(tmp_path):
         load_csv(tmp_path / "binary.csv")
     with pytest.raises(DataError, match="is a directory, not a CSV file"):
         load_csv(tmp_path)
+
+
+
+# --- image-folder sites ---------------------------------------------------------------------------------
+
+def write_image(path, array):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_an_image_folder_site_numbers_its_classes_by_folder_or_by_the_class_names_list(tmp_path):
+    from pyfed.learning.data import ReadOptions, load_image_folder, load_site_data
+
+    write_image(tmp_path / "site" / "0" / "a.png", np.zeros((6, 4, 3), np.uint8))
+    write_image(tmp_path / "site" / "2" / "b.png", np.full((6, 4, 3), 255, np.uint8))
+    (tmp_path / "site" / "2" / "notes.txt").write_text("not an image: skipped")
+    x, y = load_site_data(f"images:{tmp_path / 'site'}")
+    assert x.shape == (2, 6, 4, 3) and x.dtype == np.float32 and y.tolist() == [0, 2]
+    assert x[0].max() == 0.0 and x[1].min() == 1.0
+    x, _ = load_image_folder(tmp_path / "site", ReadOptions(image_size=(3, 2), color_mode="grayscale"))
+    assert x.shape == (2, 3, 2, 1)
+
+    write_image(tmp_path / "named" / "dog" / "d.png", np.zeros((5, 5, 3), np.uint8))  # this site has no cats
+    _, y = load_image_folder(tmp_path / "named", ReadOptions(class_names=("cat", "dog")))
+    assert y.tolist() == [1]
+
+
+@pytest.mark.parametrize("build, options, message", [
+    (lambda d: None, {}, "no such directory"),
+    (lambda d: d.mkdir(), {}, "holds no class folders"),
+    (lambda d: (d / "0").mkdir(parents=True), {}, "its class folders hold no images"),
+    (lambda d: write_image(d / "cat" / "a.png", np.zeros((2, 2, 3), np.uint8)), {},
+     "cat: a class folder must be named by its class number .*--class-names"),
+    (lambda d: write_image(d / "cow" / "a.png", np.zeros((2, 2, 3), np.uint8)), {"class_names": ("cat", "dog")},
+     "cow: is not one of --class-names"),
+    (lambda d: (write_image(d / "0" / "a.png", np.zeros((2, 2, 3), np.uint8)),
+                write_image(d / "1" / "b.png", np.zeros((3, 2, 3), np.uint8))), {},
+     "b.png: is 2x3 but .*a.png is 2x2; give --image-size"),
+    (lambda d: ((d / "0").mkdir(parents=True), (d / "0" / "x.png").write_bytes(b"not a png")), {},
+     "x.png: not a readable image"),
+])
+def test_an_image_folder_that_does_not_fit_is_refused_naming_the_folder_or_file(tmp_path, build, options, message):
+    from pyfed.learning.data import ReadOptions, load_image_folder
+
+    build(tmp_path / "site")
+    with pytest.raises(DataError, match=message):
+        load_image_folder(tmp_path / "site", ReadOptions(**options))

@@ -49,9 +49,8 @@ NOT_IN_SWARM = {
     "DATASET": "no data step: each node brings its own data",
     "NUM_CLIENTS": "the same (the server hands out no shards)",
     "PARTITION_SCHEME": "the same", "PARTITION_ALPHA": "the same", "CLASSES_PER_CLIENT": "the same",
-    "TEST_FRACTION": "the same", "LABEL_COLUMN": "the same",
+    "TEST_FRACTION": "the same",
     "CLIENT_ID": "each replica is named after its node",
-    "DATA_SHARD": "each replica reads its node's client.npz",
     "SERVER_ADDRESS": "replicas reach the server by its service name",
     "INSECURE": "a stack always uses its Swarm secrets",
 }
