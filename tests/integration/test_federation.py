@@ -234,9 +234,9 @@ def test_csv_sites_train_and_a_site_whose_csv_does_not_fit_is_told_why_while_the
     x, y = load_shard(shards / "client-3.npz")
     write_csv(tmp_path / "narrow.csv", x[:, :60], y)  # 60 features; the model takes 64
     address, logdir = f"tcp://127.0.0.1:{free_port()}", tmp_path / "logs"
-    server = start_server(processes, shards, logdir, address, "--rounds", "2", "--min-clients", "2", "--epochs", "10")
-    clients = [processes.pyfed("client", "--server", address, "--data", f"csv:{tmp_path / f'site-{i}.csv'}",
-                               "--label-column", "diagnosis", name=f"csv-site-{i}") for i in (1, 2)]
+    server = start_server(processes, shards, logdir, address, "--rounds", "2", "--min-clients", "2",
+                          "--min-fit-clients", "2", "--epochs", "10")
+    # the sites whose data does not fit go first: each is told why and exits before the run starts
     narrow = processes.pyfed("client", "--server", address, "--data", f"csv:{tmp_path / 'narrow.csv'}",
                              name="narrow-site")
     assert processes.wait(narrow, 120) == 1
@@ -246,6 +246,8 @@ def test_csv_sites_train_and_a_site_whose_csv_does_not_fit_is_told_why_while_the
                                    name="wrong-column")
     assert processes.wait(wrong_column, 60) == 2
     assert f"site-1.csv: has no column 'label' (--label-column)" in wrong_column.log_path.read_text()
+    clients = [processes.pyfed("client", "--server", address, "--data", f"csv:{tmp_path / f'site-{i}.csv'}",
+                               "--label-column", "diagnosis", name=f"csv-site-{i}") for i in (1, 2)]
     assert processes.wait(server, 300) == 0, processes.tail(server)
     for client in clients:
         assert processes.wait(client, 60) == 0, processes.tail(client)
