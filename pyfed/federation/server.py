@@ -48,6 +48,7 @@ class Server:
         strategy: Strategy | None = None,
         evaluate: Evaluate | None = None,
         export: ExportModel | None = None,
+        model_summary: str | None = None,
         logdir: Path | None = None,
         round_timeout_s: float | str | None = AUTO,
         num_shards: int = 0,
@@ -82,6 +83,7 @@ class Server:
         }, keep=keep_checkpoints)
         self.fresh_start = fresh_start
         self.config_summary = config_summary or {}
+        self.model_json, self.model_summary = model.model_json, model_summary
         self.rounds = rounds
         self.run_log: RunLog | None = None
 
@@ -114,7 +116,8 @@ class Server:
     def open(self) -> None:
         """Resume from the newest usable checkpoint, or archive the last run and start a new one."""
         self.run_log = self.engine.open(self.store, logdir=self.logdir, config=self.config_summary,
-                                        fresh_start=self.fresh_start)
+                                        fresh_start=self.fresh_start, model_json=self.model_json,
+                                        model_summary=self.model_summary)
 
     def run(self) -> list[RoundRecord]:
         """Resume or start, wait for clients, run every round, tell the clients the run is over.

@@ -112,6 +112,13 @@ def to_wire(model: keras.Model) -> tuple[str, dict[str, Any]]:
     return model_json, config
 
 
+def text_summary(model: keras.Model) -> str:
+    """Keras's ``model.summary()`` table, as markdown (a code block) for TensorBoard's Text dashboard."""
+    parts: list[str] = []
+    model.summary(print_fn=lambda text, *args, **kwargs: parts.append(str(text)))
+    return "```\n" + "\n".join(part.rstrip("\n") for part in parts) + "\n```"
+
+
 def wire_model(model: keras.Model) -> WireModel:
     """The model as the server sends it to clients: architecture, compile settings, weights."""
     model_json, compile_config = to_wire(model)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pyfed.persistence import events
 from pyfed.persistence.events import EventFile
 from pyfed.persistence.files import write_json_atomic
 from pyfed.wire.protocol import is_client_id
@@ -201,7 +202,8 @@ class RunLog:
 
     def __init__(self, logdir: Path, *, config: dict[str, Any], resume: list[RoundRecord] | None = None,
                  clients: dict[str, dict[str, Any]] | None = None,
-                 model_files: Callable[[], dict[str, Any]] | None = None):
+                 model_files: Callable[[], dict[str, Any]] | None = None,
+                 model_json: str | None = None, model_summary: str | None = None):
         import shutil
 
         self.logdir = Path(logdir)
@@ -221,11 +223,26 @@ class RunLog:
         self._client_epochs: dict[str, int] = {}
         self.final: dict[str, Any] | None = None
         self.clients: dict[str, dict[str, Any]] = dict(clients or {})  # client id -> {"shard", "num_examples"}
+        self._describe_run(model_json, model_summary)
         for record in resume or []:
             self._write_events(record)
             self.rounds.append(record)
         if resume:
             self.write_summary()
+
+    def _describe_run(self, model_json: str | None, model_summary: str | None) -> None:
+        """Once per server process, in the server's run: the settings (HParams dashboard), the
+        model's layers (Graphs, as Keras draws them) and its summary table (Text)."""
+        summaries = [(events.hyperparameters(self.config), 0)]
+        if model_json:
+            summaries.append((events.keras_model_graph(model_json), 0))
+        if model_summary:
+            summaries.append((events.text("model/summary", model_summary), 0))
+        try:
+            self._server_events.write(summaries)
+        except Exception as error:  # noqa: BLE001 - logs never stop a run
+            log.warning("could not write the run's description to TensorBoard (%s: %s)",
+                        error.__class__.__name__, str(error)[:200])
 
     def _client_event_file(self, client_id: str) -> EventFile:
         if client_id not in self._client_events:

@@ -74,7 +74,14 @@ def read_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
     accumulator = event_accumulator.EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
     accumulator.Reload()
     return {tag: [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in accumulator.Tensors(tag)]
-            for tag in accumulator.Tags()["tensors"]}
+            for tag in plugin_tags(accumulator, "scalars")}
+
+
+def plugin_tags(accumulator, plugin: str) -> dict:
+    try:
+        return accumulator.PluginTagToContent(plugin)
+    except KeyError:  # no summary of that plugin
+        return {}
 
 
 def test_event_files_hold_what_tensorboard_reads_as_scalars_and_no_descriptor_stays_open(tmp_path):
@@ -163,3 +170,21 @@ def test_summary_json_says_which_round_each_model_file_holds(tmp_path):
         "best": {"file": "model/best.keras", "round": 1, "metric": "test_accuracy", "value": 0.5}}
     assert "model" not in json.loads((RunLog(tmp_path / "other", config={}).write_summary() and
                                       (tmp_path / "other" / "summary.json").read_text()))
+
+
+def test_the_servers_run_shows_its_settings_model_graph_and_summary(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    RunLog(tmp_path, config={"rounds": 3, "strategy": "fedavg", "model": None},
+           model_json='{"class_name": "Sequential"}', model_summary="```\nDense\n```")
+    accumulator = event_accumulator.EventAccumulator(str(tmp_path / "server"), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    assert all(plugin_tags(accumulator, plugin) for plugin in ("hparams", "graph_keras_model", "text"))
+    graph = accumulator.Tensors("keras")[0]
+    assert tensor_util.make_ndarray(graph.tensor_proto).item() == b'{"class_name": "Sequential"}'
+    text = accumulator.Tensors("model/summary")[0]
+    assert tensor_util.make_ndarray(text.tensor_proto).item() == b"```\nDense\n```"
+    hparams = plugin_tags(accumulator, "hparams")
+    assert "_hparams_/session_start_info" in hparams
+    assert b"fedavg" in hparams["_hparams_/session_start_info"] and b"rounds" in hparams["_hparams_/session_start_info"]
