@@ -117,6 +117,7 @@ def run_server(config: ServerConfig) -> int:
                                  eval_fraction=config.client_eval_fraction),
                     strategy=strategy, evaluate=evaluator(model, *test_data) if test_data is not None else None,
                     export=export, model_summary=text_summary(model), logdir=config.logdir,
+                    weight_names=[variable.path for variable in model.weights] if config.histograms else None,
                     round_timeout_s=config.round_timeout_s, num_shards=config.num_shards,
                     config_summary=describe(config),
                     min_fit_clients=max(config.min_fit_clients, strategy.min_fit_clients()),
@@ -283,7 +284,8 @@ def run_simulate(config: SimulateConfig) -> int:
         fraction_fit=config.fraction_fit, min_fit_clients=max(config.min_fit_clients, strategy.min_fit_clients()),
         drop_rate=config.drop_rate, checkpoint_dir=config.checkpoint_dir, keep_checkpoints=config.keep_checkpoints,
         fresh_start=config.fresh_start, logdir=config.logdir, config_summary=describe(config), seed=config.seed,
-        progress=config.progress, export=model_files(model, config, has_test_data=test_data is not None))
+        progress=config.progress, export=model_files(model, config, has_test_data=test_data is not None),
+        histograms=config.histograms)
     _on_stop_signals(lambda name: simulation.engine.request_stop(name))
     try:
         simulation.run()

@@ -208,6 +208,8 @@ class TrainingSettings:
                                            "start a new run from these weights: a .keras model or a .weights.h5 "
                                            "file of the same architecture (e.g. an earlier run's best.keras); a "
                                            "resumed run keeps its checkpoint's")
+    histograms: bool = setting(False, "--histograms", "HISTOGRAMS", boolean,
+                               "write a histogram of every global weight array to TensorBoard after each round")
     best_metric: str = setting("auto", "--best-metric", "BEST_METRIC", choice("auto", *BEST_METRICS),
                                "what LOGDIR/model/best.keras is chosen by (accuracies maximised, losses "
                                "minimised); auto: test_accuracy with test data, else federated_accuracy")

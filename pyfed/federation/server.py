@@ -49,6 +49,7 @@ class Server:
         evaluate: Evaluate | None = None,
         export: ExportModel | None = None,
         model_summary: str | None = None,
+        weight_names: list[str] | None = None,
         logdir: Path | None = None,
         round_timeout_s: float | str | None = AUTO,
         num_shards: int = 0,
@@ -84,6 +85,7 @@ class Server:
         self.fresh_start = fresh_start
         self.config_summary = config_summary or {}
         self.model_json, self.model_summary = model.model_json, model_summary
+        self.weight_names = weight_names  # set: histograms of the global weights per round
         self.rounds = rounds
         self.run_log: RunLog | None = None
 
@@ -117,7 +119,7 @@ class Server:
         """Resume from the newest usable checkpoint, or archive the last run and start a new one."""
         self.run_log = self.engine.open(self.store, logdir=self.logdir, config=self.config_summary,
                                         fresh_start=self.fresh_start, model_json=self.model_json,
-                                        model_summary=self.model_summary)
+                                        model_summary=self.model_summary, weight_names=self.weight_names)
 
     def run(self) -> list[RoundRecord]:
         """Resume or start, wait for clients, run every round, tell the clients the run is over.

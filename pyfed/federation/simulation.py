@@ -82,6 +82,7 @@ class Simulation:
         keep_checkpoints: int = 3,
         fresh_start: bool = False,
         export: ExportModel | None = None,
+        histograms: bool = False,
     ):
         if not clients:
             raise ValueError("a simulation needs at least one client")
@@ -108,6 +109,7 @@ class Simulation:
         self.logdir = Path(logdir) if logdir else None
         model_json, compile_config = to_wire(model)
         self.model_json = model_json
+        self.weight_names = [variable.path for variable in model.weights] if histograms else None
         checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else (self.logdir / "checkpoints" if logdir else None)
         self.store = RunStore(checkpoint_dir, {
             "model": model_fingerprint(model_json, compile_config, protocol.array_specs(model.get_weights())),
@@ -144,7 +146,7 @@ class Simulation:
         """Run every remaining round (resuming an interrupted run); afterwards ``model`` holds the global weights."""
         self.run_log = self.engine.open(self.store, logdir=self.logdir, config=self.config_summary,
                                         fresh_start=self.fresh_start, model_json=self.model_json,
-                                        model_summary=text_summary(self.model))
+                                        model_summary=text_summary(self.model), weight_names=self.weight_names)
         log.info("simulating %d clients for %d rounds with %s", len(self.trainers), self.rounds,
                  self.engine.strategy.name)
         try:

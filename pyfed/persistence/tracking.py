@@ -203,7 +203,8 @@ class RunLog:
     def __init__(self, logdir: Path, *, config: dict[str, Any], resume: list[RoundRecord] | None = None,
                  clients: dict[str, dict[str, Any]] | None = None,
                  model_files: Callable[[], dict[str, Any]] | None = None,
-                 model_json: str | None = None, model_summary: str | None = None):
+                 model_json: str | None = None, model_summary: str | None = None,
+                 weight_names: list[str] | None = None):
         import shutil
 
         self.logdir = Path(logdir)
@@ -218,6 +219,7 @@ class RunLog:
         self.rounds: list[RoundRecord] = []
         self.config = config
         self.model_files = model_files  # which round each model file holds, when they are written
+        self.weight_names = weight_names  # set: a histogram of each global weight array per round
         self._server_events = EventFile(self.logdir / "server")
         self._client_events: dict[str, EventFile] = {}
         self._client_epochs: dict[str, int] = {}
@@ -253,11 +255,15 @@ class RunLog:
         """Note a client that took part (its shard and the examples it trained on) for summary.json."""
         self.clients[client_id] = {"shard": shard, "num_examples": int(num_examples)}
 
-    def record_round(self, record: RoundRecord) -> None:
-        """Log one finished round to TensorBoard and rewrite summary.json; a failed write is a warning."""
+    def record_round(self, record: RoundRecord, weights: list | None = None) -> None:
+        """Log one finished round to TensorBoard (with ``weights``' histograms, if they are kept) and
+        rewrite summary.json; a failed write is a warning."""
         self.rounds.append(record)
         try:
             self._write_events(record)
+            if self.weight_names is not None and weights is not None:
+                self._server_events.write((events.histogram(f"weights/{name}", array), record.round)
+                                          for name, array in zip(self.weight_names, weights))
         except Exception as error:  # noqa: BLE001 - logs never stop a run
             log.warning("could not write round %d's TensorBoard events (%s: %s); the round is in the "
                         "checkpoint, and a resumed run writes its events again", record.round,

@@ -188,3 +188,21 @@ def test_the_servers_run_shows_its_settings_model_graph_and_summary(tmp_path):
     hparams = plugin_tags(accumulator, "hparams")
     assert "_hparams_/session_start_info" in hparams
     assert b"fedavg" in hparams["_hparams_/session_start_info"] and b"rounds" in hparams["_hparams_/session_start_info"]
+
+
+def test_with_weight_names_each_round_writes_a_histogram_of_every_global_array(tmp_path):
+    import numpy as np
+    from tensorboard.backend.event_processing import event_accumulator
+
+    run_log = RunLog(tmp_path, config={}, weight_names=["dense/kernel", "dense/bias"])
+    for round_number in (1, 2):
+        run_log.record_round(scored(round_number, 0.5), weights=[np.full((3, 2), round_number, np.float32),
+                                                                 np.zeros(2, np.float32)])
+    accumulator = event_accumulator.EventAccumulator(str(tmp_path / "server"), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    assert set(plugin_tags(accumulator, "histograms")) == {"weights/dense/kernel", "weights/dense/bias"}
+    assert [e.step for e in accumulator.Tensors("weights/dense/kernel")] == [1, 2]
+    RunLog(tmp_path / "off", config={}).record_round(scored(1, 0.5), weights=[np.zeros(2, np.float32)])
+    off = event_accumulator.EventAccumulator(str(tmp_path / "off" / "server"), size_guidance={"tensors": 0})
+    off.Reload()
+    assert not plugin_tags(off, "histograms")
