@@ -253,3 +253,16 @@ def test_killed_server_container_resumes_from_its_checkpoint(project_factory):
     wait_for_tensorboard_runs(port, {"server", "clients/client-1"})
     assert steps_once(port, "server", "test/accuracy", 5)
     assert steps_once(port, "clients/client-1", "round/loss", 5)
+
+
+def test_the_gpu_override_merges_into_a_valid_configuration(docker_ready):
+    """This machine has no GPU: what can be checked is that Compose accepts the merged file and that it
+    builds the clients with CUDA TensorFlow and reserves one NVIDIA GPU for each."""
+    done = docker("compose", "-f", str(REPO / "compose.yaml"), "-f", str(REPO / "compose.gpu.yaml"),
+                  "config", "--format", "json", env={k: str(v) for k, v in base_settings().items()}, timeout=120)
+    client = json.loads(done.stdout)["services"]["client"]
+    assert client["build"]["args"]["TENSORFLOW"] == "tensorflow[and-cuda]==2.21.0"
+    assert client["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    server = json.loads(done.stdout)["services"]["server"]
+    assert "deploy" not in server or "reservations" not in server["deploy"].get("resources", {})
