@@ -266,3 +266,41 @@ def test_the_gpu_override_merges_into_a_valid_configuration(docker_ready):
         {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
     server = json.loads(done.stdout)["services"]["server"]
     assert "deploy" not in server or "reservations" not in server["deploy"].get("resources", {})
+
+
+def test_your_model_from_models_trains_and_a_second_run_starts_from_the_firsts_best_model(project_factory):
+    """MODEL=/models/cnn.py:build: the server runs the file from the read-only `models` mount, the
+    clients train the CNN they were sent as JSON, TensorBoard shows its layers, and the trained model
+    comes out as files; a second run starts from the first one's best.keras (INITIAL_WEIGHTS)."""
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    settings = base_settings(ROUNDS=2, MODEL="/models/cnn.py:build")
+    project = project_factory(**settings)
+    project.compose("up", "-d", "--build", "--scale", "client=3")
+    server = f"{project.name}-server-1"
+    assert project.wait_exit(server) == 0, project.logs("server")
+    for client in project.containers("client"):
+        assert project.wait_exit(client["Name"], 120) == 0, project.logs("client")
+    assert "model has 6 arrays" in project.logs("server")  # the CNN's kernels and biases, not the default MLP
+
+    first = json.loads(project.copy_out(server, "/logs/summary.json").read_text())
+    best = first["model"]["best"]
+    assert first["model"]["latest"] == {"file": "model/latest.keras", "round": 2}
+    assert best["metric"] == "test_accuracy" and best["value"] == max(r["test_accuracy"] for r in first["rounds"])
+    events = project.copy_out(server, "/logs/server")
+    accumulator = event_accumulator.EventAccumulator(str(events), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    layers = tensor_util.make_ndarray(accumulator.Tensors("model/summary")[0].tensor_proto).item().decode()
+    assert "Conv2D" in layers and "Reshape" in layers
+    assert b"Conv2D" in tensor_util.make_ndarray(accumulator.Tensors("keras")[0].tensor_proto).item()
+    assert accumulator.Tensors("weights/digits_cnn/conv2d/kernel") or any(
+        tag.startswith("weights/") for tag in accumulator.Tags()["tensors"])  # HISTOGRAMS is on in Compose
+
+    project.env.update(INITIAL_WEIGHTS="/logs/model/best.keras", ROUNDS="1")
+    project.compose("up", "-d", "--scale", "client=3")
+    assert project.wait_exit(server) == 0, project.logs("server")
+    second_log = project.logs("server").split("the initial global model's weights come from")[-1]
+    assert second_log.startswith(" /logs/model/best.keras")
+    assert f"global model before round 1: test loss" in second_log
+    assert f"accuracy {best['value']:.4f}" in second_log.split("global model before round 1:")[1].splitlines()[0]
