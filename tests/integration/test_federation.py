@@ -13,6 +13,7 @@ import zmq
 
 from pyfed.wire import protocol
 from tests.integration.support import free_port, scalar_steps, start_server
+from tests.site_data import write_csv, write_image_folder
 
 pytestmark = pytest.mark.integration
 
@@ -219,13 +220,6 @@ def test_server_assigns_each_shard_to_one_client_and_turns_away_extra_clients(tm
     assert summary["rounds"][0]["clients"] == ["client-1", "client-2"]
 
 
-def write_csv(path, x, y, label_column="label"):
-    with open(path, "w", newline="") as handle:
-        handle.write(",".join([f"f{i}" for i in range(x.shape[1])] + [label_column]) + "\n")
-        for row, label in zip(x, y):
-            handle.write(",".join(f"{v:.6g}" for v in row) + f",{int(label)}\n")
-
-
 def test_csv_sites_train_and_a_site_whose_csv_does_not_fit_is_told_why_while_the_others_carry_on(
         tmp_path, processes, shards):
     from pyfed.learning.data import load_shard
@@ -255,4 +249,52 @@ def test_csv_sites_train_and_a_site_whose_csv_does_not_fit_is_told_why_while_the
     assert re.search(r"training on (CPU|GPU:\d+)\n", clients[0].log_path.read_text())  # each client says where
     summary = json.loads((logdir / "summary.json").read_text())
     assert [len(r["clients"]) for r in summary["rounds"]] == [2, 2]
+    assert summary["final"]["test_accuracy"] >= 0.85
+
+
+def test_image_folder_sites_train_and_images_that_do_not_fit_are_refused_while_the_others_carry_on(
+        tmp_path, processes):
+    """The held-out set is partitioned from an image folder; one site trains on 8x8 grayscale images,
+    another on 16x16 RGB images that --image-size and --color-mode bring to the model's input. Sites
+    whose images are the wrong size, or whose classes the model cannot predict, are each told why."""
+    from pyfed.learning.data import load_dataset
+
+    x, y = load_dataset("digits")
+    order = np.random.default_rng(0).permutation(len(y))
+    held_out, site_1, site_2 = order[:360], order[360:1000], order[1000:]
+    write_image_folder(tmp_path / "held-out", x[held_out], y[held_out])
+    out = tmp_path / "shards"
+    partition = processes.pyfed("partition", "--dataset", f"images:{tmp_path / 'held-out'}", "--color-mode",
+                                "grayscale", "--clients", "1", "--test-fraction", "0.99", "--out", str(out),
+                                name="partition")
+    assert processes.wait(partition, 120) == 0, processes.tail(partition)
+    write_image_folder(tmp_path / "site-1", x[site_1], y[site_1])
+    write_image_folder(tmp_path / "site-2", x[site_2], y[site_2], side=16, rgb=True)
+    write_image_folder(tmp_path / "too-many-classes", x[site_1[:50]], y[site_1[:50]] + 3)  # classes 3..12
+    address, logdir = f"tcp://127.0.0.1:{free_port()}", tmp_path / "logs"
+    server = start_server(processes, out, logdir, address, "--rounds", "2", "--min-clients", "2",
+                          "--min-fit-clients", "2", "--epochs", "10")
+    first = processes.pyfed("client", "--server", address, "--data", f"images:{tmp_path / 'site-1'}",
+                            "--color-mode", "grayscale", "--client-id", "site-1", name="site-1")
+    processes.wait_for_line(server, "client site-1 joined")
+    # while site-1 waits for a second site: two sites whose images do not fit are each told why
+    unsized = processes.pyfed("client", "--server", address, "--data", f"images:{tmp_path / 'site-2'}",
+                              "--color-mode", "grayscale", name="unsized-site")
+    assert processes.wait(unsized, 120) == 1
+    assert (f"{tmp_path / 'site-2'}: examples have shape [16, 16, 1] but the server's model takes [8, 8, 1]"
+            in unsized.log_path.read_text())
+    labels = processes.pyfed("client", "--server", address, "--data", f"images:{tmp_path / 'too-many-classes'}",
+                             "--color-mode", "grayscale", name="too-many-classes")
+    assert processes.wait(labels, 120) == 1
+    assert (f"{tmp_path / 'too-many-classes'}: labels go up to 12 but the server's model predicts 10 classes"
+            in labels.log_path.read_text())
+    second = processes.pyfed("client", "--server", address, "--data", f"images:{tmp_path / 'site-2'}",
+                             "--image-size", "8x8", "--color-mode", "grayscale", "--client-id", "site-2",
+                             name="site-2")
+    assert processes.wait(server, 300) == 0, processes.tail(server)
+    for client in (first, second):
+        assert processes.wait(client, 60) == 0, processes.tail(client)
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert [r["clients"] for r in summary["rounds"]] == [["site-1", "site-2"]] * 2
+    assert summary["clients"]["site-2"]["num_examples"] == len(site_2)
     assert summary["final"]["test_accuracy"] >= 0.85
