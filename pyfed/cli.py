@@ -91,9 +91,10 @@ def run_server(config: ServerConfig) -> int:
         strategy = NormBound(strategy, config.max_update_norm)
     if config.round_timeout_s is None:
         log.warning("--round-timeout / ROUND_TIMEOUT is off: a client that never answers stalls its round")
-    if config.num_shards and config.min_fit_clients > config.num_shards:
-        raise UsageError(f"--min-fit-clients / MIN_FIT_CLIENTS is {config.min_fit_clients} but only "
-                         f"{config.num_shards} shards (--shards / NUM_CLIENTS) are handed out: no round could succeed")
+    if config.num_shards and config.min_fit_clients > config.num_shards:  # not an error: sites may bring their own data
+        log.warning("--min-fit-clients / MIN_FIT_CLIENTS is %d but only %d shards (--shards / NUM_CLIENTS) are handed "
+                    "out: every round also needs %d site(s) that bring their own data (a --client-id and --data)",
+                    config.min_fit_clients, config.num_shards, config.min_fit_clients - config.num_shards)
     curve = _server_keys(config)
     import keras
 

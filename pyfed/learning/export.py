@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -230,7 +231,9 @@ def load_initial_weights(model: keras.Model, path: Path) -> None:
         raise ExportError(f"{path}: no such file")
     if path.name.endswith(".weights.h5"):
         try:
-            model.load_weights(path)
+            with warnings.catch_warnings():  # only the model's weights are wanted, not the saved optimizer's
+                warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+                model.load_weights(path)
         except Exception as error:  # Keras raises ValueError and h5py's errors for a file that does not fit
             raise ExportError(f"{path}: its weights do not fit the model ({error.__class__.__name__}: "
                               f"{str(error)[:300]})") from None

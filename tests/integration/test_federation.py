@@ -163,7 +163,6 @@ def check_tensorboard_events(logdir):
     (["client", "--data", "x.npz", "--server", "localhost"], "pyfed client: error: --server / SERVER_ADDRESS: must look like"),
     (["partition", "--dataset", "npz:/nonexistent.npz"], "pyfed partition: error: /nonexistent.npz: no such file"),
     (["partition", "--clients", "5000"], "pyfed partition: error: digits: cannot give 5000 clients"),
-    (["server", "--shards", "2", "--min-fit-clients", "3"], "pyfed server: error: --min-fit-clients / MIN_FIT_CLIENTS is 3"),
     (["server", "--fraction-fit", "0"], "pyfed server: error: --fraction-fit / FRACTION_FIT: must be a number in (0, 1]"),
     (["export", "--out", "m.keras"], "pyfed export: error: --from / EXPORT_FROM and --out / EXPORT_OUT are required"),
     (["export", "--from", "/nonexistent.keras", "--out", "m.keras"], "pyfed export: error: /nonexistent.keras: no such file"),

@@ -188,3 +188,9 @@ def test_a_run_starts_from_a_keras_file_or_weights_file_of_the_same_model_and_re
         load_initial_weights(other, tmp_path / "w.npz")
     with pytest.raises(ExportError, match="missing.keras: no such file"):
         load_initial_weights(other, tmp_path / "missing.keras")
+    for name, content in (("torn.keras", (tmp_path / "best.keras").read_bytes()[:300]),
+                          ("torn.weights.h5", (tmp_path / "trained.weights.h5").read_bytes()[:300]),
+                          ("noise.weights.h5", bytes(range(256)) * 8)):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ExportError, match=f"{name}: "):
+            load_initial_weights(other, tmp_path / name)
