@@ -339,6 +339,20 @@ def finish_with_sites(project: Project, sites: list[Project], clients: int) -> d
     return summary
 
 
+def two_replicas_and_a_site(project_factory, tmp_path: Path, **settings: str) -> tuple[Project, dict]:
+    """The data step splits DATASET from INPUT_DIR (tmp_path/input) into 2 shards for 2 replicas, and
+    every round waits for a third client: a remote site with its own data. Started, a replica joined.
+    Every directory under tmp_path is made readable to the containers' user (uid 10001)."""
+    for path in (tmp_path, *tmp_path.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    settings = base_settings(ROUNDS=2, NUM_CLIENTS=2, MIN_CLIENTS=3, MIN_FIT_CLIENTS=3, INSECURE=1,
+                             INPUT_DIR=str(tmp_path / "input"), **settings)
+    project = project_factory(**settings)
+    project.compose("up", "-d", "--build", "--scale", "client=2")
+    wait_for_log(project, "server", "joined", 300)
+    return project, settings
+
+
 def refused(site: Project, message: str) -> None:
     """A site whose data does not fit is told why in one line (then stopped: its restart policy
     would try again, in vain, with Docker's growing delay)."""
@@ -356,13 +370,8 @@ def test_csv_sites_in_compose_and_a_site_whose_csv_does_not_fit_is_told_why(proj
     write_csv(tmp_path / "input" / "digits.csv", x[:1500], y[:1500], label_column="digit")
     write_csv(tmp_path / "site" / "records.csv", x[1500:], y[1500:], label_column="digit")
     write_csv(tmp_path / "narrow" / "records.csv", x[1500:, :60], y[1500:], label_column="digit")
-    for directory in ("input", "site", "narrow"):
-        readable(tmp_path / directory)
-    settings = base_settings(ROUNDS=2, NUM_CLIENTS=2, MIN_CLIENTS=3, MIN_FIT_CLIENTS=3, INSECURE=1,
-                             DATASET="csv:/input/digits.csv", LABEL_COLUMN="digit", INPUT_DIR=str(tmp_path / "input"))
-    project = project_factory(**settings)
-    project.compose("up", "-d", "--build", "--scale", "client=2")
-    wait_for_log(project, "server", "joined", 300)
+    project, settings = two_replicas_and_a_site(project_factory, tmp_path, DATASET="csv:/input/digits.csv",
+                                                LABEL_COLUMN="digit")
     narrow = remote_site(project_factory, settings, tmp_path, "narrow-site", tmp_path / "narrow",
                          "csv:/data/records.csv", LABEL_COLUMN="digit")
     refused(narrow, "/data/records.csv: examples have shape [60] but the server's model takes [64]")
@@ -388,13 +397,8 @@ def test_image_folder_sites_in_compose_and_sites_whose_images_do_not_fit_are_tol
     write_image_folder(tmp_path / "input" / "digits", x[:1500], y[:1500])
     write_image_folder(tmp_path / "site" / "scans", x[1500:], y[1500:], side=16, rgb=True)
     write_image_folder(tmp_path / "classes" / "scans", x[1500:1550], y[1500:1550] + 3)  # classes 3..12
-    for directory in ("input", "site", "classes"):
-        readable(tmp_path / directory)
-    settings = base_settings(ROUNDS=2, NUM_CLIENTS=2, MIN_CLIENTS=3, MIN_FIT_CLIENTS=3, INSECURE=1,
-                             DATASET="images:/input/digits", COLOR_MODE="grayscale", INPUT_DIR=str(tmp_path / "input"))
-    project = project_factory(**settings)
-    project.compose("up", "-d", "--build", "--scale", "client=2")
-    wait_for_log(project, "server", "joined", 300)
+    project, settings = two_replicas_and_a_site(project_factory, tmp_path, DATASET="images:/input/digits",
+                                                COLOR_MODE="grayscale")
     unsized = remote_site(project_factory, settings, tmp_path, "unsized-site", tmp_path / "site", "images:/data/scans",
                           COLOR_MODE="grayscale")
     refused(unsized, "/data/scans: examples have shape [16, 16, 1] but the server's model takes [8, 8, 1]")
@@ -409,9 +413,3 @@ def test_image_folder_sites_in_compose_and_sites_whose_images_do_not_fit_are_tol
     assert summary["clients"]["image-site"]["num_examples"] == len(y) - 1500
     assert summary["final"]["test_accuracy"] > 0.8
     assert "images:/input/digits" in project.logs("data")
-
-
-def readable(directory: Path) -> None:
-    """Readable by the containers' user (uid 10001), as a site's data directory must be."""
-    for path in (directory, *directory.rglob("*")):
-        path.chmod(0o755 if path.is_dir() else 0o644)
