@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pyfed.config import (ClientConfig, ConfigError, KeysConfig, PartitionConfig, ServerConfig, SimulateConfig,
+from pyfed.config import (ClientConfig, ConfigError, ExportConfig, KeysConfig, PartitionConfig, ServerConfig, SimulateConfig,
                      StrategySettings, add_arguments, describe, log_level, non_negative_int, path, positive_int,
                      resolve, setting)
 
@@ -81,7 +81,7 @@ def _on_stop_signals(handler: Any) -> None:
 def run_server(config: ServerConfig) -> int:
     from pyfed.persistence.files import CheckpointError
     from pyfed.learning.data import DataError, load_shard
-    from pyfed.learning.model import ModelError, default_model, evaluator, load_model_spec, wire_model
+    from pyfed.learning.model import ModelError, default_model, evaluator, load_model_spec, text_summary, wire_model
     from pyfed.federation.server import Server
     from pyfed.federation.strategy import NormBound
     from pyfed.wire.protocol import FitPlan
@@ -91,9 +91,10 @@ def run_server(config: ServerConfig) -> int:
         strategy = NormBound(strategy, config.max_update_norm)
     if config.round_timeout_s is None:
         log.warning("--round-timeout / ROUND_TIMEOUT is off: a client that never answers stalls its round")
-    if config.num_shards and config.min_fit_clients > config.num_shards:
-        raise UsageError(f"--min-fit-clients / MIN_FIT_CLIENTS is {config.min_fit_clients} but only "
-                         f"{config.num_shards} shards (--shards / NUM_CLIENTS) are handed out: no round could succeed")
+    if config.num_shards and config.min_fit_clients > config.num_shards:  # not an error: sites may bring their own data
+        log.warning("--min-fit-clients / MIN_FIT_CLIENTS is %d but only %d shards (--shards / NUM_CLIENTS) are handed "
+                    "out: every round also needs %d site(s) that bring their own data (a --client-id and --data)",
+                    config.min_fit_clients, config.num_shards, config.min_fit_clients - config.num_shards)
     curve = _server_keys(config)
     import keras
 
@@ -110,11 +111,14 @@ def run_server(config: ServerConfig) -> int:
                              "the default model is sized from the test data")
     except (DataError, ModelError) as error:
         raise UsageError(str(error)) from None
+    start_from(model, config.initial_weights)
+    export = model_files(model, config, has_test_data=test_data is not None)
     server = Server(wire_model(model), address=config.address, rounds=config.rounds, min_clients=config.min_clients,
                     plan=FitPlan(config.epochs, config.batch_size, config.learning_rate,
                                  eval_fraction=config.client_eval_fraction),
                     strategy=strategy, evaluate=evaluator(model, *test_data) if test_data is not None else None,
-                    logdir=config.logdir,
+                    export=export, model_summary=text_summary(model), logdir=config.logdir,
+                    weight_names=[variable.path for variable in model.weights] if config.histograms else None,
                     round_timeout_s=config.round_timeout_s, num_shards=config.num_shards,
                     config_summary=describe(config),
                     min_fit_clients=max(config.min_fit_clients, strategy.min_fit_clients()),
@@ -128,6 +132,34 @@ def run_server(config: ServerConfig) -> int:
     except CheckpointError as error:
         raise UsageError(f"cannot resume: {error}") from None
     return 0
+
+
+def start_from(model: Any, initial_weights: Path | None) -> None:
+    """--initial-weights: the run's first global model (a resumed run then restores its checkpoint's)."""
+    if initial_weights is None:
+        return
+    from pyfed.learning.export import ExportError, load_initial_weights
+
+    try:
+        load_initial_weights(model, initial_weights)
+    except ExportError as error:
+        raise UsageError(f"--initial-weights / INITIAL_WEIGHTS: {error}") from None
+    log.info("the initial global model's weights come from %s (unless a checkpoint is resumed)", initial_weights)
+
+
+def model_files(model: Any, config: ServerConfig | SimulateConfig, *, has_test_data: bool) -> Any:
+    """LOGDIR/model/latest.keras and best.keras, written after every round (see learning/export.py)."""
+    from pyfed.learning.export import ModelFiles
+
+    metric = config.best_metric
+    if metric == "auto":
+        metric = "test_accuracy" if has_test_data else "federated_accuracy"
+    measured = has_test_data if metric.startswith("test_") else config.client_eval_fraction > 0
+    if not measured:
+        log.warning("LOGDIR/model/best.keras will not be written: --best-metric %s is not measured (it needs %s)",
+                    metric, "--test-data / TEST_DATA" if metric.startswith("test_")
+                    else "--client-eval-fraction / CLIENT_EVAL_FRACTION above 0")
+    return ModelFiles(model, config.logdir / "model", metric)
 
 
 def build_strategy(settings: StrategySettings, clients_per_round: int, clients_setting: str) -> Any:
@@ -146,7 +178,7 @@ def build_strategy(settings: StrategySettings, clients_per_round: int, clients_s
 
 def run_client(config: ClientConfig) -> int:
     from pyfed.federation.client import Client
-    from pyfed.learning.data import DataError, load_shard
+    from pyfed.learning.data import DataError, load_site_data
     from pyfed.wire.security import KeyFileError, client_keys
 
     curve = None
@@ -166,7 +198,7 @@ def run_client(config: ClientConfig) -> int:
     x = y = None
     if config.data is not None:
         try:
-            x, y = load_shard(config.data)
+            x, y = load_site_data(config.data, config.read_options())
         except DataError as error:
             raise UsageError(str(error)) from None
     elif config.data_dir is None:
@@ -209,7 +241,7 @@ def run_partition(config: PartitionConfig) -> int:
             log.info("%s already holds the shards for %s; nothing to do", config.out, settings)
             return 0
     try:
-        x, y = load_dataset(config.dataset)
+        x, y = load_dataset(config.dataset, config.read_options())
         paths = write_partitions(x, y, config.out, config.clients, seed=config.seed,
                                  test_fraction=config.test_fraction, scheme=config.scheme, alpha=config.alpha,
                                  classes_per_client=config.classes_per_client)
@@ -234,7 +266,7 @@ def run_simulate(config: SimulateConfig) -> int:
 
     strategy = build_strategy(config, config.clients, "--clients / NUM_CLIENTS")
     try:
-        x, y = load_dataset(config.dataset)
+        x, y = load_dataset(config.dataset, config.read_options())
         clients, test_data = split_dataset(x, y, config.clients, seed=config.seed, test_fraction=config.test_fraction,
                                            scheme=config.scheme, alpha=config.alpha,
                                            classes_per_client=config.classes_per_client)
@@ -244,6 +276,7 @@ def run_simulate(config: SimulateConfig) -> int:
         raise UsageError(str(error)) from None
     except ValueError as error:
         raise UsageError(f"{config.dataset}, --scheme {config.scheme}: {error}") from None
+    start_from(model, config.initial_weights)
     for line in label_table([f"client-{i}" for i in range(1, len(clients) + 1)], [c[1] for c in clients]):
         print(line)
     plan = FitPlan(config.epochs, config.batch_size, config.learning_rate, eval_fraction=config.client_eval_fraction)
@@ -252,7 +285,8 @@ def run_simulate(config: SimulateConfig) -> int:
         fraction_fit=config.fraction_fit, min_fit_clients=max(config.min_fit_clients, strategy.min_fit_clients()),
         drop_rate=config.drop_rate, checkpoint_dir=config.checkpoint_dir, keep_checkpoints=config.keep_checkpoints,
         fresh_start=config.fresh_start, logdir=config.logdir, config_summary=describe(config), seed=config.seed,
-        progress=config.progress)
+        progress=config.progress, export=model_files(model, config, has_test_data=test_data is not None),
+        histograms=config.histograms)
     _on_stop_signals(lambda name: simulation.engine.request_stop(name))
     try:
         simulation.run()
@@ -293,12 +327,28 @@ def run_demo(config: DemoConfig) -> int:
     return status
 
 
+def run_export(config: ExportConfig) -> int:
+    """Write a run's trained model (or any checkpoint's) as a .keras, SavedModel or TFLite file."""
+    if config.source is None or config.out is None:
+        raise UsageError("--from / EXPORT_FROM and --out / EXPORT_OUT are required")
+    from pyfed.learning.export import ExportError, export_model, model_to_export
+
+    try:
+        model = model_to_export(config.source, which=config.which, model_spec=config.model)
+        written = export_model(model, config.format, config.out)
+    except ExportError as error:
+        raise UsageError(str(error)) from None
+    log.info("wrote %s (%s) from %s", written, config.format, config.source)
+    return 0
+
+
 COMMANDS: dict[str, tuple[type, Any, str]] = {
     "server": (ServerConfig, run_server, "run the federated server"),
     "client": (ClientConfig, run_client, "run one federated client"),
     "partition": (PartitionConfig, run_partition, "split a dataset into client shards and a test set"),
     "simulate": (SimulateConfig, run_simulate, "run a whole federation in this process, without sockets"),
     "keys": (KeysConfig, run_keys, "make CurveZMQ key pairs for the server and N clients"),
+    "export": (ExportConfig, run_export, "write a trained model as a .keras, SavedModel or TFLite file"),
     "demo": (DemoConfig, run_demo, "run a server and clients on this machine on the digits dataset"),
 }
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pyfed.learning.data import SCHEMES
+from pyfed.persistence.tracking import BEST_METRICS
 from pyfed.ranges import Range
 from pyfed.wire.protocol import is_client_id
 from pyfed.federation.strategy import STRATEGIES
@@ -86,6 +87,13 @@ def optional_text(text: str) -> str | None:
     return text.strip() or None
 
 
+def column_name(text: str) -> str:
+    value = text.strip()
+    if not value:
+        raise ValueError("must name a column, got an empty string")
+    return value
+
+
 def path(text: str) -> Path:
     if not text.strip():
         raise ValueError("must be a path, got an empty string")
@@ -130,9 +138,9 @@ def dataset_name(text: str) -> str:
     value = text.strip()
     if value.lower() in {"digits", "mnist"}:
         return value.lower()
-    if value.startswith("npz:") and len(value) > 4:
+    if (value[:4] in {"npz:", "csv:"} and len(value) > 4) or (value.startswith("images:") and len(value) > 7):
         return value
-    raise ValueError(f"must be digits, mnist or npz:PATH, got {text!r}")
+    raise ValueError(f"must be digits, mnist, npz:PATH, csv:PATH or images:DIR, got {text!r}")
 
 
 def log_level(text: str) -> str:
@@ -195,7 +203,16 @@ class TrainingSettings:
                                 "module:function or path/to/file.py:function returning a Keras model; "
                                 "default: an MLP sized from the data")
     logdir: Path = setting(Path("logs"), "--logdir", "LOGDIR", path,
-                           "directory for TensorBoard events and summary.json")
+                           "directory for TensorBoard events, summary.json and the trained model (model/)")
+    initial_weights: Path | None = setting(None, "--initial-weights", "INITIAL_WEIGHTS", optional_path,
+                                           "start a new run from these weights: a .keras model or a .weights.h5 "
+                                           "file of the same architecture (e.g. an earlier run's best.keras); a "
+                                           "resumed run keeps its checkpoint's")
+    histograms: bool = setting(False, "--histograms", "HISTOGRAMS", boolean,
+                               "write a histogram of every global weight array to TensorBoard after each round")
+    best_metric: str = setting("auto", "--best-metric", "BEST_METRIC", choice("auto", *BEST_METRICS),
+                               "what LOGDIR/model/best.keras is chosen by (accuracies maximised, losses "
+                               "minimised); auto: test_accuracy with test data, else federated_accuracy")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -269,14 +286,54 @@ class ServerConfig(StrategySettings, TrainingSettings, EncryptionSettings, Parti
     log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
 
 
+def image_size(text: str) -> tuple[int, int] | None:
+    value = text.strip().lower()
+    if not value:
+        return None
+    match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", value)
+    if not match or not all(0 < int(n) <= 16384 for n in match.groups()):
+        raise ValueError(f"must be HEIGHTxWIDTH in pixels (e.g. 28x28), got {text!r}")
+    return int(match[1]), int(match[2])
+
+
+def class_names(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if len(set(names)) != len(names):
+        raise ValueError(f"names a class more than once: {text!r}")
+    return names
+
+
 @dataclasses.dataclass(frozen=True)
-class ClientConfig(EncryptionSettings):
+class ReadSettings:
+    """How a site's CSV file or image folder is read, shared by ``pyfed partition``, ``simulate`` and ``client``."""
+
+    label_column: str = setting("label", "--label-column", "LABEL_COLUMN", column_name,
+                                "csv: the column holding each example's class number")
+    image_size: tuple[int, int] | None = setting(None, "--image-size", "IMAGE_SIZE", image_size,
+                                                 "images: resize every image to HEIGHTxWIDTH; none: they must all "
+                                                 "have one size already")
+    color_mode: str = setting("rgb", "--color-mode", "COLOR_MODE", choice("rgb", "grayscale"),
+                              "images: rgb (3 channels) or grayscale (1)")
+    class_names: tuple[str, ...] = setting((), "--class-names", "CLASS_NAMES", class_names,
+                                           "images: the class folders' names in class-number order, comma-"
+                                           "separated (the same at every site); none: folders are named 0, 1, 2 ...")
+
+    def read_options(self) -> Any:
+        from pyfed.learning.data import ReadOptions
+
+        return ReadOptions(self.label_column, self.image_size, self.color_mode, self.class_names)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClientConfig(EncryptionSettings, ReadSettings):
     """How ``pyfed client`` runs."""
 
     server: str = setting("tcp://127.0.0.1:5555", "--server", "SERVER_ADDRESS", zmq_address,
                           "the server's ZeroMQ address")
-    data: Path | None = setting(None, "--data", "DATA_SHARD", optional_path,
-                                "this client's .npz shard (arrays x, y)")
+    data: str | None = setting(None, "--data", "DATA_SHARD", optional_text,
+                               "this client's data: an .npz shard (arrays x, y), csv:PATH (a header row; "
+                               "numeric features and a class-number column, --label-column) or images:DIR "
+                               "(one subfolder per class, --image-size)")
     data_dir: Path | None = setting(None, "--data-dir", "DATA_DIR", optional_path,
                                     "without --data: ask the server for a shard and load it from here")
     client_id: str = setting("", "--client-id", "CLIENT_ID", client_id,
@@ -302,11 +359,33 @@ class KeysConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class PartitionSettings:
+class ExportConfig:
+    """How ``pyfed export`` writes a trained model in a deployable format."""
+
+    source: Path | None = setting(None, "--from", "EXPORT_FROM", optional_path,
+                                  "a .keras file; a run's LOGDIR (its model/latest.keras, or best.keras with "
+                                  "--which best); or a checkpoint .npz (with --model, the server's model)")
+    out: Path | None = setting(None, "--out", "EXPORT_OUT", optional_path,
+                               "where to write: a .keras or .tflite file, or a SavedModel directory")
+    format: str = setting("keras", "--format", "EXPORT_FORMAT", choice("keras", "savedmodel", "tflite"),
+                          "keras: a .keras archive; savedmodel: a TensorFlow SavedModel (TF Serving); "
+                          "tflite: a TensorFlow Lite flat buffer (mobile and edge devices)")
+    which: str = setting("latest", "--which", "EXPORT_WHICH", choice("latest", "best"),
+                         "with a LOGDIR: which of its model files to export")
+    model: str | None = setting(None, "--model", "MODEL", optional_text,
+                                "with a checkpoint: the server's module:function or path/to/file.py:function "
+                                "(every weight array's shape is checked against the checkpoint)")
+    log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
+
+
+@dataclasses.dataclass(frozen=True)
+class PartitionSettings(ReadSettings):
     """How a dataset is split among clients, shared by ``pyfed partition`` and ``pyfed simulate``."""
 
     dataset: str = setting("digits", "--dataset", "DATASET", dataset_name,
-                           "digits (embedded, offline), mnist (downloaded) or npz:PATH (arrays x, y)")
+                           "digits (embedded, offline), mnist (downloaded), npz:PATH (arrays x, y), csv:PATH "
+                           "(a header row; numeric features and a class-number column, --label-column) or "
+                           "images:DIR (one subfolder per class)")
     clients: int = setting(3, "--clients", "NUM_CLIENTS", positive_int, "number of clients (shards)")
     scheme: str = setting("iid", "--scheme", "PARTITION_SCHEME", choice(*SCHEMES),
                           "how samples are split: iid; dirichlet (label skew, --alpha); shards (each client "

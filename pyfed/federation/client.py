@@ -29,7 +29,7 @@ from pyfed.learning.data import DataError, load_shard
 from pyfed.learning.model import from_wire, input_shape, output_units
 from pyfed.wire.protocol import (RETRYABLE_REFUSALS, ConnectionEvent, ErrorCode, FitPlan, Message, MessageType,
                                  ProtocolError)
-from pyfed.learning.training import LocalTrainer, make_reproducible
+from pyfed.learning.training import LocalTrainer, make_reproducible, training_device
 from pyfed.wire.security import CurveKeys
 from pyfed.wire.transport import ClientTransport
 
@@ -211,6 +211,7 @@ class Client:
             self._check_data()
             self.specs = protocol.array_specs(self.model.get_weights())
             self.trainer = self._trainer()
+            log.info("training on %s", training_device())
         self.trainer.use_eval_fraction(FitPlan.from_body(welcome.body["plan"]).eval_fraction)
         try:
             protocol.check_specs(protocol.array_specs(welcome.arrays), self.specs)

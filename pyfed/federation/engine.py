@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -39,7 +39,7 @@ from pyfed.federation.strategy import Aggregator, FitResult, Strategy, WeightedM
 from pyfed.federation.aggregate import weighted_evaluation, why_unusable
 from pyfed.persistence.files import CheckpointError, CheckpointMismatch
 from pyfed.persistence.store import Persister, RunStore
-from pyfed.persistence.tracking import RoundRecord, RunLog, format_metric
+from pyfed.persistence.tracking import RoundRecord, RunLog, best_round, format_metric
 from pyfed.wire import protocol
 from pyfed.wire.protocol import FitPlan, MessageType, ProtocolError
 
@@ -54,6 +54,18 @@ AUTO = "auto"
 #: examples that decides whether a new model is accepted, so the full evaluation can run in the
 #: background, while the next round trains.
 Evaluate = Callable[[Sequence[np.ndarray]], tuple[float | None, float | None]]
+
+
+class ExportModel(Protocol):
+    """Writes the global model out after each round (``latest``; ``best`` when ``is_best``), called
+    right after the round's evaluation, in the thread that evaluates (see learning/export.py)."""
+
+    best_metric: str  # one of tracking.BEST_METRICS
+
+    def __call__(self, weights: Sequence[np.ndarray], server_round: int, is_best: bool) -> None: ...
+
+    def written(self) -> dict[str, Any]:
+        """Which round each file holds (for summary.json)."""
 
 
 class EngineStopping(Exception):
@@ -156,6 +168,7 @@ class RoundEngine:
         seed: int = 0,
         round_timeout: RoundTimeout | None = None,
         evaluate: Evaluate | None = None,
+        export: ExportModel | None = None,
         max_examples: int = MAX_EXAMPLES,
         persister: Any = None,
         evaluate_in_background: bool = True,
@@ -174,6 +187,7 @@ class RoundEngine:
         self.round_timeout = round_timeout or RoundTimeout(None, plan.epochs)
         self.evaluate = evaluate
         self._probe = getattr(evaluate, "probe", None)  # a quick look at a few test examples, if offered
+        self.export = export
         self.max_examples = max_examples
         self.persister = persister
         self.evaluate_in_background = evaluate_in_background
@@ -244,7 +258,8 @@ class RoundEngine:
         return RunState(completed, list(weights), history, strategy, pool_state, summary_clients, slowest, run_id)
 
     def open(self, store: RunStore, *, logdir: Path | None, config: dict[str, Any], fresh_start: bool = False,
-             ) -> RunLog | None:
+             model_json: str | None = None, model_summary: str | None = None,
+             weight_names: list[str] | None = None) -> RunLog | None:
         """Resume from ``store``'s newest usable checkpoint (unless ``fresh_start``) or archive the last
         run; open the run log (rewriting a resumed run's events); persist through ``store`` from now on."""
         restored = None if fresh_start else store.resume(self.load_checkpoint)
@@ -258,7 +273,9 @@ class RoundEngine:
         run_log = None
         if logdir:
             run_log = RunLog(logdir, config=config, resume=self.history if restored else None,
-                             clients=self.summary_clients if restored else None)
+                             clients=self.summary_clients if restored else None,
+                             model_files=self.export.written if self.export is not None else None,
+                             model_json=model_json, model_summary=model_summary, weight_names=weight_names)
             if run_log.archived_to:
                 log.info("moved the previous run's logs to %s", run_log.archived_to)
         self.persister = Persister(store, run_log)
@@ -361,15 +378,18 @@ class RoundEngine:
         record.refused = refused
         self.history.append(record)
         self.completed_rounds = server_round
-        weights = self.weights
+        weights, records = self.weights, list(self.history)
 
         def evaluate_and_report() -> None:
-            """The global model on the test data, and the round's log line (in the persister's thread
-            when evaluation runs in the background: the next round's clients already train)."""
+            """The global model on the test data, the round's log line, and the model files (in the
+            persister's thread when evaluation runs in the background: the next round's clients
+            already train)."""
             started_s = self.clock()
             record.test_loss, record.test_accuracy = self._evaluate(weights)
             record.eval_s = round(record.eval_s + self.clock() - started_s, 4)
             log.info("%s", record.describe(self.rounds))
+            if self.export is not None:
+                self._export(weights, record, best_round(records, self.export.best_metric) is record)
 
         if self.persister is not None and self.evaluate_in_background:
             self.persister.submit(self.snapshot(), record, dict(self.summary_clients), before=evaluate_and_report)
@@ -403,6 +423,13 @@ class RoundEngine:
         log.warning("round %d: refused the new global model: %s; kept the previous one. Contributing clients: %s",
                     server_round, reason, ", ".join(contributors))
         return reason
+
+    def _export(self, weights: Sequence[np.ndarray], record: RoundRecord, is_best: bool) -> None:
+        try:
+            self.export(weights, record.round, is_best)
+        except Exception as error:  # noqa: BLE001 - like logs, model files never stop a run: the checkpoint has it
+            log.warning("round %d: could not write the model files (%s: %s); `pyfed export` can write them from "
+                        "the round's checkpoint", record.round, error.__class__.__name__, str(error)[:200])
 
     def _evaluate(self, weights: Sequence[np.ndarray]) -> tuple[float | None, float | None]:
         return self.evaluate(weights) if self.evaluate is not None else (None, None)

@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from pyfed.federation.engine import AUTO, MAX_EXAMPLES, EngineStopping, Evaluate, RoundEngine, RoundTimeout
+from pyfed.federation.engine import (AUTO, MAX_EXAMPLES, EngineStopping, Evaluate, ExportModel, RoundEngine,
+                                    RoundTimeout)
 from pyfed.federation.network import NetworkPool
 from pyfed.federation.registry import ClientRecord
 from pyfed.federation.strategy import FedAvg, Strategy
@@ -46,6 +47,9 @@ class Server:
         plan: FitPlan,
         strategy: Strategy | None = None,
         evaluate: Evaluate | None = None,
+        export: ExportModel | None = None,
+        model_summary: str | None = None,
+        weight_names: list[str] | None = None,
         logdir: Path | None = None,
         round_timeout_s: float | str | None = AUTO,
         num_shards: int = 0,
@@ -69,7 +73,8 @@ class Server:
         self.engine = RoundEngine(self.pool, model.weights, rounds=rounds, plan=plan, strategy=strategy,
                                   min_clients=min_clients, min_fit_clients=min_fit_clients, fraction_fit=fraction_fit,
                                   seed=seed, round_timeout=RoundTimeout(round_timeout_s, plan.epochs),
-                                  evaluate=evaluate, max_examples=max_examples)
+                                  evaluate=evaluate, export=export if logdir else None,
+                                  max_examples=max_examples)
         self.logdir = Path(logdir) if logdir else None
         checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else (self.logdir / "checkpoints" if logdir else None)
         self.store = RunStore(checkpoint_dir, {
@@ -79,6 +84,8 @@ class Server:
         }, keep=keep_checkpoints)
         self.fresh_start = fresh_start
         self.config_summary = config_summary or {}
+        self.model_json, self.model_summary = model.model_json, model_summary
+        self.weight_names = weight_names  # set: histograms of the global weights per round
         self.rounds = rounds
         self.run_log: RunLog | None = None
 
@@ -111,7 +118,8 @@ class Server:
     def open(self) -> None:
         """Resume from the newest usable checkpoint, or archive the last run and start a new one."""
         self.run_log = self.engine.open(self.store, logdir=self.logdir, config=self.config_summary,
-                                        fresh_start=self.fresh_start)
+                                        fresh_start=self.fresh_start, model_json=self.model_json,
+                                        model_summary=self.model_summary, weight_names=self.weight_names)
 
     def run(self) -> list[RoundRecord]:
         """Resume or start, wait for clients, run every round, tell the clients the run is over.

@@ -20,10 +20,10 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from pyfed.federation.engine import RoundEngine, RoundTimeout
+from pyfed.federation.engine import ExportModel, RoundEngine, RoundTimeout
 from pyfed.federation.pool import InProcessPool
 from pyfed.federation.strategy import FedAvg, Strategy
-from pyfed.learning.model import evaluator, to_wire
+from pyfed.learning.model import evaluator, text_summary, to_wire
 from pyfed.learning.training import LocalTrainer
 from pyfed.persistence.store import RunStore, model_fingerprint
 from pyfed.persistence.tracking import RoundRecord, RunLog, format_metric
@@ -81,6 +81,8 @@ class Simulation:
         checkpoint_dir: Path | None = None,
         keep_checkpoints: int = 3,
         fresh_start: bool = False,
+        export: ExportModel | None = None,
+        histograms: bool = False,
     ):
         if not clients:
             raise ValueError("a simulation needs at least one client")
@@ -101,10 +103,13 @@ class Simulation:
                                   min_fit_clients=min_fit_clients, fraction_fit=fraction_fit, seed=seed,
                                   round_timeout=RoundTimeout(None, plan.epochs),  # local trainers cannot stall
                                   evaluate=evaluator(model, *test_data) if test_data is not None else None,
+                                  export=export if logdir else None,
                                   evaluate_in_background=False,  # the trainers share the evaluated model
                                   on_round=self._round_done)
         self.logdir = Path(logdir) if logdir else None
         model_json, compile_config = to_wire(model)
+        self.model_json = model_json
+        self.weight_names = [variable.path for variable in model.weights] if histograms else None
         checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else (self.logdir / "checkpoints" if logdir else None)
         self.store = RunStore(checkpoint_dir, {
             "model": model_fingerprint(model_json, compile_config, protocol.array_specs(model.get_weights())),
@@ -140,7 +145,8 @@ class Simulation:
     def run(self) -> list[RoundRecord]:
         """Run every remaining round (resuming an interrupted run); afterwards ``model`` holds the global weights."""
         self.run_log = self.engine.open(self.store, logdir=self.logdir, config=self.config_summary,
-                                        fresh_start=self.fresh_start)
+                                        fresh_start=self.fresh_start, model_json=self.model_json,
+                                        model_summary=text_summary(self.model), weight_names=self.weight_names)
         log.info("simulating %d clients for %d rounds with %s", len(self.trainers), self.rounds,
                  self.engine.strategy.name)
         try:

@@ -7,10 +7,13 @@ gives one error naming the file instead of a traceback deep inside training.
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import math
 import zipfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +28,9 @@ class DataError(ValueError):
     """A dataset or shard file is unusable; the message names the file and what is wrong."""
 
 
-def load_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
-    """``digits`` (scikit-learn's embedded 8x8 digits, offline), ``mnist`` (downloaded) or ``npz:PATH``.
+def load_dataset(name: str, options: ReadOptions | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """``digits`` (scikit-learn's embedded 8x8 digits, offline), ``mnist`` (downloaded), ``npz:PATH``,
+    ``csv:PATH`` (see :func:`load_csv`) or ``images:DIR`` (see :func:`load_image_folder`).
 
     Features are float32 scaled to [0, 1] and flattened; labels are int64.
     """
@@ -43,7 +47,9 @@ def load_dataset(name: str) -> tuple[np.ndarray, np.ndarray]:
         return x, np.concatenate([y_train, y_test]).astype(np.int64)
     if name.startswith("npz:"):
         return load_shard(Path(name[4:]))
-    raise DataError(f"unknown dataset {name!r}; use digits, mnist or npz:PATH")
+    if name.startswith(("csv:", "images:")):
+        return load_site_data(name, options or ReadOptions())
+    raise DataError(f"unknown dataset {name!r}; use digits, mnist, npz:PATH, csv:PATH or images:DIR")
 
 
 def load_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -65,6 +71,132 @@ def load_shard(path: Path) -> tuple[np.ndarray, np.ndarray]:
             raise
         raise DataError(f"{path}: not a readable .npz file ({error})") from None
     return check_examples(x, y, str(path))
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How CSV files and image folders are read (``--label-column``, ``--image-size``, ...)."""
+
+    label_column: str = "label"
+    image_size: tuple[int, int] | None = None  # (height, width); None: the images' own, all alike
+    color_mode: str = "rgb"  # or "grayscale"
+    class_names: tuple[str, ...] = ()  # image folders named by class, in class-number order
+
+
+def load_site_data(spec: str, options: ReadOptions = ReadOptions()) -> tuple[np.ndarray, np.ndarray]:
+    """A client's own data: ``csv:PATH`` (see :func:`load_csv`), ``images:DIR`` (see
+    :func:`load_image_folder`), or an ``.npz`` shard (``PATH`` or ``npz:PATH``)."""
+    if spec.startswith("csv:"):
+        return load_csv(Path(spec[4:]), label_column=options.label_column)
+    if spec.startswith("images:"):
+        return load_image_folder(Path(spec[7:]), options)
+    return load_shard(Path(spec[4:] if spec.startswith("npz:") else spec))
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+
+
+def load_image_folder(directory: Path, options: ReadOptions = ReadOptions()) -> tuple[np.ndarray, np.ndarray]:
+    """Images in one subfolder per class, read with Keras's image utilities (Pillow underneath).
+
+    A class folder is named by its class number (``0``, ``1`` ...) or, with ``class_names``, by its
+    name, numbered by that list's order: the same numbers at every site, even one that lacks a class.
+    Pixels become float32 in [0, 1], shaped (height, width, channels)."""
+    import keras
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory}: no such directory (an image folder holds one subfolder per class)")
+    folders = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not folders:
+        raise DataError(f"{directory}: holds no class folders (one subfolder per class, named 0, 1, 2 ... "
+                        f"or as --class-names lists)")
+    names = list(options.class_names)
+    paths, labels = [], []
+    for folder in folders:
+        if names:
+            if folder.name not in names:
+                raise DataError(f"{folder}: is not one of --class-names ({', '.join(names[:10])})")
+            label = names.index(folder.name)
+        elif folder.name.isdigit():
+            label = int(folder.name)
+        else:
+            raise DataError(f"{folder}: a class folder must be named by its class number (0, 1, 2 ...), or "
+                            f"list the class names in order with --class-names, the same at every site")
+        images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        paths += images
+        labels += [label] * len(images)
+    if not paths:
+        raise DataError(f"{directory}: its class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
+    arrays = []
+    for path in paths:
+        try:
+            image = keras.utils.load_img(path, color_mode=options.color_mode, target_size=options.image_size)
+        except Exception as error:  # Pillow raises many kinds for a file that is not an image
+            raise DataError(f"{path}: not a readable image ({error.__class__.__name__}: {str(error)[:100]})") from None
+        array = keras.utils.img_to_array(image, dtype="float32")
+        if arrays and array.shape != arrays[0].shape:
+            raise DataError(f"{path}: is {array.shape[1]}x{array.shape[0]} but {paths[0]} is "
+                            f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; give --image-size HEIGHTxWIDTH to resize all")
+        arrays.append(array)
+    return check_examples(np.stack(arrays) / np.float32(255), np.asarray(labels, np.int64), str(directory))
+
+
+def load_csv(path: Path, *, label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:
+    """A CSV file with a header row: ``label_column`` holds each example's class number (0, 1, 2 ...),
+    every other column a numeric feature. Read with the standard library's ``csv`` module; anything
+    that does not fit is refused with the file, line and column named."""
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            rows = csv.reader(handle)
+            header = [name.strip() for name in next(rows, [])]
+            if not any(header):
+                raise DataError(f"{path}: is empty; a CSV needs a header row naming its columns")
+            if label_column not in header:
+                shown = ", ".join(header[:12]) + (" ..." if len(header) > 12 else "")
+                raise DataError(f"{path}: has no column {label_column!r} (--label-column); its columns are {shown}")
+            repeated = sorted({name for name in header if header.count(name) > 1})
+            if repeated:
+                raise DataError(f"{path}: names column(s) {', '.join(map(repr, repeated[:5]))} more than once")
+            label_index = header.index(label_column)
+            features, labels = [], []
+            for line, row in enumerate(rows, start=2):
+                if not row or all(not value.strip() for value in row):
+                    continue
+                if len(row) != len(header):
+                    raise DataError(f"{path}: line {line} has {len(row)} values; the header has {len(header)}")
+                values = []
+                for name, value in zip(header, row):
+                    try:
+                        number = float(value)
+                    except ValueError:
+                        number = math.nan
+                    if name == label_column:
+                        if not (math.isfinite(number) and number >= 0 and number.is_integer()):
+                            raise DataError(f"{path}: line {line}, column {name!r}: {value.strip()[:40]!r} is not a "
+                                            f"class number (0, 1, 2 ...); map class names to numbers the same "
+                                            f"way at every site")
+                    elif not math.isfinite(number):
+                        raise DataError(f"{path}: line {line}, column {name!r}: {value.strip()[:40]!r} is not a "
+                                        f"finite number (every feature must be numeric)")
+                    values.append(number)
+                label = values.pop(label_index)
+                features.append(values)
+                labels.append(int(label))
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not a CSV file") from None
+    except UnicodeDecodeError as error:
+        raise DataError(f"{path}: not a UTF-8 text file ({error.reason} at byte {error.start})") from None
+    except csv.Error as error:
+        raise DataError(f"{path}: not a readable CSV file ({error})") from None
+    if not labels:
+        raise DataError(f"{path}: has a header but no examples")
+    if len(header) < 2:
+        raise DataError(f"{path}: has only the label column; a CSV needs feature columns too")
+    return check_examples(np.asarray(features, np.float32), np.asarray(labels, np.int64), str(path))
 
 
 def check_examples(x: np.ndarray, y: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:

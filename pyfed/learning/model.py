@@ -50,14 +50,26 @@ def compile_default(model: keras.Model, learning_rate: float) -> None:
 
 
 def load_model_spec(spec: str, learning_rate: float = 0.001) -> keras.Model:
-    """Call ``module:function`` or ``path/to/file.py:function`` and return its Keras model.
+    """Call ``module:function`` or ``path/to/file.py:function`` and return its Keras model, or load a
+    saved ``path/to/model.keras`` (with its weights, in Keras's safe mode).
 
     An uncompiled model is compiled with Adam, sparse categorical cross-entropy and accuracy.
     This runs the operator's own code from local configuration, never anything from the network.
     """
+    if spec.endswith(".keras"):  # a saved model: architecture, compile settings and weights, loaded in safe mode
+        from pyfed.learning.export import ExportError, load_model_file
+
+        try:
+            model = load_model_file(Path(spec))
+        except ExportError as error:
+            raise ModelError(f"model spec {spec!r}: {error}") from None
+        if getattr(model, "optimizer", None) is None or not model.compiled:
+            compile_default(model, learning_rate)
+        return model
     target, sep, function_name = spec.rpartition(":")
     if not sep or not target or not function_name.isidentifier():
-        raise ModelError(f"model spec {spec!r} must be module:function or path/to/file.py:function")
+        raise ModelError(f"model spec {spec!r} must be module:function, path/to/file.py:function or "
+                         "path/to/model.keras")
     if target.endswith(".py"):
         file = Path(target)
         if not file.is_file():
@@ -98,6 +110,13 @@ def to_wire(model: keras.Model) -> tuple[str, dict[str, Any]]:
     check_keras_config(json.loads(model_json), "architecture")
     check_keras_config(config, "compile settings")
     return model_json, config
+
+
+def text_summary(model: keras.Model) -> str:
+    """Keras's ``model.summary()`` table, as markdown (a code block) for TensorBoard's Text dashboard."""
+    parts: list[str] = []
+    model.summary(print_fn=lambda text, *args, **kwargs: parts.append(str(text)))
+    return "```\n" + "\n".join(part.rstrip("\n") for part in parts) + "\n```"
 
 
 def wire_model(model: keras.Model) -> WireModel:

@@ -104,6 +104,14 @@ class LocalTrainer:
         return len(self._holdout_rows), (loss if math.isfinite(loss) else None), accuracy
 
 
+def training_device() -> str:
+    """Where TensorFlow places this process's training: ``GPU:0`` (the first visible GPU) or ``CPU``."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    return gpus[0].name.replace("/device:", "") if gpus else "CPU"
+
+
 def make_reproducible(seed: int) -> None:
     """Seed Python, numpy and TensorFlow and ask TensorFlow for deterministic ops, so a client
     given the same weights, data and seed trains to the same bytes every time."""

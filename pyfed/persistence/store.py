@@ -221,7 +221,7 @@ class Persister:
         if self.run_log is not None:
             for client_id, entry in summary_clients.items():
                 self.run_log.record_client(client_id, shard=entry["shard"], num_examples=entry["num_examples"])
-            self.run_log.record_round(record)
+            self.run_log.record_round(record, weights=snapshot["weights"])
 
     def wait(self) -> None:
         """Block until the job handed over last is done; re-raise what went wrong doing it."""

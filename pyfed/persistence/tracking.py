@@ -20,9 +20,11 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pyfed.persistence import events
 from pyfed.persistence.events import EventFile
 from pyfed.persistence.files import write_json_atomic
 from pyfed.wire.protocol import is_client_id
@@ -98,6 +100,31 @@ class RoundRecord:
                    f"on {federated['num_examples']} held-out examples" if federated else ""))
 
 
+#: what ``best.keras`` is chosen by; the accuracies are maximised, the losses minimised
+BEST_METRICS = ("test_accuracy", "test_loss", "federated_accuracy", "federated_loss")
+
+
+def metric_of(record: RoundRecord, metric: str) -> float | None:
+    """A round's value of one of BEST_METRICS (None if it was not measured, or not finite)."""
+    if metric not in BEST_METRICS:
+        raise ValueError(f"unknown metric {metric!r}; choose one of {', '.join(BEST_METRICS)}")
+    source, _, name = metric.partition("_")
+    value = getattr(record, metric) if source == "test" else (record.federated_evaluation or {}).get(name)
+    return _finite_or_none(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def best_round(records: list[RoundRecord], metric: str) -> RoundRecord | None:
+    """The round whose global model scored best on ``metric`` (the earliest of equals); None if no
+    round measured it."""
+    sign = -1.0 if metric.endswith("_loss") else 1.0
+    best, best_value = None, None
+    for record in records:
+        value = metric_of(record, metric)
+        if value is not None and (best_value is None or sign * value > sign * best_value):
+            best, best_value = record, value
+    return best
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -135,7 +162,7 @@ _RECORD_FIELDS = {
 }
 
 
-RUN_ENTRIES = ("summary.json", "server", "clients", "checkpoints")
+RUN_ENTRIES = ("summary.json", "server", "clients", "checkpoints", "model")
 
 
 def archive_previous_run(logdir: Path, entries: tuple[str, ...] = RUN_ENTRIES) -> Path | None:
@@ -174,7 +201,10 @@ class RunLog:
     """
 
     def __init__(self, logdir: Path, *, config: dict[str, Any], resume: list[RoundRecord] | None = None,
-                 clients: dict[str, dict[str, Any]] | None = None):
+                 clients: dict[str, dict[str, Any]] | None = None,
+                 model_files: Callable[[], dict[str, Any]] | None = None,
+                 model_json: str | None = None, model_summary: str | None = None,
+                 weight_names: list[str] | None = None):
         import shutil
 
         self.logdir = Path(logdir)
@@ -188,16 +218,33 @@ class RunLog:
                 shutil.rmtree(self.logdir / name, ignore_errors=True)
         self.rounds: list[RoundRecord] = []
         self.config = config
+        self.model_files = model_files  # which round each model file holds, when they are written
+        self.weight_names = weight_names  # set: a histogram of each global weight array per round
         self._server_events = EventFile(self.logdir / "server")
         self._client_events: dict[str, EventFile] = {}
         self._client_epochs: dict[str, int] = {}
         self.final: dict[str, Any] | None = None
         self.clients: dict[str, dict[str, Any]] = dict(clients or {})  # client id -> {"shard", "num_examples"}
+        self._describe_run(model_json, model_summary)
         for record in resume or []:
             self._write_events(record)
             self.rounds.append(record)
         if resume:
             self.write_summary()
+
+    def _describe_run(self, model_json: str | None, model_summary: str | None) -> None:
+        """Once per server process, in the server's run: the settings (HParams dashboard), the
+        model's layers (Graphs, as Keras draws them) and its summary table (Text)."""
+        summaries = [(events.hyperparameters(self.config), 0)]
+        if model_json:
+            summaries.append((events.keras_model_graph(model_json), 0))
+        if model_summary:
+            summaries.append((events.text("model/summary", model_summary), 0))
+        try:
+            self._server_events.write(summaries)
+        except Exception as error:  # noqa: BLE001 - logs never stop a run
+            log.warning("could not write the run's description to TensorBoard (%s: %s)",
+                        error.__class__.__name__, str(error)[:200])
 
     def _client_event_file(self, client_id: str) -> EventFile:
         if client_id not in self._client_events:
@@ -208,11 +255,15 @@ class RunLog:
         """Note a client that took part (its shard and the examples it trained on) for summary.json."""
         self.clients[client_id] = {"shard": shard, "num_examples": int(num_examples)}
 
-    def record_round(self, record: RoundRecord) -> None:
-        """Log one finished round to TensorBoard and rewrite summary.json; a failed write is a warning."""
+    def record_round(self, record: RoundRecord, weights: list | None = None) -> None:
+        """Log one finished round to TensorBoard (with ``weights``' histograms, if they are kept) and
+        rewrite summary.json; a failed write is a warning."""
         self.rounds.append(record)
         try:
             self._write_events(record)
+            if self.weight_names is not None and weights is not None:
+                self._server_events.write((events.histogram(f"weights/{name}", array), record.round)
+                                          for name, array in zip(self.weight_names, weights))
         except Exception as error:  # noqa: BLE001 - logs never stop a run
             log.warning("could not write round %d's TensorBoard events (%s: %s); the round is in the "
                         "checkpoint, and a resumed run writes its events again", record.round,
@@ -259,6 +310,16 @@ class RunLog:
         self.final = {"test_loss": _finite_or_none(test_loss), "test_accuracy": _finite_or_none(test_accuracy)}
         self.write_summary()
 
+    def model_summary(self) -> dict[str, Any]:
+        """Which round's global model each model file holds, and the best one's score."""
+        written = self.model_files()
+        best = written.get("best")
+        if best is not None:
+            record = next((r for r in self.rounds if r.round == best["round"]), None)
+            best = {**best, "value": metric_of(record, best["metric"]) if record and best["metric"] in BEST_METRICS
+                    else None}
+        return {**written, "best": best}
+
     def write_summary(self) -> bool:
         """Rewrite summary.json; False (and a warning) if it could not be written this time."""
         rounds = [record.to_json() for record in self.rounds]
@@ -269,6 +330,7 @@ class RunLog:
                 "clients": self.clients,
                 "rounds": rounds,
                 "final": self.final,
+                **({"model": self.model_summary()} if self.model_files is not None else {}),
             })
         except OSError as error:
             log.warning("could not write %s (%s); it is rewritten whole after the next round",

@@ -15,6 +15,7 @@ import pytest
 
 from tests.docker.support import (REPO, base_settings, container_pid, docker, steps_once,
                                   wait_for_tensorboard_runs, wait_for_text)
+from tests.site_data import write_csv, write_image_folder
 
 pytestmark = pytest.mark.docker
 
@@ -253,3 +254,162 @@ def test_killed_server_container_resumes_from_its_checkpoint(project_factory):
     wait_for_tensorboard_runs(port, {"server", "clients/client-1"})
     assert steps_once(port, "server", "test/accuracy", 5)
     assert steps_once(port, "clients/client-1", "round/loss", 5)
+
+
+def test_the_gpu_override_merges_into_a_valid_configuration(docker_ready):
+    """This machine has no GPU: what can be checked is that Compose accepts the merged file and that it
+    builds the clients with CUDA TensorFlow and reserves one NVIDIA GPU for each."""
+    done = docker("compose", "-f", str(REPO / "compose.yaml"), "-f", str(REPO / "compose.gpu.yaml"),
+                  "config", "--format", "json", env={k: str(v) for k, v in base_settings().items()}, timeout=120)
+    client = json.loads(done.stdout)["services"]["client"]
+    assert client["build"]["args"]["TENSORFLOW"] == "tensorflow[and-cuda]==2.21.0"
+    assert client["deploy"]["resources"]["reservations"]["devices"] == [
+        {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    server = json.loads(done.stdout)["services"]["server"]
+    assert "deploy" not in server or "reservations" not in server["deploy"].get("resources", {})
+
+
+def test_your_model_from_models_trains_and_a_second_run_starts_from_the_firsts_best_model(project_factory):
+    """MODEL=/models/cnn.py:build: the server runs the file from the read-only `models` mount, the
+    clients train the CNN they were sent as JSON, TensorBoard shows its layers, and the trained model
+    comes out as files; a second run starts from the first one's best.keras (INITIAL_WEIGHTS)."""
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    settings = base_settings(ROUNDS=2, MODEL="/models/cnn.py:build")
+    project = project_factory(**settings)
+    project.compose("up", "-d", "--build", "--scale", "client=3")
+    server = f"{project.name}-server-1"
+    assert project.wait_exit(server) == 0, project.logs("server")
+    for client in project.containers("client"):
+        assert project.wait_exit(client["Name"], 120) == 0, project.logs("client")
+    assert "model has 6 arrays" in project.logs("server")  # the CNN's kernels and biases, not the default MLP
+
+    first = json.loads(project.copy_out(server, "/logs/summary.json").read_text())
+    best = first["model"]["best"]
+    assert first["model"]["latest"] == {"file": "model/latest.keras", "round": 2}
+    assert best["metric"] == "test_accuracy" and best["value"] == max(r["test_accuracy"] for r in first["rounds"])
+    events = project.copy_out(server, "/logs/server")
+    accumulator = event_accumulator.EventAccumulator(str(events), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    layers = tensor_util.make_ndarray(accumulator.Tensors("model/summary")[0].tensor_proto).item().decode()
+    assert "Conv2D" in layers and "Reshape" in layers
+    assert b"Conv2D" in tensor_util.make_ndarray(accumulator.Tensors("keras")[0].tensor_proto).item()
+    # HISTOGRAMS is on in Compose: every global weight array, by its variable path, after each round
+    arrays = [f"digits_cnn/{layer}/{part}" for layer in ("conv2d", "conv2d_1", "dense") for part in ("kernel", "bias")]
+    assert sorted(tag for tag in accumulator.Tags()["tensors"] if tag.startswith("weights/")) == sorted(
+        f"weights/{name}" for name in arrays)
+    for name in arrays:
+        assert [event.step for event in accumulator.Tensors(f"weights/{name}")] == [1, 2], name
+
+    project.env.update(INITIAL_WEIGHTS="/logs/model/best.keras", ROUNDS="1")
+    project.compose("up", "-d", "--scale", "client=3")
+    assert project.wait_exit(server) == 0, project.logs("server")
+    second_log = project.logs("server").split("the initial global model's weights come from")[-1]
+    assert second_log.startswith(" /logs/model/best.keras")
+    assert f"global model before round 1: test loss" in second_log
+    assert f"accuracy {best['value']:.4f}" in second_log.split("global model before round 1:")[1].splitlines()[0]
+
+
+def remote_site(project_factory, server_settings: dict, tmp_path: Path, client_id: str, data_dir: Path,
+                data_shard: str, **settings: str) -> Project:
+    """A site on "another machine" (compose.client.yaml) with its own data dir, started; INSECURE, as
+    these tests are about data (keys for remote sites are tested above)."""
+    keys = tmp_path / "no-keys"
+    keys.mkdir(exist_ok=True)
+    site = project_factory(files=("compose.client.yaml",), CLIENT_ID=client_id, LOCAL_DATA_DIR=str(data_dir),
+                           LOCAL_KEYS_DIR=str(keys), DATA_SHARD=data_shard, INSECURE="1",
+                           SERVER_ADDRESS=f"tcp://host.docker.internal:{server_settings['SERVER_PORT']}",
+                           **{k: v for k, v in server_settings.items() if k == "BASE_IMAGE"}, **settings)
+    site.compose("up", "-d")
+    return site
+
+
+def finish_with_sites(project: Project, sites: list[Project], clients: int) -> dict:
+    """Wait for the server and every client (the Compose replicas and the remote sites) to exit 0;
+    return summary.json."""
+    server = f"{project.name}-server-1"
+    assert project.wait_exit(server) == 0, project.logs("server")
+    for client in project.containers("client"):
+        assert project.wait_exit(client["Name"], 120) == 0, project.logs("client")
+    for site in sites:
+        assert site.wait_exit(f"{site.name}-client-1", 120) == 0, site.logs("client")
+    summary = json.loads(project.copy_out(server, "/logs/summary.json").read_text())
+    assert summary["status"] == "finished" and all(len(r["clients"]) == clients for r in summary["rounds"])
+    return summary
+
+
+def two_replicas_and_a_site(project_factory, tmp_path: Path, **settings: str) -> tuple[Project, dict]:
+    """The data step splits DATASET from INPUT_DIR (tmp_path/input) into 2 shards for 2 replicas, and
+    every round waits for a third client: a remote site with its own data. Started, a replica joined.
+    Every directory under tmp_path is made readable to the containers' user (uid 10001)."""
+    for path in (tmp_path, *tmp_path.rglob("*")):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    settings = base_settings(ROUNDS=2, NUM_CLIENTS=2, MIN_CLIENTS=3, MIN_FIT_CLIENTS=3, INSECURE=1,
+                             INPUT_DIR=str(tmp_path / "input"), **settings)
+    project = project_factory(**settings)
+    project.compose("up", "-d", "--build", "--scale", "client=2")
+    wait_for_log(project, "server", "joined", 300)
+    return project, settings
+
+
+def refused(site: Project, message: str) -> None:
+    """A site whose data does not fit is told why in one line (then stopped: its restart policy
+    would try again, in vain, with Docker's growing delay)."""
+    wait_for_text(lambda: site.logs("client"), message, "remote site's logs", 180)
+    site.down()
+
+
+def test_csv_sites_in_compose_and_a_site_whose_csv_does_not_fit_is_told_why(project_factory, tmp_path):
+    """DATASET=csv:... : the data step splits the user's CSV (INPUT_DIR, mounted at /input) into the
+    replicas' shards and the held-out set; a remote site trains on its own CSV; a site whose CSV has
+    too few features is refused in one line while the others wait and then train."""
+    from pyfed.learning.data import load_dataset
+
+    x, y = load_dataset("digits")
+    write_csv(tmp_path / "input" / "digits.csv", x[:1500], y[:1500], label_column="digit")
+    write_csv(tmp_path / "site" / "records.csv", x[1500:], y[1500:], label_column="digit")
+    write_csv(tmp_path / "narrow" / "records.csv", x[1500:, :60], y[1500:], label_column="digit")
+    project, settings = two_replicas_and_a_site(project_factory, tmp_path, DATASET="csv:/input/digits.csv",
+                                                LABEL_COLUMN="digit")
+    narrow = remote_site(project_factory, settings, tmp_path, "narrow-site", tmp_path / "narrow",
+                         "csv:/data/records.csv", LABEL_COLUMN="digit")
+    refused(narrow, "/data/records.csv: examples have shape [60] but the server's model takes [64]")
+    site = remote_site(project_factory, settings, tmp_path, "csv-site", tmp_path / "site", "csv:/data/records.csv",
+                       LABEL_COLUMN="digit")
+
+    summary = finish_with_sites(project, [site], clients=3)
+    assert summary["rounds"][0]["clients"] == ["client-1", "client-2", "csv-site"]
+    assert summary["clients"]["csv-site"]["num_examples"] == len(y) - 1500
+    assert summary["final"]["test_accuracy"] > 0.8
+    assert "csv:/input/digits.csv" in project.logs("data")
+    assert "every round also needs 1 site(s) that bring their own data" in project.logs("server")
+
+
+def test_image_folder_sites_in_compose_and_sites_whose_images_do_not_fit_are_told_why(project_factory, tmp_path):
+    """DATASET=images:... : the data step reads the user's image folder (one subfolder per class) into
+    shards; a remote site trains on its own folder of larger RGB images, brought to the model's 8x8
+    grayscale by IMAGE_SIZE and COLOR_MODE; sites with the wrong image size or more classes than
+    the model predicts are each refused in one line."""
+    from pyfed.learning.data import load_dataset
+
+    x, y = load_dataset("digits")
+    write_image_folder(tmp_path / "input" / "digits", x[:1500], y[:1500])
+    write_image_folder(tmp_path / "site" / "scans", x[1500:], y[1500:], side=16, rgb=True)
+    write_image_folder(tmp_path / "classes" / "scans", x[1500:1550], y[1500:1550] + 3)  # classes 3..12
+    project, settings = two_replicas_and_a_site(project_factory, tmp_path, DATASET="images:/input/digits",
+                                                COLOR_MODE="grayscale")
+    unsized = remote_site(project_factory, settings, tmp_path, "unsized-site", tmp_path / "site", "images:/data/scans",
+                          COLOR_MODE="grayscale")
+    refused(unsized, "/data/scans: examples have shape [16, 16, 1] but the server's model takes [8, 8, 1]")
+    classes = remote_site(project_factory, settings, tmp_path, "classes-site", tmp_path / "classes",
+                          "images:/data/scans", COLOR_MODE="grayscale")
+    refused(classes, "/data/scans: labels go up to 12 but the server's model predicts 10 classes")
+    site = remote_site(project_factory, settings, tmp_path, "image-site", tmp_path / "site", "images:/data/scans",
+                       COLOR_MODE="grayscale", IMAGE_SIZE="8x8")
+
+    summary = finish_with_sites(project, [site], clients=3)
+    assert summary["rounds"][0]["clients"] == ["client-1", "client-2", "image-site"]
+    assert summary["clients"]["image-site"]["num_examples"] == len(y) - 1500
+    assert summary["final"]["test_accuracy"] > 0.8
+    assert "images:/input/digits" in project.logs("data")

@@ -212,8 +212,10 @@ def test_stack_deploy_trains_and_clients_scale_up_and_down_mid_run(stack_factory
 def test_restart_policies_bring_back_a_crashed_client_and_a_crashed_server(stack_factory, swarm):
     """A client process and then the server process die (SIGKILL from the host, as in a crash).
     Swarm starts a new task for each: the client rejoins under its id, the server resumes from its
-    checkpoint and the clients find it again by name. Every round ends with all three clients."""
-    stack = stack_factory(ROUNDS=4, EPOCHS=150, MIN_CLIENTS=3, MIN_FIT_CLIENTS=3)
+    checkpoint and the clients find it again by name. Every round ends with all three clients.
+    The model is the user's own, models/cnn.py, which reaches the server (and its restarted task) as
+    a Swarm config: no image build."""
+    stack = stack_factory(ROUNDS=4, EPOCHS=150, MIN_CLIENTS=3, MIN_FIT_CLIENTS=3, MODEL="/models/cnn.py:build")
     stack.run(MAKE_KEYS)
     stack.run(MAKE_DATA)
     stack.run(DEPLOY)
@@ -240,6 +242,9 @@ def test_restart_policies_bring_back_a_crashed_client_and_a_crashed_server(stack
     summary = stack.summary()
     assert summary["status"] == "finished"
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3, 4]
+    assert summary["model"]["latest"] == {"file": "model/latest.keras", "round": 4}
+    server_logs = [output.stdout + output.stderr for output in (docker("logs", row["ID"]) for row in servers)]
+    assert all("model has 6 arrays" in log for log in server_logs), server_logs[-1][-2000:]  # the CNN, both tasks
     assert all(r["clients"] == ids for r in summary["rounds"]), summary["rounds"]
     # the crashed client cost its round an attempt, or was back while the round still waited: sent its FIT again
     assert any(reason.startswith("connection lost") for r in summary["rounds"] for a in r["failed_attempts"]

@@ -2,7 +2,9 @@
 
 import json
 import os
+import re
 import socket
+import subprocess
 import sys
 
 import numpy as np
@@ -10,7 +12,8 @@ import pytest
 import zmq
 
 from pyfed.wire import protocol
-from tests.integration.support import free_port, scalar_steps
+from tests.integration.support import free_port, scalar_steps, start_server
+from tests.site_data import write_csv, write_image_folder
 
 pytestmark = pytest.mark.integration
 
@@ -92,6 +95,51 @@ def test_three_clients_train_digits_to_90_percent_and_log_everything(tmp_path, p
     assert "client bad-site dropped: left (" in server_log and "wrong.npz: examples have shape [5]" in server_log
 
     check_tensorboard_events(logdir)
+    check_model_files(logdir, shards / "test.npz", summary)
+
+
+def check_model_files(logdir, test_data, summary):
+    """model/latest.keras and best.keras load in a fresh process, with Keras alone, and score on the
+    test data exactly what summary.json reports for the rounds they hold."""
+    model = summary["model"]
+    assert model["latest"] == {"file": "model/latest.keras", "round": ROUNDS}
+    accuracies = {r["round"]: r["test_accuracy"] for r in summary["rounds"]}
+    best_round = max(accuracies, key=lambda r: (accuracies[r], -r))
+    assert model["best"] == {"file": "model/best.keras", "round": best_round, "metric": "test_accuracy",
+                             "value": accuracies[best_round]}
+    assert json.loads((logdir / "model" / "files.json").read_text()) == {
+        "latest": model["latest"], "best": {k: v for k, v in model["best"].items() if k != "value"}}
+    script = ("import sys, numpy as np, keras\n"
+              "data = np.load(sys.argv[1])\n"
+              "for path in sys.argv[2:]:\n"
+              "    result = keras.saving.load_model(path).evaluate(data['x'], data['y'], batch_size=1024, verbose=0, return_dict=True)\n"
+              "    print(repr(result['accuracy']))\n")
+    done = subprocess.run([sys.executable, "-W", "error::UserWarning", "-c", script, str(test_data),
+                           str(logdir / "model" / "latest.keras"), str(logdir / "model" / "best.keras")],
+                          capture_output=True, text=True, timeout=300, check=True)
+    latest_accuracy, best_accuracy = (float(line) for line in done.stdout.split())
+    assert abs(latest_accuracy - accuracies[ROUNDS]) <= 1e-6
+    assert abs(best_accuracy - accuracies[best_round]) <= 1e-6
+
+    # pyfed export: the best model as a TensorFlow Lite file, which predicts as best.keras does
+    lite = logdir.parent / "digits.tflite"
+    exported = subprocess.run([sys.executable, "-m", "pyfed", "export", "--from", str(logdir), "--which", "best",
+                               "--format", "tflite", "--out", str(lite)], capture_output=True, text=True, timeout=300)
+    assert exported.returncode == 0, exported.stderr[-2000:]
+    assert f"wrote {lite} (tflite) from {logdir}" in exported.stderr
+    script = ("import sys, numpy as np, keras, tensorflow as tf\n"
+              "x = np.load(sys.argv[1])['x'][:16].astype(np.float32)\n"
+              "expected = keras.saving.load_model(sys.argv[2]).predict(x, verbose=0)\n"
+              "lite = tf.lite.Interpreter(model_path=sys.argv[3])\n"
+              "inp, out = lite.get_input_details()[0], lite.get_output_details()[0]\n"
+              "lite.resize_tensor_input(inp['index'], x.shape)\n"
+              "lite.allocate_tensors()\n"
+              "lite.set_tensor(inp['index'], x)\n"
+              "lite.invoke()\n"
+              "print(float(np.abs(lite.get_tensor(out['index']) - expected).max()))\n")
+    compared = subprocess.run([sys.executable, "-c", script, str(test_data), str(logdir / "model" / "best.keras"),
+                               str(lite)], capture_output=True, text=True, timeout=300, check=True)
+    assert float(compared.stdout.split()[-1]) < 1e-5
 
 
 def check_tensorboard_events(logdir):
@@ -115,8 +163,16 @@ def check_tensorboard_events(logdir):
     (["client", "--data", "x.npz", "--server", "localhost"], "pyfed client: error: --server / SERVER_ADDRESS: must look like"),
     (["partition", "--dataset", "npz:/nonexistent.npz"], "pyfed partition: error: /nonexistent.npz: no such file"),
     (["partition", "--clients", "5000"], "pyfed partition: error: digits: cannot give 5000 clients"),
-    (["server", "--shards", "2", "--min-fit-clients", "3"], "pyfed server: error: --min-fit-clients / MIN_FIT_CLIENTS is 3"),
     (["server", "--fraction-fit", "0"], "pyfed server: error: --fraction-fit / FRACTION_FIT: must be a number in (0, 1]"),
+    (["export", "--out", "m.keras"], "pyfed export: error: --from / EXPORT_FROM and --out / EXPORT_OUT are required"),
+    (["export", "--from", "/nonexistent.keras", "--out", "m.keras"], "pyfed export: error: /nonexistent.keras: no such file"),
+    (["export", "--from", "/tmp", "--out", "m.keras"], "pyfed export: error: /tmp holds no model/latest.keras"),
+    (["export", "--from", "/nonexistent/round-000001.npz", "--out", "m.keras"],
+     "pyfed export: error: /nonexistent/round-000001.npz: a checkpoint holds weights only; give --model / MODEL"),
+    (["export", "--from", "/x.keras", "--out", "m.tflite", "--format", "onnx"],
+     "pyfed export: error: --format / EXPORT_FORMAT: must be one of keras, savedmodel, tflite"),
+    (["server", "--test-data", "x.npz", "--best-metric", "accuracy"],
+     "pyfed server: error: --best-metric / BEST_METRIC: must be one of auto, test_accuracy"),
 ])
 def test_cli_start_up_errors_exit_2_with_one_line(tmp_path, args, message):
     import subprocess
@@ -161,3 +217,83 @@ def test_server_assigns_each_shard_to_one_client_and_turns_away_extra_clients(tm
         "client-2": {"shard": "client-2.npz", "num_examples": 719},
     }
     assert summary["rounds"][0]["clients"] == ["client-1", "client-2"]
+
+
+def test_csv_sites_train_and_a_site_whose_csv_does_not_fit_is_told_why_while_the_others_carry_on(
+        tmp_path, processes, shards):
+    from pyfed.learning.data import load_shard
+
+    for index in (1, 2):
+        write_csv(tmp_path / f"site-{index}.csv", *load_shard(shards / f"client-{index}.npz"), label_column="diagnosis")
+    x, y = load_shard(shards / "client-3.npz")
+    write_csv(tmp_path / "narrow.csv", x[:, :60], y)  # 60 features; the model takes 64
+    address, logdir = f"tcp://127.0.0.1:{free_port()}", tmp_path / "logs"
+    server = start_server(processes, shards, logdir, address, "--rounds", "2", "--min-clients", "2",
+                          "--min-fit-clients", "2", "--epochs", "10")
+    # the sites whose data does not fit go first: each is told why and exits before the run starts
+    narrow = processes.pyfed("client", "--server", address, "--data", f"csv:{tmp_path / 'narrow.csv'}",
+                             name="narrow-site")
+    assert processes.wait(narrow, 120) == 1
+    assert (f"{tmp_path / 'narrow.csv'}: examples have shape [60] but the server's model takes [64]"
+            in narrow.log_path.read_text())
+    wrong_column = processes.pyfed("client", "--server", address, "--data", f"csv:{tmp_path / 'site-1.csv'}",
+                                   name="wrong-column")
+    assert processes.wait(wrong_column, 60) == 2
+    assert f"site-1.csv: has no column 'label' (--label-column)" in wrong_column.log_path.read_text()
+    clients = [processes.pyfed("client", "--server", address, "--data", f"csv:{tmp_path / f'site-{i}.csv'}",
+                               "--label-column", "diagnosis", name=f"csv-site-{i}") for i in (1, 2)]
+    assert processes.wait(server, 300) == 0, processes.tail(server)
+    for client in clients:
+        assert processes.wait(client, 60) == 0, processes.tail(client)
+    assert re.search(r"training on (CPU|GPU:\d+)\n", clients[0].log_path.read_text())  # each client says where
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert [len(r["clients"]) for r in summary["rounds"]] == [2, 2]
+    assert summary["final"]["test_accuracy"] >= 0.85
+
+
+def test_image_folder_sites_train_and_images_that_do_not_fit_are_refused_while_the_others_carry_on(
+        tmp_path, processes):
+    """The held-out set is partitioned from an image folder; one site trains on 8x8 grayscale images,
+    another on 16x16 RGB images that --image-size and --color-mode bring to the model's input. Sites
+    whose images are the wrong size, or whose classes the model cannot predict, are each told why."""
+    from pyfed.learning.data import load_dataset
+
+    x, y = load_dataset("digits")
+    order = np.random.default_rng(0).permutation(len(y))
+    held_out, site_1, site_2 = order[:360], order[360:1000], order[1000:]
+    write_image_folder(tmp_path / "held-out", x[held_out], y[held_out])
+    out = tmp_path / "shards"
+    partition = processes.pyfed("partition", "--dataset", f"images:{tmp_path / 'held-out'}", "--color-mode",
+                                "grayscale", "--clients", "1", "--test-fraction", "0.99", "--out", str(out),
+                                name="partition")
+    assert processes.wait(partition, 120) == 0, processes.tail(partition)
+    write_image_folder(tmp_path / "site-1", x[site_1], y[site_1])
+    write_image_folder(tmp_path / "site-2", x[site_2], y[site_2], side=16, rgb=True)
+    write_image_folder(tmp_path / "too-many-classes", x[site_1[:50]], y[site_1[:50]] + 3)  # classes 3..12
+    address, logdir = f"tcp://127.0.0.1:{free_port()}", tmp_path / "logs"
+    server = start_server(processes, out, logdir, address, "--rounds", "2", "--min-clients", "2",
+                          "--min-fit-clients", "2", "--epochs", "10")
+    first = processes.pyfed("client", "--server", address, "--data", f"images:{tmp_path / 'site-1'}",
+                            "--color-mode", "grayscale", "--client-id", "site-1", name="site-1")
+    processes.wait_for_line(server, "client site-1 joined")
+    # while site-1 waits for a second site: two sites whose images do not fit are each told why
+    unsized = processes.pyfed("client", "--server", address, "--data", f"images:{tmp_path / 'site-2'}",
+                              "--color-mode", "grayscale", name="unsized-site")
+    assert processes.wait(unsized, 120) == 1
+    assert (f"{tmp_path / 'site-2'}: examples have shape [16, 16, 1] but the server's model takes [8, 8, 1]"
+            in unsized.log_path.read_text())
+    labels = processes.pyfed("client", "--server", address, "--data", f"images:{tmp_path / 'too-many-classes'}",
+                             "--color-mode", "grayscale", name="too-many-classes")
+    assert processes.wait(labels, 120) == 1
+    assert (f"{tmp_path / 'too-many-classes'}: labels go up to 12 but the server's model predicts 10 classes"
+            in labels.log_path.read_text())
+    second = processes.pyfed("client", "--server", address, "--data", f"images:{tmp_path / 'site-2'}",
+                             "--image-size", "8x8", "--color-mode", "grayscale", "--client-id", "site-2",
+                             name="site-2")
+    assert processes.wait(server, 300) == 0, processes.tail(server)
+    for client in (first, second):
+        assert processes.wait(client, 60) == 0, processes.tail(client)
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert [r["clients"] for r in summary["rounds"]] == [["site-1", "site-2"]] * 2
+    assert summary["clients"]["site-2"]["num_examples"] == len(site_2)
+    assert summary["final"]["test_accuracy"] >= 0.85

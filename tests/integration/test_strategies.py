@@ -119,6 +119,11 @@ def test_simulate_samples_injects_failures_retries_and_resumes_after_a_stop(tmp_
     assert any(record["dropped"] for record in summary["rounds"])
     assert any(record["failed_attempts"] for record in summary["rounds"])  # 30% loss of 10 sampled < 8 sometimes
     assert summary["final"]["test_accuracy"] > 0.8
+    # a simulation writes the trained model as a server does, and the resumed process continued its record
+    accuracies = {r["round"]: r["test_accuracy"] for r in summary["rounds"]}
+    assert summary["model"]["latest"]["round"] == 6
+    assert summary["model"]["best"]["round"] == max(accuracies, key=lambda r: (accuracies[r], -r))
+    assert (logdir / "model" / "latest.keras").is_file() and (logdir / "model" / "best.keras").is_file()
 
 
 def test_simulate_is_deterministic_in_its_partition_and_refuses_bad_settings(tmp_path, processes):

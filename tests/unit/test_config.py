@@ -50,7 +50,7 @@ def test_client_and_partition_configs():
     client = resolve(ClientConfig, {"client_id": "site-7"}, {"SERVER_ADDRESS": "tcp://server:5555",
                                                             "DATA_SHARD": "/data/client-1.npz"}, {})
     assert client.client_id == "site-7" and client.server == "tcp://server:5555"
-    assert client.data == Path("/data/client-1.npz")
+    assert client.data == "/data/client-1.npz"  # a path, or csv:PATH
     partition = resolve(PartitionConfig, {}, {"DATASET": "npz:/tmp/all.npz", "NUM_CLIENTS": "5"}, {})
     assert partition.dataset == "npz:/tmp/all.npz" and partition.clients == 5
 
@@ -70,7 +70,7 @@ def test_client_and_partition_configs():
     (ClientConfig, {}, {"CLIENT_ID": "bad id!"}, "--client-id / CLIENT_ID: must be 1-64 characters"),
     (ClientConfig, {}, {"SERVER_ADDRESS": "http://server"}, "--server / SERVER_ADDRESS: must look like tcp://HOST:PORT"),
     (ClientConfig, {}, {"CLIENT_EPOCHS": "1.5"}, "--epochs / CLIENT_EPOCHS: must be a positive integer"),
-    (PartitionConfig, {}, {"DATASET": "cifar"}, "--dataset / DATASET: must be digits, mnist or npz:PATH"),
+    (PartitionConfig, {}, {"DATASET": "cifar"}, "--dataset / DATASET: must be digits, mnist, npz:PATH, csv:PATH or images:DIR"),
     (PartitionConfig, {}, {"TEST_FRACTION": "1.5"}, "--test-fraction / TEST_FRACTION: must be a number in (0, 1)"),
     (PartitionConfig, {}, {"SEED": "-1"}, "--seed / SEED: must be a non-negative integer"),
     (PartitionConfig, {}, {"PARTITION_SCHEME": "random"}, "--scheme / PARTITION_SCHEME: must be one of iid, dirichlet"),

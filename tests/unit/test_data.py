@@ -181,3 +181,102 @@ def test_label_table_lists_each_client_with_its_label_counts():
     assert lines[0].split() == ["client", "examples", "0", "1", "2"]
     assert lines[1].split() == ["client-1", "3", "2", "0", "1"]
     assert lines[2].split() == ["client-2", "1", "0", "1", "0"]
+
+
+# --- CSV sites ----------------------------------------------------------------------------------------
+
+def test_a_csv_site_gives_float_features_and_class_numbers_whatever_the_label_columns_place(tmp_path):
+    from pyfed.learning.data import ReadOptions, load_csv, load_dataset
+
+    (tmp_path / "site.csv").write_text("age,label,score\n31,1,0.5\n\n45.5,0,1e-3\n52,2.0,7\n", encoding="utf-8")
+    x, y = load_csv(tmp_path / "site.csv")
+    assert x.dtype == np.float32 and y.dtype == np.int64
+    np.testing.assert_array_equal(x, np.array([[31, 0.5], [45.5, 1e-3], [52, 7]], np.float32))
+    assert y.tolist() == [1, 0, 2]
+    (tmp_path / "other.csv").write_text("\ufeffdiagnosis;x\n", encoding="utf-8")  # a BOM is not part of a name
+    with pytest.raises(DataError, match="no column 'label'.*its columns are diagnosis;x"):
+        load_csv(tmp_path / "other.csv")
+    (tmp_path / "named.csv").write_text("f1,diagnosis\n0.1,3\n", encoding="utf-8")
+    x, y = load_dataset(f"csv:{tmp_path / 'named.csv'}", ReadOptions(label_column="diagnosis"))
+    assert x.tolist() == [[pytest.approx(0.1)]] and y.tolist() == [3]
+
+
+@pytest.mark.parametrize("text, message", [
+    ("", "is empty; a CSV needs a header row"),
+    ("label,a\n", "has a header but no examples"),
+    ("label\n1\n", "has only the label column"),
+    ("a,label\n1,2\n3\n", "line 3 has 1 values; the header has 2"),
+    ("a,label\n1,cat\n", "line 2, column 'label': 'cat' is not a class number .*map class names to numbers"),
+    ("a,label\n1,-1\n", "line 2, column 'label': '-1' is not a class number"),
+    ("a,label\n1,1.5\n", "line 2, column 'label': '1.5' is not a class number"),
+    ("a,label\nx,1\n", "line 2, column 'a': 'x' is not a finite number"),
+    ("a,label\nnan,1\n", "line 2, column 'a': 'nan' is not a finite number"),
+    ("a,a,label\n1,2,1\n", "names column\\(s\\) 'a' more than once"),
+])
+def test_a_csv_that_does_not_fit_is_refused_naming_the_file_line_and_column(tmp_path, text, message):
+    from pyfed.learning.data import load_csv
+
+    (tmp_path / "site.csv").write_text(text, encoding="utf-8")
+    with pytest.raises(DataError, match=f"site.csv: {message}"):
+        load_csv(tmp_path / "site.csv")
+
+
+def test_a_missing_or_binary_csv_is_refused_by_name(tmp_path):
+    from pyfed.learning.data import load_csv
+
+    with pytest.raises(DataError, match="missing.csv: no such file"):
+        load_csv(tmp_path / "missing.csv")
+    (tmp_path / "binary.csv").write_bytes(b"a,label\n\xff\xfe,1\n")
+    with pytest.raises(DataError, match="binary.csv: not a UTF-8 text file"):
+        load_csv(tmp_path / "binary.csv")
+    with pytest.raises(DataError, match="is a directory, not a CSV file"):
+        load_csv(tmp_path)
+
+
+
+# --- image-folder sites ---------------------------------------------------------------------------------
+
+def write_image(path, array):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+def test_an_image_folder_site_numbers_its_classes_by_folder_or_by_the_class_names_list(tmp_path):
+    from pyfed.learning.data import ReadOptions, load_image_folder, load_site_data
+
+    write_image(tmp_path / "site" / "0" / "a.png", np.zeros((6, 4, 3), np.uint8))
+    write_image(tmp_path / "site" / "2" / "b.png", np.full((6, 4, 3), 255, np.uint8))
+    (tmp_path / "site" / "2" / "notes.txt").write_text("not an image: skipped")
+    x, y = load_site_data(f"images:{tmp_path / 'site'}")
+    assert x.shape == (2, 6, 4, 3) and x.dtype == np.float32 and y.tolist() == [0, 2]
+    assert x[0].max() == 0.0 and x[1].min() == 1.0
+    x, _ = load_image_folder(tmp_path / "site", ReadOptions(image_size=(3, 2), color_mode="grayscale"))
+    assert x.shape == (2, 3, 2, 1)
+
+    write_image(tmp_path / "named" / "dog" / "d.png", np.zeros((5, 5, 3), np.uint8))  # this site has no cats
+    _, y = load_image_folder(tmp_path / "named", ReadOptions(class_names=("cat", "dog")))
+    assert y.tolist() == [1]
+
+
+@pytest.mark.parametrize("build, options, message", [
+    (lambda d: None, {}, "no such directory"),
+    (lambda d: d.mkdir(), {}, "holds no class folders"),
+    (lambda d: (d / "0").mkdir(parents=True), {}, "its class folders hold no images"),
+    (lambda d: write_image(d / "cat" / "a.png", np.zeros((2, 2, 3), np.uint8)), {},
+     "cat: a class folder must be named by its class number .*--class-names"),
+    (lambda d: write_image(d / "cow" / "a.png", np.zeros((2, 2, 3), np.uint8)), {"class_names": ("cat", "dog")},
+     "cow: is not one of --class-names"),
+    (lambda d: (write_image(d / "0" / "a.png", np.zeros((2, 2, 3), np.uint8)),
+                write_image(d / "1" / "b.png", np.zeros((3, 2, 3), np.uint8))), {},
+     "b.png: is 2x3 but .*a.png is 2x2; give --image-size"),
+    (lambda d: ((d / "0").mkdir(parents=True), (d / "0" / "x.png").write_bytes(b"not a png")), {},
+     "x.png: not a readable image"),
+])
+def test_an_image_folder_that_does_not_fit_is_refused_naming_the_folder_or_file(tmp_path, build, options, message):
+    from pyfed.learning.data import ReadOptions, load_image_folder
+
+    build(tmp_path / "site")
+    with pytest.raises(DataError, match=message):
+        load_image_folder(tmp_path / "site", ReadOptions(**options))

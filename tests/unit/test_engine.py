@@ -403,3 +403,40 @@ def test_federated_evaluation_goes_through_the_pool():
     record = RoundEngine(pool, WEIGHTS, rounds=1, plan=FitPlan(eval_fraction=0.2), strategy=FedAvg()).run()[0]
     assert record.federated_evaluation["num_examples"] == 10 and record.federated_evaluation["accuracy"] == 0.75
     assert isinstance(EvaluateRequest(1, WEIGHTS), EvaluateRequest)
+
+
+class RecordingExport:
+    best_metric = "test_loss"
+
+    def __init__(self, fail_in_round: int | None = None) -> None:
+        self.calls, self.fail_in_round = [], fail_in_round
+
+    def __call__(self, weights, server_round, is_best) -> None:
+        if server_round == self.fail_in_round:
+            raise OSError(28, "No space left on device")
+        self.calls.append((server_round, float(weights[0][0, 0]), is_best))
+
+    def written(self) -> dict:
+        return {}
+
+
+def test_the_model_is_exported_after_each_evaluation_and_best_marks_the_best_round_so_far(caplog):
+    clock = Clock()
+    pool = FakePool({"a": answers(1.0)}, clock)
+    losses = iter([0.9, 0.5, 0.7, 0.5, 0.3])  # before round 1, then rounds 1-4
+
+    class Evaluate:
+        def __call__(self, weights):
+            return next(losses), None
+
+        def probe(self, weights):
+            return None  # usable
+
+    export = RecordingExport(fail_in_round=3)
+    run = engine(pool, clock, rounds=4, evaluate=Evaluate(), export=export, persister=RecordingPersister())
+    run.evaluate_initial_model()
+    run.run()
+    # round 2's 0.7 is worse than round 1's 0.5; round 3 (0.5) only ties it: the earliest best stays best
+    assert export.calls == [(1, 1.0, True), (2, 1.0, False), (4, 1.0, True)]
+    assert "round 3: could not write the model files (OSError" in caplog.text  # the run went on
+    assert run.completed_rounds == 4

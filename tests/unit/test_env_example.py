@@ -11,7 +11,7 @@ pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_ONLY = {"BASE_IMAGE", "TENSORFLOW", "PYFED_TAG", "IMAGE_PREFIX", "SERVER_PORT", "TENSORBOARD_PORT",
-                "CLIENT_REPLICAS", "NODE_DATA_DIR"}
+                "CLIENT_REPLICAS", "NODE_DATA_DIR", "INPUT_DIR", "MODEL_FILE"}
 #: set inside compose.yaml to paths in the containers, not by users
 COMPOSE_SET = {"BIND_ADDRESS", "TEST_DATA", "LOGDIR", "CHECKPOINT_DIR", "CURVE_SECRET_KEY", "AUTHORIZED_KEYS"}
 
@@ -47,11 +47,11 @@ NOT_IN_SWARM = {
     "BASE_IMAGE": "images are built with Compose; a stack only runs them",
     "TENSORFLOW": "the same",
     "DATASET": "no data step: each node brings its own data",
+    "INPUT_DIR": "the same",
     "NUM_CLIENTS": "the same (the server hands out no shards)",
     "PARTITION_SCHEME": "the same", "PARTITION_ALPHA": "the same", "CLASSES_PER_CLIENT": "the same",
     "TEST_FRACTION": "the same",
     "CLIENT_ID": "each replica is named after its node",
-    "DATA_SHARD": "each replica reads its node's client.npz",
     "SERVER_ADDRESS": "replicas reach the server by its service name",
     "INSECURE": "a stack always uses its Swarm secrets",
 }

@@ -83,3 +83,28 @@ def test_model_spec_from_a_file(tmp_path):
 def test_bad_model_specs(spec, message):
     with pytest.raises(ModelError, match=message):
         load_model_spec(spec)
+
+
+def test_a_saved_keras_model_is_a_model_spec_and_a_bad_one_is_named(tmp_path):
+    from pyfed.learning.export import save_keras
+
+    trained = default_model((64,), 10, learning_rate=0.01)
+    save_keras(trained, tmp_path / "mine.keras")
+    loaded = load_model_spec(str(tmp_path / "mine.keras"))
+    assert all(np.array_equal(a, b) for a, b in zip(loaded.get_weights(), trained.get_weights()))
+    assert loaded.compiled
+    (tmp_path / "broken.keras").write_bytes(b"not a zip")
+    with pytest.raises(ModelError, match="broken.keras: not a loadable Keras model"):
+        load_model_spec(str(tmp_path / "broken.keras"))
+    with pytest.raises(ModelError, match="absent.keras: no such file"):
+        load_model_spec(str(tmp_path / "absent.keras"))
+
+
+def test_the_example_cnn_in_models_travels_to_clients_as_keras_layers_only():
+    from pathlib import Path
+
+    model = load_model_spec(str(Path(__file__).resolve().parents[2] / "models" / "cnn.py") + ":build")
+    model_json, compile_config = to_wire(model)
+    rebuilt = from_wire(model_json, compile_config)  # safe mode, the client's way
+    assert [layer.__class__.__name__ for layer in rebuilt.layers][:3] == ["Reshape", "Conv2D", "MaxPooling2D"]
+    assert rebuilt.count_params() == model.count_params()

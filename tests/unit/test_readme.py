@@ -26,3 +26,20 @@ def test_the_one_machine_swarm_block_is_what_the_swarm_tests_run():
     assert [c for c in docker_commands if c in RECIPE] == list(RECIPE), "the README shows other steps, or another order"
     # the only step the tests do differently: they read the server's log instead of following it
     assert set(docker_commands) - set(RECIPE) == {'docker service logs -f "${STACK}_server"'}
+
+
+@pytest.mark.parametrize("command", ["server", "client", "partition", "simulate", "keys", "export"])
+def test_every_flag_of_a_command_is_in_its_readme_table(command):
+    """The README's table for `pyfed COMMAND` names each of its flags (the docs keep up with the config)."""
+    import dataclasses
+
+    from pyfed.cli import COMMANDS
+
+    text = README.read_text()
+    start = text.index(f"### `pyfed {command}`")
+    section = text[start:text.index("\n#", start + 1)]
+    flags = [field.metadata["flag"] for field in dataclasses.fields(COMMANDS[command][0])]
+    every_command = text[text.index("## Command line"):text.index("### `pyfed partition`")]
+    missing = [flag for flag in flags if not re.search(rf"`[^`]*{flag}(?![\w-])[^`]*`", section)
+               and f"Every command takes `{flag}`" not in every_command]
+    assert not missing, f"the README's `pyfed {command}` section lacks {missing}"

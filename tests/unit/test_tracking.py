@@ -70,7 +70,14 @@ def read_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
     accumulator = event_accumulator.EventAccumulator(str(run_dir), size_guidance={"tensors": 0})
     accumulator.Reload()
     return {tag: [(e.step, float(tensor_util.make_ndarray(e.tensor_proto))) for e in accumulator.Tensors(tag)]
-            for tag in accumulator.Tags()["tensors"]}
+            for tag in plugin_tags(accumulator, "scalars")}
+
+
+def plugin_tags(accumulator, plugin: str) -> dict:
+    try:
+        return accumulator.PluginTagToContent(plugin)
+    except KeyError:  # no summary of that plugin
+        return {}
 
 
 def test_event_files_hold_what_tensorboard_reads_as_scalars_and_no_descriptor_stays_open(tmp_path):
@@ -123,3 +130,75 @@ def test_run_log_writes_every_client_curve_and_the_servers_round_scalars(tmp_pat
     assert b["epoch/loss"] == [(1, 2.0), (2, 1.0), (3, 2.0), (4, 1.0)]  # epochs continue across rounds
     assert b["round/loss"] == [(1, 1.0), (2, 1.0)] and b["round/num_examples"] == [(1, 4.0), (2, 4.0)]
     assert read_scalars(tmp_path / "clients" / "a")["epoch/loss"] == [(1, 1.0), (3, 1.0)]
+
+
+def scored(round_number: int, test_accuracy=None, test_loss=None, federated=None) -> RoundRecord:
+    return RoundRecord(round=round_number, clients=[], selected=[], duration_s=0.1, fit_s={}, num_examples={},
+                       bytes_sent=0, bytes_received=0, test_loss=test_loss, test_accuracy=test_accuracy,
+                       federated_evaluation=federated)
+
+
+def test_the_best_round_maximises_accuracies_minimises_losses_and_skips_unmeasured_rounds():
+    from pyfed.persistence.tracking import best_round, metric_of
+
+    records = [scored(1, 0.5, 2.0, {"accuracy": 0.4, "loss": 1.0}), scored(2, None, float("nan"), None),
+               scored(3, 0.7, 1.5, {"accuracy": 0.3, "loss": 0.2}), scored(4, 0.7, 1.0, {"accuracy": None})]
+    assert best_round(records, "test_accuracy").round == 3  # the earliest of equals
+    assert best_round(records, "test_loss").round == 4
+    assert best_round(records, "federated_accuracy").round == 1
+    assert best_round(records, "federated_loss").round == 3
+    assert best_round([scored(1)], "test_accuracy") is None and best_round([], "test_loss") is None
+    assert metric_of(records[1], "test_loss") is None  # not finite: never best
+    with pytest.raises(ValueError, match="unknown metric 'accuracy'"):
+        metric_of(records[0], "accuracy")
+
+
+def test_summary_json_says_which_round_each_model_file_holds(tmp_path):
+    written = {"latest": None, "best": None}
+    run_log = RunLog(tmp_path, config={}, model_files=lambda: written)
+    run_log.record_round(scored(1, 0.5))
+    assert json.loads((tmp_path / "summary.json").read_text())["model"] == {"latest": None, "best": None}
+    written.update(latest={"file": "model/latest.keras", "round": 2},
+                   best={"file": "model/best.keras", "round": 1, "metric": "test_accuracy"})
+    run_log.record_round(scored(2, 0.25))
+    assert json.loads((tmp_path / "summary.json").read_text())["model"] == {
+        "latest": {"file": "model/latest.keras", "round": 2},
+        "best": {"file": "model/best.keras", "round": 1, "metric": "test_accuracy", "value": 0.5}}
+    assert "model" not in json.loads((RunLog(tmp_path / "other", config={}).write_summary() and
+                                      (tmp_path / "other" / "summary.json").read_text()))
+
+
+def test_the_servers_run_shows_its_settings_model_graph_and_summary(tmp_path):
+    from tensorboard.backend.event_processing import event_accumulator
+    from tensorboard.util import tensor_util
+
+    RunLog(tmp_path, config={"rounds": 3, "strategy": "fedavg", "model": None},
+           model_json='{"class_name": "Sequential"}', model_summary="```\nDense\n```")
+    accumulator = event_accumulator.EventAccumulator(str(tmp_path / "server"), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    assert all(plugin_tags(accumulator, plugin) for plugin in ("hparams", "graph_keras_model", "text"))
+    graph = accumulator.Tensors("keras")[0]
+    assert tensor_util.make_ndarray(graph.tensor_proto).item() == b'{"class_name": "Sequential"}'
+    text = accumulator.Tensors("model/summary")[0]
+    assert tensor_util.make_ndarray(text.tensor_proto).item() == b"```\nDense\n```"
+    hparams = plugin_tags(accumulator, "hparams")
+    assert "_hparams_/session_start_info" in hparams
+    assert b"fedavg" in hparams["_hparams_/session_start_info"] and b"rounds" in hparams["_hparams_/session_start_info"]
+
+
+def test_with_weight_names_each_round_writes_a_histogram_of_every_global_array(tmp_path):
+    import numpy as np
+    from tensorboard.backend.event_processing import event_accumulator
+
+    run_log = RunLog(tmp_path, config={}, weight_names=["dense/kernel", "dense/bias"])
+    for round_number in (1, 2):
+        run_log.record_round(scored(round_number, 0.5), weights=[np.full((3, 2), round_number, np.float32),
+                                                                 np.zeros(2, np.float32)])
+    accumulator = event_accumulator.EventAccumulator(str(tmp_path / "server"), size_guidance={"tensors": 0})
+    accumulator.Reload()
+    assert set(plugin_tags(accumulator, "histograms")) == {"weights/dense/kernel", "weights/dense/bias"}
+    assert [e.step for e in accumulator.Tensors("weights/dense/kernel")] == [1, 2]
+    RunLog(tmp_path / "off", config={}).record_round(scored(1, 0.5), weights=[np.zeros(2, np.float32)])
+    off = event_accumulator.EventAccumulator(str(tmp_path / "off" / "server"), size_guidance={"tensors": 0})
+    off.Reload()
+    assert not plugin_tags(off, "histograms")

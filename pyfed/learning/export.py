@@ -1,0 +1,248 @@
+"""The trained model as files a user takes away: ``latest.keras`` after every round, ``best.keras``
+whenever a round's global model scores best so far, and conversions of either (or of any
+checkpoint) to a SavedModel or a TensorFlow Lite file (``pyfed export``, through Keras's own
+``Model.export``).
+
+A ``.keras`` file is Keras's own archive: the architecture, the compile settings and the weights.
+It loads with ``keras.saving.load_model(path)`` in any process, without PyFed. Each file is written
+through the one atomic write (temp file, fsync, rename, directory fsync), so a reader, or a server
+restarted after a crash, finds the previous file or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from pyfed.persistence.files import write_atomic, write_json_atomic
+
+log = logging.getLogger("pyfed.export")
+
+LATEST = "latest.keras"
+BEST = "best.keras"
+RECORD = "files.json"
+
+
+def save_keras(model: keras.Model, path: Path) -> None:
+    """``model`` as a ``.keras`` archive at ``path``, atomically.
+
+    A compiled model's optimizer is built first (zero slots, as after ``fit``): Keras warns when it
+    loads a file whose optimizer holds fewer variables than the one it builds, and the file can go
+    on training as it is."""
+    from keras.src.saving import saving_lib  # the public save_model refuses a file object
+
+    if model.optimizer is not None and not model.optimizer.built:
+        model.optimizer.build(model.trainable_variables)
+    write_atomic(Path(path), lambda handle: saving_lib.save_model(model, handle))
+
+
+class ModelFiles:
+    """Writes the global model into ``directory`` after each round (see the module docstring), and
+    ``files.json``, which says which round each file holds (``summary.json`` repeats it). A file that
+    could not be written keeps its previous round there: what the record says is what is on disk.
+
+    ``model`` is the server's copy of the architecture; its weights are replaced on each call, so
+    call it where that model is not in use meanwhile (the engine calls it right after evaluating,
+    in the thread that evaluates)."""
+
+    def __init__(self, model: keras.Model, directory: Path, best_metric: str):
+        self.model = model
+        self.directory = Path(directory)
+        self.best_metric = best_metric
+        self._written = self._read_record()
+
+    @property
+    def latest_path(self) -> Path:
+        return self.directory / LATEST
+
+    @property
+    def best_path(self) -> Path:
+        return self.directory / BEST
+
+    @property
+    def record_path(self) -> Path:
+        return self.directory / RECORD
+
+    def written(self) -> dict[str, Any]:
+        """{"latest": {"file", "round"} or None, "best": {"file", "round", "metric"} or None}."""
+        return {name: dict(entry) if entry else None for name, entry in self._written.items()}
+
+    def __call__(self, weights: Sequence[np.ndarray], server_round: int, is_best: bool) -> None:
+        self.model.set_weights(list(weights))
+        save_keras(self.model, self.latest_path)
+        self._written["latest"] = {"file": f"{self.directory.name}/{LATEST}", "round": int(server_round)}
+        if is_best:
+            with open(self.latest_path, "rb") as source:
+                write_atomic(self.best_path, lambda handle: shutil.copyfileobj(source, handle))
+            self._written["best"] = {"file": f"{self.directory.name}/{BEST}", "round": int(server_round),
+                                     "metric": self.best_metric}
+        write_json_atomic(self.record_path, self._written)
+        log.debug("round %d: wrote %s%s", server_round, self.latest_path, f" and {self.best_path}" if is_best else "")
+
+    def _read_record(self) -> dict[str, Any]:
+        """What an earlier server process of this run wrote (a resumed run continues it); a missing
+        or unreadable record is started afresh (the next round rewrites it)."""
+        empty: dict[str, Any] = {"latest": None, "best": None}
+        try:
+            record = json.loads(self.record_path.read_text())
+        except FileNotFoundError:
+            return empty
+        except (OSError, ValueError) as error:
+            log.warning("ignoring %s (%s); it is rewritten after the next round", self.record_path, error)
+            return empty
+        if not (isinstance(record, dict) and set(record) == {"latest", "best"}
+                and all(entry is None or _entry_ok(entry, name) for name, entry in record.items())):
+            log.warning("ignoring %s: not a model-files record; it is rewritten after the next round", self.record_path)
+            return empty
+        if record["best"] is not None and record["best"]["metric"] != self.best_metric:
+            log.warning("best.keras was chosen by %s, now by %s: it is replaced by the next round that is best by %s",
+                        record["best"]["metric"], self.best_metric, self.best_metric)
+        return record
+
+
+def _entry_ok(entry: Any, name: str) -> bool:
+    keys = {"file", "round", "metric"} if name == "best" else {"file", "round"}
+    return (isinstance(entry, dict) and set(entry) == keys and isinstance(entry["file"], str)
+            and isinstance(entry["round"], int) and not isinstance(entry["round"], bool) and entry["round"] >= 0
+            and (name != "best" or isinstance(entry["metric"], str)))
+
+
+# --- pyfed export -------------------------------------------------------------------------------
+
+FORMATS = ("keras", "savedmodel", "tflite")
+
+
+class ExportError(Exception):
+    """What to export could not be found or loaded, or not written as asked (one line, naming it)."""
+
+
+def load_model_file(path: Path) -> keras.Model:
+    """A ``.keras`` archive, loaded in Keras's safe mode (no code runs from the file)."""
+    if not path.is_file():
+        raise ExportError(f"{path}: no such file")
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except Exception as error:  # Keras raises many kinds for a bad archive
+        raise ExportError(f"{path}: not a loadable Keras model ({error.__class__.__name__}: {str(error)[:200]})") from None
+
+
+def model_to_export(source: Path, *, which: str = "latest", model_spec: str | None = None) -> keras.Model:
+    """The model ``pyfed export --from source`` means: a ``.keras`` file; a run's LOGDIR (its
+    ``model/latest.keras`` or ``model/best.keras``); or a checkpoint ``.npz`` with the server's
+    ``model_spec``, whose structure must be the one the checkpoint was written for."""
+    source = Path(source)
+    if source.is_dir():
+        path = source / "model" / (LATEST if which == "latest" else BEST)
+        if not path.is_file():
+            raise ExportError(f"{source} holds no model/{path.name}: not a run's LOGDIR, or no round has "
+                              f"finished{' with a score to choose the best by' if which == 'best' else ''}")
+        return load_model_file(path)
+    if source.suffix == ".keras":
+        return load_model_file(source)
+    if source.suffix == ".npz":
+        return _model_from_checkpoint(source, model_spec)
+    raise ExportError(f"{source}: give a .keras file, a run's LOGDIR or a checkpoint .npz")
+
+
+def _model_from_checkpoint(path: Path, model_spec: str | None) -> keras.Model:
+    """The server's model (``model_spec``) with a checkpoint's weights; every array's dtype and shape
+    must match. (The run's fingerprint also hashes the compile settings, which a model rebuilt here
+    need not share, so it is not compared.)"""
+    from pyfed.learning.model import ModelError, load_model_spec
+    from pyfed.persistence.files import CheckpointError, load_state
+    from pyfed.wire.protocol import ProtocolError, array_specs, check_specs
+
+    if model_spec is None:
+        raise ExportError(f"{path}: a checkpoint holds weights only; give --model / MODEL, the server's model")
+    if not path.is_file():
+        raise ExportError(f"{path}: no such file")
+    try:
+        model = load_model_spec(model_spec)
+        state = load_state(path)
+    except (ModelError, CheckpointError) as error:
+        raise ExportError(str(error)) from None
+    weights = state.get("weights")
+    if not isinstance(weights, list) or not all(isinstance(w, np.ndarray) for w in weights):
+        raise ExportError(f"{path}: not a PyFed checkpoint (it holds no weights)")
+    try:
+        check_specs(array_specs(weights), array_specs(model.get_weights()))
+    except ProtocolError as error:
+        raise ExportError(f"{path}: its weights do not fit {model_spec}: {error}") from None
+    model.set_weights(weights)
+    return model
+
+
+def export_model(model: keras.Model, fmt: str, out: Path) -> Path:
+    """Write ``model`` to ``out`` as ``fmt`` (one of FORMATS) with Keras's own exporters; a file
+    appears whole or not at all, and an existing SavedModel directory is never overwritten."""
+    out = Path(out)
+    if fmt == "keras":
+        if out.suffix != ".keras":
+            raise ExportError(f"--out {out}: a Keras archive's name must end in .keras")
+        save_keras(model, out)
+        return out
+    if fmt == "tflite":
+        if out.suffix != ".tflite":
+            raise ExportError(f"--out {out}: a TensorFlow Lite file's name must end in .tflite")
+    elif fmt == "savedmodel":
+        if out.exists():
+            raise ExportError(f"--out {out}: already exists; a SavedModel is a directory, and this one is not replaced")
+    else:
+        raise ExportError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        target = staging / out.name
+        model.export(str(target), format="litert" if fmt == "tflite" else "tf_saved_model", verbose=False)
+        if fmt == "tflite":
+            with open(target, "rb") as source:
+                write_atomic(out, lambda handle: shutil.copyfileobj(source, handle))
+        else:
+            os.rename(target, out)  # the same file system: the whole directory appears at once
+    except ExportError:
+        raise
+    except Exception as error:  # the converters raise many kinds for a model they cannot express
+        raise ExportError(f"cannot export the model as {fmt} ({error.__class__.__name__}: {str(error)[:300]})") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+# --- starting from pretrained weights ---------------------------------------------------------------
+
+def load_initial_weights(model: keras.Model, path: Path) -> None:
+    """Put the weights in ``path`` (a ``.keras`` model, or a ``.weights.h5`` file from
+    ``model.save_weights``) into ``model``; ExportError, naming the file and the first array that
+    differs, if they do not fit it. The model itself (architecture, compile settings) stays."""
+    from pyfed.wire.protocol import ProtocolError, array_specs, check_specs
+
+    path = Path(path)
+    if not path.is_file():
+        raise ExportError(f"{path}: no such file")
+    if path.name.endswith(".weights.h5"):
+        try:
+            with warnings.catch_warnings():  # only the model's weights are wanted, not the saved optimizer's
+                warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+                model.load_weights(path)
+        except Exception as error:  # Keras raises ValueError and h5py's errors for a file that does not fit
+            raise ExportError(f"{path}: its weights do not fit the model ({error.__class__.__name__}: "
+                              f"{str(error)[:300]})") from None
+        return
+    if path.suffix != ".keras":
+        raise ExportError(f"{path}: give a .keras model or a .weights.h5 file")
+    weights = load_model_file(path).get_weights()
+    try:
+        check_specs(array_specs(weights), array_specs(model.get_weights()))
+    except ProtocolError as error:
+        raise ExportError(f"{path}: its weights do not fit the model: {error}") from None
+    model.set_weights(weights)
