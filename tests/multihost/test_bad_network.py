@@ -10,6 +10,10 @@ cable is back b's site rejoins. No round is lost.
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
+import threading
 import time
 
 import numpy as np
@@ -39,7 +43,13 @@ def test_a_slow_link_and_a_30_s_cut_lose_no_round(testbed, images, tmp_path):
     def server_log() -> str:
         return a.sh("docker compose logs --no-color server", env=server_env, cwd=REPO, check=False).stdout
 
+    # the site's image is installed first (over the clean link), then its link turns slow
+    b.sh("docker compose -f compose.client.yaml pull", env={"IMAGE_PREFIX": images, "CLIENT_ID": "site-b",
+                                                          "SERVER_ADDRESS": "tcp://unused:5555"}, cwd=REPO)
     b.limit_bandwidth(BANDWIDTH)
+    upload, download = (link_rate(b, direction) for direction in ("upload", "download"))
+    print(f"\nb's link with `tc tbf rate {BANDWIDTH}`: {upload:.1f} Mbit/s up, {download:.1f} Mbit/s down")
+    assert 10 < upload < 21 and 10 < download < 21, (upload, download)
     x, y = load_dataset("digits")
     order = np.random.default_rng(2).permutation(len(y))
     with DelayProxy((HOST_ADDRESS, 0), (a.address, 5555), DELAY_S) as proxy:
@@ -97,3 +107,38 @@ def test_a_slow_link_and_a_30_s_cut_lose_no_round(testbed, images, tmp_path):
     assert all({"client-1", "site-c"} <= set(r["clients"]) for r in summary["rounds"])
     assert proxy.connections_accepted >= 2  # site-b's first connection, and the one after the cut
     a.sh("docker compose down -v", env=server_env, cwd=REPO, check=False)
+
+
+def link_rate(machine, direction: str, megabytes: int = 4) -> float:
+    """Mbit/s measured by sending ``megabytes`` between the host and ``machine`` over its link."""
+    listener = socket.create_server((HOST_ADDRESS, 0))
+    listener.settimeout(60)
+    port = listener.getsockname()[1]
+    payload = b"\0" * (megabytes << 20)
+    result: dict[str, float] = {}
+
+    def host_side() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            started = time.monotonic()
+            if direction == "download":
+                conn.sendall(payload)
+                conn.shutdown(socket.SHUT_WR)
+                conn.recv(1)  # the machine's side closes once it has everything
+            else:
+                received = 0
+                while chunk := conn.recv(1 << 16):
+                    received += len(chunk)
+                assert received == len(payload)
+            result["s"] = time.monotonic() - started
+
+    thread = threading.Thread(target=host_side)
+    thread.start()
+    code = ("import socket,sys; s=socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=60)\n"
+            "if sys.argv[3] == 'upload':\n s.sendall(b'\\0' * (int(sys.argv[4]) << 20)); s.close()\n"
+            "else:\n while s.recv(1 << 16): pass\n s.close()\n")
+    subprocess.run(["ip", "netns", "exec", machine.netns, sys.executable, "-c", code, HOST_ADDRESS, str(port),
+                    direction, str(megabytes)], check=True, timeout=120)
+    thread.join(60)
+    listener.close()
+    return megabytes * 8 * 1.048576 / result["s"]

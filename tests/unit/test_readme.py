@@ -51,3 +51,12 @@ def test_the_remote_site_recipe_is_what_the_multihost_tests_run():
     assert [c for c in code_block_after("for the second key pair") if c] == list(SITE_KEYS)
     text = README.read_text()
     assert f"```bash\n{SITE_UP}\n```" in text and f"`{SERVER_UP}`" in text
+
+
+def test_the_many_machines_swarm_block_is_what_the_multihost_tests_run():
+    from tests.multihost.test_swarm_machines import DEPLOY, INIT, KEYS, LABELS, SCALE
+
+    commands = [c for c in code_block_after("From three machines `m1`") if c and not c.startswith("#")]
+    for step in (INIT, *LABELS, *KEYS, DEPLOY):
+        assert step in commands, step
+    assert f"`{SCALE}`" in README.read_text()
