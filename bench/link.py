@@ -20,6 +20,15 @@ import time
 CHUNK_BYTES = 64 * 1024
 
 
+def close_quietly(sock: socket.socket) -> None:
+    """Shut a connection down both ways (the peer sees it end) and close it, whatever state it is in."""
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    sock.close()
+
+
 class DelayProxy:
     """Forward ``listen`` -> ``target`` (each ``(host, port)``) with ``delay_s`` one-way delay."""
 
@@ -128,11 +137,7 @@ class DelayProxy:
 
     def _close(self, pair) -> None:
         for sock in pair:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+            close_quietly(sock)
         with self._lock:
             if pair in self._pairs:
                 self._pairs.remove(pair)

@@ -27,6 +27,8 @@ def testbed():
         yield bed
     finally:
         bed.stop()
+        left = bed.leftovers()
+        assert not left, f"the test bed left {left}"
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from tests.docker.support import REPO
-from tests.multihost.testbed import Machine
+from tests.multihost.testbed import Machine, stop_process
 
 
 class Site:
@@ -34,13 +34,7 @@ class Site:
                                  f"{self.log()[-3000:]}") from None
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=10)
+        stop_process(self.process, 30)
         self.machine.sh("docker compose -f compose.client.yaml down --remove-orphans", env=self.env, cwd=REPO,
                         check=False)
 

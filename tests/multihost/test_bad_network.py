@@ -10,6 +10,7 @@ cable is back b's site rejoins. No round is lost.
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -85,13 +86,16 @@ def test_a_slow_link_and_a_30_s_cut_lose_no_round(testbed, images, tmp_path):
                 time.sleep(0.5)
             assert dropped_at is not None, f"site-b was not dropped during the cut:\n{during_cut[-3000:]}"
             assert rejoined_at is not None, f"site-b did not rejoin:\n{server_log()[-3000:]}"
-            print(f"\ncable pulled for {CUT_S} s: the server dropped site-b after {dropped_at - cut_at:.1f} s; "
+            why = re.search(r"client site-b dropped: (.*?) \[", server_log()[offset:]).group(1)
+            print(f"\ncable pulled for {CUT_S} s: the server dropped site-b after {dropped_at - cut_at:.1f} s ({why}); "
                   f"site-b rejoined {rejoined_at - back_at:.1f} s after the cable was back")
             for site in sites:
                 assert site.wait(900) == 0, site.log()[-3000:]
         finally:
             for site in sites:
                 site.stop()
+            b.set_link(True)
+            b.clear_bandwidth_limit()  # the scenarios after this one get a clean link
 
     a.docker("cp", "badnet-server-1:/logs/summary.json", str(tmp_path / "summary.json"))
     summary = json.loads((tmp_path / "summary.json").read_text())

@@ -115,7 +115,8 @@ def run_recipe(testbed, m1_dir: Path, env: dict[str, str], tmp_path: Path) -> No
     b.power_off()
     dropped_at = wait_for(server_log, "client machine-b dropped", "server's log", 120)
     offset = len(server_log())
-    print(f"\nmachine b powered off: the server dropped machine-b after {dropped_at - failed_at:.1f} s")
+    why = re.search(r"client machine-b dropped: (.*?) \[", server_log()).group(1)
+    print(f"\nmachine b powered off: the server dropped machine-b after {dropped_at - failed_at:.1f} s ({why})")
     wait_for(server_log, "round", "server's log", 120, start=offset)  # a round goes on without it
     time.sleep(10)
     back_at = time.monotonic()
@@ -127,10 +128,11 @@ def run_recipe(testbed, m1_dir: Path, env: dict[str, str], tmp_path: Path) -> No
     # scale down: Swarm stops one client, which leaves; scale up: one comes back
     offset = len(server_log())
     a.sh(SCALE)
-    left = wait_for(server_log, "left (SIGTERM)", "server's log", 120, start=offset)
+    left = wait_for(server_log, "dropped: left (SIGTERM)", "server's log", 120, start=offset)
+    leaver = re.search(r"client (\S+) dropped: left \(SIGTERM\)", server_log()[offset:]).group(1)
     a.sh(SCALE.replace("=2", "=3"))
     joined = wait_for(server_log, "joined", "server's log", 300, start=offset)
-    print(f"scaled to 2: a client left; back to 3: a client joined {joined - left:.1f} s later")
+    print(f"scaled to 2: {leaver} left; back to 3: a client joined {joined - left:.1f} s later")
 
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline and "run finished" not in server_log():

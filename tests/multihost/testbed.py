@@ -55,6 +55,17 @@ def run(*args: str, check: bool = True, timeout: float = 120, **kwargs) -> subpr
     return result
 
 
+def stop_process(process: subprocess.Popen, timeout_s: float) -> None:
+    """SIGTERM a process this test bed started, and SIGKILL it if it is not gone within ``timeout_s``."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
 class Machine:
     """One machine of the test bed: its namespace, address, disk and Docker engine."""
 
@@ -91,10 +102,17 @@ class Machine:
 
     def limit_bandwidth(self, rate: str) -> None:
         """Both directions of this machine's link to ``rate`` (``tc`` token bucket, e.g. ``20mbit``)."""
+        self._root_qdisc("replace", "tbf", "rate", rate, "burst", "64kb", "latency", "200ms")
+
+    def clear_bandwidth_limit(self) -> None:
+        self._root_qdisc("del", check=False)
+
+    def _root_qdisc(self, action: str, *spec: str, check: bool = True) -> None:
+        """``tc qdisc ACTION`` at the root of both ends of the cable: this machine's eth0 (what it
+        sends) and the bridge's port to it (what it receives)."""
         for namespace, device in ((self.netns, "eth0"), (None, self.host_veth)):
             prefix = ("ip", "netns", "exec", namespace) if namespace else ()
-            run(*prefix, "tc", "qdisc", "replace", "dev", device, "root", "tbf", "rate", rate,
-                "burst", "64kb", "latency", "200ms")
+            run(*prefix, "tc", "qdisc", action, "dev", device, "root", *spec, check=check)
 
     # --- the engine -----------------------------------------------------------------------------
 
@@ -269,6 +287,19 @@ class TestBed:
         for images in (*(m.state / "docker" for m in self.machines.values()), STATE_DIR / "registry" / "storage"):
             shutil.rmtree(images, ignore_errors=True)  # gigabytes of images; the logs stay for a look afterwards
 
+    def leftovers(self) -> list[str]:
+        """What of the test bed is still there (empty after :meth:`stop`)."""
+        found = [f"network namespace {m.netns}" for m in self.machines.values() if Path(f"/run/netns/{m.netns}").exists()]
+        found += [f"process {pid} of {m.name}" for m in self.machines.values() for pid in m.pids()]
+        found += [f"cgroup {path}" for m in self.machines.values() for path in CGROUP_ROOT.glob(f"*/{m.cgroup_parent}")]
+        if run("ip", "link", "show", BRIDGE, check=False).returncode == 0:
+            found.append(f"bridge {BRIDGE}")
+        if run("iptables", "-C", "FORWARD", *FORWARD_RULE, check=False).returncode == 0:
+            found.append("the FORWARD rule")
+        if (CERTS_D / self.registry_address).exists():
+            found.append(f"{CERTS_D / self.registry_address}")
+        return found
+
     def _remove_network(self) -> None:
         while run("iptables", "-C", "FORWARD", *FORWARD_RULE, check=False).returncode == 0:
             run("iptables", "-D", "FORWARD", *FORWARD_RULE)
@@ -311,11 +342,6 @@ class TestBed:
         raise TestBedError(f"the registry did not answer: {(directory / 'registry.log').read_text()[-2000:]}")
 
     def _stop_registry(self) -> None:
-        if self.registry is not None and self.registry.poll() is None:
-            self.registry.terminate()
-            try:
-                self.registry.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.registry.kill()
-                self.registry.wait(timeout=10)
+        if self.registry is not None:
+            stop_process(self.registry, 10)
         self.registry = None
