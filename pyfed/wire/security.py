@@ -100,6 +100,9 @@ def _load(path: Path) -> tuple[bytes, bytes | None]:
         raise KeyFileError(f"{path}: not a CurveZMQ certificate ({info.st_size} bytes; a certificate has a few hundred)")
     try:
         public, secret = zmq.auth.load_certificate(str(path))
+    except PermissionError:
+        raise KeyFileError(f"{path}: cannot be read by this process (uid {os.getuid()}); a container's user "
+                           f"needs the file readable to it") from None
     except Exception as error:  # pyzmq's parser raises IndexError, ValueError, OSError ... on odd files
         raise KeyFileError(f"{path}: not a CurveZMQ certificate ({error.__class__.__name__}: {error})") from None
     for name, key in (("public", public), ("secret", secret)):

@@ -45,20 +45,20 @@ def get_json(url: str):
         return json.load(response)
 
 
-def wait_for_tensorboard_runs(port: int, runs: set[str], timeout_s: float = 120) -> dict:
+def wait_for_tensorboard_runs(port: int, runs: set[str], timeout_s: float = 120, host: str = "127.0.0.1") -> dict:
     """Poll TensorBoard's HTTP API until every run is listed; return {run: [tags]}."""
     deadline = time.monotonic() + timeout_s
     seen: object = None
     while time.monotonic() < deadline:
         try:
-            seen = get_json(f"http://127.0.0.1:{port}/data/runs")
-            tags = get_json(f"http://127.0.0.1:{port}/data/plugin/scalars/tags")
+            seen = get_json(f"http://{host}:{port}/data/runs")
+            tags = get_json(f"http://{host}:{port}/data/plugin/scalars/tags")
             if runs <= set(seen) and runs <= set(tags):
                 return tags
         except OSError:
             pass
         time.sleep(2)
-    raise AssertionError(f"TensorBoard on port {port} lists {seen}, not all of {sorted(runs)}")
+    raise AssertionError(f"TensorBoard on {host}:{port} lists {seen}, not all of {sorted(runs)}")
 
 
 def scalar_steps(port: int, run: str, tag: str) -> list[int]:

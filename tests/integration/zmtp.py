@@ -17,6 +17,8 @@ import struct
 import threading
 from collections.abc import Iterable
 
+from bench.link import close_quietly
+
 GREETING = b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" + b"\0" * 31
 MORE, LONG, COMMAND = 0x01, 0x02, 0x04
 
@@ -105,11 +107,7 @@ class FitDroppingProxy:
         with self._lock:
             live, self._live = self._live, []
         for sock in live:
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            sock.close()
+            close_quietly(sock)
 
     def close(self) -> None:
         self._closed = True

@@ -56,6 +56,17 @@ def test_a_key_file_that_does_not_parse_is_refused_by_name_and_the_rest_still_co
     assert len(admission.keys) == 2
 
 
+def test_a_key_file_this_user_cannot_read_says_so_not_that_it_is_no_certificate(keys, monkeypatch):
+    """Seen on the multi-host test bed: a secret key made mode 0600 by root, mounted into a client
+    container whose user is uid 10001, was reported as 'not a CurveZMQ certificate'."""
+    def unreadable(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(security.zmq.auth, "load_certificate", unreadable)
+    with pytest.raises(KeyFileError, match=rf"client-1.key_secret: cannot be read by this process \(uid {os.getuid()}\)"):
+        security.load_key_pair(keys / "client-1.key_secret")
+
+
 def test_a_dangling_symlink_and_a_key_deleted_mid_reload_do_not_break_admission(keys, monkeypatch, caplog):
     admission = admission_for(keys)
     client_1, client_2 = load_public_key(keys / "client-1.key"), load_public_key(keys / "client-2.key")

@@ -43,3 +43,20 @@ def test_every_flag_of_a_command_is_in_its_readme_table(command):
     missing = [flag for flag in flags if not re.search(rf"`[^`]*{flag}(?![\w-])[^`]*`", section)
                and f"Every command takes `{flag}`" not in every_command]
     assert not missing, f"the README's `pyfed {command}` section lacks {missing}"
+
+
+def test_the_remote_site_recipe_is_what_the_multihost_tests_run():
+    from tests.multihost.test_remote_sites import SERVER_UP, SITE_KEYS, SITE_UP
+
+    assert [c for c in code_block_after("for the second key pair") if c] == list(SITE_KEYS)
+    text = README.read_text()
+    assert f"```bash\n{SITE_UP}\n```" in text and f"`{SERVER_UP}`" in text
+
+
+def test_the_many_machines_swarm_block_is_what_the_multihost_tests_run():
+    from tests.multihost.test_swarm_machines import DEPLOY, INIT, KEYS, LABELS, SCALE
+
+    commands = [c for c in code_block_after("From three machines `m1`") if c and not c.startswith("#")]
+    for step in (INIT, *LABELS, *KEYS, DEPLOY):
+        assert step in commands, step
+    assert f"`{SCALE}`" in README.read_text()

@@ -1,0 +1,50 @@
+"""The multi-host test bed as fixtures: three machines with their own Docker engines, and the PyFed
+images in machine a's registry.
+
+These tests need root, a Docker engine on this host (it builds the images, as a developer's machine
+or a CI runner would), and the tools the test bed lists. They fail (never skip) without them.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from tests.docker.support import REPO, docker, require_docker
+from tests.multihost.testbed import TestBed
+
+
+@pytest.fixture(scope="session")
+def testbed():
+    """Machines a, b and c, started clean and always torn down."""
+    bed = TestBed()
+    started = time.monotonic()
+    try:
+        bed.start()
+        print(f"\ntest bed: 3 machines with their own engines and a registry on a, in {time.monotonic() - started:.0f} s")
+        yield bed
+    finally:
+        bed.stop()
+        left = bed.leftovers()
+        assert not left, f"the test bed left {left}"
+
+
+@pytest.fixture(scope="session")
+def images(testbed) -> str:
+    """The server and client images built on this host and pushed to machine a's registry, as the
+    README's step 2 does (`docker compose build server client && docker compose push server client`
+    with IMAGE_PREFIX naming the registry). Returns IMAGE_PREFIX. The machines pull from there.
+
+    The build runs on this host's engine, not on machine a's: the Dockerfiles install TensorFlow
+    with pip, and the test bed's machines reach nothing outside their subnet."""
+    require_docker()
+    env = {"IMAGE_PREFIX": testbed.image_prefix}
+    if os.environ.get("BASE_IMAGE"):
+        env["BASE_IMAGE"] = os.environ["BASE_IMAGE"]
+    started = time.monotonic()
+    docker("compose", "build", "server", "client", env=env, timeout=1800, cwd=REPO)
+    docker("compose", "push", "server", "client", env=env, timeout=1800, cwd=REPO)
+    print(f"\nimages built and pushed to {testbed.registry_address} in {time.monotonic() - started:.0f} s")
+    return testbed.image_prefix
