@@ -72,6 +72,10 @@ class EngineStopping(Exception):
     """A stop was requested (SIGTERM): the run ends cleanly at the next wait."""
 
 
+class RunOver(Exception):
+    """The strategy ends the run before its planned rounds (a privacy budget spent): not an error."""
+
+
 class RoundTimeout:
     """How long a round waits for its answers. A fixed number of seconds, None (no limit), or "auto":
 
@@ -199,6 +203,7 @@ class RoundEngine:
         self.history: list[RoundRecord] = []
         self.summary_clients: dict[str, dict[str, Any]] = {}
         self.final_metrics: tuple[float | None, float | None] = (None, None)
+        self.ended_early: str | None = None  # why the run ended before its planned rounds (a privacy budget)
         self._stop_reason: str | None = None
         self._collection: Collection | None = None
 
@@ -317,13 +322,16 @@ class RoundEngine:
             self._wait_for_clients(self.min_clients)
             for server_round in range(self.completed_rounds + 1, self.rounds + 1):
                 self._run_round(server_round)
+        except RunOver as over:
+            self.ended_early = str(over)
+            log.warning("ending the run after %d of %d rounds: %s", self.completed_rounds, self.rounds, over)
         finally:
             if self.persister is not None:
                 self.persister.wait()
         self.final_metrics = ((self.history[-1].test_loss, self.history[-1].test_accuracy)
                               if self.history else self._evaluate(self.weights))
         if self.persister is not None:
-            self.persister.finish(self.snapshot(finished=True), self.final_metrics)
+            self.persister.finish(self.snapshot(finished=True), self.final_metrics, self.ended_early)
         return self.history
 
     def close(self) -> None:
@@ -376,6 +384,7 @@ class RoundEngine:
             bytes_sent=self.pool.bytes_sent - sent_before, bytes_received=self.pool.bytes_received - received_before)
         record.failed_attempts = failed_attempts
         record.refused = refused
+        record.privacy = self.strategy.privacy_report()
         self.history.append(record)
         self.completed_rounds = server_round
         weights, records = self.weights, list(self.history)
@@ -438,6 +447,9 @@ class RoundEngine:
                                                                      dict[str, FitResult], dict[str, str]]:
         """One try at a round: sample clients, ask them to train, collect what arrives."""
         connected = self.pool.connected()
+        reason = self.strategy.why_not_run(server_round, len(connected))
+        if reason is not None:
+            raise RunOver(f"round {server_round} may not run: {reason}")
         sampled = sample_clients(connected, self.fraction_fit, self.min_fit_clients,
                                  (self.seed, server_round, attempt))
         selected = self.strategy.configure_fit(server_round, sampled, self.plan)

@@ -145,7 +145,8 @@ class Server:
             self.engine.run()
             self.pool.finish("the run is complete")
             loss, accuracy = self.engine.final_metrics
-            log.info("run finished: %d rounds, final test loss %s, accuracy %s%s", self.rounds, format_metric(loss),
+            log.info("run finished: %d rounds, final test loss %s, accuracy %s%s", self.engine.completed_rounds,
+                     format_metric(loss),
                      format_metric(accuracy), f"; summary in {self.run_log.summary_path}" if self.run_log else "")
         except EngineStopping as stopping:
             self.pool.stop(str(stopping))

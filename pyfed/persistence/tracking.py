@@ -52,6 +52,7 @@ class RoundRecord:
     federated_evaluation: dict[str, Any] | None = None  # {loss, accuracy, num_examples, clients}
     failed_attempts: list[dict[str, Any]] = field(default_factory=list)  # earlier tries with too few updates
     refused: str | None = None  # why the round's new global model was refused (the previous one was kept)
+    privacy: dict[str, float] | None = None  # differential privacy: epsilon spent so far, delta, clip norm ...
 
     @classmethod
     def build(cls, server_round: int, selected: list[str], results: dict[str, Any], *, duration_s: float,
@@ -97,7 +98,9 @@ class RoundRecord:
         return (f"round {self.round}/{rounds}{retried} finished in {self.duration_s:.2f}s: {len(self.clients)}/"
                 f"{len(self.selected)} updates, test loss {format_metric(self.test_loss)}, accuracy {format_metric(self.test_accuracy)}"
                 + (f"; federated loss {format_metric(federated['loss'])}, accuracy {format_metric(federated['accuracy'])} "
-                   f"on {federated['num_examples']} held-out examples" if federated else ""))
+                   f"on {federated['num_examples']} held-out examples" if federated else "")
+                + (f"; epsilon spent {self.privacy['epsilon']:.4g} (delta {self.privacy['delta']:g})"
+                   if self.privacy else ""))
 
 
 #: what ``best.keras`` is chosen by; the accuracies are maximised, the losses minimised
@@ -159,6 +162,8 @@ _RECORD_FIELDS = {
     "federated_evaluation": _optional(lambda v: isinstance(v, dict)),
     "failed_attempts": lambda v: isinstance(v, list) and all(isinstance(a, dict) for a in v),
     "refused": _optional(lambda v: isinstance(v, str)),
+    "privacy": _optional(lambda v: isinstance(v, dict) and all(isinstance(k, str) and (_number(x) or x is None)
+                                                               for k, x in v.items())),
 }
 
 
@@ -285,6 +290,8 @@ class RunLog:
         scalars += [(f"federated/{name}", _finite_or_none(federated.get(name)), step) for name in ("loss", "accuracy")]
         scalars += [("round/duration_s", record.duration_s, step), ("round/participants", len(record.clients), step),
                     ("round/bytes_sent", record.bytes_sent, step), ("round/bytes_received", record.bytes_received, step)]
+        scalars += [(f"privacy/{name}", value, step) for name, value in (record.privacy or {}).items()
+                    if name != "delta"]
         self._server_events.write_scalars([s for s in scalars if s[1] is not None])
         for client_id in record.clients:
             self._record_client(client_id, record)
@@ -305,9 +312,11 @@ class RunLog:
         self._client_event_file(client_id).write_scalars(scalars)
         self._client_epochs[client_id] = first_epoch + num_epochs
 
-    def finish(self, test_loss: float | None, test_accuracy: float | None) -> None:
-        """Record the final global evaluation and mark the run finished."""
-        self.final = {"test_loss": _finite_or_none(test_loss), "test_accuracy": _finite_or_none(test_accuracy)}
+    def finish(self, test_loss: float | None, test_accuracy: float | None, ended_early: str | None = None) -> None:
+        """Record the final global evaluation and mark the run finished (``ended_early``: why before its
+        planned rounds, e.g. its privacy budget)."""
+        self.final = {"test_loss": _finite_or_none(test_loss), "test_accuracy": _finite_or_none(test_accuracy),
+                      **({"ended_early": ended_early} if ended_early else {})}
         self.write_summary()
 
     def model_summary(self) -> dict[str, Any]:

@@ -134,6 +134,10 @@ class DifferentialPrivacy(Strategy):
     def min_fit_clients(self) -> int:
         return self.inner.min_fit_clients()
 
+    def privacy_report(self) -> dict[str, float] | None:
+        return {"epsilon": round(self.ledger.spent(), 6), "delta": self.ledger.delta, "clip_norm": self.clip_norm,
+                "noise_multiplier": self.noise_multiplier}
+
     # --- state ------------------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
