@@ -190,9 +190,6 @@ def private_strategy(strategy: Any, config: PrivacySettings, *, rounds: int, pop
     from pyfed.federation.privacy import PrivacyLedger, RoundEvent, epsilon, noise_for_target
     from pyfed.federation.strategy.dp import AdaptiveClipping, DifferentialPrivacy
 
-    if config.dp_noise_multiplier is not None and config.dp_target_epsilon is not None:
-        raise UsageError("give --dp-noise-multiplier / DP_NOISE_MULTIPLIER or --dp-target-epsilon / "
-                         "DP_TARGET_EPSILON, not both: the target decides the noise")
     adaptive = AdaptiveClipping(config.dp_adaptive_quantile) if config.dp_adaptive_quantile is not None else None
     ledger = PrivacyLedger(config.dp_target_delta, config.dp_target_epsilon)
     try:
@@ -202,16 +199,22 @@ def private_strategy(strategy: Any, config: PrivacySettings, *, rounds: int, pop
     except ValueError as error:
         raise UsageError(f"--strategy / STRATEGY with differential privacy: {error}") from None
     sampled = dp.sample_size(population)
-    if config.dp_target_epsilon is not None:
+    if config.dp_noise_multiplier is None:  # a target alone: the noise its planned rounds need
         dp.noise_multiplier = noise_for_target(config.dp_target_epsilon, config.dp_target_delta, rounds, population,
                                                sampled)
         log.info("differential privacy: noise multiplier %.4g keeps %d rounds of %d of %d clients within epsilon %g "
                  "(delta %g)", dp.noise_multiplier, rounds, sampled, population, config.dp_target_epsilon,
                  config.dp_target_delta)
     else:
-        reached = epsilon([(RoundEvent(population, sampled, dp.noise_multiplier), rounds)], config.dp_target_delta)
+        event = RoundEvent(population, sampled, dp.noise_multiplier)
+        reached = epsilon([(event, rounds)], config.dp_target_delta)
         log.info("differential privacy: noise multiplier %g; %d rounds of %d of %d clients reach epsilon %.4g "
                  "(delta %g)", dp.noise_multiplier, rounds, sampled, population, reached, config.dp_target_delta)
+        if config.dp_target_epsilon is not None and reached > config.dp_target_epsilon:
+            allowed = next(k for k in range(rounds, -1, -1)
+                           if k == 0 or epsilon([(event, k)], config.dp_target_delta) <= config.dp_target_epsilon)
+            log.warning("differential privacy: the target epsilon %g allows %d of the %d planned rounds; the run "
+                        "ends there", config.dp_target_epsilon, allowed, rounds)
     try:
         dp.update_noise_multiplier(sampled)
     except ValueError as error:

@@ -173,6 +173,12 @@ def check_tensorboard_events(logdir):
      "pyfed export: error: --format / EXPORT_FORMAT: must be one of keras, savedmodel, tflite"),
     (["server", "--test-data", "x.npz", "--best-metric", "accuracy"],
      "pyfed server: error: --best-metric / BEST_METRIC: must be one of auto, test_accuracy"),
+    (["server", "--strategy", "krum", "--min-clients", "5", "--dp-target-epsilon", "3"],
+     "pyfed server: error: --strategy / STRATEGY with differential privacy: differential privacy needs a "
+     "FedAvg-family strategy, whose sensitivity to one client is bounded by clipping; krum is not one"),
+    (["server", "--min-clients", "10", "--dp-noise-multiplier", "5", "--dp-adaptive-quantile", "0.5"],
+     "pyfed server: error: --dp-adaptive-quantile / DP_ADAPTIVE_QUANTILE: noise multiplier 5 leaves no room"),
+    (["server", "--dp-target-delta", "1"], "pyfed server: error: --dp-target-delta / DP_TARGET_DELTA: must be"),
 ])
 def test_cli_start_up_errors_exit_2_with_one_line(tmp_path, args, message):
     import subprocess

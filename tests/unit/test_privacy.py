@@ -171,7 +171,7 @@ def test_adaptive_clipping_takes_its_share_of_the_noise_and_refuses_too_little()
     dp = private(z=1.0, adaptive=AdaptiveClipping(bit_noise_fraction=0.05))
     sigma_b = 0.05 * 100
     assert dp.update_noise_multiplier(100) == pytest.approx((1.0 - (2 * sigma_b) ** -2) ** -0.5)
-    with pytest.raises(ValueError, match="too small for adaptive clipping"):
+    with pytest.raises(ValueError, match="leaves no room for adaptive clipping with 10 clients"):
         private(z=5.0, adaptive=AdaptiveClipping(bit_noise_fraction=0.05)).update_noise_multiplier(10)
 
 

@@ -115,9 +115,10 @@ class DifferentialPrivacy(Strategy):
         sigma_b = self.adaptive.bit_noise_fraction * sampled
         remaining = self.noise_multiplier ** -2 - (2 * sigma_b) ** -2
         if remaining <= 0:
-            raise ValueError(f"noise multiplier {self.noise_multiplier:g} is too small for adaptive clipping with "
-                             f"{sampled} clients a round: the clip-norm bits alone need more (2 sigma_b = "
-                             f"{2 * sigma_b:g}); sample more clients or add noise")
+            raise ValueError(f"noise multiplier {self.noise_multiplier:g} leaves no room for adaptive clipping with "
+                             f"{sampled} clients a round: the count that steers the clip norm, noised with sigma_b = "
+                             f"{sigma_b:g}, alone costs as much as noise multiplier 2 sigma_b = {2 * sigma_b:g}; "
+                             f"sample more clients a round, or keep the clip norm fixed")
         return remaining ** -0.5
 
     def aggregator(self, server_round: int, global_weights: Weights) -> Aggregator:

@@ -1,0 +1,58 @@
+"""Differential privacy end to end: `pyfed simulate` and a server with clients on loopback stop at the
+privacy budget, cleanly, and report the epsilon spent every round."""
+
+import json
+
+import pytest
+
+from pyfed.federation.privacy import RoundEvent, epsilon
+from tests.integration.support import free_port, start_server
+
+pytestmark = pytest.mark.integration
+
+DELTA = 1e-5
+
+
+def target_allowing(rounds: int, population: int, sampled: int, z: float) -> float:
+    """A target epsilon between what ``rounds`` and ``rounds + 1`` rounds spend."""
+    event = RoundEvent(population, sampled, z)
+    return (epsilon([(event, rounds)], DELTA) + epsilon([(event, rounds + 1)], DELTA)) / 2
+
+
+def test_a_simulation_with_fixed_noise_ends_at_its_budget_and_logs_epsilon_every_round(tmp_path, processes):
+    from tests.integration.support import scalar_steps
+
+    target = target_allowing(3, 20, 5, 1.0)
+    logdir = tmp_path / "logs"
+    run = processes.pyfed("simulate", "--clients", "20", "--rounds", "8", "--fraction-fit", "0.25", "--epochs", "1",
+                          "--dp-noise-multiplier", "1.0", "--dp-target-epsilon", f"{target:.6f}", "--logdir",
+                          str(logdir), "--progress", "0", name="simulate")
+    assert processes.wait(run, 300) == 0, processes.tail(run)
+    log = run.log_path.read_text()
+    assert "the target epsilon" in log and "allows 3 of the 8 planned rounds" in log
+    assert "ending the run after 3 of 8 rounds: round 4 may not run" in log
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert summary["status"] == "finished" and "above the target" in summary["final"]["ended_early"]
+    spent = [r["privacy"]["epsilon"] for r in summary["rounds"]]
+    assert len(spent) == 3 and spent == sorted(spent) and spent[-1] <= target
+    assert spent[-1] == pytest.approx(epsilon([(RoundEvent(20, 5, 1.0), 3)], DELTA), rel=1e-6)
+    assert all(len(r["selected"]) == 5 for r in summary["rounds"])
+    assert scalar_steps(logdir / "server")["privacy/epsilon"] == [1, 2, 3]
+
+
+def test_a_server_with_a_target_calibrates_its_noise_and_its_clients_finish(tmp_path, processes, shards):
+    logdir, address = tmp_path / "logs", f"tcp://127.0.0.1:{free_port()}"
+    server = start_server(processes, shards, logdir, address, "--rounds", "3", "--min-clients", "3", "--epochs", "2",
+                          "--dp-target-epsilon", "50", "--dp-clip-norm", "0.5")
+    clients = [processes.pyfed("client", "--server", address, "--data", str(shards / f"client-{i}.npz"),
+                               "--client-id", f"site-{i}", name=f"site-{i}") for i in (1, 2, 3)]
+    assert processes.wait(server, 300) == 0, processes.tail(server)
+    for client in clients:
+        assert processes.wait(client, 60) == 0, processes.tail(client)
+    log = server.log_path.read_text()
+    assert "keeps 3 rounds of 3 of 3 clients within epsilon 50" in log
+    summary = json.loads((logdir / "summary.json").read_text())
+    privacy = [r["privacy"] for r in summary["rounds"]]
+    assert len(privacy) == 3 and privacy[-1]["epsilon"] == pytest.approx(50, rel=0.01)
+    assert privacy[0]["clip_norm"] == 0.5 and privacy[0]["noise_multiplier"] == pytest.approx(0.5383, rel=1e-3)
+    assert summary["config"]["dp_target_epsilon"] == 50
