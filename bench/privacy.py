@@ -15,15 +15,13 @@ Writes bench/PRIVACY.md and bench/PRIVACY.json (or --out).
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from bench.common import BENCH, machine
+from bench.common import BENCH, experiment_header, experiment_markdown, experiment_parser, write_experiment
 
 DELTA = 1e-5
 EPSILONS = (1.0, 3.0, 8.0, None)  # None: no differential privacy
@@ -87,33 +85,17 @@ def summarise(runs: list[dict]) -> list[list[str]]:
 def markdown(results: dict) -> str:
     s = results["settings"]
     header = ["target ε (δ = 1e-5)", "noise multiplier z", "ε spent", "final accuracy", "median round (vs no DP)"]
-    return "\n".join([
-        "# Differential privacy on digits: accuracy against epsilon",
-        "",
-        f"Made by `{results['command']}` on {results['machine']} in {results['seconds']:.0f} s ({results['date']}).",
-        "",
+    return experiment_markdown("Differential privacy on digits: accuracy against epsilon", results, (
         f"{s['num_clients']} clients on a Dirichlet α={s['alpha']} split of digits, {s['fraction']:.0%} of them "
         f"sampled each round without replacement, {s['rounds']} rounds of {s['epochs']} local epochs (batch 32, "
         f"client Adam {s['learning_rate']}), FedAvg; with DP, each update's change clipped to L2 norm "
         f"{s['clip_norm']} and Gaussian noise of z times that on the sum, z calibrated by dp-accounting so that "
         f"the {s['rounds']} rounds spend the target ε; seeds {s['seeds']}. Final accuracy is on the 359 held-out "
-        "examples after the last round, mean ± standard deviation over the seeds.",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-        *("| " + " | ".join(row) + " |" for row in results["table"]),
-        "",
-    ])
+        "examples after the last round, mean ± standard deviation over the seeds."), header)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a tiny run to check the script works")
-    parser.add_argument("--rounds", type=int, default=60)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--learning-rate", type=float, default=0.003)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--clients", type=int, default=100)
+    parser = experiment_parser(__doc__, rounds=60, clients=100)
     parser.add_argument("--fraction", type=float, default=0.1)
     parser.add_argument("--clip-norm", type=float, default=1.0)
     parser.add_argument("--alpha", type=float, default=0.5)
@@ -133,26 +115,14 @@ def main(argv: list[str] | None = None) -> int:
                   f"{run['final_accuracy']:.3f}, median round {run['median_round_s']:.3f}s, {run['seconds']:.1f}s",
                   flush=True)
     results = {
-        "command": "python -m bench.privacy" + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else ""),
-        "machine": "{cores}-core {cpu}, Python {python}, TensorFlow {tensorflow}, Keras {keras}".format(
-            **{"tensorflow": "?", "keras": "?", **machine()}),
-        "date": time.strftime("%Y-%m-%d"),
-        "seconds": time.perf_counter() - started,
+        **experiment_header("privacy", argv, started),
         "settings": {"num_clients": args.clients, "fraction": args.fraction, "rounds": args.rounds,
                      "epochs": args.epochs, "learning_rate": args.learning_rate, "clip_norm": args.clip_norm,
                      "alpha": args.alpha, "seeds": list(range(args.seeds))},
         "table": summarise(runs),
         "runs": runs,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "PRIVACY.json").write_text(json.dumps(results, indent=1))
-    report = markdown(results)
-    md = args.out / "PRIVACY.md"
-    analysis_marker = "## What the numbers say"
-    if md.exists() and analysis_marker in md.read_text():  # keep the hand-written analysis below the table
-        report += "\n" + md.read_text()[md.read_text().index(analysis_marker):]
-    md.write_text(report)
-    print(report)
+    write_experiment(args.out, "PRIVACY", results, markdown(results))
     return 0
 
 
