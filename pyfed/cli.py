@@ -195,7 +195,7 @@ def private_strategy(strategy: Any, config: PrivacySettings, *, rounds: int, pop
     try:
         dp = DifferentialPrivacy(strategy, noise_multiplier=config.dp_noise_multiplier or 1.0,
                                  clip_norm=config.dp_clip_norm, fraction=fraction, ledger=ledger,
-                                 minimum=min_fit_clients, adaptive=adaptive)
+                                 minimum=min_fit_clients, adaptive=adaptive, clipping=config.dp_clipping)
     except ValueError as error:
         raise UsageError(f"--strategy / STRATEGY with differential privacy: {error}") from None
     sampled = dp.sample_size(population)

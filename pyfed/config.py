@@ -264,6 +264,11 @@ class PrivacySettings:
         "differential privacy: move the clip norm each round toward this quantile of the update norms "
         "(Andrew et al. 2021; its privacy cost is accounted); none: a fixed clip norm")
 
+    dp_clipping: str = setting("server", "--dp-clipping", "DP_CLIPPING", choice("server", "client"),
+                               "differential privacy: where updates are clipped: server, or client (each client "
+                               "clips before sending and reports whether it was within, so the server never needs an "
+                               "update's norm; the server still clips what arrives)")
+
     def private(self) -> bool:
         return self.dp_noise_multiplier is not None or self.dp_target_epsilon is not None
 

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pyfed.federation.aggregate import clip_and_noise
 from pyfed.wire import protocol
 from pyfed.learning.data import DataError, load_shard
 from pyfed.learning.model import from_wire, input_shape, output_units
@@ -91,6 +93,7 @@ class Client:
         self.max_wait_s = max_wait_s
         self.curve = curve
         self.seed = seed
+        self._noise_rng = np.random.default_rng(secrets.randbits(128))  # local DP noise: never from --seed
         self.shard: str | None = None
         self._reconnecting = False
         self.model: Any = None
@@ -313,10 +316,14 @@ class Client:
         plan = FitPlan.from_body(message.body["plan"])
         log.info("round %d: training%s", message.round, f" (attempt {attempt})" if attempt > 1 else "")
         self.trainer.load(message.arrays, plan)
+        anchor = [np.array(a) for a in message.arrays] if plan.clip_norm > 0 else None  # copies: frames are freed
         del message.arrays[:]  # release the received frames before training
         self._last_answer = None
         weights, num_examples, metrics = self.trainer.train(plan)
         metrics["history"] = _bounded_history(metrics["history"], plan.epochs)
+        if anchor is not None:  # differential privacy: clip (and, for local DP, noise) before it leaves
+            weights, metrics["within_clip"] = clip_and_noise(weights, anchor, plan.clip_norm, plan.local_noise,
+                                                             self._noise_rng)
         update = Message(MessageType.UPDATE, round=message.round, client_id=self.client_id,
                          body={"attempt": attempt, "num_examples": num_examples, **metrics}, arrays=weights)
         self._last_answer = (key, update)

@@ -465,7 +465,8 @@ class RoundEngine:
         def accept(answer: Answer) -> None:
             body = answer.body
             result = FitResult(answer.client_id, answer.arrays, body["num_examples"],
-                               {"fit_s": body["fit_s"], "history": body["history"]})
+                               {"fit_s": body["fit_s"], "history": body["history"],
+                                **({"within_clip": body["within_clip"]} if "within_clip" in body else {})})
             aggregator.add(result)
             result.weights = ()
             answer.arrays = []

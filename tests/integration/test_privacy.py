@@ -2,6 +2,7 @@
 privacy budget, cleanly, and report the epsilon spent every round."""
 
 import json
+import re
 
 import pytest
 
@@ -40,10 +41,12 @@ def test_a_simulation_with_fixed_noise_ends_at_its_budget_and_logs_epsilon_every
     assert scalar_steps(logdir / "server")["privacy/epsilon"] == [1, 2, 3]
 
 
-def test_a_server_with_a_target_calibrates_its_noise_and_its_clients_finish(tmp_path, processes, shards):
+def test_a_server_with_a_target_calibrates_its_noise_and_its_clients_clip_their_own_updates(tmp_path, processes,
+                                                                                            shards):
     logdir, address = tmp_path / "logs", f"tcp://127.0.0.1:{free_port()}"
     server = start_server(processes, shards, logdir, address, "--rounds", "3", "--min-clients", "3", "--epochs", "2",
-                          "--dp-target-epsilon", "50", "--dp-clip-norm", "0.5")
+                          "--dp-target-epsilon", "50", "--dp-clip-norm", "0.5",
+                          "--dp-clipping", "client")
     clients = [processes.pyfed("client", "--server", address, "--data", str(shards / f"client-{i}.npz"),
                                "--client-id", f"site-{i}", name=f"site-{i}") for i in (1, 2, 3)]
     assert processes.wait(server, 300) == 0, processes.tail(server)
@@ -51,6 +54,7 @@ def test_a_server_with_a_target_calibrates_its_noise_and_its_clients_finish(tmp_
         assert processes.wait(client, 60) == 0, processes.tail(client)
     log = server.log_path.read_text()
     assert "keeps 3 rounds of 3 of 3 clients within epsilon 50" in log
+    assert re.search(r"round 1: differential privacy: [0-3] of 3 updates within clip norm", log)
     summary = json.loads((logdir / "summary.json").read_text())
     privacy = [r["privacy"] for r in summary["rounds"]]
     assert len(privacy) == 3 and privacy[-1]["epsilon"] == pytest.approx(50, rel=0.01)

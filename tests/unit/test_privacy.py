@@ -180,3 +180,46 @@ def test_dp_wraps_the_adaptive_optimisers():
     new = one_round(private(FedAdam(), z=1e-9, clip=10.0), base, [[np.ones(4, np.float32)]])
     assert np.all(np.isfinite(new[0])) and np.all(new[0] > 0)
     assert math.isfinite(private(FedAdam()).describe()["differential_privacy"]["noise_multiplier"])
+
+
+def test_a_clients_half_clips_its_change_and_local_dp_adds_noise_of_the_stated_scale():
+    from pyfed.federation.aggregate import clip_and_noise, update_norm
+
+    base = [np.zeros(100_000, np.float32), np.array([3], np.int64)]
+    big = [np.full(100_000, 0.1, np.float32), np.array([9], np.int64)]
+    clipped, within = clip_and_noise(big, base, 2.0, 0.0, np.random.default_rng(0))
+    assert not within and update_norm(clipped, base) == pytest.approx(2.0, rel=1e-5) and clipped[1].tolist() == [9]
+    small, within = clip_and_noise(base, base, 2.0, 0.0, np.random.default_rng(0))
+    assert within and update_norm(small, base) == 0.0
+    noisy, _ = clip_and_noise(base, base, 2.0, 0.5, np.random.default_rng(0))
+    assert float(np.std(noisy[0])) == pytest.approx(1.0, rel=0.02) and noisy[1].tolist() == [3]
+
+
+def test_client_side_clipping_puts_the_clip_norm_in_the_plan_and_counts_the_clients_bits():
+    dp = private(z=0.1, clip=3.0, adaptive=AdaptiveClipping(quantile=0.5, bit_noise_fraction=0.5), seed=1)
+    dp.clipping = "client"
+    selected = dp.configure_fit(1, ["a", "b"], PLAN)
+    assert {plan.clip_norm for _, plan in selected} == {3.0} and PLAN.clip_norm == 0.0
+    aggregator = dp.aggregator(1, [np.zeros(1, np.float32)])
+    for cid, _ in selected:  # the clients say they were within (their norm here is 0.5): the server takes their word
+        aggregator.add(FitResult(cid, [np.array([0.5], np.float32)], 1, {"within_clip": False}))
+    aggregator.result()
+    assert dp.clip_norm > 3.0  # both reported outside: the clip norm grows
+    with pytest.raises(ValueError, match="clipping must be server or client"):
+        DifferentialPrivacy(FedAvg(), noise_multiplier=1.0, clip_norm=1.0, fraction=1.0, ledger=PrivacyLedger(DELTA),
+                            clipping="both")
+
+
+def test_the_in_process_pool_clips_as_a_networked_client_does():
+    from pyfed.federation.pool import FitRequest, InProcessPool
+
+    class Trainer:
+        num_examples = 5
+
+        def fit(self, weights, plan):
+            return [w + 10.0 for w in weights], 5, {"fit_s": 0.0, "history": {}}
+
+    pool = InProcessPool({"a": Trainer()}, seed=0)
+    pool.send("a", FitRequest(1, 1, FitPlan(1, 32, 0.01, clip_norm=1.0), [np.zeros(4, np.float32)], "run"))
+    answer = next(event for event in pool.poll(0.1))
+    assert np.linalg.norm(answer.arrays[0]) == pytest.approx(1.0, rel=1e-5) and answer.body["within_clip"] is False

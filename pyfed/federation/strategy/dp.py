@@ -33,6 +33,7 @@ What the accountant counts (privacy.py): one ``RoundEvent(n, m, z)`` per aggrega
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import secrets
@@ -71,7 +72,7 @@ class DifferentialPrivacy(Strategy):
 
     def __init__(self, inner: Strategy, *, noise_multiplier: float, clip_norm: float, fraction: float,
                  ledger: PrivacyLedger, minimum: int = 1, adaptive: AdaptiveClipping | None = None,
-                 rng: np.random.Generator | None = None):
+                 clipping: str = "server", rng: np.random.Generator | None = None):
         if not isinstance(inner, WeightedMeanStrategy):
             raise ValueError(f"differential privacy needs a FedAvg-family strategy, whose sensitivity to one client "
                              f"is bounded by clipping; {inner.name} is not one (fedavg, fedavgm, fedprox, "
@@ -82,7 +83,9 @@ class DifferentialPrivacy(Strategy):
             raise ValueError(f"the clip norm must be positive, got {clip_norm}")
         if not 0 < fraction <= 1:
             raise ValueError(f"the sampled fraction must be in (0, 1], got {fraction}")
-        self.inner, self.name = inner, inner.name
+        if clipping not in ("server", "client"):
+            raise ValueError(f"clipping must be server or client, got {clipping!r}")
+        self.inner, self.name, self.clipping = inner, inner.name, clipping
         self.noise_multiplier, self.clip_norm, self.fraction = float(noise_multiplier), float(clip_norm), fraction
         self.ledger, self.minimum, self.adaptive = ledger, minimum, adaptive
         self.rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
@@ -104,6 +107,8 @@ class DifferentialPrivacy(Strategy):
         count = self.sample_size(len(available))
         chosen = sorted(self.rng.choice(len(available), size=count, replace=False)) if available else []
         self._round_event = RoundEvent(len(available), count, self.noise_multiplier) if available else None
+        if self.clipping == "client":  # clients clip before sending (the server clips again: a no-op if they did)
+            plan = dataclasses.replace(plan, clip_norm=self.clip_norm)
         return self.inner.configure_fit(server_round, [available[i] for i in chosen], plan)
 
     # --- aggregation ------------------------------------------------------------------------------
@@ -161,7 +166,7 @@ class DifferentialPrivacy(Strategy):
         return {**self.inner.describe(), "differential_privacy": {
             "noise_multiplier": self.noise_multiplier, "clip_norm": self.clip_norm, "fraction": self.fraction,
             "delta": self.ledger.delta, "target_epsilon": self.ledger.target_epsilon,
-            "adaptive_quantile": self.adaptive.quantile if self.adaptive else None}}
+            "adaptive_quantile": self.adaptive.quantile if self.adaptive else None, "clipping": self.clipping}}
 
 
 class _NoisySum:
@@ -178,7 +183,8 @@ class _NoisySum:
         norm = update_norm(result.weights, self._global)
         clip = self._dp.clip_norm
         scale = 1.0 if norm <= clip else clip / norm
-        self._within += norm <= clip
+        reported = result.metrics.get("within_clip") if self._dp.clipping == "client" else None
+        self._within += bool(reported) if reported is not None else norm <= clip * (1 + 1e-6)
         for total, weights, base in zip(self._sums, result.weights, self._global):
             if total is not None:
                 total += (np.asarray(weights, np.float64) - base) * scale
