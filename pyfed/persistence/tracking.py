@@ -15,7 +15,6 @@ whole after the next round, and a resumed run rewrites every round's events from
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time

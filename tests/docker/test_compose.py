@@ -307,7 +307,7 @@ def test_your_model_from_models_trains_and_a_second_run_starts_from_the_firsts_b
     assert project.wait_exit(server) == 0, project.logs("server")
     second_log = project.logs("server").split("the initial global model's weights come from")[-1]
     assert second_log.startswith(" /logs/model/best.keras")
-    assert f"global model before round 1: test loss" in second_log
+    assert "global model before round 1: test loss" in second_log
     assert f"accuracy {best['value']:.4f}" in second_log.split("global model before round 1:")[1].splitlines()[0]
 
 
