@@ -632,6 +632,13 @@ def restored_strategy(strategy: Strategy, saved: Any, weights: list[np.ndarray])
         raise ValueError("the strategy state is not a mapping")
     restored = copy.deepcopy(strategy)
     restored.load_state(saved)
+    kept = set(restored.state())
+    if set(saved) - kept:  # state this strategy would silently drop
+        if "privacy" in saved and "privacy" not in kept:
+            raise ValueError("the checkpoint's run was differentially private; resuming it without the same --dp-* "
+                             "settings would void its guarantee (give them, or start afresh with --fresh-start)")
+        raise ValueError(f"the checkpoint's strategy kept {sorted(set(saved) - kept)}, which this strategy does not "
+                         f"(was the run made with other --strategy settings?)")
     trial = getattr(copy.deepcopy(restored), "inner", None) or copy.deepcopy(restored)
     if isinstance(trial, WeightedMeanStrategy):  # the strategies that keep state between rounds
         with np.errstate(over="ignore", invalid="ignore"):

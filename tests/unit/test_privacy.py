@@ -134,7 +134,7 @@ def test_rolling_a_refused_round_back_does_not_forget_its_release():
     assert dp.ledger.spent() == spent > 0
 
 
-@pytest.mark.parametrize("state, message", [({}, "not a differentially private run"),
+@pytest.mark.parametrize("state, message", [({}, "was not differentially private"),
                                             ({"inner": {}, "privacy": {"clip_norm": -1, "ledger": {}}}, "clip norm"),
                                             ({"inner": {}, "privacy": {"clip_norm": 1.0, "ledger": {"rounds": "x"}}},
                                              "malformed"),
@@ -223,3 +223,17 @@ def test_the_in_process_pool_clips_as_a_networked_client_does():
     pool.send("a", FitRequest(1, 1, FitPlan(1, 32, 0.01, clip_norm=1.0), [np.zeros(4, np.float32)], "run"))
     answer = next(event for event in pool.poll(0.1))
     assert np.linalg.norm(answer.arrays[0]) == pytest.approx(1.0, rel=1e-5) and answer.body["within_clip"] is False
+
+
+def test_a_private_checkpoint_is_not_resumed_without_dp_nor_a_plain_one_with_it():
+    from pyfed.federation.engine import restored_strategy
+
+    weights = [np.zeros(3, np.float32)]
+    dp = private(FedAvgM(), z=1.0)
+    one_round(dp, weights, [weights])
+    with pytest.raises(ValueError, match="was differentially private; resuming it without the same --dp-"):
+        restored_strategy(FedAvgM(), dp.state(), weights)
+    with pytest.raises(ValueError, match="was not differentially private"):
+        restored_strategy(private(FedAvgM()), FedAvgM().state(), weights)
+    resumed = restored_strategy(private(FedAvgM(), z=1.0), dp.state(), weights)
+    assert resumed.ledger.spent() == dp.ledger.spent()

@@ -151,7 +151,8 @@ class DifferentialPrivacy(Strategy):
 
     def load_state(self, state: dict[str, Any]) -> None:
         if "privacy" not in state or "inner" not in state:
-            raise ValueError("the checkpoint has no privacy ledger: it was not a differentially private run")
+            raise ValueError("the checkpoint's run was not differentially private, so its earlier rounds were not "
+                             "accounted; start a private run afresh with --fresh-start")
         privacy = state["privacy"]
         if not isinstance(privacy, dict):
             raise ValueError("the checkpoint's privacy state is not a mapping")
