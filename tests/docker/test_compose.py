@@ -413,3 +413,28 @@ def test_image_folder_sites_in_compose_and_sites_whose_images_do_not_fit_are_tol
     assert summary["clients"]["image-site"]["num_examples"] == len(y) - 1500
     assert summary["final"]["test_accuracy"] > 0.8
     assert "images:/input/digits" in project.logs("data")
+
+
+def test_a_private_compose_run_stops_at_its_budget_and_tensorboard_shows_epsilon(project_factory):
+    """DP_NOISE_MULTIPLIER with DP_TARGET_EPSILON: the noise is fixed and the server ends the run, cleanly,
+    before the round that would spend more than the target; TensorBoard has privacy/epsilon per round."""
+    from pyfed.federation.privacy import RoundEvent, epsilon
+
+    event = RoundEvent(3, 3, 1.0)
+    target = (epsilon([(event, 2)], 1e-5) + epsilon([(event, 3)], 1e-5)) / 2  # allows 2 of the 5 rounds
+    settings = base_settings(ROUNDS=5, EPOCHS=2, DP_NOISE_MULTIPLIER="1.0", DP_TARGET_EPSILON=f"{target:.6f}")
+    project = project_factory(**settings)
+    project.compose("up", "-d", "--build", "--scale", "client=3")
+    server = f"{project.name}-server-1"
+    assert project.wait_exit(server) == 0, project.logs("server")
+    for client in project.containers("client"):
+        assert project.wait_exit(client["Name"], 120) == 0, project.logs("client")
+    log = project.logs("server")
+    assert "allows 2 of the 5 planned rounds" in log and "ending the run after 2 of 5 rounds" in log
+    summary = json.loads(project.copy_out(server, "/logs/summary.json").read_text())
+    assert summary["status"] == "finished" and "above the target" in summary["final"]["ended_early"]
+    spent = [r["privacy"]["epsilon"] for r in summary["rounds"]]
+    assert len(spent) == 2 and spent[-1] <= target
+    port = settings["TENSORBOARD_PORT"]
+    wait_for_tensorboard_runs(port, {"server"})
+    assert steps_once(port, "server", "privacy/epsilon", 2)
