@@ -54,6 +54,14 @@ class Project:
         docker("cp", f"{container}:{path}", str(target))
         return target
 
+    def wait_finished(self) -> str:
+        """Wait for the server and every client replica to exit 0; return the server's container name."""
+        server = f"{self.name}-server-1"
+        assert self.wait_exit(server) == 0, self.logs("server")
+        for client in self.containers("client"):
+            assert self.wait_exit(client["Name"], 120) == 0, self.logs("client")
+        return server
+
     def down(self) -> None:
         self.compose("down", "-v", "--remove-orphans", timeout=300, check=False)
 
@@ -279,10 +287,7 @@ def test_your_model_from_models_trains_and_a_second_run_starts_from_the_firsts_b
     settings = base_settings(ROUNDS=2, MODEL="/models/cnn.py:build")
     project = project_factory(**settings)
     project.compose("up", "-d", "--build", "--scale", "client=3")
-    server = f"{project.name}-server-1"
-    assert project.wait_exit(server) == 0, project.logs("server")
-    for client in project.containers("client"):
-        assert project.wait_exit(client["Name"], 120) == 0, project.logs("client")
+    server = project.wait_finished()
     assert "model has 6 arrays" in project.logs("server")  # the CNN's kernels and biases, not the default MLP
 
     first = json.loads(project.copy_out(server, "/logs/summary.json").read_text())
@@ -328,10 +333,7 @@ def remote_site(project_factory, server_settings: dict, tmp_path: Path, client_i
 def finish_with_sites(project: Project, sites: list[Project], clients: int) -> dict:
     """Wait for the server and every client (the Compose replicas and the remote sites) to exit 0;
     return summary.json."""
-    server = f"{project.name}-server-1"
-    assert project.wait_exit(server) == 0, project.logs("server")
-    for client in project.containers("client"):
-        assert project.wait_exit(client["Name"], 120) == 0, project.logs("client")
+    server = project.wait_finished()
     for site in sites:
         assert site.wait_exit(f"{site.name}-client-1", 120) == 0, site.logs("client")
     summary = json.loads(project.copy_out(server, "/logs/summary.json").read_text())
@@ -425,10 +427,7 @@ def test_a_private_compose_run_stops_at_its_budget_and_tensorboard_shows_epsilon
     settings = base_settings(ROUNDS=5, EPOCHS=2, DP_NOISE_MULTIPLIER="1.0", DP_TARGET_EPSILON=f"{target:.6f}")
     project = project_factory(**settings)
     project.compose("up", "-d", "--build", "--scale", "client=3")
-    server = f"{project.name}-server-1"
-    assert project.wait_exit(server) == 0, project.logs("server")
-    for client in project.containers("client"):
-        assert project.wait_exit(client["Name"], 120) == 0, project.logs("client")
+    server = project.wait_finished()
     log = project.logs("server")
     assert "allows 2 of the 5 planned rounds" in log and "ending the run after 2 of 5 rounds" in log
     summary = json.loads(project.copy_out(server, "/logs/summary.json").read_text())
