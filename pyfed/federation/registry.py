@@ -208,11 +208,17 @@ class Registry:
         taken |= {entry["shard"] for entry in self.known.values() if entry["key"] not in (None, key)}
         if self.clock() < self._reserved_until:
             taken |= {entry["shard"] for entry in self.known.values()}
+        own = wanted.removeprefix(SHARD_ID_PREFIX)
+        if wanted.startswith(SHARD_ID_PREFIX) and own.isdigit() and 1 <= int(own) <= self.num_shards \
+                and shard_name(int(own)) not in taken:
+            return int(own)  # client-k back at a server that does not know it (say, it restarted before its first checkpoint)
         for index in range(1, self.num_shards + 1):
-            conventional = f"{SHARD_ID_PREFIX}{index}"
-            if shard_name(index) in taken or conventional in self.clients:
+            if shard_name(index) in taken:
                 continue
-            if wanted or self._available(conventional, key):
+            if wanted:  # a client that names itself keeps its name, whatever shard it gets
+                return index
+            conventional = f"{SHARD_ID_PREFIX}{index}"
+            if conventional not in self.clients and self._available(conventional, key):
                 return index
         return None
 

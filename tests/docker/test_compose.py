@@ -239,6 +239,9 @@ def test_killed_server_container_resumes_from_its_checkpoint(project_factory):
     project.compose("up", "-d", "--build", "--scale", "client=3")
     server = f"{project.name}-server-1"
     wait_for_log(project, "server", "round 2/5 started")
+    # checkpoints are written in the background: kill once round 1's is on disk (a kill before it
+    # starts the run afresh, which the registry test of clients back at a forgetful server covers)
+    wait_for_log(project, "server", "round checkpoint written: /checkpoints/round-")
     os.kill(container_pid(server), 9)
     wait_for_log(project, "server", "resuming from /checkpoints/round-")
     assert restarts(server) == 1

@@ -128,6 +128,20 @@ def test_a_named_client_gets_its_shard_back_and_a_pinned_id_keeps_its_number_fre
     assert admit(reg, b"a2", "site-a", shard=True).record.shard == "client-1.npz"
 
 
+def test_clients_back_at_a_server_that_forgot_them_get_their_own_shards_and_none_is_locked_out():
+    """The server restarted before its first checkpoint: client-3 rejoins first; it must not take
+    shard 1 (or client-2 would find shard 3 free but its id-by-convention taken, and wait forever)."""
+    reg, _ = registry(num_shards=3)
+    records = [admit(reg, bytes([k]), f"client-{k}", shard=True).record for k in (3, 1, 2)]
+    assert [(r.client_id, r.shard) for r in records] == [(f"client-{k}", f"client-{k}.npz") for k in (3, 1, 2)]
+    # a named client whose own shard is held by another still gets a free one, even client-k's
+    reg, _ = registry(num_shards=3)
+    admit(reg, b"a", shard=True)  # client-1
+    admit(reg, b"s", "site-s", shard=True)  # shard 2
+    assert refusal(reg, b"y", "client-1", shard=True) == "id_taken"
+    assert admit(reg, b"z", "client-9", shard=True).record.shard == "client-3.npz"
+
+
 def test_after_a_resume_known_clients_keep_their_shards_for_a_while():
     reg, clock = registry(num_shards=3)
     reg.restore({"client-1": {"shard": "client-1.npz", "key": None},
