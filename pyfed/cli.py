@@ -186,6 +186,9 @@ def private_strategy(strategy: Any, config: PrivacySettings, *, rounds: int, pop
     the noise multiplier calibrated to the target epsilon for ``rounds`` rounds of ``population``
     connected clients, or the epsilon a given one reaches, printed either way."""
     if not config.private():
+        if config.dp_local_noise_multiplier is not None:
+            raise UsageError("--dp-local-noise-multiplier / DP_LOCAL_NOISE_MULTIPLIER is a layer on central differential "
+                             "privacy: give --dp-noise-multiplier or --dp-target-epsilon too")
         return strategy
     from pyfed.federation.privacy import PrivacyLedger, RoundEvent, epsilon, noise_for_target
     from pyfed.federation.strategy.dp import AdaptiveClipping, DifferentialPrivacy
@@ -195,7 +198,9 @@ def private_strategy(strategy: Any, config: PrivacySettings, *, rounds: int, pop
     try:
         dp = DifferentialPrivacy(strategy, noise_multiplier=config.dp_noise_multiplier or 1.0,
                                  clip_norm=config.dp_clip_norm, fraction=fraction, ledger=ledger,
-                                 minimum=min_fit_clients, adaptive=adaptive, clipping=config.dp_clipping)
+                                 minimum=min_fit_clients, adaptive=adaptive,
+                                 clipping="client" if config.dp_local_noise_multiplier else config.dp_clipping,
+                                 local_noise_multiplier=config.dp_local_noise_multiplier or 0.0)
     except ValueError as error:
         raise UsageError(f"--strategy / STRATEGY with differential privacy: {error}") from None
     sampled = dp.sample_size(population)
@@ -219,6 +224,13 @@ def private_strategy(strategy: Any, config: PrivacySettings, *, rounds: int, pop
         dp.update_noise_multiplier(sampled)
     except ValueError as error:
         raise UsageError(f"--dp-adaptive-quantile / DP_ADAPTIVE_QUANTILE: {error}") from None
+    if dp.local_noise_multiplier:
+        from pyfed.federation.privacy import local_epsilon
+
+        log.info("local differential privacy: each client clips its update to %g and adds noise of %g clip norms; "
+                 "a client in every one of the %d rounds reaches local epsilon %.4g (delta %g), its own guarantee "
+                 "even against this server", config.dp_clip_norm, dp.local_noise_multiplier, rounds,
+                 local_epsilon(dp.local_noise_multiplier, rounds, config.dp_target_delta), config.dp_target_delta)
     log.info("differential privacy: updates clipped to L2 norm %g%s; accounted for %s connected clients (%s) "
              "each round; with fewer, each round costs more and the budget ends the run sooner",
              config.dp_clip_norm, f", then moved toward quantile {config.dp_adaptive_quantile:g}" if adaptive else "",

@@ -268,6 +268,11 @@ class PrivacySettings:
                                "differential privacy: where updates are clipped: server, or client (each client "
                                "clips before sending and reports whether it was within, so the server never needs an "
                                "update's norm; the server still clips what arrives)")
+    dp_local_noise_multiplier: float | None = setting(
+        None, "--dp-local-noise-multiplier", "DP_LOCAL_NOISE_MULTIPLIER", optional_positive_float,
+        "local differential privacy, on top of the central noise: each client adds Gaussian noise of this many "
+        "clip norms to its own clipped update before sending (implies --dp-clipping client); a weaker, per-client "
+        "guarantee, accounted separately (privacy/local_epsilon; each client logs its own)")
 
     def private(self) -> bool:
         return self.dp_noise_multiplier is not None or self.dp_target_epsilon is not None

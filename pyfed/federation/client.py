@@ -20,6 +20,7 @@ import json
 import logging
 import secrets
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,7 @@ class Client:
         self.curve = curve
         self.seed = seed
         self._noise_rng = np.random.default_rng(secrets.randbits(128))  # local DP noise: never from --seed
+        self.local_releases: Counter[float] = Counter()  # local DP: noised updates sent, by noise multiplier
         self.shard: str | None = None
         self._reconnecting = False
         self.model: Any = None
@@ -329,10 +331,23 @@ class Client:
         self._last_answer = (key, update)
         self._send(protocol.encode(update), what=f"round {message.round} update")
         self.rounds_trained += 1
+        if plan.clip_norm > 0 and plan.local_noise > 0:
+            self._account_local_release(plan)
         summary = ", ".join(f"{k} {v[-1]:.4f}" for k, v in metrics["history"].items() if v and v[-1] is not None)
         log.info("round %d: trained %d epochs on %d examples in %.2fs%s: %s", message.round,
                  self.epochs or plan.epochs, num_examples, metrics["fit_s"],
                  f" with proximal mu {plan.proximal_mu:g}" if plan.proximal_mu else "", summary)
+
+    def _account_local_release(self, plan: FitPlan) -> None:
+        """Local DP: this site's own count of the noised updates it sent, and their epsilon (at the
+        plan's delta), whatever the server reports (privacy.py: one Gaussian release each)."""
+        from pyfed.federation.privacy import local_epsilon_of
+
+        self.local_releases[plan.local_noise] += 1
+        if 0 < plan.local_delta < 1:
+            log.info("local differential privacy: %d noised updates sent (noise multiplier %g): this site's "
+                     "local epsilon %.4g at delta %g", sum(self.local_releases.values()), plan.local_noise,
+                     local_epsilon_of(dict(self.local_releases), plan.local_delta), plan.local_delta)
 
     def _evaluate(self, message: Message) -> None:
         key = ("evaluate", message.body["run"], message.round)

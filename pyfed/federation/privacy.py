@@ -89,10 +89,15 @@ def _rdp_curve(event: RoundEvent) -> np.ndarray:
 def local_epsilon(noise_multiplier: float, participations: int, delta: float) -> float:
     """Epsilon at ``delta`` of one client's updates under local DP: ``participations`` Gaussian
     releases with sensitivity 2C (no amplification: the server sees each update)."""
-    accountant = rdp.RdpAccountant(neighboring_relation=REPLACE_ONE)
-    if participations:
-        accountant.compose(dp_accounting.GaussianDpEvent(noise_multiplier / 2), participations)
-    return float(accountant.get_epsilon(delta))
+    return local_epsilon_of({noise_multiplier: participations}, delta)
+
+
+def local_epsilon_of(releases: dict[float, int], delta: float) -> float:
+    """Epsilon at ``delta`` of one client's noised updates, ``releases[z]`` of them at noise multiplier
+    ``z``: each is a round of one client out of one (a Gaussian mechanism, no sampling)."""
+    if not any(releases.values()):
+        return 0.0
+    return epsilon([(RoundEvent(1, 1, z), times) for z, times in releases.items()], delta)
 
 
 def noise_for_target(target_epsilon: float, delta: float, rounds: int, population: int, sampled: int) -> float:

@@ -263,8 +263,9 @@ class FitPlan:
     ``eval_fraction`` > 0 holds that share of each client's data out of training, for federated
     evaluation of the global model. ``clip_norm`` > 0 has the client clip its update's change from
     the global model to that L2 norm before sending it, and ``local_noise`` > 0 then add Gaussian
-    noise of ``local_noise * clip_norm`` (client-side clipping and local DP, strategy/dp.py). Each field's range is the one the wire, the configuration and
-    the strategies all check (:meth:`range_of`).
+    noise of ``local_noise * clip_norm`` (client-side clipping and local DP, strategy/dp.py), and log
+    the local epsilon its noised updates have spent at ``local_delta``. Each field's range is the one
+    the wire, the configuration and the strategies all check (:meth:`range_of`).
     """
 
     epochs: int = _plan_field(1, Range(1, MAX_EPOCHS, integer=True))
@@ -274,6 +275,7 @@ class FitPlan:
     eval_fraction: float = _plan_field(0.0, Range(0, 0.9), required=False)
     clip_norm: float = _plan_field(0.0, Range(0, 1e6), required=False)  # > 0: clip the update's change (DP)
     local_noise: float = _plan_field(0.0, Range(0, 1e6), required=False)  # > 0: add N(0, (this*clip_norm)^2)
+    local_delta: float = _plan_field(0.0, Range(0, 1), required=False)  # the delta a client's local epsilon is at
 
     @staticmethod
     def range_of(name: str) -> Range:

@@ -179,6 +179,9 @@ def check_tensorboard_events(logdir):
     (["server", "--min-clients", "10", "--dp-noise-multiplier", "5", "--dp-adaptive-quantile", "0.5"],
      "pyfed server: error: --dp-adaptive-quantile / DP_ADAPTIVE_QUANTILE: noise multiplier 5 leaves no room"),
     (["server", "--dp-target-delta", "1"], "pyfed server: error: --dp-target-delta / DP_TARGET_DELTA: must be"),
+    (["simulate", "--dp-local-noise-multiplier", "2"],
+     "pyfed simulate: error: --dp-local-noise-multiplier / DP_LOCAL_NOISE_MULTIPLIER is a layer on central "
+     "differential privacy: give --dp-noise-multiplier or --dp-target-epsilon too"),
 ])
 def test_cli_start_up_errors_exit_2_with_one_line(tmp_path, args, message):
     import subprocess

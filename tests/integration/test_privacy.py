@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from pyfed.federation.privacy import RoundEvent, epsilon
-from tests.integration.support import free_port, start_server
+from pyfed.federation.privacy import RoundEvent, epsilon, local_epsilon
+from tests.integration.support import free_port, scalar_steps, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -21,7 +21,6 @@ def target_allowing(rounds: int, population: int, sampled: int, z: float) -> flo
 
 
 def test_a_simulation_with_fixed_noise_ends_at_its_budget_and_logs_epsilon_every_round(tmp_path, processes):
-    from tests.integration.support import scalar_steps
 
     target = target_allowing(3, 20, 5, 1.0)
     logdir = tmp_path / "logs"
@@ -41,12 +40,14 @@ def test_a_simulation_with_fixed_noise_ends_at_its_budget_and_logs_epsilon_every
     assert scalar_steps(logdir / "server")["privacy/epsilon"] == [1, 2, 3]
 
 
-def test_a_server_with_a_target_calibrates_its_noise_and_its_clients_clip_their_own_updates(tmp_path, processes,
-                                                                                            shards):
+def test_a_server_with_a_target_calibrates_its_noise_and_its_clients_clip_and_noise_their_own_updates(
+        tmp_path, processes, shards):
+    """Central DP calibrated to a target, with local DP on top: the clients clip and noise their own
+    updates, and both the server (the worst client) and each client (its own) report local epsilon."""
     logdir, address = tmp_path / "logs", f"tcp://127.0.0.1:{free_port()}"
     server = start_server(processes, shards, logdir, address, "--rounds", "3", "--min-clients", "3", "--epochs", "2",
                           "--dp-target-epsilon", "50", "--dp-clip-norm", "0.5",
-                          "--dp-clipping", "client")
+                          "--dp-local-noise-multiplier", "0.05")
     clients = [processes.pyfed("client", "--server", address, "--data", str(shards / f"client-{i}.npz"),
                                "--client-id", f"site-{i}", name=f"site-{i}") for i in (1, 2, 3)]
     assert processes.wait(server, 300) == 0, processes.tail(server)
@@ -60,3 +61,13 @@ def test_a_server_with_a_target_calibrates_its_noise_and_its_clients_clip_their_
     assert len(privacy) == 3 and privacy[-1]["epsilon"] == pytest.approx(50, rel=0.01)
     assert privacy[0]["clip_norm"] == 0.5 and privacy[0]["noise_multiplier"] == pytest.approx(0.5383, rel=1e-3)
     assert summary["config"]["dp_target_epsilon"] == 50
+    # local DP, accounted apart: the server's count of each client's noised updates, and the clients' own
+    assert "local differential privacy: each client clips its update to 0.5 and adds noise of 0.05 clip norms" in log
+    assert [p["local_epsilon"] for p in privacy] == pytest.approx([local_epsilon(0.05, k, DELTA) for k in (1, 2, 3)],
+                                                                   rel=1e-5)
+    assert scalar_steps(logdir / "server")["privacy/local_epsilon"] == [1, 2, 3]
+    for client in clients:
+        own = re.findall(r"(\d) noised updates sent \(noise multiplier 0.05\): this site's local epsilon ([\d.e+]+) "
+                         r"at delta 1e-05", client.log_path.read_text())
+        assert [int(k) for k, _ in own] == [1, 2, 3], client.log_path.read_text()[-2000:]
+        assert [float(e) for _, e in own] == pytest.approx([local_epsilon(0.05, k, DELTA) for k in (1, 2, 3)], rel=1e-3)

@@ -237,3 +237,43 @@ def test_a_private_checkpoint_is_not_resumed_without_dp_nor_a_plain_one_with_it(
         restored_strategy(private(FedAvgM()), FedAvgM().state(), weights)
     resumed = restored_strategy(private(FedAvgM(), z=1.0), dp.state(), weights)
     assert resumed.ledger.spent() == dp.ledger.spent()
+
+
+def test_local_dp_sends_its_noise_in_the_plan_and_accounts_each_clients_updates_apart():
+    from pyfed.federation.privacy import local_epsilon_of
+
+    dp = DifferentialPrivacy(FedAvg(), noise_multiplier=1.0, clip_norm=2.0, fraction=1.0, ledger=PrivacyLedger(DELTA),
+                             clipping="client", local_noise_multiplier=3.0, rng=np.random.default_rng(0))
+    base = [np.zeros(2, np.float32)]
+    for _ in range(3):
+        selected = dp.configure_fit(1, ["a", "b"], PLAN)
+        assert {(p.clip_norm, p.local_noise, p.local_delta) for _, p in selected} == {(2.0, 3.0, DELTA)}
+        aggregator = dp.aggregator(1, base)
+        for cid in (["a", "b"] if not dp.local_releases else ["a"]):  # b misses rounds 2 and 3
+            aggregator.add(FitResult(cid, base, 1, {"within_clip": True}))
+        aggregator.result()
+    assert dict(dp.local_releases) == {"a": 3, "b": 1}
+    report = dp.privacy_report()
+    assert report["local_epsilon"] == pytest.approx(local_epsilon(3.0, 3, DELTA), abs=1e-6)
+    assert report["local_epsilon"] > 0 and report["local_noise_multiplier"] == 3.0
+    assert local_epsilon_of({3.0: 3}, DELTA) == pytest.approx(local_epsilon(3.0, 3, DELTA), rel=1e-12)
+    assert local_epsilon_of({3.0: 0}, DELTA) == 0.0
+    # the counts are in the checkpoint, and rolling a round back does not forget one
+    saved = dp.state()
+    fresh = DifferentialPrivacy(FedAvg(), noise_multiplier=1.0, clip_norm=2.0, fraction=1.0,
+                                ledger=PrivacyLedger(DELTA), clipping="client", local_noise_multiplier=3.0)
+    fresh.load_state(saved)
+    assert fresh.local_releases == dp.local_releases
+    dp.local_releases["b"] += 5
+    dp.load_state(saved)
+    assert dp.local_releases["b"] == 6
+    for bad in ({"a": -1}, {"a": "3"}, [1], {"a": 1.5}):
+        with pytest.raises(ValueError, match="local_releases"):
+            fresh.load_state({**saved, "privacy": {**saved["privacy"], "local_releases": bad}})
+    # without local noise the plan stays as it was, and local noise needs the clients to clip
+    plain = private(z=1.0, clip=2.0)
+    assert {(p.local_noise, p.local_delta) for _, p in plain.configure_fit(1, ["a"], PLAN)} == {(0.0, 0.0)}
+    assert "local_epsilon" not in plain.privacy_report()
+    with pytest.raises(ValueError, match="needs client-side clipping"):
+        DifferentialPrivacy(FedAvg(), noise_multiplier=1.0, clip_norm=1.0, fraction=1.0, ledger=PrivacyLedger(DELTA),
+                            local_noise_multiplier=1.0)

@@ -29,6 +29,15 @@ Releasing both costs what one Gaussian mechanism with noise multiplier ``z`` cos
 is given, the updates get ``z_delta = (z^-2 - (2 sigma_b)^-2)^-1/2``.
 
 What the accountant counts (privacy.py): one ``RoundEvent(n, m, z)`` per aggregated round.
+
+Local DP (``local_noise_multiplier`` z_l > 0), a layer on top for sites that do not trust the
+server: each client clips its own change to ``C`` and adds ``N(0, (z_l * C)^2 I)`` before sending
+(client-side clipping is then implied). Its guarantee is per client and weaker: the server sees each
+noised update, so there is no amplification by sampling or by the others' updates; every update a
+client sends is one Gaussian mechanism with noise multiplier ``z_l / 2``, composed over its updates.
+The server counts the updates it received from each client and reports the worst client's local
+epsilon (``local_epsilon``); each client counts the updates it sent and logs its own. The central
+guarantee above is accounted as if the local noise were not there (it only adds privacy).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import dataclasses
 import logging
 import math
 import secrets
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +54,7 @@ from typing import Any
 import numpy as np
 
 from pyfed.federation.aggregate import Weights, update_norm
-from pyfed.federation.privacy import PrivacyLedger, RoundEvent
+from pyfed.federation.privacy import PrivacyLedger, RoundEvent, local_epsilon
 from .base import Aggregator, FitPlan, FitResult, Strategy, WeightedMeanStrategy
 
 log = logging.getLogger("pyfed.strategy")
@@ -72,7 +82,8 @@ class DifferentialPrivacy(Strategy):
 
     def __init__(self, inner: Strategy, *, noise_multiplier: float, clip_norm: float, fraction: float,
                  ledger: PrivacyLedger, minimum: int = 1, adaptive: AdaptiveClipping | None = None,
-                 clipping: str = "server", rng: np.random.Generator | None = None):
+                 clipping: str = "server", local_noise_multiplier: float = 0.0,
+                 rng: np.random.Generator | None = None):
         if not isinstance(inner, WeightedMeanStrategy):
             raise ValueError(f"differential privacy needs a FedAvg-family strategy, whose sensitivity to one client "
                              f"is bounded by clipping; {inner.name} is not one (fedavg, fedavgm, fedprox, "
@@ -85,9 +96,16 @@ class DifferentialPrivacy(Strategy):
             raise ValueError(f"the sampled fraction must be in (0, 1], got {fraction}")
         if clipping not in ("server", "client"):
             raise ValueError(f"clipping must be server or client, got {clipping!r}")
+        if not (math.isfinite(local_noise_multiplier) and local_noise_multiplier >= 0):
+            raise ValueError(f"the local noise multiplier must be zero or positive, got {local_noise_multiplier}")
+        if local_noise_multiplier and clipping != "client":
+            raise ValueError("local differential privacy has the clients clip and noise their own updates: "
+                             "it needs client-side clipping")
         self.inner, self.name, self.clipping = inner, inner.name, clipping
         self.noise_multiplier, self.clip_norm, self.fraction = float(noise_multiplier), float(clip_norm), fraction
         self.ledger, self.minimum, self.adaptive = ledger, minimum, adaptive
+        self.local_noise_multiplier = float(local_noise_multiplier)
+        self.local_releases: Counter[str] = Counter()  # client id -> noised updates received from it
         self.rng = rng if rng is not None else np.random.default_rng(secrets.randbits(128))
         self._round_event: RoundEvent | None = None
 
@@ -108,7 +126,8 @@ class DifferentialPrivacy(Strategy):
         chosen = sorted(self.rng.choice(len(available), size=count, replace=False)) if available else []
         self._round_event = RoundEvent(len(available), count, self.noise_multiplier) if available else None
         if self.clipping == "client":  # clients clip before sending (the server clips again: a no-op if they did)
-            plan = dataclasses.replace(plan, clip_norm=self.clip_norm)
+            plan = dataclasses.replace(plan, clip_norm=self.clip_norm, local_noise=self.local_noise_multiplier,
+                                       local_delta=self.ledger.delta if self.local_noise_multiplier else 0.0)
         return self.inner.configure_fit(server_round, [available[i] for i in chosen], plan)
 
     # --- aggregation ------------------------------------------------------------------------------
@@ -141,13 +160,23 @@ class DifferentialPrivacy(Strategy):
         return self.inner.min_fit_clients()
 
     def privacy_report(self) -> dict[str, float] | None:
-        return {"epsilon": round(self.ledger.spent(), 6), "delta": self.ledger.delta, "clip_norm": self.clip_norm,
-                "noise_multiplier": self.noise_multiplier}
+        report = {"epsilon": round(self.ledger.spent(), 6), "delta": self.ledger.delta, "clip_norm": self.clip_norm,
+                  "noise_multiplier": self.noise_multiplier}
+        if self.local_noise_multiplier:
+            report["local_noise_multiplier"] = self.local_noise_multiplier
+            report["local_epsilon"] = round(self.local_epsilon(), 6)
+        return report
+
+    def local_epsilon(self) -> float:
+        """Local DP: the worst client's epsilon, from the noised updates the server received from it."""
+        most = max(self.local_releases.values(), default=0)
+        return local_epsilon(self.local_noise_multiplier, most, self.ledger.delta) if most else 0.0
 
     # --- state ------------------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
-        return {"inner": self.inner.state(), "privacy": {"ledger": self.ledger.state(), "clip_norm": self.clip_norm}}
+        return {"inner": self.inner.state(), "privacy": {"ledger": self.ledger.state(), "clip_norm": self.clip_norm,
+                                                         "local_releases": dict(self.local_releases)}}
 
     def load_state(self, state: dict[str, Any]) -> None:
         if "privacy" not in state or "inner" not in state:
@@ -159,15 +188,21 @@ class DifferentialPrivacy(Strategy):
         clip_norm = float(privacy.get("clip_norm", "nan"))
         if not (math.isfinite(clip_norm) and clip_norm > 0):
             raise ValueError(f"the checkpoint's clip norm {privacy.get('clip_norm')!r} is not a positive number")
+        releases = privacy.get("local_releases", {})
+        if not (isinstance(releases, dict) and all(
+                isinstance(k, str) and type(v) is int and 0 <= v <= 10**9 for k, v in releases.items())):
+            raise ValueError("the checkpoint's local_releases is not a table of client ids to counts")
         self.ledger.load_state(privacy.get("ledger"))
         self.inner.load_state(state["inner"])
         self.clip_norm = clip_norm
+        self.local_releases = Counter(releases) | self.local_releases  # never forgets a release, as the ledger
 
     def describe(self) -> dict[str, Any]:
         return {**self.inner.describe(), "differential_privacy": {
             "noise_multiplier": self.noise_multiplier, "clip_norm": self.clip_norm, "fraction": self.fraction,
             "delta": self.ledger.delta, "target_epsilon": self.ledger.target_epsilon,
-            "adaptive_quantile": self.adaptive.quantile if self.adaptive else None, "clipping": self.clipping}}
+            "adaptive_quantile": self.adaptive.quantile if self.adaptive else None, "clipping": self.clipping,
+            "local_noise_multiplier": self.local_noise_multiplier}}
 
 
 class _NoisySum:
@@ -190,6 +225,8 @@ class _NoisySum:
             if total is not None:
                 total += (np.asarray(weights, np.float64) - base) * scale
         self._added += 1
+        if self._dp.local_noise_multiplier:
+            self._dp.local_releases[result.client_id] += 1
 
     def result(self) -> Weights:
         if not self._added:
@@ -209,6 +246,8 @@ class _NoisySum:
             noisy = (self._within + dp.rng.normal(0.0, dp.adaptive.bit_noise_fraction * sampled)) / sampled
             dp.clip_norm *= math.exp(-dp.adaptive.learning_rate * (noisy - dp.adaptive.quantile))
         log.info("round %d: differential privacy: %d of %d updates within clip norm; noise std %.4g; "
-                 "epsilon spent %.4g (delta %g)%s", self._round, self._within, self._added, sigma, spent,
-                 dp.ledger.delta, f"; clip norm now {dp.clip_norm:.4g}" if dp.adaptive else "")
+                 "epsilon spent %.4g (delta %g)%s%s", self._round, self._within, self._added, sigma, spent,
+                 dp.ledger.delta, f"; clip norm now {dp.clip_norm:.4g}" if dp.adaptive else "",
+                 f"; local DP: the worst client's local epsilon {dp.local_epsilon():.4g}"
+                 if dp.local_noise_multiplier else "")
         return new
