@@ -81,7 +81,7 @@ def _on_stop_signals(handler: Any) -> None:
 def run_server(config: ServerConfig) -> int:
     from pyfed.persistence.files import CheckpointError
     from pyfed.learning.data import DataError, load_shard
-    from pyfed.learning.model import ModelError, default_model, evaluator, load_model_spec, text_summary, wire_model
+    from pyfed.learning.model import ModelError, default_model, describe_model, evaluator, load_model_spec, wire_model
     from pyfed.federation.server import Server
     from pyfed.federation.strategy import NormBound
     from pyfed.wire.protocol import FitPlan
@@ -120,8 +120,8 @@ def run_server(config: ServerConfig) -> int:
                     plan=FitPlan(config.epochs, config.batch_size, config.learning_rate,
                                  eval_fraction=config.client_eval_fraction),
                     strategy=strategy, evaluate=evaluator(model, *test_data) if test_data is not None else None,
-                    export=export, model_summary=text_summary(model), logdir=config.logdir,
-                    weight_names=[variable.path for variable in model.weights] if config.histograms else None,
+                    export=export, description=describe_model(model, histograms=config.histograms),
+                    logdir=config.logdir,
                     round_timeout_s=config.round_timeout_s, num_shards=config.num_shards,
                     config_summary=describe(config),
                     min_fit_clients=max(config.min_fit_clients, strategy.min_fit_clients()),

@@ -39,7 +39,7 @@ from pyfed.federation.strategy import Aggregator, FitResult, Strategy, WeightedM
 from pyfed.federation.aggregate import weighted_evaluation, why_unusable
 from pyfed.persistence.files import CheckpointError, CheckpointMismatch
 from pyfed.persistence.store import Persister, RunStore
-from pyfed.persistence.tracking import RoundRecord, RunLog, best_round, format_metric
+from pyfed.persistence.tracking import RoundRecord, RunDescription, RunLog, best_round, format_metric
 from pyfed.wire import protocol
 from pyfed.wire.protocol import FitPlan, MessageType, ProtocolError
 
@@ -263,8 +263,7 @@ class RoundEngine:
         return RunState(completed, list(weights), history, strategy, pool_state, summary_clients, slowest, run_id)
 
     def open(self, store: RunStore, *, logdir: Path | None, config: dict[str, Any], fresh_start: bool = False,
-             model_json: str | None = None, model_summary: str | None = None,
-             weight_names: list[str] | None = None) -> RunLog | None:
+             description: RunDescription = RunDescription()) -> RunLog | None:
         """Resume from ``store``'s newest usable checkpoint (unless ``fresh_start``) or archive the last
         run; open the run log (rewriting a resumed run's events); persist through ``store`` from now on."""
         restored = None if fresh_start else store.resume(self.load_checkpoint)
@@ -280,7 +279,7 @@ class RoundEngine:
             run_log = RunLog(logdir, config=config, resume=self.history if restored else None,
                              clients=self.summary_clients if restored else None,
                              model_files=self.export.written if self.export is not None else None,
-                             model_json=model_json, model_summary=model_summary, weight_names=weight_names)
+                             description=description)
             if run_log.archived_to:
                 log.info("moved the previous run's logs to %s", run_log.archived_to)
         self.persister = Persister(store, run_log)

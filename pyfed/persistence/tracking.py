@@ -31,6 +31,17 @@ from pyfed.wire.protocol import is_client_id
 log = logging.getLogger("pyfed.tracking")
 
 
+@dataclass(frozen=True)
+class RunDescription:
+    """What TensorBoard shows of a run once, in the server's run: the model's layers (its Keras JSON,
+    the Graphs dashboard) and summary table (Text), and, when set, the names of the global weight
+    arrays, each histogrammed every round."""
+
+    model_json: str | None = None
+    model_summary: str | None = None
+    weight_names: tuple[str, ...] | None = None
+
+
 @dataclass
 class RoundRecord:
     """What happened in one round, as it appears in summary.json."""
@@ -207,8 +218,7 @@ class RunLog:
     def __init__(self, logdir: Path, *, config: dict[str, Any], resume: list[RoundRecord] | None = None,
                  clients: dict[str, dict[str, Any]] | None = None,
                  model_files: Callable[[], dict[str, Any]] | None = None,
-                 model_json: str | None = None, model_summary: str | None = None,
-                 weight_names: list[str] | None = None):
+                 description: RunDescription = RunDescription()):
         import shutil
 
         self.logdir = Path(logdir)
@@ -223,27 +233,27 @@ class RunLog:
         self.rounds: list[RoundRecord] = []
         self.config = config
         self.model_files = model_files  # which round each model file holds, when they are written
-        self.weight_names = weight_names  # set: a histogram of each global weight array per round
+        self.weight_names = description.weight_names  # set: a histogram of each global weight array per round
         self._server_events = EventFile(self.logdir / "server")
         self._client_events: dict[str, EventFile] = {}
         self._client_epochs: dict[str, int] = {}
         self.final: dict[str, Any] | None = None
         self.clients: dict[str, dict[str, Any]] = dict(clients or {})  # client id -> {"shard", "num_examples"}
-        self._describe_run(model_json, model_summary)
+        self._describe_run(description)
         for record in resume or []:
             self._write_events(record)
             self.rounds.append(record)
         if resume:
             self.write_summary()
 
-    def _describe_run(self, model_json: str | None, model_summary: str | None) -> None:
+    def _describe_run(self, description: RunDescription) -> None:
         """Once per server process, in the server's run: the settings (HParams dashboard), the
         model's layers (Graphs, as Keras draws them) and its summary table (Text)."""
         summaries = [(events.hyperparameters(self.config), 0)]
-        if model_json:
-            summaries.append((events.keras_model_graph(model_json), 0))
-        if model_summary:
-            summaries.append((events.text("model/summary", model_summary), 0))
+        if description.model_json:
+            summaries.append((events.keras_model_graph(description.model_json), 0))
+        if description.model_summary:
+            summaries.append((events.text("model/summary", description.model_summary), 0))
         try:
             self._server_events.write(summaries)
         except Exception as error:  # noqa: BLE001 - logs never stop a run
