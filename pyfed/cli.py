@@ -269,7 +269,7 @@ def run_client(config: ClientConfig) -> int:
     client = Client(config.server, x, y, data_dir=config.data_dir, client_id=config.client_id,
                     epochs=config.epochs, batch_size=config.batch_size,
                     data_source=str(config.data) if config.data else "the assigned shard", curve=curve,
-                    seed=config.seed)
+                    seed=config.seed, local_noise_floor=config.dp_local_noise_multiplier or 0.0)
 
     _on_stop_signals(client.request_stop)
     return client.run()

@@ -387,6 +387,11 @@ class ClientConfig(EncryptionSettings, ReadSettings):
                                      "override the server's batch size")
     seed: int | None = setting(None, "--seed", "CLIENT_SEED", non_negative_int,
                                "make local training reproducible: seeded shuffling and deterministic ops")
+    dp_local_noise_multiplier: float | None = setting(
+        None, "--dp-local-noise-multiplier", "DP_LOCAL_NOISE_MULTIPLIER", optional_positive_float,
+        "local differential privacy this site insists on: every update is clipped to the server's clip norm and "
+        "noised with at least this many clip norms (more if the server asks), and the client leaves rather than "
+        "send an update the server did not ask to be clipped; logs this site's own local epsilon")
     server_public_key: Path | None = setting(None, "--server-public-key", "SERVER_PUBLIC_KEY", optional_path,
                                              "with --curve-secret-key: the server's .key file")
     log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")

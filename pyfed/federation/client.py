@@ -16,6 +16,7 @@ function of them, whatever the attempt.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import secrets
@@ -43,6 +44,7 @@ REJOIN_RETRY_S = 10.0  # a rejoin JOIN with no answer is sent again after this l
 WAIT_LOG_EVERY_S = 60.0
 SEND_RETRY_S = 10.0  # no connection this long: the server restarted or dropped us, and will ask again
 BACKOFF_MAX_S = 5.0  # a refused join is retried at 1, 2, 4, 5, 5 .. s: back soon after its predecessor is dropped
+LOCAL_DELTA = 1e-5  # local DP: the delta a site reports its epsilon at when the server names none
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -80,6 +82,7 @@ class Client:
         max_wait_s: float | None = None,
         curve: CurveKeys | None = None,
         seed: int | None = None,
+        local_noise_floor: float = 0.0,
     ):
         self.server_address = server_address
         if (x is None) != (y is None) or (x is None and data_dir is None):
@@ -96,6 +99,7 @@ class Client:
         self.seed = seed
         self._noise_rng = np.random.default_rng(secrets.randbits(128))  # local DP noise: never from --seed
         self.local_releases: Counter[float] = Counter()  # local DP: noised updates sent, by noise multiplier
+        self.local_noise_floor = local_noise_floor  # local DP this site insists on, whatever the server's plan
         self.shard: str | None = None
         self._reconnecting = False
         self.model: Any = None
@@ -315,7 +319,7 @@ class Client:
         key = ("fit", message.body["run"], message.round, json.dumps(message.body["plan"], sort_keys=True))
         if self._answer_again(key, f"round {message.round} update", attempt):
             return
-        plan = FitPlan.from_body(message.body["plan"])
+        plan = self._with_local_noise(FitPlan.from_body(message.body["plan"]))
         log.info("round %d: training%s", message.round, f" (attempt {attempt})" if attempt > 1 else "")
         self.trainer.load(message.arrays, plan)
         anchor = [np.array(a) for a in message.arrays] if plan.clip_norm > 0 else None  # copies: frames are freed
@@ -338,16 +342,27 @@ class Client:
                  self.epochs or plan.epochs, num_examples, metrics["fit_s"],
                  f" with proximal mu {plan.proximal_mu:g}" if plan.proximal_mu else "", summary)
 
+    def _with_local_noise(self, plan: FitPlan) -> FitPlan:
+        """The plan with this site's own local DP floor applied: at least ``local_noise_floor`` clip norms
+        of noise; a plan without a clip norm (no bound, so no noise scale) is refused, not obeyed."""
+        if not self.local_noise_floor or plan.local_noise >= self.local_noise_floor:
+            return plan
+        if plan.clip_norm <= 0:
+            raise ClientError(f"the server asked for an update without clipping, but this site sends only locally "
+                              f"private updates (--dp-local-noise-multiplier {self.local_noise_floor:g}); not "
+                              f"sending it: run the server with --dp-local-noise-multiplier (or --dp-clipping client)")
+        return dataclasses.replace(plan, local_noise=self.local_noise_floor)
+
     def _account_local_release(self, plan: FitPlan) -> None:
         """Local DP: this site's own count of the noised updates it sent, and their epsilon (at the
         plan's delta), whatever the server reports (privacy.py: one Gaussian release each)."""
         from pyfed.federation.privacy import local_epsilon_of
 
         self.local_releases[plan.local_noise] += 1
-        if 0 < plan.local_delta < 1:
-            log.info("local differential privacy: %d noised updates sent (noise multiplier %g): this site's "
-                     "local epsilon %.4g at delta %g", sum(self.local_releases.values()), plan.local_noise,
-                     local_epsilon_of(dict(self.local_releases), plan.local_delta), plan.local_delta)
+        delta = plan.local_delta if 0 < plan.local_delta < 1 else LOCAL_DELTA
+        log.info("local differential privacy: %d noised updates sent (noise multiplier %g): this site's "
+                 "local epsilon %.4g at delta %g", sum(self.local_releases.values()), plan.local_noise,
+                 local_epsilon_of(dict(self.local_releases), delta), delta)
 
     def _evaluate(self, message: Message) -> None:
         key = ("evaluate", message.body["run"], message.round)

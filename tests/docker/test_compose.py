@@ -422,12 +422,15 @@ def test_image_folder_sites_in_compose_and_sites_whose_images_do_not_fit_are_tol
 
 def test_a_private_compose_run_stops_at_its_budget_and_tensorboard_shows_epsilon(project_factory):
     """DP_NOISE_MULTIPLIER with DP_TARGET_EPSILON: the noise is fixed and the server ends the run, cleanly,
-    before the round that would spend more than the target; TensorBoard has privacy/epsilon per round."""
-    from pyfed.federation.privacy import RoundEvent, epsilon
+    before the round that would spend more than the target; TensorBoard has privacy/epsilon per round.
+    With DP_LOCAL_NOISE_MULTIPLIER the client containers noise their own updates and log their own
+    local epsilon, and the server reports the worst client's."""
+    from pyfed.federation.privacy import RoundEvent, epsilon, local_epsilon
 
     event = RoundEvent(3, 3, 1.0)
     target = (epsilon([(event, 2)], 1e-5) + epsilon([(event, 3)], 1e-5)) / 2  # allows 2 of the 5 rounds
-    settings = base_settings(ROUNDS=5, EPOCHS=2, DP_NOISE_MULTIPLIER="1.0", DP_TARGET_EPSILON=f"{target:.6f}")
+    settings = base_settings(ROUNDS=5, EPOCHS=2, DP_NOISE_MULTIPLIER="1.0", DP_TARGET_EPSILON=f"{target:.6f}",
+                             DP_LOCAL_NOISE_MULTIPLIER="0.5")
     project = project_factory(**settings)
     project.compose("up", "-d", "--build", "--scale", "client=3")
     server = project.wait_finished()
@@ -437,6 +440,10 @@ def test_a_private_compose_run_stops_at_its_budget_and_tensorboard_shows_epsilon
     assert summary["status"] == "finished" and "above the target" in summary["final"]["ended_early"]
     spent = [r["privacy"]["epsilon"] for r in summary["rounds"]]
     assert len(spent) == 2 and spent[-1] <= target
+    assert [r["privacy"]["local_epsilon"] for r in summary["rounds"]] == pytest.approx(
+        [local_epsilon(0.5, k, 1e-5) for k in (1, 2)], rel=1e-5)
+    assert project.logs("client").count("2 noised updates sent (noise multiplier 0.5): this site's local epsilon") == 3
     port = settings["TENSORBOARD_PORT"]
     wait_for_tensorboard_runs(port, {"server"})
     assert steps_once(port, "server", "privacy/epsilon", 2)
+    assert steps_once(port, "server", "privacy/local_epsilon", 2)

@@ -71,3 +71,38 @@ def test_a_server_with_a_target_calibrates_its_noise_and_its_clients_clip_and_no
                          r"at delta 1e-05", client.log_path.read_text())
         assert [int(k) for k, _ in own] == [1, 2, 3], client.log_path.read_text()[-2000:]
         assert [float(e) for _, e in own] == pytest.approx([local_epsilon(0.05, k, DELTA) for k in (1, 2, 3)], rel=1e-3)
+
+
+def test_a_site_with_its_own_local_dp_floor_noises_at_least_that_and_refuses_unclipped_updates(tmp_path, processes,
+                                                                                               shards):
+    """The server's local noise is only a request: a site with --dp-local-noise-multiplier noises with at
+    least its own (and accounts that); facing a server that asks for unclipped updates, it leaves, and
+    the server carries on with the others."""
+    from tests.integration.support import start_client
+
+    logdir, address = tmp_path / "private", f"tcp://127.0.0.1:{free_port()}"
+    server = start_server(processes, shards, logdir, address, "--rounds", "2", "--min-clients", "2", "--epochs", "1",
+                          "--dp-noise-multiplier", "1", "--dp-local-noise-multiplier", "0.05")
+    careful = start_client(processes, shards, address, 1, "--dp-local-noise-multiplier", "0.2")
+    trusting = start_client(processes, shards, address, 2)
+    assert processes.wait(server, 300) == 0, processes.tail(server)
+    assert processes.wait(careful, 60) == 0 and processes.wait(trusting, 60) == 0
+    assert re.findall(r"(\d) noised updates sent \(noise multiplier ([\d.]+)\)", careful.log_path.read_text()) == [
+        ("1", "0.2"), ("2", "0.2")]
+    assert re.findall(r"(\d) noised updates sent \(noise multiplier ([\d.]+)\)", trusting.log_path.read_text()) == [
+        ("1", "0.05"), ("2", "0.05")]
+    own = float(re.findall(r"this site's local epsilon ([\d.e+]+)", careful.log_path.read_text())[-1])
+    assert own == pytest.approx(local_epsilon(0.2, 2, DELTA), rel=1e-3)
+
+    logdir, address = tmp_path / "plain", f"tcp://127.0.0.1:{free_port()}"
+    server = start_server(processes, shards, logdir, address, "--rounds", "1", "--min-clients", "2", "--epochs", "1",
+                          "--min-fit-clients", "1")
+    careful = start_client(processes, shards, address, 1, "--dp-local-noise-multiplier", "0.2", name="careful-2")
+    trusting = start_client(processes, shards, address, 2, name="trusting-2")
+    assert processes.wait(careful, 120) == 1
+    assert "the server asked for an update without clipping, but this site sends only locally private updates " \
+           "(--dp-local-noise-multiplier 0.2); not sending it" in careful.log_path.read_text()
+    assert processes.wait(server, 300) == 0, processes.tail(server)
+    assert processes.wait(trusting, 60) == 0
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert [r["clients"] for r in summary["rounds"]] == [["site-2"]]
