@@ -154,3 +154,57 @@ def main_with_original(doc: str | None, run) -> None:
     parser.add_argument("--no-original", action="store_true", help="measure PyFed only")
     args = parser.parse_args()
     run(args.quick, not args.no_original)
+
+
+ANALYSIS_MARKER = "## What the numbers say"
+
+
+def experiment_header(script: str, argv: list[str] | None, started: float) -> dict:
+    """What an experiment's report says of how it was made: the command, the machine, date, seconds."""
+    return {
+        "command": f"python -m bench.{script}" + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else ""),
+        "machine": "{cores}-core {cpu}, Python {python}, TensorFlow {tensorflow}, Keras {keras}".format(
+            **{"tensorflow": "?", "keras": "?", **machine()}),
+        "date": time.strftime("%Y-%m-%d"),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def write_experiment(out: Path, name: str, results: dict, report: str) -> None:
+    """NAME.json (every run) and NAME.md (the report, keeping the hand-written analysis below the
+    table from the previous NAME.md); prints the report."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(results, indent=1))
+    md = out / f"{name}.md"
+    previous = md.read_text() if md.exists() else ""
+    if ANALYSIS_MARKER in previous:
+        report += "\n" + previous[previous.index(ANALYSIS_MARKER):]
+    md.write_text(report)
+    print(report)
+
+
+def experiment_parser(doc: str, *, rounds: int, clients: int) -> argparse.ArgumentParser:
+    """The options every experiment (strategies, privacy) takes: --quick, rounds, epochs, learning
+    rate, seeds, clients."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a tiny run to check the script works")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--learning-rate", type=float, default=0.003)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=clients)
+    return parser
+
+
+def experiment_markdown(title: str, results: dict, description: str, header: list[str]) -> str:
+    """An experiment's report: title, how it was made, what was run, and its table."""
+    return "\n".join([
+        f"# {title}", "",
+        f"Made by `{results['command']}` on {results['machine']} in {results['seconds']:.0f} s ({results['date']}).",
+        "", description, "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(row) + " |" for row in results["table"]),
+        "",
+    ])
+

@@ -11,15 +11,13 @@ and bench/STRATEGIES.json (or --out).
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import statistics
 import sys
 import time
 from pathlib import Path
 
-from bench.common import BENCH, machine
+from bench.common import BENCH, experiment_header, experiment_markdown, experiment_parser, write_experiment
 
 TARGET_ACCURACY = 0.90
 PARTITIONS = [("iid", None), ("dirichlet", 0.1)]
@@ -68,34 +66,17 @@ def markdown(results: dict) -> str:
     settings = results["settings"]
     header = ["strategy", "IID: final accuracy", f"IID: rounds to {TARGET_ACCURACY:.0%}",
               "Dirichlet α=0.1: final accuracy", f"Dirichlet α=0.1: rounds to {TARGET_ACCURACY:.0%}"]
-    lines = [
-        "# Strategies on digits: IID vs label skew",
-        "",
-        f"Made by `{results['command']}` on {results['machine']} in {results['seconds']:.0f} s "
-        f"({results['date']}).",
-        "",
+    return experiment_markdown("Strategies on digits: IID vs label skew", results, (
         f"{settings['num_clients']} clients, {settings['rounds']} rounds, {settings['epochs']} local epochs of "
         f"batch 32, client Adam learning rate {settings['learning_rate']}, seeds {settings['seeds']}, every strategy "
         "with its default parameters (`pyfed simulate --help`). Final accuracy is the global model's on the held-out "
         f"test set after the last round, mean ± standard deviation over the seeds; rounds to {TARGET_ACCURACY:.0%} "
-        "is the mean first round whose test accuracy reached it, over the seeds that reached it (how many in brackets).",
-        "",
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-        *("| " + " | ".join(row) + " |" for row in results["table"]),
-        "",
-    ]
-    return "\n".join(lines)
+        "is the mean first round whose test accuracy reached it, over the seeds that reached it (how many in brackets)."),
+        header)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a tiny run to check the script works")
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--learning-rate", type=float, default=0.003)
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--clients", type=int, default=10)
+    parser = experiment_parser(__doc__, rounds=30, clients=10)
     parser.add_argument("--strategies", default="", help="comma-separated names (default: all)")
     parser.add_argument("--out", type=Path, default=BENCH, help="directory for STRATEGIES.md and STRATEGIES.json")
     args = parser.parse_args(argv)
@@ -118,25 +99,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{scheme:<10} {name:<13} seed {seed}: final accuracy {run['final_accuracy']:.3f}, "
                       f"rounds to {TARGET_ACCURACY:.0%}: {run['rounds_to_target']}, {run['seconds']:.1f}s", flush=True)
     results = {
-        "command": "python -m bench.strategies" + (" " + " ".join(sys.argv[1:]) if argv is None and sys.argv[1:] else ""),
-        "machine": "{cores}-core {cpu}, Python {python}, TensorFlow {tensorflow}, Keras {keras}".format(
-            **{"tensorflow": "?", "keras": "?", **machine()}),
-        "date": time.strftime("%Y-%m-%d"),
-        "seconds": time.perf_counter() - started,
+        **experiment_header("strategies", argv, started),
         "settings": {"num_clients": args.clients, "rounds": args.rounds, "epochs": args.epochs,
                      "learning_rate": args.learning_rate, "seeds": list(range(args.seeds))},
         "table": summarise(runs, strategies, args.seeds),
         "runs": runs,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "STRATEGIES.json").write_text(json.dumps(results, indent=1))
-    report = markdown(results)
-    md = args.out / "STRATEGIES.md"
-    analysis_marker = "## What the numbers say"
-    if md.exists() and analysis_marker in md.read_text():  # keep the hand-written analysis below the table
-        report += "\n" + md.read_text()[md.read_text().index(analysis_marker):]
-    md.write_text(report)
-    print(report)
+    write_experiment(args.out, "STRATEGIES", results, markdown(results))
     return 0
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from pyfed.config import (ClientConfig, ConfigError, ExportConfig, KeysConfig, PartitionConfig, ServerConfig, SimulateConfig,
-                     StrategySettings, add_arguments, describe, log_level, non_negative_int, path, positive_int,
+                     PrivacySettings, StrategySettings, add_arguments, describe, log_level, non_negative_int, path, positive_int,
                      resolve, setting)
 
 log = logging.getLogger("pyfed")
@@ -81,12 +81,15 @@ def _on_stop_signals(handler: Any) -> None:
 def run_server(config: ServerConfig) -> int:
     from pyfed.persistence.files import CheckpointError
     from pyfed.learning.data import DataError, load_shard
-    from pyfed.learning.model import ModelError, default_model, evaluator, load_model_spec, text_summary, wire_model
+    from pyfed.learning.model import ModelError, default_model, describe_model, evaluator, load_model_spec, wire_model
     from pyfed.federation.server import Server
     from pyfed.federation.strategy import NormBound
     from pyfed.wire.protocol import FitPlan
 
     strategy = build_strategy(config, config.min_clients, "--min-clients / MIN_CLIENTS")
+    strategy = private_strategy(strategy, config, rounds=config.rounds, population=config.min_clients,
+                                min_fit_clients=config.min_fit_clients, fraction=config.fraction_fit,
+                                population_setting="--min-clients / MIN_CLIENTS")
     if config.max_update_norm is not None:
         strategy = NormBound(strategy, config.max_update_norm)
     if config.round_timeout_s is None:
@@ -117,12 +120,13 @@ def run_server(config: ServerConfig) -> int:
                     plan=FitPlan(config.epochs, config.batch_size, config.learning_rate,
                                  eval_fraction=config.client_eval_fraction),
                     strategy=strategy, evaluate=evaluator(model, *test_data) if test_data is not None else None,
-                    export=export, model_summary=text_summary(model), logdir=config.logdir,
-                    weight_names=[variable.path for variable in model.weights] if config.histograms else None,
+                    export=export, description=describe_model(model, histograms=config.histograms),
+                    logdir=config.logdir,
                     round_timeout_s=config.round_timeout_s, num_shards=config.num_shards,
                     config_summary=describe(config),
                     min_fit_clients=max(config.min_fit_clients, strategy.min_fit_clients()),
-                    fraction_fit=config.fraction_fit, seed=config.seed, checkpoint_dir=config.checkpoint_dir,
+                    fraction_fit=1.0 if config.private() else config.fraction_fit,  # DP samples, as it accounts
+                    seed=config.seed, checkpoint_dir=config.checkpoint_dir,
                     keep_checkpoints=config.keep_checkpoints, fresh_start=config.fresh_start, curve=curve,
                     authorized_keys=config.authorized_keys if curve else None, join_rate=config.join_rate,
                     max_examples=config.max_examples, max_ids_per_key=config.max_ids_per_key)
@@ -176,6 +180,64 @@ def build_strategy(settings: StrategySettings, clients_per_round: int, clients_s
     return strategy
 
 
+def private_strategy(strategy: Any, config: PrivacySettings, *, rounds: int, population: int, min_fit_clients: int,
+                     fraction: float, population_setting: str) -> Any:
+    """``strategy`` with client-level differential privacy, when it is asked for (see strategy/dp.py):
+    the noise multiplier calibrated to the target epsilon for ``rounds`` rounds of ``population``
+    connected clients, or the epsilon a given one reaches, printed either way."""
+    if not config.private():
+        if config.dp_local_noise_multiplier is not None:
+            raise UsageError("--dp-local-noise-multiplier / DP_LOCAL_NOISE_MULTIPLIER is a layer on central differential "
+                             "privacy: give --dp-noise-multiplier or --dp-target-epsilon too")
+        return strategy
+    from pyfed.federation.privacy import PrivacyLedger, RoundEvent, epsilon, noise_for_target
+    from pyfed.federation.strategy.dp import AdaptiveClipping, DifferentialPrivacy
+
+    adaptive = AdaptiveClipping(config.dp_adaptive_quantile) if config.dp_adaptive_quantile is not None else None
+    ledger = PrivacyLedger(config.dp_target_delta, config.dp_target_epsilon)
+    try:
+        dp = DifferentialPrivacy(strategy, noise_multiplier=config.dp_noise_multiplier or 1.0,
+                                 clip_norm=config.dp_clip_norm, fraction=fraction, ledger=ledger,
+                                 minimum=min_fit_clients, adaptive=adaptive,
+                                 clipping="client" if config.dp_local_noise_multiplier else config.dp_clipping,
+                                 local_noise_multiplier=config.dp_local_noise_multiplier or 0.0)
+    except ValueError as error:
+        raise UsageError(f"--strategy / STRATEGY with differential privacy: {error}") from None
+    sampled = dp.sample_size(population)
+    if config.dp_noise_multiplier is None:  # a target alone: the noise its planned rounds need
+        dp.noise_multiplier = noise_for_target(config.dp_target_epsilon, config.dp_target_delta, rounds, population,
+                                               sampled)
+        log.info("differential privacy: noise multiplier %.4g keeps %d rounds of %d of %d clients within epsilon %g "
+                 "(delta %g)", dp.noise_multiplier, rounds, sampled, population, config.dp_target_epsilon,
+                 config.dp_target_delta)
+    else:
+        event = RoundEvent(population, sampled, dp.noise_multiplier)
+        reached = epsilon([(event, rounds)], config.dp_target_delta)
+        log.info("differential privacy: noise multiplier %g; %d rounds of %d of %d clients reach epsilon %.4g "
+                 "(delta %g)", dp.noise_multiplier, rounds, sampled, population, reached, config.dp_target_delta)
+        if config.dp_target_epsilon is not None and reached > config.dp_target_epsilon:
+            allowed = next(k for k in range(rounds, -1, -1)
+                           if k == 0 or epsilon([(event, k)], config.dp_target_delta) <= config.dp_target_epsilon)
+            log.warning("differential privacy: the target epsilon %g allows %d of the %d planned rounds; the run "
+                        "ends there", config.dp_target_epsilon, allowed, rounds)
+    try:
+        dp.update_noise_multiplier(sampled)
+    except ValueError as error:
+        raise UsageError(f"--dp-adaptive-quantile / DP_ADAPTIVE_QUANTILE: {error}") from None
+    if dp.local_noise_multiplier:
+        from pyfed.federation.privacy import local_epsilon
+
+        log.info("local differential privacy: each client clips its update to %g and adds noise of %g clip norms; "
+                 "a client in every one of the %d rounds reaches local epsilon %.4g (delta %g), its own guarantee "
+                 "even against this server", config.dp_clip_norm, dp.local_noise_multiplier, rounds,
+                 local_epsilon(dp.local_noise_multiplier, rounds, config.dp_target_delta), config.dp_target_delta)
+    log.info("differential privacy: updates clipped to L2 norm %g%s; accounted for %s connected clients (%s) "
+             "each round; with fewer, each round costs more and the budget ends the run sooner",
+             config.dp_clip_norm, f", then moved toward quantile {config.dp_adaptive_quantile:g}" if adaptive else "",
+             population, population_setting)
+    return dp
+
+
 def run_client(config: ClientConfig) -> int:
     from pyfed.federation.client import Client
     from pyfed.learning.data import DataError, load_site_data
@@ -207,7 +269,7 @@ def run_client(config: ClientConfig) -> int:
     client = Client(config.server, x, y, data_dir=config.data_dir, client_id=config.client_id,
                     epochs=config.epochs, batch_size=config.batch_size,
                     data_source=str(config.data) if config.data else "the assigned shard", curve=curve,
-                    seed=config.seed)
+                    seed=config.seed, local_noise_floor=config.dp_local_noise_multiplier or 0.0)
 
     _on_stop_signals(client.request_stop)
     return client.run()
@@ -265,6 +327,9 @@ def run_simulate(config: SimulateConfig) -> int:
     from pyfed.wire.protocol import FitPlan
 
     strategy = build_strategy(config, config.clients, "--clients / NUM_CLIENTS")
+    strategy = private_strategy(strategy, config, rounds=config.rounds, population=config.clients,
+                                min_fit_clients=config.min_fit_clients, fraction=config.fraction_fit,
+                                population_setting="--clients / NUM_CLIENTS")
     try:
         x, y = load_dataset(config.dataset, config.read_options())
         clients, test_data = split_dataset(x, y, config.clients, seed=config.seed, test_fraction=config.test_fraction,
@@ -282,8 +347,8 @@ def run_simulate(config: SimulateConfig) -> int:
     plan = FitPlan(config.epochs, config.batch_size, config.learning_rate, eval_fraction=config.client_eval_fraction)
     simulation = Simulation(
         model, clients, rounds=config.rounds, plan=plan, strategy=strategy, test_data=test_data,
-        fraction_fit=config.fraction_fit, min_fit_clients=max(config.min_fit_clients, strategy.min_fit_clients()),
-        drop_rate=config.drop_rate, checkpoint_dir=config.checkpoint_dir, keep_checkpoints=config.keep_checkpoints,
+        fraction_fit=1.0 if config.private() else config.fraction_fit,  # DP samples, as it accounts
+        min_fit_clients=max(config.min_fit_clients, strategy.min_fit_clients()), drop_rate=config.drop_rate, checkpoint_dir=config.checkpoint_dir, keep_checkpoints=config.keep_checkpoints,
         fresh_start=config.fresh_start, logdir=config.logdir, config_summary=describe(config), seed=config.seed,
         progress=config.progress, export=model_files(model, config, has_test_data=test_data is not None),
         histograms=config.histograms)

@@ -236,6 +236,48 @@ class ParticipationSettings:
                                   "--min-fit-clients)")
 
 
+def optional_fraction(text: str) -> float | None:
+    """A number in (0, 1), or empty / none."""
+    return None if text.strip().lower() in ("", "none") else fraction(text)
+
+
+@dataclasses.dataclass(frozen=True)
+class PrivacySettings:
+    """Client-level differential privacy (DP-FedAvg), shared by ``pyfed server`` and ``pyfed simulate``.
+    Off unless a noise multiplier or a target epsilon is given."""
+
+    dp_noise_multiplier: float | None = setting(
+        None, "--dp-noise-multiplier", "DP_NOISE_MULTIPLIER", optional_positive_float,
+        "differential privacy: Gaussian noise of this many clip norms (standard deviation) on the sum of "
+        "the clipped updates each round; prints the epsilon the planned rounds reach")
+    dp_target_epsilon: float | None = setting(
+        None, "--dp-target-epsilon", "DP_TARGET_EPSILON", optional_positive_float,
+        "differential privacy: the epsilon the whole run may spend (at --dp-target-delta); the noise "
+        "multiplier is computed for the planned rounds, and a round that would exceed it ends the run")
+    dp_target_delta: float = setting(1e-5, "--dp-target-delta", "DP_TARGET_DELTA", fraction,
+                                     "differential privacy: delta; well below 1 / the number of clients")
+    dp_clip_norm: float = setting(1.0, "--dp-clip-norm", "DP_CLIP_NORM", positive_float,
+                                  "differential privacy: each update's change is clipped to this L2 norm (the "
+                                  "starting value with --dp-adaptive-quantile)")
+    dp_adaptive_quantile: float | None = setting(
+        None, "--dp-adaptive-quantile", "DP_ADAPTIVE_QUANTILE", optional_fraction,
+        "differential privacy: move the clip norm each round toward this quantile of the update norms "
+        "(Andrew et al. 2021; its privacy cost is accounted); none: a fixed clip norm")
+
+    dp_clipping: str = setting("server", "--dp-clipping", "DP_CLIPPING", choice("server", "client"),
+                               "differential privacy: where updates are clipped: server, or client (each client "
+                               "clips before sending and reports whether it was within, so the server never needs an "
+                               "update's norm; the server still clips what arrives)")
+    dp_local_noise_multiplier: float | None = setting(
+        None, "--dp-local-noise-multiplier", "DP_LOCAL_NOISE_MULTIPLIER", optional_positive_float,
+        "local differential privacy, on top of the central noise: each client adds Gaussian noise of this many "
+        "clip norms to its own clipped update before sending (implies --dp-clipping client); a weaker, per-client "
+        "guarantee, accounted separately (privacy/local_epsilon; each client logs its own)")
+
+    def private(self) -> bool:
+        return self.dp_noise_multiplier is not None or self.dp_target_epsilon is not None
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointSettings:
     """Checkpoints and resuming, shared by ``pyfed server`` and ``pyfed simulate``."""
@@ -251,7 +293,8 @@ class CheckpointSettings:
 
 
 @dataclasses.dataclass(frozen=True)
-class ServerConfig(StrategySettings, TrainingSettings, EncryptionSettings, ParticipationSettings, CheckpointSettings):
+class ServerConfig(StrategySettings, TrainingSettings, EncryptionSettings, ParticipationSettings, PrivacySettings,
+                   CheckpointSettings):
     """How ``pyfed server`` runs."""
 
     address: str = setting("tcp://127.0.0.1:5555", "--address", "BIND_ADDRESS", zmq_address,
@@ -344,6 +387,11 @@ class ClientConfig(EncryptionSettings, ReadSettings):
                                      "override the server's batch size")
     seed: int | None = setting(None, "--seed", "CLIENT_SEED", non_negative_int,
                                "make local training reproducible: seeded shuffling and deterministic ops")
+    dp_local_noise_multiplier: float | None = setting(
+        None, "--dp-local-noise-multiplier", "DP_LOCAL_NOISE_MULTIPLIER", optional_positive_float,
+        "local differential privacy this site insists on: every update is clipped to the server's clip norm and "
+        "noised with at least this many clip norms (more if the server asks), and the client leaves rather than "
+        "send an update the server did not ask to be clipped; logs this site's own local epsilon")
     server_public_key: Path | None = setting(None, "--server-public-key", "SERVER_PUBLIC_KEY", optional_path,
                                              "with --curve-secret-key: the server's .key file")
     log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
@@ -411,7 +459,8 @@ class PartitionConfig(PartitionSettings):
 
 
 @dataclasses.dataclass(frozen=True)
-class SimulateConfig(StrategySettings, TrainingSettings, PartitionSettings, ParticipationSettings, CheckpointSettings):
+class SimulateConfig(StrategySettings, TrainingSettings, PartitionSettings, ParticipationSettings, PrivacySettings,
+                     CheckpointSettings):
     """How ``pyfed simulate`` runs a whole federation in one process, without sockets."""
 
     drop_rate: float = setting(0.0, "--drop-rate", "DROP_RATE", interval(0, 1),

@@ -38,3 +38,14 @@ def test_strategy_table_quick_covers_the_requested_strategies(tmp_path):
         ("fedavg", "iid"), ("fedavg", "dirichlet"), ("krum", "iid"), ("krum", "dirichlet")}
     assert all(len(r["accuracy_by_round"]) == 2 for r in results["runs"])
     assert "| strategy | IID: final accuracy" in (tmp_path / "STRATEGIES.md").read_text()
+
+
+def test_privacy_table_quick_has_every_epsilon_and_the_baseline(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.privacy", "--quick", "--out", str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    results = json.loads((tmp_path / "PRIVACY.json").read_text())
+    assert [row[0] for row in results["table"]] == ["1", "3", "8", "no DP"]
+    assert all(abs(r["epsilon_spent"] - r["target_epsilon"]) <= 0.01 * r["target_epsilon"]
+               for r in results["runs"] if r["target_epsilon"] is not None)
+    assert "| target ε (δ = 1e-5)" in (tmp_path / "PRIVACY.md").read_text()

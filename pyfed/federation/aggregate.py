@@ -301,3 +301,16 @@ def weighted_evaluation(results: dict[str, tuple[int, float | None, float | None
                 if with_accuracy else None)
     return {"loss": loss, "accuracy": accuracy, "num_examples": total,
             "clients": {cid: {"num_examples": n, "loss": l, "accuracy": a} for cid, (n, l, a) in sorted(usable.items())}}
+
+
+def clip_and_noise(weights: Sequence[np.ndarray], global_weights: Sequence[np.ndarray], clip_norm: float,
+                   noise_multiplier: float, rng: np.random.Generator) -> tuple[Weights, bool]:
+    """A client's half of the mechanism: its change from ``global_weights`` clipped to ``clip_norm``
+    and, with ``noise_multiplier`` > 0 (local DP), Gaussian noise of ``noise_multiplier * clip_norm``
+    added to every floating-point coordinate. Returns the weights to send and whether the change
+    was within the clip norm (what adaptive clipping counts)."""
+    clipped, norm = clip_update(weights, global_weights, clip_norm)
+    if noise_multiplier > 0:
+        clipped = [w if np.dtype(w.dtype).kind != "f" else
+                   (w + rng.normal(0.0, noise_multiplier * clip_norm, np.shape(w))).astype(w.dtype) for w in clipped]
+    return clipped, bool(norm <= clip_norm)

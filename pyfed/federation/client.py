@@ -16,14 +16,18 @@ function of them, whatever the attempt.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import secrets
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pyfed.federation.aggregate import clip_and_noise
 from pyfed.wire import protocol
 from pyfed.learning.data import DataError, load_shard
 from pyfed.learning.model import from_wire, input_shape, output_units
@@ -40,6 +44,7 @@ REJOIN_RETRY_S = 10.0  # a rejoin JOIN with no answer is sent again after this l
 WAIT_LOG_EVERY_S = 60.0
 SEND_RETRY_S = 10.0  # no connection this long: the server restarted or dropped us, and will ask again
 BACKOFF_MAX_S = 5.0  # a refused join is retried at 1, 2, 4, 5, 5 .. s: back soon after its predecessor is dropped
+LOCAL_DELTA = 1e-5  # local DP: the delta a site reports its epsilon at when the server names none
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -77,6 +82,7 @@ class Client:
         max_wait_s: float | None = None,
         curve: CurveKeys | None = None,
         seed: int | None = None,
+        local_noise_floor: float = 0.0,
     ):
         self.server_address = server_address
         if (x is None) != (y is None) or (x is None and data_dir is None):
@@ -91,6 +97,9 @@ class Client:
         self.max_wait_s = max_wait_s
         self.curve = curve
         self.seed = seed
+        self._noise_rng = np.random.default_rng(secrets.randbits(128))  # local DP noise: never from --seed
+        self.local_releases: Counter[float] = Counter()  # local DP: noised updates sent, by noise multiplier
+        self.local_noise_floor = local_noise_floor  # local DP this site insists on, whatever the server's plan
         self.shard: str | None = None
         self._reconnecting = False
         self.model: Any = None
@@ -310,22 +319,50 @@ class Client:
         key = ("fit", message.body["run"], message.round, json.dumps(message.body["plan"], sort_keys=True))
         if self._answer_again(key, f"round {message.round} update", attempt):
             return
-        plan = FitPlan.from_body(message.body["plan"])
+        plan = self._with_local_noise(FitPlan.from_body(message.body["plan"]))
         log.info("round %d: training%s", message.round, f" (attempt {attempt})" if attempt > 1 else "")
         self.trainer.load(message.arrays, plan)
+        anchor = [np.array(a) for a in message.arrays] if plan.clip_norm > 0 else None  # copies: frames are freed
         del message.arrays[:]  # release the received frames before training
         self._last_answer = None
         weights, num_examples, metrics = self.trainer.train(plan)
         metrics["history"] = _bounded_history(metrics["history"], plan.epochs)
+        if anchor is not None:  # differential privacy: clip (and, for local DP, noise) before it leaves
+            weights, metrics["within_clip"] = clip_and_noise(weights, anchor, plan.clip_norm, plan.local_noise,
+                                                             self._noise_rng)
         update = Message(MessageType.UPDATE, round=message.round, client_id=self.client_id,
                          body={"attempt": attempt, "num_examples": num_examples, **metrics}, arrays=weights)
         self._last_answer = (key, update)
         self._send(protocol.encode(update), what=f"round {message.round} update")
         self.rounds_trained += 1
+        if plan.clip_norm > 0 and plan.local_noise > 0:
+            self._account_local_release(plan)
         summary = ", ".join(f"{k} {v[-1]:.4f}" for k, v in metrics["history"].items() if v and v[-1] is not None)
         log.info("round %d: trained %d epochs on %d examples in %.2fs%s: %s", message.round,
                  self.epochs or plan.epochs, num_examples, metrics["fit_s"],
                  f" with proximal mu {plan.proximal_mu:g}" if plan.proximal_mu else "", summary)
+
+    def _with_local_noise(self, plan: FitPlan) -> FitPlan:
+        """The plan with this site's own local DP floor applied: at least ``local_noise_floor`` clip norms
+        of noise; a plan without a clip norm (no bound, so no noise scale) is refused, not obeyed."""
+        if not self.local_noise_floor or plan.local_noise >= self.local_noise_floor:
+            return plan
+        if plan.clip_norm <= 0:
+            raise ClientError(f"the server asked for an update without clipping, but this site sends only locally "
+                              f"private updates (--dp-local-noise-multiplier {self.local_noise_floor:g}); not "
+                              f"sending it: run the server with --dp-local-noise-multiplier (or --dp-clipping client)")
+        return dataclasses.replace(plan, local_noise=self.local_noise_floor)
+
+    def _account_local_release(self, plan: FitPlan) -> None:
+        """Local DP: this site's own count of the noised updates it sent, and their epsilon (at the
+        plan's delta), whatever the server reports (privacy.py: one Gaussian release each)."""
+        from pyfed.federation.privacy import local_epsilon_of
+
+        self.local_releases[plan.local_noise] += 1
+        delta = plan.local_delta if 0 < plan.local_delta < 1 else LOCAL_DELTA
+        log.info("local differential privacy: %d noised updates sent (noise multiplier %g): this site's "
+                 "local epsilon %.4g at delta %g", sum(self.local_releases.values()), plan.local_noise,
+                 local_epsilon_of(dict(self.local_releases), delta), delta)
 
     def _evaluate(self, message: Message) -> None:
         key = ("evaluate", message.body["run"], message.round)

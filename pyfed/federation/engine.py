@@ -39,7 +39,7 @@ from pyfed.federation.strategy import Aggregator, FitResult, Strategy, WeightedM
 from pyfed.federation.aggregate import weighted_evaluation, why_unusable
 from pyfed.persistence.files import CheckpointError, CheckpointMismatch
 from pyfed.persistence.store import Persister, RunStore
-from pyfed.persistence.tracking import RoundRecord, RunLog, best_round, format_metric
+from pyfed.persistence.tracking import RoundRecord, RunDescription, RunLog, best_round, format_metric
 from pyfed.wire import protocol
 from pyfed.wire.protocol import FitPlan, MessageType, ProtocolError
 
@@ -70,6 +70,10 @@ class ExportModel(Protocol):
 
 class EngineStopping(Exception):
     """A stop was requested (SIGTERM): the run ends cleanly at the next wait."""
+
+
+class RunOver(Exception):
+    """The strategy ends the run before its planned rounds (a privacy budget spent): not an error."""
 
 
 class RoundTimeout:
@@ -199,6 +203,7 @@ class RoundEngine:
         self.history: list[RoundRecord] = []
         self.summary_clients: dict[str, dict[str, Any]] = {}
         self.final_metrics: tuple[float | None, float | None] = (None, None)
+        self.ended_early: str | None = None  # why the run ended before its planned rounds (a privacy budget)
         self._stop_reason: str | None = None
         self._collection: Collection | None = None
 
@@ -258,8 +263,7 @@ class RoundEngine:
         return RunState(completed, list(weights), history, strategy, pool_state, summary_clients, slowest, run_id)
 
     def open(self, store: RunStore, *, logdir: Path | None, config: dict[str, Any], fresh_start: bool = False,
-             model_json: str | None = None, model_summary: str | None = None,
-             weight_names: list[str] | None = None) -> RunLog | None:
+             description: RunDescription = RunDescription()) -> RunLog | None:
         """Resume from ``store``'s newest usable checkpoint (unless ``fresh_start``) or archive the last
         run; open the run log (rewriting a resumed run's events); persist through ``store`` from now on."""
         restored = None if fresh_start else store.resume(self.load_checkpoint)
@@ -275,7 +279,7 @@ class RoundEngine:
             run_log = RunLog(logdir, config=config, resume=self.history if restored else None,
                              clients=self.summary_clients if restored else None,
                              model_files=self.export.written if self.export is not None else None,
-                             model_json=model_json, model_summary=model_summary, weight_names=weight_names)
+                             description=description)
             if run_log.archived_to:
                 log.info("moved the previous run's logs to %s", run_log.archived_to)
         self.persister = Persister(store, run_log)
@@ -317,13 +321,16 @@ class RoundEngine:
             self._wait_for_clients(self.min_clients)
             for server_round in range(self.completed_rounds + 1, self.rounds + 1):
                 self._run_round(server_round)
+        except RunOver as over:
+            self.ended_early = str(over)
+            log.warning("ending the run after %d of %d rounds: %s", self.completed_rounds, self.rounds, over)
         finally:
             if self.persister is not None:
                 self.persister.wait()
         self.final_metrics = ((self.history[-1].test_loss, self.history[-1].test_accuracy)
                               if self.history else self._evaluate(self.weights))
         if self.persister is not None:
-            self.persister.finish(self.snapshot(finished=True), self.final_metrics)
+            self.persister.finish(self.snapshot(finished=True), self.final_metrics, self.ended_early)
         return self.history
 
     def close(self) -> None:
@@ -376,6 +383,7 @@ class RoundEngine:
             bytes_sent=self.pool.bytes_sent - sent_before, bytes_received=self.pool.bytes_received - received_before)
         record.failed_attempts = failed_attempts
         record.refused = refused
+        record.privacy = self.strategy.privacy_report()
         self.history.append(record)
         self.completed_rounds = server_round
         weights, records = self.weights, list(self.history)
@@ -438,6 +446,9 @@ class RoundEngine:
                                                                      dict[str, FitResult], dict[str, str]]:
         """One try at a round: sample clients, ask them to train, collect what arrives."""
         connected = self.pool.connected()
+        reason = self.strategy.why_not_run(server_round, len(connected))
+        if reason is not None:
+            raise RunOver(f"round {server_round} may not run: {reason}")
         sampled = sample_clients(connected, self.fraction_fit, self.min_fit_clients,
                                  (self.seed, server_round, attempt))
         selected = self.strategy.configure_fit(server_round, sampled, self.plan)
@@ -453,7 +464,8 @@ class RoundEngine:
         def accept(answer: Answer) -> None:
             body = answer.body
             result = FitResult(answer.client_id, answer.arrays, body["num_examples"],
-                               {"fit_s": body["fit_s"], "history": body["history"]})
+                               {"fit_s": body["fit_s"], "history": body["history"],
+                                **({"within_clip": body["within_clip"]} if "within_clip" in body else {})})
             aggregator.add(result)
             result.weights = ()
             answer.arrays = []
@@ -619,6 +631,13 @@ def restored_strategy(strategy: Strategy, saved: Any, weights: list[np.ndarray])
         raise ValueError("the strategy state is not a mapping")
     restored = copy.deepcopy(strategy)
     restored.load_state(saved)
+    kept = set(restored.state())
+    if set(saved) - kept:  # state this strategy would silently drop
+        if "privacy" in saved and "privacy" not in kept:
+            raise ValueError("the checkpoint's run was differentially private; resuming it without the same --dp-* "
+                             "settings would void its guarantee (give them, or start afresh with --fresh-start)")
+        raise ValueError(f"the checkpoint's strategy kept {sorted(set(saved) - kept)}, which this strategy does not "
+                         f"(was the run made with other --strategy settings?)")
     trial = getattr(copy.deepcopy(restored), "inner", None) or copy.deepcopy(restored)
     if isinstance(trial, WeightedMeanStrategy):  # the strategies that keep state between rounds
         with np.errstate(over="ignore", invalid="ignore"):

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pyfed.federation.pool import (Answer, Back, ClientInfo, EvaluateRequest, FitRequest, Gone, Misbehaved,
+from pyfed.federation.pool import (Answer, Back, ClientInfo, FitRequest, Gone, Misbehaved,
                                    PoolEvent, Request)
 from pyfed.federation.registry import ClientRecord, JoinRefused, Registry
 from pyfed.wire import protocol

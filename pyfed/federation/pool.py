@@ -14,6 +14,7 @@ request again), or a client that :class:`Misbehaved` (sent a message that could 
 from __future__ import annotations
 
 import logging
+import secrets
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from pyfed.federation.aggregate import clip_and_noise
 from pyfed.wire.protocol import FitPlan, MessageType
 
 log = logging.getLogger("pyfed.pool")
@@ -160,6 +162,7 @@ class InProcessPool:
         self.trainers = dict(trainers)
         self.drop_rate = drop_rate
         self._rng = np.random.default_rng(seed)
+        self._noise_rng = np.random.default_rng(secrets.randbits(128))  # local DP noise: never from the seed
         self._queue: deque[tuple[str, Request]] = deque()
         self._on_answer = on_answer  # on_answer(done, remaining): progress through the requests queued
         self._done = 0
@@ -196,6 +199,9 @@ class InProcessPool:
         trainer = self.trainers[client_id]
         if isinstance(request, FitRequest):
             weights, num_examples, metrics = trainer.fit(list(request.weights), request.plan)
+            if request.plan.clip_norm > 0:  # differential privacy: what a networked client does before sending
+                weights, metrics["within_clip"] = clip_and_noise(weights, request.weights, request.plan.clip_norm,
+                                                                 request.plan.local_noise, self._noise_rng)
             answer = Answer(client_id, MessageType.UPDATE, request.round, request.attempt,
                             {"num_examples": num_examples, **metrics}, list(weights))
         else:

@@ -26,7 +26,7 @@ from pyfed.federation.network import NetworkPool
 from pyfed.federation.registry import ClientRecord
 from pyfed.federation.strategy import FedAvg, Strategy
 from pyfed.persistence.store import RunStore, model_fingerprint
-from pyfed.persistence.tracking import RoundRecord, RunLog, format_metric
+from pyfed.persistence.tracking import RoundRecord, RunDescription, RunLog, format_metric
 from pyfed.wire.protocol import FitPlan, WireModel
 from pyfed.wire.security import CurveKeys
 from pyfed.wire.transport import raise_open_file_limit
@@ -48,8 +48,7 @@ class Server:
         strategy: Strategy | None = None,
         evaluate: Evaluate | None = None,
         export: ExportModel | None = None,
-        model_summary: str | None = None,
-        weight_names: list[str] | None = None,
+        description: RunDescription | None = None,
         logdir: Path | None = None,
         round_timeout_s: float | str | None = AUTO,
         num_shards: int = 0,
@@ -84,8 +83,7 @@ class Server:
         }, keep=keep_checkpoints)
         self.fresh_start = fresh_start
         self.config_summary = config_summary or {}
-        self.model_json, self.model_summary = model.model_json, model_summary
-        self.weight_names = weight_names  # set: histograms of the global weights per round
+        self.description = description or RunDescription(model_json=model.model_json)
         self.rounds = rounds
         self.run_log: RunLog | None = None
 
@@ -118,8 +116,7 @@ class Server:
     def open(self) -> None:
         """Resume from the newest usable checkpoint, or archive the last run and start a new one."""
         self.run_log = self.engine.open(self.store, logdir=self.logdir, config=self.config_summary,
-                                        fresh_start=self.fresh_start, model_json=self.model_json,
-                                        model_summary=self.model_summary, weight_names=self.weight_names)
+                                        fresh_start=self.fresh_start, description=self.description)
 
     def run(self) -> list[RoundRecord]:
         """Resume or start, wait for clients, run every round, tell the clients the run is over.
@@ -145,7 +142,8 @@ class Server:
             self.engine.run()
             self.pool.finish("the run is complete")
             loss, accuracy = self.engine.final_metrics
-            log.info("run finished: %d rounds, final test loss %s, accuracy %s%s", self.rounds, format_metric(loss),
+            log.info("run finished: %d rounds, final test loss %s, accuracy %s%s", self.engine.completed_rounds,
+                     format_metric(loss),
                      format_metric(accuracy), f"; summary in {self.run_log.summary_path}" if self.run_log else "")
         except EngineStopping as stopping:
             self.pool.stop(str(stopping))

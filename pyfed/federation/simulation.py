@@ -23,7 +23,7 @@ import numpy as np
 from pyfed.federation.engine import ExportModel, RoundEngine, RoundTimeout
 from pyfed.federation.pool import InProcessPool
 from pyfed.federation.strategy import FedAvg, Strategy
-from pyfed.learning.model import evaluator, text_summary, to_wire
+from pyfed.learning.model import describe_model, evaluator, to_wire
 from pyfed.learning.training import LocalTrainer
 from pyfed.persistence.store import RunStore, model_fingerprint
 from pyfed.persistence.tracking import RoundRecord, RunLog, format_metric
@@ -108,8 +108,7 @@ class Simulation:
                                   on_round=self._round_done)
         self.logdir = Path(logdir) if logdir else None
         model_json, compile_config = to_wire(model)
-        self.model_json = model_json
-        self.weight_names = [variable.path for variable in model.weights] if histograms else None
+        self.description = describe_model(model, histograms=histograms)
         checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else (self.logdir / "checkpoints" if logdir else None)
         self.store = RunStore(checkpoint_dir, {
             "model": model_fingerprint(model_json, compile_config, protocol.array_specs(model.get_weights())),
@@ -145,8 +144,7 @@ class Simulation:
     def run(self) -> list[RoundRecord]:
         """Run every remaining round (resuming an interrupted run); afterwards ``model`` holds the global weights."""
         self.run_log = self.engine.open(self.store, logdir=self.logdir, config=self.config_summary,
-                                        fresh_start=self.fresh_start, model_json=self.model_json,
-                                        model_summary=text_summary(self.model), weight_names=self.weight_names)
+                                        fresh_start=self.fresh_start, description=self.description)
         log.info("simulating %d clients for %d rounds with %s", len(self.trainers), self.rounds,
                  self.engine.strategy.name)
         try:

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import zipfile
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,7 +140,10 @@ def load_image_folder(directory: Path, options: ReadOptions = ReadOptions()) -> 
             raise DataError(f"{path}: is {array.shape[1]}x{array.shape[0]} but {paths[0]} is "
                             f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; give --image-size HEIGHTxWIDTH to resize all")
         arrays.append(array)
-    return check_examples(np.stack(arrays) / np.float32(255), np.asarray(labels, np.int64), str(directory))
+    pixels = np.stack(arrays)
+    del arrays
+    pixels /= np.float32(255)  # in place: a large folder is not held twice
+    return check_examples(pixels, np.asarray(labels, np.int64), str(directory))
 
 
 def load_csv(path: Path, *, label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:
@@ -156,34 +160,17 @@ def load_csv(path: Path, *, label_column: str = "label") -> tuple[np.ndarray, np
             if label_column not in header:
                 shown = ", ".join(header[:12]) + (" ..." if len(header) > 12 else "")
                 raise DataError(f"{path}: has no column {label_column!r} (--label-column); its columns are {shown}")
-            repeated = sorted({name for name in header if header.count(name) > 1})
+            repeated = sorted(name for name, count in Counter(header).items() if count > 1)
             if repeated:
                 raise DataError(f"{path}: names column(s) {', '.join(map(repr, repeated[:5]))} more than once")
-            label_index = header.index(label_column)
-            features, labels = [], []
+            texts, lines = [], []
             for line, row in enumerate(rows, start=2):
                 if not row or all(not value.strip() for value in row):
                     continue
                 if len(row) != len(header):
                     raise DataError(f"{path}: line {line} has {len(row)} values; the header has {len(header)}")
-                values = []
-                for name, value in zip(header, row):
-                    try:
-                        number = float(value)
-                    except ValueError:
-                        number = math.nan
-                    if name == label_column:
-                        if not (math.isfinite(number) and number >= 0 and number.is_integer()):
-                            raise DataError(f"{path}: line {line}, column {name!r}: {value.strip()[:40]!r} is not a "
-                                            f"class number (0, 1, 2 ...); map class names to numbers the same "
-                                            f"way at every site")
-                    elif not math.isfinite(number):
-                        raise DataError(f"{path}: line {line}, column {name!r}: {value.strip()[:40]!r} is not a "
-                                        f"finite number (every feature must be numeric)")
-                    values.append(number)
-                label = values.pop(label_index)
-                features.append(values)
-                labels.append(int(label))
+                texts.append(row)
+                lines.append(line)
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -192,11 +179,42 @@ def load_csv(path: Path, *, label_column: str = "label") -> tuple[np.ndarray, np
         raise DataError(f"{path}: not a UTF-8 text file ({error.reason} at byte {error.start})") from None
     except csv.Error as error:
         raise DataError(f"{path}: not a readable CSV file ({error})") from None
-    if not labels:
+    if not texts:
         raise DataError(f"{path}: has a header but no examples")
     if len(header) < 2:
         raise DataError(f"{path}: has only the label column; a CSV needs feature columns too")
-    return check_examples(np.asarray(features, np.float32), np.asarray(labels, np.int64), str(path))
+    label_index = header.index(label_column)
+    try:  # numpy parses the whole table at once; a value it cannot take is found and named below
+        table = np.array(texts, dtype=np.float64)
+    except ValueError:
+        table = None
+    labels = table[:, label_index] if table is not None else None
+    if table is None or not np.isfinite(table).all() or (labels < 0).any() or (labels != np.floor(labels)).any():
+        for line, row in zip(lines, texts):
+            _check_csv_row(path, line, header, row, label_column)
+        if table is None:  # every value is a number to Python, if not to numpy (say, "1_000")
+            table = np.array([[float(value) for value in row] for row in texts], dtype=np.float64)
+            labels = table[:, label_index]
+    del texts
+    features = np.delete(table, label_index, axis=1).astype(np.float32)
+    return check_examples(features, labels.astype(np.int64), str(path))
+
+
+def _check_csv_row(path: Path, line: int, header: list[str], row: list[str], label_column: str) -> None:
+    """Refuse the first value of ``row`` that is not a number (a feature) or a class number (the label)."""
+    for name, value in zip(header, row):
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if name == label_column:
+            if not (math.isfinite(number) and number >= 0 and number.is_integer()):
+                raise DataError(f"{path}: line {line}, column {name!r}: {value.strip()[:40]!r} is not a "
+                                f"class number (0, 1, 2 ...); map class names to numbers the same "
+                                f"way at every site")
+        elif not math.isfinite(number):
+            raise DataError(f"{path}: line {line}, column {name!r}: {value.strip()[:40]!r} is not a "
+                            f"finite number (every feature must be numeric)")
 
 
 def check_examples(x: np.ndarray, y: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:

@@ -23,6 +23,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pyfed.persistence.tracking import RunDescription  # noqa: E402
 from pyfed.wire.protocol import WireModel  # noqa: E402
 
 DEFAULT_LOSS = "sparse_categorical_crossentropy"
@@ -117,6 +118,12 @@ def text_summary(model: keras.Model) -> str:
     parts: list[str] = []
     model.summary(print_fn=lambda text, *args, **kwargs: parts.append(str(text)))
     return "```\n" + "\n".join(part.rstrip("\n") for part in parts) + "\n```"
+
+
+def describe_model(model: keras.Model, *, histograms: bool = False) -> RunDescription:
+    """What TensorBoard shows of ``model`` once per run (and, with ``histograms``, which arrays)."""
+    return RunDescription(model_json=model.to_json(), model_summary=text_summary(model),
+                          weight_names=tuple(variable.path for variable in model.weights) if histograms else None)
 
 
 def wire_model(model: keras.Model) -> WireModel:

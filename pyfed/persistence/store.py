@@ -237,9 +237,10 @@ class Persister:
             self._jobs.put(None)
             self._thread.join()
 
-    def finish(self, snapshot: dict[str, Any], final: tuple[float | None, float | None]) -> None:
+    def finish(self, snapshot: dict[str, Any], final: tuple[float | None, float | None],
+               ended_early: str | None = None) -> None:
         """The run is over: its final checkpoint, then summary.json marked finished (in this thread)."""
         self.wait()
         self.store.save(snapshot)
         if self.run_log is not None:
-            self.run_log.finish(*final)
+            self.run_log.finish(*final, ended_early=ended_early)

@@ -15,7 +15,6 @@ whole after the next round, and a resumed run rewrites every round's events from
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -30,6 +29,17 @@ from pyfed.persistence.files import write_json_atomic
 from pyfed.wire.protocol import is_client_id
 
 log = logging.getLogger("pyfed.tracking")
+
+
+@dataclass(frozen=True)
+class RunDescription:
+    """What TensorBoard shows of a run once, in the server's run: the model's layers (its Keras JSON,
+    the Graphs dashboard) and summary table (Text), and, when set, the names of the global weight
+    arrays, each histogrammed every round."""
+
+    model_json: str | None = None
+    model_summary: str | None = None
+    weight_names: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -52,6 +62,7 @@ class RoundRecord:
     federated_evaluation: dict[str, Any] | None = None  # {loss, accuracy, num_examples, clients}
     failed_attempts: list[dict[str, Any]] = field(default_factory=list)  # earlier tries with too few updates
     refused: str | None = None  # why the round's new global model was refused (the previous one was kept)
+    privacy: dict[str, float] | None = None  # differential privacy: epsilon spent so far, delta, clip norm ...
 
     @classmethod
     def build(cls, server_round: int, selected: list[str], results: dict[str, Any], *, duration_s: float,
@@ -97,7 +108,9 @@ class RoundRecord:
         return (f"round {self.round}/{rounds}{retried} finished in {self.duration_s:.2f}s: {len(self.clients)}/"
                 f"{len(self.selected)} updates, test loss {format_metric(self.test_loss)}, accuracy {format_metric(self.test_accuracy)}"
                 + (f"; federated loss {format_metric(federated['loss'])}, accuracy {format_metric(federated['accuracy'])} "
-                   f"on {federated['num_examples']} held-out examples" if federated else ""))
+                   f"on {federated['num_examples']} held-out examples" if federated else "")
+                + (f"; epsilon spent {self.privacy['epsilon']:.4g} (delta {self.privacy['delta']:g})"
+                   if self.privacy else ""))
 
 
 #: what ``best.keras`` is chosen by; the accuracies are maximised, the losses minimised
@@ -159,6 +172,8 @@ _RECORD_FIELDS = {
     "federated_evaluation": _optional(lambda v: isinstance(v, dict)),
     "failed_attempts": lambda v: isinstance(v, list) and all(isinstance(a, dict) for a in v),
     "refused": _optional(lambda v: isinstance(v, str)),
+    "privacy": _optional(lambda v: isinstance(v, dict) and all(isinstance(k, str) and (_number(x) or x is None)
+                                                               for k, x in v.items())),
 }
 
 
@@ -203,8 +218,7 @@ class RunLog:
     def __init__(self, logdir: Path, *, config: dict[str, Any], resume: list[RoundRecord] | None = None,
                  clients: dict[str, dict[str, Any]] | None = None,
                  model_files: Callable[[], dict[str, Any]] | None = None,
-                 model_json: str | None = None, model_summary: str | None = None,
-                 weight_names: list[str] | None = None):
+                 description: RunDescription = RunDescription()):
         import shutil
 
         self.logdir = Path(logdir)
@@ -219,27 +233,27 @@ class RunLog:
         self.rounds: list[RoundRecord] = []
         self.config = config
         self.model_files = model_files  # which round each model file holds, when they are written
-        self.weight_names = weight_names  # set: a histogram of each global weight array per round
+        self.weight_names = description.weight_names  # set: a histogram of each global weight array per round
         self._server_events = EventFile(self.logdir / "server")
         self._client_events: dict[str, EventFile] = {}
         self._client_epochs: dict[str, int] = {}
         self.final: dict[str, Any] | None = None
         self.clients: dict[str, dict[str, Any]] = dict(clients or {})  # client id -> {"shard", "num_examples"}
-        self._describe_run(model_json, model_summary)
+        self._describe_run(description)
         for record in resume or []:
             self._write_events(record)
             self.rounds.append(record)
         if resume:
             self.write_summary()
 
-    def _describe_run(self, model_json: str | None, model_summary: str | None) -> None:
+    def _describe_run(self, description: RunDescription) -> None:
         """Once per server process, in the server's run: the settings (HParams dashboard), the
         model's layers (Graphs, as Keras draws them) and its summary table (Text)."""
         summaries = [(events.hyperparameters(self.config), 0)]
-        if model_json:
-            summaries.append((events.keras_model_graph(model_json), 0))
-        if model_summary:
-            summaries.append((events.text("model/summary", model_summary), 0))
+        if description.model_json:
+            summaries.append((events.keras_model_graph(description.model_json), 0))
+        if description.model_summary:
+            summaries.append((events.text("model/summary", description.model_summary), 0))
         try:
             self._server_events.write(summaries)
         except Exception as error:  # noqa: BLE001 - logs never stop a run
@@ -285,6 +299,8 @@ class RunLog:
         scalars += [(f"federated/{name}", _finite_or_none(federated.get(name)), step) for name in ("loss", "accuracy")]
         scalars += [("round/duration_s", record.duration_s, step), ("round/participants", len(record.clients), step),
                     ("round/bytes_sent", record.bytes_sent, step), ("round/bytes_received", record.bytes_received, step)]
+        scalars += [(f"privacy/{name}", value, step) for name, value in (record.privacy or {}).items()
+                    if name != "delta"]
         self._server_events.write_scalars([s for s in scalars if s[1] is not None])
         for client_id in record.clients:
             self._record_client(client_id, record)
@@ -305,9 +321,11 @@ class RunLog:
         self._client_event_file(client_id).write_scalars(scalars)
         self._client_epochs[client_id] = first_epoch + num_epochs
 
-    def finish(self, test_loss: float | None, test_accuracy: float | None) -> None:
-        """Record the final global evaluation and mark the run finished."""
-        self.final = {"test_loss": _finite_or_none(test_loss), "test_accuracy": _finite_or_none(test_accuracy)}
+    def finish(self, test_loss: float | None, test_accuracy: float | None, ended_early: str | None = None) -> None:
+        """Record the final global evaluation and mark the run finished (``ended_early``: why before its
+        planned rounds, e.g. its privacy budget)."""
+        self.final = {"test_loss": _finite_or_none(test_loss), "test_accuracy": _finite_or_none(test_accuracy),
+                      **({"ended_early": ended_early} if ended_early else {})}
         self.write_summary()
 
     def model_summary(self) -> dict[str, Any]:

@@ -261,8 +261,11 @@ class FitPlan:
 
     ``proximal_mu`` > 0 adds FedProx's ``mu/2 * ||w - w_global||^2`` to the client's loss;
     ``eval_fraction`` > 0 holds that share of each client's data out of training, for federated
-    evaluation of the global model. Each field's range is the one the wire, the configuration and
-    the strategies all check (:meth:`range_of`).
+    evaluation of the global model. ``clip_norm`` > 0 has the client clip its update's change from
+    the global model to that L2 norm before sending it, and ``local_noise`` > 0 then add Gaussian
+    noise of ``local_noise * clip_norm`` (client-side clipping and local DP, strategy/dp.py), and log
+    the local epsilon its noised updates have spent at ``local_delta``. Each field's range is the one
+    the wire, the configuration and the strategies all check (:meth:`range_of`).
     """
 
     epochs: int = _plan_field(1, Range(1, MAX_EPOCHS, integer=True))
@@ -270,6 +273,9 @@ class FitPlan:
     learning_rate: float = _plan_field(0.001, Range(0, 1e6, low_open=True))
     proximal_mu: float = _plan_field(0.0, Range(0, 1e6), required=False)
     eval_fraction: float = _plan_field(0.0, Range(0, 0.9), required=False)
+    clip_norm: float = _plan_field(0.0, Range(0, 1e6), required=False)  # > 0: clip the update's change (DP)
+    local_noise: float = _plan_field(0.0, Range(0, 1e6), required=False)  # > 0: add N(0, (this*clip_norm)^2)
+    local_delta: float = _plan_field(0.0, Range(0, 1), required=False)  # the delta a client's local epsilon is at
 
     @staticmethod
     def range_of(name: str) -> Range:
@@ -315,6 +321,7 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
         "num_examples": (_int_in(1, 2**53), True),
         "fit_s": (_float_in(0.0, 1e9), True),
         "history": (_history, True),
+        "within_clip": (_bool, False),  # with a plan's clip_norm: the change's norm was at most it
     },
     # server -> client: evaluate these global weights (arrays) on your held-out data.
     MessageType.EVALUATE: {

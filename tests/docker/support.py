@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable
@@ -70,7 +71,12 @@ def steps_once(port: int, run: str, tag: str, rounds: int, timeout_s: float = 60
     """Whether TensorBoard shows steps 1..rounds exactly once, waiting for its reload (every 5 s)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        steps = scalar_steps(port, run, tag)
+        try:
+            steps = scalar_steps(port, run, tag)
+        except urllib.error.HTTPError as error:  # 404 until TensorBoard's next reload has the tag
+            if error.code != 404 or time.monotonic() > deadline:
+                raise
+            steps = []
         if steps == list(range(1, rounds + 1)) or time.monotonic() > deadline:
             assert steps == list(range(1, rounds + 1)), (run, tag, steps)
             return True

@@ -54,6 +54,14 @@ class Project:
         docker("cp", f"{container}:{path}", str(target))
         return target
 
+    def wait_finished(self) -> str:
+        """Wait for the server and every client replica to exit 0; return the server's container name."""
+        server = f"{self.name}-server-1"
+        assert self.wait_exit(server) == 0, self.logs("server")
+        for client in self.containers("client"):
+            assert self.wait_exit(client["Name"], 120) == 0, self.logs("client")
+        return server
+
     def down(self) -> None:
         self.compose("down", "-v", "--remove-orphans", timeout=300, check=False)
 
@@ -282,10 +290,7 @@ def test_your_model_from_models_trains_and_a_second_run_starts_from_the_firsts_b
     settings = base_settings(ROUNDS=2, MODEL="/models/cnn.py:build")
     project = project_factory(**settings)
     project.compose("up", "-d", "--build", "--scale", "client=3")
-    server = f"{project.name}-server-1"
-    assert project.wait_exit(server) == 0, project.logs("server")
-    for client in project.containers("client"):
-        assert project.wait_exit(client["Name"], 120) == 0, project.logs("client")
+    server = project.wait_finished()
     assert "model has 6 arrays" in project.logs("server")  # the CNN's kernels and biases, not the default MLP
 
     first = json.loads(project.copy_out(server, "/logs/summary.json").read_text())
@@ -310,7 +315,7 @@ def test_your_model_from_models_trains_and_a_second_run_starts_from_the_firsts_b
     assert project.wait_exit(server) == 0, project.logs("server")
     second_log = project.logs("server").split("the initial global model's weights come from")[-1]
     assert second_log.startswith(" /logs/model/best.keras")
-    assert f"global model before round 1: test loss" in second_log
+    assert "global model before round 1: test loss" in second_log
     assert f"accuracy {best['value']:.4f}" in second_log.split("global model before round 1:")[1].splitlines()[0]
 
 
@@ -331,10 +336,7 @@ def remote_site(project_factory, server_settings: dict, tmp_path: Path, client_i
 def finish_with_sites(project: Project, sites: list[Project], clients: int) -> dict:
     """Wait for the server and every client (the Compose replicas and the remote sites) to exit 0;
     return summary.json."""
-    server = f"{project.name}-server-1"
-    assert project.wait_exit(server) == 0, project.logs("server")
-    for client in project.containers("client"):
-        assert project.wait_exit(client["Name"], 120) == 0, project.logs("client")
+    server = project.wait_finished()
     for site in sites:
         assert site.wait_exit(f"{site.name}-client-1", 120) == 0, site.logs("client")
     summary = json.loads(project.copy_out(server, "/logs/summary.json").read_text())
@@ -416,3 +418,32 @@ def test_image_folder_sites_in_compose_and_sites_whose_images_do_not_fit_are_tol
     assert summary["clients"]["image-site"]["num_examples"] == len(y) - 1500
     assert summary["final"]["test_accuracy"] > 0.8
     assert "images:/input/digits" in project.logs("data")
+
+
+def test_a_private_compose_run_stops_at_its_budget_and_tensorboard_shows_epsilon(project_factory):
+    """DP_NOISE_MULTIPLIER with DP_TARGET_EPSILON: the noise is fixed and the server ends the run, cleanly,
+    before the round that would spend more than the target; TensorBoard has privacy/epsilon per round.
+    With DP_LOCAL_NOISE_MULTIPLIER the client containers noise their own updates and log their own
+    local epsilon, and the server reports the worst client's."""
+    from pyfed.federation.privacy import RoundEvent, epsilon, local_epsilon
+
+    event = RoundEvent(3, 3, 1.0)
+    target = (epsilon([(event, 2)], 1e-5) + epsilon([(event, 3)], 1e-5)) / 2  # allows 2 of the 5 rounds
+    settings = base_settings(ROUNDS=5, EPOCHS=2, DP_NOISE_MULTIPLIER="1.0", DP_TARGET_EPSILON=f"{target:.6f}",
+                             DP_LOCAL_NOISE_MULTIPLIER="0.5")
+    project = project_factory(**settings)
+    project.compose("up", "-d", "--build", "--scale", "client=3")
+    server = project.wait_finished()
+    log = project.logs("server")
+    assert "allows 2 of the 5 planned rounds" in log and "ending the run after 2 of 5 rounds" in log
+    summary = json.loads(project.copy_out(server, "/logs/summary.json").read_text())
+    assert summary["status"] == "finished" and "above the target" in summary["final"]["ended_early"]
+    spent = [r["privacy"]["epsilon"] for r in summary["rounds"]]
+    assert len(spent) == 2 and spent[-1] <= target
+    assert [r["privacy"]["local_epsilon"] for r in summary["rounds"]] == pytest.approx(
+        [local_epsilon(0.5, k, 1e-5) for k in (1, 2)], rel=1e-5)
+    assert project.logs("client").count("2 noised updates sent (noise multiplier 0.5): this site's local epsilon") == 3
+    port = settings["TENSORBOARD_PORT"]
+    wait_for_tensorboard_runs(port, {"server"})
+    assert steps_once(port, "server", "privacy/epsilon", 2)
+    assert steps_once(port, "server", "privacy/local_epsilon", 2)

@@ -173,6 +173,15 @@ def check_tensorboard_events(logdir):
      "pyfed export: error: --format / EXPORT_FORMAT: must be one of keras, savedmodel, tflite"),
     (["server", "--test-data", "x.npz", "--best-metric", "accuracy"],
      "pyfed server: error: --best-metric / BEST_METRIC: must be one of auto, test_accuracy"),
+    (["server", "--strategy", "krum", "--min-clients", "5", "--dp-target-epsilon", "3"],
+     "pyfed server: error: --strategy / STRATEGY with differential privacy: differential privacy needs a "
+     "FedAvg-family strategy, whose sensitivity to one client is bounded by clipping; krum is not one"),
+    (["server", "--min-clients", "10", "--dp-noise-multiplier", "5", "--dp-adaptive-quantile", "0.5"],
+     "pyfed server: error: --dp-adaptive-quantile / DP_ADAPTIVE_QUANTILE: noise multiplier 5 leaves no room"),
+    (["server", "--dp-target-delta", "1"], "pyfed server: error: --dp-target-delta / DP_TARGET_DELTA: must be"),
+    (["simulate", "--dp-local-noise-multiplier", "2"],
+     "pyfed simulate: error: --dp-local-noise-multiplier / DP_LOCAL_NOISE_MULTIPLIER is a layer on central "
+     "differential privacy: give --dp-noise-multiplier or --dp-target-epsilon too"),
 ])
 def test_cli_start_up_errors_exit_2_with_one_line(tmp_path, args, message):
     import subprocess
@@ -239,7 +248,7 @@ def test_csv_sites_train_and_a_site_whose_csv_does_not_fit_is_told_why_while_the
     wrong_column = processes.pyfed("client", "--server", address, "--data", f"csv:{tmp_path / 'site-1.csv'}",
                                    name="wrong-column")
     assert processes.wait(wrong_column, 60) == 2
-    assert f"site-1.csv: has no column 'label' (--label-column)" in wrong_column.log_path.read_text()
+    assert "site-1.csv: has no column 'label' (--label-column)" in wrong_column.log_path.read_text()
     clients = [processes.pyfed("client", "--server", address, "--data", f"csv:{tmp_path / f'site-{i}.csv'}",
                                "--label-column", "diagnosis", name=f"csv-site-{i}") for i in (1, 2)]
     assert processes.wait(server, 300) == 0, processes.tail(server)

@@ -211,6 +211,7 @@ def test_a_csv_site_gives_float_features_and_class_numbers_whatever_the_label_co
     ("a,label\n1,1.5\n", "line 2, column 'label': '1.5' is not a class number"),
     ("a,label\nx,1\n", "line 2, column 'a': 'x' is not a finite number"),
     ("a,label\nnan,1\n", "line 2, column 'a': 'nan' is not a finite number"),
+    ("a,label\n1,0\n2,1\n\n3,1\n1e999,2\n", "line 6, column 'a': '1e999' is not a finite number"),  # after a blank
     ("a,a,label\n1,2,1\n", "names column\\(s\\) 'a' more than once"),
 ])
 def test_a_csv_that_does_not_fit_is_refused_naming_the_file_line_and_column(tmp_path, text, message):

@@ -261,8 +261,9 @@ class RecordingPersister:
     def wait(self) -> None:
         pass
 
-    def finish(self, snapshot, final) -> None:
+    def finish(self, snapshot, final, ended_early=None) -> None:
         self.finished = (snapshot, final)
+        self.ended_early = ended_early
 
 
 def test_every_round_is_handed_to_the_persister_and_the_run_finishes_with_a_final_snapshot():
@@ -440,3 +441,23 @@ def test_the_model_is_exported_after_each_evaluation_and_best_marks_the_best_rou
     assert export.calls == [(1, 1.0, True), (2, 1.0, False), (4, 1.0, True)]
     assert "round 3: could not write the model files (OSError" in caplog.text  # the run went on
     assert run.completed_rounds == 4
+
+
+def test_a_privacy_budget_ends_the_run_cleanly_and_every_round_records_its_epsilon():
+    from pyfed.federation.privacy import PrivacyLedger, noise_for_target
+    from pyfed.federation.strategy.dp import DifferentialPrivacy
+
+    clock = Clock()
+    pool = FakePool({cid: answers(1.0) for cid in ("a", "b", "c", "d")}, clock)
+    z = noise_for_target(4.0, 1e-5, 3, 4, 2)  # the budget allows 3 rounds of 2 of 4 clients
+    dp = DifferentialPrivacy(FedAvg(), noise_multiplier=z, clip_norm=1.0, fraction=0.5, ledger=PrivacyLedger(1e-5, 4.0),
+                             rng=np.random.default_rng(0))
+    persister = RecordingPersister()
+    run = engine(pool, clock, rounds=10, strategy=dp, persister=persister)
+    history = run.run()
+    assert [len(r.selected) for r in history] == [2, 2, 2]  # 3 rounds, each asking 2 of the 4
+    assert run.ended_early and "round 4 may not run" in run.ended_early and "above the target 4" in run.ended_early
+    epsilons = [r.privacy["epsilon"] for r in history]
+    assert epsilons == sorted(epsilons) and epsilons[-1] == pytest.approx(4.0, rel=0.01)
+    assert persister.finished[0]["finished"] is True and persister.ended_early == run.ended_early
+    assert "epsilon spent" in history[-1].describe(10)

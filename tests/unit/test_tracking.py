@@ -4,7 +4,7 @@ import json
 import os
 
 from pyfed.persistence.files import write_json_atomic
-from pyfed.persistence.tracking import RoundRecord, RunLog, archive_previous_run
+from pyfed.persistence.tracking import RoundRecord, RunDescription, RunLog, archive_previous_run
 import pytest
 
 pytestmark = pytest.mark.unit
@@ -173,7 +173,7 @@ def test_the_servers_run_shows_its_settings_model_graph_and_summary(tmp_path):
     from tensorboard.util import tensor_util
 
     RunLog(tmp_path, config={"rounds": 3, "strategy": "fedavg", "model": None},
-           model_json='{"class_name": "Sequential"}', model_summary="```\nDense\n```")
+           description=RunDescription(model_json='{"class_name": "Sequential"}', model_summary="```\nDense\n```"))
     accumulator = event_accumulator.EventAccumulator(str(tmp_path / "server"), size_guidance={"tensors": 0})
     accumulator.Reload()
     assert all(plugin_tags(accumulator, plugin) for plugin in ("hparams", "graph_keras_model", "text"))
@@ -190,7 +190,7 @@ def test_with_weight_names_each_round_writes_a_histogram_of_every_global_array(t
     import numpy as np
     from tensorboard.backend.event_processing import event_accumulator
 
-    run_log = RunLog(tmp_path, config={}, weight_names=["dense/kernel", "dense/bias"])
+    run_log = RunLog(tmp_path, config={}, description=RunDescription(weight_names=("dense/kernel", "dense/bias")))
     for round_number in (1, 2):
         run_log.record_round(scored(round_number, 0.5), weights=[np.full((3, 2), round_number, np.float32),
                                                                  np.zeros(2, np.float32)])

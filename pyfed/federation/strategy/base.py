@@ -67,6 +67,15 @@ class Strategy:
         """The fewest updates a round needs for this rule to mean anything (checked at start-up)."""
         return 1
 
+    def why_not_run(self, server_round: int, available: int) -> str | None:
+        """Why the run must end before ``server_round`` with ``available`` clients connected (a privacy
+        budget spent, say), or None to run it."""
+        return None
+
+    def privacy_report(self) -> dict[str, float] | None:
+        """Figures of the round just aggregated for its record (summary.json, TensorBoard), or None."""
+        return None
+
     def state(self) -> dict[str, Any]:
         """Everything needed to resume this strategy: JSON values and lists of numpy arrays.
 

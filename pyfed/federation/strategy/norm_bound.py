@@ -48,6 +48,12 @@ class NormBound(Strategy):
     def min_fit_clients(self) -> int:
         return self.inner.min_fit_clients()
 
+    def why_not_run(self, server_round: int, available: int) -> str | None:
+        return self.inner.why_not_run(server_round, available)
+
+    def privacy_report(self) -> dict[str, float] | None:
+        return self.inner.privacy_report()
+
     def state(self) -> dict[str, Any]:
         return self.inner.state()
 
