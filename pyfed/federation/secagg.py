@@ -100,10 +100,17 @@ def rebuild_secret(shares: dict[int, bytes], threshold: int) -> bytes:
 class KeyPair:
     """One X25519 key pair, new for each round (a key never outlives the round it masks)."""
 
-    def __init__(self) -> None:
-        self._private = X25519PrivateKey.generate()
+    def __init__(self, private: bytes | None = None) -> None:
+        if private is not None and len(private) != SECRET_BYTES:
+            raise SecAggError(f"a private key is {SECRET_BYTES} bytes, not {len(private)}")
+        self._private = X25519PrivateKey.generate() if private is None else X25519PrivateKey.from_private_bytes(private)
         self.public = self._private.public_key().public_bytes(serialization.Encoding.Raw,
                                                                serialization.PublicFormat.Raw)
+
+    def private_bytes(self) -> bytes:
+        """The private key, to be secret-shared (the server rebuilds it only for a client that dropped)."""
+        return self._private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                           serialization.NoEncryption())
 
     def agree(self, peer_public: bytes, context: bytes) -> bytes:
         """The 32-byte key this pair shares with ``peer_public`` for ``context`` (HKDF-SHA256)."""
