@@ -36,10 +36,12 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from pyfed.wire.protocol import SECAGG_KEY_BYTES, SECAGG_SHARE_BYTES
+
 FIELD_PRIME = 2**521 - 1  # a Mersenne prime, above every 32-byte secret
 SECRET_BYTES = 32
-SHARE_BYTES = 66  # an element of GF(2^521 - 1)
-PUBLIC_KEY_BYTES = 32
+SHARE_BYTES = SECAGG_SHARE_BYTES  # an element of GF(2^521 - 1)
+PUBLIC_KEY_BYTES = SECAGG_KEY_BYTES
 NONCE_BYTES = 12
 MAX_RING_BITS = 64
 

@@ -47,7 +47,7 @@ from pyfed.federation.secagg import (MAX_RING_BITS, PUBLIC_KEY_BYTES, SHARE_BYTE
                                      dequantise, expand_mask, neighbours, open_sealed, quantise, rebuild_secret,
                                      ring_mask, seal, share_secret)
 
-MAX_BOX_BYTES = 2 * SHARE_BYTES + 200  # two shares, sealed, with room to spare
+from pyfed.wire.protocol import SECAGG_MAX_BOX_BYTES as MAX_BOX_BYTES  # two shares, sealed, and room to spare
 
 
 class SecAggAborted(RuntimeError):
