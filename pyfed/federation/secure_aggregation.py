@@ -48,6 +48,7 @@ from pyfed.federation.secagg import (MAX_RING_BITS, PUBLIC_KEY_BYTES, SHARE_BYTE
                                      ring_mask, seal, share_secret)
 
 from pyfed.wire.protocol import SECAGG_MAX_BOX_BYTES as MAX_BOX_BYTES  # two shares, sealed, and room to spare
+from pyfed.wire.protocol import MessageType, b64, unb64
 
 
 class SecAggAborted(RuntimeError):
@@ -352,3 +353,82 @@ class ServerRound:
         if len(shares) < self.setup.threshold:
             raise SecAggAborted(f"{len(shares)} shares came to unmask {owner}; the threshold is {self.setup.threshold}")
         return rebuild_secret(shares, self.setup.threshold)
+
+
+# --- the stages as messages: one home for the networked client and the in-process pool -------------
+
+def round_context(run: str, server_round: int, attempt: int) -> bytes:
+    """What binds an attempt's keys, boxes and masks to it: the run, the round and the attempt."""
+    return f"{run}|{server_round}|{attempt}".encode()
+
+
+def flatten_change(weights: Sequence[np.ndarray], global_weights: Sequence[np.ndarray]) -> np.ndarray:
+    """A trained model's change from the global one, as one float64 vector over its floating-point
+    arrays (integer arrays, say counters, are not averaged: the global value stays)."""
+    parts = [np.ravel(np.asarray(w, np.float64) - np.asarray(g, np.float64))
+             for w, g in zip(weights, global_weights) if np.dtype(g.dtype).kind == "f"]
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def apply_change(global_weights: Sequence[np.ndarray], change: np.ndarray) -> list[np.ndarray]:
+    """The global weights moved by ``change`` (a vector as :func:`flatten_change` makes)."""
+    moved, offset = [], 0
+    for g in global_weights:
+        if np.dtype(g.dtype).kind != "f":
+            moved.append(g)
+            continue
+        size = int(np.size(g))
+        moved.append((np.asarray(g, np.float64) + change[offset:offset + size].reshape(np.shape(g))).astype(g.dtype))
+        offset += size
+    if offset != change.size:
+        raise SecAggError(f"a change of {change.size} values does not fit a model of {offset}")
+    return moved
+
+
+class ClientStages:
+    """A client's secure aggregation across the stages of one attempt: each server message in, its
+    answer out (kind, body, arrays). A message sent again (the client was away) gets the same answer."""
+
+    def __init__(self, client_id: str, rng: np.random.Generator | None = None):
+        self.client_id, self._rng = client_id, rng
+        self._round: ClientRound | None = None
+        self._attempt: tuple[int, int] | None = None  # (round, attempt) in progress
+        self._input: tuple[np.ndarray, int, dict] | None = None  # change, weight, metrics
+        self._last: tuple[tuple, tuple[MessageType, dict, list]] | None = None
+
+    def begin(self, run: str, server_round: int, attempt: int, setup: Mapping[str, object], change: np.ndarray,
+              weight: int, metrics: Mapping[str, object]) -> dict:
+        """After training for a FIT with ``setup``: this attempt's SECAGG_KEYS body."""
+        self._round = ClientRound(self.client_id, RoundSetup(context=round_context(run, server_round, attempt),
+                                                             **setup), self._rng)
+        self._attempt = (server_round, attempt)
+        self._input = (change, int(weight), dict(metrics))
+        keys = self._round.advertise()
+        return {"attempt": attempt, "mask_key": b64(keys.mask_key), "share_key": b64(keys.share_key)}
+
+    def answer(self, kind: MessageType, server_round: int, body: Mapping[str, object]) -> tuple[MessageType, dict, list]:
+        key = (kind, server_round, repr(sorted(body.items())))
+        if self._last is not None and self._last[0] == key:
+            return self._last[1]
+        if self._round is None or self._attempt != (server_round, body["attempt"]):
+            raise SecAggError(f"{kind.value} for round {server_round} attempt {body['attempt']}, which this client "
+                              f"is not in")
+        attempt = body["attempt"]
+        if kind is MessageType.SECAGG_ROSTER:
+            roster = {cid: PublicKeys(unb64(mask), unb64(share)) for cid, (mask, share) in body["roster"].items()}
+            boxes = self._round.share_keys(roster)
+            reply = (MessageType.SECAGG_SHARES, {"attempt": attempt, "boxes": {v: b64(box) for v, box in boxes.items()}}, [])
+        elif kind is MessageType.SECAGG_BOXES:
+            change, weight, metrics = self._input
+            vector = self._round.masked_input({s: unb64(box) for s, box in body["boxes"].items()}, change, weight)
+            dtype = np.uint32 if self._round.setup.ring_bits <= 32 else np.uint64
+            reply = (MessageType.SECAGG_MASKED, {"attempt": attempt, **metrics}, [vector.astype(dtype)])
+        elif kind is MessageType.SECAGG_UNMASK:
+            shares = self._round.unmask(body["survivors"], body["dropped"])
+            reply = (MessageType.SECAGG_REVEAL,
+                     {"attempt": attempt, "shares": {owner: [k, b64(s)] for owner, (k, s) in shares.items()}}, [])
+            self._input = None  # the update is no longer needed
+        else:
+            raise SecAggError(f"{kind.value} is not a secure aggregation stage a client answers")
+        self._last = (key, reply)
+        return reply

@@ -11,6 +11,7 @@ from scipy import stats
 from pyfed.federation.secagg import SecAggError
 from pyfed.federation.secure_aggregation import (ClientRound, PublicKeys, RoundSetup, SecAggAborted, ServerRound,
                                                  ring_bits_for)
+from pyfed.wire.protocol import b64
 
 pytestmark = pytest.mark.unit
 
@@ -204,3 +205,57 @@ def test_bad_setups_are_refused(kwargs, message):
     base = dict(context=b"x", threshold=2, degree=4, quantisation_bits=16, ring_bits=32, clip=1.0)
     with pytest.raises(SecAggError, match=message):
         RoundSetup(**{**base, **kwargs})
+
+
+def test_the_stages_as_wire_messages_give_the_weighted_mean_change_and_a_repeat_gets_the_same_answer():
+    """ClientStages (what the networked client and the in-process pool run) against ServerRound, every
+    message through the wire codec."""
+    from pyfed.federation.secure_aggregation import ClientStages, apply_change, flatten_change, round_context
+    from pyfed.wire.protocol import Message, MessageType, decode, encode, unb64
+
+    def wire(kind, body, arrays=()):
+        return decode(encode(Message(kind, round=4, client_id="x", body=body, arrays=list(arrays))))
+
+    rng = np.random.default_rng(3)
+    global_weights = [rng.normal(size=(5, 3)).astype(np.float32), np.array([7], np.int64),
+                      rng.normal(size=3).astype(np.float32)]
+    trained = {cid: [g + rng.normal(scale=0.05, size=g.shape).astype(g.dtype) if g.dtype.kind == "f" else g + 1
+                     for g in global_weights] for cid in ("a", "b", "c")}
+    weights = {"a": 10, "b": 30, "c": 60}
+    setup_body = {"threshold": 2, "degree": 2, "quantisation_bits": 20, "ring_bits": ring_bits_for(100, 20), "clip": 0.5}
+    length = 18
+    server = ServerRound(RoundSetup(context=round_context("0123abcd", 4, 2), **setup_body), list(trained), length)
+    stages = {cid: ClientStages(cid) for cid in trained}
+    for cid, stage in stages.items():
+        keys = wire(MessageType.SECAGG_KEYS, stage.begin("0123abcd", 4, 2, setup_body,
+                                                           flatten_change(trained[cid], global_weights), weights[cid],
+                                                           {"fit_s": 0.5, "history": {"loss": [0.1]}})).body
+        server.add_keys(cid, PublicKeys(unb64(keys["mask_key"]), unb64(keys["share_key"])))
+    roster = {cid: [b64(k.mask_key), b64(k.share_key)] for cid, k in server.roster().items()}
+    for cid, stage in stages.items():
+        request = wire(MessageType.SECAGG_ROSTER, {"attempt": 2, "roster": roster}).body
+        kind, body, _ = stage.answer(MessageType.SECAGG_ROSTER, 4, request)
+        assert stage.answer(MessageType.SECAGG_ROSTER, 4, request)[1] == body  # sent again: the same answer
+        body = wire(kind, body).body
+        server.add_shares(cid, {v: unb64(box) for v, box in body["boxes"].items()})
+    for cid, stage in stages.items():
+        request = wire(MessageType.SECAGG_BOXES, {"attempt": 2, "boxes": {
+            s: b64(box) for s, box in server.boxes_for(cid).items()}}).body
+        kind, body, arrays = stage.answer(MessageType.SECAGG_BOXES, 4, request)
+        message = wire(kind, body, arrays)
+        assert message.body["history"] == {"loss": [0.1]} and message.arrays[0].dtype == np.uint32
+        server.add_masked(cid, message.arrays[0])
+    survivors, dropped = server.unmask_request()
+    for cid, stage in stages.items():
+        request = wire(MessageType.SECAGG_UNMASK, {"attempt": 2, "survivors": survivors, "dropped": dropped}).body
+        kind, body, _ = stage.answer(MessageType.SECAGG_UNMASK, 4, request)
+        body = wire(kind, body).body
+        server.add_unmask(cid, {owner: (k, unb64(s)) for owner, (k, s) in body["shares"].items()})
+    total, weight = server.result()
+    new = apply_change(global_weights, total / weight)
+    expected = [sum(weights[c] * trained[c][i].astype(np.float64) for c in trained) / 100 for i in (0, 2)]
+    assert weight == 100 and new[1].tolist() == [7]  # an integer array keeps the global value
+    for got, want in zip((new[0], new[2]), expected):
+        assert np.abs(got - want).max() < 1e-5
+    with pytest.raises(SecAggError, match="which this client is not in"):
+        stages["a"].answer(MessageType.SECAGG_BOXES, 4, {"attempt": 3, "boxes": {}})
