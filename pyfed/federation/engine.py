@@ -34,7 +34,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from pyfed.federation.pool import (Answer, Back, ClientPool, EvaluateRequest, FitRequest, Gone, Misbehaved,
-                                   Request)
+                                   Request, SecAggRequest)
+from pyfed.federation.secagg import SecAggError
+from pyfed.federation.secure_aggregation import (PublicKeys, SecAggAborted, SecureAggregation, ServerRound,
+                                                 apply_change, round_context)
 from pyfed.federation.strategy import Aggregator, FitResult, Strategy, WeightedMeanStrategy, sample_clients
 from pyfed.federation.aggregate import weighted_evaluation, why_unusable
 from pyfed.persistence.files import CheckpointError, CheckpointMismatch
@@ -141,6 +144,35 @@ class Collection:
         return True
 
 
+class _SecureSum:
+    """The aggregator of a securely aggregated round: the unmasked weighted mean change, stepped by
+    the strategy's server update when the engine asks for the result (so a refused model rolls back)."""
+
+    def __init__(self, strategy: Strategy, global_weights: Sequence[np.ndarray], mean_change: np.ndarray):
+        self._strategy, self._global, self._change = strategy, global_weights, mean_change
+
+    def add(self, result: FitResult) -> None:
+        raise ValueError("a securely aggregated round takes no individual update")
+
+    def result(self) -> list[np.ndarray]:
+        mean = apply_change(self._global, self._change)
+        server_update = getattr(self._strategy, "server_update", None)
+        return server_update(self._global, mean) if server_update is not None else mean
+
+
+class _NoResult:
+    """An abandoned attempt's aggregator: it has nothing to give."""
+
+    def __init__(self, reason: str):
+        self._reason = reason
+
+    def add(self, result: FitResult) -> None:
+        raise ValueError(self._reason)
+
+    def result(self) -> list[np.ndarray]:
+        raise ValueError(self._reason)
+
+
 @dataclass
 class RunState:
     """Everything a checkpoint holds of a run, and what the engine resumes from."""
@@ -179,10 +211,12 @@ class RoundEngine:
         on_round: Callable[[RoundRecord], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         label: str = "round",
+        secure_aggregation: SecureAggregation | None = None,
     ):
         if not 1 <= min_fit_clients:
             raise ValueError(f"min_fit_clients must be at least 1, got {min_fit_clients}")
         self.pool = pool
+        self.secure_aggregation = secure_aggregation
         self.weights = list(weights)
         self.specs = protocol.array_specs(self.weights)
         self.rounds, self.plan, self.strategy = rounds, plan, strategy
@@ -360,7 +394,8 @@ class RoundEngine:
         failed_attempts: list[dict[str, Any]] = []
         for attempt in itertools.count(1):
             self._wait_for_clients(self.min_fit_clients)
-            selected, aggregator, results, dropped = self._fit_attempt(server_round, attempt)
+            fit_attempt = self._secure_fit_attempt if self.secure_aggregation is not None else self._fit_attempt
+            selected, aggregator, results, dropped = fit_attempt(server_round, attempt)
             self.round_timeout.attempt_ended(answered=len(results))
             if len(results) >= self.min_fit_clients:
                 break
@@ -479,6 +514,86 @@ class RoundEngine:
         dropped = self._collect(collection, accept)
         return selected, aggregator, results, dropped
 
+    def _secure_fit_attempt(self, server_round: int, attempt: int) -> tuple[list[tuple[str, FitPlan]], Aggregator,
+                                                                            dict[str, FitResult], dict[str, str]]:
+        """One try at a round under secure aggregation (federation/secure_aggregation.py): FIT, then
+        the key, share, masked-input and unmasking stages, each collected as a FIT's updates are; the
+        server ends up with the weighted sum of the survivors' clipped changes and nothing else. Too
+        few clients left at any stage: the attempt fails (nothing is unmasked) and is retried."""
+        connected = self.pool.connected()
+        reason = self.strategy.why_not_run(server_round, len(connected))
+        if reason is not None:
+            raise RunOver(f"round {server_round} may not run: {reason}")
+        sampled = sample_clients(connected, self.fraction_fit, self.min_fit_clients,
+                                 (self.seed, server_round, attempt))
+        selected = self.strategy.configure_fit(server_round, sampled, self.plan)
+        ids = [cid for cid, _ in selected]
+        log.info("round %d/%d started%s under secure aggregation: %d of %d clients (%s)", server_round, self.rounds,
+                 f" (attempt {attempt})" if attempt > 1 else "", len(ids), len(connected), ", ".join(ids))
+        results: dict[str, FitResult] = {}
+        dropped: dict[str, str] = {}
+        try:
+            setup = self.secure_aggregation.setup(round_context(self.run_id, server_round, attempt), len(ids),
+                                                  total_weight=len(ids) * self.max_examples)
+        except SecAggAborted as error:
+            return selected, _NoResult(str(error)), results, {cid: str(error) for cid in ids}
+        global_weights = self.weights
+        length = sum(int(np.size(w)) for w in global_weights if np.dtype(w.dtype).kind == "f")
+        server = ServerRound(setup, ids, length)
+        setup_body = {"threshold": setup.threshold, "degree": setup.degree, "quantisation_bits": setup.quantisation_bits,
+                      "ring_bits": setup.ring_bits, "clip": setup.clip}
+        metrics: dict[str, dict[str, Any]] = {}
+
+        def stage(kind: MessageType, requests: dict[str, Request], accept: Callable[[Answer], None]) -> None:
+            collection = Collection(kind, server_round, attempt, requests)
+            for client_id, why in self._collect(collection, accept).items():
+                dropped.setdefault(client_id, f"{kind.value}: {why}")
+
+        def keys(answer: Answer) -> None:
+            server.add_keys(answer.client_id, PublicKeys(protocol.unb64(answer.body["mask_key"]),
+                                                         protocol.unb64(answer.body["share_key"])))
+
+        def shares(answer: Answer) -> None:
+            server.add_shares(answer.client_id, {v: protocol.unb64(box) for v, box in answer.body["boxes"].items()})
+
+        def masked(answer: Answer) -> None:
+            server.add_masked(answer.client_id, answer.arrays[0] if answer.arrays else np.zeros(0, np.uint64))
+            metrics[answer.client_id] = {"fit_s": answer.body["fit_s"], "history": answer.body["history"]}
+            answer.arrays = []
+
+        def reveal(answer: Answer) -> None:
+            server.add_unmask(answer.client_id, {owner: (kind, protocol.unb64(share))
+                                                 for owner, (kind, share) in answer.body["shares"].items()})
+
+        try:
+            stage(MessageType.SECAGG_KEYS, {cid: FitRequest(server_round, attempt, plan, global_weights, self.run_id,
+                                                            secagg=setup_body) for cid, plan in selected}, keys)
+            roster = {cid: [protocol.b64(k.mask_key), protocol.b64(k.share_key)] for cid, k in server.roster().items()}
+            stage(MessageType.SECAGG_SHARES, {cid: SecAggRequest(server_round, attempt, MessageType.SECAGG_ROSTER,
+                                                                 {"attempt": attempt, "roster": roster})
+                                              for cid in roster}, shares)
+            stage(MessageType.SECAGG_MASKED, {cid: SecAggRequest(server_round, attempt, MessageType.SECAGG_BOXES,
+                                                                 {"attempt": attempt, "boxes": {
+                                                                     s: protocol.b64(b)
+                                                                     for s, b in server.boxes_for(cid).items()}})
+                                              for cid in sorted(server.shared())}, masked)
+            survivors, gone = server.unmask_request()
+            stage(MessageType.SECAGG_REVEAL, {cid: SecAggRequest(server_round, attempt, MessageType.SECAGG_UNMASK,
+                                                                 {"attempt": attempt, "survivors": survivors,
+                                                                  "dropped": gone})
+                                              for cid in survivors}, reveal)
+            total, weight = server.result()
+        except SecAggAborted as error:
+            log.warning("round %d attempt %d: secure aggregation abandoned: %s (nothing was unmasked)",
+                        server_round, attempt, error)
+            return selected, _NoResult(str(error)), results, dropped
+        for client_id in survivors:
+            results[client_id] = FitResult(client_id, (), 0, metrics[client_id])
+            self.pool.accepted(client_id)
+        log.info("round %d: secure aggregation: the weighted sum of %d updates (%d examples) unmasked; %d "
+                 "dropped after sharing keys", server_round, len(survivors), weight, len(gone))
+        return selected, _SecureSum(self.strategy, global_weights, total / weight), results, dropped
+
     def _federated_evaluation(self, server_round: int) -> tuple[dict[str, Any] | None, dict[str, str]]:
         """Ask every connected client to evaluate the new global weights on its held-out data."""
         request = EvaluateRequest(server_round, self.weights, self.run_id)
@@ -586,15 +701,25 @@ class RoundEngine:
             return
         collection.pending.discard(client_id)
         collection.answered.add(client_id)
-        if kind is MessageType.UPDATE:
+        if kind in (MessageType.UPDATE, MessageType.SECAGG_KEYS):
             self.round_timeout.answered(self.clock() - collection.sent_at[client_id])
-        accept(answer)
+        try:
+            accept(answer)
+        except SecAggError as error:  # a secure aggregation stage's answer that does not fit the round
+            collection.answered.discard(client_id)
+            collection.refused.add(client_id)
+            collection.dropped[client_id] = f"answer refused: {error}"
+            self.pool.refuse(client_id, str(error))
+            log.warning("round %d: dropped client %s: its %s was refused (%s)", server_round, client_id,
+                        kind.value, error)
 
     def _check_answer(self, answer: Answer) -> str | None:
         """Why an answer's content cannot be used, or None if it can."""
         try:
             if answer.kind is MessageType.UPDATE:
                 protocol.check_specs(protocol.array_specs(answer.arrays), self.specs)
+                protocol.check_history(answer.body["history"], self.plan.epochs)
+            elif answer.kind is MessageType.SECAGG_MASKED:
                 protocol.check_history(answer.body["history"], self.plan.epochs)
             protocol.check_finite(answer.arrays)
         except ProtocolError as error:

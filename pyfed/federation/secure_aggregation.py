@@ -300,6 +300,10 @@ class ServerRound:
         self._sum &= ring_mask(self.setup.ring_bits)
         self._state.masked.add(client_id)
 
+    def shared(self) -> set[str]:
+        """U2: the clients whose shares came (they are asked for masked inputs)."""
+        return set(self._state.shared)
+
     def unmask_request(self) -> tuple[list[str], list[str]]:
         """Close stage 3: (survivors U3, dropped U2 minus U3), the same for every survivor."""
         if len(self._state.masked) < self.setup.threshold:
@@ -432,3 +436,41 @@ class ClientStages:
             raise SecAggError(f"{kind.value} is not a secure aggregation stage a client answers")
         self._last = (key, reply)
         return reply
+
+
+@dataclass(frozen=True)
+class SecureAggregation:
+    """The settings of secure aggregation for a run (``--secure-aggregation`` and ``--secagg-*``):
+    each round's :class:`RoundSetup` follows from them and the clients asked.
+
+    ``threshold_fraction`` f: a secret is rebuilt from more than f of its holders (a client's
+    neighbours and itself): t = floor(f * (k + 1)) + 1, at least 2. ``degree`` k: 0 picks
+    min(n - 1, 2 * ceil(1.5 * log2 n)), SecAgg+'s logarithmic neighbourhood; with n - 1 or more,
+    every client is every other's neighbour (SecAgg). ``quantisation_bits``: fixed-point precision of
+    each coordinate in [-clip, clip]."""
+
+    threshold_fraction: float = 0.5
+    degree: int = 0
+    quantisation_bits: int = 16
+    clip: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold_fraction < 1:
+            raise SecAggError(f"the threshold fraction must be in (0, 1), not {self.threshold_fraction}")
+        if self.degree < 0 or self.degree == 1:
+            raise SecAggError(f"the neighbour graph's degree must be 0 (automatic) or at least 2, not {self.degree}")
+        if not 1 <= self.quantisation_bits <= 40:
+            raise SecAggError(f"the quantisation bits must be between 1 and 40, not {self.quantisation_bits}")
+        if not 0 < self.clip < float("inf"):
+            raise SecAggError(f"the clipping range must be positive, not {self.clip}")
+
+    def setup(self, context: bytes, clients: int, total_weight: int) -> RoundSetup:
+        if clients < 2:
+            raise SecAggAborted(f"secure aggregation needs at least 2 clients in a round, not {clients}")
+        degree = self.degree or min(clients - 1, 2 * int(np.ceil(1.5 * np.log2(max(clients, 2)))))
+        degree = max(2, min(degree, clients - 1)) if clients > 2 else 2
+        threshold = max(2, int(self.threshold_fraction * (min(degree, clients - 1) + 1)) + 1)
+        threshold = min(threshold, min(degree, clients - 1) + 1)
+        return RoundSetup(context=context, threshold=threshold, degree=degree,
+                          quantisation_bits=self.quantisation_bits,
+                          ring_bits=ring_bits_for(total_weight, self.quantisation_bits), clip=self.clip)
