@@ -51,6 +51,9 @@ from pyfed.wire.protocol import SECAGG_MAX_BOX_BYTES as MAX_BOX_BYTES  # two sha
 from pyfed.wire.protocol import MessageType, b64, unb64
 
 
+SECAGG_MAX_NEIGHBOURS = 1000  # what the server's message limits leave room for (a round of up to 1001 clients)
+
+
 class SecAggAborted(RuntimeError):
     """The round cannot finish securely (too few clients left at some stage); nothing was revealed."""
 
@@ -468,7 +471,7 @@ class SecureAggregation:
         if clients < 2:
             raise SecAggAborted(f"secure aggregation needs at least 2 clients in a round, not {clients}")
         degree = self.degree or min(clients - 1, 2 * int(np.ceil(1.5 * np.log2(max(clients, 2)))))
-        degree = max(2, min(degree, clients - 1)) if clients > 2 else 2
+        degree = min(max(2, min(degree, clients - 1)) if clients > 2 else 2, SECAGG_MAX_NEIGHBOURS)
         threshold = max(2, int(self.threshold_fraction * (min(degree, clients - 1) + 1)) + 1)
         threshold = min(threshold, min(degree, clients - 1) + 1)
         return RoundSetup(context=context, threshold=threshold, degree=degree,

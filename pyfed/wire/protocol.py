@@ -707,17 +707,23 @@ def max_frame_bytes(specs: Sequence[ArraySpec], limits: Limits = Limits()) -> in
     return max(largest, limits.max_header_bytes) + FRAME_OVERHEAD_BYTES
 
 
-def client_limits(specs: Sequence[ArraySpec], epochs: int) -> Limits:
+def client_limits(specs: Sequence[ArraySpec], epochs: int, *, secagg_neighbours: int = 0) -> Limits:
     """What a server accepts from its clients, sized from the model and the plan's epochs.
 
     The header holds at most an UPDATE's: its manifest (one short entry per array) and a training
     history of at most :data:`MAX_HISTORY_METRICS` metrics of ``epochs`` numbers each; anything
-    longer is refused before it is parsed. Arrays may add up to the model's size, no more.
+    longer is refused before it is parsed. Arrays may add up to the model's size, no more. With
+    secure aggregation (``secagg_neighbours``: the most neighbours a client has), a header may also
+    hold a box or a share for each neighbour, and a masked input is a uint64 per float of the model.
     """
     model_bytes = sum(math.prod(shape) * np.dtype(dtype).itemsize for dtype, shape in specs)
+    if secagg_neighbours:
+        floats = sum(math.prod(shape) for dtype, shape in specs if np.dtype(dtype).kind == "f")
+        model_bytes = max(model_bytes, 8 * (floats + 1))
     history_bytes = MAX_HISTORY_METRICS * (80 + 26 * min(int(epochs), MAX_EPOCHS))  # '-1.2345678901234567e-05,'
-    return Limits(max_header_bytes=4096 + 64 * len(specs) + history_bytes, max_arrays=max(1, len(specs)),
-                  max_array_bytes=max(1, model_bytes), max_total_bytes=max(1, model_bytes))
+    secagg_bytes = (secagg_neighbours + 1) * (4 * SECAGG_MAX_BOX_BYTES // 3 + 80) if secagg_neighbours else 0
+    return Limits(max_header_bytes=4096 + 64 * len(specs) + history_bytes + secagg_bytes,
+                  max_arrays=max(1, len(specs)), max_array_bytes=max(1, model_bytes), max_total_bytes=max(1, model_bytes))
 
 
 def message_budget(limits: Limits) -> int:

@@ -40,3 +40,23 @@ def test_clients_lost_at_any_stage_are_survived_or_the_attempt_retried():
     assert history[-1].test_accuracy > 0.5
     lost = [reason for r in history for reason in r.dropped.values()]
     assert lost and all("simulated failure" in reason for reason in lost), lost
+
+
+def test_a_networked_server_aggregates_securely_and_learns(tmp_path, processes, shards):
+    import json
+
+    from tests.integration.support import free_port, start_client, start_server
+
+    logdir, address = tmp_path / "logs", f"tcp://127.0.0.1:{free_port()}"
+    server = start_server(processes, shards, logdir, address, "--rounds", "2", "--min-clients", "3", "--epochs", "5",
+                          "--secure-aggregation", "--secagg-clip", "2")
+    clients = [start_client(processes, shards, address, i) for i in (1, 2, 3)]
+    assert processes.wait(server, 300) == 0, processes.tail(server)
+    for client in clients:
+        assert processes.wait(client, 60) == 0, processes.tail(client)
+    log = server.log_path.read_text()
+    assert log.count("secure aggregation: the weighted sum of 3 updates") == 2
+    assert "update from" not in log  # no individual update ever reached the server
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert [r["clients"] for r in summary["rounds"]] == [["site-1", "site-2", "site-3"]] * 2
+    assert summary["rounds"][-1]["test_accuracy"] > 0.6
