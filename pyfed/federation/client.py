@@ -385,6 +385,10 @@ class Client:
             return
         self._send(protocol.encode(Message(kind, round=message.round, client_id=self.client_id, body=body,
                                            arrays=arrays)), what=f"round {message.round} {kind.value}")
+        done = {MessageType.SECAGG_SHARES: f"shares sealed for {len(body.get('boxes', {}))} neighbours",
+                MessageType.SECAGG_MASKED: "masked update sent",
+                MessageType.SECAGG_REVEAL: f"{len(body.get('shares', {}))} unmasking shares sent"}[kind]
+        log.info("round %d: secure aggregation: %s", message.round, done)
 
     def _account_local_release(self, plan: FitPlan) -> None:
         """Local DP: this site's own count of the noised updates it sent, and their epsilon (at the

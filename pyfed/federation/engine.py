@@ -215,6 +215,8 @@ class RoundEngine:
     ):
         if not 1 <= min_fit_clients:
             raise ValueError(f"min_fit_clients must be at least 1, got {min_fit_clients}")
+        if secure_aggregation is not None:  # a sum of one update is that update: never unmask fewer than two
+            min_fit_clients = max(min_fit_clients, 2)
         self.pool = pool
         self.secure_aggregation = secure_aggregation
         self.weights = list(weights)
@@ -572,6 +574,8 @@ class RoundEngine:
             stage(MessageType.SECAGG_SHARES, {cid: SecAggRequest(server_round, attempt, MessageType.SECAGG_ROSTER,
                                                                  {"attempt": attempt, "roster": roster})
                                               for cid in roster}, shares)
+            log.info("round %d: secure aggregation: %d of %d clients shared their keys; asking for masked inputs",
+                     server_round, len(server.shared()), len(ids))
             stage(MessageType.SECAGG_MASKED, {cid: SecAggRequest(server_round, attempt, MessageType.SECAGG_BOXES,
                                                                  {"attempt": attempt, "boxes": {
                                                                      s: protocol.b64(b)

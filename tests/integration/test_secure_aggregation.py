@@ -60,3 +60,76 @@ def test_a_networked_server_aggregates_securely_and_learns(tmp_path, processes, 
     summary = json.loads((logdir / "summary.json").read_text())
     assert [r["clients"] for r in summary["rounds"]] == [["site-1", "site-2", "site-3"]] * 2
     assert summary["rounds"][-1]["test_accuracy"] > 0.6
+
+
+def _through_proxy(processes, shards, server_port: int, proxy_port: int, index: int, client_id: str):
+    """A client whose link to the server runs through a delaying proxy on ``proxy_port`` (so that it
+    can be cut between two stages: what the server sends takes 0.3 s to arrive)."""
+    return processes.pyfed("client", "--server", f"tcp://127.0.0.1:{proxy_port}", "--data",
+                           str(shards / f"client-{index}.npz"), "--client-id", client_id, name=client_id)
+
+
+def test_a_client_cut_off_after_sharing_its_keys_is_unmasked_and_the_round_completes(tmp_path, processes, shards):
+    """Four clients (threshold 3); the link of one is cut once the server has its shares and asks for
+    masked inputs: the round completes with the three survivors' sum, the cut client's pairwise
+    masks removed through its neighbours' shares."""
+    import json
+
+    from bench.link import DelayProxy
+    from tests.integration.support import free_port, start_client, start_server
+
+    logdir, port = tmp_path / "logs", free_port()
+    server = start_server(processes, shards, logdir, f"tcp://127.0.0.1:{port}", "--rounds", "2", "--min-clients", "4",
+                          "--epochs", "3", "--secure-aggregation", "--round-timeout", "20")
+    proxy = DelayProxy(("127.0.0.1", 0), ("127.0.0.1", port), 0.3)
+    try:
+        victim = _through_proxy(processes, shards, port, proxy.address[1], 1, "site-cut")
+        others = [start_client(processes, shards, f"tcp://127.0.0.1:{port}", i) for i in (1, 2, 3)]
+        processes.wait_for_line(server, "round 1: secure aggregation: 4 of 4 clients shared their keys", 120)
+        proxy.close()  # the server's request for its masked input is still in the proxy: it never arrives
+        assert processes.wait(server, 300) == 0, processes.tail(server)
+    finally:
+        proxy.close()
+    for client in others:
+        assert processes.wait(client, 60) == 0, processes.tail(client)
+    log = server.log_path.read_text()
+    assert "round 1: secure aggregation: the weighted sum of 3 updates" in log and "1 dropped after sharing keys" in log
+    assert "masked update sent" not in victim.log_path.read_text()
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert summary["rounds"][0]["clients"] == ["site-1", "site-2", "site-3"]
+    assert "site-cut" in summary["rounds"][0]["dropped"]
+    assert summary["rounds"][-1]["test_accuracy"] > 0.6
+
+
+def test_below_the_threshold_the_attempt_is_abandoned_unmasking_nothing_and_retried(tmp_path, processes, shards):
+    """Three clients (threshold 2); two are cut once their shares are in: one masked input is below the
+    threshold, so the server abandons the attempt without asking anyone to unmask; when their links
+    are back the round is retried and completes."""
+    import json
+
+    from bench.link import DelayProxy
+    from tests.integration.support import free_port, start_client, start_server
+
+    logdir, port = tmp_path / "logs", free_port()
+    server = start_server(processes, shards, logdir, f"tcp://127.0.0.1:{port}", "--rounds", "1", "--min-clients", "3",
+                          "--epochs", "3", "--secure-aggregation", "--round-timeout", "15")
+    proxy = DelayProxy(("127.0.0.1", 0), ("127.0.0.1", port), 0.3)
+    proxy_port = proxy.address[1]
+    try:
+        cut = [_through_proxy(processes, shards, port, proxy_port, i, f"site-{i}") for i in (1, 2)]
+        survivor = start_client(processes, shards, f"tcp://127.0.0.1:{port}", 3)
+        processes.wait_for_line(server, "round 1: secure aggregation: 3 of 3 clients shared their keys", 120)
+        proxy.close()
+        processes.wait_for_line(server, "secure aggregation abandoned", 120)
+        proxy = DelayProxy(("127.0.0.1", proxy_port), ("127.0.0.1", port), 0.0)  # the links are back
+        assert processes.wait(server, 300) == 0, processes.tail(server)
+    finally:
+        proxy.close()
+    assert "1 masked inputs; the threshold is 2 (nothing was unmasked)" in server.log_path.read_text()
+    survivor_log = survivor.log_path.read_text()
+    assert survivor_log.count("unmasking shares sent") == 1  # only in the retried attempt
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert len(summary["rounds"][0]["failed_attempts"]) == 1
+    retried = summary["rounds"][0]["clients"]  # the survivor and whichever cut client was back in time
+    assert "site-3" in retried and len(retried) >= 2 and set(retried) <= {"site-1", "site-2", "site-3"}
+    assert any("unmasking shares sent" in client.log_path.read_text() for client in cut)
