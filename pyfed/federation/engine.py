@@ -535,8 +535,11 @@ class RoundEngine:
         results: dict[str, FitResult] = {}
         dropped: dict[str, str] = {}
         try:
+            # the ring holds the weights the clients declared when they joined (or the most any may claim)
+            total_weight = sum(min(self.pool.info(cid).declared_examples or self.max_examples, self.max_examples)
+                               for cid in ids)
             setup = self.secure_aggregation.setup(round_context(self.run_id, server_round, attempt), len(ids),
-                                                  total_weight=len(ids) * self.max_examples)
+                                                  total_weight=total_weight)
         except SecAggAborted as error:
             return selected, _NoResult(str(error)), results, {cid: str(error) for cid in ids}
         global_weights = self.weights
