@@ -242,6 +242,7 @@ class RoundEngine:
         self.ended_early: str | None = None  # why the run ended before its planned rounds (a privacy budget)
         self._stop_reason: str | None = None
         self._collection: Collection | None = None
+        self._left_out: set[str] = set()  # secure aggregation: clients accused in this round, not asked again in it
 
     # --- the run, top to bottom ----------------------------------------------------------------
 
@@ -383,14 +384,20 @@ class RoundEngine:
 
     def _wait_for_clients(self, needed: int) -> None:
         next_progress = self.clock() + PROGRESS_EVERY_S
-        while len(self.pool.connected()) < needed:
+        while len(self._askable()) < needed:
             self._poll(timeout_s=1.0)
             if self.clock() >= next_progress:
-                log.info("waiting for clients: %d/%d joined", len(self.pool.connected()), needed)
+                log.info("waiting for clients: %d/%d joined%s", len(self._askable()), needed,
+                         f" ({len(self._left_out)} left out of this round)" if self._left_out else "")
                 next_progress = self.clock() + PROGRESS_EVERY_S
+
+    def _askable(self) -> list[str]:
+        """The connected clients this round may ask (secure aggregation leaves accused ones out)."""
+        return [cid for cid in self.pool.connected() if cid not in self._left_out]
 
     def _run_round(self, server_round: int) -> None:
         self.current_round = server_round
+        self._left_out = set()
         started = self.clock()
         sent_before, received_before = self.pool.bytes_sent, self.pool.bytes_received
         failed_attempts: list[dict[str, Any]] = []
@@ -522,7 +529,7 @@ class RoundEngine:
         the key, share, masked-input and unmasking stages, each collected as a FIT's updates are; the
         server ends up with the weighted sum of the survivors' clipped changes and nothing else. Too
         few clients left at any stage: the attempt fails (nothing is unmasked) and is retried."""
-        connected = self.pool.connected()
+        connected = self._askable()
         reason = self.strategy.why_not_run(server_round, len(connected))
         if reason is not None:
             raise RunOver(f"round {server_round} may not run: {reason}")
@@ -548,6 +555,8 @@ class RoundEngine:
         setup_body = {"threshold": setup.threshold, "degree": setup.degree, "quantisation_bits": setup.quantisation_bits,
                       "ring_bits": setup.ring_bits, "clip": setup.clip}
         metrics: dict[str, dict[str, Any]] = {}
+        accused: set[str] = set()  # clients whose boxes did not open for a neighbour
+        accusers: set[str] = set()
 
         def stage(kind: MessageType, requests: dict[str, Request], accept: Callable[[Answer], None]) -> None:
             collection = Collection(kind, server_round, attempt, requests)
@@ -562,6 +571,10 @@ class RoundEngine:
             server.add_shares(answer.client_id, {v: protocol.unb64(box) for v, box in answer.body["boxes"].items()})
 
         def masked(answer: Answer) -> None:
+            if "bad_boxes" in answer.body:  # its neighbours' boxes did not open for it: name them, mask nothing
+                accused.update(set(answer.body["bad_boxes"]) & server.shared())
+                accusers.add(answer.client_id)
+                return
             server.add_masked(answer.client_id, answer.arrays[0] if answer.arrays else np.zeros(0, np.uint64))
             metrics[answer.client_id] = {"fit_s": answer.body["fit_s"], "history": answer.body["history"]}
             answer.arrays = []
@@ -584,6 +597,12 @@ class RoundEngine:
                                                                      s: protocol.b64(b)
                                                                      for s, b in server.boxes_for(cid).items()}})
                                               for cid in sorted(server.shared())}, masked)
+            if accused:  # their pairwise masks would never cancel: try again without them
+                self._left_out.update(accused)
+                for client_id in accused:
+                    dropped[client_id] = "secure aggregation: its sealed shares did not open for a neighbour"
+                raise SecAggAborted(f"{', '.join(sorted(accused))} sent shares that did not open for "
+                                    f"{', '.join(sorted(accusers))}; left out of this round's next attempts")
             survivors, gone = server.unmask_request()
             stage(MessageType.SECAGG_REVEAL, {cid: SecAggRequest(server_round, attempt, MessageType.SECAGG_UNMASK,
                                                                  {"attempt": attempt, "survivors": survivors,

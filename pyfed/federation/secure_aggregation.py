@@ -54,6 +54,15 @@ from pyfed.wire.protocol import MessageType, b64, unb64
 SECAGG_MAX_NEIGHBOURS = 1000  # what the server's message limits leave room for (a round of up to 1001 clients)
 
 
+class BadBoxes(SecAggError):
+    """Boxes of shares that did not open (altered, or sealed by a client that is not who it says):
+    the client names their senders instead of sending a masked input."""
+
+    def __init__(self, senders: Sequence[str]):
+        self.senders = sorted(senders)
+        super().__init__(f"the boxes from {', '.join(self.senders[:5])} did not open")
+
+
 class SecAggAborted(RuntimeError):
     """The round cannot finish securely (too few clients left at some stage); nothing was revealed."""
 
@@ -177,15 +186,21 @@ class ClientRound:
         setup = self.setup
         if not 0 < weight or weight * (2**setup.quantisation_bits - 1) >= 2**setup.ring_bits:
             raise SecAggError(f"a weight of {weight} does not fit the {setup.ring_bits}-bit ring")
-        received = {}
+        received, bad = {}, []
         for sender, box in boxes.items():
-            if len(box) > MAX_BOX_BYTES:
-                raise SecAggError(f"the box from {sender} is {len(box)} bytes, more than a box of shares")
-            key = self._share_pair.agree(self._roster[sender].share_key, setup.context + b"|shares")
-            opened = open_sealed(key, box, _associated(setup, sender, self.client_id))
-            if len(opened) != 2 * SHARE_BYTES:
-                raise SecAggError(f"the box from {sender} does not hold two shares")
+            try:
+                if len(box) > MAX_BOX_BYTES:
+                    raise SecAggError(f"the box from {sender} is {len(box)} bytes, more than a box of shares")
+                key = self._share_pair.agree(self._roster[sender].share_key, setup.context + b"|shares")
+                opened = open_sealed(key, box, _associated(setup, sender, self.client_id))
+                if len(opened) != 2 * SHARE_BYTES:
+                    raise SecAggError(f"the box from {sender} does not hold two shares")
+            except SecAggError:
+                bad.append(sender)
+                continue
             received[sender] = (opened[:SHARE_BYTES], opened[SHARE_BYTES:])
+        if bad:  # name them rather than mask: a masked input would leave pairwise masks that never cancel
+            raise BadBoxes(bad)
         self._received = received  # all or nothing: a refused stage leaves no half-kept shares
         ring = ring_mask(setup.ring_bits)
         values = np.append(quantise(np.ravel(update), setup.clip, setup.quantisation_bits, self._rng) * np.uint64(weight),
@@ -256,6 +271,12 @@ class ServerRound:
             raise SecAggError(f"{client_id} advertised keys twice")
         if len(keys.mask_key) != PUBLIC_KEY_BYTES or len(keys.share_key) != PUBLIC_KEY_BYTES:
             raise SecAggError(f"{client_id}'s public keys are not {PUBLIC_KEY_BYTES} bytes each")
+        taken = {k for entry in self._state.roster.values() for k in (entry.mask_key, entry.share_key)}
+        if keys.mask_key == keys.share_key or {keys.mask_key, keys.share_key} & taken:
+            raise SecAggError(f"{client_id} advertised a public key that is not its own (repeated)")
+        probe = KeyPair()  # a key of small order would leave its neighbours no usable shared key
+        for key in (keys.mask_key, keys.share_key):
+            probe.agree(key, b"pyfed-secagg:key-check")
         self._state.roster[client_id] = keys
 
     def roster(self) -> dict[str, PublicKeys]:
@@ -427,9 +448,13 @@ class ClientStages:
             reply = (MessageType.SECAGG_SHARES, {"attempt": attempt, "boxes": {v: b64(box) for v, box in boxes.items()}}, [])
         elif kind is MessageType.SECAGG_BOXES:
             change, weight, metrics = self._input
-            vector = self._round.masked_input({s: unb64(box) for s, box in body["boxes"].items()}, change, weight)
-            dtype = np.uint32 if self._round.setup.ring_bits <= 32 else np.uint64
-            reply = (MessageType.SECAGG_MASKED, {"attempt": attempt, **metrics}, [vector.astype(dtype)])
+            try:
+                vector = self._round.masked_input({s: unb64(box) for s, box in body["boxes"].items()}, change, weight)
+            except BadBoxes as bad:
+                reply = (MessageType.SECAGG_MASKED, {"attempt": attempt, **metrics, "bad_boxes": bad.senders}, [])
+            else:
+                dtype = np.uint32 if self._round.setup.ring_bits <= 32 else np.uint64
+                reply = (MessageType.SECAGG_MASKED, {"attempt": attempt, **metrics}, [vector.astype(dtype)])
         elif kind is MessageType.SECAGG_UNMASK:
             shares = self._round.unmask(body["survivors"], body["dropped"])
             reply = (MessageType.SECAGG_REVEAL,

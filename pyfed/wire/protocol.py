@@ -473,11 +473,13 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
         "attempt": (_int_in(1, 2**31 - 1), True),
         "boxes": (_id_table(_b64(max_length=SECAGG_MAX_BOX_BYTES), MAX_SECAGG_CLIENTS), True),
     },
-    # client -> server: its masked, quantised, weighted update (one unsigned array) and its metrics.
+    # client -> server: its masked, quantised, weighted update (one unsigned array) and its metrics;
+    # or, with no array, the senders whose boxes did not open for it (it will not mask against them).
     MessageType.SECAGG_MASKED: {
         "attempt": (_int_in(1, 2**31 - 1), True),
         "fit_s": (_float_in(0.0, 1e9), True),
         "history": (_history, True),
+        "bad_boxes": (_id_list(MAX_SECAGG_CLIENTS), False),
     },
     # server -> client: who survived (sent a masked input) and who dropped after sharing keys.
     MessageType.SECAGG_UNMASK: {
@@ -658,8 +660,11 @@ def decode(
         raise ProtocolError(f"header lists {len(specs)} arrays but {len(frames) - 1} array frames arrived")
     if specs and kind not in ARRAY_CARRYING:
         raise ProtocolError(f"a {kind.value} message carries no arrays, but this one lists {len(specs)}")
-    if kind is MessageType.SECAGG_MASKED and (len(specs) != 1 or len(specs[0][1]) != 1
-                                              or specs[0][0] not in ("uint32", "uint64")):
+    if kind is MessageType.SECAGG_MASKED and "bad_boxes" in body:
+        if specs or not body["bad_boxes"]:
+            raise ProtocolError("a secagg_masked message naming bad boxes names at least one and carries no array")
+    elif kind is MessageType.SECAGG_MASKED and (len(specs) != 1 or len(specs[0][1]) != 1
+                                                or specs[0][0] not in ("uint32", "uint64")):
         raise ProtocolError("a secagg_masked message carries one vector of uint32 or uint64, "
                             f"not {[f'{d}{list(s)}' for d, s in specs][:3]}")
     if expected_arrays is not None and kind in WEIGHT_CARRYING:

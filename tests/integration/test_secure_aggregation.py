@@ -9,7 +9,7 @@ from pyfed.federation.secure_aggregation import SecureAggregation
 from pyfed.federation.simulation import Simulation
 from pyfed.learning.data import load_dataset, split_dataset
 from pyfed.learning.model import default_model
-from pyfed.wire.protocol import FitPlan
+from pyfed.wire.protocol import FitPlan, MessageType
 
 pytestmark = pytest.mark.integration
 
@@ -157,3 +157,74 @@ def test_over_the_network_with_fixed_seeds_the_model_is_plain_fedavgs_within_the
     # round 1's means differ by at most one quantisation step (2 / 2^24); round 2 trains from them
     assert max(float(np.abs(a - b).max()) for a, b in zip(plain, secure)) < 1e-4
     assert max(float(np.abs(a - b).max()) for a, b in zip(plain, secure)) > 0  # it did go through the ring
+
+
+def _mallory_round(tmp_path, processes, shards, name: str, act) -> tuple[str, dict]:
+    """A run of one round under secure aggregation with two honest sites and mallory, who does
+    ``act(peer, fit)`` when asked to train; returns the server's log and the round's record."""
+    import json
+
+    import zmq
+
+    from tests.integration.support import Peer, free_port, start_client, start_server
+
+    logdir, address = tmp_path / name, f"tcp://127.0.0.1:{free_port()}"
+    server = start_server(processes, shards, logdir, address, "--rounds", "1", "--min-clients", "3", "--epochs", "3",
+                          "--secure-aggregation", "--round-timeout", "10", name=f"{name}-server")
+    context = zmq.Context()
+    try:
+        mallory = Peer(context, address)
+        mallory.join("mallory")
+        honest = [start_client(processes, shards, address, i, name=f"{name}-site-{i}") for i in (1, 2)]
+        fit = mallory.receive(timeout_s=120, skip=())
+        assert fit.type is MessageType.FIT and "secagg" in fit.body
+        act(mallory, fit)
+        assert processes.wait(server, 300) == 0, processes.tail(server)
+        for client in honest:
+            assert processes.wait(client, 60) == 0, processes.tail(client)
+    finally:
+        context.destroy(linger=0)
+    return server.log_path.read_text(), json.loads((logdir / "summary.json").read_text())["rounds"][0]
+
+
+def test_a_client_answering_out_of_turn_or_with_an_unusable_key_is_dropped_and_the_round_completes(
+        tmp_path, processes, shards):
+    from pyfed.wire.protocol import Message, b64, encode
+
+    def act(mallory, fit):
+        early = encode(Message(MessageType.SECAGG_MASKED, round=fit.round, client_id="mallory",
+                               arrays=[np.zeros(5, np.uint32)], body={"attempt": 1, "fit_s": 0.1, "history": {}}))
+        assert mallory.error_code(early) == "bad_reply"  # a stage it was not asked for
+        small_order = encode(Message(MessageType.SECAGG_KEYS, round=fit.round, client_id="mallory",
+                                     body={"attempt": 1, "mask_key": b64(bytes(32)), "share_key": b64(bytes(32))}))
+        assert mallory.error_code(small_order) == "bad_reply"
+
+    log, record = _mallory_round(tmp_path, processes, shards, "keys", act)
+    assert record["clients"] == ["site-1", "site-2"]
+    assert "not its own" in record["dropped"]["mallory"] or "not usable" in record["dropped"]["mallory"]
+    assert "Traceback" not in log
+
+
+def test_a_client_whose_sealed_shares_do_not_open_is_left_out_and_the_round_retried_without_it(
+        tmp_path, processes, shards):
+    import os
+
+    from pyfed.federation.secagg import KeyPair
+    from pyfed.wire.protocol import Message, b64, encode
+
+    def act(mallory, fit):
+        keys = [KeyPair(), KeyPair()]
+        mallory.send(encode(Message(MessageType.SECAGG_KEYS, round=fit.round, client_id="mallory",
+                                    body={"attempt": 1, "mask_key": b64(keys[0].public),
+                                          "share_key": b64(keys[1].public)})))
+        roster = mallory.receive(timeout_s=120, skip=(MessageType.EVALUATE, MessageType.FIT))
+        assert roster.type is MessageType.SECAGG_ROSTER
+        garbage = {cid: b64(os.urandom(160)) for cid in roster.body["roster"] if cid != "mallory"}
+        mallory.send(encode(Message(MessageType.SECAGG_SHARES, round=fit.round, client_id="mallory",
+                                    body={"attempt": 1, "boxes": garbage})))
+
+    log, record = _mallory_round(tmp_path, processes, shards, "boxes", act)
+    assert "mallory sent shares that did not open for site-1, site-2" in log
+    assert len(record["failed_attempts"]) == 1 and record["clients"] == ["site-1", "site-2"]
+    assert record["failed_attempts"][0]["dropped"]["mallory"].endswith("its sealed shares did not open for a neighbour")
+    assert record["duration_s"] < 60  # the accusation ends the attempt at once, not at a timeout

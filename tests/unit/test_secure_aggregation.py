@@ -9,7 +9,7 @@ import pytest
 from scipy import stats
 
 from pyfed.federation.secagg import SecAggError
-from pyfed.federation.secure_aggregation import (ClientRound, PublicKeys, RoundSetup, SecAggAborted, ServerRound,
+from pyfed.federation.secure_aggregation import (BadBoxes, ClientRound, PublicKeys, RoundSetup, SecAggAborted, ServerRound,
                                                  ring_bits_for)
 from pyfed.wire.protocol import b64
 
@@ -144,11 +144,13 @@ def test_boxes_that_are_altered_misaddressed_or_from_strangers_are_refused():
     boxes = {cid: c.share_keys(roster) for cid, c in clients.items()}
     for_a = {s: b["a"] for s, b in boxes.items() if s != "a"}
     altered = dict(for_a, b=for_a["b"][:-1] + bytes([for_a["b"][-1] ^ 1]))
-    with pytest.raises(SecAggError, match="does not verify"):
+    with pytest.raises(BadBoxes, match="the boxes from b did not open") as bad:
         clients["a"].masked_input(altered, np.zeros(4), 1)
-    misaddressed = dict(for_a, b=boxes["b"]["c"])  # b's box for c, handed to a
-    with pytest.raises(SecAggError, match="does not verify"):
+    assert bad.value.senders == ["b"]
+    misaddressed = dict(for_a, b=boxes["b"]["c"], c=b"x" * 40)  # b's box for c, handed to a; and garbage
+    with pytest.raises(BadBoxes) as bad:
         clients["a"].masked_input(misaddressed, np.zeros(4), 1)
+    assert bad.value.senders == ["b", "c"]
     with pytest.raises(SecAggError, match="not this client's neighbours"):
         clients["a"].masked_input(dict(for_a, z=b"x" * 60), np.zeros(4), 1)
     with pytest.raises(SecAggError, match="before the keys were shared"):
@@ -259,3 +261,17 @@ def test_the_stages_as_wire_messages_give_the_weighted_mean_change_and_a_repeat_
         assert np.abs(got - want).max() < 1e-5
     with pytest.raises(SecAggError, match="which this client is not in"):
         stages["a"].answer(MessageType.SECAGG_BOXES, 4, {"attempt": 3, "boxes": {}})
+
+
+def test_the_server_refuses_a_copied_a_reused_or_a_small_order_key():
+    round_setup = setup(3, 2)
+    server = ServerRound(round_setup, ["a", "b", "c"], 4)
+    a, b = ClientRound("a", round_setup), ClientRound("b", round_setup)
+    server.add_keys("a", a.advertise())
+    with pytest.raises(SecAggError, match="not its own"):
+        server.add_keys("b", PublicKeys(a.advertise().mask_key, b.advertise().share_key))  # copied from a
+    with pytest.raises(SecAggError, match="not its own"):
+        server.add_keys("b", PublicKeys(b.advertise().mask_key, b.advertise().mask_key))
+    with pytest.raises(SecAggError, match="not usable"):
+        server.add_keys("b", PublicKeys(bytes(32), b.advertise().share_key))
+    server.add_keys("b", b.advertise())
