@@ -486,19 +486,25 @@ class RoundEngine:
     def _evaluate(self, weights: Sequence[np.ndarray]) -> tuple[float | None, float | None]:
         return self.evaluate(weights) if self.evaluate is not None else (None, None)
 
-    def _fit_attempt(self, server_round: int, attempt: int) -> tuple[list[tuple[str, FitPlan]], Aggregator,
-                                                                     dict[str, FitResult], dict[str, str]]:
-        """One try at a round: sample clients, ask them to train, collect what arrives."""
-        connected = self.pool.connected()
+    def _start_attempt(self, server_round: int, attempt: int, how: str = "") -> list[tuple[str, FitPlan]]:
+        """Whom an attempt asks, with which plan (the sample, then the strategy's say); RunOver if the
+        strategy forbids the round (a privacy budget)."""
+        connected = self._askable()
         reason = self.strategy.why_not_run(server_round, len(connected))
         if reason is not None:
             raise RunOver(f"round {server_round} may not run: {reason}")
         sampled = sample_clients(connected, self.fraction_fit, self.min_fit_clients,
                                  (self.seed, server_round, attempt))
         selected = self.strategy.configure_fit(server_round, sampled, self.plan)
-        log.info("round %d/%d started%s: %d of %d clients (%s)", server_round, self.rounds,
-                 f" (attempt {attempt})" if attempt > 1 else "", len(selected), len(connected),
+        log.info("round %d/%d started%s%s: %d of %d clients (%s)", server_round, self.rounds,
+                 f" (attempt {attempt})" if attempt > 1 else "", how, len(selected), len(connected),
                  ", ".join(cid for cid, _ in selected))
+        return selected
+
+    def _fit_attempt(self, server_round: int, attempt: int) -> tuple[list[tuple[str, FitPlan]], Aggregator,
+                                                                     dict[str, FitResult], dict[str, str]]:
+        """One try at a round: sample clients, ask them to train, collect what arrives."""
+        selected = self._start_attempt(server_round, attempt)
         aggregator = self.strategy.aggregator(server_round, self.weights)
         collection = Collection(MessageType.UPDATE, server_round, attempt,
                                 {cid: FitRequest(server_round, attempt, plan, self.weights, self.run_id)
@@ -529,16 +535,8 @@ class RoundEngine:
         the key, share, masked-input and unmasking stages, each collected as a FIT's updates are; the
         server ends up with the weighted sum of the survivors' clipped changes and nothing else. Too
         few clients left at any stage: the attempt fails (nothing is unmasked) and is retried."""
-        connected = self._askable()
-        reason = self.strategy.why_not_run(server_round, len(connected))
-        if reason is not None:
-            raise RunOver(f"round {server_round} may not run: {reason}")
-        sampled = sample_clients(connected, self.fraction_fit, self.min_fit_clients,
-                                 (self.seed, server_round, attempt))
-        selected = self.strategy.configure_fit(server_round, sampled, self.plan)
+        selected = self._start_attempt(server_round, attempt, " under secure aggregation")
         ids = [cid for cid, _ in selected]
-        log.info("round %d/%d started%s under secure aggregation: %d of %d clients (%s)", server_round, self.rounds,
-                 f" (attempt {attempt})" if attempt > 1 else "", len(ids), len(connected), ", ".join(ids))
         results: dict[str, FitResult] = {}
         dropped: dict[str, str] = {}
         try:
