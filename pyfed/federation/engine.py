@@ -560,6 +560,7 @@ class RoundEngine:
             collection = Collection(kind, server_round, attempt, requests)
             for client_id, why in self._collect(collection, accept).items():
                 dropped.setdefault(client_id, f"{kind.value}: {why}")
+            self._left_out.update(collection.refused)  # a refused answer: not asked again in this round
 
         def keys(answer: Answer) -> None:
             server.add_keys(answer.client_id, PublicKeys(protocol.unb64(answer.body["mask_key"]),

@@ -341,11 +341,14 @@ class ServerRound:
         if client_id in self._state.unmasked:
             raise SecAggError(f"{client_id} sent its unmasking shares twice")
         survivors, dropped = set(self._state.masked), self._state.shared - self._state.masked
-        allowed = set(self._graph[client_id]) | {client_id}
+        owed = {client_id} | {sender for sender in self._state.boxes.get(client_id, {})
+                              if sender in survivors or sender in dropped}  # the boxes it was handed
         for owner, (kind, share) in shares.items():
             expected = "b" if owner in survivors else "s" if owner in dropped else None
-            if owner not in allowed or kind != expected or len(share) != SHARE_BYTES:
+            if owner not in owed or kind != expected or len(share) != SHARE_BYTES:
                 raise SecAggError(f"{client_id} sent a share it was not asked for ({kind!r} of {owner!r})")
+        if set(shares) != owed:
+            raise SecAggError(f"{client_id} withheld its shares of {sorted(owed - set(shares))[:3]}")
         for owner, (_, share) in shares.items():
             self._state.shares.setdefault(owner, {})[self._index[client_id]] = bytes(share)
         self._state.unmasked.add(client_id)

@@ -275,3 +275,23 @@ def test_the_server_refuses_a_copied_a_reused_or_a_small_order_key():
     with pytest.raises(SecAggError, match="not usable"):
         server.add_keys("b", PublicKeys(bytes(32), b.advertise().share_key))
     server.add_keys("b", b.advertise())
+
+
+def test_a_survivor_that_withholds_or_adds_shares_is_refused():
+    round_setup = setup(3, 2)
+    server = ServerRound(round_setup, ["a", "b", "c"], 4)
+    clients = {cid: ClientRound(cid, round_setup) for cid in "abc"}
+    for cid, client in clients.items():
+        server.add_keys(cid, client.advertise())
+    roster = server.roster()
+    for cid, client in clients.items():
+        server.add_shares(cid, client.share_keys(roster))
+    for cid, client in clients.items():
+        server.add_masked(cid, client.masked_input(server.boxes_for(cid), np.zeros(4), 1))
+    survivors, dropped = server.unmask_request()
+    shares = clients["a"].unmask(survivors, dropped)
+    with pytest.raises(SecAggError, match="withheld its shares of \\['b'\\]"):
+        server.add_unmask("a", {k: v for k, v in shares.items() if k != "b"})
+    with pytest.raises(SecAggError, match="not asked for"):
+        server.add_unmask("a", {**shares, "b": ("s", shares["b"][1])})
+    server.add_unmask("a", shares)
