@@ -124,6 +124,10 @@ def run_recipe(testbed, m1_dir: Path, env: dict[str, str], tmp_path: Path) -> No
     b.start_engine()
     rejoined_at = wait_for(server_log, "client machine-b rejoined", "server's log", 300, start=offset)
     print(f"machine b back: machine-b rejoined {rejoined_at - back_at:.1f} s after power came back")
+    # b takes part again before the scale-down below: scaling down one of only two clients in the
+    # round b's rejoin came too late for would leave that round one update, a fair outcome this test
+    # does not check (CI saw it once)
+    wait_for(server_log, "update from machine-b", "server's log", 300, start=offset)
 
     # scale down: Swarm stops one client, which leaves; scale up: one comes back
     offset = len(server_log())
