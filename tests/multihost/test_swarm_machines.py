@@ -152,8 +152,9 @@ def run_recipe(testbed, m1_dir: Path, env: dict[str, str], tmp_path: Path) -> No
         f"machine-{name}": size for name, size in sizes.items()}
     without_b = [r["round"] for r in summary["rounds"] if "machine-b" not in r["clients"]]
     assert without_b and all(len(r["clients"]) >= 2 for r in summary["rounds"])
-    assert "machine-b" in summary["rounds"][-1]["clients"] or any(
-        "machine-b" in r["clients"] for r in summary["rounds"] if r["round"] > max(without_b))
+    # b took part again after the rounds it missed (the scale-down may then stop b's own task: Swarm
+    # chooses which replica goes, so b need not be in the last rounds)
+    assert any("machine-b" in r["clients"] for r in summary["rounds"] if r["round"] > min(without_b))
     tags = wait_for_tensorboard_runs(6006, {"server", "clients/machine-a", "clients/machine-b", "clients/machine-c"},
                                      host=a.address)
     assert "test/accuracy" in tags["server"]
