@@ -124,6 +124,10 @@ def run_recipe(testbed, m1_dir: Path, env: dict[str, str], tmp_path: Path) -> No
     b.start_engine()
     rejoined_at = wait_for(server_log, "client machine-b rejoined", "server's log", 300, start=offset)
     print(f"machine b back: machine-b rejoined {rejoined_at - back_at:.1f} s after power came back")
+    # b takes part again before the scale-down below: scaling down one of only two clients in the
+    # round b's rejoin came too late for would leave that round one update, a fair outcome this test
+    # does not check (CI saw it once)
+    wait_for(server_log, "update from machine-b", "server's log", 300, start=offset)
 
     # scale down: Swarm stops one client, which leaves; scale up: one comes back
     offset = len(server_log())
@@ -148,8 +152,9 @@ def run_recipe(testbed, m1_dir: Path, env: dict[str, str], tmp_path: Path) -> No
         f"machine-{name}": size for name, size in sizes.items()}
     without_b = [r["round"] for r in summary["rounds"] if "machine-b" not in r["clients"]]
     assert without_b and all(len(r["clients"]) >= 2 for r in summary["rounds"])
-    assert "machine-b" in summary["rounds"][-1]["clients"] or any(
-        "machine-b" in r["clients"] for r in summary["rounds"] if r["round"] > max(without_b))
+    # b took part again after the rounds it missed (the scale-down may then stop b's own task: Swarm
+    # chooses which replica goes, so b need not be in the last rounds)
+    assert any("machine-b" in r["clients"] for r in summary["rounds"] if r["round"] > min(without_b))
     tags = wait_for_tensorboard_runs(6006, {"server", "clients/machine-a", "clients/machine-b", "clients/machine-c"},
                                      host=a.address)
     assert "test/accuracy" in tags["server"]
