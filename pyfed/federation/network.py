@@ -50,7 +50,8 @@ class NetworkPool:
         self.limits = protocol.client_limits(self.specs, plan.epochs, secagg_neighbours=secagg_neighbours)
         self.max_examples = max_examples
         self.admission = Admission(authorized_keys, curve.public) if curve is not None else None
-        self.transport = ServerTransport(address, max_frame_bytes=protocol.max_frame_bytes(self.specs, self.limits),
+        self.transport = ServerTransport(address, max_frame_bytes=protocol.max_frame_bytes(
+                                             self.specs, self.limits, secure_aggregation=bool(secagg_neighbours)),
                                          curve=curve, admission=self.admission,
                                          max_message_bytes=protocol.message_budget(self.limits))
         self.registry = Registry(num_shards, join_rate, **({"max_ids_per_key": max_ids_per_key}

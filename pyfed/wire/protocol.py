@@ -706,9 +706,24 @@ def check_finite(arrays: Sequence[np.ndarray]) -> None:
 FRAME_OVERHEAD_BYTES = 1024
 
 
-def max_frame_bytes(specs: Sequence[ArraySpec], limits: Limits = Limits()) -> int:
-    """The largest frame a peer of this model may send: for ``zmq.MAXMSGSIZE`` (a per-frame limit)."""
-    largest = max((math.prod(s) * np.dtype(d).itemsize for d, s in specs), default=0)
+def spec_bytes(spec: ArraySpec) -> int:
+    dtype, shape = spec
+    return math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def largest_masked_input(specs: Sequence[ArraySpec]) -> ArraySpec:
+    """The largest masked input of a securely aggregated round on this model: one uint64 per float
+    of the model and one for the weight, in a single array (so a single frame)."""
+    floats = sum(math.prod(shape) for dtype, shape in specs if np.dtype(dtype).kind == "f")
+    return "uint64", (floats + 1,)
+
+
+def max_frame_bytes(specs: Sequence[ArraySpec], limits: Limits = Limits(), *, secure_aggregation: bool = False) -> int:
+    """The largest frame a peer of this model may send: for ``zmq.MAXMSGSIZE`` (a per-frame limit).
+    Under secure aggregation a masked input, the whole model in one vector, is the largest."""
+    largest = max((spec_bytes(spec) for spec in specs), default=0)
+    if secure_aggregation:
+        largest = max(largest, spec_bytes(largest_masked_input(specs)))
     return max(largest, limits.max_header_bytes) + FRAME_OVERHEAD_BYTES
 
 
@@ -723,8 +738,7 @@ def client_limits(specs: Sequence[ArraySpec], epochs: int, *, secagg_neighbours:
     """
     model_bytes = sum(math.prod(shape) * np.dtype(dtype).itemsize for dtype, shape in specs)
     if secagg_neighbours:
-        floats = sum(math.prod(shape) for dtype, shape in specs if np.dtype(dtype).kind == "f")
-        model_bytes = max(model_bytes, 8 * (floats + 1))
+        model_bytes = max(model_bytes, spec_bytes(largest_masked_input(specs)))
     history_bytes = MAX_HISTORY_METRICS * (80 + 26 * min(int(epochs), MAX_EPOCHS))  # '-1.2345678901234567e-05,'
     secagg_bytes = (secagg_neighbours + 1) * (4 * SECAGG_MAX_BOX_BYTES // 3 + 80) if secagg_neighbours else 0
     return Limits(max_header_bytes=4096 + 64 * len(specs) + history_bytes + secagg_bytes,

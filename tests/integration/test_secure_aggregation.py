@@ -42,14 +42,28 @@ def test_clients_lost_at_any_stage_are_survived_or_the_attempt_retried():
     assert lost and all("simulated failure" in reason for reason in lost), lost
 
 
+WIDE_MODEL = """
+import keras
+
+def build():
+    model = keras.Sequential([keras.layers.Input((64,)), keras.layers.Dense(2048, activation="relu"),
+                              keras.layers.Dense(10, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.Adam(0.001), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    return model
+"""
+
+
 def test_a_networked_server_aggregates_securely_and_learns(tmp_path, processes, shards):
     import json
 
     from tests.integration.support import free_port, start_client, start_server
 
     logdir, address = tmp_path / "logs", f"tcp://127.0.0.1:{free_port()}"
+    (tmp_path / "wide.py").write_text(WIDE_MODEL)  # a masked input (all 153,610 floats in one frame) is
     server = start_server(processes, shards, logdir, address, "--rounds", "2", "--min-clients", "3", "--epochs", "5",
-                          "--secure-aggregation", "--secagg-clip", "2")
+                          "--secure-aggregation", "--secagg-clip", "2",  # larger than any one array and the header
+                          "--model", f"{tmp_path / 'wide.py'}:build")
     clients = [start_client(processes, shards, address, i) for i in (1, 2, 3)]
     assert processes.wait(server, 300) == 0, processes.tail(server)
     for client in clients:

@@ -241,6 +241,8 @@ def test_max_frame_bytes_covers_the_largest_array_and_the_header():
     overhead = protocol.FRAME_OVERHEAD_BYTES  # a CurveZMQ box around each frame
     assert protocol.max_frame_bytes(SPECS, Limits(max_header_bytes=10)) == 48 + overhead
     assert protocol.max_frame_bytes(SPECS, Limits(max_header_bytes=1000)) == 1000 + overhead
+    # under secure aggregation a masked input holds every float of the model, and the weight, in one frame
+    assert protocol.max_frame_bytes(SPECS, Limits(max_header_bytes=10), secure_aggregation=True) == 8 * 16 + overhead
 
 
 def test_client_limits_fit_a_real_update_and_refuse_a_long_history_before_parsing_it():
