@@ -391,6 +391,10 @@ class FitPlan:
 PLAN_SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
     f.name: (_in(f.metadata["range"]), f.metadata["required"]) for f in fields(FitPlan)}
 
+_ATTEMPT = (_int_in(1, 2**31 - 1), True)  # which attempt at the round a message belongs to
+_SEALED_BOXES = {"attempt": _ATTEMPT,  # sealed shares, {the other client: box}, either way through the server
+                 "boxes": (_id_table(_b64(max_length=SECAGG_MAX_BOX_BYTES), MAX_SECAGG_CLIENTS), True)}
+
 BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = {
     # client -> server: "let me in"; header client_id is the id wanted ("" lets the server choose).
     MessageType.JOIN: {
@@ -411,13 +415,13 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
     # is what an answer depends on.
     MessageType.FIT: {
         "plan": (_plan, True),
-        "attempt": (_int_in(1, 2**31 - 1), True),
+        "attempt": _ATTEMPT,
         "run": (_run_id, True),
         "secagg": (_secagg_setup, False),  # secure aggregation: answer with SECAGG_KEYS, not UPDATE
     },
     # client -> server: the locally trained weights (arrays) for round `round`, attempt `attempt`.
     MessageType.UPDATE: {
-        "attempt": (_int_in(1, 2**31 - 1), True),
+        "attempt": _ATTEMPT,
         "num_examples": (_int_in(1, 2**53), True),
         "fit_s": (_float_in(0.0, 1e9), True),
         "history": (_history, True),
@@ -454,42 +458,36 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
     # --- secure aggregation, one attempt at one round (`round` in the header; `attempt` here) ---
     # client -> server, after training for a FIT with "secagg": this attempt's two public keys.
     MessageType.SECAGG_KEYS: {
-        "attempt": (_int_in(1, 2**31 - 1), True),
+        "attempt": _ATTEMPT,
         "mask_key": (_b64(SECAGG_KEY_BYTES), True),
         "share_key": (_b64(SECAGG_KEY_BYTES), True),
     },
     # server -> client: every key-advertising client's keys, {client id: [mask key, share key]}.
     MessageType.SECAGG_ROSTER: {
-        "attempt": (_int_in(1, 2**31 - 1), True),
+        "attempt": _ATTEMPT,
         "roster": (_id_table(_pair(_b64(SECAGG_KEY_BYTES), _b64(SECAGG_KEY_BYTES)), MAX_SECAGG_CLIENTS), True),
     },
     # client -> server: its shares, sealed for each neighbour, {neighbour: box}.
-    MessageType.SECAGG_SHARES: {
-        "attempt": (_int_in(1, 2**31 - 1), True),
-        "boxes": (_id_table(_b64(max_length=SECAGG_MAX_BOX_BYTES), MAX_SECAGG_CLIENTS), True),
-    },
+    MessageType.SECAGG_SHARES: _SEALED_BOXES,
     # server -> client: the boxes its neighbours sealed for it, {sender: box}.
-    MessageType.SECAGG_BOXES: {
-        "attempt": (_int_in(1, 2**31 - 1), True),
-        "boxes": (_id_table(_b64(max_length=SECAGG_MAX_BOX_BYTES), MAX_SECAGG_CLIENTS), True),
-    },
+    MessageType.SECAGG_BOXES: _SEALED_BOXES,
     # client -> server: its masked, quantised, weighted update (one unsigned array) and its metrics;
     # or, with no array, the senders whose boxes did not open for it (it will not mask against them).
     MessageType.SECAGG_MASKED: {
-        "attempt": (_int_in(1, 2**31 - 1), True),
+        "attempt": _ATTEMPT,
         "fit_s": (_float_in(0.0, 1e9), True),
         "history": (_history, True),
         "bad_boxes": (_id_list(MAX_SECAGG_CLIENTS), False),
     },
     # server -> client: who survived (sent a masked input) and who dropped after sharing keys.
     MessageType.SECAGG_UNMASK: {
-        "attempt": (_int_in(1, 2**31 - 1), True),
+        "attempt": _ATTEMPT,
         "survivors": (_id_list(MAX_SECAGG_CLIENTS), True),
         "dropped": (_id_list(MAX_SECAGG_CLIENTS), True),
     },
     # client -> server: {owner: ["b" (self-mask seed) | "s" (mask key), its share]}.
     MessageType.SECAGG_REVEAL: {
-        "attempt": (_int_in(1, 2**31 - 1), True),
+        "attempt": _ATTEMPT,
         "shares": (_id_table(_pair(_one_of("b", "s"), _b64(SECAGG_SHARE_BYTES)), MAX_SECAGG_CLIENTS), True),
     },
 }
