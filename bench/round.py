@@ -38,14 +38,14 @@ def write_shards(workdir: Path, examples: int) -> tuple[list[Path], Path]:
 
 
 def pyfed_rounds(shards: list[Path], test: Path | None, rounds: int, epochs: int, batch_size: int,
-                 workdir: Path) -> dict:
+                 workdir: Path, server_flags: tuple[str, ...] = ()) -> dict:
     address = f"tcp://127.0.0.1:{free_port()}"
     logdir = workdir / "pyfed-logs"
     base = [sys.executable, "-m", "pyfed"]
     server = start([*base, "server", "--address", address, "--rounds", str(rounds), "--min-clients", str(CLIENTS),
                     "--model", f"{BENCH / 'seed_model.py'}:build", "--logdir", str(logdir),
                     "--epochs", str(epochs), "--batch-size", str(batch_size), "--learning-rate", "3e-4",
-                    *(["--test-data", str(test)] if test else [])], workdir / "pyfed-server.log")
+                    *(["--test-data", str(test)] if test else []), *server_flags], workdir / "pyfed-server.log")
     clients = [start([*base, "client", "--server", address, "--data", str(shard)], workdir / f"pyfed-client-{i}.log")
                for i, shard in enumerate(shards, start=1)]
     server_done = finish(server, 3600)

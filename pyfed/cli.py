@@ -90,6 +90,7 @@ def run_server(config: ServerConfig) -> int:
     strategy = private_strategy(strategy, config, rounds=config.rounds, population=config.min_clients,
                                 min_fit_clients=config.min_fit_clients, fraction=config.fraction_fit,
                                 population_setting="--min-clients / MIN_CLIENTS")
+    check_secure_aggregation(strategy, config, config.max_update_norm)
     if config.max_update_norm is not None:
         strategy = NormBound(strategy, config.max_update_norm)
     if config.round_timeout_s is None:
@@ -129,7 +130,8 @@ def run_server(config: ServerConfig) -> int:
                     seed=config.seed, checkpoint_dir=config.checkpoint_dir,
                     keep_checkpoints=config.keep_checkpoints, fresh_start=config.fresh_start, curve=curve,
                     authorized_keys=config.authorized_keys if curve else None, join_rate=config.join_rate,
-                    max_examples=config.max_examples, max_ids_per_key=config.max_ids_per_key)
+                    max_examples=config.max_examples, max_ids_per_key=config.max_ids_per_key,
+                    secure_aggregation=config.secure_aggregation_settings())
     _on_stop_signals(lambda name: server.request_stop(name))
     try:
         server.run()
@@ -178,6 +180,25 @@ def build_strategy(settings: StrategySettings, clients_per_round: int, clients_s
         raise UsageError(f"--strategy {settings.strategy} with these settings needs at least "
                          f"{strategy.min_fit_clients()} clients per round, but {clients_setting} is {clients_per_round}")
     return strategy
+
+
+def check_secure_aggregation(strategy: Any, config: Any, max_update_norm: float | None) -> None:
+    """Secure aggregation hides each update: refuse what needs to see one (see federation/secure_aggregation.py)."""
+    if not config.secure_aggregation:
+        return
+    from pyfed.federation.strategy import WeightedMeanStrategy
+    from pyfed.federation.strategy.dp import DifferentialPrivacy
+
+    if isinstance(strategy, DifferentialPrivacy):
+        raise UsageError("--secure-aggregation / SECURE_AGGREGATION with differential privacy is not supported yet: "
+                         "central DP clips each update on the server, which secure aggregation hides from it")
+    if not isinstance(strategy, WeightedMeanStrategy):
+        raise UsageError(f"--secure-aggregation / SECURE_AGGREGATION needs a FedAvg-family strategy (fedavg, fedavgm, "
+                         f"fedprox, fedadagrad, fedadam, fedyogi): {strategy.name} needs each client's update, which "
+                         f"secure aggregation hides from the server")
+    if max_update_norm is not None:
+        raise UsageError("--max-update-norm / MAX_UPDATE_NORM needs each update's norm, which secure aggregation "
+                         "hides; --secagg-clip bounds each coordinate of every update instead")
 
 
 def private_strategy(strategy: Any, config: PrivacySettings, *, rounds: int, population: int, min_fit_clients: int,
@@ -330,6 +351,7 @@ def run_simulate(config: SimulateConfig) -> int:
     strategy = private_strategy(strategy, config, rounds=config.rounds, population=config.clients,
                                 min_fit_clients=config.min_fit_clients, fraction=config.fraction_fit,
                                 population_setting="--clients / NUM_CLIENTS")
+    check_secure_aggregation(strategy, config, None)
     try:
         x, y = load_dataset(config.dataset, config.read_options())
         clients, test_data = split_dataset(x, y, config.clients, seed=config.seed, test_fraction=config.test_fraction,
@@ -351,7 +373,7 @@ def run_simulate(config: SimulateConfig) -> int:
         min_fit_clients=max(config.min_fit_clients, strategy.min_fit_clients()), drop_rate=config.drop_rate, checkpoint_dir=config.checkpoint_dir, keep_checkpoints=config.keep_checkpoints,
         fresh_start=config.fresh_start, logdir=config.logdir, config_summary=describe(config), seed=config.seed,
         progress=config.progress, export=model_files(model, config, has_test_data=test_data is not None),
-        histograms=config.histograms)
+        histograms=config.histograms, secure_aggregation=config.secure_aggregation_settings())
     _on_stop_signals(lambda name: simulation.engine.request_stop(name))
     try:
         simulation.run()

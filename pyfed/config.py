@@ -242,6 +242,36 @@ def optional_fraction(text: str) -> float | None:
 
 
 @dataclasses.dataclass(frozen=True)
+class SecureAggregationSettings:
+    """Secure aggregation (SecAgg+), shared by ``pyfed server`` and ``pyfed simulate``: the server learns
+    only the weighted sum of each round's updates."""
+
+    secure_aggregation: bool = setting(False, "--secure-aggregation", "SECURE_AGGREGATION", boolean,
+                                       "secure aggregation (SecAgg+): clients mask their updates so that the server "
+                                       "learns only their weighted sum (FedAvg-family strategies)")
+    secagg_threshold: float = setting(0.5, "--secagg-threshold", "SECAGG_THRESHOLD", fraction,
+                                      "secure aggregation: a client's secrets are rebuilt from more than this share of "
+                                      "its neighbours and itself; fewer survivors abandon the attempt")
+    secagg_bits: int = setting(16, "--secagg-bits", "SECAGG_BITS", Range(1, 40, integer=True).parse,
+                               "secure aggregation: fixed-point bits of each update coordinate in [-clip, clip]")
+    secagg_clip: float = setting(1.0, "--secagg-clip", "SECAGG_CLIP", positive_float,
+                                 "secure aggregation: each coordinate of an update's change is clipped to "
+                                 "[-this, this] before it is quantised (bounds what one client can add)")
+    secagg_degree: int = setting(0, "--secagg-degree", "SECAGG_DEGREE", non_negative_int,
+                                 "secure aggregation: each client's neighbours (0: about 3 log2 of the clients a "
+                                 "round, as SecAgg+; the clients a round minus one or more: everyone, as SecAgg)")
+
+    def secure_aggregation_settings(self) -> Any:
+        """The library's settings, or None when secure aggregation is off."""
+        if not self.secure_aggregation:
+            return None
+        from pyfed.federation.secure_aggregation import SecureAggregation
+
+        return SecureAggregation(threshold_fraction=self.secagg_threshold, degree=self.secagg_degree,
+                                 quantisation_bits=self.secagg_bits, clip=self.secagg_clip)
+
+
+@dataclasses.dataclass(frozen=True)
 class PrivacySettings:
     """Client-level differential privacy (DP-FedAvg), shared by ``pyfed server`` and ``pyfed simulate``.
     Off unless a noise multiplier or a target epsilon is given."""
@@ -294,6 +324,7 @@ class CheckpointSettings:
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig(StrategySettings, TrainingSettings, EncryptionSettings, ParticipationSettings, PrivacySettings,
+                   SecureAggregationSettings,
                    CheckpointSettings):
     """How ``pyfed server`` runs."""
 
@@ -460,6 +491,7 @@ class PartitionConfig(PartitionSettings):
 
 @dataclasses.dataclass(frozen=True)
 class SimulateConfig(StrategySettings, TrainingSettings, PartitionSettings, ParticipationSettings, PrivacySettings,
+                     SecureAggregationSettings,
                      CheckpointSettings):
     """How ``pyfed simulate`` runs a whole federation in one process, without sockets."""
 

@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 
 from pyfed.federation.aggregate import clip_and_noise
+from pyfed.federation.secagg import SecAggError
+from pyfed.federation.secure_aggregation import ClientStages, SecAggAborted, flatten_change
 from pyfed.wire import protocol
 from pyfed.learning.data import DataError, load_shard
 from pyfed.learning.model import from_wire, input_shape, output_units
@@ -44,6 +46,7 @@ REJOIN_RETRY_S = 10.0  # a rejoin JOIN with no answer is sent again after this l
 WAIT_LOG_EVERY_S = 60.0
 SEND_RETRY_S = 10.0  # no connection this long: the server restarted or dropped us, and will ask again
 BACKOFF_MAX_S = 5.0  # a refused join is retried at 1, 2, 4, 5, 5 .. s: back soon after its predecessor is dropped
+SECAGG_STAGES = frozenset({MessageType.SECAGG_ROSTER, MessageType.SECAGG_BOXES, MessageType.SECAGG_UNMASK})
 LOCAL_DELTA = 1e-5  # local DP: the delta a site reports its epsilon at when the server names none
 
 EXIT_OK = 0
@@ -100,6 +103,7 @@ class Client:
         self._noise_rng = np.random.default_rng(secrets.randbits(128))  # local DP noise: never from --seed
         self.local_releases: Counter[float] = Counter()  # local DP: noised updates sent, by noise multiplier
         self.local_noise_floor = local_noise_floor  # local DP this site insists on, whatever the server's plan
+        self._stages = ClientStages(client_id)  # secure aggregation's stages, when a FIT asks for it
         self.shard: str | None = None
         self._reconnecting = False
         self.model: Any = None
@@ -272,6 +276,8 @@ class Client:
             next_wait_log = time.monotonic() + WAIT_LOG_EVERY_S
             if message.type is MessageType.FIT:
                 self._fit(message)
+            elif message.type in SECAGG_STAGES:
+                self._secure_aggregation_stage(message)
             elif message.type is MessageType.EVALUATE:
                 self._evaluate(message)
             elif message.type is MessageType.FINISH:
@@ -316,17 +322,32 @@ class Client:
 
     def _fit(self, message: Message) -> None:
         attempt = message.body["attempt"]
-        key = ("fit", message.body["run"], message.round, json.dumps(message.body["plan"], sort_keys=True))
+        key = ("fit", message.body["run"], message.round, json.dumps(message.body["plan"], sort_keys=True),
+               attempt if "secagg" in message.body else None)  # secure aggregation's keys are the attempt's own
         if self._answer_again(key, f"round {message.round} update", attempt):
             return
         plan = self._with_local_noise(FitPlan.from_body(message.body["plan"]))
         log.info("round %d: training%s", message.round, f" (attempt {attempt})" if attempt > 1 else "")
         self.trainer.load(message.arrays, plan)
-        anchor = [np.array(a) for a in message.arrays] if plan.clip_norm > 0 else None  # copies: frames are freed
+        anchor = ([np.array(a) for a in message.arrays]  # copies: frames are freed
+                  if plan.clip_norm > 0 or "secagg" in message.body else None)
         del message.arrays[:]  # release the received frames before training
         self._last_answer = None
         weights, num_examples, metrics = self.trainer.train(plan)
         metrics["history"] = _bounded_history(metrics["history"], plan.epochs)
+        if "secagg" in message.body:  # secure aggregation: the update waits, masked, for its stage
+            if self._stages.client_id != self.client_id:  # the id came with the WELCOME
+                self._stages = ClientStages(self.client_id)
+            body = self._stages.begin(message.body["run"], message.round, attempt, message.body["secagg"],
+                                      flatten_change(weights, anchor), num_examples,
+                                      {"fit_s": metrics["fit_s"], "history": metrics["history"]})
+            keys = Message(MessageType.SECAGG_KEYS, round=message.round, client_id=self.client_id, body=body)
+            self._last_answer = (key, keys)
+            self._send(protocol.encode(keys), what=f"round {message.round} keys")
+            self.rounds_trained += 1
+            log.info("round %d: trained on %d examples in %.2fs; taking part in secure aggregation",
+                     message.round, num_examples, metrics["fit_s"])
+            return
         if anchor is not None:  # differential privacy: clip (and, for local DP, noise) before it leaves
             weights, metrics["within_clip"] = clip_and_noise(weights, anchor, plan.clip_norm, plan.local_noise,
                                                              self._noise_rng)
@@ -352,6 +373,22 @@ class Client:
                               f"private updates (--dp-local-noise-multiplier {self.local_noise_floor:g}); not "
                               f"sending it: run the server with --dp-local-noise-multiplier (or --dp-clipping client)")
         return dataclasses.replace(plan, local_noise=self.local_noise_floor)
+
+    def _secure_aggregation_stage(self, message: Message) -> None:
+        """Answer a secure aggregation stage (federation/secure_aggregation.py: ClientStages); a
+        message that does not fit this client's round is logged and not answered (the server drops
+        the client from the attempt)."""
+        try:
+            kind, body, arrays = self._stages.answer(message.type, message.round, message.body)
+        except (SecAggError, SecAggAborted) as error:
+            log.warning("round %d: not answering %s: %s", message.round, message.type.value, error)
+            return
+        self._send(protocol.encode(Message(kind, round=message.round, client_id=self.client_id, body=body,
+                                           arrays=arrays)), what=f"round {message.round} {kind.value}")
+        done = {MessageType.SECAGG_SHARES: f"shares sealed for {len(body.get('boxes', {}))} neighbours",
+                MessageType.SECAGG_MASKED: "masked update sent",
+                MessageType.SECAGG_REVEAL: f"{len(body.get('shares', {}))} unmasking shares sent"}[kind]
+        log.info("round %d: secure aggregation: %s", message.round, done)
 
     def _account_local_release(self, plan: FitPlan) -> None:
         """Local DP: this site's own count of the noised updates it sent, and their epsilon (at the

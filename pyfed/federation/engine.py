@@ -34,7 +34,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from pyfed.federation.pool import (Answer, Back, ClientPool, EvaluateRequest, FitRequest, Gone, Misbehaved,
-                                   Request)
+                                   Request, SecAggRequest)
+from pyfed.federation.secagg import SecAggError
+from pyfed.federation.secure_aggregation import (PublicKeys, SecAggAborted, SecureAggregation, ServerRound,
+                                                 apply_change, round_context)
 from pyfed.federation.strategy import Aggregator, FitResult, Strategy, WeightedMeanStrategy, sample_clients
 from pyfed.federation.aggregate import weighted_evaluation, why_unusable
 from pyfed.persistence.files import CheckpointError, CheckpointMismatch
@@ -141,6 +144,35 @@ class Collection:
         return True
 
 
+class _SecureSum:
+    """The aggregator of a securely aggregated round: the unmasked weighted mean change, stepped by
+    the strategy's server update when the engine asks for the result (so a refused model rolls back)."""
+
+    def __init__(self, strategy: Strategy, global_weights: Sequence[np.ndarray], mean_change: np.ndarray):
+        self._strategy, self._global, self._change = strategy, global_weights, mean_change
+
+    def add(self, result: FitResult) -> None:
+        raise ValueError("a securely aggregated round takes no individual update")
+
+    def result(self) -> list[np.ndarray]:
+        mean = apply_change(self._global, self._change)
+        server_update = getattr(self._strategy, "server_update", None)
+        return server_update(self._global, mean) if server_update is not None else mean
+
+
+class _NoResult:
+    """An abandoned attempt's aggregator: it has nothing to give."""
+
+    def __init__(self, reason: str):
+        self._reason = reason
+
+    def add(self, result: FitResult) -> None:
+        raise ValueError(self._reason)
+
+    def result(self) -> list[np.ndarray]:
+        raise ValueError(self._reason)
+
+
 @dataclass
 class RunState:
     """Everything a checkpoint holds of a run, and what the engine resumes from."""
@@ -179,10 +211,14 @@ class RoundEngine:
         on_round: Callable[[RoundRecord], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         label: str = "round",
+        secure_aggregation: SecureAggregation | None = None,
     ):
         if not 1 <= min_fit_clients:
             raise ValueError(f"min_fit_clients must be at least 1, got {min_fit_clients}")
+        if secure_aggregation is not None:  # a sum of one update is that update: never unmask fewer than two
+            min_fit_clients = max(min_fit_clients, 2)
         self.pool = pool
+        self.secure_aggregation = secure_aggregation
         self.weights = list(weights)
         self.specs = protocol.array_specs(self.weights)
         self.rounds, self.plan, self.strategy = rounds, plan, strategy
@@ -206,6 +242,7 @@ class RoundEngine:
         self.ended_early: str | None = None  # why the run ended before its planned rounds (a privacy budget)
         self._stop_reason: str | None = None
         self._collection: Collection | None = None
+        self._left_out: set[str] = set()  # secure aggregation: clients accused in this round, not asked again in it
 
     # --- the run, top to bottom ----------------------------------------------------------------
 
@@ -347,20 +384,27 @@ class RoundEngine:
 
     def _wait_for_clients(self, needed: int) -> None:
         next_progress = self.clock() + PROGRESS_EVERY_S
-        while len(self.pool.connected()) < needed:
+        while len(self._askable()) < needed:
             self._poll(timeout_s=1.0)
             if self.clock() >= next_progress:
-                log.info("waiting for clients: %d/%d joined", len(self.pool.connected()), needed)
+                log.info("waiting for clients: %d/%d joined%s", len(self._askable()), needed,
+                         f" ({len(self._left_out)} left out of this round)" if self._left_out else "")
                 next_progress = self.clock() + PROGRESS_EVERY_S
+
+    def _askable(self) -> list[str]:
+        """The connected clients this round may ask (secure aggregation leaves accused ones out)."""
+        return [cid for cid in self.pool.connected() if cid not in self._left_out]
 
     def _run_round(self, server_round: int) -> None:
         self.current_round = server_round
+        self._left_out = set()
         started = self.clock()
         sent_before, received_before = self.pool.bytes_sent, self.pool.bytes_received
         failed_attempts: list[dict[str, Any]] = []
         for attempt in itertools.count(1):
             self._wait_for_clients(self.min_fit_clients)
-            selected, aggregator, results, dropped = self._fit_attempt(server_round, attempt)
+            fit_attempt = self._secure_fit_attempt if self.secure_aggregation is not None else self._fit_attempt
+            selected, aggregator, results, dropped = fit_attempt(server_round, attempt)
             self.round_timeout.attempt_ended(answered=len(results))
             if len(results) >= self.min_fit_clients:
                 break
@@ -442,19 +486,25 @@ class RoundEngine:
     def _evaluate(self, weights: Sequence[np.ndarray]) -> tuple[float | None, float | None]:
         return self.evaluate(weights) if self.evaluate is not None else (None, None)
 
-    def _fit_attempt(self, server_round: int, attempt: int) -> tuple[list[tuple[str, FitPlan]], Aggregator,
-                                                                     dict[str, FitResult], dict[str, str]]:
-        """One try at a round: sample clients, ask them to train, collect what arrives."""
-        connected = self.pool.connected()
+    def _start_attempt(self, server_round: int, attempt: int, how: str = "") -> list[tuple[str, FitPlan]]:
+        """Whom an attempt asks, with which plan (the sample, then the strategy's say); RunOver if the
+        strategy forbids the round (a privacy budget)."""
+        connected = self._askable()
         reason = self.strategy.why_not_run(server_round, len(connected))
         if reason is not None:
             raise RunOver(f"round {server_round} may not run: {reason}")
         sampled = sample_clients(connected, self.fraction_fit, self.min_fit_clients,
                                  (self.seed, server_round, attempt))
         selected = self.strategy.configure_fit(server_round, sampled, self.plan)
-        log.info("round %d/%d started%s: %d of %d clients (%s)", server_round, self.rounds,
-                 f" (attempt {attempt})" if attempt > 1 else "", len(selected), len(connected),
+        log.info("round %d/%d started%s%s: %d of %d clients (%s)", server_round, self.rounds,
+                 f" (attempt {attempt})" if attempt > 1 else "", how, len(selected), len(connected),
                  ", ".join(cid for cid, _ in selected))
+        return selected
+
+    def _fit_attempt(self, server_round: int, attempt: int) -> tuple[list[tuple[str, FitPlan]], Aggregator,
+                                                                     dict[str, FitResult], dict[str, str]]:
+        """One try at a round: sample clients, ask them to train, collect what arrives."""
+        selected = self._start_attempt(server_round, attempt)
         aggregator = self.strategy.aggregator(server_round, self.weights)
         collection = Collection(MessageType.UPDATE, server_round, attempt,
                                 {cid: FitRequest(server_round, attempt, plan, self.weights, self.run_id)
@@ -478,6 +528,96 @@ class RoundEngine:
 
         dropped = self._collect(collection, accept)
         return selected, aggregator, results, dropped
+
+    def _secure_fit_attempt(self, server_round: int, attempt: int) -> tuple[list[tuple[str, FitPlan]], Aggregator,
+                                                                            dict[str, FitResult], dict[str, str]]:
+        """One try at a round under secure aggregation (federation/secure_aggregation.py): FIT, then
+        the key, share, masked-input and unmasking stages, each collected as a FIT's updates are; the
+        server ends up with the weighted sum of the survivors' clipped changes and nothing else. Too
+        few clients left at any stage: the attempt fails (nothing is unmasked) and is retried."""
+        selected = self._start_attempt(server_round, attempt, " under secure aggregation")
+        ids = [cid for cid, _ in selected]
+        results: dict[str, FitResult] = {}
+        dropped: dict[str, str] = {}
+        try:
+            # the ring holds the weights the clients declared when they joined (or the most any may claim)
+            total_weight = sum(min(self.pool.info(cid).declared_examples or self.max_examples, self.max_examples)
+                               for cid in ids)
+            setup = self.secure_aggregation.setup(round_context(self.run_id, server_round, attempt), len(ids),
+                                                  total_weight=total_weight)
+        except SecAggAborted as error:
+            return selected, _NoResult(str(error)), results, {cid: str(error) for cid in ids}
+        global_weights = self.weights
+        length = sum(int(np.size(w)) for w in global_weights if np.dtype(w.dtype).kind == "f")
+        server = ServerRound(setup, ids, length)
+        setup_body = {"threshold": setup.threshold, "degree": setup.degree, "quantisation_bits": setup.quantisation_bits,
+                      "ring_bits": setup.ring_bits, "clip": setup.clip}
+        metrics: dict[str, dict[str, Any]] = {}
+        accused: set[str] = set()  # clients whose boxes did not open for a neighbour
+        accusers: set[str] = set()
+
+        def stage(kind: MessageType, requests: dict[str, Request], accept: Callable[[Answer], None]) -> None:
+            collection = Collection(kind, server_round, attempt, requests)
+            for client_id, why in self._collect(collection, accept).items():
+                dropped.setdefault(client_id, f"{kind.value}: {why}")
+            self._left_out.update(collection.refused)  # a refused answer: not asked again in this round
+
+        def keys(answer: Answer) -> None:
+            server.add_keys(answer.client_id, PublicKeys(protocol.unb64(answer.body["mask_key"]),
+                                                         protocol.unb64(answer.body["share_key"])))
+
+        def shares(answer: Answer) -> None:
+            server.add_shares(answer.client_id, {v: protocol.unb64(box) for v, box in answer.body["boxes"].items()})
+
+        def masked(answer: Answer) -> None:
+            if "bad_boxes" in answer.body:  # its neighbours' boxes did not open for it: name them, mask nothing
+                accused.update(set(answer.body["bad_boxes"]) & server.shared())
+                accusers.add(answer.client_id)
+                return
+            server.add_masked(answer.client_id, answer.arrays[0] if answer.arrays else np.zeros(0, np.uint64))
+            metrics[answer.client_id] = {"fit_s": answer.body["fit_s"], "history": answer.body["history"]}
+            answer.arrays = []
+
+        def reveal(answer: Answer) -> None:
+            server.add_unmask(answer.client_id, {owner: (kind, protocol.unb64(share))
+                                                 for owner, (kind, share) in answer.body["shares"].items()})
+
+        try:
+            stage(MessageType.SECAGG_KEYS, {cid: FitRequest(server_round, attempt, plan, global_weights, self.run_id,
+                                                            secagg=setup_body) for cid, plan in selected}, keys)
+            roster = {cid: [protocol.b64(k.mask_key), protocol.b64(k.share_key)] for cid, k in server.roster().items()}
+            stage(MessageType.SECAGG_SHARES, {cid: SecAggRequest(server_round, attempt, MessageType.SECAGG_ROSTER,
+                                                                 {"attempt": attempt, "roster": roster})
+                                              for cid in roster}, shares)
+            log.info("round %d: secure aggregation: %d of %d clients shared their keys; asking for masked inputs",
+                     server_round, len(server.shared()), len(ids))
+            stage(MessageType.SECAGG_MASKED, {cid: SecAggRequest(server_round, attempt, MessageType.SECAGG_BOXES,
+                                                                 {"attempt": attempt, "boxes": {
+                                                                     s: protocol.b64(b)
+                                                                     for s, b in server.boxes_for(cid).items()}})
+                                              for cid in sorted(server.shared())}, masked)
+            if accused:  # their pairwise masks would never cancel: try again without them
+                self._left_out.update(accused)
+                for client_id in accused:
+                    dropped[client_id] = "secure aggregation: its sealed shares did not open for a neighbour"
+                raise SecAggAborted(f"{', '.join(sorted(accused))} sent shares that did not open for "
+                                    f"{', '.join(sorted(accusers))}; left out of this round's next attempts")
+            survivors, gone = server.unmask_request()
+            stage(MessageType.SECAGG_REVEAL, {cid: SecAggRequest(server_round, attempt, MessageType.SECAGG_UNMASK,
+                                                                 {"attempt": attempt, "survivors": survivors,
+                                                                  "dropped": gone})
+                                              for cid in survivors}, reveal)
+            total, weight = server.result()
+        except SecAggAborted as error:
+            log.warning("round %d attempt %d: secure aggregation abandoned: %s (nothing was unmasked)",
+                        server_round, attempt, error)
+            return selected, _NoResult(str(error)), results, dropped
+        for client_id in survivors:
+            results[client_id] = FitResult(client_id, (), 0, metrics[client_id])
+            self.pool.accepted(client_id)
+        log.info("round %d: secure aggregation: the weighted sum of %d updates (%d examples) unmasked; %d "
+                 "dropped after sharing keys", server_round, len(survivors), weight, len(gone))
+        return selected, _SecureSum(self.strategy, global_weights, total / weight), results, dropped
 
     def _federated_evaluation(self, server_round: int) -> tuple[dict[str, Any] | None, dict[str, str]]:
         """Ask every connected client to evaluate the new global weights on its held-out data."""
@@ -586,15 +726,25 @@ class RoundEngine:
             return
         collection.pending.discard(client_id)
         collection.answered.add(client_id)
-        if kind is MessageType.UPDATE:
+        if kind in (MessageType.UPDATE, MessageType.SECAGG_KEYS):
             self.round_timeout.answered(self.clock() - collection.sent_at[client_id])
-        accept(answer)
+        try:
+            accept(answer)
+        except SecAggError as error:  # a secure aggregation stage's answer that does not fit the round
+            collection.answered.discard(client_id)
+            collection.refused.add(client_id)
+            collection.dropped[client_id] = f"answer refused: {error}"
+            self.pool.refuse(client_id, str(error))
+            log.warning("round %d: dropped client %s: its %s was refused (%s)", server_round, client_id,
+                        kind.value, error)
 
     def _check_answer(self, answer: Answer) -> str | None:
         """Why an answer's content cannot be used, or None if it can."""
         try:
             if answer.kind is MessageType.UPDATE:
                 protocol.check_specs(protocol.array_specs(answer.arrays), self.specs)
+                protocol.check_history(answer.body["history"], self.plan.epochs)
+            elif answer.kind is MessageType.SECAGG_MASKED:
                 protocol.check_history(answer.body["history"], self.plan.epochs)
             protocol.check_finite(answer.arrays)
         except ProtocolError as error:

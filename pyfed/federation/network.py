@@ -17,11 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from pyfed.federation.pool import (Answer, Back, ClientInfo, FitRequest, Gone, Misbehaved,
+from pyfed.federation.pool import (Answer, Back, ClientInfo, FitRequest, Gone, Misbehaved, SecAggRequest,
                                    PoolEvent, Request)
 from pyfed.federation.registry import ClientRecord, JoinRefused, Registry
 from pyfed.wire import protocol
 from pyfed.wire.protocol import AdmissionEvent, ErrorCode, FitPlan, Message, MessageType, ProtocolError, WireModel
+
+#: What a client sends in answer to the engine's requests.
+CLIENT_ANSWERS = frozenset({MessageType.UPDATE, MessageType.EVALUATION, MessageType.SECAGG_KEYS,
+                            MessageType.SECAGG_SHARES, MessageType.SECAGG_MASKED, MessageType.SECAGG_REVEAL})
 from pyfed.wire.security import Admission, CurveKeys
 from pyfed.wire.transport import HEARTBEAT_TIMEOUT_MS, RateLimitedLog, ServerTransport, trim_freed_memory
 
@@ -39,13 +43,15 @@ class NetworkPool:
 
     def __init__(self, address: str, model: WireModel, *, plan: FitPlan, rounds: int, min_clients: int = 1,
                  curve: CurveKeys | None = None, authorized_keys: Path | None = None, num_shards: int = 0,
-                 join_rate: float = 100.0, max_examples: int = 10_000_000, max_ids_per_key: int | None = None):
+                 join_rate: float = 100.0, max_examples: int = 10_000_000, max_ids_per_key: int | None = None,
+                 secagg_neighbours: int = 0):
         self.model, self.plan, self.rounds, self.min_clients = model, plan, rounds, min_clients
         self.specs = protocol.array_specs(model.weights)
-        self.limits = protocol.client_limits(self.specs, plan.epochs)
+        self.limits = protocol.client_limits(self.specs, plan.epochs, secagg_neighbours=secagg_neighbours)
         self.max_examples = max_examples
         self.admission = Admission(authorized_keys, curve.public) if curve is not None else None
-        self.transport = ServerTransport(address, max_frame_bytes=protocol.max_frame_bytes(self.specs, self.limits),
+        self.transport = ServerTransport(address, max_frame_bytes=protocol.max_frame_bytes(
+                                             self.specs, self.limits, secure_aggregation=bool(secagg_neighbours)),
                                          curve=curve, admission=self.admission,
                                          max_message_bytes=protocol.message_budget(self.limits))
         self.registry = Registry(num_shards, join_rate, **({"max_ids_per_key": max_ids_per_key}
@@ -104,6 +110,8 @@ class NetworkPool:
 
     def _encode(self, request: Request) -> list:
         """One encoding per distinct request: the weights are wrapped, never copied."""
+        if isinstance(request, SecAggRequest):  # small, and different for each client: not kept
+            return protocol.encode(Message(request.kind, round=request.round, body=dict(request.body)))
         if isinstance(request, FitRequest):
             key: tuple = ("fit", request.round, request.attempt, request.plan)
         else:
@@ -111,7 +119,8 @@ class NetworkPool:
         if key not in self._encoded:
             if isinstance(request, FitRequest):
                 message = Message(MessageType.FIT, round=request.round, arrays=list(request.weights),
-                                  body={"plan": request.plan.to_body(), "attempt": request.attempt, "run": request.run})
+                                  body={"plan": request.plan.to_body(), "attempt": request.attempt, "run": request.run,
+                                        **({"secagg": dict(request.secagg)} if request.secagg is not None else {})})
             else:
                 message = Message(MessageType.EVALUATE, round=request.round, arrays=list(request.weights),
                                   body={"run": request.run})
@@ -187,7 +196,7 @@ class NetworkPool:
         if self.transport.encrypted and self.transport.peer_keys.get(peer) != self.registry.clients[client_id].key:
             self._reject(peer, ErrorCode.WRONG_KEY, f"a message for client {client_id} came with another CURVE key")
             return events
-        if message.type in (MessageType.UPDATE, MessageType.EVALUATION):
+        if message.type in CLIENT_ANSWERS:
             events.append(Answer(client_id, message.type, message.round, message.body.get("attempt", 1),
                                  message.body, message.arrays))
         elif message.type is MessageType.LEAVE:

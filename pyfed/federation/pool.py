@@ -23,6 +23,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from pyfed.federation.aggregate import clip_and_noise
+from pyfed.federation.secagg import SecAggError
+from pyfed.federation.secure_aggregation import ClientStages, SecAggAborted, flatten_change
 from pyfed.wire.protocol import FitPlan, MessageType
 
 log = logging.getLogger("pyfed.pool")
@@ -37,6 +39,7 @@ class FitRequest:
     plan: FitPlan
     weights: Sequence[np.ndarray]
     run: str = "0" * 16
+    secagg: Mapping[str, Any] | None = None  # secure aggregation's setup: answer SECAGG_KEYS, not UPDATE
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,17 @@ class EvaluateRequest:
     run: str = "0" * 16
 
 
-Request = FitRequest | EvaluateRequest
+@dataclass(frozen=True)
+class SecAggRequest:
+    """A secure aggregation stage (SECAGG_ROSTER, SECAGG_BOXES or SECAGG_UNMASK) of one attempt."""
+
+    round: int
+    attempt: int
+    kind: MessageType
+    body: Mapping[str, Any]
+
+
+Request = FitRequest | EvaluateRequest | SecAggRequest
 
 
 @dataclass
@@ -164,6 +177,7 @@ class InProcessPool:
         self._rng = np.random.default_rng(seed)
         self._noise_rng = np.random.default_rng(secrets.randbits(128))  # local DP noise: never from the seed
         self._queue: deque[tuple[str, Request]] = deque()
+        self._stages: dict[str, ClientStages] = {}  # secure aggregation: each client's half of the stages
         self._on_answer = on_answer  # on_answer(done, remaining): progress through the requests queued
         self._done = 0
 
@@ -197,11 +211,23 @@ class InProcessPool:
         if self.drop_rate and self._rng.random() < self.drop_rate:  # lost for this request; asked again later
             return [Gone(client_id, "dropped (simulated failure)")]
         trainer = self.trainers[client_id]
+        if isinstance(request, SecAggRequest):  # what a networked client's ClientStages answers
+            try:
+                kind, body, arrays = self._stages[client_id].answer(request.kind, request.round, request.body)
+            except (KeyError, SecAggError, SecAggAborted) as error:
+                return [Gone(client_id, f"secure aggregation: {error}")]
+            return [Answer(client_id, kind, request.round, request.attempt, body, arrays)]
         if isinstance(request, FitRequest):
             weights, num_examples, metrics = trainer.fit(list(request.weights), request.plan)
             if request.plan.clip_norm > 0:  # differential privacy: what a networked client does before sending
                 weights, metrics["within_clip"] = clip_and_noise(weights, request.weights, request.plan.clip_norm,
                                                                  request.plan.local_noise, self._noise_rng)
+            if request.secagg is not None:
+                stages = self._stages.setdefault(client_id, ClientStages(client_id))
+                body = stages.begin(request.run, request.round, request.attempt, request.secagg,
+                                    flatten_change(weights, request.weights), num_examples,
+                                    {"fit_s": metrics["fit_s"], "history": metrics["history"]})
+                return [Answer(client_id, MessageType.SECAGG_KEYS, request.round, request.attempt, body)]
             answer = Answer(client_id, MessageType.UPDATE, request.round, request.attempt,
                             {"num_examples": num_examples, **metrics}, list(weights))
         else:

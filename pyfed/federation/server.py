@@ -24,6 +24,7 @@ from pyfed.federation.engine import (AUTO, MAX_EXAMPLES, EngineStopping, Evaluat
                                     RoundTimeout)
 from pyfed.federation.network import NetworkPool
 from pyfed.federation.registry import ClientRecord
+from pyfed.federation.secure_aggregation import SECAGG_MAX_NEIGHBOURS, SecureAggregation
 from pyfed.federation.strategy import FedAvg, Strategy
 from pyfed.persistence.store import RunStore, model_fingerprint
 from pyfed.persistence.tracking import RoundRecord, RunDescription, RunLog, format_metric
@@ -64,16 +65,18 @@ class Server:
         join_rate: float = 100.0,
         max_examples: int = MAX_EXAMPLES,
         max_ids_per_key: int | None = None,
+        secure_aggregation: SecureAggregation | None = None,
     ):
         strategy = strategy or FedAvg()
         self.pool = NetworkPool(address, model, plan=plan, rounds=rounds, min_clients=min_clients, curve=curve,
                                 authorized_keys=authorized_keys, num_shards=num_shards, join_rate=join_rate,
-                                max_examples=max_examples, max_ids_per_key=max_ids_per_key)
+                                max_examples=max_examples, max_ids_per_key=max_ids_per_key,
+                                secagg_neighbours=SECAGG_MAX_NEIGHBOURS if secure_aggregation is not None else 0)
         self.engine = RoundEngine(self.pool, model.weights, rounds=rounds, plan=plan, strategy=strategy,
                                   min_clients=min_clients, min_fit_clients=min_fit_clients, fraction_fit=fraction_fit,
                                   seed=seed, round_timeout=RoundTimeout(round_timeout_s, plan.epochs),
                                   evaluate=evaluate, export=export if logdir else None,
-                                  max_examples=max_examples)
+                                  max_examples=max_examples, secure_aggregation=secure_aggregation)
         self.logdir = Path(logdir) if logdir else None
         checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else (self.logdir / "checkpoints" if logdir else None)
         self.store = RunStore(checkpoint_dir, {

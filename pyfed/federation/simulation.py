@@ -22,6 +22,7 @@ import numpy as np
 
 from pyfed.federation.engine import ExportModel, RoundEngine, RoundTimeout
 from pyfed.federation.pool import InProcessPool
+from pyfed.federation.secure_aggregation import SecureAggregation
 from pyfed.federation.strategy import FedAvg, Strategy
 from pyfed.learning.model import describe_model, evaluator, to_wire
 from pyfed.learning.training import LocalTrainer
@@ -83,6 +84,7 @@ class Simulation:
         fresh_start: bool = False,
         export: ExportModel | None = None,
         histograms: bool = False,
+        secure_aggregation: SecureAggregation | None = None,
     ):
         if not clients:
             raise ValueError("a simulation needs at least one client")
@@ -105,7 +107,7 @@ class Simulation:
                                   evaluate=evaluator(model, *test_data) if test_data is not None else None,
                                   export=export if logdir else None,
                                   evaluate_in_background=False,  # the trainers share the evaluated model
-                                  on_round=self._round_done)
+                                  on_round=self._round_done, secure_aggregation=secure_aggregation)
         self.logdir = Path(logdir) if logdir else None
         model_json, compile_config = to_wire(model)
         self.description = describe_model(model, histograms=histograms)

@@ -14,6 +14,8 @@ field is checked against an explicit schema. This module does no I/O.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import enum
 import json
 import math
@@ -58,6 +60,14 @@ class MessageType(str, enum.Enum):
     STOPPING = "stopping"
     ERROR = "error"
     LEAVE = "leave"
+    # secure aggregation (SecAgg+, federation/secure_aggregation.py): the stages after a FIT with "secagg"
+    SECAGG_KEYS = "secagg_keys"
+    SECAGG_ROSTER = "secagg_roster"
+    SECAGG_SHARES = "secagg_shares"
+    SECAGG_BOXES = "secagg_boxes"
+    SECAGG_MASKED = "secagg_masked"
+    SECAGG_UNMASK = "secagg_unmask"
+    SECAGG_REVEAL = "secagg_reveal"
 
 
 class ErrorCode(enum.StrEnum):
@@ -201,6 +211,95 @@ def _shard_name(value: Any) -> str:
     return value
 
 
+def _b64(length: int | None = None, *, max_length: int | None = None) -> Callable[[Any], str]:
+    """Bytes as standard base64 text: exactly ``length`` bytes, or at most ``max_length``. The text
+    stays text in the body (JSON both ways); :func:`unb64` gives the bytes."""
+    limit = length if length is not None else max_length
+
+    def check(value: Any) -> str:
+        if not isinstance(value, str) or len(value) > 4 * ((limit + 2) // 3):
+            raise ValueError(f"must be base64 text of at most {limit} bytes")
+        try:
+            raw = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise ValueError("is not base64 text") from None
+        if length is not None and len(raw) != length:
+            raise ValueError(f"must be {length} bytes, got {len(raw)}")
+        return value
+    return check
+
+
+def b64(raw: bytes) -> str:
+    """Bytes as the base64 text the SecAgg bodies carry."""
+    return base64.b64encode(raw).decode("ascii")
+
+
+def unb64(text: str) -> bytes:
+    """The bytes of base64 text a body's checker has already accepted."""
+    return base64.b64decode(text, validate=True)
+
+
+def _id_table(value_check: Callable[[Any], Any], max_entries: int) -> Callable[[Any], dict[str, Any]]:
+    """{client id: value}, at most ``max_entries`` of them."""
+    def check(value: Any) -> dict[str, Any]:
+        if not isinstance(value, dict) or len(value) > max_entries:
+            raise ValueError(f"must be an object of at most {max_entries} client ids")
+        checked = {}
+        for key, item in value.items():
+            if not is_client_id(key):
+                raise ValueError(f"has {str(key)[:70]!r}, which is not a client id")
+            try:
+                checked[key] = value_check(item)
+            except ValueError as error:
+                raise ValueError(f"[{key!r}] {error}") from None
+        return checked
+    return check
+
+
+def _id_list(max_entries: int) -> Callable[[Any], list[str]]:
+    def check(value: Any) -> list[str]:
+        if not isinstance(value, list) or len(value) > max_entries or not all(map(is_client_id, value)):
+            raise ValueError(f"must be a list of at most {max_entries} client ids")
+        if len(set(value)) != len(value):
+            raise ValueError("names a client twice")
+        return value
+    return check
+
+
+def _pair(first: Callable[[Any], Any], second: Callable[[Any], Any]) -> Callable[[Any], list[Any]]:
+    def check(value: Any) -> list[Any]:
+        if not isinstance(value, list) or len(value) != 2:
+            raise ValueError("must be a pair")
+        return [first(value[0]), second(value[1])]
+    return check
+
+
+def _one_of(*allowed: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}, got {str(value)[:20]!r}")
+        return value
+    return check
+
+
+MAX_SECAGG_CLIENTS = 100_000
+SECAGG_KEY_BYTES = 32
+SECAGG_SHARE_BYTES = 66
+SECAGG_MAX_BOX_BYTES = 2 * SECAGG_SHARE_BYTES + 200
+
+SECAGG_SETUP_SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
+    "threshold": (_int_in(2, MAX_SECAGG_CLIENTS), True),
+    "degree": (_int_in(2, MAX_SECAGG_CLIENTS), True),
+    "quantisation_bits": (_int_in(1, 62), True),
+    "ring_bits": (_int_in(2, 64), True),
+    "clip": (_float_in(1e-12, 1e12), True),
+}
+
+
+def _secagg_setup(value: Any) -> dict[str, Any]:
+    return _check_fields(value, SECAGG_SETUP_SCHEMA, "secagg")
+
+
 def _plan(value: Any) -> dict[str, Any]:
     return _check_fields(value, PLAN_SCHEMA, "plan")
 
@@ -292,6 +391,10 @@ class FitPlan:
 PLAN_SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
     f.name: (_in(f.metadata["range"]), f.metadata["required"]) for f in fields(FitPlan)}
 
+_ATTEMPT = (_int_in(1, 2**31 - 1), True)  # which attempt at the round a message belongs to
+_SEALED_BOXES = {"attempt": _ATTEMPT,  # sealed shares, {the other client: box}, either way through the server
+                 "boxes": (_id_table(_b64(max_length=SECAGG_MAX_BOX_BYTES), MAX_SECAGG_CLIENTS), True)}
+
 BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = {
     # client -> server: "let me in"; header client_id is the id wanted ("" lets the server choose).
     MessageType.JOIN: {
@@ -312,12 +415,13 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
     # is what an answer depends on.
     MessageType.FIT: {
         "plan": (_plan, True),
-        "attempt": (_int_in(1, 2**31 - 1), True),
+        "attempt": _ATTEMPT,
         "run": (_run_id, True),
+        "secagg": (_secagg_setup, False),  # secure aggregation: answer with SECAGG_KEYS, not UPDATE
     },
     # client -> server: the locally trained weights (arrays) for round `round`, attempt `attempt`.
     MessageType.UPDATE: {
-        "attempt": (_int_in(1, 2**31 - 1), True),
+        "attempt": _ATTEMPT,
         "num_examples": (_int_in(1, 2**53), True),
         "fit_s": (_float_in(0.0, 1e9), True),
         "history": (_history, True),
@@ -351,10 +455,48 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
     MessageType.LEAVE: {
         "reason": (_text(1000), False),
     },
+    # --- secure aggregation, one attempt at one round (`round` in the header; `attempt` here) ---
+    # client -> server, after training for a FIT with "secagg": this attempt's two public keys.
+    MessageType.SECAGG_KEYS: {
+        "attempt": _ATTEMPT,
+        "mask_key": (_b64(SECAGG_KEY_BYTES), True),
+        "share_key": (_b64(SECAGG_KEY_BYTES), True),
+    },
+    # server -> client: every key-advertising client's keys, {client id: [mask key, share key]}.
+    MessageType.SECAGG_ROSTER: {
+        "attempt": _ATTEMPT,
+        "roster": (_id_table(_pair(_b64(SECAGG_KEY_BYTES), _b64(SECAGG_KEY_BYTES)), MAX_SECAGG_CLIENTS), True),
+    },
+    # client -> server: its shares, sealed for each neighbour, {neighbour: box}.
+    MessageType.SECAGG_SHARES: _SEALED_BOXES,
+    # server -> client: the boxes its neighbours sealed for it, {sender: box}.
+    MessageType.SECAGG_BOXES: _SEALED_BOXES,
+    # client -> server: its masked, quantised, weighted update (one unsigned array) and its metrics;
+    # or, with no array, the senders whose boxes did not open for it (it will not mask against them).
+    MessageType.SECAGG_MASKED: {
+        "attempt": _ATTEMPT,
+        "fit_s": (_float_in(0.0, 1e9), True),
+        "history": (_history, True),
+        "bad_boxes": (_id_list(MAX_SECAGG_CLIENTS), False),
+    },
+    # server -> client: who survived (sent a masked input) and who dropped after sharing keys.
+    MessageType.SECAGG_UNMASK: {
+        "attempt": _ATTEMPT,
+        "survivors": (_id_list(MAX_SECAGG_CLIENTS), True),
+        "dropped": (_id_list(MAX_SECAGG_CLIENTS), True),
+    },
+    # client -> server: {owner: ["b" (self-mask seed) | "s" (mask key), its share]}.
+    MessageType.SECAGG_REVEAL: {
+        "attempt": _ATTEMPT,
+        "shares": (_id_table(_pair(_one_of("b", "s"), _b64(SECAGG_SHARE_BYTES)), MAX_SECAGG_CLIENTS), True),
+    },
 }
 
 #: Message types whose arrays must match the model exactly.
 WEIGHT_CARRYING = frozenset({MessageType.WELCOME, MessageType.FIT, MessageType.UPDATE, MessageType.EVALUATE})
+#: Message types that carry arrays at all: the weight-carrying ones, and a masked input (one unsigned
+#: vector of ring elements, checked against the round by the server).
+ARRAY_CARRYING = WEIGHT_CARRYING | {MessageType.SECAGG_MASKED}
 
 
 def _check_fields(value: Any, schema: Mapping[str, tuple[Callable[[Any], Any], bool]], where: str) -> dict:
@@ -514,8 +656,15 @@ def decode(
     specs = _parse_manifest(header.get("arrays", []), limits)
     if len(frames) != 1 + len(specs):
         raise ProtocolError(f"header lists {len(specs)} arrays but {len(frames) - 1} array frames arrived")
-    if specs and kind not in WEIGHT_CARRYING:
+    if specs and kind not in ARRAY_CARRYING:
         raise ProtocolError(f"a {kind.value} message carries no arrays, but this one lists {len(specs)}")
+    if kind is MessageType.SECAGG_MASKED and "bad_boxes" in body:
+        if specs or not body["bad_boxes"]:
+            raise ProtocolError("a secagg_masked message naming bad boxes names at least one and carries no array")
+    elif kind is MessageType.SECAGG_MASKED and (len(specs) != 1 or len(specs[0][1]) != 1
+                                                or specs[0][0] not in ("uint32", "uint64")):
+        raise ProtocolError("a secagg_masked message carries one vector of uint32 or uint64, "
+                            f"not {[f'{d}{list(s)}' for d, s in specs][:3]}")
     if expected_arrays is not None and kind in WEIGHT_CARRYING:
         check_specs(specs, expected_arrays)
 
@@ -555,23 +704,43 @@ def check_finite(arrays: Sequence[np.ndarray]) -> None:
 FRAME_OVERHEAD_BYTES = 1024
 
 
-def max_frame_bytes(specs: Sequence[ArraySpec], limits: Limits = Limits()) -> int:
-    """The largest frame a peer of this model may send: for ``zmq.MAXMSGSIZE`` (a per-frame limit)."""
-    largest = max((math.prod(s) * np.dtype(d).itemsize for d, s in specs), default=0)
+def spec_bytes(spec: ArraySpec) -> int:
+    dtype, shape = spec
+    return math.prod(shape) * np.dtype(dtype).itemsize
+
+
+def largest_masked_input(specs: Sequence[ArraySpec]) -> ArraySpec:
+    """The largest masked input of a securely aggregated round on this model: one uint64 per float
+    of the model and one for the weight, in a single array (so a single frame)."""
+    floats = sum(math.prod(shape) for dtype, shape in specs if np.dtype(dtype).kind == "f")
+    return "uint64", (floats + 1,)
+
+
+def max_frame_bytes(specs: Sequence[ArraySpec], limits: Limits = Limits(), *, secure_aggregation: bool = False) -> int:
+    """The largest frame a peer of this model may send: for ``zmq.MAXMSGSIZE`` (a per-frame limit).
+    Under secure aggregation a masked input, the whole model in one vector, is the largest."""
+    largest = max((spec_bytes(spec) for spec in specs), default=0)
+    if secure_aggregation:
+        largest = max(largest, spec_bytes(largest_masked_input(specs)))
     return max(largest, limits.max_header_bytes) + FRAME_OVERHEAD_BYTES
 
 
-def client_limits(specs: Sequence[ArraySpec], epochs: int) -> Limits:
+def client_limits(specs: Sequence[ArraySpec], epochs: int, *, secagg_neighbours: int = 0) -> Limits:
     """What a server accepts from its clients, sized from the model and the plan's epochs.
 
     The header holds at most an UPDATE's: its manifest (one short entry per array) and a training
     history of at most :data:`MAX_HISTORY_METRICS` metrics of ``epochs`` numbers each; anything
-    longer is refused before it is parsed. Arrays may add up to the model's size, no more.
+    longer is refused before it is parsed. Arrays may add up to the model's size, no more. With
+    secure aggregation (``secagg_neighbours``: the most neighbours a client has), a header may also
+    hold a box or a share for each neighbour, and a masked input is a uint64 per float of the model.
     """
     model_bytes = sum(math.prod(shape) * np.dtype(dtype).itemsize for dtype, shape in specs)
+    if secagg_neighbours:
+        model_bytes = max(model_bytes, spec_bytes(largest_masked_input(specs)))
     history_bytes = MAX_HISTORY_METRICS * (80 + 26 * min(int(epochs), MAX_EPOCHS))  # '-1.2345678901234567e-05,'
-    return Limits(max_header_bytes=4096 + 64 * len(specs) + history_bytes, max_arrays=max(1, len(specs)),
-                  max_array_bytes=max(1, model_bytes), max_total_bytes=max(1, model_bytes))
+    secagg_bytes = (secagg_neighbours + 1) * (4 * SECAGG_MAX_BOX_BYTES // 3 + 80) if secagg_neighbours else 0
+    return Limits(max_header_bytes=4096 + 64 * len(specs) + history_bytes + secagg_bytes,
+                  max_arrays=max(1, len(specs)), max_array_bytes=max(1, model_bytes), max_total_bytes=max(1, model_bytes))
 
 
 def message_budget(limits: Limits) -> int:

@@ -447,3 +447,19 @@ def test_a_private_compose_run_stops_at_its_budget_and_tensorboard_shows_epsilon
     wait_for_tensorboard_runs(port, {"server"})
     assert steps_once(port, "server", "privacy/epsilon", 2)
     assert steps_once(port, "server", "privacy/local_epsilon", 2)
+
+
+def test_a_compose_run_with_secure_aggregation_learns_and_the_server_sees_no_single_update(project_factory):
+    """SECURE_AGGREGATION=1: the three replicas mask their updates; every round's sum is unmasked by
+    the server, no individual update reaches it, and the model learns as a plain run's does."""
+    settings = base_settings(ROUNDS=2, EPOCHS=5, SECURE_AGGREGATION="1", SECAGG_CLIP="2")
+    project = project_factory(**settings)
+    project.compose("up", "-d", "--build", "--scale", "client=3")
+    server = project.wait_finished()
+    log = project.logs("server")
+    assert log.count("secure aggregation: the weighted sum of 3 updates") == 2
+    assert "update from" not in log
+    assert project.logs("client").count("secure aggregation: masked update sent") == 6
+    summary = json.loads(project.copy_out(server, "/logs/summary.json").read_text())
+    assert [len(r["clients"]) for r in summary["rounds"]] == [3, 3]
+    assert summary["rounds"][-1]["test_accuracy"] > 0.6

@@ -14,6 +14,9 @@ WEIGHTS = [np.arange(12, dtype=np.float32).reshape(3, 4), np.array([0.5, -1.5, 2
 SPECS = protocol.array_specs(WEIGHTS)
 PLAN = {"epochs": 2, "batch_size": 16, "learning_rate": 0.01}
 RUN = "0123456789abcdef"
+KEY = protocol.b64(bytes(range(32)))
+SHARE = protocol.b64(bytes(66))
+BOX = protocol.b64(bytes(160))
 
 EXAMPLES = {
     MessageType.JOIN: Message(MessageType.JOIN, client_id="site-a", body={"num_examples": 450, "wants_shard": False}),
@@ -33,6 +36,20 @@ EXAMPLES = {
     MessageType.STOPPING: Message(MessageType.STOPPING, round=2, body={"reason": "SIGTERM"}),
     MessageType.ERROR: Message(MessageType.ERROR, body={"code": "id_taken", "reason": "client id taken"}),
     MessageType.LEAVE: Message(MessageType.LEAVE, client_id="client-1", body={"reason": "shutting down"}),
+    MessageType.SECAGG_KEYS: Message(MessageType.SECAGG_KEYS, round=2, client_id="client-1",
+                                     body={"attempt": 1, "mask_key": KEY, "share_key": KEY}),
+    MessageType.SECAGG_ROSTER: Message(MessageType.SECAGG_ROSTER, round=2,
+                                       body={"attempt": 1, "roster": {"client-1": [KEY, KEY], "site-b": [KEY, KEY]}}),
+    MessageType.SECAGG_SHARES: Message(MessageType.SECAGG_SHARES, round=2, client_id="client-1",
+                                       body={"attempt": 1, "boxes": {"site-b": BOX}}),
+    MessageType.SECAGG_BOXES: Message(MessageType.SECAGG_BOXES, round=2, body={"attempt": 1, "boxes": {"site-b": BOX}}),
+    MessageType.SECAGG_MASKED: Message(MessageType.SECAGG_MASKED, round=2, client_id="client-1",
+                                       arrays=[np.arange(16, dtype=np.uint32)],
+                                       body={"attempt": 1, "fit_s": 1.5, "history": {"loss": [0.3]}}),
+    MessageType.SECAGG_UNMASK: Message(MessageType.SECAGG_UNMASK, round=2,
+                                       body={"attempt": 1, "survivors": ["client-1", "site-b"], "dropped": []}),
+    MessageType.SECAGG_REVEAL: Message(MessageType.SECAGG_REVEAL, round=2, client_id="client-1",
+                                       body={"attempt": 1, "shares": {"client-1": ["b", SHARE], "site-c": ["s", SHARE]}}),
 }
 
 
@@ -224,6 +241,8 @@ def test_max_frame_bytes_covers_the_largest_array_and_the_header():
     overhead = protocol.FRAME_OVERHEAD_BYTES  # a CurveZMQ box around each frame
     assert protocol.max_frame_bytes(SPECS, Limits(max_header_bytes=10)) == 48 + overhead
     assert protocol.max_frame_bytes(SPECS, Limits(max_header_bytes=1000)) == 1000 + overhead
+    # under secure aggregation a masked input holds every float of the model, and the weight, in one frame
+    assert protocol.max_frame_bytes(SPECS, Limits(max_header_bytes=10), secure_aggregation=True) == 8 * 16 + overhead
 
 
 def test_client_limits_fit_a_real_update_and_refuse_a_long_history_before_parsing_it():
@@ -271,3 +290,34 @@ def test_a_welcome_cannot_point_a_client_outside_its_data_directory(shard):
     header["body"]["shard"] = shard
     with pytest.raises(ProtocolError, match="shard must be a bare file name ending in .npz"):
         decode([json.dumps(header).encode(), *welcome[1:]])
+
+
+@pytest.mark.parametrize("kind, body, message", [
+    (MessageType.SECAGG_KEYS, {"attempt": 1, "mask_key": "AAAA", "share_key": KEY}, "must be 32 bytes, got 3"),
+    (MessageType.SECAGG_KEYS, {"attempt": 1, "mask_key": "not base64!", "share_key": KEY}, "not base64"),
+    (MessageType.SECAGG_KEYS, {"attempt": 1, "mask_key": KEY * 3, "share_key": KEY}, "at most 32 bytes"),
+    (MessageType.SECAGG_ROSTER, {"attempt": 1, "roster": {"../x": [KEY, KEY]}}, "not a client id"),
+    (MessageType.SECAGG_ROSTER, {"attempt": 1, "roster": {"a": [KEY]}}, "must be a pair"),
+    (MessageType.SECAGG_SHARES, {"attempt": 1, "boxes": {"a": protocol.b64(bytes(400))}}, "at most 332 bytes"),
+    (MessageType.SECAGG_UNMASK, {"attempt": 1, "survivors": ["a", "a"], "dropped": []}, "names a client twice"),
+    (MessageType.SECAGG_REVEAL, {"attempt": 1, "shares": {"a": ["x", SHARE]}}, "must be one of b, s"),
+    (MessageType.SECAGG_REVEAL, {"attempt": 1, "shares": {"a": ["b", KEY]}}, "must be 66 bytes, got 32"),
+    (MessageType.FIT, {"plan": PLAN, "attempt": 1, "run": RUN,
+                       "secagg": {"threshold": 1, "degree": 4, "quantisation_bits": 16, "ring_bits": 32, "clip": 1.0}},
+     "threshold"),
+])
+def test_malformed_secure_aggregation_bodies_are_refused_naming_the_field(kind, body, message):
+    frames = [json.dumps({"v": protocol.PROTOCOL_VERSION, "type": kind.value, "round": 1, "client_id": "a",
+                          "arrays": [], "body": body}).encode()]
+    with pytest.raises(ProtocolError, match=message):
+        decode(frames)
+
+
+@pytest.mark.parametrize("arrays", [[], [np.zeros(4, np.float32)], [np.zeros((2, 2), np.uint32)],
+                                    [np.zeros(4, np.uint32), np.zeros(4, np.uint32)]])
+def test_a_masked_input_is_one_unsigned_vector(arrays):
+    message = Message(MessageType.SECAGG_MASKED, round=1, client_id="a", arrays=arrays,
+                      body={"attempt": 1, "fit_s": 0.1, "history": {}})
+    with pytest.raises(ProtocolError, match="one vector of uint32 or uint64"):
+        decode(encode(message))
+    assert protocol.unb64(protocol.b64(b"\x00\xff")) == b"\x00\xff"

@@ -1,0 +1,244 @@
+"""Secure aggregation end to end in a simulation: the same model as plain FedAvg within the
+quantisation error, and clients lost at any stage either survived or the attempt retried."""
+
+import keras
+import numpy as np
+import pytest
+
+from pyfed.federation.secure_aggregation import SecureAggregation
+from pyfed.federation.simulation import Simulation
+from pyfed.learning.data import load_dataset, split_dataset
+from pyfed.learning.model import default_model
+from pyfed.wire.protocol import FitPlan, MessageType
+
+pytestmark = pytest.mark.integration
+
+
+def simulate(secure_aggregation, clients=5, rounds=2, drop_rate=0.0):
+    x, y = load_dataset("digits")
+    shards, test = split_dataset(x, y, clients, seed=0)
+    keras.utils.set_random_seed(0)
+    model = default_model((64,), 10, 0.003)
+    history = Simulation(model, shards, rounds=rounds, plan=FitPlan(1, 32, 0.003), test_data=test, seed=0,
+                         progress=False, drop_rate=drop_rate, min_fit_clients=2,
+                         secure_aggregation=secure_aggregation).run()
+    return history, model.get_weights()
+
+
+def test_a_securely_aggregated_simulation_ends_where_plain_fedavg_does():
+    plain_history, plain = simulate(None)
+    secure_history, secure = simulate(SecureAggregation(clip=1.0, quantisation_bits=24))
+    assert max(float(np.abs(a - b).max()) for a, b in zip(plain, secure)) < 1e-5
+    assert [r.clients for r in secure_history] == [r.clients for r in plain_history]
+
+
+def test_clients_lost_at_any_stage_are_survived_or_the_attempt_retried():
+    history, weights = simulate(SecureAggregation(clip=1.0), clients=8, rounds=3, drop_rate=0.08)
+    assert [r.round for r in history] == [1, 2, 3]
+    assert all(len(r.clients) >= 2 for r in history)
+    assert all(np.isfinite(w).all() for w in weights)
+    assert history[-1].test_accuracy > 0.5
+    lost = [reason for r in history for reason in r.dropped.values()]
+    assert lost and all("simulated failure" in reason for reason in lost), lost
+
+
+WIDE_MODEL = """
+import keras
+
+def build():
+    model = keras.Sequential([keras.layers.Input((64,)), keras.layers.Dense(2048, activation="relu"),
+                              keras.layers.Dense(10, activation="softmax")])
+    model.compile(optimizer=keras.optimizers.Adam(0.001), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    return model
+"""
+
+
+def test_a_networked_server_aggregates_securely_and_learns(tmp_path, processes, shards):
+    import json
+
+    from tests.integration.support import free_port, start_client, start_server
+
+    logdir, address = tmp_path / "logs", f"tcp://127.0.0.1:{free_port()}"
+    (tmp_path / "wide.py").write_text(WIDE_MODEL)  # a masked input (all 153,610 floats in one frame) is
+    server = start_server(processes, shards, logdir, address, "--rounds", "2", "--min-clients", "3", "--epochs", "5",
+                          "--secure-aggregation", "--secagg-clip", "2",  # larger than any one array and the header
+                          "--model", f"{tmp_path / 'wide.py'}:build")
+    clients = [start_client(processes, shards, address, i) for i in (1, 2, 3)]
+    assert processes.wait(server, 300) == 0, processes.tail(server)
+    for client in clients:
+        assert processes.wait(client, 60) == 0, processes.tail(client)
+    log = server.log_path.read_text()
+    assert log.count("secure aggregation: the weighted sum of 3 updates") == 2
+    assert "update from" not in log  # no individual update ever reached the server
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert [r["clients"] for r in summary["rounds"]] == [["site-1", "site-2", "site-3"]] * 2
+    assert summary["rounds"][-1]["test_accuracy"] > 0.6
+
+
+def _through_proxy(processes, shards, server_port: int, proxy_port: int, index: int, client_id: str):
+    """A client whose link to the server runs through a delaying proxy on ``proxy_port`` (so that it
+    can be cut between two stages: what the server sends takes 0.3 s to arrive)."""
+    return processes.pyfed("client", "--server", f"tcp://127.0.0.1:{proxy_port}", "--data",
+                           str(shards / f"client-{index}.npz"), "--client-id", client_id, name=client_id)
+
+
+def test_a_client_cut_off_after_sharing_its_keys_is_unmasked_and_the_round_completes(tmp_path, processes, shards):
+    """Four clients (threshold 3); the link of one is cut once the server has its shares and asks for
+    masked inputs: the round completes with the three survivors' sum, the cut client's pairwise
+    masks removed through its neighbours' shares."""
+    import json
+
+    from bench.link import DelayProxy
+    from tests.integration.support import free_port, start_client, start_server
+
+    logdir, port = tmp_path / "logs", free_port()
+    server = start_server(processes, shards, logdir, f"tcp://127.0.0.1:{port}", "--rounds", "2", "--min-clients", "4",
+                          "--epochs", "3", "--secure-aggregation", "--round-timeout", "20")
+    proxy = DelayProxy(("127.0.0.1", 0), ("127.0.0.1", port), 0.3)
+    try:
+        victim = _through_proxy(processes, shards, port, proxy.address[1], 1, "site-cut")
+        others = [start_client(processes, shards, f"tcp://127.0.0.1:{port}", i) for i in (1, 2, 3)]
+        processes.wait_for_line(server, "round 1: secure aggregation: 4 of 4 clients shared their keys", 120)
+        proxy.close()  # the server's request for its masked input is still in the proxy: it never arrives
+        assert processes.wait(server, 300) == 0, processes.tail(server)
+    finally:
+        proxy.close()
+    for client in others:
+        assert processes.wait(client, 60) == 0, processes.tail(client)
+    log = server.log_path.read_text()
+    assert "round 1: secure aggregation: the weighted sum of 3 updates" in log and "1 dropped after sharing keys" in log
+    assert "masked update sent" not in victim.log_path.read_text()
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert summary["rounds"][0]["clients"] == ["site-1", "site-2", "site-3"]
+    assert "site-cut" in summary["rounds"][0]["dropped"]
+    assert summary["rounds"][-1]["test_accuracy"] > 0.6
+
+
+def test_below_the_threshold_the_attempt_is_abandoned_unmasking_nothing_and_retried(tmp_path, processes, shards):
+    """Three clients (threshold 2); two are cut once their shares are in: one masked input is below the
+    threshold, so the server abandons the attempt without asking anyone to unmask; when their links
+    are back the round is retried and completes."""
+    import json
+
+    from bench.link import DelayProxy
+    from tests.integration.support import free_port, start_client, start_server
+
+    logdir, port = tmp_path / "logs", free_port()
+    server = start_server(processes, shards, logdir, f"tcp://127.0.0.1:{port}", "--rounds", "1", "--min-clients", "3",
+                          "--epochs", "3", "--secure-aggregation", "--round-timeout", "15")
+    proxy = DelayProxy(("127.0.0.1", 0), ("127.0.0.1", port), 0.3)
+    proxy_port = proxy.address[1]
+    try:
+        cut = [_through_proxy(processes, shards, port, proxy_port, i, f"site-{i}") for i in (1, 2)]
+        survivor = start_client(processes, shards, f"tcp://127.0.0.1:{port}", 3)
+        processes.wait_for_line(server, "round 1: secure aggregation: 3 of 3 clients shared their keys", 120)
+        proxy.close()
+        processes.wait_for_line(server, "secure aggregation abandoned", 120)
+        proxy = DelayProxy(("127.0.0.1", proxy_port), ("127.0.0.1", port), 0.0)  # the links are back
+        assert processes.wait(server, 300) == 0, processes.tail(server)
+    finally:
+        proxy.close()
+    assert "1 masked inputs; the threshold is 2 (nothing was unmasked)" in server.log_path.read_text()
+    survivor_log = survivor.log_path.read_text()
+    assert survivor_log.count("unmasking shares sent") == 1  # only in the retried attempt
+    summary = json.loads((logdir / "summary.json").read_text())
+    assert len(summary["rounds"][0]["failed_attempts"]) == 1
+    retried = summary["rounds"][0]["clients"]  # the survivor and whichever cut client was back in time
+    assert "site-3" in retried and len(retried) >= 2 and set(retried) <= {"site-1", "site-2", "site-3"}
+    assert any("unmasking shares sent" in client.log_path.read_text() for client in cut)
+
+
+def test_over_the_network_with_fixed_seeds_the_model_is_plain_fedavgs_within_the_quantisation_error(
+        tmp_path, processes, shards):
+    from pyfed.persistence.files import load_state
+    from pyfed.persistence.store import list_checkpoints
+    from tests.integration.support import free_port, start_client, start_server
+
+    def run(name: str, *extra: str) -> list[np.ndarray]:
+        logdir, address = tmp_path / name, f"tcp://127.0.0.1:{free_port()}"
+        server = start_server(processes, shards, logdir, address, "--rounds", "2", "--min-clients", "3",
+                              "--epochs", "5", *extra, name=f"{name}-server")
+        clients = [start_client(processes, shards, address, i, "--seed", str(i), name=f"{name}-site-{i}")
+                   for i in (1, 2, 3)]
+        assert processes.wait(server, 300) == 0, processes.tail(server)
+        for client in clients:
+            assert processes.wait(client, 60) == 0, processes.tail(client)
+        return load_state(list_checkpoints(logdir / "checkpoints")[-1])["weights"]
+
+    plain = run("plain")
+    secure = run("secure", "--secure-aggregation", "--secagg-bits", "24", "--secagg-clip", "1")
+    # round 1's means differ by at most one quantisation step (2 / 2^24); round 2 trains from them
+    assert max(float(np.abs(a - b).max()) for a, b in zip(plain, secure)) < 1e-4
+    assert max(float(np.abs(a - b).max()) for a, b in zip(plain, secure)) > 0  # it did go through the ring
+
+
+def _mallory_round(tmp_path, processes, shards, name: str, act) -> tuple[str, dict]:
+    """A run of one round under secure aggregation with two honest sites and mallory, who does
+    ``act(peer, fit)`` when asked to train; returns the server's log and the round's record."""
+    import json
+
+    import zmq
+
+    from tests.integration.support import Peer, free_port, start_client, start_server
+
+    logdir, address = tmp_path / name, f"tcp://127.0.0.1:{free_port()}"
+    server = start_server(processes, shards, logdir, address, "--rounds", "1", "--min-clients", "3", "--epochs", "3",
+                          "--secure-aggregation", "--round-timeout", "10", name=f"{name}-server")
+    context = zmq.Context()
+    try:
+        mallory = Peer(context, address)
+        mallory.join("mallory")
+        honest = [start_client(processes, shards, address, i, name=f"{name}-site-{i}") for i in (1, 2)]
+        fit = mallory.receive(timeout_s=120, skip=())
+        assert fit.type is MessageType.FIT and "secagg" in fit.body
+        act(mallory, fit)
+        assert processes.wait(server, 300) == 0, processes.tail(server)
+        for client in honest:
+            assert processes.wait(client, 60) == 0, processes.tail(client)
+    finally:
+        context.destroy(linger=0)
+    return server.log_path.read_text(), json.loads((logdir / "summary.json").read_text())["rounds"][0]
+
+
+def test_a_client_answering_out_of_turn_or_with_an_unusable_key_is_dropped_and_the_round_completes(
+        tmp_path, processes, shards):
+    from pyfed.wire.protocol import Message, b64, encode
+
+    def act(mallory, fit):
+        early = encode(Message(MessageType.SECAGG_MASKED, round=fit.round, client_id="mallory",
+                               arrays=[np.zeros(5, np.uint32)], body={"attempt": 1, "fit_s": 0.1, "history": {}}))
+        assert mallory.error_code(early) == "bad_reply"  # a stage it was not asked for
+        small_order = encode(Message(MessageType.SECAGG_KEYS, round=fit.round, client_id="mallory",
+                                     body={"attempt": 1, "mask_key": b64(bytes(32)), "share_key": b64(bytes(32))}))
+        assert mallory.error_code(small_order) == "bad_reply"
+
+    log, record = _mallory_round(tmp_path, processes, shards, "keys", act)
+    assert record["clients"] == ["site-1", "site-2"]
+    assert "not its own" in record["dropped"]["mallory"] or "not usable" in record["dropped"]["mallory"]
+    assert "Traceback" not in log
+
+
+def test_a_client_whose_sealed_shares_do_not_open_is_left_out_and_the_round_retried_without_it(
+        tmp_path, processes, shards):
+    import os
+
+    from pyfed.federation.secagg import KeyPair
+    from pyfed.wire.protocol import Message, b64, encode
+
+    def act(mallory, fit):
+        keys = [KeyPair(), KeyPair()]
+        mallory.send(encode(Message(MessageType.SECAGG_KEYS, round=fit.round, client_id="mallory",
+                                    body={"attempt": 1, "mask_key": b64(keys[0].public),
+                                          "share_key": b64(keys[1].public)})))
+        roster = mallory.receive(timeout_s=120, skip=(MessageType.EVALUATE, MessageType.FIT))
+        assert roster.type is MessageType.SECAGG_ROSTER
+        garbage = {cid: b64(os.urandom(160)) for cid in roster.body["roster"] if cid != "mallory"}
+        mallory.send(encode(Message(MessageType.SECAGG_SHARES, round=fit.round, client_id="mallory",
+                                    body={"attempt": 1, "boxes": garbage})))
+
+    log, record = _mallory_round(tmp_path, processes, shards, "boxes", act)
+    assert "mallory sent shares that did not open for site-1, site-2" in log
+    assert len(record["failed_attempts"]) == 1 and record["clients"] == ["site-1", "site-2"]
+    assert record["failed_attempts"][0]["dropped"]["mallory"].endswith("its sealed shares did not open for a neighbour")
+    assert record["duration_s"] < 60  # the accusation ends the attempt at once, not at a timeout
