@@ -12,7 +12,44 @@ from typing import Any
 
 import numpy as np
 
+from pyfed.wire import compression
+from pyfed.wire.compression import UpdateCompression
+
 Weights = list[np.ndarray]
+
+
+class EncodedUpdate(Sequence):
+    """A client's model as it arrived compressed: the global model plus an encoded change per array.
+
+    Indexing decodes one array (``global + delta``, in the array's dtype), so code that needs dense
+    weights still works a single array at a time; :class:`WeightedSum` instead folds the encoded
+    change straight into its running sum (no dense copy of the update at all).
+    """
+
+    def __init__(self, global_weights: Sequence[np.ndarray], groups: Sequence[Sequence[np.ndarray]],
+                 codec: UpdateCompression):
+        if len(groups) != len(global_weights):
+            raise ValueError(f"expected {len(global_weights)} encoded arrays, got {len(groups)}")
+        self.global_weights, self.groups, self.codec = list(global_weights), [list(g) for g in groups], codec
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __getitem__(self, index):  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        base = self.global_weights[index]
+        if not compression.compressible((base.dtype.str, base.shape)):
+            return self.groups[index][0]
+        change = compression.decode(self.groups[index], self.codec, (base.dtype.str, base.shape))
+        return (base.astype(np.float64) + change).astype(base.dtype)
+
+    def codec_of(self, index: int) -> UpdateCompression:
+        base = self.global_weights[index]
+        return self.codec if compression.compressible((base.dtype.str, base.shape)) else UpdateCompression.NONE
+
+    def encoded_bytes(self) -> int:
+        return sum(compression.encoded_bytes(g) for g in self.groups)
 
 
 def _chunks(size: int, chunk: int):
@@ -42,22 +79,43 @@ class WeightedSum:
         if not weight > 0 or not np.isfinite(weight):
             raise ValueError(f"weight must be a positive finite number, got {weight}")
         if self._sums is None:
-            self._sums = [np.zeros(a.shape, np.float64) for a in arrays]
-            self._dtypes = [np.asarray(a).dtype for a in arrays]
-            self._scratch = np.empty(min(self.CHUNK, max((a.size for a in arrays), default=0)), np.float64)
+            model = arrays.global_weights if isinstance(arrays, EncodedUpdate) else arrays  # never decoded whole
+            self._sums = [np.zeros(a.shape, np.float64) for a in model]
+            self._dtypes = [np.asarray(a).dtype for a in model]
+            self._scratch = np.empty(min(self.CHUNK, max((a.size for a in model), default=0)), np.float64)
         elif len(arrays) != len(self._sums):
             raise ValueError(f"expected {len(self._sums)} arrays, got {len(arrays)}")
         w = np.float64(weight)
+        if isinstance(arrays, EncodedUpdate):
+            self._add_encoded(arrays, w)
+            return
         for total, array in zip(self._sums, arrays):
             if array.shape != total.shape:
                 raise ValueError(f"array shape {array.shape} does not match {total.shape}")
-            flat_total, flat_array = total.reshape(-1), np.asarray(array).reshape(-1)
-            for start, stop in _chunks(flat_total.size, self.CHUNK):
-                product = self._scratch[: stop - start]
-                np.multiply(flat_array[start:stop], w, out=product)
-                flat_total[start:stop] += product
+            self._fold_dense(total.reshape(-1), np.asarray(array).reshape(-1), w)
         self.total_weight += float(weight)
         self.count += 1
+
+    def _add_encoded(self, update: EncodedUpdate, w: np.float64) -> None:
+        """``w * (global + delta)``: the global arrays a chunk at a time, then the change folded in."""
+        for index, (total, base) in enumerate(zip(self._sums, update.global_weights)):
+            if base.shape != total.shape:
+                raise ValueError(f"array shape {base.shape} does not match {total.shape}")
+            flat_total = total.reshape(-1)
+            codec = update.codec_of(index)
+            if codec is UpdateCompression.NONE:  # an integer array travels whole: it is the weights
+                self._fold_dense(flat_total, np.asarray(update.groups[index][0]).reshape(-1), w)
+                continue
+            self._fold_dense(flat_total, np.asarray(base).reshape(-1), w)
+            compression.fold(flat_total, update.groups[index], codec, float(w), self._scratch)
+        self.total_weight += float(w)
+        self.count += 1
+
+    def _fold_dense(self, flat_total: np.ndarray, flat_array: np.ndarray, w: np.float64) -> None:
+        for start, stop in _chunks(flat_total.size, self.CHUNK):
+            product = self._scratch[: stop - start]
+            np.multiply(flat_array[start:stop], w, out=product)
+            flat_total[start:stop] += product
 
     def mean(self) -> Weights:
         """The weighted mean, cast back to each array's original dtype (integers rounded)."""

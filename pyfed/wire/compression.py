@@ -229,3 +229,28 @@ class ErrorFeedback:
             self._residual[index] = corrected
             encoded.append(frames)
         return encoded
+
+
+def encoded_specs(codec: UpdateCompression | BroadcastCompression, specs: Sequence[ArraySpec],
+                  topk_fraction: float = 0.01) -> list[ArraySpec]:
+    """The frames, in order, of a whole model of ``specs`` under ``codec`` (integer arrays as they are)."""
+    return [frame for spec in specs
+            for frame in frame_specs(codec if compressible(spec) else UpdateCompression.NONE, spec, topk_fraction)]
+
+
+def split(frames: Sequence[np.ndarray], codec: UpdateCompression | BroadcastCompression, specs: Sequence[ArraySpec],
+          topk_fraction: float = 0.01) -> list[list[np.ndarray]]:
+    """``frames`` grouped by model array, each group checked (:class:`CompressionError` naming the array)."""
+    groups, at = [], 0
+    for index, spec in enumerate(specs):
+        count = len(frame_specs(codec if compressible(spec) else UpdateCompression.NONE, spec, topk_fraction))
+        group = list(frames[at: at + count])
+        at += count
+        try:
+            check(group, codec, spec, topk_fraction)
+        except CompressionError as error:
+            raise CompressionError(f"array {index}: {error}") from None
+        groups.append(group)
+    if at != len(frames):
+        raise CompressionError(f"{codec.value} of this model is {at} frames, got {len(frames)}")
+    return groups

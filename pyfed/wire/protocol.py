@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pyfed.ranges import Range
+from pyfed.wire.compression import UpdateCompression
 
 #: 2: FIT and UPDATE carry the round's attempt number, so a resent FIT and its answer are matched
 PROTOCOL_VERSION = 2
@@ -350,8 +351,9 @@ def _json_object(max_bytes: int) -> Callable[[Any], dict]:
     return check
 
 
-def _plan_field(default: Any, bounds: Range, *, required: bool = True) -> Any:
-    return field(default=default, metadata={"range": bounds, "required": required})
+def _plan_field(default: Any, bounds: Range | None = None, *, required: bool = True,
+                choices: tuple[str, ...] = ()) -> Any:
+    return field(default=default, metadata={"range": bounds, "required": required, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -375,6 +377,9 @@ class FitPlan:
     clip_norm: float = _plan_field(0.0, Range(0, 1e6), required=False)  # > 0: clip the update's change (DP)
     local_noise: float = _plan_field(0.0, Range(0, 1e6), required=False)  # > 0: add N(0, (this*clip_norm)^2)
     local_delta: float = _plan_field(0.0, Range(0, 1), required=False)  # the delta a client's local epsilon is at
+    update_compression: str = _plan_field("none", required=False,  # how the update travels (wire/compression.py)
+                                          choices=tuple(c.value for c in UpdateCompression))
+    topk_fraction: float = _plan_field(0.01, Range(0, 1, low_open=True), required=False)  # of each array, for topk
 
     @staticmethod
     def range_of(name: str) -> Range:
@@ -389,7 +394,8 @@ class FitPlan:
 
 
 PLAN_SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
-    f.name: (_in(f.metadata["range"]), f.metadata["required"]) for f in fields(FitPlan)}
+    f.name: (_one_of(*f.metadata["choices"]) if f.metadata["choices"] else _in(f.metadata["range"]),
+             f.metadata["required"]) for f in fields(FitPlan)}
 
 _ATTEMPT = (_int_in(1, 2**31 - 1), True)  # which attempt at the round a message belongs to
 _SEALED_BOXES = {"attempt": _ATTEMPT,  # sealed shares, {the other client: box}, either way through the server

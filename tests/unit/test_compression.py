@@ -175,3 +175,38 @@ def test_the_frame_specs_are_what_the_encoder_makes():
             assert [(f.dtype.name, f.shape) for f in frames] == [
                 (np.dtype(d).name, tuple(s)) for d, s in frame_specs(codec, ("float32", shape), 0.05)]
     assert math.prod(frame_specs(UpdateCompression.TOPK, ("float32", (1000,)), 0.01)[0][1]) == 10
+
+
+def test_an_encoded_update_folds_into_the_weighted_sum_as_its_decoded_weights_would():
+    from pyfed.federation.aggregate import EncodedUpdate, WeightedSum
+    from pyfed.wire.compression import split
+
+    rng = np.random.default_rng(0)
+    global_weights = [delta((64, 32), 1, 1.0), delta((32,), 2, 1.0), np.array([5, 6], np.int64)]
+    specs = [spec_of(a) for a in global_weights]
+    for codec in (UpdateCompression.FP16, UpdateCompression.INT8, UpdateCompression.TOPK):
+        dense, encoded = WeightedSum(), WeightedSum()
+        for client in range(3):
+            trained = [g + delta(g.shape, 10 + client) if g.dtype.kind == "f" else g + client for g in global_weights]
+            frames = [f for t, g in zip(trained, global_weights)
+                      for f in encode(t - g if g.dtype.kind == "f" else t, codec, rng, 0.1)]
+            update = EncodedUpdate(global_weights, split(frames, codec, specs, 0.1), codec)
+            encoded.add(update, 10.0 + client)
+            dense.add([update[i] for i in range(len(update))], 10.0 + client)
+        for a, b in zip(encoded.mean(), dense.mean()):
+            assert a.dtype == b.dtype and np.allclose(a, b, atol=1e-6)
+
+
+def test_split_names_the_array_whose_frames_are_wrong():
+    from pyfed.wire.compression import encoded_specs, split
+
+    specs = [("float32", (4, 4)), ("int64", (2,)), ("float32", (8,))]
+    frames = [np.zeros((4, 4), np.int8), np.ones(1, np.float32), np.zeros(2, np.int64),
+              np.zeros(8, np.int8), np.ones(1, np.float32)]
+    assert [(f.dtype.name, f.shape) for f in frames] == [
+        (np.dtype(d).name, s) for d, s in encoded_specs(UpdateCompression.INT8, specs)]
+    assert len(split(frames, UpdateCompression.INT8, specs)) == 3
+    with pytest.raises(CompressionError, match=r"array 2: .*needs int8\[8\]"):
+        split(frames[:3] + [np.zeros(8, np.float32), frames[4]], UpdateCompression.INT8, specs)
+    with pytest.raises(CompressionError, match="is 5 frames, got 6"):
+        split(frames + [frames[-1]], UpdateCompression.INT8, specs)
