@@ -118,8 +118,7 @@ def run_server(config: ServerConfig) -> int:
     start_from(model, config.initial_weights)
     export = model_files(model, config, has_test_data=test_data is not None)
     server = Server(wire_model(model), address=config.address, rounds=config.rounds, min_clients=config.min_clients,
-                    plan=FitPlan(config.epochs, config.batch_size, config.learning_rate,
-                                 eval_fraction=config.client_eval_fraction),
+                    plan=fit_plan(config),
                     strategy=strategy, evaluate=evaluator(model, *test_data) if test_data is not None else None,
                     export=export, description=describe_model(model, histograms=config.histograms),
                     logdir=config.logdir,
@@ -182,6 +181,12 @@ def build_strategy(settings: StrategySettings, clients_per_round: int, clients_s
     return strategy
 
 
+def fit_plan(config: Any) -> FitPlan:
+    """The plan the server sends with every FIT, from a server's or a simulation's settings."""
+    return FitPlan(config.epochs, config.batch_size, config.learning_rate, eval_fraction=config.client_eval_fraction,
+                   update_compression=config.update_compression, topk_fraction=config.topk_fraction)
+
+
 def check_secure_aggregation(strategy: Any, config: Any, max_update_norm: float | None) -> None:
     """Secure aggregation hides each update: refuse what needs to see one (see federation/secure_aggregation.py)."""
     if not config.secure_aggregation:
@@ -189,6 +194,10 @@ def check_secure_aggregation(strategy: Any, config: Any, max_update_norm: float 
     from pyfed.federation.strategy import WeightedMeanStrategy
     from pyfed.federation.strategy.dp import DifferentialPrivacy
 
+    if config.update_compression != "none":
+        raise UsageError(f"--update-compression / UPDATE_COMPRESSION {config.update_compression} with "
+                         "--secure-aggregation / SECURE_AGGREGATION: secure aggregation sends each update quantised "
+                         "to --secagg-bits in its own ring; set one or the other")
     if isinstance(strategy, DifferentialPrivacy):
         raise UsageError("--secure-aggregation / SECURE_AGGREGATION with differential privacy is not supported yet: "
                          "central DP clips each update on the server, which secure aggregation hides from it")
@@ -366,7 +375,7 @@ def run_simulate(config: SimulateConfig) -> int:
     start_from(model, config.initial_weights)
     for line in label_table([f"client-{i}" for i in range(1, len(clients) + 1)], [c[1] for c in clients]):
         print(line)
-    plan = FitPlan(config.epochs, config.batch_size, config.learning_rate, eval_fraction=config.client_eval_fraction)
+    plan = fit_plan(config)
     simulation = Simulation(
         model, clients, rounds=config.rounds, plan=plan, strategy=strategy, test_data=test_data,
         fraction_fit=1.0 if config.private() else config.fraction_fit,  # DP samples, as it accounts

@@ -18,7 +18,8 @@ from typing import Any, TypeVar
 from pyfed.learning.data import SCHEMES
 from pyfed.persistence.tracking import BEST_METRICS
 from pyfed.ranges import Range
-from pyfed.wire.protocol import is_client_id
+from pyfed.wire.compression import UpdateCompression
+from pyfed.wire.protocol import FitPlan, is_client_id
 from pyfed.federation.strategy import STRATEGIES
 
 T = TypeVar("T")
@@ -208,6 +209,13 @@ class TrainingSettings:
                                            "start a new run from these weights: a .keras model or a .weights.h5 "
                                            "file of the same architecture (e.g. an earlier run's best.keras); a "
                                            "resumed run keeps its checkpoint's")
+    update_compression: str = setting("none", "--update-compression", "UPDATE_COMPRESSION",
+                                      choice(*(c.value for c in UpdateCompression)),
+                                      "how clients send their updates: none, fp16 (half), int8 (a quarter, "
+                                      "stochastic rounding per block), topk (the largest --topk-fraction of each "
+                                      "array's change, with error feedback); sent in the plan, clients need no setting")
+    topk_fraction: float = setting(0.01, "--topk-fraction", "TOPK_FRACTION", FitPlan.range_of("topk_fraction").parse,
+                                   "--update-compression topk: the share of each array's change a client sends")
     histograms: bool = setting(False, "--histograms", "HISTOGRAMS", boolean,
                                "write a histogram of every global weight array to TensorBoard after each round")
     best_metric: str = setting("auto", "--best-metric", "BEST_METRIC", choice("auto", *BEST_METRICS),

@@ -31,6 +31,7 @@ from pyfed.federation.aggregate import clip_and_noise
 from pyfed.federation.secagg import SecAggError
 from pyfed.federation.secure_aggregation import ClientStages, SecAggAborted, flatten_change
 from pyfed.wire import protocol
+from pyfed.wire.compression import UpdateEncoder
 from pyfed.learning.data import DataError, load_shard
 from pyfed.learning.model import from_wire, input_shape, output_units
 from pyfed.wire.protocol import (RETRYABLE_REFUSALS, ConnectionEvent, ErrorCode, FitPlan, Message, MessageType,
@@ -101,6 +102,7 @@ class Client:
         self.curve = curve
         self.seed = seed
         self._noise_rng = np.random.default_rng(secrets.randbits(128))  # local DP noise: never from --seed
+        self._encoder = UpdateEncoder()  # update compression; its top-k memory lives for one run and id
         self.local_releases: Counter[float] = Counter()  # local DP: noised updates sent, by noise multiplier
         self.local_noise_floor = local_noise_floor  # local DP this site insists on, whatever the server's plan
         self._stages = ClientStages(client_id)  # secure aggregation's stages, when a FIT asks for it
@@ -210,6 +212,7 @@ class Client:
     def _setup(self, welcome: Message) -> None:
         """Build the model from the WELCOME once, and check the data fits it."""
         self.client_id = welcome.client_id or self.client_id
+        self._encoder.feedback.reset()  # (re)joined: a top-k residual is never carried into another membership
         if self._wants_shard and welcome.body.get("shard") != self.shard:
             self._load_assigned_shard(welcome.body.get("shard"))
             if self.trainer is not None:
@@ -330,7 +333,7 @@ class Client:
         log.info("round %d: training%s", message.round, f" (attempt {attempt})" if attempt > 1 else "")
         self.trainer.load(message.arrays, plan)
         anchor = ([np.array(a) for a in message.arrays]  # copies: frames are freed
-                  if plan.clip_norm > 0 or "secagg" in message.body else None)
+                  if plan.clip_norm > 0 or "secagg" in message.body or plan.update_compression != "none" else None)
         del message.arrays[:]  # release the received frames before training
         self._last_answer = None
         weights, num_examples, metrics = self.trainer.train(plan)
@@ -348,11 +351,14 @@ class Client:
             log.info("round %d: trained on %d examples in %.2fs; taking part in secure aggregation",
                      message.round, num_examples, metrics["fit_s"])
             return
-        if anchor is not None:  # differential privacy: clip (and, for local DP, noise) before it leaves
+        if plan.clip_norm > 0:  # differential privacy: clip (and, for local DP, noise) before it leaves
             weights, metrics["within_clip"] = clip_and_noise(weights, anchor, plan.clip_norm, plan.local_noise,
                                                              self._noise_rng)
+        arrays, encoding = self._encoder.encode(weights, anchor, plan.update_compression, plan.topk_fraction,
+                                                (message.body["run"], self.client_id))
+        del weights
         update = Message(MessageType.UPDATE, round=message.round, client_id=self.client_id,
-                         body={"attempt": attempt, "num_examples": num_examples, **metrics}, arrays=weights)
+                         body={"attempt": attempt, "num_examples": num_examples, **metrics, **encoding}, arrays=arrays)
         self._last_answer = (key, update)
         self._send(protocol.encode(update), what=f"round {message.round} update")
         self.rounds_trained += 1

@@ -39,11 +39,12 @@ from pyfed.federation.secagg import SecAggError
 from pyfed.federation.secure_aggregation import (PublicKeys, SecAggAborted, SecureAggregation, ServerRound,
                                                  apply_change, round_context)
 from pyfed.federation.strategy import Aggregator, FitResult, Strategy, WeightedMeanStrategy, sample_clients
-from pyfed.federation.aggregate import weighted_evaluation, why_unusable
+from pyfed.federation.aggregate import EncodedUpdate, weighted_evaluation, why_unusable
 from pyfed.persistence.files import CheckpointError, CheckpointMismatch
 from pyfed.persistence.store import Persister, RunStore
 from pyfed.persistence.tracking import RoundRecord, RunDescription, RunLog, best_round, format_metric
-from pyfed.wire import protocol
+from pyfed.wire import compression, protocol
+from pyfed.wire.compression import CompressionError, UpdateCompression
 from pyfed.wire.protocol import FitPlan, MessageType, ProtocolError
 
 log = logging.getLogger("pyfed.server")
@@ -742,12 +743,22 @@ class RoundEngine:
         """Why an answer's content cannot be used, or None if it can."""
         try:
             if answer.kind is MessageType.UPDATE:
-                protocol.check_specs(protocol.array_specs(answer.arrays), self.specs)
+                encoding = answer.body.get("encoding", UpdateCompression.NONE.value)
+                if encoding != self.plan.update_compression:
+                    return f"its update is encoded {encoding}; the plan asks for {self.plan.update_compression}"
+                if encoding == UpdateCompression.NONE.value:
+                    protocol.check_specs(protocol.array_specs(answer.arrays), self.specs)
+                    protocol.check_finite(answer.arrays)
+                else:  # each array's frames checked against the model (finite values, indices in range)
+                    codec = UpdateCompression(encoding)
+                    answer.arrays = EncodedUpdate(self.weights, compression.split(
+                        answer.arrays, codec, self.specs, self.plan.topk_fraction), codec)
                 protocol.check_history(answer.body["history"], self.plan.epochs)
-            elif answer.kind is MessageType.SECAGG_MASKED:
-                protocol.check_history(answer.body["history"], self.plan.epochs)
-            protocol.check_finite(answer.arrays)
-        except ProtocolError as error:
+            else:
+                if answer.kind is MessageType.SECAGG_MASKED:
+                    protocol.check_history(answer.body["history"], self.plan.epochs)
+                protocol.check_finite(answer.arrays)
+        except (ProtocolError, CompressionError) as error:
             return str(error)
         if answer.kind is MessageType.UPDATE:
             claimed, declared = answer.body["num_examples"], self.pool.info(answer.client_id).declared_examples

@@ -21,6 +21,7 @@ from pyfed.federation.pool import (Answer, Back, ClientInfo, FitRequest, Gone, M
                                    PoolEvent, Request)
 from pyfed.federation.registry import ClientRecord, JoinRefused, Registry
 from pyfed.wire import protocol
+from pyfed.wire.compression import UpdateCompression
 from pyfed.wire.protocol import AdmissionEvent, ErrorCode, FitPlan, Message, MessageType, ProtocolError, WireModel
 
 #: What a client sends in answer to the engine's requests.
@@ -47,7 +48,9 @@ class NetworkPool:
                  secagg_neighbours: int = 0):
         self.model, self.plan, self.rounds, self.min_clients = model, plan, rounds, min_clients
         self.specs = protocol.array_specs(model.weights)
-        self.limits = protocol.client_limits(self.specs, plan.epochs, secagg_neighbours=secagg_neighbours)
+        self.limits = protocol.client_limits(self.specs, plan.epochs, secagg_neighbours=secagg_neighbours,
+                                             update_compression=UpdateCompression(plan.update_compression),
+                                             topk_fraction=plan.topk_fraction)
         self.max_examples = max_examples
         self.admission = Admission(authorized_keys, curve.public) if curve is not None else None
         self.transport = ServerTransport(address, max_frame_bytes=protocol.max_frame_bytes(

@@ -25,6 +25,7 @@ import numpy as np
 from pyfed.federation.aggregate import clip_and_noise
 from pyfed.federation.secagg import SecAggError
 from pyfed.federation.secure_aggregation import ClientStages, SecAggAborted, flatten_change
+from pyfed.wire.compression import UpdateEncoder
 from pyfed.wire.protocol import FitPlan, MessageType
 
 log = logging.getLogger("pyfed.pool")
@@ -176,6 +177,7 @@ class InProcessPool:
         self.drop_rate = drop_rate
         self._rng = np.random.default_rng(seed)
         self._noise_rng = np.random.default_rng(secrets.randbits(128))  # local DP noise: never from the seed
+        self._encoders: dict[str, UpdateEncoder] = {}  # each client's update compression (top-k memory)
         self._queue: deque[tuple[str, Request]] = deque()
         self._stages: dict[str, ClientStages] = {}  # secure aggregation: each client's half of the stages
         self._on_answer = on_answer  # on_answer(done, remaining): progress through the requests queued
@@ -228,8 +230,11 @@ class InProcessPool:
                                     flatten_change(weights, request.weights), num_examples,
                                     {"fit_s": metrics["fit_s"], "history": metrics["history"]})
                 return [Answer(client_id, MessageType.SECAGG_KEYS, request.round, request.attempt, body)]
+            encoder = self._encoders.setdefault(client_id, UpdateEncoder())
+            arrays, encoding = encoder.encode(weights, request.weights, request.plan.update_compression,
+                                              request.plan.topk_fraction, (request.run, client_id))
             answer = Answer(client_id, MessageType.UPDATE, request.round, request.attempt,
-                            {"num_examples": num_examples, **metrics}, list(weights))
+                            {"num_examples": num_examples, **metrics, **encoding}, arrays)
         else:
             num_examples, loss, accuracy = trainer.evaluate(list(request.weights))
             answer = Answer(client_id, MessageType.EVALUATION, request.round, 1,

@@ -25,6 +25,7 @@ The receiver folds an encoded array straight into a running float64 sum, a chunk
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Sequence
 from enum import Enum
 
@@ -254,3 +255,39 @@ def split(frames: Sequence[np.ndarray], codec: UpdateCompression | BroadcastComp
     if at != len(frames):
         raise CompressionError(f"{codec.value} of this model is {at} frames, got {len(frames)}")
     return groups
+
+
+def encode_update(trained: Sequence[np.ndarray], global_weights: Sequence[np.ndarray], codec: UpdateCompression,
+                  rng: np.random.Generator, *, topk_fraction: float = 0.01, feedback: ErrorFeedback | None = None,
+                  key: object = None) -> list[np.ndarray]:
+    """A client's trained model as the frames of an UPDATE under ``codec``: each float array's change
+    from ``global_weights`` encoded (top-k through ``feedback``, keyed by run and client), integer
+    arrays as they are. ``none``: the trained arrays themselves."""
+    codec = UpdateCompression(codec)
+    if codec is UpdateCompression.NONE:
+        return list(trained)
+    changes = [np.subtract(t, g, dtype=np.float32) if compressible((g.dtype.str, g.shape)) else t
+               for t, g in zip(trained, global_weights)]
+    if codec is UpdateCompression.TOPK:
+        groups = (feedback or ErrorFeedback()).encode(key, changes, topk_fraction, rng)
+    else:
+        groups = [encode(c, codec, rng, topk_fraction) for c in changes]
+    return [frame for group in groups for frame in group]
+
+
+class UpdateEncoder:
+    """One client's side of update compression: its top-k memory and its rounding randomness (from
+    the operating system: a known seed would tell the server the rounding)."""
+
+    def __init__(self) -> None:
+        self.feedback = ErrorFeedback()
+        self._rng = np.random.default_rng(secrets.randbits(128))
+
+    def encode(self, trained: Sequence[np.ndarray], global_weights: Sequence[np.ndarray], codec: str,
+               topk_fraction: float, key: object) -> tuple[list[np.ndarray], dict[str, str]]:
+        """The UPDATE's arrays and the body field that declares their encoding (none: no field)."""
+        codec = UpdateCompression(codec)
+        if codec is UpdateCompression.NONE:
+            return list(trained), {}
+        return (encode_update(trained, global_weights, codec, self._rng, topk_fraction=topk_fraction,
+                              feedback=self.feedback, key=key), {"encoding": codec.value})

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from pyfed.ranges import Range
+from pyfed.wire import compression
 from pyfed.wire.compression import UpdateCompression
 
 #: 2: FIT and UPDATE carry the round's attempt number, so a resent FIT and its answer are matched
@@ -432,6 +433,8 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
         "fit_s": (_float_in(0.0, 1e9), True),
         "history": (_history, True),
         "within_clip": (_bool, False),  # with a plan's clip_norm: the change's norm was at most it
+        # the plan's update_compression: the arrays are each model array's change, encoded (wire/compression.py)
+        "encoding": (_one_of(*(c.value for c in UpdateCompression)), False),
     },
     # server -> client: evaluate these global weights (arrays) on your held-out data.
     MessageType.EVALUATE: {
@@ -671,8 +674,8 @@ def decode(
                                                 or specs[0][0] not in ("uint32", "uint64")):
         raise ProtocolError("a secagg_masked message carries one vector of uint32 or uint64, "
                             f"not {[f'{d}{list(s)}' for d, s in specs][:3]}")
-    if expected_arrays is not None and kind in WEIGHT_CARRYING:
-        check_specs(specs, expected_arrays)
+    if expected_arrays is not None and kind in WEIGHT_CARRYING and body.get("encoding", "none") == "none":
+        check_specs(specs, expected_arrays)  # an encoded model is checked against the plan's encoding by its receiver
 
     arrays = []
     for index, ((dtype, shape), frame) in enumerate(zip(specs, frames[1:])):
@@ -731,7 +734,8 @@ def max_frame_bytes(specs: Sequence[ArraySpec], limits: Limits = Limits(), *, se
     return max(largest, limits.max_header_bytes) + FRAME_OVERHEAD_BYTES
 
 
-def client_limits(specs: Sequence[ArraySpec], epochs: int, *, secagg_neighbours: int = 0) -> Limits:
+def client_limits(specs: Sequence[ArraySpec], epochs: int, *, secagg_neighbours: int = 0,
+                  update_compression: UpdateCompression = UpdateCompression.NONE, topk_fraction: float = 0.01) -> Limits:
     """What a server accepts from its clients, sized from the model and the plan's epochs.
 
     The header holds at most an UPDATE's: its manifest (one short entry per array) and a training
@@ -739,14 +743,18 @@ def client_limits(specs: Sequence[ArraySpec], epochs: int, *, secagg_neighbours:
     longer is refused before it is parsed. Arrays may add up to the model's size, no more. With
     secure aggregation (``secagg_neighbours``: the most neighbours a client has), a header may also
     hold a box or a share for each neighbour, and a masked input is a uint64 per float of the model.
+    A compressed update (``update_compression``) may have more frames than the model has arrays
+    (int8's scales) and, for top-k of over half the elements, more bytes.
     """
-    model_bytes = sum(math.prod(shape) * np.dtype(dtype).itemsize for dtype, shape in specs)
+    model_bytes = sum(spec_bytes(spec) for spec in specs)
+    encoded = compression.encoded_specs(update_compression, specs, topk_fraction)
+    model_bytes = max(model_bytes, sum(spec_bytes(spec) for spec in encoded))  # top-k of over half: 8 bytes a value
     if secagg_neighbours:
         model_bytes = max(model_bytes, spec_bytes(largest_masked_input(specs)))
     history_bytes = MAX_HISTORY_METRICS * (80 + 26 * min(int(epochs), MAX_EPOCHS))  # '-1.2345678901234567e-05,'
     secagg_bytes = (secagg_neighbours + 1) * (4 * SECAGG_MAX_BOX_BYTES // 3 + 80) if secagg_neighbours else 0
     return Limits(max_header_bytes=4096 + 64 * len(specs) + history_bytes + secagg_bytes,
-                  max_arrays=max(1, len(specs)), max_array_bytes=max(1, model_bytes), max_total_bytes=max(1, model_bytes))
+                  max_arrays=max(1, len(specs), len(encoded)), max_array_bytes=max(1, model_bytes), max_total_bytes=max(1, model_bytes))
 
 
 def message_budget(limits: Limits) -> int:
