@@ -84,7 +84,6 @@ def run_server(config: ServerConfig) -> int:
     from pyfed.learning.model import ModelError, default_model, describe_model, evaluator, load_model_spec, wire_model
     from pyfed.federation.server import Server
     from pyfed.federation.strategy import NormBound
-    from pyfed.wire.protocol import FitPlan
 
     strategy = build_strategy(config, config.min_clients, "--min-clients / MIN_CLIENTS")
     strategy = private_strategy(strategy, config, rounds=config.rounds, population=config.min_clients,
@@ -181,8 +180,10 @@ def build_strategy(settings: StrategySettings, clients_per_round: int, clients_s
     return strategy
 
 
-def fit_plan(config: Any) -> FitPlan:
+def fit_plan(config: Any) -> Any:
     """The plan the server sends with every FIT, from a server's or a simulation's settings."""
+    from pyfed.wire.protocol import FitPlan
+
     return FitPlan(config.epochs, config.batch_size, config.learning_rate, eval_fraction=config.client_eval_fraction,
                    update_compression=config.update_compression, topk_fraction=config.topk_fraction)
 
@@ -354,7 +355,6 @@ def run_simulate(config: SimulateConfig) -> int:
     from pyfed.federation.engine import EngineStopping
     from pyfed.federation.simulation import Simulation
     from pyfed.persistence.files import CheckpointError
-    from pyfed.wire.protocol import FitPlan
 
     strategy = build_strategy(config, config.clients, "--clients / NUM_CLIENTS")
     strategy = private_strategy(strategy, config, rounds=config.rounds, population=config.clients,

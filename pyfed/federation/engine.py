@@ -222,6 +222,7 @@ class RoundEngine:
         self.secure_aggregation = secure_aggregation
         self.weights = list(weights)
         self.specs = protocol.array_specs(self.weights)
+        self.model_bytes = sum(protocol.spec_bytes(spec) for spec in self.specs)
         self.rounds, self.plan, self.strategy = rounds, plan, strategy
         self.min_clients, self.min_fit_clients, self.fraction_fit = min_clients, min_fit_clients, fraction_fit
         self.seed = seed
@@ -517,6 +518,8 @@ class RoundEngine:
             result = FitResult(answer.client_id, answer.arrays, body["num_examples"],
                                {"fit_s": body["fit_s"], "history": body["history"],
                                 **({"within_clip": body["within_clip"]} if "within_clip" in body else {})})
+            if isinstance(answer.arrays, EncodedUpdate):  # for the round's compression ratio
+                result.metrics.update(encoded_bytes=answer.arrays.encoded_bytes(), dense_bytes=self.model_bytes)
             aggregator.add(result)
             result.weights = ()
             answer.arrays = []

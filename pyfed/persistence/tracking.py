@@ -63,6 +63,7 @@ class RoundRecord:
     failed_attempts: list[dict[str, Any]] = field(default_factory=list)  # earlier tries with too few updates
     refused: str | None = None  # why the round's new global model was refused (the previous one was kept)
     privacy: dict[str, float] | None = None  # differential privacy: epsilon spent so far, delta, clip norm ...
+    update_compression_ratio: float | None = None  # compressed updates: their dense bytes / the bytes that came
 
     @classmethod
     def build(cls, server_round: int, selected: list[str], results: dict[str, Any], *, duration_s: float,
@@ -75,7 +76,7 @@ class RoundRecord:
                    num_examples={cid: r.num_examples for cid, r in ordered}, bytes_sent=bytes_sent,
                    bytes_received=bytes_received, test_loss=test[0], test_accuracy=test[1], eval_s=round(eval_s, 4),
                    dropped=dropped, train_history={cid: r.metrics["history"] for cid, r in ordered},
-                   federated_evaluation=federated)
+                   federated_evaluation=federated, update_compression_ratio=_compression_ratio(results.values()))
 
     @classmethod
     def from_json(cls, entry: Any) -> "RoundRecord":
@@ -110,7 +111,8 @@ class RoundRecord:
                 + (f"; federated loss {format_metric(federated['loss'])}, accuracy {format_metric(federated['accuracy'])} "
                    f"on {federated['num_examples']} held-out examples" if federated else "")
                 + (f"; epsilon spent {self.privacy['epsilon']:.4g} (delta {self.privacy['delta']:g})"
-                   if self.privacy else ""))
+                   if self.privacy else "")
+                + (f"; updates compressed {self.update_compression_ratio:.1f}x" if self.update_compression_ratio else ""))
 
 
 #: what ``best.keras`` is chosen by; the accuracies are maximised, the losses minimised
@@ -164,6 +166,14 @@ def _history(value: Any) -> bool:
         for name, series in value.items())
 
 
+def _compression_ratio(results: Any) -> float | None:
+    """Dense over encoded bytes of the round's compressed updates (``dense_bytes`` and ``encoded_bytes``
+    in their metrics), or None if none was compressed."""
+    encoded = [r.metrics for r in results if "encoded_bytes" in r.metrics]
+    wire = sum(m["encoded_bytes"] for m in encoded)
+    return round(sum(m["dense_bytes"] for m in encoded) / wire, 3) if encoded and wire else None
+
+
 _RECORD_FIELDS = {
     "round": _count, "clients": _ids, "selected": _ids, "duration_s": _number, "fit_s": _by_client(_number),
     "num_examples": _by_client(_count), "bytes_sent": _count, "bytes_received": _count,
@@ -174,6 +184,7 @@ _RECORD_FIELDS = {
     "refused": _optional(lambda v: isinstance(v, str)),
     "privacy": _optional(lambda v: isinstance(v, dict) and all(isinstance(k, str) and (_number(x) or x is None)
                                                                for k, x in v.items())),
+    "update_compression_ratio": _optional(_number),
 }
 
 
@@ -298,7 +309,8 @@ class RunLog:
         federated = record.federated_evaluation or {}
         scalars += [(f"federated/{name}", _finite_or_none(federated.get(name)), step) for name in ("loss", "accuracy")]
         scalars += [("round/duration_s", record.duration_s, step), ("round/participants", len(record.clients), step),
-                    ("round/bytes_sent", record.bytes_sent, step), ("round/bytes_received", record.bytes_received, step)]
+                    ("round/bytes_sent", record.bytes_sent, step), ("round/bytes_received", record.bytes_received, step),
+                    ("round/update_compression_ratio", record.update_compression_ratio, step)]
         scalars += [(f"privacy/{name}", value, step) for name, value in (record.privacy or {}).items()
                     if name != "delta"]
         self._server_events.write_scalars([s for s in scalars if s[1] is not None])
