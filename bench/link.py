@@ -1,4 +1,6 @@
-"""A slow network link in user space: a TCP proxy that delays every byte by a fixed time.
+"""A slow network link in user space: a TCP proxy that delays every byte by a fixed time and, if
+asked, paces each direction of each connection to a bandwidth (``up_bytes_s``: client to server,
+``down_bytes_s``: server to client; a site's own uplink and downlink).
 
 The kernels PyFed is tested on have no ``netem`` queueing discipline, so delay cannot be added with
 ``tc``; bandwidth can (``tbf``, see tests/multihost/testbed.py). This proxy accepts connections on
@@ -33,8 +35,10 @@ class DelayProxy:
     """Forward ``listen`` -> ``target`` (each ``(host, port)``) with ``delay_s`` one-way delay."""
 
     def __init__(self, listen: tuple[str, int], target: tuple[str, int], delay_s: float, *,
-                 max_connections: int = 64, max_buffered_bytes: int = 8 * 1024 * 1024):
+                 max_connections: int = 64, max_buffered_bytes: int = 8 * 1024 * 1024,
+                 up_bytes_s: float | None = None, down_bytes_s: float | None = None):
         self.target, self.delay_s = target, delay_s
+        self.rates = {"up": up_bytes_s, "down": down_bytes_s}  # per connection and direction; None: unlimited
         self.max_connections, self.max_buffered_bytes = max_connections, max_buffered_bytes
         self._listener = socket.create_server(listen, reuse_port=False)
         self._listener.settimeout(0.2)
@@ -106,7 +110,11 @@ class DelayProxy:
                 queue.append((time.monotonic() + self.delay_s, b""))  # end of stream, delivered in order
                 ready.notify_all()
 
+        rate = self.rates[name]
+        paced_until = time.monotonic()
+
         def write() -> None:
+            nonlocal paced_until
             try:
                 while True:
                     with ready:
@@ -125,6 +133,11 @@ class DelayProxy:
                     if not data:
                         break
                     sink.sendall(data)
+                    if rate:  # a link of this many bytes a second: the next chunk waits its turn
+                        paced_until = max(paced_until, time.monotonic()) + len(data) / rate
+                        pause = paced_until - time.monotonic()
+                        if pause > 0:
+                            time.sleep(pause)
             except OSError:
                 pass
             with ready:

@@ -65,3 +65,25 @@ def test_a_side_that_closes_closes_the_other(echo_server):
         while proxy._pairs and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not proxy._pairs and proxy.connections_accepted == 1
+
+
+def test_a_paced_link_carries_no_more_than_its_bandwidth_each_way(echo_server):
+    payload = os.urandom(1024 * 1024)
+
+    def echo_time(**rates) -> float:
+        with DelayProxy(("127.0.0.1", 0), echo_server, delay_s=0.0, **rates) as proxy:
+            with socket.create_connection(proxy.address, timeout=20) as sock:
+                started = time.monotonic()
+                sender = threading.Thread(target=sock.sendall, args=(payload,))
+                sender.start()
+                received = bytearray()
+                while len(received) < len(payload):
+                    received += sock.recv(1 << 20)
+                sender.join(20)
+                assert bytes(received) == payload
+                return time.monotonic() - started
+
+    up_only = echo_time(up_bytes_s=2e6)  # 1 MiB at 2 MB/s: at least 0.52 s; the echo back is unpaced
+    both = echo_time(up_bytes_s=2e6, down_bytes_s=1e6)  # the slower direction, 1 MB/s, bounds it: >= 1.05 s
+    assert 0.5 <= up_only < 3.0, up_only
+    assert 1.0 <= both < 5.0, both
