@@ -185,7 +185,8 @@ def fit_plan(config: Any) -> Any:
     from pyfed.wire.protocol import FitPlan
 
     return FitPlan(config.epochs, config.batch_size, config.learning_rate, eval_fraction=config.client_eval_fraction,
-                   update_compression=config.update_compression, topk_fraction=config.topk_fraction)
+                   update_compression=config.update_compression, topk_fraction=config.topk_fraction,
+                   broadcast_compression=config.broadcast_compression)
 
 
 def check_secure_aggregation(strategy: Any, config: Any, max_update_norm: float | None) -> None:

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 from pyfed.learning.data import SCHEMES
 from pyfed.persistence.tracking import BEST_METRICS
 from pyfed.ranges import Range
-from pyfed.wire.compression import UpdateCompression
+from pyfed.wire.compression import BroadcastCompression, UpdateCompression
 from pyfed.wire.protocol import FitPlan, is_client_id
 from pyfed.federation.strategy import STRATEGIES
 
@@ -216,6 +216,10 @@ class TrainingSettings:
                                       "array's change, with error feedback); sent in the plan, clients need no setting")
     topk_fraction: float = setting(0.01, "--topk-fraction", "TOPK_FRACTION", FitPlan.range_of("topk_fraction").parse,
                                    "--update-compression topk: the share of each array's change a client sends")
+    broadcast_compression: str = setting("none", "--broadcast-compression", "BROADCAST_COMPRESSION",
+                                         choice(*(c.value for c in BroadcastCompression)),
+                                         "how the server sends the global model: none, fp16 (half the bytes; "
+                                         "clients train from the rounded model)")
     histograms: bool = setting(False, "--histograms", "HISTOGRAMS", boolean,
                                "write a histogram of every global weight array to TensorBoard after each round")
     best_metric: str = setting("auto", "--best-metric", "BEST_METRIC", choice("auto", *BEST_METRICS),

@@ -31,7 +31,7 @@ from pyfed.federation.aggregate import clip_and_noise
 from pyfed.federation.secagg import SecAggError
 from pyfed.federation.secure_aggregation import ClientStages, SecAggAborted, flatten_change
 from pyfed.wire import protocol
-from pyfed.wire.compression import UpdateEncoder
+from pyfed.wire.compression import CompressionError, UpdateEncoder, decode_broadcast
 from pyfed.learning.data import DataError, load_shard
 from pyfed.learning.model import from_wire, input_shape, output_units
 from pyfed.wire.protocol import (RETRYABLE_REFUSALS, ConnectionEvent, ErrorCode, FitPlan, Message, MessageType,
@@ -230,8 +230,10 @@ class Client:
             log.info("training on %s", training_device())
         self.trainer.use_eval_fraction(FitPlan.from_body(welcome.body["plan"]).eval_fraction)
         try:
+            if "encoding" in welcome.body:  # the global model in half precision (the plan's broadcast_compression)
+                welcome.arrays = decode_broadcast(welcome.arrays, welcome.body["encoding"], self.specs)
             protocol.check_specs(protocol.array_specs(welcome.arrays), self.specs)
-        except ProtocolError as error:
+        except (ProtocolError, CompressionError) as error:
             raise ClientError(f"the server's weights do not fit its model: {error}") from None
         self.model.set_weights(welcome.arrays)
         log.info("joined as %s: model with %d arrays (%.1f MB), %d rounds planned", self.client_id,
@@ -453,8 +455,13 @@ class Client:
         if frames is None:
             return None
         try:
-            return protocol.decode(frames, expected_arrays=self.specs)
-        except ProtocolError as error:
+            message = protocol.decode(frames, expected_arrays=self.specs)
+            if message.type in (MessageType.FIT, MessageType.EVALUATE) and "encoding" in message.body:
+                if self.specs is None:
+                    raise ProtocolError(f"a {message.type.value} before this client was welcomed")
+                message.arrays = decode_broadcast(message.arrays, message.body["encoding"], self.specs)
+            return message
+        except (ProtocolError, CompressionError) as error:
             log.warning("ignoring a malformed message from the server: %s", error)
             return None
 

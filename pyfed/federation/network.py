@@ -20,7 +20,7 @@ import numpy as np
 from pyfed.federation.pool import (Answer, Back, ClientInfo, FitRequest, Gone, Misbehaved, SecAggRequest,
                                    PoolEvent, Request)
 from pyfed.federation.registry import ClientRecord, JoinRefused, Registry
-from pyfed.wire import protocol
+from pyfed.wire import compression, protocol
 from pyfed.wire.compression import UpdateCompression
 from pyfed.wire.protocol import AdmissionEvent, ErrorCode, FitPlan, Message, MessageType, ProtocolError, WireModel
 
@@ -60,7 +60,10 @@ class NetworkPool:
         self.registry = Registry(num_shards, join_rate, **({"max_ids_per_key": max_ids_per_key}
                                                            if max_ids_per_key else {}))
         self.endpoint: str | None = None
-        self._weights: list[np.ndarray] = list(model.weights)
+        self._encoding = ({"encoding": plan.broadcast_compression}
+                          if plan.broadcast_compression != compression.BroadcastCompression.NONE.value else {})
+        self._published: Sequence[np.ndarray] = model.weights
+        self._weights: list[np.ndarray] = self._broadcast(model.weights)  # as sent: WELCOME, FIT, EVALUATE
         self._round = 0
         self._encoded: dict[tuple, list] = {}
         self._rejections = RateLimitedLog(log)
@@ -102,8 +105,12 @@ class NetworkPool:
         return ClientInfo(record.shard, record.num_examples) if record else ClientInfo()
 
     def publish(self, weights: Sequence[np.ndarray], server_round: int) -> None:
-        self._weights, self._round = list(weights), server_round
+        self._published, self._weights, self._round = weights, self._broadcast(weights), server_round
         self._encoded.clear()
+
+    def _broadcast(self, weights: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The global model as clients get it (the plan's broadcast_compression), made once per round."""
+        return compression.encode_broadcast(weights, self.plan.broadcast_compression)
 
     def send(self, client_id: str, request: Request) -> bool:
         record = self.registry.clients.get(client_id)
@@ -120,13 +127,15 @@ class NetworkPool:
         else:
             key = ("evaluate", request.round)
         if key not in self._encoded:
+            arrays = self._weights if request.weights is self._published else self._broadcast(request.weights)
             if isinstance(request, FitRequest):
-                message = Message(MessageType.FIT, round=request.round, arrays=list(request.weights),
+                message = Message(MessageType.FIT, round=request.round, arrays=arrays,
                                   body={"plan": request.plan.to_body(), "attempt": request.attempt, "run": request.run,
-                                        **({"secagg": dict(request.secagg)} if request.secagg is not None else {})})
+                                        **({"secagg": dict(request.secagg)} if request.secagg is not None else {}),
+                                        **self._encoding})
             else:
-                message = Message(MessageType.EVALUATE, round=request.round, arrays=list(request.weights),
-                                  body={"run": request.run})
+                message = Message(MessageType.EVALUATE, round=request.round, arrays=arrays,
+                                  body={"run": request.run, **self._encoding})
             self._encoded[key] = protocol.encode(message)
         return self._encoded[key]
 
@@ -262,7 +271,8 @@ class NetworkPool:
                      len(self.registry.clients), self.min_clients)
         welcome = Message(MessageType.WELCOME, round=self._round, client_id=record.client_id, arrays=self._weights,
                           body={"model_json": self.model.model_json, "compile_config": self.model.compile_config,
-                                "plan": self.plan.to_body(), "rounds": self.rounds, "shard": record.shard})
+                                "plan": self.plan.to_body(), "rounds": self.rounds, "shard": record.shard,
+                                **self._encoding})
         self.transport.send(peer, protocol.encode(welcome))
         return record.client_id
 

@@ -25,7 +25,7 @@ import numpy as np
 from pyfed.federation.aggregate import clip_and_noise
 from pyfed.federation.secagg import SecAggError
 from pyfed.federation.secure_aggregation import ClientStages, SecAggAborted, flatten_change
-from pyfed.wire.compression import UpdateEncoder
+from pyfed.wire.compression import UpdateEncoder, as_received
 from pyfed.wire.protocol import FitPlan, MessageType
 
 log = logging.getLogger("pyfed.pool")
@@ -220,18 +220,19 @@ class InProcessPool:
                 return [Gone(client_id, f"secure aggregation: {error}")]
             return [Answer(client_id, kind, request.round, request.attempt, body, arrays)]
         if isinstance(request, FitRequest):
-            weights, num_examples, metrics = trainer.fit(list(request.weights), request.plan)
+            received = as_received(request.weights, request.plan.broadcast_compression)  # what the wire would give
+            weights, num_examples, metrics = trainer.fit(list(received), request.plan)
             if request.plan.clip_norm > 0:  # differential privacy: what a networked client does before sending
-                weights, metrics["within_clip"] = clip_and_noise(weights, request.weights, request.plan.clip_norm,
+                weights, metrics["within_clip"] = clip_and_noise(weights, received, request.plan.clip_norm,
                                                                  request.plan.local_noise, self._noise_rng)
             if request.secagg is not None:
                 stages = self._stages.setdefault(client_id, ClientStages(client_id))
                 body = stages.begin(request.run, request.round, request.attempt, request.secagg,
-                                    flatten_change(weights, request.weights), num_examples,
+                                    flatten_change(weights, received), num_examples,
                                     {"fit_s": metrics["fit_s"], "history": metrics["history"]})
                 return [Answer(client_id, MessageType.SECAGG_KEYS, request.round, request.attempt, body)]
             encoder = self._encoders.setdefault(client_id, UpdateEncoder())
-            arrays, encoding = encoder.encode(weights, request.weights, request.plan.update_compression,
+            arrays, encoding = encoder.encode(weights, received, request.plan.update_compression,
                                               request.plan.topk_fraction, (request.run, client_id))
             answer = Answer(client_id, MessageType.UPDATE, request.round, request.attempt,
                             {"num_examples": num_examples, **metrics, **encoding}, arrays)

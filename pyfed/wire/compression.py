@@ -291,3 +291,46 @@ class UpdateEncoder:
             return list(trained), {}
         return (encode_update(trained, global_weights, codec, self._rng, topk_fraction=topk_fraction,
                               feedback=self.feedback, key=key), {"encoding": codec.value})
+
+
+def encode_broadcast(weights: Sequence[np.ndarray], codec: BroadcastCompression | str) -> list[np.ndarray]:
+    """The global model as the server sends it: ``fp16`` halves each float array (integer arrays as
+    they are); ``none``: the arrays themselves. One encoding serves every client of a round."""
+    codec = BroadcastCompression(codec)
+    if codec is BroadcastCompression.NONE:
+        return list(weights)
+    encoded = []
+    for index, array in enumerate(weights):
+        if not compressible((array.dtype.str, array.shape)):
+            encoded.append(array)
+            continue
+        try:
+            encoded.append(encode(array, codec, np.random.default_rng(0))[0])  # fp16: deterministic, no rng drawn
+        except CompressionError as error:
+            raise CompressionError(f"global array {index}: {error}") from None
+    return encoded
+
+
+def decode_broadcast(arrays: Sequence[np.ndarray], codec: BroadcastCompression | str,
+                     specs: Sequence[ArraySpec]) -> list[np.ndarray]:
+    """The global model from what the server sent under ``codec``, checked against the model's
+    ``specs`` (:class:`CompressionError` naming the array), in the model's dtypes."""
+    codec = BroadcastCompression(codec)
+    if len(arrays) != len(specs):
+        raise CompressionError(f"expected {len(specs)} arrays (the model's), got {len(arrays)}")
+    decoded = []
+    for index, (array, spec) in enumerate(zip(arrays, specs)):
+        try:
+            check([array], codec, spec)
+        except CompressionError as error:
+            raise CompressionError(f"array {index}: {error}") from None
+        decoded.append(array.astype(spec[0]) if compressible(spec) else array)
+    return decoded
+
+
+def as_received(weights: Sequence[np.ndarray], codec: BroadcastCompression | str) -> list[np.ndarray]:
+    """The global model as a client decodes it after a broadcast under ``codec`` (for in-process clients)."""
+    if BroadcastCompression(codec) is BroadcastCompression.NONE:
+        return list(weights)
+    return decode_broadcast(encode_broadcast(weights, codec), codec,
+                            [(a.dtype.str.lstrip("<>|="), a.shape) for a in weights])

@@ -28,7 +28,7 @@ import numpy as np
 
 from pyfed.ranges import Range
 from pyfed.wire import compression
-from pyfed.wire.compression import UpdateCompression
+from pyfed.wire.compression import BroadcastCompression, UpdateCompression
 
 #: 2: FIT and UPDATE carry the round's attempt number, so a resent FIT and its answer are matched
 PROTOCOL_VERSION = 2
@@ -381,6 +381,8 @@ class FitPlan:
     update_compression: str = _plan_field("none", required=False,  # how the update travels (wire/compression.py)
                                           choices=tuple(c.value for c in UpdateCompression))
     topk_fraction: float = _plan_field(0.01, Range(0, 1, low_open=True), required=False)  # of each array, for topk
+    broadcast_compression: str = _plan_field("none", required=False,  # how the global model travels to clients
+                                             choices=tuple(c.value for c in BroadcastCompression))
 
     @staticmethod
     def range_of(name: str) -> Range:
@@ -399,6 +401,7 @@ PLAN_SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
              f.metadata["required"]) for f in fields(FitPlan)}
 
 _ATTEMPT = (_int_in(1, 2**31 - 1), True)  # which attempt at the round a message belongs to
+_BROADCAST_ENCODING = (_one_of(*(c.value for c in BroadcastCompression)), False)  # of the global model's arrays
 _SEALED_BOXES = {"attempt": _ATTEMPT,  # sealed shares, {the other client: box}, either way through the server
                  "boxes": (_id_table(_b64(max_length=SECAGG_MAX_BOX_BYTES), MAX_SECAGG_CLIENTS), True)}
 
@@ -415,6 +418,7 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
         "plan": (_plan, True),
         "rounds": (_int_in(0, 10_000_000), True),
         "shard": (_optional(_shard_name), False),  # the shard file assigned to this client, if asked
+        "encoding": _BROADCAST_ENCODING,
     },
     # server -> client: train round `round` from these global weights (arrays) with this plan. A
     # retried round has a new `attempt`; the same FIT sent again (the client rejoined) has the same one.
@@ -425,6 +429,7 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
         "attempt": _ATTEMPT,
         "run": (_run_id, True),
         "secagg": (_secagg_setup, False),  # secure aggregation: answer with SECAGG_KEYS, not UPDATE
+        "encoding": _BROADCAST_ENCODING,
     },
     # client -> server: the locally trained weights (arrays) for round `round`, attempt `attempt`.
     MessageType.UPDATE: {
@@ -439,6 +444,7 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
     # server -> client: evaluate these global weights (arrays) on your held-out data.
     MessageType.EVALUATE: {
         "run": (_run_id, True),
+        "encoding": _BROADCAST_ENCODING,
     },
     # client -> server: the result of an EVALUATE for round `round`; num_examples 0 if nothing held out.
     MessageType.EVALUATION: {

@@ -35,12 +35,13 @@ def test_compressed_simulations_learn_as_plain_fedavg_does_for_a_fraction_of_the
         assert history[-1].test_accuracy > plain[-1].test_accuracy - points, (codec, history[-1].test_accuracy)
 
 
-def test_a_networked_run_with_int8_updates_learns_and_reports_its_compression(tmp_path, processes, shards):
+def test_a_networked_run_with_int8_updates_and_a_half_precision_broadcast_learns_and_reports_it(
+        tmp_path, processes, shards):
     from tests.integration.support import free_port, start_client, start_server
 
     logdir, address = tmp_path / "logs", f"tcp://127.0.0.1:{free_port()}"
     server = start_server(processes, shards, logdir, address, "--rounds", "2", "--min-clients", "3", "--epochs", "5",
-                          "--update-compression", "int8")
+                          "--update-compression", "int8", "--broadcast-compression", "fp16")
     clients = [start_client(processes, shards, address, i) for i in (1, 2, 3)]
     assert processes.wait(server, 300) == 0, processes.tail(server)
     for client in clients:
@@ -50,6 +51,10 @@ def test_a_networked_run_with_int8_updates_learns_and_reports_its_compression(tm
     assert all(r["update_compression_ratio"] > 3.5 for r in summary["rounds"])
     assert summary["rounds"][-1]["test_accuracy"] > 0.6
     assert server.log_path.read_text().count("updates compressed 4.0x") == 2  # int8: a byte a float, and the scales
+    model_bytes = 4 * (64 * 128 + 128 + 128 * 64 + 64 + 64 * 10 + 10)  # the default model on the digits (float32)
+    for entry in summary["rounds"]:  # sent: three FITs in half precision; received: three int8 updates
+        assert 3 * model_bytes * 0.5 < entry["bytes_sent"] < 3 * model_bytes * 0.5 + 5_000, entry["bytes_sent"]
+        assert 3 * model_bytes * 0.25 < entry["bytes_received"] < 3 * model_bytes * 0.25 + 5_000, entry["bytes_received"]
 
 
 @pytest.mark.parametrize("codec, arrays, refusal", [

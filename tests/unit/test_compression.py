@@ -210,3 +210,24 @@ def test_split_names_the_array_whose_frames_are_wrong():
         split(frames[:3] + [np.zeros(8, np.float32), frames[4]], UpdateCompression.INT8, specs)
     with pytest.raises(CompressionError, match="is 5 frames, got 6"):
         split(frames + [frames[-1]], UpdateCompression.INT8, specs)
+
+
+def test_a_broadcast_in_half_precision_decodes_to_the_models_dtypes_and_bad_ones_are_refused():
+    from pyfed.wire.compression import BroadcastCompression, as_received, decode_broadcast, encode_broadcast
+
+    weights = [delta((64, 32), 1, 1.0), np.array([3, 4], np.int64)]
+    specs = [spec_of(a) for a in weights]
+    sent = encode_broadcast(weights, BroadcastCompression.FP16)
+    assert sent[0].dtype == np.float16 and sent[1] is weights[1]
+    back = decode_broadcast(sent, "fp16", specs)
+    assert back[0].dtype == np.float32 and np.allclose(back[0], weights[0], rtol=2.0**-11, atol=6e-8)
+    assert all(np.array_equal(a, b) for a, b in zip(back, as_received(weights, "fp16")))
+    assert encode_broadcast(weights, "none") == weights
+    with pytest.raises(CompressionError, match=r"array 0: .*needs float16\[64, 32\]"):
+        decode_broadcast([weights[0], weights[1]], "fp16", specs)
+    with pytest.raises(CompressionError, match="expected 2 arrays"):
+        decode_broadcast(sent[:1], "fp16", specs)
+    with pytest.raises(CompressionError, match="array 0: fp16 values hold NaN"):
+        decode_broadcast([np.full((64, 32), np.nan, np.float16), sent[1]], "fp16", specs)
+    with pytest.raises(CompressionError, match="global array 0: .*beyond half precision"):
+        encode_broadcast([np.array([1e6], np.float32)], "fp16")
