@@ -15,14 +15,14 @@ from pyfed.wire.protocol import FitPlan, Message, MessageType, encode
 pytestmark = pytest.mark.integration
 
 
-def simulate(codec: str, fraction: float = 0.01, rounds: int = 5):
+def simulate(codec: str, fraction: float = 0.01, rounds: int = 5, broadcast: str = "none", strategy=None):
     x, y = load_dataset("digits")
     shards, test = split_dataset(x, y, 5, seed=0)
     keras.utils.set_random_seed(0)
     model = default_model((64,), 10, 0.003)
-    return Simulation(model, shards, rounds=rounds, plan=FitPlan(1, 32, 0.003, update_compression=codec,
-                                                                  topk_fraction=fraction),
-                      test_data=test, seed=0, progress=False).run()
+    plan = FitPlan(1, 32, 0.003, update_compression=codec, topk_fraction=fraction, broadcast_compression=broadcast)
+    return Simulation(model, shards, rounds=rounds, plan=plan, test_data=test, seed=0, progress=False,
+                      **({"strategy": strategy} if strategy is not None else {})).run()
 
 
 def test_compressed_simulations_learn_as_plain_fedavg_does_for_a_fraction_of_the_bytes():
@@ -33,6 +33,18 @@ def test_compressed_simulations_learn_as_plain_fedavg_does_for_a_fraction_of_the
         history = simulate(codec, fraction)
         assert all(r.update_compression_ratio > ratio for r in history), (codec, history[-1].update_compression_ratio)
         assert history[-1].test_accuracy > plain[-1].test_accuracy - points, (codec, history[-1].test_accuracy)
+
+
+def test_strategies_that_need_each_update_and_a_half_precision_broadcast_work_on_compressed_updates():
+    from pyfed.federation.strategy import make_strategy
+
+    plain = simulate("none", strategy=make_strategy("fedmedian"))
+    for codec in ("int8", "topk"):  # each update decoded whole for the median, as they always are held
+        history = simulate(codec, 0.1, strategy=make_strategy("fedmedian"))
+        assert history[-1].test_accuracy > plain[-1].test_accuracy - 0.12, (codec, history[-1].test_accuracy)
+        assert history[-1].update_compression_ratio > 3.9
+    fp16_both_ways = simulate("fp16", broadcast="fp16")
+    assert fp16_both_ways[-1].test_accuracy > simulate("none")[-1].test_accuracy - 0.02
 
 
 def test_a_networked_run_with_int8_updates_and_a_half_precision_broadcast_learns_and_reports_it(
