@@ -104,3 +104,20 @@ def test_an_encoded_update_that_does_not_fit_is_refused_and_the_round_completes(
     assert record["clients"] == ["site-1", "site-2"]
     assert refusal in record["dropped"]["mallory"], record["dropped"]
     assert "Traceback" not in server.log_path.read_text()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--secure-aggregation", "--update-compression", "int8"], "--update-compression / UPDATE_COMPRESSION int8 with"),
+    (["--secure-aggregation", "--strategy", "fedmedian"], "needs a FedAvg-family strategy"),
+    (["server", "--secure-aggregation", "--max-update-norm", "1"], "--max-update-norm / MAX_UPDATE_NORM needs each"),
+    (["--secure-aggregation", "--dp-noise-multiplier", "1"], "with differential privacy is not supported"),
+    (["--update-compression", "int4"], "--update-compression / UPDATE_COMPRESSION: must be one of none, fp16"),
+    (["--topk-fraction", "0"], "--topk-fraction / TOPK_FRACTION"),
+    (["--broadcast-compression", "int8"], "--broadcast-compression / BROADCAST_COMPRESSION: must be one of none, fp16"),
+])
+def test_settings_that_cannot_work_together_are_refused_at_start_up(flags, message, tmp_path, capsys):
+    from pyfed.cli import main
+
+    command = ["server"] if flags[0] == "server" else ["simulate", "--clients", "3"]
+    assert main([*command, "--rounds", "1", "--logdir", str(tmp_path), *flags[flags[0] == "server":]]) == 2
+    assert message in capsys.readouterr().err
