@@ -202,3 +202,23 @@ def test_with_weight_names_each_round_writes_a_histogram_of_every_global_array(t
     off = event_accumulator.EventAccumulator(str(tmp_path / "off" / "server"), size_guidance={"tensors": 0})
     off.Reload()
     assert not plugin_tags(off, "histograms")
+
+
+def test_a_rounds_compression_ratio_is_its_dense_over_received_update_bytes_and_is_logged_and_kept(tmp_path):
+    from types import SimpleNamespace
+
+    def result(metrics):
+        return SimpleNamespace(num_examples=5, metrics={"fit_s": 0.1, "history": {}, **metrics})
+
+    build = dict(duration_s=1.0, test=(None, None), eval_s=0.0, dropped={}, federated=None)
+    compressed = {"a": result({"encoded_bytes": 100, "dense_bytes": 400}),
+                  "b": result({"encoded_bytes": 300, "dense_bytes": 400})}
+    record = RoundRecord.build(1, ["a", "b"], compressed, **build)
+    assert record.update_compression_ratio == 2.0 and "updates compressed 2.0x" in record.describe(3)
+    assert RoundRecord.build(1, ["a"], {"a": result({})}, **build).update_compression_ratio is None
+    assert RoundRecord.from_json(record.to_json()).update_compression_ratio == 2.0
+    with pytest.raises(ValueError, match="update_compression_ratio"):
+        RoundRecord.from_json({**record.to_json(), "update_compression_ratio": "lots"})
+    run_log = RunLog(tmp_path, config={})
+    run_log.record_round(record)
+    assert read_scalars(tmp_path / "server")["round/update_compression_ratio"] == [(1, 2.0)]
