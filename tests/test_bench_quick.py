@@ -49,3 +49,24 @@ def test_privacy_table_quick_has_every_epsilon_and_the_baseline(tmp_path):
     assert all(abs(r["epsilon_spent"] - r["target_epsilon"]) <= 0.01 * r["target_epsilon"]
                for r in results["runs"] if r["target_epsilon"] is not None)
     assert "| target ε (δ = 1e-5)" in (tmp_path / "PRIVACY.md").read_text()
+
+
+def test_secure_aggregation_quick_measures_plain_and_secure_rounds(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.secagg", "--quick", "--out", str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    results = json.loads((tmp_path / "SECAGG.json").read_text())
+    assert [(r["clients"], r["dropped_after_sharing"]) for r in results["runs"]] == [(3, 0), (3, 1)]
+    assert all(r["max_error_vs_plain"] < 1e-4 for r in results["runs"])
+    assert results["networked"]["plain_round_s"] > 0 and results["networked"]["secure_round_s"] > 0
+
+
+def test_compression_quick_measures_bytes_accuracy_and_the_slow_link(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.compression", "--quick", "--out", str(tmp_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    results = json.loads((tmp_path / "COMPRESSION.json").read_text())
+    assert [row[0] for row in results["table"]] == ["none", "int8"]
+    assert {r["encoding"] for r in results["wire"]} >= {"none", "fp16", "int8", "top-k 1%", "top-k 10%"}
+    assert [s["encoding"] for s in results["slow_link"]] == ["none", "int8"]
+    assert "## Round time on a slow link" in (tmp_path / "COMPRESSION.md").read_text()

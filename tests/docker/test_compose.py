@@ -463,3 +463,17 @@ def test_a_compose_run_with_secure_aggregation_learns_and_the_server_sees_no_sin
     summary = json.loads(project.copy_out(server, "/logs/summary.json").read_text())
     assert [len(r["clients"]) for r in summary["rounds"]] == [3, 3]
     assert summary["rounds"][-1]["test_accuracy"] > 0.6
+
+
+def test_a_compose_run_with_compressed_updates_and_broadcasts_learns_and_reports_its_compression(project_factory):
+    """UPDATE_COMPRESSION=int8 and BROADCAST_COMPRESSION=fp16 from the environment: the replicas get
+    them in the plan (no client setting), the model learns, and summary.json says how much came."""
+    settings = base_settings(ROUNDS=2, EPOCHS=5, UPDATE_COMPRESSION="int8", BROADCAST_COMPRESSION="fp16")
+    project = project_factory(**settings)
+    project.compose("up", "-d", "--build", "--scale", "client=3")
+    server = project.wait_finished()
+    assert project.logs("server").count("updates compressed 4.0x") == 2
+    summary = json.loads(project.copy_out(server, "/logs/summary.json").read_text())
+    assert [len(r["clients"]) for r in summary["rounds"]] == [3, 3]
+    assert all(r["update_compression_ratio"] > 3.9 for r in summary["rounds"])
+    assert summary["rounds"][-1]["test_accuracy"] > 0.6
