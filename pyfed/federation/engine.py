@@ -49,6 +49,9 @@ from pyfed.wire.protocol import FitPlan, MessageType, ProtocolError
 
 log = logging.getLogger("pyfed.server")
 
+UNREACHED = "could not be reached"  # a request that never left the server (its client is gone or congested)
+MAX_FAILED_ATTEMPTS_KEPT = 100  # a round's record keeps its first failed attempts, no more
+
 PROGRESS_EVERY_S = 10.0
 MAX_EXAMPLES = 10_000_000
 AUTO = "auto"
@@ -410,10 +413,13 @@ class RoundEngine:
             self.round_timeout.attempt_ended(answered=len(results))
             if len(results) >= self.min_fit_clients:
                 break
-            failed_attempts.append({"attempt": attempt, "selected": [cid for cid, _ in selected],
-                                    "answered": sorted(results), "dropped": dropped})
+            if len(failed_attempts) < MAX_FAILED_ATTEMPTS_KEPT:  # the record stays bounded however long it takes
+                failed_attempts.append({"attempt": attempt, "selected": [cid for cid, _ in selected],
+                                        "answered": sorted(results), "dropped": dropped})
             log.warning("round %d attempt %d failed: %d update(s), fewer than --min-fit-clients %d; "
                         "retrying the round", server_round, attempt, len(results), self.min_fit_clients)
+            if selected and all(reason == UNREACHED for reason in dropped.values()) and len(dropped) == len(selected):
+                self._poll(timeout_s=1.0)  # no request left the server: let joins, leaves and queues move first
         eval_started = self.clock()
         refused = self._accept_new_model(server_round, aggregator, sorted(results))
         self.pool.publish(self.weights, server_round)
@@ -652,7 +658,7 @@ class RoundEngine:
         server_round, what = collection.server_round, collection.what
         for client_id in collection.requests:
             if not self._send(collection, client_id):
-                collection.dropped[client_id] = "could not be reached"
+                collection.dropped[client_id] = UNREACHED
                 log.warning("round %d: could not reach client %s", server_round, client_id)
         timeout_s = self.round_timeout.seconds
         deadline = self.clock() + timeout_s if timeout_s else None

@@ -28,7 +28,8 @@ from pyfed.wire.protocol import AdmissionEvent, ErrorCode, FitPlan, Message, Mes
 CLIENT_ANSWERS = frozenset({MessageType.UPDATE, MessageType.EVALUATION, MessageType.SECAGG_KEYS,
                             MessageType.SECAGG_SHARES, MessageType.SECAGG_MASKED, MessageType.SECAGG_REVEAL})
 from pyfed.wire.security import Admission, CurveKeys
-from pyfed.wire.transport import HEARTBEAT_TIMEOUT_MS, RateLimitedLog, ServerTransport, trim_freed_memory
+from pyfed.wire.transport import (HEARTBEAT_TIMEOUT_MS, Delivery, RateLimitedLog, ServerTransport,
+                                 trim_freed_memory)
 
 log = logging.getLogger("pyfed.server")
 
@@ -116,7 +117,10 @@ class NetworkPool:
         record = self.registry.clients.get(client_id)
         if record is None:
             return False
-        return self.transport.send(record.peer, self._encode(request))
+        delivery = self.transport.send(record.peer, self._encode(request))
+        if delivery is Delivery.UNREACHABLE:  # its connection is gone: not a client to wait for or ask again
+            self._remove(client_id, "connection lost (a request to it could not be delivered)")
+        return bool(delivery)
 
     def _encode(self, request: Request) -> list:
         """One encoding per distinct request: the weights are wrapped, never copied."""

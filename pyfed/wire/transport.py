@@ -21,6 +21,7 @@ arrived as messages and cuts a connection that goes over one message's budget.
 from __future__ import annotations
 
 import ctypes
+import enum
 import ctypes.util
 import functools
 import logging
@@ -41,6 +42,17 @@ from pyfed.wire.protocol import ConnectionEvent
 from pyfed.wire.security import Admission, CurveKeys, start_authenticator
 
 log = logging.getLogger(__name__)
+
+
+class Delivery(enum.Enum):
+    """What became of a message handed to the server's socket; true only when it was queued."""
+
+    SENT = "sent"
+    CONGESTED = "congested"  # the peer is connected but its queue is full
+    UNREACHABLE = "unreachable"  # no connection to the peer any more
+
+    def __bool__(self) -> bool:
+        return self is Delivery.SENT
 
 HEARTBEAT_IVL_MS = 2_000
 HEARTBEAT_TIMEOUT_MS = 10_000
@@ -451,20 +463,20 @@ class ServerTransport:
             return False
         return True
 
-    def send(self, peer: bytes, frames: Sequence[Any]) -> bool:
-        """Queue ``frames`` for ``peer``; False (never a block) if the peer is gone or congested."""
+    def send(self, peer: bytes, frames: Sequence[Any]) -> Delivery:
+        """Queue ``frames`` for ``peer`` (never a block); false if the peer is gone or congested."""
         try:
             self.socket.send_multipart([peer, *frames], copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:
             self._drops.warning("peer %s is not reachable or its queue is full; message dropped", peer.hex()[:12])
-            return False
+            return Delivery.CONGESTED
         except zmq.ZMQError as error:
             if error.errno == zmq.EHOSTUNREACH:
                 log.debug("peer %s is not connected; message dropped", peer.hex()[:12])
-                return False
+                return Delivery.UNREACHABLE
             raise
         self.bytes_sent += _frame_bytes(frames)
-        return True
+        return Delivery.SENT
 
     def close(self) -> None:
         """Close the socket; with our own context, wait (up to LINGER) until queued messages are out."""

@@ -461,3 +461,27 @@ def test_a_privacy_budget_ends_the_run_cleanly_and_every_round_records_its_epsil
     assert epsilons == sorted(epsilons) and epsilons[-1] == pytest.approx(4.0, rel=0.01)
     assert persister.finished[0]["finished"] is True and persister.ended_early == run.ended_early
     assert "epsilon spent" in history[-1].describe(10)
+
+
+def test_requests_that_cannot_leave_the_server_do_not_spin_the_round_and_its_record_stays_bounded():
+    """Both clients listed but every request undeliverable (their queues full) for 150 attempts: the
+    engine lets the pool move (time passes) between attempts instead of retrying at once, and the
+    round's record keeps its first 100 failed attempts."""
+    from pyfed.federation.engine import MAX_FAILED_ATTEMPTS_KEPT, UNREACHED
+
+    class Congested(FakePool):
+        failing_sends = 300
+
+        def send(self, client_id, request):
+            if self.failing_sends > 0:
+                self.failing_sends -= 1
+                return False
+            return super().send(client_id, request)
+
+    clock = Clock()
+    pool = Congested({"a": answers(1.0), "b": answers(3.0)}, clock)
+    record = engine(pool, clock, min_fit_clients=2).run()[0]
+    assert record.clients == ["a", "b"]
+    assert len(record.failed_attempts) == MAX_FAILED_ATTEMPTS_KEPT < 150
+    assert record.failed_attempts[0]["dropped"] == {"a": UNREACHED, "b": UNREACHED}
+    assert clock.now >= 150 * 1.0  # a second of the pool's time after each attempt nothing left for

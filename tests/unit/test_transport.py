@@ -42,3 +42,12 @@ def test_the_guards_reader_counts_what_the_kernel_received_on_a_connection():
                 assert read(r) is None  # not a TCP socket
             finally:
                 os.close(r), os.close(w)
+
+
+def test_the_server_tells_a_message_for_a_peer_that_is_gone_from_one_it_queued():
+    from pyfed.wire.transport import Delivery, ServerTransport
+
+    with ServerTransport("tcp://127.0.0.1:0") as server:
+        server.bind()
+        assert server.send(b"\x00no-such-peer", [b"hello"]) is Delivery.UNREACHABLE
+    assert not Delivery.UNREACHABLE and not Delivery.CONGESTED and Delivery.SENT  # only SENT is a delivery
