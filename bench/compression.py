@@ -110,6 +110,7 @@ def link_rounds(codec: str, fraction: float | None, broadcast: str, up_bytes_s: 
                     "--broadcast-compression", broadcast], workdir / "server.log")
     proxies, clients = [], []
     try:
+        wait_for_line(server.log_path, "listening on", 300)  # a proxy's upstream must find the server
         for index in range(1, 4):
             x, y = synthetic_data(32, seed=index)
             np.savez(workdir / f"client-{index}.npz", x=x, y=y)
@@ -133,6 +134,16 @@ def link_rounds(codec: str, fraction: float | None, broadcast: str, up_bytes_s: 
     return {"rounds": walls, "median_round_s": statistics.median(walls[1:] or walls),
             "bytes_sent": [r["bytes_sent"] for r in summary["rounds"]],
             "bytes_received": [r["bytes_received"] for r in summary["rounds"]]}
+
+
+def wait_for_line(log_path: Path, text: str, timeout_s: float) -> None:
+    """Until ``text`` is in the log (bounded: ``timeout_s``)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if log_path.exists() and text in log_path.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise TimeoutError(f"{text!r} not in {log_path} after {timeout_s:.0f}s:\n{tail(log_path)}")
 
 
 def summarise(runs: list[dict], encodings: list[str]) -> list[list[str]]:
