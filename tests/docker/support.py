@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from pyfed.federation.engine import UNREACHED
 from tests.conftest import free_port
 
 REPO = Path(__file__).resolve().parents[2]
@@ -89,6 +90,12 @@ def base_settings(**extra) -> dict:
         settings["BASE_IMAGE"] = os.environ["BASE_IMAGE"]
     settings.update(extra)
     return settings
+
+
+def client_was_lost(reason: str) -> bool:
+    """Whether a failed attempt's drop reason says the client's connection went away: the server saw it
+    close, or found it gone when a request to it could not be delivered (whichever came first)."""
+    return reason.startswith(("connection lost", UNREACHED))
 
 
 def container_pid(container: str) -> int:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.docker.support import (REPO, base_settings, container_pid, docker, steps_once,
+from tests.docker.support import (REPO, base_settings, client_was_lost, container_pid, docker, steps_once,
                                   wait_for_tensorboard_runs, wait_for_text)
 from tests.site_data import write_csv, write_image_folder
 
@@ -219,7 +219,7 @@ def test_killed_client_containers_are_dropped_and_rejoin(project_factory):
     assert all(r["clients"] == ids for r in summary["rounds"])
     failed = [a for r in summary["rounds"] for a in r["failed_attempts"]]
     assert failed and all(
-        any(reason.startswith("connection lost") for reason in a["dropped"].values()) for a in failed), failed
+        any(client_was_lost(reason) for reason in a["dropped"].values()) for a in failed), failed
     # (the crash costs its round an attempt only if it lands while that client owes an update and the
     # restarted client is not back before the others finish; otherwise it is sent its FIT again, or
     # simply takes part in the next round: all three end every round above either way)
