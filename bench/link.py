@@ -132,12 +132,12 @@ class DelayProxy:
                         ready.notify_all()
                     if not data:
                         break
-                    sink.sendall(data)
-                    if rate:  # a link of this many bytes a second: the next chunk waits its turn
+                    if rate:  # a link of this many bytes a second: a chunk arrives once it has crossed it
                         paced_until = max(paced_until, time.monotonic()) + len(data) / rate
                         pause = paced_until - time.monotonic()
                         if pause > 0:
                             time.sleep(pause)
+                    sink.sendall(data)
             except OSError:
                 pass
             with ready:

@@ -37,6 +37,18 @@ def echo_server():
     listener.close()
 
 
+def echo(sock: socket.socket, payload: bytes, timeout_s: float = 20) -> bytes:
+    """Send ``payload`` from a thread while reading as many bytes back (bounded in time)."""
+    sender = threading.Thread(target=sock.sendall, args=(payload,))
+    sender.start()
+    received = bytearray()
+    deadline = time.monotonic() + timeout_s
+    while len(received) < len(payload) and time.monotonic() < deadline:
+        received += sock.recv(1 << 20)
+    sender.join(timeout_s)
+    return bytes(received)
+
+
 def test_every_byte_arrives_in_order_one_delay_each_way(echo_server):
     with DelayProxy(("127.0.0.1", 0), echo_server, delay_s=0.15) as proxy:
         payload = os.urandom(3 * 1024 * 1024)
@@ -45,13 +57,8 @@ def test_every_byte_arrives_in_order_one_delay_each_way(echo_server):
             sock.sendall(b"x")
             assert sock.recv(1) == b"x"
             round_trip = time.monotonic() - started
-            sender = threading.Thread(target=sock.sendall, args=(payload,))
-            sender.start()
-            received = bytearray()
-            while len(received) < len(payload):
-                received += sock.recv(1 << 20)
-            sender.join(10)
-        assert bytes(received) == payload
+            received = echo(sock, payload)
+        assert received == payload
     assert 0.3 <= round_trip < 1.0, round_trip
 
 
@@ -74,13 +81,7 @@ def test_a_paced_link_carries_no_more_than_its_bandwidth_each_way(echo_server):
         with DelayProxy(("127.0.0.1", 0), echo_server, delay_s=0.0, **rates) as proxy:
             with socket.create_connection(proxy.address, timeout=20) as sock:
                 started = time.monotonic()
-                sender = threading.Thread(target=sock.sendall, args=(payload,))
-                sender.start()
-                received = bytearray()
-                while len(received) < len(payload):
-                    received += sock.recv(1 << 20)
-                sender.join(20)
-                assert bytes(received) == payload
+                assert echo(sock, payload) == payload
                 return time.monotonic() - started
 
     up_only = echo_time(up_bytes_s=2e6)  # 1 MiB at 2 MB/s: at least 0.52 s; the echo back is unpaced
