@@ -37,7 +37,7 @@ from pyfed.federation.pool import (Answer, Back, ClientPool, EvaluateRequest, Fi
                                    Request, SecAggRequest)
 from pyfed.federation.secagg import SecAggError
 from pyfed.federation.secure_aggregation import (PublicKeys, SecAggAborted, SecureAggregation, ServerRound,
-                                                 apply_change, round_context)
+                                                 apply_change, left_out_after, round_context)
 from pyfed.federation.strategy import Aggregator, FitResult, Strategy, WeightedMeanStrategy, sample_clients
 from pyfed.federation.aggregate import EncodedUpdate, weighted_evaluation, why_unusable
 from pyfed.persistence.files import CheckpointError, CheckpointMismatch
@@ -563,8 +563,7 @@ class RoundEngine:
         setup_body = {"threshold": setup.threshold, "degree": setup.degree, "quantisation_bits": setup.quantisation_bits,
                       "ring_bits": setup.ring_bits, "clip": setup.clip}
         metrics: dict[str, dict[str, Any]] = {}
-        accused: set[str] = set()  # clients whose boxes did not open for a neighbour
-        accusers: set[str] = set()
+        accusations: dict[str, set[str]] = {}  # a client -> the neighbours whose boxes did not open for it
 
         def stage(kind: MessageType, requests: dict[str, Request], accept: Callable[[Answer], None]) -> None:
             collection = Collection(kind, server_round, attempt, requests)
@@ -581,8 +580,7 @@ class RoundEngine:
 
         def masked(answer: Answer) -> None:
             if "bad_boxes" in answer.body:  # its neighbours' boxes did not open for it: name them, mask nothing
-                accused.update(set(answer.body["bad_boxes"]) & server.shared())
-                accusers.add(answer.client_id)
+                accusations[answer.client_id] = set(answer.body["bad_boxes"]) & server.shared()
                 return
             server.add_masked(answer.client_id, answer.arrays[0] if answer.arrays else np.zeros(0, np.uint64))
             metrics[answer.client_id] = {"fit_s": answer.body["fit_s"], "history": answer.body["history"]}
@@ -606,12 +604,13 @@ class RoundEngine:
                                                                      s: protocol.b64(b)
                                                                      for s, b in server.boxes_for(cid).items()}})
                                               for cid in sorted(server.shared())}, masked)
-            if accused:  # their pairwise masks would never cancel: try again without them
-                self._left_out.update(accused)
-                for client_id in accused:
-                    dropped[client_id] = "secure aggregation: its sealed shares did not open for a neighbour"
-                raise SecAggAborted(f"{', '.join(sorted(accused))} sent shares that did not open for "
-                                    f"{', '.join(sorted(accusers))}; left out of this round's next attempts")
+            leaving = left_out_after(accusations)
+            if leaving:  # pairwise masks that would never cancel: try again without them
+                self._left_out.update(leaving)
+                for client_id, why in leaving.items():
+                    dropped[client_id] = f"secure aggregation: {why}"
+                raise SecAggAborted("; ".join(f"{client_id}: {why}" for client_id, why in leaving.items())
+                                    + "; left out of this round's next attempts")
             survivors, gone = server.unmask_request()
             stage(MessageType.SECAGG_REVEAL, {cid: SecAggRequest(server_round, attempt, MessageType.SECAGG_UNMASK,
                                                                  {"attempt": attempt, "survivors": survivors,

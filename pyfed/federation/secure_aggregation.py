@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -387,6 +387,33 @@ class ServerRound:
 
 
 # --- the stages as messages: one home for the networked client and the in-process pool -------------
+
+def left_out_after(accusations: Mapping[str, Iterable[str]]) -> dict[str, str]:
+    """Who leaves a round's next attempts after neighbours said their boxes did not open, and why.
+
+    ``accusations`` maps each accuser to the clients it named. The server cannot open the boxes, so it
+    cannot tell whether the named client sealed garbage or the accuser lied. A client named by two or
+    more accusers leaves alone; a client named by one leaves with its accuser (one of the two
+    misbehaved). A false accusation therefore costs the liar its own place, and only a pair of
+    colluding liars can push an honest client out of a round without leaving too.
+    """
+    named_by: dict[str, set[str]] = {}
+    for accuser, named in accusations.items():
+        for client_id in named:
+            if client_id != accuser:
+                named_by.setdefault(client_id, set()).add(accuser)
+    out: dict[str, str] = {}
+    for client_id, accusers in sorted(named_by.items()):
+        if len(accusers) > 1:
+            out[client_id] = f"its sealed shares did not open for {', '.join(sorted(accusers))}"
+        else:
+            (accuser,) = accusers
+            out.setdefault(client_id, f"{accuser} said its sealed shares did not open (only one said so: "
+                                      f"both leave)")
+            out.setdefault(accuser, f"said the sealed shares of {client_id} did not open (only it said so: both "
+                                    f"leave)")
+    return out
+
 
 def round_context(run: str, server_round: int, attempt: int) -> bytes:
     """What binds an attempt's keys, boxes and masks to it: the run, the round and the attempt."""

@@ -238,7 +238,40 @@ def test_a_client_whose_sealed_shares_do_not_open_is_left_out_and_the_round_retr
                                     body={"attempt": 1, "boxes": garbage})))
 
     log, record = _mallory_round(tmp_path, processes, shards, "boxes", act)
-    assert "mallory sent shares that did not open for site-1, site-2" in log
+    assert "mallory: its sealed shares did not open for site-1, site-2; left out" in log
     assert len(record["failed_attempts"]) == 1 and record["clients"] == ["site-1", "site-2"]
-    assert record["failed_attempts"][0]["dropped"]["mallory"].endswith("its sealed shares did not open for a neighbour")
+    assert record["failed_attempts"][0]["dropped"] == {
+        "mallory": "secure aggregation: its sealed shares did not open for site-1, site-2"}
     assert record["duration_s"] < 60  # the accusation ends the attempt at once, not at a timeout
+
+
+def test_a_client_that_falsely_names_an_honest_neighbour_leaves_the_round_with_it():
+    """The server cannot open the boxes, so it cannot tell the liar from the named client: both leave
+    the round's next attempts, and the others' round completes. A lie costs the liar its own place."""
+    from pyfed.federation.secure_aggregation import ClientStages
+
+    class Liar(ClientStages):
+        def answer(self, kind, server_round, body):
+            if kind is MessageType.SECAGG_BOXES:  # every box opened; it says those of client-2 did not
+                metrics = self._input[2]
+                return MessageType.SECAGG_MASKED, {"attempt": body["attempt"], **metrics, "bad_boxes": ["client-2"]}, []
+            return super().answer(kind, server_round, body)
+
+    x, y = load_dataset("digits")
+    shards, test = split_dataset(x, y, 5, seed=0)
+    keras.utils.set_random_seed(0)
+    model = default_model((64,), 10, 0.003)
+    simulation = Simulation(model, shards, rounds=2, plan=FitPlan(1, 32, 0.003), test_data=test, seed=0,
+                            progress=False, min_fit_clients=2, secure_aggregation=SecureAggregation(clip=1.0))
+    simulation.pool._stages["client-1"] = Liar("client-1")
+    history = simulation.run()
+
+    assert [r.clients for r in history] == [["client-3", "client-4", "client-5"]] * 2
+    for record in history:  # it lies again in round 2: the same again, no more
+        (failed,) = record.failed_attempts
+        assert failed["dropped"] == {
+            "client-1": "secure aggregation: said the sealed shares of client-2 did not open (only it said so: "
+                        "both leave)",
+            "client-2": "secure aggregation: client-1 said its sealed shares did not open (only one said so: "
+                        "both leave)"}
+    assert history[-1].test_accuracy > 0.5

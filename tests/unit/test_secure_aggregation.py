@@ -10,7 +10,7 @@ from scipy import stats
 
 from pyfed.federation.secagg import SecAggError
 from pyfed.federation.secure_aggregation import (BadBoxes, ClientRound, PublicKeys, RoundSetup, SecAggAborted, ServerRound,
-                                                 ring_bits_for)
+                                                 left_out_after, ring_bits_for)
 from pyfed.wire.protocol import b64
 
 pytestmark = pytest.mark.unit
@@ -295,3 +295,23 @@ def test_a_survivor_that_withholds_or_adds_shares_is_refused():
     with pytest.raises(SecAggError, match="not asked for"):
         server.add_unmask("a", {**shares, "b": ("s", shares["b"][1])})
     server.add_unmask("a", shares)
+
+
+@pytest.mark.parametrize("accusations, leaving", [
+    ({}, set()),
+    ({"a": set()}, set()),                                  # named nobody the server knows
+    ({"a": {"a"}}, set()),                                  # named itself
+    ({"a": {"m"}, "b": {"m"}}, {"m"}),                      # two said so: the named one leaves alone
+    ({"a": {"m"}, "b": {"m"}, "c": {"m"}}, {"m"}),
+    ({"liar": {"b"}}, {"liar", "b"}),                       # only one said so: both leave
+    ({"liar": {"b", "c"}}, {"liar", "b", "c"}),             # a lie about each costs the liar its place too
+    ({"a": {"b"}, "b": {"a"}}, {"a", "b"}),                 # they name each other
+    ({"a": {"m"}, "b": {"m"}, "liar": {"c"}}, {"m", "liar", "c"}),
+])
+def test_who_leaves_after_boxes_did_not_open(accusations, leaving):
+    out = left_out_after(accusations)
+    assert set(out) == leaving
+    if "m" in leaving:
+        assert out["m"].startswith("its sealed shares did not open for a, b")
+    if "liar" in leaving:
+        assert "(only it said so: both leave)" in out["liar"]
