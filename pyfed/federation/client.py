@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import secrets
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,11 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from pyfed.federation.aggregate import clip_and_noise
+from pyfed.federation.answers import ClientAnswers
 from pyfed.federation.secagg import SecAggError
-from pyfed.federation.secure_aggregation import ClientStages, SecAggAborted, flatten_change
+from pyfed.federation.secure_aggregation import SecAggAborted
 from pyfed.wire import protocol
-from pyfed.wire.compression import CompressionError, UpdateEncoder, decode_broadcast
+from pyfed.wire.compression import CompressionError, decode_broadcast
 from pyfed.learning.data import DataError, load_shard
 from pyfed.learning.model import from_wire, input_shape, output_units
 from pyfed.wire.protocol import (RETRYABLE_REFUSALS, ConnectionEvent, ErrorCode, FitPlan, Message, MessageType,
@@ -101,11 +100,9 @@ class Client:
         self.max_wait_s = max_wait_s
         self.curve = curve
         self.seed = seed
-        self._noise_rng = np.random.default_rng(secrets.randbits(128))  # local DP noise: never from --seed
-        self._encoder = UpdateEncoder()  # update compression; its top-k memory lives for one run and id
+        self._answers = ClientAnswers(client_id)  # after training: DP, secure aggregation, compression
         self.local_releases: Counter[float] = Counter()  # local DP: noised updates sent, by noise multiplier
         self.local_noise_floor = local_noise_floor  # local DP this site insists on, whatever the server's plan
-        self._stages = ClientStages(client_id)  # secure aggregation's stages, when a FIT asks for it
         self.shard: str | None = None
         self._reconnecting = False
         self.model: Any = None
@@ -212,7 +209,7 @@ class Client:
     def _setup(self, welcome: Message) -> None:
         """Build the model from the WELCOME once, and check the data fits it."""
         self.client_id = welcome.client_id or self.client_id
-        self._encoder.feedback.reset()  # (re)joined: a top-k residual is never carried into another membership
+        self._answers.joined(self.client_id)
         if self._wants_shard and welcome.body.get("shard") != self.shard:
             self._load_assigned_shard(welcome.body.get("shard"))
             if self.trainer is not None:
@@ -334,36 +331,25 @@ class Client:
         plan = self._with_local_noise(FitPlan.from_body(message.body["plan"]))
         log.info("round %d: training%s", message.round, f" (attempt {attempt})" if attempt > 1 else "")
         self.trainer.load(message.arrays, plan)
-        anchor = ([np.array(a) for a in message.arrays]  # copies: frames are freed
-                  if plan.clip_norm > 0 or "secagg" in message.body or plan.update_compression != "none" else None)
+        secagg = message.body.get("secagg")
+        received = ([np.array(a) for a in message.arrays]  # copies: frames are freed
+                    if ClientAnswers.needs_received(plan, secagg) else None)
         del message.arrays[:]  # release the received frames before training
         self._last_answer = None
         weights, num_examples, metrics = self.trainer.train(plan)
         metrics["history"] = _bounded_history(metrics["history"], plan.epochs)
-        if "secagg" in message.body:  # secure aggregation: the update waits, masked, for its stage
-            if self._stages.client_id != self.client_id:  # the id came with the WELCOME
-                self._stages = ClientStages(self.client_id)
-            body = self._stages.begin(message.body["run"], message.round, attempt, message.body["secagg"],
-                                      flatten_change(weights, anchor), num_examples,
-                                      {"fit_s": metrics["fit_s"], "history": metrics["history"]})
-            keys = Message(MessageType.SECAGG_KEYS, round=message.round, client_id=self.client_id, body=body)
-            self._last_answer = (key, keys)
-            self._send(protocol.encode(keys), what=f"round {message.round} keys")
-            self.rounds_trained += 1
+        kind, body, arrays = self._answers.after_training(
+            run=message.body["run"], server_round=message.round, attempt=attempt, plan=plan, secagg=secagg,
+            weights=weights, received=received, num_examples=num_examples, metrics=metrics)
+        del weights, received
+        answer = Message(kind, round=message.round, client_id=self.client_id, body=body, arrays=arrays)
+        self._last_answer = (key, answer)
+        self._send(protocol.encode(answer), what=f"round {message.round} {'keys' if secagg else 'update'}")
+        self.rounds_trained += 1
+        if secagg is not None:
             log.info("round %d: trained on %d examples in %.2fs; taking part in secure aggregation",
                      message.round, num_examples, metrics["fit_s"])
             return
-        if plan.clip_norm > 0:  # differential privacy: clip (and, for local DP, noise) before it leaves
-            weights, metrics["within_clip"] = clip_and_noise(weights, anchor, plan.clip_norm, plan.local_noise,
-                                                             self._noise_rng)
-        arrays, encoding = self._encoder.encode(weights, anchor, plan.update_compression, plan.topk_fraction,
-                                                (message.body["run"], self.client_id))
-        del weights
-        update = Message(MessageType.UPDATE, round=message.round, client_id=self.client_id,
-                         body={"attempt": attempt, "num_examples": num_examples, **metrics, **encoding}, arrays=arrays)
-        self._last_answer = (key, update)
-        self._send(protocol.encode(update), what=f"round {message.round} update")
-        self.rounds_trained += 1
         if plan.clip_norm > 0 and plan.local_noise > 0:
             self._account_local_release(plan)
         summary = ", ".join(f"{k} {v[-1]:.4f}" for k, v in metrics["history"].items() if v and v[-1] is not None)
@@ -387,7 +373,7 @@ class Client:
         message that does not fit this client's round is logged and not answered (the server drops
         the client from the attempt)."""
         try:
-            kind, body, arrays = self._stages.answer(message.type, message.round, message.body)
+            kind, body, arrays = self._answers.stages.answer(message.type, message.round, message.body)
         except (SecAggError, SecAggAborted) as error:
             log.warning("round %d: not answering %s: %s", message.round, message.type.value, error)
             return

@@ -152,16 +152,14 @@ class _SecureSum:
     """The aggregator of a securely aggregated round: the unmasked weighted mean change, stepped by
     the strategy's server update when the engine asks for the result (so a refused model rolls back)."""
 
-    def __init__(self, strategy: Strategy, global_weights: Sequence[np.ndarray], mean_change: np.ndarray):
+    def __init__(self, strategy: WeightedMeanStrategy, global_weights: Sequence[np.ndarray], mean_change: np.ndarray):
         self._strategy, self._global, self._change = strategy, global_weights, mean_change
 
     def add(self, result: FitResult) -> None:
         raise ValueError("a securely aggregated round takes no individual update")
 
     def result(self) -> list[np.ndarray]:
-        mean = apply_change(self._global, self._change)
-        server_update = getattr(self._strategy, "server_update", None)
-        return server_update(self._global, mean) if server_update is not None else mean
+        return self._strategy.server_update(self._global, apply_change(self._global, self._change))
 
 
 class _NoResult:
@@ -221,6 +219,9 @@ class RoundEngine:
             raise ValueError(f"min_fit_clients must be at least 1, got {min_fit_clients}")
         if secure_aggregation is not None:  # a sum of one update is that update: never unmask fewer than two
             min_fit_clients = max(min_fit_clients, 2)
+            if not isinstance(strategy, WeightedMeanStrategy):
+                raise ValueError(f"secure aggregation needs a FedAvg-family strategy; {type(strategy).__name__} "
+                                 f"needs each client's update, which it hides")
         self.pool = pool
         self.secure_aggregation = secure_aggregation
         self.weights = list(weights)
@@ -658,7 +659,8 @@ class RoundEngine:
         for client_id in collection.requests:
             if not self._send(collection, client_id):
                 collection.dropped[client_id] = UNREACHED
-                log.warning("round %d: could not reach client %s", server_round, client_id)
+                if client_id in self.pool.connected():  # (a client the pool dropped for it has had its log line)
+                    log.warning("round %d: could not reach client %s", server_round, client_id)
         timeout_s = self.round_timeout.seconds
         deadline = self.clock() + timeout_s if timeout_s else None
         next_progress = self.clock() + PROGRESS_EVERY_S

@@ -14,7 +14,6 @@ request again), or a client that :class:`Misbehaved` (sent a message that could 
 from __future__ import annotations
 
 import logging
-import secrets
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,10 +21,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pyfed.federation.aggregate import clip_and_noise
+from pyfed.federation.answers import ClientAnswers
 from pyfed.federation.secagg import SecAggError
-from pyfed.federation.secure_aggregation import ClientStages, SecAggAborted, flatten_change
-from pyfed.wire.compression import UpdateEncoder, as_received
+from pyfed.federation.secure_aggregation import SecAggAborted
+from pyfed.wire.compression import as_received
 from pyfed.wire.protocol import FitPlan, MessageType
 
 log = logging.getLogger("pyfed.pool")
@@ -176,10 +175,8 @@ class InProcessPool:
         self.trainers = dict(trainers)
         self.drop_rate = drop_rate
         self._rng = np.random.default_rng(seed)
-        self._noise_rng = np.random.default_rng(secrets.randbits(128))  # local DP noise: never from the seed
-        self._encoders: dict[str, UpdateEncoder] = {}  # each client's update compression (top-k memory)
+        self._answers: dict[str, ClientAnswers] = {}  # each client's DP noise, top-k memory, secure aggregation
         self._queue: deque[tuple[str, Request]] = deque()
-        self._stages: dict[str, ClientStages] = {}  # secure aggregation: each client's half of the stages
         self._on_answer = on_answer  # on_answer(done, remaining): progress through the requests queued
         self._done = 0
 
@@ -215,27 +212,18 @@ class InProcessPool:
         trainer = self.trainers[client_id]
         if isinstance(request, SecAggRequest):  # what a networked client's ClientStages answers
             try:
-                kind, body, arrays = self._stages[client_id].answer(request.kind, request.round, request.body)
+                kind, body, arrays = self._answers[client_id].stages.answer(request.kind, request.round, request.body)
             except (KeyError, SecAggError, SecAggAborted) as error:
                 return [Gone(client_id, f"secure aggregation: {error}")]
             return [Answer(client_id, kind, request.round, request.attempt, body, arrays)]
         if isinstance(request, FitRequest):
             received = as_received(request.weights, request.plan.broadcast_compression)  # what the wire would give
             weights, num_examples, metrics = trainer.fit(list(received), request.plan)
-            if request.plan.clip_norm > 0:  # differential privacy: what a networked client does before sending
-                weights, metrics["within_clip"] = clip_and_noise(weights, received, request.plan.clip_norm,
-                                                                 request.plan.local_noise, self._noise_rng)
-            if request.secagg is not None:
-                stages = self._stages.setdefault(client_id, ClientStages(client_id))
-                body = stages.begin(request.run, request.round, request.attempt, request.secagg,
-                                    flatten_change(weights, received), num_examples,
-                                    {"fit_s": metrics["fit_s"], "history": metrics["history"]})
-                return [Answer(client_id, MessageType.SECAGG_KEYS, request.round, request.attempt, body)]
-            encoder = self._encoders.setdefault(client_id, UpdateEncoder())
-            arrays, encoding = encoder.encode(weights, received, request.plan.update_compression,
-                                              request.plan.topk_fraction, (request.run, client_id))
-            answer = Answer(client_id, MessageType.UPDATE, request.round, request.attempt,
-                            {"num_examples": num_examples, **metrics, **encoding}, arrays)
+            kind, body, arrays = self._answers.setdefault(client_id, ClientAnswers(client_id)).after_training(
+                run=request.run, server_round=request.round, attempt=request.attempt, plan=request.plan,
+                secagg=request.secagg, weights=weights, received=received, num_examples=num_examples,
+                metrics=metrics)
+            answer = Answer(client_id, kind, request.round, request.attempt, body, arrays)
         else:
             num_examples, loss, accuracy = trainer.evaluate(list(request.weights))
             answer = Answer(client_id, MessageType.EVALUATION, request.round, 1,

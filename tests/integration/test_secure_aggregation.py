@@ -248,6 +248,7 @@ def test_a_client_whose_sealed_shares_do_not_open_is_left_out_and_the_round_retr
 def test_a_client_that_falsely_names_an_honest_neighbour_leaves_the_round_with_it():
     """The server cannot open the boxes, so it cannot tell the liar from the named client: both leave
     the round's next attempts, and the others' round completes. A lie costs the liar its own place."""
+    from pyfed.federation.answers import ClientAnswers
     from pyfed.federation.secure_aggregation import ClientStages
 
     class Liar(ClientStages):
@@ -263,7 +264,9 @@ def test_a_client_that_falsely_names_an_honest_neighbour_leaves_the_round_with_i
     model = default_model((64,), 10, 0.003)
     simulation = Simulation(model, shards, rounds=2, plan=FitPlan(1, 32, 0.003), test_data=test, seed=0,
                             progress=False, min_fit_clients=2, secure_aggregation=SecureAggregation(clip=1.0))
-    simulation.pool._stages["client-1"] = Liar("client-1")
+    liar = ClientAnswers("client-1")
+    liar.stages = Liar("client-1")
+    simulation.pool._answers["client-1"] = liar
     history = simulation.run()
 
     assert [r.clients for r in history] == [["client-3", "client-4", "client-5"]] * 2

@@ -1,0 +1,65 @@
+"""What a client sends once it has trained: one home for the networked client
+(:mod:`pyfed.federation.client`) and the in-process pool (:mod:`pyfed.federation.pool`), so a
+simulation answers exactly as a site would.
+
+After local training, in this order: differential privacy clips the change from the global model
+(and, for local DP, adds noise) before anything leaves (:func:`~pyfed.federation.aggregate.clip_and_noise`);
+then either secure aggregation takes the change and answers with this attempt's keys (its later
+stages are answered by :class:`~pyfed.federation.secure_aggregation.ClientStages`), or the update is
+encoded as the plan asks (:class:`~pyfed.wire.compression.UpdateEncoder`) and sent as an UPDATE.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from pyfed.federation.aggregate import clip_and_noise
+from pyfed.federation.secure_aggregation import ClientStages, flatten_change
+from pyfed.wire.compression import UpdateEncoder
+from pyfed.wire.protocol import FitPlan, MessageType
+
+
+class ClientAnswers:
+    """One client's answers across a run: its local DP noise source, its update encoder (top-k
+    memory) and its secure aggregation stages, each kept for its client id."""
+
+    def __init__(self, client_id: str | None):
+        self.client_id = client_id
+        self._noise_rng = np.random.default_rng(secrets.randbits(128))  # local DP noise: never from a seed
+        self._encoder = UpdateEncoder()  # its top-k memory lives for one run and id
+        self.stages = ClientStages(client_id)
+
+    def joined(self, client_id: str) -> None:
+        """The client was welcomed (again), under this id: a top-k residual is never carried into
+        another membership, and secure aggregation starts afresh under a new id."""
+        self._encoder.feedback.reset()
+        if self.stages.client_id != client_id:
+            self.client_id, self.stages = client_id, ClientStages(client_id)
+
+    def after_training(self, *, run: str, server_round: int, attempt: int, plan: FitPlan,
+                       secagg: Mapping[str, Any] | None, weights: Sequence[np.ndarray],
+                       received: Sequence[np.ndarray] | None, num_examples: int,
+                       metrics: dict[str, Any]) -> tuple[MessageType, dict[str, Any], list[np.ndarray]]:
+        """The answer to a FIT: (SECAGG_KEYS, body, []) or (UPDATE, body, arrays). ``received`` are
+        the global weights as this client received them (needed when DP, secure aggregation or
+        compression work on the change; None otherwise). ``metrics`` gains ``within_clip`` under DP."""
+        if plan.clip_norm > 0:  # differential privacy: clip (and, for local DP, noise) before it leaves
+            weights, metrics["within_clip"] = clip_and_noise(weights, received, plan.clip_norm, plan.local_noise,
+                                                             self._noise_rng)
+        if secagg is not None:  # secure aggregation: the update waits, masked, for its stage
+            body = self.stages.begin(run, server_round, attempt, secagg, flatten_change(weights, received),
+                                     num_examples, {"fit_s": metrics["fit_s"], "history": metrics["history"]})
+            return MessageType.SECAGG_KEYS, body, []
+        arrays, encoding = self._encoder.encode(weights, received, plan.update_compression, plan.topk_fraction,
+                                                (run, self.client_id))
+        return (MessageType.UPDATE, {"attempt": attempt, "num_examples": num_examples, **metrics, **encoding},
+                arrays)
+
+    @staticmethod
+    def needs_received(plan: FitPlan, secagg: Mapping[str, Any] | None) -> bool:
+        """Whether :meth:`after_training` needs the received global weights kept through training."""
+        return plan.clip_norm > 0 or secagg is not None or plan.update_compression != "none"
