@@ -278,6 +278,8 @@ class Client:
             next_wait_log = time.monotonic() + WAIT_LOG_EVERY_S
             if message.type is MessageType.FIT:
                 self._fit(message)
+            elif message.type is MessageType.UPLOAD_GRANT:
+                self._upload(message)
             elif message.type in SECAGG_STAGES:
                 self._secure_aggregation_stage(message)
             elif message.type is MessageType.EVALUATE:
@@ -318,6 +320,8 @@ class Client:
         answer = self._last_answer[1]
         if attempt is not None and answer.body["attempt"] != attempt:
             answer.body["attempt"] = attempt
+            if answer.type is MessageType.UPLOAD_READY:  # the held update now answers this attempt
+                self._answers.reattempt(answer.round, attempt)
         log.info("the server asked again for the %s; sent the same answer again", what)
         self._send(protocol.encode(answer), what=what)
         return True
@@ -344,7 +348,7 @@ class Client:
         del weights, received
         answer = Message(kind, round=message.round, client_id=self.client_id, body=body, arrays=arrays)
         self._last_answer = (key, answer)
-        self._send(protocol.encode(answer), what=f"round {message.round} {'keys' if secagg else 'update'}")
+        self._send(protocol.encode(answer), what=f"round {message.round} {'keys' if secagg else 'upload request'}")
         self.rounds_trained += 1
         if secagg is not None:
             log.info("round %d: trained on %d examples in %.2fs; taking part in secure aggregation",
@@ -353,9 +357,22 @@ class Client:
         if plan.clip_norm > 0 and plan.local_noise > 0:
             self._account_local_release(plan)
         summary = ", ".join(f"{k} {v[-1]:.4f}" for k, v in metrics["history"].items() if v and v[-1] is not None)
-        log.info("round %d: trained %d epochs on %d examples in %.2fs%s: %s", message.round,
-                 self.epochs or plan.epochs, num_examples, metrics["fit_s"],
+        log.info("round %d: trained %d epochs on %d examples in %.2fs%s: %s; the update waits for its upload slot",
+                 message.round, self.epochs or plan.epochs, num_examples, metrics["fit_s"],
                  f" with proximal mu {plan.proximal_mu:g}" if plan.proximal_mu else "", summary)
+
+    def _upload(self, grant: Message) -> None:
+        """The server granted an upload slot: send the update held for that round and attempt."""
+        attempt = grant.body["attempt"]
+        held = self._answers.granted(grant.round, attempt)
+        if held is None:
+            log.warning("the server granted an upload for round %d attempt %d, which this client holds no update "
+                        "for; ignoring it", grant.round, attempt)
+            return
+        kind, body, arrays = held
+        self._send(protocol.encode(Message(kind, round=grant.round, client_id=self.client_id, body=body,
+                                           arrays=arrays)), what=f"round {grant.round} update")
+        log.info("round %d: update sent (%.1f MB)", grant.round, sum(a.nbytes for a in arrays) / 1e6)
 
     def _with_local_noise(self, plan: FitPlan) -> FitPlan:
         """The plan with this site's own local DP floor applied: at least ``local_noise_floor`` clip norms

@@ -33,11 +33,12 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pyfed.federation.pool import (Answer, Back, ClientPool, EvaluateRequest, FitRequest, Gone, Misbehaved,
-                                   Request, SecAggRequest)
+from pyfed.federation.pool import (Answer, Back, ClientPool, EvaluateRequest, FitRequest, Gone, GrantRequest,
+                                   Misbehaved, Request, SecAggRequest)
 from pyfed.federation.secagg import SecAggError
 from pyfed.federation.secure_aggregation import (PublicKeys, SecAggAborted, SecureAggregation, ServerRound,
                                                  apply_change, left_out_after, round_context)
+from pyfed.federation.uploads import DEFAULT_INFLIGHT_UPDATES, UploadWindow
 from pyfed.federation.strategy import Aggregator, FitResult, Strategy, WeightedMeanStrategy, sample_clients
 from pyfed.federation.aggregate import EncodedUpdate, weighted_evaluation, why_unusable
 from pyfed.persistence.files import CheckpointError, CheckpointMismatch
@@ -135,6 +136,7 @@ class Collection:
     refused: set[str] = field(default_factory=set)
     dropped: dict[str, str] = field(default_factory=dict)
     sent_at: dict[str, float] = field(default_factory=dict)
+    window: UploadWindow | None = None  # uploads wait for a grant (federation/uploads.py)
 
     @property
     def what(self) -> str:
@@ -146,6 +148,10 @@ class Collection:
         self.pending.discard(client_id)
         self.dropped[client_id] = reason
         return True
+
+    def waits_for_upload(self, client_id: str) -> bool:
+        """Whether the client said its update is ready: its wait for a slot is not held against it."""
+        return self.window is not None and self.window.knows(client_id)
 
 
 class _SecureSum:
@@ -214,6 +220,7 @@ class RoundEngine:
         clock: Callable[[], float] = time.monotonic,
         label: str = "round",
         secure_aggregation: SecureAggregation | None = None,
+        max_inflight_updates: int = DEFAULT_INFLIGHT_UPDATES,
     ):
         if not 1 <= min_fit_clients:
             raise ValueError(f"min_fit_clients must be at least 1, got {min_fit_clients}")
@@ -222,11 +229,16 @@ class RoundEngine:
             if not isinstance(strategy, WeightedMeanStrategy):
                 raise ValueError(f"secure aggregation needs a FedAvg-family strategy; {type(strategy).__name__} "
                                  f"needs each client's update, which it hides")
+        if max_inflight_updates < 1:
+            raise ValueError(f"max_inflight_updates must be at least 1, got {max_inflight_updates}")
         self.pool = pool
         self.secure_aggregation = secure_aggregation
+        self.max_inflight_updates = max_inflight_updates
         self.weights = list(weights)
         self.specs = protocol.array_specs(self.weights)
         self.model_bytes = sum(protocol.spec_bytes(spec) for spec in self.specs)
+        self.update_bytes = sum(protocol.spec_bytes(spec) for spec in compression.encoded_specs(
+            UpdateCompression(plan.update_compression), self.specs, plan.topk_fraction))  # an UPDATE's arrays
         self.rounds, self.plan, self.strategy = rounds, plan, strategy
         self.min_clients, self.min_fit_clients, self.fraction_fit = min_clients, min_fit_clients, fraction_fit
         self.seed = seed
@@ -517,7 +529,7 @@ class RoundEngine:
         aggregator = self.strategy.aggregator(server_round, self.weights)
         collection = Collection(MessageType.UPDATE, server_round, attempt,
                                 {cid: FitRequest(server_round, attempt, plan, self.weights, self.run_id)
-                                 for cid, plan in selected})
+                                 for cid, plan in selected}, window=UploadWindow(self.max_inflight_updates))
         results: dict[str, FitResult] = {}
 
         def accept(answer: Answer) -> None:
@@ -670,15 +682,25 @@ class RoundEngine:
                 now = self.clock()
                 if deadline is not None and now >= deadline:
                     for client_id in sorted(collection.pending):
-                        collection.drop(client_id, f"no {what} within {timeout_s:g}s")
-                        log.warning("round %d: dropped client %s: no %s within %gs", server_round, client_id,
-                                    what, timeout_s)
-                    break
+                        if not collection.waits_for_upload(client_id):
+                            self._drop(collection, client_id, f"no {what} within {timeout_s:g}s")
+                            log.warning("round %d: dropped client %s: no %s within %gs", server_round, client_id,
+                                        what, timeout_s)
+                    if collection.window is not None:  # a granted upload has the round timeout to arrive
+                        for client_id in collection.window.overdue(now, timeout_s):
+                            self._drop(collection, client_id, f"its granted upload did not arrive within "
+                                                              f"{timeout_s:g}s")
+                            log.warning("round %d: dropped client %s: its granted upload did not arrive within "
+                                        "%gs", server_round, client_id, timeout_s)
+                    if not collection.pending:
+                        break
                 if now >= next_progress:
-                    log.info("round %d: waiting for %d %s(s): %s", server_round, len(collection.pending), what,
-                             ", ".join(sorted(collection.pending)))
+                    slots = (f" ({len(collection.window.granted)} uploading, {len(collection.window.waiting)} "
+                             f"waiting for an upload slot)" if collection.window is not None else "")
+                    log.info("round %d: waiting for %d %s(s)%s: %s", server_round, len(collection.pending), what,
+                             slots, ", ".join(sorted(collection.pending)))
                     next_progress = now + PROGRESS_EVERY_S
-                for answer in self._poll(timeout_s=min(1.0, deadline - now) if deadline else 1.0):
+                for answer in self._poll(timeout_s=min(1.0, max(deadline - now, 0.05)) if deadline else 1.0):
                     self._take_answer(collection, answer, accept)
         finally:
             self._collection = None
@@ -696,7 +718,7 @@ class RoundEngine:
             elif collection is None:
                 continue
             elif isinstance(event, Gone):
-                if collection.drop(event.client_id, event.reason):
+                if self._drop(collection, event.client_id, event.reason):
                     log.warning("round %d: dropped client %s before its %s: %s", collection.server_round,
                                 event.client_id, collection.what, event.reason)
             elif isinstance(event, Back):
@@ -705,8 +727,8 @@ class RoundEngine:
                         and client_id not in collection.refused and self._send(collection, client_id)):
                     log.info("round %d: client %s is back; sent its %s again", collection.server_round, client_id,
                              "FIT" if collection.kind is MessageType.UPDATE else "EVALUATE")
-            elif isinstance(event, Misbehaved) and collection.drop(event.client_id,
-                                                                   f"sent a malformed message: {event.reason}"):
+            elif isinstance(event, Misbehaved) and self._drop(collection, event.client_id,
+                                                              f"sent a malformed message: {event.reason}"):
                 collection.refused.add(event.client_id)
                 log.warning("round %d: dropped client %s: it sent a malformed message", collection.server_round,
                             event.client_id)
@@ -716,7 +738,9 @@ class RoundEngine:
         """Judge an answer: stale and unasked ones are refused; a repeat of one already taken is
         ignored; an unusable one is refused and its client dropped from the round."""
         client_id, kind, server_round = answer.client_id, collection.kind, collection.server_round
-        if answer.kind is not kind or answer.round != server_round or answer.attempt != collection.attempt:
+        ready = answer.kind is MessageType.UPLOAD_READY and collection.window is not None
+        if ((answer.kind is not kind and not ready) or answer.round != server_round
+                or answer.attempt != collection.attempt):
             self.pool.refuse(client_id, f"{answer.kind.value} for round {answer.round} attempt {answer.attempt}; the "
                                         f"server waits for {kind.value} of round {server_round} attempt "
                                         f"{collection.attempt} (late or out of order)")
@@ -727,27 +751,63 @@ class RoundEngine:
         if client_id not in collection.pending:
             self.pool.refuse(client_id, f"no {kind.value} expected from it in round {server_round}")
             return
-        problem = self._check_answer(answer)
+        if ready:
+            problem = self._upload_ready(collection, answer)
+        elif collection.window is not None and not collection.window.holds(client_id):
+            problem = "it sent its update without a grant (UPLOAD_READY first, then the UPDATE once granted)"
+        else:
+            problem = self._check_answer(answer)
         if problem:
-            self.pool.refuse(client_id, problem)
-            collection.refused.add(client_id)
-            collection.drop(client_id, f"answer refused: {problem}")
-            log.warning("round %d: dropped client %s: its %s was refused (%s)", server_round, client_id,
-                        kind.value, problem)
+            self._refuse(collection, client_id, problem, answer.kind)
+            return
+        if ready:
             return
         collection.pending.discard(client_id)
         collection.answered.add(client_id)
-        if kind in (MessageType.UPDATE, MessageType.SECAGG_KEYS):
+        if kind is MessageType.SECAGG_KEYS or (kind is MessageType.UPDATE and collection.window is None):
             self.round_timeout.answered(self.clock() - collection.sent_at[client_id])
         try:
             accept(answer)
         except SecAggError as error:  # a secure aggregation stage's answer that does not fit the round
             collection.answered.discard(client_id)
-            collection.refused.add(client_id)
-            collection.dropped[client_id] = f"answer refused: {error}"
-            self.pool.refuse(client_id, str(error))
-            log.warning("round %d: dropped client %s: its %s was refused (%s)", server_round, client_id,
-                        kind.value, error)
+            collection.pending.add(client_id)
+            self._refuse(collection, client_id, str(error), answer.kind)
+        if collection.window is not None:  # folded (or refused): its slot goes to the next in line
+            self._grant(collection, collection.window.done(client_id, self.clock()))
+
+    def _refuse(self, collection: Collection, client_id: str, problem: str, kind: MessageType) -> None:
+        """An answer that cannot be used: tell its client why and drop it from the attempt."""
+        self.pool.refuse(client_id, problem)
+        collection.refused.add(client_id)
+        self._drop(collection, client_id, f"answer refused: {problem}")
+        log.warning("round %d: dropped client %s: its %s was refused (%s)", collection.server_round, client_id,
+                    kind.value, problem)
+
+    def _drop(self, collection: Collection, client_id: str, reason: str) -> bool:
+        """Drop a client from the attempt; a slot it held or waited for goes to the next in line."""
+        if not collection.drop(client_id, reason):
+            return False
+        if collection.window is not None:
+            self._grant(collection, collection.window.done(client_id, self.clock()))
+        return True
+
+    def _upload_ready(self, collection: Collection, answer: Answer) -> str | None:
+        """A client's update is ready: grant it a slot now or queue it (None), or say why not."""
+        declared = answer.body["bytes"]
+        if declared != self.update_bytes:
+            return (f"it declares an update of {declared} bytes; an update of this model encoded "
+                    f"{self.plan.update_compression} is {self.update_bytes} bytes")
+        window, client_id = collection.window, answer.client_id
+        if not window.knows(client_id):  # its training time, for the adaptive round timeout
+            self.round_timeout.answered(self.clock() - collection.sent_at[client_id])
+        self._grant(collection, window.ready(client_id, self.clock()))
+        return None
+
+    def _grant(self, collection: Collection, client_ids: Sequence[str]) -> None:
+        """Send these clients their upload grants (one that cannot be reached frees its slot)."""
+        for client_id in client_ids:
+            if not self.pool.send(client_id, GrantRequest(collection.server_round, collection.attempt)):
+                self._drop(collection, client_id, UNREACHED)
 
     def _check_answer(self, answer: Answer) -> str | None:
         """Why an answer's content cannot be used, or None if it can."""

@@ -17,15 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from pyfed.federation.pool import (Answer, Back, ClientInfo, FitRequest, Gone, Misbehaved, SecAggRequest,
-                                   PoolEvent, Request)
+from pyfed.federation.pool import (Answer, Back, ClientInfo, FitRequest, Gone, GrantRequest, Misbehaved,
+                                   SecAggRequest, PoolEvent, Request)
 from pyfed.federation.registry import ClientRecord, JoinRefused, Registry
 from pyfed.wire import compression, protocol
 from pyfed.wire.compression import UpdateCompression
 from pyfed.wire.protocol import AdmissionEvent, ErrorCode, FitPlan, Message, MessageType, ProtocolError, WireModel
 
 #: What a client sends in answer to the engine's requests.
-CLIENT_ANSWERS = frozenset({MessageType.UPDATE, MessageType.EVALUATION, MessageType.SECAGG_KEYS,
+CLIENT_ANSWERS = frozenset({MessageType.UPLOAD_READY, MessageType.UPDATE, MessageType.EVALUATION, MessageType.SECAGG_KEYS,
                             MessageType.SECAGG_SHARES, MessageType.SECAGG_MASKED, MessageType.SECAGG_REVEAL})
 from pyfed.wire.security import Admission, CurveKeys
 from pyfed.wire.transport import (HEARTBEAT_TIMEOUT_MS, Delivery, RateLimitedLog, ServerTransport,
@@ -126,6 +126,9 @@ class NetworkPool:
         """One encoding per distinct request: the weights are wrapped, never copied."""
         if isinstance(request, SecAggRequest):  # small, and different for each client: not kept
             return protocol.encode(Message(request.kind, round=request.round, body=dict(request.body)))
+        if isinstance(request, GrantRequest):
+            return protocol.encode(Message(MessageType.UPLOAD_GRANT, round=request.round,
+                                           body={"attempt": request.attempt}))
         if isinstance(request, FitRequest):
             key: tuple = ("fit", request.round, request.attempt, request.plan)
         else:

@@ -61,7 +61,15 @@ class SecAggRequest:
     body: Mapping[str, Any]
 
 
-Request = FitRequest | EvaluateRequest | SecAggRequest
+@dataclass(frozen=True)
+class GrantRequest:
+    """Send your update for ``round`` (attempt ``attempt``) now: an upload slot is yours."""
+
+    round: int
+    attempt: int
+
+
+Request = FitRequest | EvaluateRequest | SecAggRequest | GrantRequest
 
 
 @dataclass
@@ -216,6 +224,13 @@ class InProcessPool:
             except (KeyError, SecAggError, SecAggAborted) as error:
                 return [Gone(client_id, f"secure aggregation: {error}")]
             return [Answer(client_id, kind, request.round, request.attempt, body, arrays)]
+        if isinstance(request, GrantRequest):  # what a networked client does with UPLOAD_GRANT
+            answers = self._answers.get(client_id)
+            held = answers.granted(request.round, request.attempt) if answers is not None else None
+            if held is None:
+                return [Gone(client_id, f"granted an upload for round {request.round} attempt {request.attempt}, "
+                                        f"which it holds no update for")]
+            return [Answer(client_id, held[0], request.round, request.attempt, held[1], held[2])]
         if isinstance(request, FitRequest):
             received = as_received(request.weights, request.plan.broadcast_compression)  # what the wire would give
             weights, num_examples, metrics = trainer.fit(list(received), request.plan)

@@ -62,6 +62,9 @@ class MessageType(str, enum.Enum):
     STOPPING = "stopping"
     ERROR = "error"
     LEAVE = "leave"
+    # flow control of uploads (federation/uploads.py): an update waits for its grant
+    UPLOAD_READY = "upload_ready"
+    UPLOAD_GRANT = "upload_grant"
     # secure aggregation (SecAgg+, federation/secure_aggregation.py): the stages after a FIT with "secagg"
     SECAGG_KEYS = "secagg_keys"
     SECAGG_ROSTER = "secagg_roster"
@@ -440,6 +443,16 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
         "within_clip": (_bool, False),  # with a plan's clip_norm: the change's norm was at most it
         # the plan's update_compression: the arrays are each model array's change, encoded (wire/compression.py)
         "encoding": (_one_of(*(c.value for c in UpdateCompression)), False),
+    },
+    # client -> server: its update for round `round`, attempt `attempt` is ready (`bytes` on the wire);
+    # it sends the UPDATE once granted. Any number wait; --max-inflight-updates are granted at a time.
+    MessageType.UPLOAD_READY: {
+        "attempt": _ATTEMPT,
+        "bytes": (_int_in(0, 2**53), True),
+    },
+    # server -> client: send the UPDATE for round `round`, attempt `attempt` now.
+    MessageType.UPLOAD_GRANT: {
+        "attempt": _ATTEMPT,
     },
     # server -> client: evaluate these global weights (arrays) on your held-out data.
     MessageType.EVALUATE: {

@@ -5,13 +5,14 @@ from __future__ import annotations
 import sys
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
 
 from pyfed.federation.engine import EngineStopping, RoundEngine, RoundTimeout
-from pyfed.federation.pool import (Answer, Back, ClientInfo, EvaluateRequest, FitRequest, Gone, InProcessPool,
-                                   Misbehaved, PoolEvent)
+from pyfed.federation.pool import (Answer, Back, ClientInfo, EvaluateRequest, FitRequest, Gone, GrantRequest,
+                                   InProcessPool, Misbehaved, PoolEvent)
 from pyfed.federation.strategy import FedAvg, FedAvgM
 from pyfed.persistence.store import Persister, RunStore
 from pyfed.persistence.tracking import RoundRecord
@@ -45,13 +46,27 @@ def answers(value: float, examples: int = 10) -> Behaviour:
     return lambda cid, request: [update(cid, request, value, examples)]
 
 
+@dataclass(frozen=True)
+class Unannounced:
+    """An UPDATE its client sends at once, without waiting for a grant (a misbehaving client)."""
+
+    answer: Answer
+
+
 class FakePool:
-    """Clients scripted by behaviours: what each does when asked (events it causes)."""
+    """Clients scripted by behaviours: what each does when asked (events it causes). An UPDATE a
+    behaviour gives is announced (UPLOAD_READY) and sent when the engine grants it, as a client
+    does; ``on_grant`` scripts what a client does instead when granted (dies, stalls)."""
 
     bytes_sent = bytes_received = 0
 
-    def __init__(self, behaviours: dict[str, Behaviour], clock: Clock, declared: int = 0):
+    def __init__(self, behaviours: dict[str, Behaviour], clock: Clock, declared: int = 0,
+                 on_grant: dict[str, Callable[[str, GrantRequest], list[PoolEvent]]] | None = None):
         self.behaviours, self.clock, self.declared = behaviours, clock, declared
+        self.on_grant = on_grant or {}
+        self.upload_first = True  # a granted update arrives before anything else (False: after what is queued)
+        self.held: dict[tuple[str, int, int], Answer] = {}
+        self.timeline: list[tuple[str, str]] = []  # ("grant" | "update", client id), in order
         self.present = set(behaviours)
         self.sent: list[tuple[str, object]] = []
         self.refused: list[tuple[str, str]] = []
@@ -73,12 +88,25 @@ class FakePool:
             return False
         self.sent.append((client_id, request))
         if isinstance(request, FitRequest):
-            self.events.extend(self.behaviours[client_id](client_id, request))
+            for event in self.behaviours[client_id](client_id, request):
+                if isinstance(event, Answer) and event.kind is MessageType.UPDATE:
+                    self.held.setdefault((event.client_id, event.round, event.attempt), event)
+                    event = Answer(event.client_id, MessageType.UPLOAD_READY, event.round, event.attempt,
+                                   {"attempt": event.attempt, "bytes": sum(w.nbytes for w in request.weights)})
+                self.events.append(event.answer if isinstance(event, Unannounced) else event)
+        elif isinstance(request, GrantRequest):
+            self.timeline.append(("grant", client_id))
+            if client_id in self.on_grant:  # what it does when granted comes next, before anything else
+                self.events.extendleft(reversed(self.on_grant[client_id](client_id, request)))
+            elif (held := self.held.pop((client_id, request.round, request.attempt), None)) is not None:
+                (self.events.appendleft if self.upload_first else self.events.append)(held)
         return True
 
     def poll(self, timeout_s: float) -> list[PoolEvent]:
         if self.events:
             event = self.events.popleft()
+            if isinstance(event, Answer) and event.kind is MessageType.UPDATE:
+                self.timeline.append(("update", event.client_id))
             if isinstance(event, Gone):
                 self.present.discard(event.client_id)
             elif isinstance(event, Back):
@@ -485,3 +513,114 @@ def test_requests_that_cannot_leave_the_server_do_not_spin_the_round_and_its_rec
     assert len(record.failed_attempts) == MAX_FAILED_ATTEMPTS_KEPT < 150
     assert record.failed_attempts[0]["dropped"] == {"a": UNREACHED, "b": UNREACHED}
     assert clock.now >= 150 * 1.0  # a second of the pool's time after each attempt nothing left for
+
+
+# --- flow control of uploads (federation/uploads.py) --------------------------------------------------
+
+def in_flight_at_most(timeline: list[tuple[str, str]]) -> int:
+    """The most grants outstanding at once (granted, update not yet arrived)."""
+    outstanding, most = set(), 0
+    for what, client_id in timeline:
+        (outstanding.add if what == "grant" else outstanding.discard)(client_id)
+        most = max(most, len(outstanding))
+    return most
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_updates_are_granted_a_window_at_a_time_and_all_are_aggregated(slots):
+    clock = Clock()
+    pool = FakePool({cid: answers(float(i)) for i, cid in enumerate("abcde")}, clock)
+    pool.upload_first = False  # every client is ready before the first update arrives
+    run = engine(pool, clock, max_inflight_updates=slots)
+    record = run.run()[0]
+    assert record.clients == list("abcde") and record.dropped == {}
+    np.testing.assert_allclose(run.weights[0], 2.0)  # mean of 0..4
+    assert in_flight_at_most(pool.timeline) == slots
+    assert [cid for what, cid in pool.timeline if what == "update"] == list("abcde")  # first ready, first granted
+    assert clock.now == 0  # nobody waited on a clock: each grant went out as the previous update was folded
+
+
+def test_an_update_sent_without_a_grant_is_refused_and_the_round_carries_on():
+    clock = Clock()
+    pool = FakePool({"a": answers(1.0), "eager": lambda cid, r: [Unannounced(update(cid, r, 9.0))]}, clock)
+    run = engine(pool, clock)
+    record = run.run()[0]
+    assert record.clients == ["a"] and record.dropped["eager"].startswith("answer refused: it sent its update "
+                                                                          "without a grant")
+    assert any(cid == "eager" and "without a grant" in reason for cid, reason in pool.refused)
+    np.testing.assert_allclose(run.weights[0], 1.0)
+
+
+def test_a_granted_client_that_dies_mid_upload_frees_its_slot():
+    clock = Clock()
+    pool = FakePool({"a": answers(1.0), "b": answers(2.0), "c": answers(3.0)}, clock,
+                    on_grant={"a": lambda cid, grant: [Gone(cid, "connection lost")]})
+    run = engine(pool, clock, max_inflight_updates=1)
+    record = run.run()[0]
+    assert record.clients == ["b", "c"] and record.dropped == {"a": "connection lost"}
+    assert pool.timeline == [("grant", "a"), ("grant", "b"), ("update", "b"), ("grant", "c"), ("update", "c")]
+    assert clock.now == 0  # no deadlock, no wait for a timeout
+
+
+def test_a_grant_that_cannot_be_delivered_frees_its_slot():
+    clock = Clock()
+    pool = FakePool({"a": answers(1.0), "b": answers(2.0)}, clock,
+                    on_grant={"a": lambda cid, grant: []})
+    original_send = pool.send
+
+    def send(client_id, request):
+        if isinstance(request, GrantRequest) and client_id == "a":
+            pool.present.discard("a")  # its connection went away as it was granted
+        return original_send(client_id, request)
+
+    pool.send = send
+    record = engine(pool, clock, max_inflight_updates=1).run()[0]
+    assert record.clients == ["b"] and record.dropped == {"a": "could not be reached"}
+
+
+def test_a_wait_for_a_slot_is_not_held_against_a_client_but_a_stalled_upload_is():
+    """One slot, round timeout 30 s: "stall" is granted first and never sends; "b" waits in line past
+    the timeout and is not dropped for it; "stall" is dropped 30 s after its grant and "b" gets its turn."""
+    clock = Clock()
+    pool = FakePool({"stall": answers(5.0), "b": answers(2.0)}, clock, on_grant={"stall": lambda cid, grant: []})
+    run = engine(pool, clock, max_inflight_updates=1, round_timeout=RoundTimeout(30.0, 2))
+    record = run.run()[0]
+    assert record.clients == ["b"]
+    assert record.dropped == {"stall": "its granted upload did not arrive within 30s"}
+    assert 30 <= clock.now < 32
+    np.testing.assert_allclose(run.weights[0], 2.0)
+
+
+def test_a_client_back_after_its_grant_is_granted_again():
+    clock = Clock()
+    grants = []
+
+    def flaky_upload(cid, grant):
+        grants.append(grant.attempt)
+        if len(grants) == 1:  # its connection dropped while uploading; it is back and asks again
+            return [Back(cid)]
+        return [pool.held.pop((cid, grant.round, grant.attempt))]
+
+    pool = FakePool({"a": answers(1.0), "b": answers(3.0)}, clock, on_grant={"b": flaky_upload})
+    record = engine(pool, clock, max_inflight_updates=1).run()[0]
+    assert record.clients == ["a", "b"] and record.dropped == {} and grants == [1, 1]
+
+
+@pytest.mark.parametrize("declared", [0, 47, 10**9])
+def test_an_upload_request_of_the_wrong_size_is_refused(declared):
+    clock = Clock()
+
+    def liar(cid, request):
+        return [Answer(cid, MessageType.UPLOAD_READY, request.round, request.attempt,
+                       {"attempt": request.attempt, "bytes": declared})]
+
+    pool = FakePool({"a": answers(1.0), "liar": liar}, clock)
+    record = engine(pool, clock).run()[0]
+    assert record.clients == ["a"]
+    assert record.dropped["liar"] == (f"answer refused: it declares an update of {declared} bytes; an update of "
+                                      f"this model encoded none is 24 bytes")
+
+
+def test_the_window_needs_a_slot():
+    with pytest.raises(ValueError, match="max_inflight_updates must be at least 1"):
+        engine(FakePool({"a": answers(1.0)}, Clock()), Clock(), max_inflight_updates=0)
