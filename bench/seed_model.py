@@ -22,3 +22,13 @@ def build() -> keras.Model:
 def build_small() -> keras.Model:
     """Dense 784-128-10: 101,770 parameters, for the many-clients benchmark."""
     return _mlp([784, 128, 10], 1e-3)
+
+
+def build_large() -> keras.Model:
+    """Dense 1000-10000-4000-10: 50,054,010 float32 parameters (200 MB), for the server-memory benchmark."""
+    return _mlp([1000, 10000, 4000, 10], 1e-3)
+
+
+def build_huge() -> keras.Model:
+    """Dense 1000-40000-5000-10: 240,095,010 float32 parameters (960 MB), for the server-memory benchmark."""
+    return _mlp([1000, 40000, 5000, 10], 1e-3)

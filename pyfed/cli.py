@@ -116,20 +116,25 @@ def run_server(config: ServerConfig) -> int:
         raise UsageError(str(error)) from None
     start_from(model, config.initial_weights)
     export = model_files(model, config, has_test_data=test_data is not None)
-    server = Server(wire_model(model), address=config.address, rounds=config.rounds, min_clients=config.min_clients,
-                    plan=fit_plan(config),
+    wire, plan = wire_model(model), fit_plan(config)
+    min_fit_clients = max(config.min_fit_clients, strategy.min_fit_clients())
+    memory = server_memory(config, strategy, wire.weights, plan, min_fit_clients)
+    server = Server(wire, address=config.address, rounds=config.rounds, min_clients=config.min_clients,
+                    plan=plan,
                     strategy=strategy, evaluate=evaluator(model, *test_data) if test_data is not None else None,
                     export=export, description=describe_model(model, histograms=config.histograms),
                     logdir=config.logdir,
                     round_timeout_s=config.round_timeout_s, num_shards=config.num_shards,
                     config_summary=describe(config),
-                    min_fit_clients=max(config.min_fit_clients, strategy.min_fit_clients()),
+                    min_fit_clients=min_fit_clients,
                     fraction_fit=1.0 if config.private() else config.fraction_fit,  # DP samples, as it accounts
                     seed=config.seed, checkpoint_dir=config.checkpoint_dir,
                     keep_checkpoints=config.keep_checkpoints, fresh_start=config.fresh_start, curve=curve,
                     authorized_keys=config.authorized_keys if curve else None, join_rate=config.join_rate,
                     max_examples=config.max_examples, max_ids_per_key=config.max_ids_per_key,
-                    secure_aggregation=config.secure_aggregation_settings())
+                    secure_aggregation=config.secure_aggregation_settings(),
+                    max_inflight_updates=memory.max_inflight_updates,
+                    max_clients_per_round=memory.max_clients_per_round)
     _on_stop_signals(lambda name: server.request_stop(name))
     try:
         server.run()
@@ -187,6 +192,33 @@ def fit_plan(config: Any) -> Any:
     return FitPlan(config.epochs, config.batch_size, config.learning_rate, eval_fraction=config.client_eval_fraction,
                    update_compression=config.update_compression, topk_fraction=config.topk_fraction,
                    broadcast_compression=config.broadcast_compression)
+
+
+def server_memory(config: ServerConfig, strategy: Any, weights: list, plan: Any, min_fit_clients: int) -> Any:
+    """The server's memory plan (federation/memory.py), logged; a run that cannot fit its limit is refused."""
+    from pyfed.federation.memory import (MemoryRefused, available_bytes, container_limit_bytes, plan_memory,
+                                         process_rss_bytes)
+    from pyfed.wire import compression, protocol
+
+    specs = protocol.array_specs(weights)
+    if config.memory_limit_bytes is not None:
+        limit, source = config.memory_limit_bytes, "--memory-limit / MEMORY_LIMIT"
+    else:
+        limit = container_limit_bytes()
+        source = "the container's memory limit" if limit is not None else None
+    try:
+        memory = plan_memory(runtime_bytes=process_rss_bytes() or 0,
+                             model_bytes=sum(protocol.spec_bytes(spec) for spec in specs),
+                             update_bytes=compression.encoded_bytes_of(
+                                 compression.UpdateCompression(plan.update_compression), specs, plan.topk_fraction),
+                             requested_inflight=config.max_inflight_updates, limit_bytes=limit, limit_source=source,
+                             available_bytes=available_bytes(), holds_updates=strategy.holds_updates(),
+                             min_fit_clients=min_fit_clients)
+    except MemoryRefused as refusal:
+        raise UsageError(str(refusal)) from None
+    log.info("memory: %s; max-inflight-updates %d%s", memory.describe(), memory.max_inflight_updates,
+             " (auto)" if config.max_inflight_updates == "auto" else "")
+    return memory
 
 
 def check_secure_aggregation(strategy: Any, config: Any, max_update_norm: float | None) -> None:

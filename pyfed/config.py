@@ -71,6 +71,32 @@ def optional_positive_float(text: str) -> float | None:
     return positive_float(text)
 
 
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1000, "kib": 1024, "m": 1024**2, "mb": 1000**2, "mib": 1024**2,
+               "g": 1024**3, "gb": 1000**3, "gib": 1024**3, "t": 1024**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def memory_size(text: str) -> int | None:
+    """Bytes: a number with an optional unit (512m, 4g, 4GiB, 4GB; k/m/g alone are binary, as
+    Docker's), or empty / 'none' for no limit."""
+    value = text.strip().lower().replace(" ", "")
+    if value in {"", "none", "off", "0"}:
+        return None
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([a-z]*)", value)
+    if not match or match[2] not in _SIZE_UNITS:
+        raise ValueError(f"must be a size such as 512m, 4g or 4GiB, got {text!r}")
+    size = int(float(match[1]) * _SIZE_UNITS[match[2]])
+    if not 64 * 1024**2 <= size <= 2**50:
+        raise ValueError(f"must be at least 64 MiB, got {text!r}")
+    return size
+
+
+def auto_or_positive_int(text: str) -> int | str:
+    """'auto' or a whole number of at least 1."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    return positive_int(text)
+
+
 def boolean(text: str) -> bool:
     value = text.strip().lower()
     if value in {"1", "true", "yes", "on"}:
@@ -370,6 +396,14 @@ class ServerConfig(StrategySettings, TrainingSettings, EncryptionSettings, Parti
                                            "with --curve-secret-key: admit only clients whose public key "
                                            "is a *.key file in this directory")
     log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
+    max_inflight_updates: int | str = setting(
+        "auto", "--max-inflight-updates", "MAX_INFLIGHT_UPDATES", auto_or_positive_int,
+        "updates that may travel to the server at once; the other clients wait for a slot (their wait is not "
+        "held against them); auto: from the model's size and the memory there is, 1 to 4")
+    memory_limit_bytes: int | None = setting(
+        None, "--memory-limit", "MEMORY_LIMIT", memory_size,
+        "refuse to start when the server's expected peak memory exceeds this (e.g. 4g); none: the container's "
+        "memory limit, when it has one")
 
 
 def image_size(text: str) -> tuple[int, int] | None:

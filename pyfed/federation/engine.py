@@ -221,6 +221,7 @@ class RoundEngine:
         label: str = "round",
         secure_aggregation: SecureAggregation | None = None,
         max_inflight_updates: int = DEFAULT_INFLIGHT_UPDATES,
+        max_clients_per_round: int | None = None,
     ):
         if not 1 <= min_fit_clients:
             raise ValueError(f"min_fit_clients must be at least 1, got {min_fit_clients}")
@@ -234,11 +235,15 @@ class RoundEngine:
         self.pool = pool
         self.secure_aggregation = secure_aggregation
         self.max_inflight_updates = max_inflight_updates
+        if max_clients_per_round is not None and max_clients_per_round < min_fit_clients:
+            raise ValueError(f"max_clients_per_round {max_clients_per_round} is below min_fit_clients "
+                             f"{min_fit_clients}: no round could run")
+        self.max_clients_per_round = max_clients_per_round  # a strategy that holds every update: what fits
         self.weights = list(weights)
         self.specs = protocol.array_specs(self.weights)
         self.model_bytes = sum(protocol.spec_bytes(spec) for spec in self.specs)
-        self.update_bytes = sum(protocol.spec_bytes(spec) for spec in compression.encoded_specs(
-            UpdateCompression(plan.update_compression), self.specs, plan.topk_fraction))  # an UPDATE's arrays
+        self.update_bytes = compression.encoded_bytes_of(UpdateCompression(plan.update_compression), self.specs,
+                                                         plan.topk_fraction)  # an UPDATE's arrays
         self.rounds, self.plan, self.strategy = rounds, plan, strategy
         self.min_clients, self.min_fit_clients, self.fraction_fit = min_clients, min_fit_clients, fraction_fit
         self.seed = seed
@@ -516,6 +521,11 @@ class RoundEngine:
             raise RunOver(f"round {server_round} may not run: {reason}")
         sampled = sample_clients(connected, self.fraction_fit, self.min_fit_clients,
                                  (self.seed, server_round, attempt))
+        cap = self.max_clients_per_round
+        if cap is not None and len(sampled) > cap:  # a strategy that holds every update: what fits in memory
+            rng = np.random.default_rng((self.seed, server_round, attempt, cap))
+            sampled = sorted(str(cid) for cid in rng.choice(sampled, cap, replace=False))
+            how += f" (at most {cap} a round fit in memory: {self.strategy.name} holds every update)"
         selected = self.strategy.configure_fit(server_round, sampled, self.plan)
         log.info("round %d/%d started%s%s: %d of %d clients (%s)", server_round, self.rounds,
                  f" (attempt {attempt})" if attempt > 1 else "", how, len(selected), len(connected),

@@ -27,6 +27,7 @@ from pyfed.federation.registry import ClientRecord
 from pyfed.federation.secure_aggregation import SECAGG_MAX_NEIGHBOURS, SecureAggregation
 from pyfed.federation.strategy import FedAvg, Strategy
 from pyfed.persistence.store import RunStore, model_fingerprint
+from pyfed.federation.uploads import DEFAULT_INFLIGHT_UPDATES
 from pyfed.persistence.tracking import RoundRecord, RunDescription, RunLog, format_metric
 from pyfed.wire.protocol import FitPlan, WireModel
 from pyfed.wire.security import CurveKeys
@@ -66,6 +67,8 @@ class Server:
         max_examples: int = MAX_EXAMPLES,
         max_ids_per_key: int | None = None,
         secure_aggregation: SecureAggregation | None = None,
+        max_inflight_updates: int = DEFAULT_INFLIGHT_UPDATES,
+        max_clients_per_round: int | None = None,
     ):
         strategy = strategy or FedAvg()
         self.pool = NetworkPool(address, model, plan=plan, rounds=rounds, min_clients=min_clients, curve=curve,
@@ -76,7 +79,9 @@ class Server:
                                   min_clients=min_clients, min_fit_clients=min_fit_clients, fraction_fit=fraction_fit,
                                   seed=seed, round_timeout=RoundTimeout(round_timeout_s, plan.epochs),
                                   evaluate=evaluate, export=export if logdir else None,
-                                  max_examples=max_examples, secure_aggregation=secure_aggregation)
+                                  max_examples=max_examples, secure_aggregation=secure_aggregation,
+                                  max_inflight_updates=max_inflight_updates,
+                                  max_clients_per_round=max_clients_per_round)
         self.logdir = Path(logdir) if logdir else None
         checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else (self.logdir / "checkpoints" if logdir else None)
         self.store = RunStore(checkpoint_dir, {

@@ -239,6 +239,12 @@ def encoded_specs(codec: UpdateCompression | BroadcastCompression, specs: Sequen
             for frame in frame_specs(codec if compressible(spec) else UpdateCompression.NONE, spec, topk_fraction)]
 
 
+def encoded_bytes_of(codec: UpdateCompression | BroadcastCompression, specs: Sequence[ArraySpec],
+                     topk_fraction: float = 0.01) -> int:
+    """The bytes of a whole model of ``specs`` under ``codec``: what one update's arrays are on the wire."""
+    return sum(np.dtype(dtype).itemsize * math.prod(shape) for dtype, shape in encoded_specs(codec, specs, topk_fraction))
+
+
 def split(frames: Sequence[np.ndarray], codec: UpdateCompression | BroadcastCompression, specs: Sequence[ArraySpec],
           topk_fraction: float = 0.01) -> list[list[np.ndarray]]:
     """``frames`` grouped by model array, each group checked (:class:`CompressionError` naming the array)."""

@@ -6,6 +6,8 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
+import time
 
 import numpy as np
 import pytest
@@ -306,3 +308,41 @@ def test_image_folder_sites_train_and_images_that_do_not_fit_are_refused_while_t
     assert [r["clients"] for r in summary["rounds"]] == [["site-1", "site-2"]] * 2
     assert summary["clients"]["site-2"]["num_examples"] == len(site_2)
     assert summary["final"]["test_accuracy"] >= 0.85
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--memory-limit", "200m"], "pyfed server: error: the server would need {} MB at its peak, more than the 210 MB "
+                                 "of --memory-limit / MEMORY_LIMIT: raise the limit"),
+    (["--memory-limit", "200m", "--max-inflight-updates", "3"],
+     "pyfed server: error: the server would need {} MB at its peak, more than the 210 MB of --memory-limit / "
+     "MEMORY_LIMIT: lower --max-inflight-updates"),
+    (["--memory-limit", "2g", "--strategy", "fedmedian", "--min-fit-clients", "100"],
+     "pyfed server: error: the strategy holds every update of a round (22 MB each) and only {} fit in the 2,147 MB "
+     "of --memory-limit / MEMORY_LIMIT"),
+    (["--memory-limit", "lots"], "pyfed server: error: --memory-limit / MEMORY_LIMIT: must be a size such as 512m"),
+    (["--max-inflight-updates", "0"], "pyfed server: error: --max-inflight-updates / MAX_INFLIGHT_UPDATES: must be"),
+])
+def test_a_server_that_cannot_fit_its_memory_limit_is_refused_at_start_up(tmp_path, args, message):
+    """The seed's 5.4M-parameter model (21.6 MB) beside TensorFlow's runtime (hundreds of MB)."""
+    import re
+    import subprocess
+
+    model = Path(__file__).resolve().parents[2] / "bench" / "seed_model.py"
+    result = subprocess.run([sys.executable, "-m", "pyfed", "server", "--model", f"{model}:build", "--rounds", "1",
+                             *args], capture_output=True, text=True, timeout=120, cwd=tmp_path, env=os.environ)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert re.match(re.escape(message).replace(re.escape("{}"), r"[\d,]+"), last), last
+    assert "Traceback" not in result.stderr
+
+
+def test_the_server_says_its_expected_peak_memory_at_start_up(tmp_path, processes):
+    model = Path(__file__).resolve().parents[2] / "bench" / "seed_model.py"
+    server = processes.pyfed("server", "--model", f"{model}:build", "--rounds", "1", "--memory-limit", "8g",
+                             "--address", f"tcp://127.0.0.1:{free_port()}", "--logdir", str(tmp_path / "logs"), name="server")
+    deadline = time.monotonic() + 120
+    while "memory: expected peak" not in server.log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.5)
+    line = next(l for l in server.log_path.read_text().splitlines() if "memory: expected peak" in l)
+    assert "4 model copies of 22 MB" in line and "max-inflight-updates 4 (auto)" in line
+    assert "limit 8,590 MB (--memory-limit / MEMORY_LIMIT)" in line

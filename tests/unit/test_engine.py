@@ -13,7 +13,7 @@ import pytest
 from pyfed.federation.engine import EngineStopping, RoundEngine, RoundTimeout
 from pyfed.federation.pool import (Answer, Back, ClientInfo, EvaluateRequest, FitRequest, Gone, GrantRequest,
                                    InProcessPool, Misbehaved, PoolEvent)
-from pyfed.federation.strategy import FedAvg, FedAvgM
+from pyfed.federation.strategy import FedAvg, FedAvgM, FedMedian
 from pyfed.persistence.store import Persister, RunStore
 from pyfed.persistence.tracking import RoundRecord
 from pyfed.wire.protocol import FitPlan, MessageType
@@ -624,3 +624,13 @@ def test_an_upload_request_of_the_wrong_size_is_refused(declared):
 def test_the_window_needs_a_slot():
     with pytest.raises(ValueError, match="max_inflight_updates must be at least 1"):
         engine(FakePool({"a": answers(1.0)}, Clock()), Clock(), max_inflight_updates=0)
+
+
+def test_a_strategy_that_holds_every_update_asks_no_more_clients_than_fit_in_memory():
+    clock = Clock()
+    pool = FakePool({cid: answers(float(i)) for i, cid in enumerate("abcdef")}, clock)
+    history = engine(pool, clock, rounds=3, strategy=FedMedian(), max_clients_per_round=3).run()
+    assert all(len(r.clients) == 3 for r in history)
+    assert len({tuple(r.clients) for r in history}) > 1  # a fresh draw each round, not always the first three
+    with pytest.raises(ValueError, match="max_clients_per_round 1 is below min_fit_clients 2"):
+        engine(pool, clock, strategy=FedMedian(), min_fit_clients=2, max_clients_per_round=1)

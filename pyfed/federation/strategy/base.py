@@ -67,6 +67,11 @@ class Strategy:
         """The fewest updates a round needs for this rule to mean anything (checked at start-up)."""
         return 1
 
+    def holds_updates(self) -> bool:
+        """Whether the rule holds every update of a round until it ends (one dense model copy each),
+        rather than folding each into a running sum as it arrives (federation/memory.py)."""
+        return type(self).aggregator is Strategy.aggregator
+
     def why_not_run(self, server_round: int, available: int) -> str | None:
         """Why the run must end before ``server_round`` with ``available`` clients connected (a privacy
         budget spent, say), or None to run it."""

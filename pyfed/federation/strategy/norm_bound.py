@@ -48,6 +48,9 @@ class NormBound(Strategy):
     def min_fit_clients(self) -> int:
         return self.inner.min_fit_clients()
 
+    def holds_updates(self) -> bool:
+        return self.inner.holds_updates()
+
     def why_not_run(self, server_round: int, available: int) -> str | None:
         return self.inner.why_not_run(server_round, available)
 

@@ -1,0 +1,206 @@
+"""Server memory while many clients upload at once: N protocol-level clients send a large model's
+update at the same moment; how far the server's RSS rises above its level just before, in model
+copies, and how long the round takes.
+
+The server is the real CLI server (``pyfed server``, its defaults) with a Dense model from
+``bench/seed_model.py`` (``build_large``: 50M parameters, 200 MB; ``--huge``: ``build_huge``, 240M
+parameters, 960 MB). The clients are numpy only, in this process: each joins, and when every one of
+them holds its FIT they all answer at once with the global weights plus a small change (one shared
+array, sent zero-copy by each). Where the server grants upload slots (UPLOAD_READY / UPLOAD_GRANT,
+federation/uploads.py) they ask first, as clients do; a server without them (an older checkout) gets
+the UPDATEs at once. A thread reads the server's RSS from /proc every 5 ms.
+
+Reported per N: the server's RSS just before the uploads (its idle level in the round), its peak
+from then to the round's end, the rise in model copies, the rise over the N=2 rise, and the round's
+duration from summary.json (the median over the rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+from bench.common import BENCH, emit, finish, free_port, median, start, tail, table
+from pyfed.wire import protocol
+from pyfed.wire.protocol import Message, MessageType
+from pyfed.wire.transport import ClientTransport
+
+GRANTS = hasattr(MessageType, "UPLOAD_READY")  # this checkout's server grants upload slots
+
+
+def rss_bytes(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class RssSampler:
+    """The RSS of one process every ``interval_s``, with the time of each sample."""
+
+    def __init__(self, pid: int, interval_s: float = 0.005):
+        self.pid, self.interval_s = pid, interval_s
+        self.samples: list[tuple[float, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            rss = rss_bytes(self.pid)
+            if rss is None:
+                return
+            self.samples.append((time.monotonic(), rss))
+
+    def at(self, when: float) -> int:
+        """The last sample at or before ``when``."""
+        before = [rss for t, rss in self.samples if t <= when]
+        return before[-1] if before else self.samples[0][1]
+
+    def peak(self, start: float, end: float) -> int:
+        return max((rss for t, rss in self.samples if start <= t <= end), default=0)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+
+def run_clients(address: str, count: int, timeout_s: float) -> dict:
+    """``count`` clients; returns, per round, when the uploads began and when the round's FIT (or the
+    FINISH) after it arrived."""
+    context = zmq.Context(io_threads=2)
+    transports = [ClientTransport(address, context=context) for _ in range(count)]
+    poller = zmq.Poller()
+    for transport in transports:
+        poller.register(transport.socket, zmq.POLLIN)
+    index_of = {t.socket: i for i, t in enumerate(transports)}
+    for i, transport in enumerate(transports):
+        transport.send(protocol.encode(Message(MessageType.JOIN, body={"num_examples": 100})))
+    client_ids: dict[int, str] = {}
+    fits: dict[int, Message] = {}
+    update: list[np.ndarray] | None = None
+    upload_started: dict[int, float] = {}  # round -> when every client had its FIT and the uploads began
+    round_over: dict[int, float] = {}
+    finished: set[int] = set()
+    current = 0
+    deadline = time.monotonic() + timeout_s
+
+    def update_message(i: int, fit: Message) -> list:
+        return protocol.encode(Message(MessageType.UPDATE, round=fit.round, client_id=client_ids[i], arrays=update,
+                                       body={"attempt": fit.body["attempt"], "num_examples": 100, "fit_s": 0.01,
+                                             "history": {"loss": [0.5]}}))
+
+    while len(finished) < count and time.monotonic() < deadline:
+        for socket, _ in poller.poll(200):
+            i = index_of[socket]
+            message = protocol.decode(socket.recv_multipart(copy=False))
+            if message.type is MessageType.WELCOME:
+                client_ids[i] = message.client_id
+            elif message.type is MessageType.FIT:
+                if message.round != current:
+                    round_over.setdefault(current, time.monotonic())
+                    current, fits, update = message.round, {}, None
+                if update is None:  # one change for all: what the server folds is what matters here
+                    update = [np.asarray(a) + np.float32(1e-4) for a in message.arrays]
+                fits[i] = message
+                if len(fits) == count:  # every client holds its FIT: all answer at once
+                    upload_started[current] = time.monotonic()
+                    for j, fit in fits.items():
+                        if GRANTS:
+                            ready = {"attempt": fit.body["attempt"],
+                                     "bytes": sum(int(a.nbytes) for a in update)}
+                            transports[j].send(protocol.encode(Message(MessageType.UPLOAD_READY, round=fit.round,
+                                                                       client_id=client_ids[j], body=ready)))
+                        else:
+                            transports[j].send(update_message(j, fit))
+            elif GRANTS and message.type is MessageType.UPLOAD_GRANT:
+                transports[i].send(update_message(i, fits[i]))
+            elif message.type is MessageType.FINISH:
+                round_over.setdefault(current, time.monotonic())
+                transports[i].send(protocol.encode(Message(MessageType.LEAVE, client_id=client_ids[i])))
+                finished.add(i)
+            elif message.type is MessageType.ERROR:
+                raise RuntimeError(f"client {i}: server error {message.body}")
+    for transport in transports:
+        transport.close()
+    context.term()
+    return {"upload_started": upload_started, "round_over": round_over, "finished": len(finished)}
+
+
+def measure(count: int, model: str, model_bytes: int, rounds: int, workdir: Path) -> dict:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    logdir = workdir / f"logs-{count}"
+    server = start([sys.executable, "-m", "pyfed", "server", "--address", address, "--rounds", str(rounds),
+                    "--min-clients", str(count), "--model", f"{BENCH / 'seed_model.py'}:{model}",
+                    "--logdir", str(logdir), "--round-timeout", "600", "--log-level", "INFO"],
+                   workdir / f"server-{count}.log")
+    sampler = RssSampler(server.pid)
+    try:
+        clients = run_clients(address, count, timeout_s=1800)
+    finally:
+        done = finish(server, 600)
+        sampler.stop()
+    assert done.returncode == 0, tail(server.log_path)
+    summary = json.loads((logdir / "summary.json").read_text())
+    rises, idles, peaks = [], [], []
+    for server_round, started in sorted(clients["upload_started"].items()):
+        idle = sampler.at(started)
+        peak = sampler.peak(started, clients["round_over"].get(server_round, time.monotonic()))
+        idles.append(idle)
+        peaks.append(peak)
+        rises.append((peak - idle) / model_bytes)
+    assert all(len(r["clients"]) == count for r in summary["rounds"]), summary["rounds"]
+    return {"clients": count, "idle_mb": max(idles) / 1e6, "peak_mb": max(peaks) / 1e6,
+            "rise_copies": max(rises), "round_s": median([r["duration_s"] for r in summary["rounds"]]),
+            "server_peak_rss_mb": done.peak_rss_mb,
+            "max_inflight": next((line.split("max-inflight-updates ")[1].split()[0]
+                                  for line in server.log_path.read_text().splitlines()
+                                  if "max-inflight-updates " in line), None)}
+
+
+def run(counts: list[int], model: str, rounds: int, label: str) -> dict:
+    parameters = {"build_large": 50_054_010, "build_huge": 240_095_010}[model]
+    model_bytes = 4 * parameters
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for count in counts:
+            row = measure(count, model, model_bytes, rounds, Path(tmp))
+            rows.append(row)
+            print(f"N={count}: idle {row['idle_mb']:.0f} MB, peak {row['peak_mb']:.0f} MB, rise "
+                  f"{row['rise_copies']:.2f} model copies, round {row['round_s']:.2f} s", flush=True)
+    base = rows[0]["rise_copies"]
+    for row in rows:
+        row["rise_over_first"] = row["rise_copies"] - base
+    result = {"label": label, "grants": GRANTS, "model": model, "parameters": parameters,
+              "model_mb": model_bytes / 1e6, "rounds": rounds, "rows": rows}
+    markdown = table(f"Server memory with N clients uploading at once ({label}): {parameters:,} parameters "
+                     f"({model_bytes / 1e6:.0f} MB), {rounds} rounds",
+                     ["N", "idle RSS (MB)", "peak RSS (MB)", "rise (model copies)", f"rise - rise at N={counts[0]}",
+                      "round (s)"],
+                     [[r["clients"], round(r["idle_mb"]), round(r["peak_mb"]), round(r["rise_copies"], 2),
+                       round(r["rise_over_first"], 2), round(r["round_s"], 2)] for r in rows])
+    return {**result, "_markdown": markdown}
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--clients", type=int, nargs="+", default=[2, 4, 8, 16])
+    parser.add_argument("--huge", action="store_true", help="the 240M-parameter model (960 MB) instead")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--label", default="this checkout")
+    parser.add_argument("--name", default="memory", help="the name of the results (bench/<NAME>.md and .json)")
+    args = parser.parse_args()
+    results = run(args.clients, "build_huge" if args.huge else "build_large", args.rounds, args.label)
+    emit(args.name, {k: v for k, v in results.items() if k != "_markdown"}, results["_markdown"])
