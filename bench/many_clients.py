@@ -1,7 +1,8 @@
 """Many clients: 1,000 protocol-level clients in one process against one ``pyfed server`` process.
 
 The clients are numpy only (no TensorFlow): each holds its own DEALER socket, joins, and answers
-every FIT with the global weights plus a small perturbation. The server is the real CLI server
+every FIT with the global weights plus a small perturbation, sent once the server grants it an
+upload slot (UPLOAD_READY / UPLOAD_GRANT), as clients do. The server is the real CLI server
 with a ~100k-parameter model (bench/seed_model.py:build_small), 3 rounds. Reported: time per round
 (from summary.json), the server's peak RSS and CPU seconds (from wait4), and whether every update
 was aggregated in every round.
@@ -40,6 +41,7 @@ def run_clients(address: str, count: int, timeout_s: float) -> dict:
     client_ids: dict[int, str] = {}
     finished: set[int] = set()
     updates_sent = 0
+    held: dict[int, Message] = {}  # each client's update, until the server grants it a slot
     deadline = time.monotonic() + timeout_s
     while len(finished) < count and time.monotonic() < deadline:
         for i in list(unsent):
@@ -50,13 +52,17 @@ def run_clients(address: str, count: int, timeout_s: float) -> dict:
             message = protocol.decode(socket.recv_multipart(copy=False))
             if message.type is MessageType.WELCOME:
                 client_ids[i] = message.client_id
-            elif message.type is MessageType.FIT:
+            elif message.type is MessageType.FIT:  # train (a small change), then ask for an upload slot
                 delta = np.float32(1e-4 * ((i % 7) - 3))
-                update = Message(MessageType.UPDATE, round=message.round, client_id=client_ids[i],
-                                 arrays=[a + delta for a in message.arrays],
-                                 body={"attempt": message.body["attempt"], "num_examples": 10 + i % 90, "fit_s": 0.001,
-                                       "history": {"loss": [0.5]}})
-                transports[i].send(protocol.encode(update))
+                held[i] = Message(MessageType.UPDATE, round=message.round, client_id=client_ids[i],
+                                  arrays=[a + delta for a in message.arrays],
+                                  body={"attempt": message.body["attempt"], "num_examples": 10 + i % 90,
+                                        "fit_s": 0.001, "history": {"loss": [0.5]}})
+                ready = {"attempt": message.body["attempt"], "bytes": sum(a.nbytes for a in held[i].arrays)}
+                transports[i].send(protocol.encode(Message(MessageType.UPLOAD_READY, round=message.round,
+                                                           client_id=client_ids[i], body=ready)))
+            elif message.type is MessageType.UPLOAD_GRANT:
+                transports[i].send(protocol.encode(held.pop(i)))
                 updates_sent += 1
             elif message.type is MessageType.FINISH:
                 transports[i].send(protocol.encode(Message(MessageType.LEAVE, client_id=client_ids[i])))

@@ -7,8 +7,8 @@ The server is the real CLI server (``pyfed server``, its defaults) with a Dense 
 parameters, 960 MB). The clients are numpy only, in this process: each joins, and when every one of
 them holds its FIT they all answer at once with the global weights plus a small change (one shared
 array, sent zero-copy by each). Where the server grants upload slots (UPLOAD_READY / UPLOAD_GRANT,
-federation/uploads.py) they ask first, as clients do; a server without them (an older checkout) gets
-the UPDATEs at once. A thread reads the server's RSS from /proc every 5 ms.
+federation/uploads.py) they ask first and send large updates in chunks (wire/chunks.py), as clients
+do; a server without them (an older checkout) gets whole UPDATEs at once. A thread reads the server's RSS from /proc every 5 ms.
 
 Reported per N: the server's RSS just before the uploads (its idle level in the round), its peak
 from then to the round's end, the rise in model copies, the rise over the N=2 rise, and the round's
@@ -34,6 +34,8 @@ from pyfed.wire.protocol import Message, MessageType
 from pyfed.wire.transport import ClientTransport
 
 GRANTS = hasattr(MessageType, "UPLOAD_READY")  # this checkout's server grants upload slots
+CHUNKS = hasattr(protocol, "encode_update")  # and takes large updates in chunks
+FIT_WAIT_S = 5.0  # the clients asked in a round (all N, unless one was lost) hold their FIT within this
 
 
 def rss_bytes(pid: int) -> int | None:
@@ -86,23 +88,32 @@ def run_clients(address: str, count: int, timeout_s: float) -> dict:
     for transport in transports:
         poller.register(transport.socket, zmq.POLLIN)
     index_of = {t.socket: i for i, t in enumerate(transports)}
-    for i, transport in enumerate(transports):
-        transport.send(protocol.encode(Message(MessageType.JOIN, body={"num_examples": 100})))
+    join = protocol.encode(Message(MessageType.JOIN, body={"num_examples": 100}))
+    unsent = set(range(count))  # a JOIN goes once the connection is up (the server may still be starting)
     client_ids: dict[int, str] = {}
     fits: dict[int, Message] = {}
     update: list[np.ndarray] | None = None
     upload_started: dict[int, float] = {}  # round -> when every client had its FIT and the uploads began
+    first_fit: dict[int, float] = {}
     round_over: dict[int, float] = {}
     finished: set[int] = set()
     current = 0
     deadline = time.monotonic() + timeout_s
 
-    def update_message(i: int, fit: Message) -> list:
-        return protocol.encode(Message(MessageType.UPDATE, round=fit.round, client_id=client_ids[i], arrays=update,
-                                       body={"attempt": fit.body["attempt"], "num_examples": 100, "fit_s": 0.01,
-                                             "history": {"loss": [0.5]}}))
+    def send_update(i: int, fit: Message) -> None:
+        message = Message(MessageType.UPDATE, round=fit.round, client_id=client_ids[i], arrays=update,
+                          body={"attempt": fit.body["attempt"], "num_examples": 100, "fit_s": 0.01,
+                                "history": {"loss": [0.5]}})
+        for frames in (protocol.encode_update(message) if CHUNKS else [protocol.encode(message)]):
+            while not transports[i].send(frames):  # a full send queue: wait for it (bounded by the deadline)
+                if time.monotonic() > deadline:
+                    raise RuntimeError("could not send an update in time")
+                time.sleep(0.01)
 
     while len(finished) < count and time.monotonic() < deadline:
+        for i in list(unsent):
+            if transports[i].send(join):
+                unsent.discard(i)
         for socket, _ in poller.poll(200):
             i = index_of[socket]
             message = protocol.decode(socket.recv_multipart(copy=False))
@@ -115,24 +126,25 @@ def run_clients(address: str, count: int, timeout_s: float) -> dict:
                 if update is None:  # one change for all: what the server folds is what matters here
                     update = [np.asarray(a) + np.float32(1e-4) for a in message.arrays]
                 fits[i] = message
-                if len(fits) == count:  # every client holds its FIT: all answer at once
-                    upload_started[current] = time.monotonic()
-                    for j, fit in fits.items():
-                        if GRANTS:
-                            ready = {"attempt": fit.body["attempt"],
-                                     "bytes": sum(int(a.nbytes) for a in update)}
-                            transports[j].send(protocol.encode(Message(MessageType.UPLOAD_READY, round=fit.round,
-                                                                       client_id=client_ids[j], body=ready)))
-                        else:
-                            transports[j].send(update_message(j, fit))
+                first_fit.setdefault(current, time.monotonic())
             elif GRANTS and message.type is MessageType.UPLOAD_GRANT:
-                transports[i].send(update_message(i, fits[i]))
+                send_update(i, fits[i])
             elif message.type is MessageType.FINISH:
                 round_over.setdefault(current, time.monotonic())
                 transports[i].send(protocol.encode(Message(MessageType.LEAVE, client_id=client_ids[i])))
                 finished.add(i)
             elif message.type is MessageType.ERROR:
                 raise RuntimeError(f"client {i}: server error {message.body}")
+        if fits and current not in upload_started and (
+                len(fits) == count or time.monotonic() - first_fit[current] > FIT_WAIT_S):
+            upload_started[current] = time.monotonic()  # every client asked holds its FIT: all answer at once
+            for j, fit in fits.items():
+                if GRANTS:
+                    ready = {"attempt": fit.body["attempt"], "bytes": sum(int(a.nbytes) for a in update)}
+                    transports[j].send(protocol.encode(Message(MessageType.UPLOAD_READY, round=fit.round,
+                                                               client_id=client_ids[j], body=ready)))
+                else:
+                    send_update(j, fit)
     for transport in transports:
         transport.close()
     context.term()
@@ -161,8 +173,8 @@ def measure(count: int, model: str, model_bytes: int, rounds: int, workdir: Path
         idles.append(idle)
         peaks.append(peak)
         rises.append((peak - idle) / model_bytes)
-    assert all(len(r["clients"]) == count for r in summary["rounds"]), summary["rounds"]
-    return {"clients": count, "idle_mb": max(idles) / 1e6, "peak_mb": max(peaks) / 1e6,
+    lost = sum(len(r["dropped"]) + sum(len(a["dropped"]) for a in r["failed_attempts"]) for r in summary["rounds"])
+    return {"clients": count, "updates_lost": lost, "idle_mb": max(idles) / 1e6, "peak_mb": max(peaks) / 1e6,
             "rise_copies": max(rises), "round_s": median([r["duration_s"] for r in summary["rounds"]]),
             "server_peak_rss_mb": done.peak_rss_mb,
             "max_inflight": next((line.split("max-inflight-updates ")[1].split()[0]
@@ -179,7 +191,8 @@ def run(counts: list[int], model: str, rounds: int, label: str) -> dict:
             row = measure(count, model, model_bytes, rounds, Path(tmp))
             rows.append(row)
             print(f"N={count}: idle {row['idle_mb']:.0f} MB, peak {row['peak_mb']:.0f} MB, rise "
-                  f"{row['rise_copies']:.2f} model copies, round {row['round_s']:.2f} s", flush=True)
+                  f"{row['rise_copies']:.2f} model copies, round {row['round_s']:.2f} s, "
+                  f"{row['updates_lost']} update(s) lost", flush=True)
     base = rows[0]["rise_copies"]
     for row in rows:
         row["rise_over_first"] = row["rise_copies"] - base
@@ -188,9 +201,9 @@ def run(counts: list[int], model: str, rounds: int, label: str) -> dict:
     markdown = table(f"Server memory with N clients uploading at once ({label}): {parameters:,} parameters "
                      f"({model_bytes / 1e6:.0f} MB), {rounds} rounds",
                      ["N", "idle RSS (MB)", "peak RSS (MB)", "rise (model copies)", f"rise - rise at N={counts[0]}",
-                      "round (s)"],
+                      "round (s)", "clients dropped"],
                      [[r["clients"], round(r["idle_mb"]), round(r["peak_mb"]), round(r["rise_copies"], 2),
-                       round(r["rise_over_first"], 2), round(r["round_s"], 2)] for r in rows])
+                       round(r["rise_over_first"], 2), round(r["round_s"], 2), r["updates_lost"]] for r in rows])
     return {**result, "_markdown": markdown}
 
 

@@ -370,9 +370,13 @@ class Client:
                         "for; ignoring it", grant.round, attempt)
             return
         kind, body, arrays = held
-        self._send(protocol.encode(Message(kind, round=grant.round, client_id=self.client_id, body=body,
-                                           arrays=arrays)), what=f"round {grant.round} update")
-        log.info("round %d: update sent (%.1f MB)", grant.round, sum(a.nbytes for a in arrays) / 1e6)
+        messages = protocol.encode_update(Message(kind, round=grant.round, client_id=self.client_id, body=body,
+                                                  arrays=arrays))  # a large one in chunks (wire/chunks.py)
+        for frames in messages:
+            if not self._send(frames, what=f"round {grant.round} update"):
+                return
+        log.info("round %d: update sent (%.1f MB%s)", grant.round, sum(a.nbytes for a in arrays) / 1e6,
+                 f", {len(messages) - 1} chunks" if len(messages) > 1 else "")
 
     def _with_local_noise(self, plan: FitPlan) -> FitPlan:
         """The plan with this site's own local DP floor applied: at least ``local_noise_floor`` clip norms
@@ -468,7 +472,8 @@ class Client:
             log.warning("ignoring a malformed message from the server: %s", error)
             return None
 
-    def _send(self, frames: list, *, what: str) -> None:
+    def _send(self, frames: list, *, what: str) -> bool:
+        """Send one message, retrying while there is no connection; whether it went."""
         started = time.monotonic()
         delay = 0.2
         self._handle_events()  # a reconnect while we trained: rejoin first, so the server knows us
@@ -476,10 +481,11 @@ class Client:
             if time.monotonic() - started > SEND_RETRY_S:
                 log.warning("discarded the %s: no connection to the server for %gs (a restarted server "
                             "asks again; a running one has dropped this client from the round)", what, SEND_RETRY_S)
-                return
+                return False
             log.warning("no connection to the server; retrying the %s in %.1fs", what, delay)
             self._sleep(delay)
             delay = min(delay * 2, 5.0)
+        return True
 
 
 def _bounded_history(history: dict[str, list], epochs: int) -> dict[str, list]:

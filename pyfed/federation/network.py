@@ -20,7 +20,7 @@ import numpy as np
 from pyfed.federation.pool import (Answer, Back, ClientInfo, FitRequest, Gone, GrantRequest, Misbehaved,
                                    SecAggRequest, PoolEvent, Request)
 from pyfed.federation.registry import ClientRecord, JoinRefused, Registry
-from pyfed.wire import compression, protocol
+from pyfed.wire import chunks, compression, protocol
 from pyfed.wire.compression import UpdateCompression
 from pyfed.wire.protocol import AdmissionEvent, ErrorCode, FitPlan, Message, MessageType, ProtocolError, WireModel
 
@@ -70,6 +70,8 @@ class NetworkPool:
         self._rejections = RateLimitedLog(log)
         self._finishing = False
         self._next_revocation_check = 0.0
+        self._granted: dict[str, tuple[int, int]] = {}  # client -> the (round, attempt) it may upload
+        self._uploads: dict[str, tuple[int, int, dict, chunks.Assembly]] = {}  # updates arriving in chunks
 
     # --- lifecycle --------------------------------------------------------------------------------
 
@@ -108,6 +110,8 @@ class NetworkPool:
     def publish(self, weights: Sequence[np.ndarray], server_round: int) -> None:
         self._published, self._weights, self._round = weights, self._broadcast(weights), server_round
         self._encoded.clear()
+        self._granted.clear()  # a round is over: its grants, and the buffers of unfinished uploads, go
+        self._uploads.clear()
 
     def _broadcast(self, weights: Sequence[np.ndarray]) -> list[np.ndarray]:
         """The global model as clients get it (the plan's broadcast_compression), made once per round."""
@@ -117,6 +121,8 @@ class NetworkPool:
         record = self.registry.clients.get(client_id)
         if record is None:
             return False
+        if isinstance(request, GrantRequest):  # the one kind of client whose update in chunks is taken
+            self._granted[client_id] = (request.round, request.attempt)
         delivery = self.transport.send(record.peer, self._encode(request))
         if delivery is Delivery.UNREACHABLE:  # its connection is gone: not a client to wait for or ask again
             self._remove(client_id, "connection lost (a request to it could not be delivered)")
@@ -215,7 +221,11 @@ class NetworkPool:
         if self.transport.encrypted and self.transport.peer_keys.get(peer) != self.registry.clients[client_id].key:
             self._reject(peer, ErrorCode.WRONG_KEY, f"a message for client {client_id} came with another CURVE key")
             return events
-        if message.type in CLIENT_ANSWERS:
+        if message.type is MessageType.UPDATE and "chunks" in message.body:
+            events.extend(self._start_upload(peer, client_id, message))
+        elif message.type is MessageType.UPDATE_CHUNK:
+            events.extend(self._take_chunk(peer, client_id, message))
+        elif message.type in CLIENT_ANSWERS:
             events.append(Answer(client_id, message.type, message.round, message.body.get("attempt", 1),
                                  message.body, message.arrays))
         elif message.type is MessageType.LEAVE:
@@ -230,6 +240,45 @@ class NetworkPool:
             self._reject(peer, ErrorCode.UNEXPECTED_TYPE,
                          f"client {client_id} sent {message.type.value}, which only servers send")
         return events
+
+    # --- updates in chunks (wire/chunks.py) ----------------------------------------------------------
+
+    def _start_upload(self, peer: bytes, client_id: str, header: Message) -> list[PoolEvent]:
+        """The header of an update sent in chunks: its buffer is made only for a client granted an
+        upload of that round and attempt; anyone else's header goes to the engine, which refuses it."""
+        attempt = header.body["attempt"]
+        if self._granted.get(client_id) != (header.round, attempt):
+            return [Answer(client_id, MessageType.UPDATE, header.round, attempt, header.body, [])]
+        codec = UpdateCompression(header.body.get("encoding", UpdateCompression.NONE.value))  # checked by decode
+        assembly = chunks.Assembly(compression.encoded_specs(codec, self.specs, self.plan.topk_fraction))
+        if header.body["chunks"] != assembly.count:
+            reason = (f"its update announces {header.body['chunks']} chunks; an update of this model encoded "
+                      f"{codec.value} travels in {assembly.count}")
+            self._reject(peer, ErrorCode.BAD_REPLY, f"client {client_id}: {reason}")
+            return [Misbehaved(client_id, reason)]
+        body = {key: value for key, value in header.body.items() if key != "chunks"}
+        self._uploads[client_id] = (header.round, attempt, body, assembly)
+        return []
+
+    def _take_chunk(self, peer: bytes, client_id: str, chunk: Message) -> list[PoolEvent]:
+        upload = self._uploads.get(client_id)
+        if upload is None or upload[:2] != (chunk.round, chunk.body["attempt"]):
+            reason = (f"a chunk of round {chunk.round} attempt {chunk.body['attempt']}, which it has no update in "
+                      f"chunks under way for")
+            self._reject(peer, ErrorCode.BAD_REPLY, f"client {client_id}: {reason}")
+            return [Misbehaved(client_id, reason)]
+        server_round, attempt, body, assembly = upload
+        try:
+            complete = assembly.add(chunk.body["index"], chunk.arrays[0])
+        except chunks.ChunkError as error:
+            del self._uploads[client_id]
+            self._reject(peer, ErrorCode.BAD_REPLY, f"client {client_id}: {error}")
+            return [Misbehaved(client_id, str(error))]
+        if not complete:
+            return []
+        del self._uploads[client_id]
+        self._granted.pop(client_id, None)
+        return [Answer(client_id, MessageType.UPDATE, server_round, attempt, body, assembly.arrays())]
 
     def finish(self, reason: str) -> None:
         """Tell every client the run is over, repeating FINISH until each confirms with LEAVE.
@@ -302,6 +351,8 @@ class NetworkPool:
         return events
 
     def _remove(self, client_id: str, reason: str) -> bool:
+        self._uploads.pop(client_id, None)  # a buffer for an upload that will not finish
+        self._granted.pop(client_id, None)
         if not self.registry.remove(client_id, reason):
             return False
         (log.debug if self._finishing else log.info)("client %s dropped: %s [%d connected]", client_id, reason,

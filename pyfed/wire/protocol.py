@@ -28,6 +28,8 @@ import numpy as np
 
 from pyfed.ranges import Range
 from pyfed.wire import compression
+from pyfed.wire import chunks
+from pyfed.wire.chunks import CHUNK_BYTES
 from pyfed.wire.compression import BroadcastCompression, UpdateCompression
 
 #: 2: FIT and UPDATE carry the round's attempt number, so a resent FIT and its answer are matched
@@ -65,6 +67,7 @@ class MessageType(str, enum.Enum):
     # flow control of uploads (federation/uploads.py): an update waits for its grant
     UPLOAD_READY = "upload_ready"
     UPLOAD_GRANT = "upload_grant"
+    UPDATE_CHUNK = "update_chunk"  # a large UPDATE's arrays, in order (wire/chunks.py)
     # secure aggregation (SecAgg+, federation/secure_aggregation.py): the stages after a FIT with "secagg"
     SECAGG_KEYS = "secagg_keys"
     SECAGG_ROSTER = "secagg_roster"
@@ -443,6 +446,13 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
         "within_clip": (_bool, False),  # with a plan's clip_norm: the change's norm was at most it
         # the plan's update_compression: the arrays are each model array's change, encoded (wire/compression.py)
         "encoding": (_one_of(*(c.value for c in UpdateCompression)), False),
+        # a large update: no arrays here; they follow in this many UPDATE_CHUNK messages (wire/chunks.py)
+        "chunks": (_int_in(1, 2**31 - 1), False),
+    },
+    # client -> server: chunk `index` of the UPDATE of round `round`, attempt `attempt` (one uint8 frame).
+    MessageType.UPDATE_CHUNK: {
+        "attempt": _ATTEMPT,
+        "index": (_int_in(0, 2**31 - 1), True),
     },
     # client -> server: its update for round `round`, attempt `attempt` is ready (`bytes` on the wire);
     # it sends the UPDATE once granted. Any number wait; --max-inflight-updates are granted at a time.
@@ -524,7 +534,7 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
 WEIGHT_CARRYING = frozenset({MessageType.WELCOME, MessageType.FIT, MessageType.UPDATE, MessageType.EVALUATE})
 #: Message types that carry arrays at all: the weight-carrying ones, and a masked input (one unsigned
 #: vector of ring elements, checked against the round by the server).
-ARRAY_CARRYING = WEIGHT_CARRYING | {MessageType.SECAGG_MASKED}
+ARRAY_CARRYING = WEIGHT_CARRYING | {MessageType.SECAGG_MASKED, MessageType.UPDATE_CHUNK}
 
 
 def _check_fields(value: Any, schema: Mapping[str, tuple[Callable[[Any], Any], bool]], where: str) -> dict:
@@ -693,7 +703,14 @@ def decode(
                                                 or specs[0][0] not in ("uint32", "uint64")):
         raise ProtocolError("a secagg_masked message carries one vector of uint32 or uint64, "
                             f"not {[f'{d}{list(s)}' for d, s in specs][:3]}")
-    if expected_arrays is not None and kind in WEIGHT_CARRYING and body.get("encoding", "none") == "none":
+    if kind is MessageType.UPDATE_CHUNK and (len(specs) != 1 or specs[0][0] != "uint8" or len(specs[0][1]) != 1
+                                             or specs[0][1][0] > CHUNK_BYTES):
+        raise ProtocolError(f"an update_chunk carries one uint8 vector of at most {CHUNK_BYTES} bytes, "
+                            f"not {[f'{d}{list(s)}' for d, s in specs][:3]}")
+    if "chunks" in body and specs:
+        raise ProtocolError("an update sent in chunks carries no arrays itself")
+    if (expected_arrays is not None and kind in WEIGHT_CARRYING and body.get("encoding", "none") == "none"
+            and "chunks" not in body):
         check_specs(specs, expected_arrays)  # an encoded model is checked against the plan's encoding by its receiver
 
     arrays = []
@@ -707,6 +724,22 @@ def decode(
         array = np.frombuffer(view, dtype=wire_dtype).reshape(shape) if expected else np.zeros(shape, wire_dtype)
         arrays.append(array)
     return Message(kind, round=round_, client_id=client_id, body=body, arrays=arrays)
+
+
+def encode_update(message: Message, chunk_bytes: int = CHUNK_BYTES) -> list[list]:
+    """An UPDATE as the messages it travels in, each encoded: itself, or, larger than a chunk, its
+    header (``"chunks": n``, no arrays) and its ``n`` UPDATE_CHUNKs (wire/chunks.py). Nothing is copied."""
+    specs = [(a.dtype.str, a.shape) for a in message.arrays]
+    if message.type is not MessageType.UPDATE or not chunks.needs_chunks(specs, chunk_bytes):
+        return [encode(message)]
+    pieces = chunks.split(message.arrays, chunk_bytes)
+    head = Message(MessageType.UPDATE, round=message.round, client_id=message.client_id,
+                   body={**message.body, "chunks": len(pieces)})
+    return [encode(head)] + [
+        encode(Message(MessageType.UPDATE_CHUNK, round=message.round, client_id=message.client_id,
+                       body={"attempt": message.body["attempt"], "index": index},
+                       arrays=[np.frombuffer(piece, np.uint8)]))
+        for index, piece in enumerate(pieces)]
 
 
 def check_specs(actual: Sequence[ArraySpec], expected: Sequence[ArraySpec]) -> None:
@@ -747,7 +780,7 @@ def largest_masked_input(specs: Sequence[ArraySpec]) -> ArraySpec:
 def max_frame_bytes(specs: Sequence[ArraySpec], limits: Limits = Limits(), *, secure_aggregation: bool = False) -> int:
     """The largest frame a peer of this model may send: for ``zmq.MAXMSGSIZE`` (a per-frame limit).
     Under secure aggregation a masked input, the whole model in one vector, is the largest."""
-    largest = max((spec_bytes(spec) for spec in specs), default=0)
+    largest = min(max((spec_bytes(spec) for spec in specs), default=0), CHUNK_BYTES)  # larger: in chunks
     if secure_aggregation:
         largest = max(largest, spec_bytes(largest_masked_input(specs)))
     return max(largest, limits.max_header_bytes) + FRAME_OVERHEAD_BYTES
@@ -759,7 +792,8 @@ def client_limits(specs: Sequence[ArraySpec], epochs: int, *, secagg_neighbours:
 
     The header holds at most an UPDATE's: its manifest (one short entry per array) and a training
     history of at most :data:`MAX_HISTORY_METRICS` metrics of ``epochs`` numbers each; anything
-    longer is refused before it is parsed. Arrays may add up to the model's size, no more. With
+    longer is refused before it is parsed. Arrays may add up to the model's size, no more, and to a
+    chunk (wire/chunks.py) for a model larger than one: its updates travel in chunks. With
     secure aggregation (``secagg_neighbours``: the most neighbours a client has), a header may also
     hold a box or a share for each neighbour, and a masked input is a uint64 per float of the model.
     A compressed update (``update_compression``) may have more frames than the model has arrays
@@ -768,6 +802,7 @@ def client_limits(specs: Sequence[ArraySpec], epochs: int, *, secagg_neighbours:
     model_bytes = sum(spec_bytes(spec) for spec in specs)
     encoded = compression.encoded_specs(update_compression, specs, topk_fraction)
     model_bytes = max(model_bytes, sum(spec_bytes(spec) for spec in encoded))  # top-k of over half: 8 bytes a value
+    model_bytes = min(model_bytes, CHUNK_BYTES)  # a larger update travels in chunks (wire/chunks.py)
     if secagg_neighbours:
         model_bytes = max(model_bytes, spec_bytes(largest_masked_input(specs)))
     history_bytes = MAX_HISTORY_METRICS * (80 + 26 * min(int(epochs), MAX_EPOCHS))  # '-1.2345678901234567e-05,'

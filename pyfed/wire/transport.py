@@ -44,6 +44,9 @@ from pyfed.wire.security import Admission, CurveKeys, start_authenticator
 log = logging.getLogger(__name__)
 
 
+RECEIVE_AHEAD_MESSAGES = 16
+
+
 class Delivery(enum.Enum):
     """What became of a message handed to the server's socket; true only when it was queued."""
 
@@ -355,7 +358,9 @@ class ServerTransport:
         self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting with its id takes over
         self.socket.setsockopt(zmq.LINGER, LINGER_MS)
         self.socket.setsockopt(zmq.SNDHWM, 64)
-        self.socket.setsockopt(zmq.RCVHWM, 10_000)
+        # per connection, what libzmq reads ahead of the server: at most this many messages, each at most
+        # a chunk (wire/chunks.py); beyond it the connection waits (TCP backpressure), nothing is dropped
+        self.socket.setsockopt(zmq.RCVHWM, RECEIVE_AHEAD_MESSAGES)
         self.socket.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
         self.max_frame_bytes = int(max_frame_bytes or -1)
         if max_frame_bytes:

@@ -103,6 +103,25 @@ class Peer:
         assert reply.type is MessageType.ERROR, reply
         return reply.body["code"]
 
+    def upload(self, frames, declared: int | None = None) -> None:
+        """Send an UPDATE as a client does: ask for a slot (UPLOAD_READY, declaring its arrays' bytes,
+        or ``declared``), wait for the grant, then send it."""
+        header = json.loads(bytes(frames[0]))
+        size = sum(len(f) for f in frames[1:]) if declared is None else declared
+        ready = Message(MessageType.UPLOAD_READY, round=header["round"], client_id=header["client_id"],
+                        body={"attempt": header["body"]["attempt"], "bytes": size})
+        self.send(protocol.encode(ready))
+        grant = self.receive(timeout_s=60, skip=(MessageType.EVALUATE, MessageType.FIT))
+        assert grant.type is MessageType.UPLOAD_GRANT and grant.round == header["round"], grant
+        self.send(frames)
+
+    def upload_error_code(self, frames) -> str:
+        """:meth:`upload`, then the code of the ERROR it gets back."""
+        self.upload(frames)
+        reply = self.receive()
+        assert reply.type is MessageType.ERROR, reply
+        return reply.body["code"]
+
     def leave(self, client_id: str) -> None:
         self.send(protocol.encode(Message(MessageType.LEAVE, client_id=client_id, body={"reason": "done"})))
 

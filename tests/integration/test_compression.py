@@ -79,6 +79,7 @@ def test_an_encoded_update_that_does_not_fit_is_refused_and_the_round_completes(
         tmp_path, processes, shards, codec, arrays, refusal):
     import zmq
 
+    from pyfed.wire.compression import UpdateCompression, encoded_bytes_of
     from tests.integration.support import Peer, free_port, start_client, start_server
 
     logdir, address = tmp_path / "logs", f"tcp://127.0.0.1:{free_port()}"
@@ -92,9 +93,10 @@ def test_an_encoded_update_that_does_not_fit_is_refused_and_the_round_completes(
         fit = mallory.receive(timeout_s=120, skip=())
         assert fit.type is MessageType.FIT and fit.body["plan"]["update_compression"] == "int8"
         specs = [(a.dtype.name, a.shape) for a in fit.arrays]
-        mallory.send(encode(Message(MessageType.UPDATE, round=fit.round, client_id="mallory",
-                                    body={"attempt": 1, "num_examples": 10, "fit_s": 0.1, "history": {},
-                                          "encoding": codec}, arrays=arrays(specs))))
+        expected = encoded_bytes_of(UpdateCompression.INT8, specs)  # it asks for a slot as an honest one would
+        mallory.upload(encode(Message(MessageType.UPDATE, round=fit.round, client_id="mallory",
+                                      body={"attempt": 1, "num_examples": 10, "fit_s": 0.1, "history": {},
+                                            "encoding": codec}, arrays=arrays(specs))), declared=expected)
         assert processes.wait(server, 300) == 0, processes.tail(server)
         for client in honest:
             assert processes.wait(client, 60) == 0, processes.tail(client)

@@ -165,11 +165,11 @@ def test_a_poisoned_update_cannot_poison_the_run(tmp_path, processes, shards, st
         honest = [start_client(processes, shards, address, i) for i in (1, 2, 3)]
         fit = mallory.receive(timeout_s=120, skip=(MessageType.EVALUATE,))
         assert (fit.type, fit.round, fit.body["attempt"]) == (MessageType.FIT, 1, 1)
-        assert mallory.error_code(update(1, weights, num_examples=2**53)) == "bad_reply"
+        assert mallory.upload_error_code(update(1, weights, num_examples=2**53)) == "bad_reply"
         fit = mallory.receive(timeout_s=120, skip=(MessageType.EVALUATE,))
         assert (fit.type, fit.round) == (MessageType.FIT, 2)
         poison = [np.full_like(a, 3e38) for a in weights]
-        mallory.send(update(2, poison, num_examples=100))
+        mallory.upload(update(2, poison, num_examples=100))
         processes.wait_for_line(server, "round 2/4 finished")
         mallory.leave("mallory")
         finish(processes, server, honest)
@@ -260,7 +260,7 @@ def test_a_pending_client_whose_answer_is_refused_is_dropped_at_once(tmp_path, p
         honest = [start_client(processes, shards, address, i) for i in (1, 2)]
         assert mallory.receive(timeout_s=120, skip=()).type is MessageType.FIT
         nan = [np.full_like(weights[0], np.nan), *weights[1:]]
-        assert mallory.error_code(update(1, nan)) == "bad_reply"
+        assert mallory.upload_error_code(update(1, nan)) == "bad_reply"
         assert processes.wait(server, 120) == 0, processes.tail(server)
         for client in honest:
             assert processes.wait(client, 60) == 0

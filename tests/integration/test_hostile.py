@@ -41,7 +41,7 @@ def test_malicious_client_and_join_flood_are_refused_while_honest_clients_finish
         assert fit.type is MessageType.FIT and fit.round == 1
 
         # While asked for round 1: an unusable answer is refused, and mallory is out of the round at once.
-        assert mallory.error_code(update(1, [np.full_like(weights[0], np.nan), *weights[1:]])) == "bad_reply"
+        assert mallory.upload_error_code(update(1, [np.full_like(weights[0], np.nan), *weights[1:]])) == "bad_reply"
         good = update(1, weights)
         header = json.loads(bytes(good[0]))
         hostile = {
@@ -74,7 +74,7 @@ def test_malicious_client_and_join_flood_are_refused_while_honest_clients_finish
         assert fit.type is MessageType.FIT and fit.round == 2
         long_history = update(2, weights, history={"loss": [0.5] * 5_000})
         started = time.monotonic()
-        assert mallory.error_code(long_history) == "bad_reply"
+        assert mallory.upload_error_code(long_history) == "bad_reply"
         refused_in_s = time.monotonic() - started
 
         flooder = Peer(context, address)

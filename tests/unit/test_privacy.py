@@ -211,7 +211,8 @@ def test_client_side_clipping_puts_the_clip_norm_in_the_plan_and_counts_the_clie
 
 
 def test_the_in_process_pool_clips_as_a_networked_client_does():
-    from pyfed.federation.pool import FitRequest, InProcessPool
+    from pyfed.federation.pool import FitRequest, GrantRequest, InProcessPool
+    from pyfed.wire.protocol import MessageType
 
     class Trainer:
         num_examples = 5
@@ -221,6 +222,9 @@ def test_the_in_process_pool_clips_as_a_networked_client_does():
 
     pool = InProcessPool({"a": Trainer()}, seed=0)
     pool.send("a", FitRequest(1, 1, FitPlan(1, 32, 0.01, clip_norm=1.0), [np.zeros(4, np.float32)], "run"))
+    (ready,) = pool.poll(0.1)  # the update waits for its upload slot, as a networked client's does
+    assert ready.kind is MessageType.UPLOAD_READY and ready.body == {"attempt": 1, "bytes": 16}
+    pool.send("a", GrantRequest(1, 1))
     answer = next(event for event in pool.poll(0.1))
     assert np.linalg.norm(answer.arrays[0]) == pytest.approx(1.0, rel=1e-5) and answer.body["within_clip"] is False
 
