@@ -208,3 +208,73 @@ def experiment_markdown(title: str, results: dict, description: str, header: lis
         "",
     ])
 
+
+
+class ProtocolClients:
+    """``count`` protocol-level clients in this process (numpy only, no TensorFlow): a DEALER each,
+    joined as soon as its connection is up (the server may still be starting). :meth:`poll` gives
+    back what the server sent, by client; WELCOMEs set the clients' ids, FINISHes are answered with a
+    LEAVE, an ERROR raises."""
+
+    def __init__(self, address: str, count: int, num_examples=lambda i: 100, io_threads: int = 1):
+        import zmq
+
+        from pyfed.wire.transport import ClientTransport
+
+        self.context = zmq.Context(io_threads=io_threads)
+        self.context.set(zmq.MAX_SOCKETS, 3 * count + 64)  # a ClientTransport is a DEALER plus two monitors
+        self.transports = [ClientTransport(address, context=self.context) for _ in range(count)]
+        self._poller = zmq.Poller()
+        self._index = {}
+        for index, transport in enumerate(self.transports):
+            self._poller.register(transport.socket, zmq.POLLIN)
+            self._index[transport.socket] = index
+        self._joins = {i: protocol_message("join", body={"num_examples": num_examples(i)}) for i in range(count)}
+        self.client_ids: dict[int, str] = {}
+        self.finished: set[int] = set()
+
+    def poll(self, timeout_ms: int = 200) -> list:
+        from pyfed.wire import protocol
+        from pyfed.wire.protocol import Message, MessageType
+
+        for i in list(self._joins):
+            if self.transports[i].send(self._joins[i]):
+                del self._joins[i]
+        received = []
+        for socket, _ in self._poller.poll(timeout_ms):
+            i = self._index[socket]
+            message = protocol.decode(socket.recv_multipart(copy=False))
+            if message.type is MessageType.WELCOME:
+                self.client_ids[i] = message.client_id
+            elif message.type is MessageType.FINISH:
+                self.transports[i].send(protocol.encode(Message(MessageType.LEAVE, client_id=self.client_ids[i])))
+                self.finished.add(i)
+            elif message.type is MessageType.ERROR:
+                raise RuntimeError(f"client {i}: server error {message.body}")
+            received.append((i, message))
+        return received
+
+    def send(self, i: int, kind: str, *, deadline: float, **fields) -> None:
+        """Send client ``i``'s message (an UPDATE in chunks when large, as clients do), waiting while its
+        queue is full, until ``deadline``."""
+        from pyfed.wire import protocol
+        from pyfed.wire.protocol import Message, MessageType
+
+        message = Message(MessageType(kind), client_id=self.client_ids[i], **fields)
+        for frames in protocol.encode_update(message):
+            while not self.transports[i].send(frames):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"client {i} could not send its {kind} in time")
+                time.sleep(0.01)
+
+    def close(self) -> None:
+        for transport in self.transports:
+            transport.close()
+        self.context.term()
+
+
+def protocol_message(kind: str, **fields) -> list:
+    from pyfed.wire import protocol
+    from pyfed.wire.protocol import Message, MessageType
+
+    return protocol.encode(Message(MessageType(kind), **fields))

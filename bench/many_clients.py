@@ -18,61 +18,34 @@ import time
 from pathlib import Path
 
 import numpy as np
-import zmq
 
-from bench.common import free_port, BENCH, emit, finish, median, start, synthetic_data, table, tail
-from pyfed.wire import protocol
-from pyfed.wire.protocol import Message, MessageType
-from pyfed.wire.transport import ClientTransport
+from bench.common import BENCH, ProtocolClients, emit, finish, free_port, median, start, synthetic_data, table, tail
+from pyfed.wire.protocol import MessageType
 
 
 def run_clients(address: str, count: int, timeout_s: float) -> dict:
     """Drive ``count`` clients from this thread until the server finishes them all."""
-    context = zmq.Context()
-    context.set(zmq.MAX_SOCKETS, 3 * count + 64)  # a ClientTransport is a DEALER plus its two monitor sockets
-    transports = [ClientTransport(address, context=context) for _ in range(count)]
-    poller = zmq.Poller()
-    index_of = {}
-    for index, transport in enumerate(transports):
-        poller.register(transport.socket, zmq.POLLIN)
-        index_of[transport.socket] = index
-    joins = [protocol.encode(Message(MessageType.JOIN, body={"num_examples": 10 + i % 90})) for i in range(count)]
-    unsent = set(range(count))
-    client_ids: dict[int, str] = {}
-    finished: set[int] = set()
+    clients = ProtocolClients(address, count, num_examples=lambda i: 10 + i % 90)
     updates_sent = 0
-    held: dict[int, Message] = {}  # each client's update, until the server grants it a slot
+    held: dict[int, tuple[int, dict, list]] = {}  # each client's update, until the server grants it a slot
     deadline = time.monotonic() + timeout_s
-    while len(finished) < count and time.monotonic() < deadline:
-        for i in list(unsent):
-            if transports[i].send(joins[i]):
-                unsent.discard(i)
-        for socket, _ in poller.poll(200):
-            i = index_of[socket]
-            message = protocol.decode(socket.recv_multipart(copy=False))
-            if message.type is MessageType.WELCOME:
-                client_ids[i] = message.client_id
-            elif message.type is MessageType.FIT:  # train (a small change), then ask for an upload slot
-                delta = np.float32(1e-4 * ((i % 7) - 3))
-                held[i] = Message(MessageType.UPDATE, round=message.round, client_id=client_ids[i],
-                                  arrays=[a + delta for a in message.arrays],
-                                  body={"attempt": message.body["attempt"], "num_examples": 10 + i % 90,
-                                        "fit_s": 0.001, "history": {"loss": [0.5]}})
-                ready = {"attempt": message.body["attempt"], "bytes": sum(a.nbytes for a in held[i].arrays)}
-                transports[i].send(protocol.encode(Message(MessageType.UPLOAD_READY, round=message.round,
-                                                           client_id=client_ids[i], body=ready)))
-            elif message.type is MessageType.UPLOAD_GRANT:
-                transports[i].send(protocol.encode(held.pop(i)))
-                updates_sent += 1
-            elif message.type is MessageType.FINISH:
-                transports[i].send(protocol.encode(Message(MessageType.LEAVE, client_id=client_ids[i])))
-                finished.add(i)
-            elif message.type is MessageType.ERROR:
-                raise RuntimeError(f"client {i}: server error {message.body}")
-    for transport in transports:
-        transport.close()
-    context.term()
-    return {"joined": len(client_ids), "finished": len(finished), "updates_sent": updates_sent}
+    try:
+        while len(clients.finished) < count and time.monotonic() < deadline:
+            for i, message in clients.poll(200):
+                if message.type is MessageType.FIT:  # train (a small change), then ask for an upload slot
+                    delta = np.float32(1e-4 * ((i % 7) - 3))
+                    body = {"attempt": message.body["attempt"], "num_examples": 10 + i % 90, "fit_s": 0.001,
+                            "history": {"loss": [0.5]}}
+                    held[i] = (message.round, body, [a + delta for a in message.arrays])
+                    clients.send(i, "upload_ready", round=message.round, deadline=deadline,
+                                 body={"attempt": body["attempt"], "bytes": sum(a.nbytes for a in held[i][2])})
+                elif message.type is MessageType.UPLOAD_GRANT:
+                    server_round, body, arrays = held.pop(i)
+                    clients.send(i, "update", round=server_round, body=body, arrays=arrays, deadline=deadline)
+                    updates_sent += 1
+    finally:
+        clients.close()
+    return {"joined": len(clients.client_ids), "finished": len(clients.finished), "updates_sent": updates_sent}
 
 
 def run(quick: bool = False) -> dict:

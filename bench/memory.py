@@ -26,12 +26,10 @@ import time
 from pathlib import Path
 
 import numpy as np
-import zmq
 
-from bench.common import BENCH, emit, finish, free_port, median, start, tail, table
+from bench.common import BENCH, ProtocolClients, emit, finish, free_port, median, start, tail, table
 from pyfed.wire import protocol
 from pyfed.wire.protocol import Message, MessageType
-from pyfed.wire.transport import ClientTransport
 
 GRANTS = hasattr(MessageType, "UPLOAD_READY")  # this checkout's server grants upload slots
 CHUNKS = hasattr(protocol, "encode_update")  # and takes large updates in chunks
@@ -82,73 +80,50 @@ class RssSampler:
 def run_clients(address: str, count: int, timeout_s: float) -> dict:
     """``count`` clients; returns, per round, when the uploads began and when the round's FIT (or the
     FINISH) after it arrived."""
-    context = zmq.Context(io_threads=2)
-    transports = [ClientTransport(address, context=context) for _ in range(count)]
-    poller = zmq.Poller()
-    for transport in transports:
-        poller.register(transport.socket, zmq.POLLIN)
-    index_of = {t.socket: i for i, t in enumerate(transports)}
-    join = protocol.encode(Message(MessageType.JOIN, body={"num_examples": 100}))
-    unsent = set(range(count))  # a JOIN goes once the connection is up (the server may still be starting)
-    client_ids: dict[int, str] = {}
+    clients = ProtocolClients(address, count, io_threads=2)
     fits: dict[int, Message] = {}
     update: list[np.ndarray] | None = None
     upload_started: dict[int, float] = {}  # round -> when every client had its FIT and the uploads began
     first_fit: dict[int, float] = {}
     round_over: dict[int, float] = {}
-    finished: set[int] = set()
     current = 0
     deadline = time.monotonic() + timeout_s
 
     def send_update(i: int, fit: Message) -> None:
-        message = Message(MessageType.UPDATE, round=fit.round, client_id=client_ids[i], arrays=update,
-                          body={"attempt": fit.body["attempt"], "num_examples": 100, "fit_s": 0.01,
-                                "history": {"loss": [0.5]}})
-        for frames in (protocol.encode_update(message) if CHUNKS else [protocol.encode(message)]):
-            while not transports[i].send(frames):  # a full send queue: wait for it (bounded by the deadline)
-                if time.monotonic() > deadline:
-                    raise RuntimeError("could not send an update in time")
-                time.sleep(0.01)
+        body = {"attempt": fit.body["attempt"], "num_examples": 100, "fit_s": 0.01, "history": {"loss": [0.5]}}
+        if CHUNKS:
+            clients.send(i, "update", round=fit.round, body=body, arrays=update, deadline=deadline)
+        else:  # an older checkout: whole, at once
+            clients.transports[i].send(protocol.encode(Message(MessageType.UPDATE, round=fit.round, arrays=update,
+                                                               client_id=clients.client_ids[i], body=body)))
 
-    while len(finished) < count and time.monotonic() < deadline:
-        for i in list(unsent):
-            if transports[i].send(join):
-                unsent.discard(i)
-        for socket, _ in poller.poll(200):
-            i = index_of[socket]
-            message = protocol.decode(socket.recv_multipart(copy=False))
-            if message.type is MessageType.WELCOME:
-                client_ids[i] = message.client_id
-            elif message.type is MessageType.FIT:
-                if message.round != current:
+    try:
+        while len(clients.finished) < count and time.monotonic() < deadline:
+            for i, message in clients.poll(200):
+                if message.type is MessageType.FIT:
+                    if message.round != current:
+                        round_over.setdefault(current, time.monotonic())
+                        current, fits, update = message.round, {}, None
+                    if update is None:  # one change for all: what the server folds is what matters here
+                        update = [np.asarray(a) + np.float32(1e-4) for a in message.arrays]
+                    fits[i] = message
+                    first_fit.setdefault(current, time.monotonic())
+                elif GRANTS and message.type is MessageType.UPLOAD_GRANT:
+                    send_update(i, fits[i])
+                elif message.type is MessageType.FINISH:
                     round_over.setdefault(current, time.monotonic())
-                    current, fits, update = message.round, {}, None
-                if update is None:  # one change for all: what the server folds is what matters here
-                    update = [np.asarray(a) + np.float32(1e-4) for a in message.arrays]
-                fits[i] = message
-                first_fit.setdefault(current, time.monotonic())
-            elif GRANTS and message.type is MessageType.UPLOAD_GRANT:
-                send_update(i, fits[i])
-            elif message.type is MessageType.FINISH:
-                round_over.setdefault(current, time.monotonic())
-                transports[i].send(protocol.encode(Message(MessageType.LEAVE, client_id=client_ids[i])))
-                finished.add(i)
-            elif message.type is MessageType.ERROR:
-                raise RuntimeError(f"client {i}: server error {message.body}")
-        if fits and current not in upload_started and (
-                len(fits) == count or time.monotonic() - first_fit[current] > FIT_WAIT_S):
-            upload_started[current] = time.monotonic()  # every client asked holds its FIT: all answer at once
-            for j, fit in fits.items():
-                if GRANTS:
-                    ready = {"attempt": fit.body["attempt"], "bytes": sum(int(a.nbytes) for a in update)}
-                    transports[j].send(protocol.encode(Message(MessageType.UPLOAD_READY, round=fit.round,
-                                                               client_id=client_ids[j], body=ready)))
-                else:
-                    send_update(j, fit)
-    for transport in transports:
-        transport.close()
-    context.term()
-    return {"upload_started": upload_started, "round_over": round_over, "finished": len(finished)}
+            if fits and current not in upload_started and (
+                    len(fits) == count or time.monotonic() - first_fit[current] > FIT_WAIT_S):
+                upload_started[current] = time.monotonic()  # every client asked holds its FIT: all answer at once
+                for j, fit in fits.items():
+                    if GRANTS:
+                        clients.send(j, "upload_ready", round=fit.round, deadline=deadline,
+                                     body={"attempt": fit.body["attempt"], "bytes": sum(int(a.nbytes) for a in update)})
+                    else:
+                        send_update(j, fit)
+    finally:
+        clients.close()
+    return {"upload_started": upload_started, "round_over": round_over, "finished": len(clients.finished)}
 
 
 def measure(count: int, model: str, model_bytes: int, rounds: int, workdir: Path) -> dict:

@@ -7,6 +7,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import zmq
 
 from pyfed.wire import protocol
@@ -137,3 +138,24 @@ def update(round_: int, arrays, client_id: str = "mallory", num_examples: int = 
     return protocol.encode(Message(MessageType.UPDATE, round=round_, client_id=client_id, arrays=arrays,
                                    body={"attempt": attempt, "num_examples": num_examples, "fit_s": 0.1,
                                          "history": history or {}}))
+
+
+def mallory_round(processes, shards: Path, logdir: Path, act, *server_args: str,
+                  name: str = "server") -> tuple[str, dict]:
+    """One round with two honest sites and mallory, a hand-driven peer that does
+    ``act(mallory, fit, weights)`` when asked to train; returns the server's log and the round's record."""
+    address = f"tcp://127.0.0.1:{free_port()}"
+    server = start_server(processes, shards, logdir, address, "--rounds", "1", "--min-clients", "3", *server_args,
+                          name=name)
+    context = zmq.Context()
+    try:
+        mallory = Peer(context, address)
+        weights = [np.array(a) for a in mallory.join("mallory").arrays]
+        honest = [start_client(processes, shards, address, i, name=f"{name}-site-{i}") for i in (1, 2)]
+        fit = mallory.receive(timeout_s=120, skip=())
+        assert fit.type is MessageType.FIT, fit
+        act(mallory, fit, weights)
+        finish(processes, server, honest)
+    finally:
+        context.destroy(linger=0)
+    return server.log_path.read_text(), json.loads((logdir / "summary.json").read_text())["rounds"][0]

@@ -174,31 +174,15 @@ def test_over_the_network_with_fixed_seeds_the_model_is_plain_fedavgs_within_the
 
 
 def _mallory_round(tmp_path, processes, shards, name: str, act) -> tuple[str, dict]:
-    """A run of one round under secure aggregation with two honest sites and mallory, who does
-    ``act(peer, fit)`` when asked to train; returns the server's log and the round's record."""
-    import json
+    """A round under secure aggregation with two honest sites and mallory (support.mallory_round)."""
+    from tests.integration.support import mallory_round
 
-    import zmq
-
-    from tests.integration.support import Peer, free_port, start_client, start_server
-
-    logdir, address = tmp_path / name, f"tcp://127.0.0.1:{free_port()}"
-    server = start_server(processes, shards, logdir, address, "--rounds", "1", "--min-clients", "3", "--epochs", "3",
-                          "--secure-aggregation", "--round-timeout", "10", name=f"{name}-server")
-    context = zmq.Context()
-    try:
-        mallory = Peer(context, address)
-        mallory.join("mallory")
-        honest = [start_client(processes, shards, address, i, name=f"{name}-site-{i}") for i in (1, 2)]
-        fit = mallory.receive(timeout_s=120, skip=())
-        assert fit.type is MessageType.FIT and "secagg" in fit.body
+    def checked(mallory, fit, weights):
+        assert "secagg" in fit.body
         act(mallory, fit)
-        assert processes.wait(server, 300) == 0, processes.tail(server)
-        for client in honest:
-            assert processes.wait(client, 60) == 0, processes.tail(client)
-    finally:
-        context.destroy(linger=0)
-    return server.log_path.read_text(), json.loads((logdir / "summary.json").read_text())["rounds"][0]
+
+    return mallory_round(processes, shards, tmp_path / name, checked, "--epochs", "3", "--secure-aggregation",
+                         "--round-timeout", "10", name=f"{name}-server")
 
 
 def test_a_client_answering_out_of_turn_or_with_an_unusable_key_is_dropped_and_the_round_completes(

@@ -5,11 +5,10 @@ import json
 
 import numpy as np
 import pytest
-import zmq
 
 from pyfed.wire import protocol
 from pyfed.wire.protocol import Message, MessageType
-from tests.integration.support import Peer, free_port, start_client, start_server, update
+from tests.integration.support import finish, free_port, mallory_round, start_client, start_server, update
 
 pytestmark = pytest.mark.integration
 
@@ -19,9 +18,7 @@ def test_clients_upload_one_at_a_time_and_every_update_is_aggregated(tmp_path, p
     server = start_server(processes, shards, logdir, address, "--rounds", "2", "--min-clients", "3", "--epochs", "2",
                           "--max-inflight-updates", "1", "--log-level", "DEBUG")
     clients = [start_client(processes, shards, address, i) for i in (1, 2, 3)]
-    assert processes.wait(server, 300) == 0, processes.tail(server)
-    for client in clients:
-        assert processes.wait(client, 60) == 0, processes.tail(client)
+    finish(processes, server, clients)
     summary = json.loads((logdir / "summary.json").read_text())
     assert [r["clients"] for r in summary["rounds"]] == [["site-1", "site-2", "site-3"]] * 2
     assert "max-inflight-updates 1" in server.log_path.read_text()
@@ -30,25 +27,9 @@ def test_clients_upload_one_at_a_time_and_every_update_is_aggregated(tmp_path, p
 
 
 def _one_round_with_mallory(tmp_path, processes, shards, act) -> tuple[str, dict]:
-    """One round, one upload slot, two honest sites and mallory, who does ``act(peer, fit)`` when
-    asked to train; returns the server's log and the round's record."""
-    logdir, address = tmp_path / "logs", f"tcp://127.0.0.1:{free_port()}"
-    server = start_server(processes, shards, logdir, address, "--rounds", "1", "--min-clients", "3", "--epochs", "20",
-                          "--max-inflight-updates", "1", "--round-timeout", "120")
-    context = zmq.Context()
-    try:
-        mallory = Peer(context, address)
-        weights = [np.array(a) for a in mallory.join("mallory").arrays]
-        honest = [start_client(processes, shards, address, i) for i in (1, 2)]
-        fit = mallory.receive(timeout_s=120, skip=())
-        assert fit.type is MessageType.FIT
-        act(mallory, fit, weights)
-        assert processes.wait(server, 300) == 0, processes.tail(server)
-        for client in honest:
-            assert processes.wait(client, 60) == 0, processes.tail(client)
-    finally:
-        context.destroy(linger=0)
-    return server.log_path.read_text(), json.loads((logdir / "summary.json").read_text())["rounds"][0]
+    """One round, one upload slot, two honest sites and mallory (support.mallory_round)."""
+    return mallory_round(processes, shards, tmp_path / "logs", act, "--epochs", "20", "--max-inflight-updates", "1",
+                         "--round-timeout", "120")
 
 
 def test_an_update_sent_without_a_grant_is_refused_and_the_round_carries_on(tmp_path, processes, shards):
@@ -178,9 +159,8 @@ def test_real_clients_send_a_model_larger_than_a_chunk_in_chunks(tmp_path, proce
     server = start_server(processes, shards, logdir, address, "--rounds", "1", "--min-clients", "2", "--epochs", "1",
                           "--model", f"{tmp_path / 'big.py'}:build")
     clients = [start_client(processes, shards, address, i) for i in (1, 2)]
-    assert processes.wait(server, 300) == 0, processes.tail(server)
+    finish(processes, server, clients)
     for client in clients:
-        assert processes.wait(client, 60) == 0, processes.tail(client)
         assert "update sent (24.0 MB, 5 chunks)" in client.log_path.read_text()
     record = json.loads((logdir / "summary.json").read_text())["rounds"][0]
     assert record["clients"] == ["site-1", "site-2"] and record["test_accuracy"] > 0.5
