@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import BENCH, ProtocolClients, emit, finish, free_port, median, start, tail, table
+from bench.common import BENCH, ProtocolClients, emit, finish, free_port, machine, median, start, tail, table
 from pyfed.wire import protocol
 from pyfed.wire.protocol import Message, MessageType
 
@@ -154,7 +154,10 @@ def measure(count: int, model: str, model_bytes: int, rounds: int, workdir: Path
             "server_peak_rss_mb": done.peak_rss_mb,
             "max_inflight": next((line.split("max-inflight-updates ")[1].split()[0]
                                   for line in server.log_path.read_text().splitlines()
-                                  if "max-inflight-updates " in line), None)}
+                                  if "max-inflight-updates " in line), None),
+            "expected_peak_mb": next((float(line.split("expected peak memory ")[1].split(" MB")[0].replace(",", ""))
+                                      for line in server.log_path.read_text().splitlines()
+                                      if "expected peak memory " in line), None)}
 
 
 def run(counts: list[int], model: str, rounds: int, label: str) -> dict:
@@ -176,9 +179,12 @@ def run(counts: list[int], model: str, rounds: int, label: str) -> dict:
     markdown = table(f"Server memory with N clients uploading at once ({label}): {parameters:,} parameters "
                      f"({model_bytes / 1e6:.0f} MB), {rounds} rounds",
                      ["N", "idle RSS (MB)", "peak RSS (MB)", "rise (model copies)", f"rise - rise at N={counts[0]}",
-                      "round (s)", "clients dropped"],
+                      "round (s)", "clients dropped", "uploads at once", "server's expected peak (MB)",
+                      "whole-run peak RSS (MB)"],
                      [[r["clients"], round(r["idle_mb"]), round(r["peak_mb"]), round(r["rise_copies"], 2),
-                       round(r["rise_over_first"], 2), round(r["round_s"], 2), r["updates_lost"]] for r in rows])
+                       round(r["rise_over_first"], 2), round(r["round_s"], 2), r["updates_lost"],
+                       r["max_inflight"] or "all", r["expected_peak_mb"] or "n/a", round(r["server_peak_rss_mb"])]
+                      for r in rows])
     return {**result, "_markdown": markdown}
 
 
@@ -191,4 +197,8 @@ if __name__ == "__main__":
     parser.add_argument("--name", default="memory", help="the name of the results (bench/<NAME>.md and .json)")
     args = parser.parse_args()
     results = run(args.clients, "build_huge" if args.huge else "build_large", args.rounds, args.label)
-    emit(args.name, {k: v for k, v in results.items() if k != "_markdown"}, results["_markdown"])
+    data = {k: v for k, v in results.items() if k != "_markdown"}
+    emit(args.name, data, results["_markdown"])
+    command = "python -m bench.memory " + " ".join(sys.argv[1:])
+    (BENCH / f"{args.name.upper()}.md").write_text(f"Made by `{command}` ({machine()['cpu']}).\n\n{results['_markdown']}")
+    (BENCH / f"{args.name.upper()}.json").write_text(json.dumps({"command": command, **data}, indent=1, default=float))
