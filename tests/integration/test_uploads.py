@@ -111,8 +111,10 @@ def test_an_update_in_chunks_is_assembled_and_aggregated(tmp_path, processes, sh
 
 
 @pytest.mark.parametrize("broken, reason", [
-    ({"order": [1, 0, 2, 3, 4, 5]}, "sent a malformed message: chunk 1 arrived where chunk 0 of 6 was due"),
-    ({"order": [0, 2, 3, 4, 5]}, "sent a malformed message: chunk 2 arrived where chunk 1 of 6 was due"),
+    ({"order": [1, 0, 2, 3, 4, 5]}, "sent a malformed message: chunk 1 arrived where chunk 0 of 6 was due (out of "
+                                    "order, repeated or one missing)"),
+    ({"order": [0, 2, 3, 4, 5]}, "sent a malformed message: chunk 2 arrived where chunk 1 of 6 was due (out of "
+                                 "order, repeated or one missing)"),
     ({"resize": 0}, "sent a malformed message: chunk 0 has 32769 bytes; it must have 32768"),
     ({"count": 7}, "sent a malformed message: its update announces 7 chunks; an update of this model encoded none "
                    "travels in 6"),
