@@ -114,6 +114,8 @@ def test_compose_up_scale_3_trains_and_tensorboard_shows_every_client(project_fa
     assert "(CurveZMQ)" in server_log and "admitting clients whose public key is in /keys (1 keys)" in server_log
     assert "created /keys/server.key" in project.logs("keys")
     assert "refused a connection" not in server_log  # the healthcheck reads /proc, it does not connect
+    # the server's memory limit (mem_limit) is the container's, and the server planned within it
+    assert "limit 4,295 MB (the container's memory limit); max-inflight-updates 4 (auto)" in server_log
 
 
 def test_scaled_replicas_get_distinct_shards_and_an_extra_replica_is_turned_away(project_factory):

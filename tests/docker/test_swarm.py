@@ -180,6 +180,7 @@ def test_stack_deploy_trains_and_clients_scale_up_and_down_mid_run(stack_factory
     assert summary["rounds"][0]["clients"] == first
     # the added client joined during a round and trained from the next one on
     server_log = stack.logs("server")
+    assert "limit 4,295 MB (the container's memory limit)" in server_log  # the task's resources.limits
     joined_at = server_log.index(f"client {added} joined")
     next_round = int(re.compile(r"round (\d)/6 started").search(server_log, joined_at).group(1))
     assert 3 <= next_round <= 5 and rounds_with(summary, added)[0] == next_round, (next_round, summary["rounds"])
