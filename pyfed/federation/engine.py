@@ -137,6 +137,8 @@ class Collection:
     dropped: dict[str, str] = field(default_factory=dict)
     sent_at: dict[str, float] = field(default_factory=dict)
     window: UploadWindow | None = None  # uploads wait for a grant (federation/uploads.py)
+    paced: int | None = None  # ask at most this many at a time (each answer is an upload: a masked input)
+    unsent: list[str] = field(default_factory=list)  # paced: not yet asked, in order
 
     @property
     def what(self) -> str:
@@ -589,7 +591,8 @@ class RoundEngine:
         accusations: dict[str, set[str]] = {}  # a client -> the neighbours whose boxes did not open for it
 
         def stage(kind: MessageType, requests: dict[str, Request], accept: Callable[[Answer], None]) -> None:
-            collection = Collection(kind, server_round, attempt, requests)
+            collection = Collection(kind, server_round, attempt, requests,  # masked inputs: uploads, paced
+                                    paced=self.max_inflight_updates if kind is MessageType.SECAGG_MASKED else None)
             for client_id, why in self._collect(collection, accept).items():
                 dropped.setdefault(client_id, f"{kind.value}: {why}")
             self._left_out.update(collection.refused)  # a refused answer: not asked again in this round
@@ -678,11 +681,8 @@ class RoundEngine:
         """Send what ``collection`` holds and poll the pool until every asked client has answered,
         been dropped, or the round timeout expired. Returns {client id: why it was dropped}."""
         server_round, what = collection.server_round, collection.what
-        for client_id in collection.requests:
-            if not self._send(collection, client_id):
-                collection.dropped[client_id] = UNREACHED
-                if client_id in self.pool.connected():  # (a client the pool dropped for it has had its log line)
-                    log.warning("round %d: could not reach client %s", server_round, client_id)
+        collection.unsent = list(collection.requests)
+        self._ask_next(collection)
         timeout_s = self.round_timeout.seconds
         deadline = self.clock() + timeout_s if timeout_s else None
         next_progress = self.clock() + PROGRESS_EVERY_S
@@ -690,7 +690,15 @@ class RoundEngine:
         try:
             while collection.pending:
                 now = self.clock()
-                if deadline is not None and now >= deadline:
+                if collection.paced and timeout_s:  # asked in turn: each has the round timeout from its request
+                    for client_id in sorted(collection.pending):
+                        if now - collection.sent_at[client_id] >= timeout_s:
+                            self._drop(collection, client_id, f"no {what} within {timeout_s:g}s")
+                            log.warning("round %d: dropped client %s: no %s within %gs", server_round, client_id,
+                                        what, timeout_s)
+                    if not collection.pending:
+                        break
+                elif deadline is not None and now >= deadline:
                     for client_id in sorted(collection.pending):
                         if not collection.waits_for_upload(client_id):
                             self._drop(collection, client_id, f"no {what} within {timeout_s:g}s")
@@ -710,7 +718,8 @@ class RoundEngine:
                     log.info("round %d: waiting for %d %s(s)%s: %s", server_round, len(collection.pending), what,
                              slots, ", ".join(sorted(collection.pending)))
                     next_progress = now + PROGRESS_EVERY_S
-                for answer in self._poll(timeout_s=min(1.0, max(deadline - now, 0.05)) if deadline else 1.0):
+                wait_s = 1.0 if deadline is None or collection.paced else min(1.0, max(deadline - now, 0.05))
+                for answer in self._poll(timeout_s=wait_s):
                     self._take_answer(collection, answer, accept)
         finally:
             self._collection = None
@@ -734,7 +743,8 @@ class RoundEngine:
             elif isinstance(event, Back):
                 client_id = event.client_id  # asked in this round and back (or asking again): its request
                 if (client_id in collection.requests and client_id not in collection.answered  # may be lost
-                        and client_id not in collection.refused and self._send(collection, client_id)):
+                        and client_id not in collection.refused and client_id not in collection.unsent
+                        and self._send(collection, client_id)):
                     log.info("round %d: client %s is back; sent its %s again", collection.server_round, client_id,
                              "FIT" if collection.kind is MessageType.UPDATE else "EVALUATE")
             elif isinstance(event, Misbehaved) and self._drop(collection, event.client_id,
@@ -784,6 +794,17 @@ class RoundEngine:
             self._refuse(collection, client_id, str(error), answer.kind)
         if collection.window is not None:  # folded (or refused): its slot goes to the next in line
             self._grant(collection, collection.window.done(client_id, self.clock()))
+        self._ask_next(collection)
+
+    def _ask_next(self, collection: Collection) -> None:
+        """Send the requests not yet sent: all of them, or, for a paced collection, as many as keep
+        ``paced`` outstanding."""
+        while collection.unsent and (collection.paced is None or len(collection.pending) < collection.paced):
+            client_id = collection.unsent.pop(0)
+            if not self._send(collection, client_id):
+                collection.dropped[client_id] = UNREACHED
+                if client_id in self.pool.connected():  # (a client the pool dropped for it has had its log line)
+                    log.warning("round %d: could not reach client %s", collection.server_round, client_id)
 
     def _refuse(self, collection: Collection, client_id: str, problem: str, kind: MessageType) -> None:
         """An answer that cannot be used: tell its client why and drop it from the attempt."""
@@ -799,6 +820,7 @@ class RoundEngine:
             return False
         if collection.window is not None:
             self._grant(collection, collection.window.done(client_id, self.clock()))
+        self._ask_next(collection)
         return True
 
     def _upload_ready(self, collection: Collection, answer: Answer) -> str | None:

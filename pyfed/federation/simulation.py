@@ -21,6 +21,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from pyfed.federation.engine import ExportModel, RoundEngine, RoundTimeout
+from pyfed.federation.uploads import DEFAULT_INFLIGHT_UPDATES
 from pyfed.federation.pool import InProcessPool
 from pyfed.federation.secure_aggregation import SecureAggregation
 from pyfed.federation.strategy import FedAvg, Strategy
@@ -85,6 +86,7 @@ class Simulation:
         export: ExportModel | None = None,
         histograms: bool = False,
         secure_aggregation: SecureAggregation | None = None,
+        max_inflight_updates: int = DEFAULT_INFLIGHT_UPDATES,
     ):
         if not clients:
             raise ValueError("a simulation needs at least one client")
@@ -107,7 +109,8 @@ class Simulation:
                                   evaluate=evaluator(model, *test_data) if test_data is not None else None,
                                   export=export if logdir else None,
                                   evaluate_in_background=False,  # the trainers share the evaluated model
-                                  on_round=self._round_done, secure_aggregation=secure_aggregation)
+                                  on_round=self._round_done, secure_aggregation=secure_aggregation,
+                                  max_inflight_updates=max_inflight_updates)
         self.logdir = Path(logdir) if logdir else None
         model_json, compile_config = to_wire(model)
         self.description = describe_model(model, histograms=histograms)

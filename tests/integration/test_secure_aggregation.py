@@ -14,14 +14,17 @@ from pyfed.wire.protocol import FitPlan, MessageType
 pytestmark = pytest.mark.integration
 
 
-def simulate(secure_aggregation, clients=5, rounds=2, drop_rate=0.0):
+def simulate(secure_aggregation, clients=5, rounds=2, drop_rate=0.0, spy=None, **options):
     x, y = load_dataset("digits")
     shards, test = split_dataset(x, y, clients, seed=0)
     keras.utils.set_random_seed(0)
     model = default_model((64,), 10, 0.003)
-    history = Simulation(model, shards, rounds=rounds, plan=FitPlan(1, 32, 0.003), test_data=test, seed=0,
-                         progress=False, drop_rate=drop_rate, min_fit_clients=2,
-                         secure_aggregation=secure_aggregation).run()
+    simulation = Simulation(model, shards, rounds=rounds, plan=FitPlan(1, 32, 0.003), test_data=test, seed=0,
+                            progress=False, drop_rate=drop_rate, min_fit_clients=2,
+                            secure_aggregation=secure_aggregation, **options)
+    if spy is not None:
+        spy(simulation.pool)
+    history = simulation.run()
     return history, model.get_weights()
 
 
@@ -30,6 +33,35 @@ def test_a_securely_aggregated_simulation_ends_where_plain_fedavg_does():
     secure_history, secure = simulate(SecureAggregation(clip=1.0, quantisation_bits=24))
     assert max(float(np.abs(a - b).max()) for a, b in zip(plain, secure)) < 1e-5
     assert [r.clients for r in secure_history] == [r.clients for r in plain_history]
+
+
+def test_masked_inputs_are_asked_for_one_upload_slot_at_a_time_and_the_sum_is_the_same():
+    """Each masked input is a model-sized upload: the server asks for them --max-inflight-updates
+    at a time (here 1), and the model is the one all-at-once aggregation gives."""
+    outstanding, most = set(), [0]
+
+    def spy(pool):
+        send, poll = pool.send, pool.poll
+
+        def counting_send(client_id, request):
+            if getattr(request, "kind", None) is MessageType.SECAGG_BOXES:
+                outstanding.add(client_id)
+                most[0] = max(most[0], len(outstanding))
+            return send(client_id, request)
+
+        def counting_poll(timeout_s):
+            events = poll(timeout_s)
+            for event in events:
+                if getattr(event, "kind", None) is MessageType.SECAGG_MASKED:
+                    outstanding.discard(event.client_id)
+            return events
+
+        pool.send, pool.poll = counting_send, counting_poll
+
+    _, paced = simulate(SecureAggregation(clip=1.0, quantisation_bits=24), spy=spy, max_inflight_updates=1)
+    _, together = simulate(SecureAggregation(clip=1.0, quantisation_bits=24), max_inflight_updates=4)
+    assert most[0] == 1
+    assert max(float(np.abs(a - b).max()) for a, b in zip(paced, together)) < 1e-5
 
 
 def test_clients_lost_at_any_stage_are_survived_or_the_attempt_retried():
