@@ -207,10 +207,12 @@ def server_memory(config: ServerConfig, strategy: Any, weights: list, plan: Any,
         limit = container_limit_bytes()
         source = "the container's memory limit" if limit is not None else None
     try:
+        upload_bytes = (protocol.spec_bytes(protocol.largest_masked_input(specs)) if config.secure_aggregation
+                        else compression.encoded_bytes_of(compression.UpdateCompression(plan.update_compression),
+                                                          specs, plan.topk_fraction))  # one upload, as it travels
         memory = plan_memory(runtime_bytes=process_rss_bytes() or 0,
                              model_bytes=sum(protocol.spec_bytes(spec) for spec in specs),
-                             update_bytes=compression.encoded_bytes_of(
-                                 compression.UpdateCompression(plan.update_compression), specs, plan.topk_fraction),
+                             update_bytes=upload_bytes,
                              requested_inflight=config.max_inflight_updates, limit_bytes=limit, limit_source=source,
                              available_bytes=available_bytes(), holds_updates=strategy.holds_updates(),
                              min_fit_clients=min_fit_clients)
