@@ -10,15 +10,16 @@ array, sent zero-copy by each). Where the server grants upload slots (UPLOAD_REA
 federation/uploads.py) they ask first and send large updates in chunks (wire/chunks.py), as clients
 do; a server without them (an older checkout) gets whole UPDATEs at once. A thread reads the server's RSS from /proc every 5 ms.
 
-Reported per N: the server's RSS just before the uploads (its idle level in the round), its peak
-from then to the round's end, the rise in model copies, the rise over the N=2 rise, and the round's
-duration from summary.json (the median over the rounds).
+Reported per N: the server's RSS as round 1's uploads begin (its idle level: the model loaded and
+sent, nothing received), its peak from then to the end of the run, the rise in model copies, the
+rise over the N=2 rise, and the round's duration from summary.json (the median over the rounds).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import threading
@@ -33,6 +34,7 @@ from pyfed.wire.protocol import Message, MessageType
 
 GRANTS = hasattr(MessageType, "UPLOAD_READY")  # this checkout's server grants upload slots
 CHUNKS = hasattr(protocol, "encode_update")  # and takes large updates in chunks
+KEEP_LOGS = os.environ.get("BENCH_KEEP_LOGS")  # a directory to copy each server's log to
 FIT_WAIT_S = 5.0  # the clients asked in a round (all N, unless one was lost) hold their FIT within this
 
 
@@ -126,12 +128,12 @@ def run_clients(address: str, count: int, timeout_s: float) -> dict:
     return {"upload_started": upload_started, "round_over": round_over, "finished": len(clients.finished)}
 
 
-def measure(count: int, model: str, model_bytes: int, rounds: int, workdir: Path) -> dict:
+def measure(count: int, model: str, model_bytes: int, rounds: int, workdir: Path, server_args: list[str]) -> dict:
     address = f"tcp://127.0.0.1:{free_port()}"
     logdir = workdir / f"logs-{count}"
     server = start([sys.executable, "-m", "pyfed", "server", "--address", address, "--rounds", str(rounds),
                     "--min-clients", str(count), "--model", f"{BENCH / 'seed_model.py'}:{model}",
-                    "--logdir", str(logdir), "--round-timeout", "600", "--log-level", "INFO"],
+                    "--logdir", str(logdir), "--round-timeout", "600", "--log-level", "INFO", *server_args],
                    workdir / f"server-{count}.log")
     sampler = RssSampler(server.pid)
     try:
@@ -139,15 +141,17 @@ def measure(count: int, model: str, model_bytes: int, rounds: int, workdir: Path
     finally:
         done = finish(server, 600)
         sampler.stop()
+    if KEEP_LOGS:
+        Path(KEEP_LOGS).mkdir(parents=True, exist_ok=True)
+        (Path(KEEP_LOGS) / f"server-{count}.log").write_bytes(server.log_path.read_bytes())
     assert done.returncode == 0, tail(server.log_path)
     summary = json.loads((logdir / "summary.json").read_text())
-    rises, idles, peaks = [], [], []
-    for server_round, started in sorted(clients["upload_started"].items()):
-        idle = sampler.at(started)
-        peak = sampler.peak(started, clients["round_over"].get(server_round, time.monotonic()))
-        idles.append(idle)
-        peaks.append(peak)
-        rises.append((peak - idle) / model_bytes)
+    # idle: the server's RSS as round 1's uploads begin (model loaded, FITs sent, nothing received yet);
+    # peak: the most it held from then to the end of the last round
+    first = min(clients["upload_started"])
+    idle = sampler.at(clients["upload_started"][first])
+    peak = sampler.peak(clients["upload_started"][first], max(clients["round_over"].values()))
+    idles, peaks, rises = [idle], [peak], [(peak - idle) / model_bytes]
     lost = sum(len(r["dropped"]) + sum(len(a["dropped"]) for a in r["failed_attempts"]) for r in summary["rounds"])
     return {"clients": count, "updates_lost": lost, "idle_mb": max(idles) / 1e6, "peak_mb": max(peaks) / 1e6,
             "rise_copies": max(rises), "round_s": median([r["duration_s"] for r in summary["rounds"]]),
@@ -160,13 +164,13 @@ def measure(count: int, model: str, model_bytes: int, rounds: int, workdir: Path
                                       if "expected peak memory " in line), None)}
 
 
-def run(counts: list[int], model: str, rounds: int, label: str) -> dict:
+def run(counts: list[int], model: str, rounds: int, label: str, server_args: list[str] = ()) -> dict:
     parameters = {"build_large": 50_054_010, "build_huge": 240_095_010}[model]
     model_bytes = 4 * parameters
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for count in counts:
-            row = measure(count, model, model_bytes, rounds, Path(tmp))
+            row = measure(count, model, model_bytes, rounds, Path(tmp), list(server_args))
             rows.append(row)
             print(f"N={count}: idle {row['idle_mb']:.0f} MB, peak {row['peak_mb']:.0f} MB, rise "
                   f"{row['rise_copies']:.2f} model copies, round {row['round_s']:.2f} s, "
@@ -180,7 +184,7 @@ def run(counts: list[int], model: str, rounds: int, label: str) -> dict:
                      f"({model_bytes / 1e6:.0f} MB), {rounds} rounds",
                      ["N", "idle RSS (MB)", "peak RSS (MB)", "rise (model copies)", f"rise - rise at N={counts[0]}",
                       "round (s)", "clients dropped", "uploads at once", "server's expected peak (MB)",
-                      "whole-run peak RSS (MB)"],
+                      "whole-run peak RSS (MiB, wait4)"],
                      [[r["clients"], round(r["idle_mb"]), round(r["peak_mb"]), round(r["rise_copies"], 2),
                        round(r["rise_over_first"], 2), round(r["round_s"], 2), r["updates_lost"],
                        r["max_inflight"] or "all", r["expected_peak_mb"] or "n/a", round(r["server_peak_rss_mb"])]
@@ -195,8 +199,10 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--label", default="this checkout")
     parser.add_argument("--name", default="memory", help="the name of the results (bench/<NAME>.md and .json)")
+    parser.add_argument("--max-inflight-updates", help="passed to the server (a checkout that has it)")
     args = parser.parse_args()
-    results = run(args.clients, "build_huge" if args.huge else "build_large", args.rounds, args.label)
+    server_args = ["--max-inflight-updates", args.max_inflight_updates] if args.max_inflight_updates else []
+    results = run(args.clients, "build_huge" if args.huge else "build_large", args.rounds, args.label, server_args)
     data = {k: v for k, v in results.items() if k != "_markdown"}
     emit(args.name, data, results["_markdown"])
     command = "python -m bench.memory " + " ".join(sys.argv[1:])

@@ -44,7 +44,9 @@ from pyfed.wire.security import Admission, CurveKeys, start_authenticator
 log = logging.getLogger(__name__)
 
 
-RECEIVE_AHEAD_MESSAGES = 16
+#: What libzmq reads ahead of the server for one connection (RCVHWM): at most this many whole messages,
+#: each at most a chunk (wire/chunks.py); beyond it the connection waits (TCP backpressure).
+RECEIVE_AHEAD_MESSAGES = 4
 
 
 class Delivery(enum.Enum):
@@ -201,8 +203,9 @@ class ReceiveGuard:
     bound before the application could look at the message. This thread reads each connection's
     received-byte counter from the kernel (``TCP_INFO``) every ``interval_s``; the transport tells
     it when a message from a connection was delivered, which resets that connection's count. A
-    connection whose count goes past the budget (one whole message of the largest legal kind, plus
-    heartbeats) is shut down. Linux only; elsewhere it does nothing.
+    connection whose count goes past the budget (the messages libzmq may read ahead of the server,
+    RECEIVE_AHEAD_MESSAGES, and one more, each of the largest legal kind, plus heartbeats) is shut
+    down. Linux only; elsewhere it does nothing.
     """
 
     def __init__(self, budget_bytes: int, interval_s: float = 0.01):
@@ -358,8 +361,6 @@ class ServerTransport:
         self.socket.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a client reconnecting with its id takes over
         self.socket.setsockopt(zmq.LINGER, LINGER_MS)
         self.socket.setsockopt(zmq.SNDHWM, 64)
-        # per connection, what libzmq reads ahead of the server: at most this many messages, each at most
-        # a chunk (wire/chunks.py); beyond it the connection waits (TCP backpressure), nothing is dropped
         self.socket.setsockopt(zmq.RCVHWM, RECEIVE_AHEAD_MESSAGES)
         self.socket.setsockopt(zmq.HANDSHAKE_IVL, HANDSHAKE_IVL_MS)
         self.max_frame_bytes = int(max_frame_bytes or -1)
@@ -369,7 +370,9 @@ class ServerTransport:
         self.bytes_sent = 0
         self.bytes_received = 0
         self.encrypted = curve is not None
-        self.guard = ReceiveGuard(max_message_bytes + GUARD_SLACK_BYTES) if max_message_bytes else None
+        # a connection may have the messages libzmq read ahead, whole, and one more on its way
+        self.guard = (ReceiveGuard((RECEIVE_AHEAD_MESSAGES + 1) * max_message_bytes + GUARD_SLACK_BYTES)
+                      if max_message_bytes else None)
         self._monitor = self.socket.get_monitor_socket(SERVER_MONITORED)
         self._peer_by_fd: dict[int, bytes] = {}
         self._fd_by_peer: dict[bytes, int] = {}

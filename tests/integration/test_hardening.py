@@ -328,7 +328,7 @@ def test_a_client_retries_joins_refused_during_a_run_until_it_is_welcomed(tmp_pa
 def test_many_frame_messages_cannot_grow_the_server(tmp_path, processes, shards):
     """A peer without a key (the server runs unencrypted) sends 600 frames of 1 MB, then a 1.2 GB
     message of 40,000 frames that each fit the frame limit. The first is dropped at its first frame;
-    the second is cut once it passes one message's budget. The server's RSS stays flat and the
+    the second is cut once it passes its budget (five messages' worth). The server's RSS stays flat and the
     honest clients finish."""
     logdir, port = tmp_path / "logs", free_port()
     address = f"tcp://127.0.0.1:{port}"
