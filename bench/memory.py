@@ -144,6 +144,10 @@ def measure(count: int, model: str, model_bytes: int, rounds: int, workdir: Path
     if KEEP_LOGS:
         Path(KEEP_LOGS).mkdir(parents=True, exist_ok=True)
         (Path(KEEP_LOGS) / f"server-{count}.log").write_bytes(server.log_path.read_bytes())
+        wall = time.time() - time.monotonic()  # the samples against the log's wall-clock times
+        (Path(KEEP_LOGS) / f"rss-{count}.tsv").write_text("".join(
+            f"{time.strftime('%H:%M:%S', time.localtime(t + wall))}.{int((t + wall) % 1 * 1000):03d}\t{rss / 1e6:.0f}\n"
+            for t, rss in sampler.samples))
     assert done.returncode == 0, tail(server.log_path)
     summary = json.loads((logdir / "summary.json").read_text())
     # idle: the server's RSS as round 1's uploads begin (model loaded, FITs sent, nothing received yet);
