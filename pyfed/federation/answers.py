@@ -30,7 +30,6 @@ class ClientAnswers:
     memory) and its secure aggregation stages, each kept for its client id."""
 
     def __init__(self, client_id: str | None):
-        self.client_id = client_id
         self._noise_rng = np.random.default_rng(secrets.randbits(128))  # local DP noise: never from a seed
         self._encoder = UpdateEncoder()  # its top-k memory lives for one run and id
         self.stages = ClientStages(client_id)
@@ -41,7 +40,11 @@ class ClientAnswers:
         another membership, and secure aggregation starts afresh under a new id."""
         self._encoder.feedback.reset()
         if self.stages.client_id != client_id:
-            self.client_id, self.stages = client_id, ClientStages(client_id)
+            self.stages = ClientStages(client_id)
+
+    @property
+    def client_id(self) -> str | None:
+        return self.stages.client_id
 
     def after_training(self, *, run: str, server_round: int, attempt: int, plan: FitPlan,
                        secagg: Mapping[str, Any] | None, weights: Sequence[np.ndarray],

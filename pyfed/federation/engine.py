@@ -33,8 +33,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from pyfed.federation.pool import (Answer, Back, ClientPool, EvaluateRequest, FitRequest, Gone, GrantRequest,
-                                   Misbehaved, Request, SecAggRequest)
+from pyfed.federation.pool import (CONNECTION_GONE, UNREACHED, Answer, Back, ClientPool, EvaluateRequest,
+                                   FitRequest, Gone, GrantRequest, Misbehaved, Request, SecAggRequest)
 from pyfed.federation.secagg import SecAggError
 from pyfed.federation.secure_aggregation import (PublicKeys, SecAggAborted, SecureAggregation, ServerRound,
                                                  apply_change, left_out_after, round_context)
@@ -46,11 +46,10 @@ from pyfed.persistence.store import Persister, RunStore
 from pyfed.persistence.tracking import RoundRecord, RunDescription, RunLog, best_round, format_metric
 from pyfed.wire import compression, protocol
 from pyfed.wire.compression import CompressionError, UpdateCompression
-from pyfed.wire.protocol import FitPlan, MessageType, ProtocolError
+from pyfed.wire.protocol import Delivery, FitPlan, MessageType, ProtocolError
 
 log = logging.getLogger("pyfed.server")
 
-UNREACHED = "could not be reached"  # a request that never left the server (its client is gone or congested)
 MAX_FAILED_ATTEMPTS_KEPT = 100  # a round's record keeps its first failed attempts, no more
 
 PROGRESS_EVERY_S = 10.0
@@ -438,7 +437,8 @@ class RoundEngine:
                                         "answered": sorted(results), "dropped": dropped})
             log.warning("round %d attempt %d failed: %d update(s), fewer than --min-fit-clients %d; "
                         "retrying the round", server_round, attempt, len(results), self.min_fit_clients)
-            if selected and all(reason == UNREACHED for reason in dropped.values()) and len(dropped) == len(selected):
+            if (selected and len(dropped) == len(selected)
+                    and all(reason in (UNREACHED, CONNECTION_GONE) for reason in dropped.values())):
                 self._poll(timeout_s=1.0)  # no request left the server: let joins, leaves and queues move first
         eval_started = self.clock()
         refused = self._accept_new_model(server_round, aggregator, sorted(results))
@@ -669,13 +669,20 @@ class RoundEngine:
 
     # --- collecting answers ----------------------------------------------------------------------
 
-    def _send(self, collection: Collection, client_id: str) -> bool:
-        if not self.pool.send(client_id, collection.requests[client_id]):
-            return False
-        collection.pending.add(client_id)
-        collection.dropped.pop(client_id, None)
-        collection.sent_at[client_id] = self.clock()
-        return True
+    def _send(self, collection: Collection, client_id: str) -> Delivery | bool:
+        delivery = self.pool.send(client_id, collection.requests[client_id])
+        if delivery:
+            collection.pending.add(client_id)
+            collection.dropped.pop(client_id, None)
+            collection.sent_at[client_id] = self.clock()
+        return delivery
+
+    def _unsent(self, collection: Collection, client_id: str, delivery: Delivery | bool) -> str:
+        """Why a request did not leave, as the attempt records it; a gone client was logged by its pool."""
+        if delivery is Delivery.UNREACHABLE:
+            return CONNECTION_GONE
+        log.warning("round %d: could not reach client %s", collection.server_round, client_id)
+        return UNREACHED
 
     def _collect(self, collection: Collection, accept: Callable[[Answer], None]) -> dict[str, str]:
         """Send what ``collection`` holds and poll the pool until every asked client has answered,
@@ -801,10 +808,9 @@ class RoundEngine:
         ``paced`` outstanding."""
         while collection.unsent and (collection.paced is None or len(collection.pending) < collection.paced):
             client_id = collection.unsent.pop(0)
-            if not self._send(collection, client_id):
-                collection.dropped[client_id] = UNREACHED
-                if client_id in self.pool.connected():  # (a client the pool dropped for it has had its log line)
-                    log.warning("round %d: could not reach client %s", collection.server_round, client_id)
+            delivery = self._send(collection, client_id)
+            if not delivery:
+                collection.dropped[client_id] = self._unsent(collection, client_id, delivery)
 
     def _refuse(self, collection: Collection, client_id: str, problem: str, kind: MessageType) -> None:
         """An answer that cannot be used: tell its client why and drop it from the attempt."""
@@ -838,8 +844,9 @@ class RoundEngine:
     def _grant(self, collection: Collection, client_ids: Sequence[str]) -> None:
         """Send these clients their upload grants (one that cannot be reached frees its slot)."""
         for client_id in client_ids:
-            if not self.pool.send(client_id, GrantRequest(collection.server_round, collection.attempt)):
-                self._drop(collection, client_id, UNREACHED)
+            delivery = self.pool.send(client_id, GrantRequest(collection.server_round, collection.attempt))
+            if not delivery:
+                self._drop(collection, client_id, self._unsent(collection, client_id, delivery))
 
     def _check_answer(self, answer: Answer) -> str | None:
         """Why an answer's content cannot be used, or None if it can."""

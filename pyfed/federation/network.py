@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pyfed.federation.pool import (Answer, Back, ClientInfo, FitRequest, Gone, GrantRequest, Misbehaved,
+from pyfed.federation.pool import (CONNECTION_GONE, Answer, Back, ClientInfo, FitRequest, Gone, GrantRequest, Misbehaved,
                                    SecAggRequest, PoolEvent, Request)
 from pyfed.federation.registry import ClientRecord, JoinRefused, Registry
 from pyfed.wire import chunks, compression, protocol
@@ -117,16 +117,16 @@ class NetworkPool:
         """The global model as clients get it (the plan's broadcast_compression), made once per round."""
         return compression.encode_broadcast(weights, self.plan.broadcast_compression)
 
-    def send(self, client_id: str, request: Request) -> bool:
+    def send(self, client_id: str, request: Request) -> Delivery:
         record = self.registry.clients.get(client_id)
         if record is None:
-            return False
+            return Delivery.UNREACHABLE
         if isinstance(request, GrantRequest):  # the one kind of client whose update in chunks is taken
             self._granted[client_id] = (request.round, request.attempt)
         delivery = self.transport.send(record.peer, self._encode(request))
         if delivery is Delivery.UNREACHABLE:  # its connection is gone: not a client to wait for or ask again
-            self._remove(client_id, "connection lost (a request to it could not be delivered)")
-        return bool(delivery)
+            self._remove(client_id, CONNECTION_GONE)
+        return delivery
 
     def _encode(self, request: Request) -> list:
         """One encoding per distinct request: the weights are wrapped, never copied."""

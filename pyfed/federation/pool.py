@@ -25,9 +25,14 @@ from pyfed.federation.answers import ClientAnswers
 from pyfed.federation.secagg import SecAggError
 from pyfed.federation.secure_aggregation import SecAggAborted
 from pyfed.wire.compression import as_received
-from pyfed.wire.protocol import FitPlan, MessageType
+from pyfed.wire.protocol import Delivery, FitPlan, MessageType
 
 log = logging.getLogger("pyfed.pool")
+
+#: Why a request did not leave, as an attempt records it: the client's connection is gone (the pool
+#: has dropped the client), or the way to it is full or unknown.
+CONNECTION_GONE = "connection lost (a request to it could not be delivered)"
+UNREACHED = "could not be reached"
 
 
 @dataclass(frozen=True)
@@ -127,8 +132,9 @@ class ClientPool(Protocol):
     def publish(self, weights: Sequence[np.ndarray], server_round: int) -> None:
         """The global model as of ``server_round``: what a client that joins now is given."""
 
-    def send(self, client_id: str, request: Request) -> bool:
-        """Ask a client; False if it cannot be reached."""
+    def send(self, client_id: str, request: Request) -> Delivery | bool:
+        """Ask a client: truthy if the request left; ``Delivery.UNREACHABLE`` if the client's
+        connection is gone (the pool drops the client), another falsy value if it could not be sent."""
 
     def poll(self, timeout_s: float) -> list[PoolEvent]:
         """Events since the last poll, waiting up to ``timeout_s`` for one."""

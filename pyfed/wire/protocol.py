@@ -114,6 +114,17 @@ class ConnectionEvent(enum.StrEnum):
     REFUSED = "refused"  # the handshake failed (a key not admitted, or one side without CURVE)
 
 
+class Delivery(enum.Enum):
+    """What became of a message handed to the server's socket; true only when it was queued."""
+
+    SENT = "sent"
+    CONGESTED = "congested"  # the peer is connected but its queue is full
+    UNREACHABLE = "unreachable"  # no connection to the peer any more
+
+    def __bool__(self) -> bool:
+        return self is Delivery.SENT
+
+
 class AdmissionEvent(enum.StrEnum):
     """How a JOIN was admitted: a new id, an id seen before, or a joined peer asking again."""
 

@@ -21,7 +21,6 @@ arrived as messages and cuts a connection that goes over one message's budget.
 from __future__ import annotations
 
 import ctypes
-import enum
 import ctypes.util
 import functools
 import logging
@@ -38,7 +37,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from pyfed.wire.protocol import ConnectionEvent
+from pyfed.wire.protocol import ConnectionEvent, Delivery  # noqa: F401  (Delivery: what send returns)
 from pyfed.wire.security import Admission, CurveKeys, start_authenticator
 
 log = logging.getLogger(__name__)
@@ -48,16 +47,6 @@ log = logging.getLogger(__name__)
 #: each at most a chunk (wire/chunks.py); beyond it the connection waits (TCP backpressure).
 RECEIVE_AHEAD_MESSAGES = 4
 
-
-class Delivery(enum.Enum):
-    """What became of a message handed to the server's socket; true only when it was queued."""
-
-    SENT = "sent"
-    CONGESTED = "congested"  # the peer is connected but its queue is full
-    UNREACHABLE = "unreachable"  # no connection to the peer any more
-
-    def __bool__(self) -> bool:
-        return self is Delivery.SENT
 
 HEARTBEAT_IVL_MS = 2_000
 HEARTBEAT_TIMEOUT_MS = 10_000

@@ -634,3 +634,21 @@ def test_a_strategy_that_holds_every_update_asks_no_more_clients_than_fit_in_mem
     assert len({tuple(r.clients) for r in history}) > 1  # a fresh draw each round, not always the first three
     with pytest.raises(ValueError, match="max_clients_per_round 1 is below min_fit_clients 2"):
         engine(pool, clock, strategy=FedMedian(), min_fit_clients=2, max_clients_per_round=1)
+
+
+def test_a_request_whose_client_is_gone_records_the_pools_reason_and_one_that_could_not_go_out_unreached():
+    """The pool says why a request did not leave: a gone connection (it dropped the client and
+    logged it) is "connection lost" in the attempt's record, like any lost connection; anything
+    else is "could not be reached"."""
+    from pyfed.federation.pool import CONNECTION_GONE, UNREACHED
+    from pyfed.wire.protocol import Delivery
+
+    clock = Clock()
+    pool = FakePool({"a": answers(1.0), "gone": answers(2.0), "full": answers(3.0)}, clock)
+    send = pool.send
+    pool.send = lambda cid, request: (Delivery.UNREACHABLE if cid == "gone" else
+                                      Delivery.CONGESTED if cid == "full" else send(cid, request))
+    record = engine(pool, clock).run()[0]
+    assert record.clients == ["a"]
+    assert record.dropped == {"gone": CONNECTION_GONE, "full": UNREACHED}
+    assert CONNECTION_GONE.startswith("connection lost")
