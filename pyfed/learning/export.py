@@ -17,6 +17,7 @@ import os
 import shutil
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,16 +35,32 @@ RECORD = "files.json"
 
 
 def save_keras(model: keras.Model, path: Path) -> None:
-    """``model`` as a ``.keras`` archive at ``path``, atomically.
+    """``model`` as a ``.keras`` archive at ``path``, atomically, never holding its weights twice.
 
-    A compiled model's optimizer is built first (zero slots, as after ``fit``): Keras warns when it
-    loads a file whose optimizer holds fewer variables than the one it builds, and the file can go
-    on training as it is."""
-    from keras.src.saving import saving_lib  # the public save_model refuses a file object
+    Keras's own archive writer builds the weights file in memory when the machine has room (with
+    the next round's uploads, the server's peak). So Keras writes its unzipped form (the same files,
+    the weights as an HDF5 file on disk) beside ``path``, and the archive is streamed from those
+    files: the same archive, loaded the same way.
 
-    if model.optimizer is not None and not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
-    write_atomic(Path(path), lambda handle: saving_lib.save_model(model, handle))
+    An optimizer that has not been built is saved as it is, without slots: building it would hold
+    two more model copies (Adam's) for the whole run and write them into every file, all zeros, and
+    PyFed starts every round with a fresh optimizer anyway. Keras says "Skipping variable loading
+    for optimizer" when it loads such a file; the model trains on from it as from a compiled one
+    (:func:`load_model_file` keeps that warning out of PyFed's own output)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp") as staging:
+        unzipped = Path(staging) / "model"
+        model.save(unzipped, zipped=False)
+        write_atomic(path, lambda handle: _zip_directory(unzipped, handle))
+
+
+def _zip_directory(directory: Path, handle: Any) -> None:
+    """Every file under ``directory`` into a stored (uncompressed) zip archive on ``handle``, as Keras
+    writes its archives, each file streamed in pieces."""
+    with zipfile.ZipFile(handle, "w") as archive:
+        for file in sorted(p for p in directory.rglob("*") if p.is_file()):
+            archive.write(file, file.relative_to(directory).as_posix())
 
 
 class ModelFiles:
@@ -131,7 +148,9 @@ def load_model_file(path: Path) -> keras.Model:
     if not path.is_file():
         raise ExportError(f"{path}: no such file")
     try:
-        return keras.saving.load_model(path, safe_mode=True)
+        with warnings.catch_warnings():  # a server's file has no optimizer slots (see save_keras)
+            warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
+            return keras.saving.load_model(path, safe_mode=True)
     except Exception as error:  # Keras raises many kinds for a bad archive
         raise ExportError(f"{path}: not a loadable Keras model ({error.__class__.__name__}: {str(error)[:200]})") from None
 
