@@ -3,7 +3,8 @@
 Above what the process holds once the model is loaded (the runtime, the Keras model and the global
 weights), a round adds: the running sum of the updates (float64, two model copies), the new global
 model (one copy), the model sent out again (one copy while the next round's broadcast is encoded, or
-a checkpoint written) and the updates travelling at once (``max_inflight_updates``, each at most
+the checkpoint and model files are written: learning/export.py streams them, one array at a time)
+and the updates travelling at once (``max_inflight_updates``, each at most
 one encoded update; federation/uploads.py). A strategy that holds every update of a round
 (median, trimmed mean, Krum) needs one dense copy per client of the round on top.
 
