@@ -45,6 +45,10 @@ JOIN_RETRY_S = 30.0
 REJOIN_RETRY_S = 10.0  # a rejoin JOIN with no answer is sent again after this long
 WAIT_LOG_EVERY_S = 60.0
 SEND_RETRY_S = 10.0  # no connection this long: the server restarted or dropped us, and will ask again
+#: a handshake that fails with no reason (ConnectionEvent.HANDSHAKE_FAILED) is tried again this long,
+#: with no handshake succeeding, before the client gives up as on a refusal: long enough for a server
+#: restarting behind a port proxy (Docker's closes each connection while its container is down)
+HANDSHAKE_GRACE_S = 60.0
 BACKOFF_MAX_S = 5.0  # a refused join is retried at 1, 2, 4, 5, 5 .. s: back soon after its predecessor is dropped
 SECAGG_STAGES = frozenset({MessageType.SECAGG_ROSTER, MessageType.SECAGG_BOXES, MessageType.SECAGG_UNMASK})
 LOCAL_DELTA = 1e-5  # local DP: the delta a site reports its epsilon at when the server names none
@@ -105,6 +109,7 @@ class Client:
         self.local_noise_floor = local_noise_floor  # local DP this site insists on, whatever the server's plan
         self.shard: str | None = None
         self._reconnecting = False
+        self._handshake_failing_since: float | None = None  # when handshakes began failing with no reason
         self.model: Any = None
         self._admitted = False
         self.specs: list[protocol.ArraySpec] | None = None
@@ -440,15 +445,34 @@ class Client:
                 self._reconnecting = True
                 log.warning("lost the connection to the server at %s; reconnecting (backoff up to 5s)",
                             self.server_address)
-            elif event is ConnectionEvent.CONNECTED and self._reconnecting:
-                self._reconnecting = False
-                log.info("reconnected to the server%s", f"; rejoining as {self.client_id}" if self._admitted else "")
-                if self._admitted:
-                    self._rejoin()
+            elif event is ConnectionEvent.CONNECTED:
+                self._handshake_failing_since = None
+                if self._reconnecting:
+                    self._reconnecting = False
+                    log.info("reconnected to the server%s",
+                             f"; rejoining as {self.client_id}" if self._admitted else "")
+                    if self._admitted:
+                        self._rejoin()
+            elif event is ConnectionEvent.HANDSHAKE_FAILED:
+                self._handshake_failed(detail)
             elif event is ConnectionEvent.REFUSED:
-                raise ClientError(f"the server at {self.server_address} refused the connection: {detail}; check "
-                                  "--curve-secret-key / --server-public-key, and that the server lists this "
-                                  "client's public key")
+                raise self._refused(detail)
+
+    def _handshake_failed(self, detail: str) -> None:
+        """A handshake failed with no reason: tried again (ZeroMQ reconnects) until one succeeds, or
+        refused once they have failed for HANDSHAKE_GRACE_S."""
+        now = time.monotonic()
+        if self._handshake_failing_since is None:
+            self._handshake_failing_since = now
+            log.warning("the handshake with the server at %s failed: %s; trying again for up to %.0fs (the server "
+                        "may be restarting)", self.server_address, detail, HANDSHAKE_GRACE_S)
+        elif now - self._handshake_failing_since >= HANDSHAKE_GRACE_S:
+            raise self._refused(f"{detail}, for {now - self._handshake_failing_since:.0f}s")
+
+    def _refused(self, detail: str) -> ClientError:
+        return ClientError(f"the server at {self.server_address} refused the connection: {detail}; check "
+                           "--curve-secret-key / --server-public-key, and that the server lists this "
+                           "client's public key")
 
     def _rejoin(self) -> None:
         """Ask to be taken back; asked again after REJOIN_RETRY_S (or a refusal's backoff) until welcomed."""

@@ -111,7 +111,10 @@ class ConnectionEvent(enum.StrEnum):
 
     CONNECTED = "connected"
     DISCONNECTED = "disconnected"
-    REFUSED = "refused"  # the handshake failed (a key not admitted, or one side without CURVE)
+    REFUSED = "refused"  # the server refused the handshake (a key not admitted, or one side without CURVE)
+    #: the handshake failed with no reason given: a wrong server key looks the same as a connection
+    #: closed mid-handshake (a server restarting behind a port proxy), so it may pass
+    HANDSHAKE_FAILED = "handshake failed"
 
 
 class Delivery(enum.Enum):

@@ -303,7 +303,7 @@ HANDSHAKE_FAILURES = {
     zmq.EVENT_HANDSHAKE_FAILED_AUTH: "authentication failed (key not admitted)",
     zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol or security mechanism mismatch (one side without CURVE?)",
     zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed (one side without CURVE, a wrong server key, "
-                                          "or not a ZeroMQ peer)",
+                                          "not a ZeroMQ peer, or the connection closed during the handshake)",
 }
 MONITORED = (zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH
              | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
@@ -522,7 +522,8 @@ class ClientTransport:
         """Connection events since the last call, each with a detail (why a handshake was refused)."""
         names = {zmq.EVENT_HANDSHAKE_SUCCEEDED: ConnectionEvent.CONNECTED, zmq.EVENT_DISCONNECTED: ConnectionEvent.DISCONNECTED}
         return [(names[event], "") if event in names
-                else (ConnectionEvent.REFUSED, f"{HANDSHAKE_FAILURES[event]} [code {value:#x}]")
+                else (ConnectionEvent.HANDSHAKE_FAILED if event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+                      else ConnectionEvent.REFUSED, f"{HANDSHAKE_FAILURES[event]} [code {value:#x}]")
                 for event, value in _monitor_events(self._monitor)]
 
     def send(self, frames: Sequence[Any]) -> bool:

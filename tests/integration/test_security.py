@@ -4,12 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
-from pyfed.wire.security import generate_keys, load_key_pair, load_public_key
+import zmq
+
+from pyfed.wire.protocol import ConnectionEvent
+from pyfed.wire.security import CurveKeys, client_keys, generate_keys, load_key_pair, load_public_key
+from pyfed.wire.transport import ClientTransport
 from tests.integration.support import check_every_round_once, free_port
 
 pytestmark = pytest.mark.integration
@@ -54,7 +61,8 @@ def test_encrypted_federation_admits_listed_keys_only_and_binds_ids_to_keys(tmp_
                                "--server-public-key", str(keys / "server.key"), name="stranger")
     plaintext = processes.pyfed("client", "--server", address, "--data", str(shards / "client-3.npz"),
                                 name="plaintext")
-    assert processes.wait(stranger, 60) == 1 and processes.wait(plaintext, 60) == 1
+    # (a plaintext client whose handshakes all fail with no reason tries for 60 s before it gives up)
+    assert processes.wait(stranger, 60) == 1 and processes.wait(plaintext, 150) == 1
     for refused in (stranger, plaintext):
         text = refused.log_path.read_text()
         assert "refused the connection" in text and "joined as" not in text
@@ -101,3 +109,99 @@ def test_key_and_flag_mistakes_are_one_line_errors(tmp_path):
         assert result.returncode == 2, (args, result.stderr)
         assert message in result.stderr.strip().splitlines()[-1], (args, result.stderr)
         assert "Traceback" not in result.stderr
+
+
+# --- handshakes that fail with no reason ------------------------------------------------------------
+
+
+def handshake_events(transport: ClientTransport, timeout_s: float = 10.0) -> list[ConnectionEvent]:
+    """The transport's events until a handshake has succeeded or failed twice (bounded in time)."""
+    events: list[ConnectionEvent] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and events.count(ConnectionEvent.HANDSHAKE_FAILED) < 2 \
+            and ConnectionEvent.CONNECTED not in events:
+        events += [event for event, _ in transport.events()]
+        time.sleep(0.05)
+    return events
+
+
+def test_a_wrong_server_key_and_a_connection_closed_mid_handshake_fail_alike(tmp_path):
+    """Why the client does not give up on the first failed handshake: libzmq reports a wrong server
+    key exactly as a connection closed during the handshake (Docker's port proxy while the server's
+    container restarts): HANDSHAKE_FAILED_NO_DETAIL, broken pipe. A key the server refuses is told
+    apart (REFUSED, tested above with real processes)."""
+    keys = tmp_path / "keys"
+    generate_keys(keys, 1)
+    server_public, server_secret = load_key_pair(keys / "server.key_secret")
+    context = zmq.Context()
+    router = context.socket(zmq.ROUTER)
+    router.curve_server, router.curve_secretkey, router.curve_publickey = True, server_secret, server_public
+    closer, stop = socket.socket(), threading.Event()
+    try:
+        router.setsockopt(zmq.LINGER, 0)
+        curve_port = router.bind_to_random_port("tcp://127.0.0.1")
+        mine = client_keys(keys / "client-1.key_secret", keys / "server.key")
+        wrong = CurveKeys(mine.public, mine.secret, zmq.curve_keypair()[0])
+        with ClientTransport(f"tcp://127.0.0.1:{curve_port}", curve=wrong) as transport:
+            assert handshake_events(transport).count(ConnectionEvent.HANDSHAKE_FAILED) == 2
+        closer.bind(("127.0.0.1", 0))
+        closer.listen()
+        acceptor = threading.Thread(target=accept_and_close, args=(closer, stop), daemon=True)
+        acceptor.start()
+        with ClientTransport(f"tcp://127.0.0.1:{closer.getsockname()[1]}", curve=mine) as transport:
+            assert handshake_events(transport).count(ConnectionEvent.HANDSHAKE_FAILED) == 2
+        stop.set()
+        acceptor.join(timeout=5)
+        with ClientTransport(f"tcp://127.0.0.1:{curve_port}", curve=mine) as transport:  # the right key connects
+            assert ConnectionEvent.CONNECTED in handshake_events(transport)
+    finally:
+        stop.set()
+        closer.close()
+        router.close()
+        context.term()
+
+
+def accept_and_close(listener: socket.socket, stop: threading.Event, most_s: float = 120.0) -> None:
+    """Accept connections and close each at once, as a port proxy with nothing behind it, until
+    ``stop`` is set (or ``most_s`` passes)."""
+    listener.settimeout(0.1)
+    deadline = time.monotonic() + most_s
+    while not stop.is_set() and time.monotonic() < deadline:
+        try:
+            connection, _ = listener.accept()
+        except TimeoutError:
+            continue
+        connection.close()
+
+
+def test_a_client_rides_out_failed_handshakes_while_its_server_comes_back(tmp_path, processes, shards):
+    """A proxy that closes every connection (the server's container restarting) fails the client's
+    handshakes with no reason: the client says it keeps trying, and joins once the server is back."""
+    keys = tmp_path / "keys"
+    generate_keys(keys, 1)
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    proxy = socket.socket()
+    proxy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    proxy.bind(("127.0.0.1", port))
+    proxy.listen()
+    stop = threading.Event()
+    acceptor = threading.Thread(target=accept_and_close, args=(proxy, stop), daemon=True)
+    acceptor.start()
+    try:
+        client = processes.pyfed("client", "--server", address, "--data", str(shards / "client-1.npz"),
+                                 "--client-id", "site-1", "--curve-secret-key", str(keys / "client-1.key_secret"),
+                                 "--server-public-key", str(keys / "server.key"), name="site-1")
+        processes.wait_for_line(client, "trying again for up to 60s (the server may be restarting)", timeout_s=60)
+    finally:
+        stop.set()
+        acceptor.join(timeout=5)
+        proxy.close()
+    server = processes.pyfed("server", "--address", address, "--test-data", str(shards / "test.npz"),
+                             "--logdir", str(tmp_path / "logs"), "--rounds", "1", "--min-clients", "1",
+                             "--curve-secret-key", str(keys / "server.key_secret"), "--authorized-keys", str(keys),
+                             name="server")
+    assert processes.wait(server, 180) == 0, processes.tail(server)
+    assert processes.wait(client, 60) == 0, processes.tail(client)
+    assert "client site-1 joined" in server.log_path.read_text()
+    assert "refused the connection" not in client.log_path.read_text()
