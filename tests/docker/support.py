@@ -98,7 +98,12 @@ def client_was_lost(reason: str) -> bool:
 
 
 def container_pid(container: str) -> int:
-    return int(docker("inspect", "--format", "{{.State.Pid}}", container).stdout.strip())
+    """The host PID of a running container's main process. Docker says 0 for a container that is not
+    running, and ``os.kill(0, ...)`` would signal the test's own process group: that is a failure."""
+    pid = int(docker("inspect", "--format", "{{.State.Pid}}", container).stdout.strip())
+    if pid <= 0:
+        raise AssertionError(f"container {container} is not running (its State.Pid is {pid}): no process to signal")
+    return pid
 
 
 def wait_for_text(read_log: Callable[[], str], text: str, what: str, timeout_s: float = 300) -> None:

@@ -222,13 +222,15 @@ def test_restart_policies_bring_back_a_crashed_client_and_a_crashed_server(stack
     stack.run(DEPLOY)
     node = swarm
     stack.wait_for_log("server", "round 2/4 started")
-    crashing = next(row for row in stack.containers("client") if row["Names"].startswith(f"{stack.name}_client.2."))
+    crashing = next(row for row in stack.containers("client")  # a task that failed to start is there too
+                    if row["Names"].startswith(f"{stack.name}_client.2.") and row["State"] == "running")
     os.kill(container_pid(crashing["ID"]), 9)
     killed = time.monotonic()
     stack.wait_for_log("server", f"client {node}-2 rejoined")
     print(f"\nclient SIGKILLed: a new task rejoined within {time.monotonic() - killed:.0f} s")
     stack.wait_for_log("server", "round 3/4 started")
-    os.kill(container_pid(stack.containers("server")[-1]["ID"]), 9)
+    server = next(row for row in reversed(stack.containers("server")) if row["State"] == "running")
+    os.kill(container_pid(server["ID"]), 9)
     killed = time.monotonic()
     stack.wait_for_log("server", "resuming from /checkpoints/round-")
     stack.wait_for_log("server", "round 3/4 started", newest=True)
