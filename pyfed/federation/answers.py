@@ -29,10 +29,13 @@ class ClientAnswers:
     """One client's answers across a run: its local DP noise source, its update encoder (top-k
     memory) and its secure aggregation stages, each kept for its client id."""
 
-    def __init__(self, client_id: str | None):
+    def __init__(self, client_id: str | None, rounding_rng: np.random.Generator | None = None):
+        """``rounding_rng``: secure aggregation's stochastic rounding; a simulation draws it from its
+        seed so that a run is repeatable, a networked client leaves it None (drawn from the OS)."""
         self._noise_rng = np.random.default_rng(secrets.randbits(128))  # local DP noise: never from a seed
         self._encoder = UpdateEncoder()  # its top-k memory lives for one run and id
-        self.stages = ClientStages(client_id)
+        self._rounding_rng = rounding_rng
+        self.stages = ClientStages(client_id, rounding_rng)
         self._held: tuple[int, int, tuple[MessageType, dict[str, Any], list[np.ndarray]]] | None = None
 
     def joined(self, client_id: str) -> None:
@@ -40,7 +43,7 @@ class ClientAnswers:
         another membership, and secure aggregation starts afresh under a new id."""
         self._encoder.feedback.reset()
         if self.stages.client_id != client_id:
-            self.stages = ClientStages(client_id)
+            self.stages = ClientStages(client_id, self._rounding_rng)
 
     @property
     def client_id(self) -> str | None:

@@ -176,7 +176,8 @@ class InProcessPool:
 
     ``drop_rate`` injects failures: each request is lost with that probability (the client is
     dropped from that attempt, as a crashed or unplugged client would be) and the client is back
-    for the next request. Draws come from ``seed``, so a simulation with failures is reproducible.
+    for the next request. Draws come from ``seed``, so a simulation with failures is reproducible, as are
+    secure aggregation's stochastic roundings (a generator per client, from ``seed`` and its id).
     """
 
     bytes_sent = 0
@@ -189,6 +190,7 @@ class InProcessPool:
         self.trainers = dict(trainers)
         self.drop_rate = drop_rate
         self._rng = np.random.default_rng(seed)
+        self._seed = seed
         self._answers: dict[str, ClientAnswers] = {}  # each client's DP noise, top-k memory, secure aggregation
         self._queue: deque[tuple[str, Request]] = deque()
         self._on_answer = on_answer  # on_answer(done, remaining): progress through the requests queued
@@ -240,7 +242,10 @@ class InProcessPool:
         if isinstance(request, FitRequest):
             received = as_received(request.weights, request.plan.broadcast_compression)  # what the wire would give
             weights, num_examples, metrics = trainer.fit(list(received), request.plan)
-            kind, body, arrays = self._answers.setdefault(client_id, ClientAnswers(client_id)).after_training(
+            if client_id not in self._answers:  # its secure aggregation rounding drawn from the seed: repeatable
+                self._answers[client_id] = ClientAnswers(client_id, np.random.default_rng(
+                    [self._seed, *client_id.encode()]))
+            kind, body, arrays = self._answers[client_id].after_training(
                 run=request.run, server_round=request.round, attempt=request.attempt, plan=request.plan,
                 secagg=request.secagg, weights=weights, received=received, num_examples=num_examples,
                 metrics=metrics)

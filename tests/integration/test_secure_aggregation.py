@@ -37,7 +37,10 @@ def test_a_securely_aggregated_simulation_ends_where_plain_fedavg_does():
 
 def test_masked_inputs_are_asked_for_one_upload_slot_at_a_time_and_the_sum_is_the_same():
     """Each masked input is a model-sized upload: the server asks for them --max-inflight-updates
-    at a time (here 1), and the model is the one all-at-once aggregation gives."""
+    at a time (here 1), and the model is the one all-at-once aggregation gives, bit for bit: the
+    masked sum is exact in its ring, and a simulation draws each client's stochastic rounding from
+    its seed (when it was drawn from the OS, as a networked client's is, two runs in CI once differed
+    by 0.005: rounding noise of the first round grows through the second round's training)."""
     outstanding, most = set(), [0]
 
     def spy(pool):
@@ -61,7 +64,7 @@ def test_masked_inputs_are_asked_for_one_upload_slot_at_a_time_and_the_sum_is_th
     _, paced = simulate(SecureAggregation(clip=1.0, quantisation_bits=24), spy=spy, max_inflight_updates=1)
     _, together = simulate(SecureAggregation(clip=1.0, quantisation_bits=24), max_inflight_updates=4)
     assert most[0] == 1
-    assert max(float(np.abs(a - b).max()) for a, b in zip(paced, together)) < 1e-5
+    assert all(np.array_equal(a, b) for a, b in zip(paced, together))
 
 
 def test_clients_lost_at_any_stage_are_survived_or_the_attempt_retried():
@@ -189,7 +192,7 @@ def test_over_the_network_with_fixed_seeds_the_model_is_plain_fedavgs_within_the
 
     def run(name: str, *extra: str) -> list[np.ndarray]:
         logdir, address = tmp_path / name, f"tcp://127.0.0.1:{free_port()}"
-        server = start_server(processes, shards, logdir, address, "--rounds", "2", "--min-clients", "3",
+        server = start_server(processes, shards, logdir, address, "--rounds", "1", "--min-clients", "3",
                               "--epochs", "5", *extra, name=f"{name}-server")
         clients = [start_client(processes, shards, address, i, "--seed", str(i), name=f"{name}-site-{i}")
                    for i in (1, 2, 3)]
@@ -200,8 +203,12 @@ def test_over_the_network_with_fixed_seeds_the_model_is_plain_fedavgs_within_the
 
     plain = run("plain")
     secure = run("secure", "--secure-aggregation", "--secagg-bits", "24", "--secagg-clip", "1")
-    # round 1's means differ by at most one quantisation step (2 / 2^24); round 2 trains from them
-    assert max(float(np.abs(a - b).max()) for a, b in zip(plain, secure)) < 1e-4
+    # the same training (seeded clients): the means differ by at most one quantisation step (2 clip /
+    # (2^24 - 1)), plus float32's rounding of the sum. One round only: a second would train from
+    # weights that differ by rounding noise, which Adam can grow past any fixed bound
+    step = 2 * 1.0 / (2**24 - 1)
+    assert all(np.all(np.abs(a - b) <= step + np.abs(a) * 2.0**-23) for a, b in zip(plain, secure)), \
+        max(float(np.abs(a - b).max()) for a, b in zip(plain, secure))
     assert max(float(np.abs(a - b).max()) for a, b in zip(plain, secure)) > 0  # it did go through the ring
 
 
