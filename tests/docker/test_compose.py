@@ -220,11 +220,12 @@ def test_killed_client_containers_are_dropped_and_rejoin(project_factory):
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
     assert all(r["clients"] == ids for r in summary["rounds"])
     failed = [a for r in summary["rounds"] for a in r["failed_attempts"]]
-    assert failed and all(
-        any(client_was_lost(reason) for reason in a["dropped"].values()) for a in failed), failed
-    # (the crash costs its round an attempt only if it lands while that client owes an update and the
+    assert all(any(client_was_lost(reason) for reason in a["dropped"].values()) for a in failed), failed
+    # (a kill costs its round an attempt only if it lands while that client owes an update and the
     # restarted client is not back before the others finish; otherwise it is sent its FIT again, or
     # simply takes part in the next round: all three end every round above either way)
+    print(f"\nthe two kills cost {len(failed)} attempt(s); FIT sent again "
+          f"{project.logs('server').count('is back; sent its FIT again')} time(s)")
     assert sorted(c["shard"] for c in summary["clients"].values()) == [f"{cid}.npz" for cid in ids]
     assert project.logs("server").count("rejoined") >= 2
     port = settings["TENSORBOARD_PORT"]
