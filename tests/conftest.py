@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -13,6 +14,17 @@ import pytest
 
 
 from bench.common import free_port  # noqa: E402,F401  (one home for it; tests import it from here)
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored():
+    """A test that runs the CLI in-process points the root logger at its captured stderr, which pytest
+    closes after the test: later tests' log lines then failed with 'I/O operation on closed file'."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 class Processes:
