@@ -669,7 +669,7 @@ class RoundEngine:
 
     # --- collecting answers ----------------------------------------------------------------------
 
-    def _send(self, collection: Collection, client_id: str) -> Delivery | bool:
+    def _send(self, collection: Collection, client_id: str) -> Delivery:
         delivery = self.pool.send(client_id, collection.requests[client_id])
         if delivery:
             collection.pending.add(client_id)
@@ -677,7 +677,7 @@ class RoundEngine:
             collection.sent_at[client_id] = self.clock()
         return delivery
 
-    def _unsent(self, collection: Collection, client_id: str, delivery: Delivery | bool) -> str:
+    def _unsent(self, collection: Collection, client_id: str, delivery: Delivery) -> str:
         """Why a request did not leave, as the attempt records it; a gone client was logged by its pool."""
         if delivery is Delivery.UNREACHABLE:
             return CONNECTION_GONE

@@ -17,21 +17,21 @@ from typing import Any
 
 import numpy as np
 
-from pyfed.federation.pool import (CONNECTION_GONE, Answer, Back, ClientInfo, FitRequest, Gone, GrantRequest, Misbehaved,
-                                   SecAggRequest, PoolEvent, Request)
+from pyfed.federation.pool import (CONNECTION_GONE, Answer, Back, ClientInfo, FitRequest, Gone, GrantRequest,
+                                   Misbehaved, PoolEvent, Request, SecAggRequest)
 from pyfed.federation.registry import ClientRecord, JoinRefused, Registry
 from pyfed.wire import chunks, compression, protocol
 from pyfed.wire.compression import UpdateCompression
-from pyfed.wire.protocol import AdmissionEvent, ErrorCode, FitPlan, Message, MessageType, ProtocolError, WireModel
+from pyfed.wire.protocol import (AdmissionEvent, Delivery, ErrorCode, FitPlan, Message, MessageType, ProtocolError,
+                                 WireModel)
+from pyfed.wire.security import Admission, CurveKeys
+from pyfed.wire.transport import HEARTBEAT_TIMEOUT_MS, RateLimitedLog, ServerTransport, trim_freed_memory
+
+log = logging.getLogger("pyfed.server")
 
 #: What a client sends in answer to the engine's requests.
 CLIENT_ANSWERS = frozenset({MessageType.UPLOAD_READY, MessageType.UPDATE, MessageType.EVALUATION, MessageType.SECAGG_KEYS,
                             MessageType.SECAGG_SHARES, MessageType.SECAGG_MASKED, MessageType.SECAGG_REVEAL})
-from pyfed.wire.security import Admission, CurveKeys
-from pyfed.wire.transport import (HEARTBEAT_TIMEOUT_MS, Delivery, RateLimitedLog, ServerTransport,
-                                 trim_freed_memory)
-
-log = logging.getLogger("pyfed.server")
 
 FINISH_GRACE_S = 15.0
 FINISH_RESEND_S = 2.0

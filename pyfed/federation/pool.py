@@ -132,9 +132,10 @@ class ClientPool(Protocol):
     def publish(self, weights: Sequence[np.ndarray], server_round: int) -> None:
         """The global model as of ``server_round``: what a client that joins now is given."""
 
-    def send(self, client_id: str, request: Request) -> Delivery | bool:
-        """Ask a client: truthy if the request left; ``Delivery.UNREACHABLE`` if the client's
-        connection is gone (the pool drops the client), another falsy value if it could not be sent."""
+    def send(self, client_id: str, request: Request) -> Delivery:
+        """Ask a client: ``Delivery.SENT`` (true) if the request left; ``Delivery.UNREACHABLE`` if the
+        client's connection is gone (the pool drops the client); ``Delivery.CONGESTED`` if it could not
+        be sent now."""
 
     def poll(self, timeout_s: float) -> list[PoolEvent]:
         """Events since the last poll, waiting up to ``timeout_s`` for one."""
@@ -205,9 +206,9 @@ class InProcessPool:
     def publish(self, weights: Sequence[np.ndarray], server_round: int) -> None:
         pass  # trainers are given the weights with each request
 
-    def send(self, client_id: str, request: Request) -> bool:
+    def send(self, client_id: str, request: Request) -> Delivery:
         self._queue.append((client_id, request))
-        return True
+        return Delivery.SENT
 
     def poll(self, timeout_s: float) -> list[PoolEvent]:
         """Run the next queued request (all of the waiting happens here, as compute)."""

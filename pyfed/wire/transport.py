@@ -37,7 +37,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from pyfed.wire.protocol import ConnectionEvent, Delivery  # noqa: F401  (Delivery: what send returns)
+from pyfed.wire.protocol import ConnectionEvent, Delivery
 from pyfed.wire.security import Admission, CurveKeys, start_authenticator
 
 log = logging.getLogger(__name__)

@@ -16,7 +16,7 @@ from pyfed.federation.pool import (Answer, Back, ClientInfo, EvaluateRequest, Fi
 from pyfed.federation.strategy import FedAvg, FedAvgM, FedMedian
 from pyfed.persistence.store import Persister, RunStore
 from pyfed.persistence.tracking import RoundRecord
-from pyfed.wire.protocol import FitPlan, MessageType
+from pyfed.wire.protocol import Delivery, FitPlan, MessageType
 
 pytestmark = pytest.mark.unit
 
@@ -83,9 +83,9 @@ class FakePool:
     def publish(self, weights, server_round: int) -> None:
         self.published.append(server_round)
 
-    def send(self, client_id: str, request) -> bool:
+    def send(self, client_id: str, request) -> Delivery:
         if client_id not in self.present:
-            return False
+            return Delivery.CONGESTED  # not delivered, and not known to be gone (the engine says why)
         self.sent.append((client_id, request))
         if isinstance(request, FitRequest):
             for event in self.behaviours[client_id](client_id, request):
@@ -100,7 +100,7 @@ class FakePool:
                 self.events.extendleft(reversed(self.on_grant[client_id](client_id, request)))
             elif (held := self.held.pop((client_id, request.round, request.attempt), None)) is not None:
                 (self.events.appendleft if self.upload_first else self.events.append)(held)
-        return True
+        return Delivery.SENT
 
     def poll(self, timeout_s: float) -> list[PoolEvent]:
         if self.events:
@@ -503,7 +503,7 @@ def test_requests_that_cannot_leave_the_server_do_not_spin_the_round_and_its_rec
         def send(self, client_id, request):
             if self.failing_sends > 0:
                 self.failing_sends -= 1
-                return False
+                return Delivery.CONGESTED
             return super().send(client_id, request)
 
     clock = Clock()

@@ -45,7 +45,8 @@ def test_the_guards_reader_counts_what_the_kernel_received_on_a_connection():
 
 
 def test_the_server_tells_a_message_for_a_peer_that_is_gone_from_one_it_queued():
-    from pyfed.wire.transport import Delivery, ServerTransport
+    from pyfed.wire.protocol import Delivery
+    from pyfed.wire.transport import ServerTransport
 
     with ServerTransport("tcp://127.0.0.1:0") as server:
         server.bind()
