@@ -41,7 +41,7 @@ from pyfed.federation.secure_aggregation import (PublicKeys, SecAggAborted, Secu
 from pyfed.federation.uploads import DEFAULT_INFLIGHT_UPDATES, UploadWindow
 from pyfed.federation.strategy import Aggregator, FitResult, Strategy, WeightedMeanStrategy, sample_clients
 from pyfed.federation.aggregate import EncodedUpdate, weighted_evaluation, why_unusable
-from pyfed.persistence.files import CheckpointError, CheckpointMismatch
+from pyfed.persistence.files import CheckpointError, CheckpointMismatch, remove_interrupted_writes
 from pyfed.persistence.store import Persister, RunStore
 from pyfed.persistence.tracking import RoundRecord, RunDescription, RunLog, best_round, format_metric
 from pyfed.wire import compression, protocol
@@ -68,6 +68,7 @@ class ExportModel(Protocol):
     right after the round's evaluation, in the thread that evaluates (see learning/export.py)."""
 
     best_metric: str  # one of tracking.BEST_METRICS
+    directory: Path  # where it writes (what an interrupted write left there is removed at start-up)
 
     def __call__(self, weights: Sequence[np.ndarray], server_round: int, is_best: bool) -> None: ...
 
@@ -326,7 +327,14 @@ class RoundEngine:
     def open(self, store: RunStore, *, logdir: Path | None, config: dict[str, Any], fresh_start: bool = False,
              description: RunDescription = RunDescription()) -> RunLog | None:
         """Resume from ``store``'s newest usable checkpoint (unless ``fresh_start``) or archive the last
-        run; open the run log (rewriting a resumed run's events); persist through ``store`` from now on."""
+        run; open the run log (rewriting a resumed run's events); persist through ``store`` from now on.
+        First, what writes killed midway left in the run's directories is removed."""
+        for directory in (store.directory, logdir, self.export.directory if self.export is not None else None):
+            removed = remove_interrupted_writes(directory)
+            if removed:
+                log.warning("removed %d temporary file(s) in %s that a write killed midway left (the process "
+                            "was stopped while writing; the files they were to replace are intact): %s",
+                            len(removed), directory, ", ".join(removed[:5]) + (" ..." if len(removed) > 5 else ""))
         restored = None if fresh_start else store.resume(self.load_checkpoint)
         if restored is None:
             store.archive(logdir)

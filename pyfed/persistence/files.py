@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -107,6 +109,30 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+#: A temp file or staging folder of write_atomic or save_keras: ``.<target name>.<8 random characters>.tmp``
+#: (tempfile's names), beside its target.
+_INTERRUPTED_WRITE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_interrupted_writes(directory: Path | None) -> list[str]:
+    """Remove what writes killed midway (SIGKILL, an out-of-memory kill) left in ``directory``: the
+    temp files of :func:`write_atomic` and the staging folders of
+    :func:`~pyfed.learning.export.save_keras` (up to a model's size each, left by every crash).
+    Call it before anything writes there; returns the names removed."""
+    if directory is None or not Path(directory).is_dir():
+        return []
+    removed = []
+    for entry in sorted(Path(directory).iterdir()):
+        if not _INTERRUPTED_WRITE.fullmatch(entry.name) or entry.is_symlink():
+            continue
+        if entry.is_dir():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+        removed.append(entry.name)
+    return removed
 
 
 def write_json_atomic(path: Path, document: Any) -> None:

@@ -352,6 +352,26 @@ def test_the_initial_model_is_evaluated_in_the_persisters_thread_before_any_roun
     assert len(evaluated_in) >= 3 and evaluated_in[0] != threading.get_ident()
 
 
+def test_opening_a_run_removes_what_writes_killed_midway_left_in_its_directories(tmp_path, caplog):
+    """Checkpoints, logs and model files: each killed write leaves up to a model's size on disk, and
+    an out-of-memory kill (the point of a memory limit) can come in any round."""
+    checkpoints, logdir, model_dir = tmp_path / "checkpoints", tmp_path / "logs", tmp_path / "logs" / "model"
+    for directory, name in ((checkpoints, ".round-000002.npz.a1b2c3d4.tmp"), (logdir, ".summary.json.zzzzzzzz.tmp"),
+                            (model_dir, ".latest.keras.k3_x9q0z.tmp")):
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / name).write_bytes(b"half")
+        (directory / "kept.txt").write_text("kept")
+    export = RecordingExport()
+    export.directory = model_dir
+    clock = Clock()
+    run = engine(FakePool({"a": answers(1.0)}, clock), clock, export=export)
+    run.open(RunStore(checkpoints, {"model": "m"}), logdir=logdir, config={})
+    run.close()
+    assert not list(tmp_path.rglob(".*.tmp"))  # (a new run moves the last one's logs and model files aside)
+    assert len(list(tmp_path.rglob("kept.txt"))) == 3
+    assert caplog.text.count("that a write killed midway left") == 3
+
+
 def test_a_stop_request_ends_the_run_at_the_next_wait():
     clock = Clock()
     pool = FakePool({"a": answers(1.0)}, clock)
@@ -436,6 +456,7 @@ def test_federated_evaluation_goes_through_the_pool():
 
 class RecordingExport:
     best_metric = "test_loss"
+    directory = None  # writes nothing
 
     def __init__(self, fail_in_round: int | None = None) -> None:
         self.calls, self.fail_in_round = [], fail_in_round

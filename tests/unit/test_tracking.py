@@ -3,7 +3,7 @@
 import json
 import os
 
-from pyfed.persistence.files import write_json_atomic
+from pyfed.persistence.files import remove_interrupted_writes, write_atomic, write_json_atomic
 from pyfed.persistence.tracking import RoundRecord, RunDescription, RunLog, archive_previous_run
 import pytest
 
@@ -15,6 +15,46 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     write_json_atomic(tmp_path / "summary.json", {"a": 2})
     assert json.loads((tmp_path / "summary.json").read_text()) == {"a": 2}
     assert os.listdir(tmp_path) == ["summary.json"]
+
+
+def test_what_a_write_killed_midway_leaves_is_found_and_removed_and_nothing_else(tmp_path):
+    """A process SIGKILLed inside write_atomic (an out-of-memory kill while writing a checkpoint)
+    leaves its temp file beside the intact old file; a killed save_keras leaves its staging folder.
+    The sweep removes exactly those, never a user's files or what a symlink points at."""
+    import multiprocessing
+    import signal
+
+    write_json_atomic(tmp_path / "summary.json", {"round": 1})
+
+    def killed_midway() -> None:
+        def write(handle) -> None:
+            handle.write(b"half of a checkpoint")
+            handle.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        write_atomic(tmp_path / "summary.json", write)
+
+    child = multiprocessing.get_context("fork").Process(target=killed_midway)
+    child.start()
+    child.join(30)
+    assert child.exitcode == -signal.SIGKILL
+    (left,) = [name for name in os.listdir(tmp_path) if name != "summary.json"]
+    staging = tmp_path / ".latest.keras.k3_x9q0z.tmp"  # save_keras's unzipped model, killed midway
+    (staging / "model").mkdir(parents=True)
+    (staging / "model" / "model.weights.h5").write_bytes(b"weights")
+    outside = tmp_path.parent / f"{tmp_path.name}-outside"
+    outside.mkdir()
+    (outside / "keep").write_text("not ours")
+    kept = {".hidden", "notes.tmp", ".a.tmp", ".a.TOOLONG12.tmp", ".link.abcdefgh.tmp"}
+    for name in kept - {".link.abcdefgh.tmp"}:
+        (tmp_path / name).write_text("the user's")
+    (tmp_path / ".link.abcdefgh.tmp").symlink_to(outside, target_is_directory=True)
+
+    assert remove_interrupted_writes(tmp_path) == sorted([left, staging.name])
+    assert set(os.listdir(tmp_path)) == {"summary.json", *kept}
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"round": 1}  # the old file, intact
+    assert (outside / "keep").read_text() == "not ours"
+    assert remove_interrupted_writes(tmp_path) == [] and remove_interrupted_writes(tmp_path / "absent") == []
+    assert remove_interrupted_writes(None) == []
 
 
 def test_a_previous_run_is_archived_not_overwritten(tmp_path):
