@@ -25,7 +25,7 @@ from typing import Any
 import keras
 import numpy as np
 
-from pyfed.persistence.files import write_atomic, write_json_atomic
+from pyfed.persistence.files import staged_beside, write_atomic, write_json_atomic
 
 log = logging.getLogger("pyfed.export")
 
@@ -49,7 +49,7 @@ def save_keras(model: keras.Model, path: Path) -> None:
     (:func:`load_model_file` keeps that warning out of PyFed's own output)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp") as staging:
+    with tempfile.TemporaryDirectory(**staged_beside(path)) as staging:
         unzipped = Path(staging) / "model"
         model.save(unzipped, zipped=False)
         write_atomic(path, lambda handle: _zip_directory(unzipped, handle))

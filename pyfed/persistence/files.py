@@ -85,6 +85,17 @@ def _umask() -> int:
     return 0o022
 
 
+#: What :func:`staged_beside` names, with tempfile's 8 random characters: ``.<target name>.<random>.tmp``.
+_STAGED = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
+def staged_beside(path: Path) -> dict[str, Any]:
+    """Where a write stages ``path``'s new content before it replaces ``path``: beside it (the same
+    file system, so the rename is atomic), hidden, named so that :func:`remove_interrupted_writes`
+    knows it. Arguments for ``tempfile.mkstemp`` and ``tempfile.TemporaryDirectory``."""
+    return {"dir": path.parent, "prefix": f".{path.name}.", "suffix": ".tmp"}
+
+
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     """Call ``write`` on a temp file beside ``path``, fsync it, rename it over ``path``, fsync the
     directory: a reader (or a restart after a crash) sees the old file or the new one, never half.
@@ -93,7 +104,7 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
     temp file's 0600: data shards written by one user are read by the services' own user."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(**staged_beside(path))
     try:
         os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
@@ -111,21 +122,16 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> None:
         os.close(dir_fd)
 
 
-#: A temp file or staging folder of write_atomic or save_keras: ``.<target name>.<8 random characters>.tmp``
-#: (tempfile's names), beside its target.
-_INTERRUPTED_WRITE = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
-
-
 def remove_interrupted_writes(directory: Path | None) -> list[str]:
-    """Remove what writes killed midway (SIGKILL, an out-of-memory kill) left in ``directory``: the
-    temp files of :func:`write_atomic` and the staging folders of
-    :func:`~pyfed.learning.export.save_keras` (up to a model's size each, left by every crash).
+    """Remove what writes killed midway (SIGKILL, an out-of-memory kill) left in ``directory``: what
+    they staged with :func:`staged_beside` (:func:`write_atomic`'s temp files,
+    :func:`~pyfed.learning.export.save_keras`'s folders; up to a model's size each, one per crash).
     Call it before anything writes there; returns the names removed."""
     if directory is None or not Path(directory).is_dir():
         return []
     removed = []
     for entry in sorted(Path(directory).iterdir()):
-        if not _INTERRUPTED_WRITE.fullmatch(entry.name) or entry.is_symlink():
+        if not _STAGED.fullmatch(entry.name) or entry.is_symlink():
             continue
         if entry.is_dir():
             shutil.rmtree(entry)

@@ -2,8 +2,10 @@
 
 import json
 import os
+import tempfile
+from pathlib import Path
 
-from pyfed.persistence.files import remove_interrupted_writes, write_atomic, write_json_atomic
+from pyfed.persistence.files import remove_interrupted_writes, staged_beside, write_atomic, write_json_atomic
 from pyfed.persistence.tracking import RoundRecord, RunDescription, RunLog, archive_previous_run
 import pytest
 
@@ -38,7 +40,7 @@ def test_what_a_write_killed_midway_leaves_is_found_and_removed_and_nothing_else
     child.join(30)
     assert child.exitcode == -signal.SIGKILL
     (left,) = [name for name in os.listdir(tmp_path) if name != "summary.json"]
-    staging = tmp_path / ".latest.keras.k3_x9q0z.tmp"  # save_keras's unzipped model, killed midway
+    staging = Path(tempfile.mkdtemp(**staged_beside(tmp_path / "latest.keras")))  # save_keras's, killed midway
     (staging / "model").mkdir(parents=True)
     (staging / "model" / "model.weights.h5").write_bytes(b"weights")
     outside = tmp_path.parent / f"{tmp_path.name}-outside"
