@@ -134,7 +134,7 @@ def run_server(config: ServerConfig) -> int:
                     max_examples=config.max_examples, max_ids_per_key=config.max_ids_per_key,
                     secure_aggregation=config.secure_aggregation_settings(),
                     max_inflight_updates=memory.max_inflight_updates,
-                    max_clients_per_round=memory.max_clients_per_round)
+                    max_clients_per_round=memory.max_clients_per_round, min_upload_mbit_s=config.min_upload_mbit_s)
     _on_stop_signals(lambda name: server.request_stop(name))
     try:
         server.run()

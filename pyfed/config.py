@@ -21,6 +21,7 @@ from pyfed.ranges import Range
 from pyfed.wire.compression import BroadcastCompression, UpdateCompression
 from pyfed.wire.protocol import FitPlan, is_client_id
 from pyfed.federation.strategy import STRATEGIES
+from pyfed.federation.uploads import DEFAULT_MIN_UPLOAD_MBIT_S, UPLOAD_GRACE_S
 
 T = TypeVar("T")
 
@@ -400,6 +401,11 @@ class ServerConfig(StrategySettings, TrainingSettings, EncryptionSettings, Parti
         "auto", "--max-inflight-updates", "MAX_INFLIGHT_UPDATES", auto_or_positive_int,
         "updates that may travel to the server at once; the other clients wait for a slot (their wait is not "
         "held against them); auto: from the model's size and the memory there is, 1 to 4")
+    min_upload_mbit_s: float = setting(
+        DEFAULT_MIN_UPLOAD_MBIT_S, "--min-upload-rate", "MIN_UPLOAD_RATE", positive_float,
+        "the slowest upload the server waits for, in megabits per second: a granted update must arrive within "
+        f"{UPLOAD_GRACE_S:g} s plus its size at this rate (never more than the round timeout), or its client is dropped from the "
+        "round and its slot goes to the next")
     memory_limit_bytes: int | None = setting(
         None, "--memory-limit", "MEMORY_LIMIT", memory_size,
         "refuse to start when the server's expected peak memory exceeds this (e.g. 4g); none: the container's "

@@ -38,7 +38,8 @@ from pyfed.federation.pool import (CONNECTION_GONE, UNREACHED, Answer, Back, Cli
 from pyfed.federation.secagg import SecAggError
 from pyfed.federation.secure_aggregation import (PublicKeys, SecAggAborted, SecureAggregation, ServerRound,
                                                  apply_change, left_out_after, round_context)
-from pyfed.federation.uploads import DEFAULT_INFLIGHT_UPDATES, UploadWindow
+from pyfed.federation.uploads import (DEFAULT_INFLIGHT_UPDATES, DEFAULT_MIN_UPLOAD_MBIT_S, UploadWindow,
+                                     upload_allowance_s)
 from pyfed.federation.strategy import Aggregator, FitResult, Strategy, WeightedMeanStrategy, sample_clients
 from pyfed.federation.aggregate import EncodedUpdate, weighted_evaluation, why_unusable
 from pyfed.persistence.files import CheckpointError, CheckpointMismatch, remove_interrupted_writes
@@ -139,6 +140,7 @@ class Collection:
     window: UploadWindow | None = None  # uploads wait for a grant (federation/uploads.py)
     paced: int | None = None  # ask at most this many at a time (each answer is an upload: a masked input)
     unsent: list[str] = field(default_factory=list)  # paced: not yet asked, in order
+    upload_allowance_s: float = float("inf")  # how long a granted upload has to arrive (federation/uploads.py)
 
     @property
     def what(self) -> str:
@@ -224,6 +226,7 @@ class RoundEngine:
         secure_aggregation: SecureAggregation | None = None,
         max_inflight_updates: int = DEFAULT_INFLIGHT_UPDATES,
         max_clients_per_round: int | None = None,
+        min_upload_mbit_s: float = DEFAULT_MIN_UPLOAD_MBIT_S,
     ):
         if not 1 <= min_fit_clients:
             raise ValueError(f"min_fit_clients must be at least 1, got {min_fit_clients}")
@@ -237,6 +240,7 @@ class RoundEngine:
         self.pool = pool
         self.secure_aggregation = secure_aggregation
         self.max_inflight_updates = max_inflight_updates
+        self.min_upload_mbit_s = min_upload_mbit_s
         if max_clients_per_round is not None and max_clients_per_round < min_fit_clients:
             raise ValueError(f"max_clients_per_round {max_clients_per_round} is below min_fit_clients "
                              f"{min_fit_clients}: no round could run")
@@ -700,6 +704,7 @@ class RoundEngine:
         self._ask_next(collection)
         timeout_s = self.round_timeout.seconds
         deadline = self.clock() + timeout_s if timeout_s else None
+        collection.upload_allowance_s = upload_allowance_s(self.update_bytes, self.min_upload_mbit_s, timeout_s)
         next_progress = self.clock() + PROGRESS_EVERY_S
         self._collection = collection
         try:
@@ -711,22 +716,20 @@ class RoundEngine:
                             self._drop(collection, client_id, f"no {what} within {timeout_s:g}s")
                             log.warning("round %d: dropped client %s: no %s within %gs", server_round, client_id,
                                         what, timeout_s)
-                    if not collection.pending:
-                        break
                 elif deadline is not None and now >= deadline:
                     for client_id in sorted(collection.pending):
                         if not collection.waits_for_upload(client_id):
                             self._drop(collection, client_id, f"no {what} within {timeout_s:g}s")
                             log.warning("round %d: dropped client %s: no %s within %gs", server_round, client_id,
                                         what, timeout_s)
-                    if collection.window is not None:  # a granted upload has the round timeout to arrive
-                        for client_id in collection.window.overdue(now, timeout_s):
-                            self._drop(collection, client_id, f"its granted upload did not arrive within "
-                                                              f"{timeout_s:g}s")
-                            log.warning("round %d: dropped client %s: its granted upload did not arrive within "
-                                        "%gs", server_round, client_id, timeout_s)
-                    if not collection.pending:
-                        break
+                if collection.window is not None:  # a granted upload has its own allowance, from its grant
+                    for client_id in collection.window.overdue(now):
+                        self._drop(collection, client_id, f"its granted upload did not arrive within "
+                                                          f"{collection.upload_allowance_s:g}s of its grant")
+                        log.warning("round %d: dropped client %s: its granted upload did not arrive within %gs of "
+                                    "its grant", server_round, client_id, collection.upload_allowance_s)
+                if not collection.pending:
+                    break
                 if now >= next_progress:
                     slots = (f" ({len(collection.window.granted)} uploading, {len(collection.window.waiting)} "
                              f"waiting for an upload slot)" if collection.window is not None else "")
@@ -829,16 +832,20 @@ class RoundEngine:
                     kind.value, problem)
 
     def _drop(self, collection: Collection, client_id: str, reason: str) -> bool:
-        """Drop a client from the attempt; a slot it held or waited for goes to the next in line."""
+        """Drop a client from the attempt; a slot it held or waited for goes to the next in line, and
+        what it had sent of its upload is let go."""
         if not collection.drop(client_id, reason):
             return False
         if collection.window is not None:
+            if collection.window.knows(client_id):
+                self.pool.release(client_id)
             self._grant(collection, collection.window.done(client_id, self.clock()))
         self._ask_next(collection)
         return True
 
     def _upload_ready(self, collection: Collection, answer: Answer) -> str | None:
-        """A client's update is ready: grant it a slot now or queue it (None), or say why not."""
+        """A client's update is ready: grant it a slot now or queue it (None), or say why not. A
+        client that already holds a grant is sent it again, due when it was."""
         declared = answer.body["bytes"]
         if declared != self.update_bytes:
             return (f"it declares an update of {declared} bytes; an update of this model encoded "
@@ -846,7 +853,7 @@ class RoundEngine:
         window, client_id = collection.window, answer.client_id
         if not window.knows(client_id):  # its training time, for the adaptive round timeout
             self.round_timeout.answered(self.clock() - collection.sent_at[client_id])
-        self._grant(collection, window.ready(client_id, self.clock()))
+        self._grant(collection, window.ready(client_id, self.clock(), collection.upload_allowance_s))
         return None
 
     def _grant(self, collection: Collection, client_ids: Sequence[str]) -> None:

@@ -160,6 +160,10 @@ class NetworkPool:
     def accepted(self, client_id: str) -> None:
         self.registry.record_contribution(client_id)
 
+    def release(self, client_id: str) -> None:
+        self._granted.pop(client_id, None)
+        self._uploads.pop(client_id, None)  # the buffer of an upload that will not be taken
+
     def state(self) -> dict[str, Any]:
         return self.registry.state()
 

@@ -146,6 +146,10 @@ class ClientPool(Protocol):
     def accepted(self, client_id: str) -> None:
         """A client's update counted (its id is kept for good)."""
 
+    def release(self, client_id: str) -> None:
+        """The client was dropped from what it was asked: forget any upload grant it holds and the
+        part of an update it has sent (what it sends next for that request is not kept)."""
+
     def state(self) -> dict[str, Any]:
         """What a checkpoint keeps of the pool (JSON values)."""
 
@@ -261,6 +265,9 @@ class InProcessPool:
         log.warning("client %s: %s", client_id, reason)
 
     def accepted(self, client_id: str) -> None:
+        pass
+
+    def release(self, client_id: str) -> None:
         pass
 
     def state(self) -> dict[str, Any]:

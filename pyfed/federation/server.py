@@ -27,7 +27,7 @@ from pyfed.federation.registry import ClientRecord
 from pyfed.federation.secure_aggregation import SECAGG_MAX_NEIGHBOURS, SecureAggregation
 from pyfed.federation.strategy import FedAvg, Strategy
 from pyfed.persistence.store import RunStore, model_fingerprint
-from pyfed.federation.uploads import DEFAULT_INFLIGHT_UPDATES
+from pyfed.federation.uploads import DEFAULT_INFLIGHT_UPDATES, DEFAULT_MIN_UPLOAD_MBIT_S
 from pyfed.persistence.tracking import RoundRecord, RunDescription, RunLog, format_metric
 from pyfed.wire.protocol import FitPlan, WireModel
 from pyfed.wire.security import CurveKeys
@@ -69,6 +69,7 @@ class Server:
         secure_aggregation: SecureAggregation | None = None,
         max_inflight_updates: int = DEFAULT_INFLIGHT_UPDATES,
         max_clients_per_round: int | None = None,
+        min_upload_mbit_s: float = DEFAULT_MIN_UPLOAD_MBIT_S,
     ):
         strategy = strategy or FedAvg()
         self.pool = NetworkPool(address, model, plan=plan, rounds=rounds, min_clients=min_clients, curve=curve,
@@ -81,7 +82,7 @@ class Server:
                                   evaluate=evaluate, export=export if logdir else None,
                                   max_examples=max_examples, secure_aggregation=secure_aggregation,
                                   max_inflight_updates=max_inflight_updates,
-                                  max_clients_per_round=max_clients_per_round)
+                                  max_clients_per_round=max_clients_per_round, min_upload_mbit_s=min_upload_mbit_s)
         self.logdir = Path(logdir) if logdir else None
         checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else (self.logdir / "checkpoints" if logdir else None)
         self.store = RunStore(checkpoint_dir, {

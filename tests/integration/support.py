@@ -123,6 +123,15 @@ class Peer:
         assert reply.type is MessageType.ERROR, reply
         return reply.body["code"]
 
+    def leave_when_finished(self, server, client_id: str = "mallory", timeout_s: float = 300) -> None:
+        """Answer the server's FINISH with a LEAVE, as a client does (unless this peer's socket is closed
+        or the server has exited); everything else it is sent meanwhile is ignored."""
+        deadline = time.monotonic() + timeout_s
+        while not self.socket.closed and server.poll() is None and time.monotonic() < deadline:
+            if self.socket.poll(100) and protocol.decode(self.socket.recv_multipart()).type is MessageType.FINISH:
+                self.leave(client_id)
+                return
+
     def leave(self, client_id: str) -> None:
         self.send(protocol.encode(Message(MessageType.LEAVE, client_id=client_id, body={"reason": "done"})))
 
@@ -155,7 +164,27 @@ def mallory_round(processes, shards: Path, logdir: Path, act, *server_args: str,
         fit = mallory.receive(timeout_s=120, skip=())
         assert fit.type is MessageType.FIT, fit
         act(mallory, fit, weights)
+        mallory.leave_when_finished(server)  # the server need not wait out its grace for mallory's LEAVE
         finish(processes, server, honest)
     finally:
         context.destroy(linger=0)
     return server.log_path.read_text(), json.loads((logdir / "summary.json").read_text())["rounds"][0]
+
+
+def chunked_update(fit, weights, order=None, resize=None, count=None) -> list[list]:
+    """Mallory's update in chunks (the digits model: one chunk an array), as a client sends it, or
+    with its chunks reordered, one resized, or a wrong count announced."""
+    messages = protocol.encode_update(Message(MessageType.UPDATE, round=fit.round, client_id="mallory",
+                                              arrays=weights,
+                                              body={"attempt": 1, "num_examples": 100, "fit_s": 0.1, "history": {}}),
+                                      chunk_bytes=1)  # a chunk of 1 byte is "larger than a chunk" for any model
+    head, chunks = messages[0], messages[1:]
+    # the client above split per byte; the server's chunks are 16 MiB, so one per array here: rebuild them
+    chunks = [protocol.encode(Message(MessageType.UPDATE_CHUNK, round=fit.round, client_id="mallory",
+                                      body={"attempt": 1, "index": i},
+                                      arrays=[np.frombuffer(np.ascontiguousarray(w).tobytes()
+                                                            + (b"\0" if resize == i else b""), np.uint8)]))
+              for i, w in enumerate(weights)]
+    header = json.loads(bytes(head[0]))
+    header["body"]["chunks"] = count if count is not None else len(weights)
+    return [[json.dumps(header).encode()], *[chunks[i] for i in (order or range(len(chunks)))]]

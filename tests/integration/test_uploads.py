@@ -8,6 +8,7 @@ import pytest
 
 from pyfed.wire import protocol
 from pyfed.wire.protocol import Message, MessageType
+from tests.integration.support import chunked_update as _chunked
 from tests.integration.support import finish, free_port, mallory_round, start_client, start_server, update
 
 pytestmark = pytest.mark.integration
@@ -73,25 +74,6 @@ def test_an_upload_request_that_does_not_fit_the_model_is_refused(tmp_path, proc
 
 
 # --- updates in chunks (wire/chunks.py) ---------------------------------------------------------------
-
-def _chunked(fit, weights, order=None, resize=None, count=None) -> list[list]:
-    """Mallory's update in chunks (the digits model: one chunk an array), as a client sends it, or
-    with its chunks reordered, one resized, or a wrong count announced."""
-    messages = protocol.encode_update(Message(MessageType.UPDATE, round=fit.round, client_id="mallory",
-                                              arrays=weights,
-                                              body={"attempt": 1, "num_examples": 100, "fit_s": 0.1, "history": {}}),
-                                      chunk_bytes=1)  # a chunk of 1 byte is "larger than a chunk" for any model
-    head, chunks = messages[0], messages[1:]
-    # the client above split per byte; the server's chunks are 16 MiB, so one per array here: rebuild them
-    chunks = [protocol.encode(Message(MessageType.UPDATE_CHUNK, round=fit.round, client_id="mallory",
-                                      body={"attempt": 1, "index": i},
-                                      arrays=[np.frombuffer(np.ascontiguousarray(w).tobytes()
-                                                            + (b"\0" if resize == i else b""), np.uint8)]))
-              for i, w in enumerate(weights)]
-    header = json.loads(bytes(head[0]))
-    header["body"]["chunks"] = count if count is not None else len(weights)
-    return [[json.dumps(header).encode()], *[chunks[i] for i in (order or range(len(chunks)))]]
-
 
 def _grant(mallory, fit, weights):
     ready = Message(MessageType.UPLOAD_READY, round=fit.round, client_id="mallory",

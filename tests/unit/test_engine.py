@@ -73,6 +73,8 @@ class FakePool:
         self.events: deque[PoolEvent] = deque()
         self.published: list[int] = []
         self.finished = self.stopped = False
+        self.released: list[str] = []
+        self.on_idle: Callable[[float], list[PoolEvent]] | None = None  # what clients do as time passes
 
     def connected(self) -> list[str]:
         return sorted(self.present)
@@ -113,13 +115,16 @@ class FakePool:
                 self.present.add(event.client_id)
             return [event]
         self.clock.now += timeout_s  # nothing happens: time passes
-        return []
+        return self.on_idle(self.clock.now) if self.on_idle is not None else []
 
     def refuse(self, client_id: str, reason: str) -> None:
         self.refused.append((client_id, reason))
 
     def accepted(self, client_id: str) -> None:
         pass
+
+    def release(self, client_id: str) -> None:
+        self.released.append(client_id)
 
     def state(self) -> dict:
         return {}
@@ -604,12 +609,42 @@ def test_a_wait_for_a_slot_is_not_held_against_a_client_but_a_stalled_upload_is(
     the timeout and is not dropped for it; "stall" is dropped 30 s after its grant and "b" gets its turn."""
     clock = Clock()
     pool = FakePool({"stall": answers(5.0), "b": answers(2.0)}, clock, on_grant={"stall": lambda cid, grant: []})
-    run = engine(pool, clock, max_inflight_updates=1, round_timeout=RoundTimeout(30.0, 2))
+
+    run = engine(pool, clock, max_inflight_updates=1, round_timeout=RoundTimeout(30.0, 2),
+                 min_upload_mbit_s=1e-6)  # 24 bytes take 192 s at this rate: the round timeout bounds it
     record = run.run()[0]
     assert record.clients == ["b"]
-    assert record.dropped == {"stall": "its granted upload did not arrive within 30s"}
+    assert record.dropped == {"stall": "its granted upload did not arrive within 30s of its grant"}
     assert 30 <= clock.now < 32
     np.testing.assert_allclose(run.weights[0], 2.0)
+
+
+def test_saying_ready_again_never_extends_a_grant():
+    """The review's attack: a granted client repeats UPLOAD_READY every second and never uploads.
+    Each repeat is answered with the grant, due when it first was; it is dropped at its allowance
+    (the round timeout, 30 s, here below the grace plus its size), and the one waiting gets the slot."""
+    clock = Clock()
+    pool = FakePool({"pest": answers(5.0), "b": answers(2.0)}, clock, on_grant={"pest": lambda cid, grant: []})
+    ready = Answer("pest", MessageType.UPLOAD_READY, 1, 1, {"attempt": 1, "bytes": 24})
+    pool.on_idle = lambda now: [ready]
+    run = engine(pool, clock, max_inflight_updates=1, round_timeout=RoundTimeout(30.0, 2), min_upload_mbit_s=1e-6)
+    record = run.run()[0]
+    assert record.clients == ["b"]
+    assert record.dropped == {"pest": "its granted upload did not arrive within 30s of its grant"}
+    assert 30 <= clock.now < 32
+    assert [what for what, cid in pool.timeline if cid == "pest"].count("grant") >= 29  # answered, not extended
+    assert pool.released == ["pest"]  # what it sent of its upload is let go
+
+
+def test_a_granted_upload_has_its_allowance_even_without_a_round_timeout():
+    """No round timeout: a stalled upload is still dropped once the grace plus its size at the
+    minimum upload rate has passed (here 15 s + 24 bytes at 2 Mbit/s)."""
+    clock = Clock()
+    pool = FakePool({"stall": answers(5.0), "b": answers(2.0)}, clock, on_grant={"stall": lambda cid, grant: []})
+    record = engine(pool, clock, max_inflight_updates=1, round_timeout=RoundTimeout(None, 2)).run()[0]
+    assert record.clients == ["b"]
+    assert record.dropped == {"stall": "its granted upload did not arrive within 15.0001s of its grant"}
+    assert 15 <= clock.now < 17
 
 
 def test_a_client_back_after_its_grant_is_granted_again():

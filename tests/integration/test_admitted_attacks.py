@@ -1,0 +1,81 @@
+"""What one admitted client could still do after the first hardening (issue "Hardening II"): each
+attack of the second adversarial review run through the wire, as a client would send it, against
+a live server on loopback, with the expected behaviour asserted. ``pytest -s`` prints the figures.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from pyfed.wire import protocol
+from pyfed.wire.protocol import Message, MessageType
+from tests.integration.support import chunked_update, mallory_round
+
+pytestmark = pytest.mark.integration
+
+
+def _ready(fit: Message, weights) -> list:
+    return protocol.encode(Message(MessageType.UPLOAD_READY, round=fit.round, client_id="mallory",
+                                   body={"attempt": 1, "bytes": sum(w.nbytes for w in weights)}))
+
+
+def _until_finished(mallory, every_s: float, action, limit_s: float = 120) -> float:
+    """Do ``action()`` every ``every_s`` until the server ends the run (FINISH); the seconds it took."""
+    started = time.monotonic()
+    while time.monotonic() - started < limit_s:
+        action()
+        deadline = time.monotonic() + every_s
+        while time.monotonic() < deadline:
+            if mallory.socket.poll(50):
+                message = protocol.decode(mallory.socket.recv_multipart())
+                if message.type is MessageType.FINISH:
+                    mallory.leave("mallory")
+                    return time.monotonic() - started
+    raise AssertionError(f"the run did not end within {limit_s}s")
+
+
+# --- 1. an upload slot held --------------------------------------------------------------------------
+
+def test_a_granted_client_that_says_ready_again_and_again_loses_its_slot_at_its_allowance(
+        tmp_path, processes, shards):
+    """The review kept round 1 open for 40 s and counting (round timeout 8 s) by repeating
+    UPLOAD_READY every few seconds while holding the only slot. Now each repeat is answered with the
+    grant, due when it first was: mallory is dropped 15 s (the grace; its update is 8 kB) after its
+    grant, and the two sites, waiting in line, upload."""
+    grants = []
+
+    def act(mallory, fit, weights):
+        mallory.send(_ready(fit, weights))
+        grant = mallory.receive(timeout_s=30, skip=(MessageType.EVALUATE,))
+        assert grant.type is MessageType.UPLOAD_GRANT
+        grants.append(time.monotonic())
+        held = _until_finished(mallory, 1.0, lambda: mallory.send(_ready(fit, weights)))
+        print(f"\nmallory repeated UPLOAD_READY every 1 s while granted; the run ended {held:.1f}s after its grant")
+
+    log, record = mallory_round(processes, shards, tmp_path / "logs", act, "--epochs", "20",
+                                "--max-inflight-updates", "1", "--round-timeout", "60")
+    assert record["clients"] == ["site-1", "site-2"]
+    assert record["dropped"]["mallory"].startswith("its granted upload did not arrive within 15.")
+    assert record["duration_s"] < 50  # not the round timeout (60 s), and not forever
+    assert "Traceback" not in log
+
+
+def test_chunks_dripped_slowly_do_not_extend_an_upload(tmp_path, processes, shards):
+    """One chunk every 4 s, each well before any deadline of its own: the upload as a whole is due
+    15 s after its grant and is dropped then; what mallory sends after that is not kept."""
+    def act(mallory, fit, weights):
+        mallory.send(_ready(fit, weights))
+        grant = mallory.receive(timeout_s=30, skip=(MessageType.EVALUATE,))
+        assert grant.type is MessageType.UPLOAD_GRANT
+        drip = iter(chunked_update(fit, weights))
+        _until_finished(mallory, 4.0, lambda: mallory.send(next(drip, _ready(fit, weights))))
+
+    log, record = mallory_round(processes, shards, tmp_path / "logs", act, "--epochs", "20",
+                                "--max-inflight-updates", "1", "--round-timeout", "60")
+    assert record["clients"] == ["site-1", "site-2"]
+    assert record["dropped"]["mallory"].startswith("its granted upload did not arrive within 15.")
+    assert record["duration_s"] < 50
+    assert "Traceback" not in log
