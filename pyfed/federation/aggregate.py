@@ -51,6 +51,17 @@ class EncodedUpdate(Sequence):
     def encoded_bytes(self) -> int:
         return sum(compression.encoded_bytes(g) for g in self.groups)
 
+    def why_unusable(self) -> str | None:
+        """Why the weights this update stands for are not finite in the model's dtypes (a change that
+        decodes beyond them), or None: checked a chunk at a time, before it touches a sum or a clip."""
+        for index, (base, group) in enumerate(zip(self.global_weights, self.groups)):
+            codec = self.codec_of(index)
+            reason = (compression.why_decoded_unusable(base, group, codec) if codec is not UpdateCompression.NONE
+                      else None)
+            if reason:
+                return f"its array {index}: {reason}"
+        return None
+
 
 def _chunks(size: int, chunk: int):
     """``(start, stop)`` of consecutive slices of at most ``chunk`` elements covering ``size``."""

@@ -878,6 +878,9 @@ class RoundEngine:
                     answer.arrays = EncodedUpdate(self.weights, compression.split(
                         answer.arrays, codec, self.specs, self.plan.topk_fraction), codec)
                 protocol.check_history(answer.body["history"], self.plan.epochs)
+                unusable = self._why_update_unusable(answer.arrays)
+                if unusable:
+                    return f"its update is unusable: {unusable}"
             else:
                 if answer.kind is MessageType.SECAGG_MASKED:
                     protocol.check_history(answer.body["history"], self.plan.epochs)
@@ -891,6 +894,17 @@ class RoundEngine:
             if claimed > self.max_examples:
                 return f"claims {claimed} examples, more than --max-examples {self.max_examples}"
         return None
+
+
+    def _why_update_unusable(self, arrays: Sequence[np.ndarray]) -> str | None:
+        """What would make a new global model unusable, looked for in one update before it is folded:
+        weights an encoded change decodes to beyond the model's dtypes (the review's int8 scale of
+        3e38), or outputs that are not finite (the probe, on a few test examples). Such an update is
+        refused and its sender dropped, and the round keeps the honest updates."""
+        reason = arrays.why_unusable() if isinstance(arrays, EncodedUpdate) else None
+        if reason is None and self._probe is not None:
+            reason = self._probe(list(arrays))  # an encoded update is decoded for it: one model copy, then freed
+        return reason
 
 
 def _parse_summary_clients(raw: Any) -> dict[str, dict[str, Any]]:

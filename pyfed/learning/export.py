@@ -25,6 +25,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from pyfed.learning.model import model_lock
 from pyfed.persistence.files import staged_beside, write_atomic, write_json_atomic
 
 log = logging.getLogger("pyfed.export")
@@ -95,6 +96,10 @@ class ModelFiles:
         return {name: dict(entry) if entry else None for name, entry in self._written.items()}
 
     def __call__(self, weights: Sequence[np.ndarray], server_round: int, is_best: bool) -> None:
+        with model_lock(self.model):
+            self._write(weights, server_round, is_best)
+
+    def _write(self, weights: Sequence[np.ndarray], server_round: int, is_best: bool) -> None:
         self.model.set_weights(list(weights))
         save_keras(self.model, self.latest_path)
         self._written["latest"] = {"file": f"{self.directory.name}/{LATEST}", "round": int(server_round)}

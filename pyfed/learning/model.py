@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import sys
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -133,6 +134,14 @@ def wire_model(model: keras.Model) -> WireModel:
 
 
 PROBE_EXAMPLES = 64
+_MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def model_lock(model: keras.Model) -> threading.RLock:
+    """The lock of ``model``'s weights: whoever sets them and then uses the model holds it, so the
+    server's evaluation and model files (the persister's thread) and the probe of an arriving update
+    (the engine's thread) never see each other's weights."""
+    return _MODEL_LOCKS.setdefault(model, threading.RLock())
 
 
 class Evaluator:
@@ -149,12 +158,14 @@ class Evaluator:
     def __call__(self, weights: Sequence[np.ndarray]) -> tuple[float, float | None]:
         if self._dataset is None:
             self._dataset = evaluation_dataset(self.x, self.y)
-        self.model.set_weights(list(weights))  # every time: a simulation's trainers share this model
-        return evaluate(self.model, self._dataset)
+        with model_lock(self.model):
+            self.model.set_weights(list(weights))  # every time: a simulation's trainers share this model
+            return evaluate(self.model, self._dataset)
 
     def probe(self, weights: Sequence[np.ndarray]) -> str | None:
-        self.model.set_weights(list(weights))
-        outputs = np.asarray(self.model.predict_on_batch(self.x[:PROBE_EXAMPLES]))  # compiled: 12 -> 5 ms
+        with model_lock(self.model):
+            self.model.set_weights(list(weights))
+            outputs = np.asarray(self.model.predict_on_batch(self.x[:PROBE_EXAMPLES]))  # compiled: 12 -> 5 ms
         if not np.isfinite(outputs).all():
             return f"its outputs on {min(len(self.x), PROBE_EXAMPLES)} test examples are not finite"
         return None

@@ -35,6 +35,9 @@ INT8_BLOCK = 4096  # elements per int8 scale: 4 bytes of scale per 4 KiB of valu
 INT8_LEVELS = 127  # q in [-127, 127]
 FOLD_CHUNK = 262_144  # elements folded at a time (a multiple of INT8_BLOCK)
 FP16_MAX = float(np.finfo(np.float16).max)
+#: The largest int8 scale an encoder makes: max|x| / 127 for a float32 change x. A larger scale stands
+#: for values float32 cannot hold (the review's scale of 3e38 decoded to infinity).
+INT8_MAX_SCALE = float(np.finfo(np.float32).max) / INT8_LEVELS
 
 ArraySpec = tuple[str, tuple[int, ...]]
 
@@ -149,6 +152,9 @@ def check(frames: Sequence[np.ndarray], codec: UpdateCompression | BroadcastComp
     if codec is UpdateCompression.INT8:
         if (frames[1] < 0).any():
             raise CompressionError("int8 scales must not be negative")
+        if (frames[1] > INT8_MAX_SCALE).any():
+            raise CompressionError(f"an int8 scale of {float(frames[1].max()):.3g} stands for values beyond float32 "
+                                   f"(at most {INT8_MAX_SCALE:.3g})")
         if (frames[0] == -128).any():
             raise CompressionError(f"int8 values lie in [-{INT8_LEVELS}, {INT8_LEVELS}]; -128 is not one")
     if codec is UpdateCompression.TOPK and frames[0].size:
@@ -179,6 +185,35 @@ def fold(total: np.ndarray, frames: Sequence[np.ndarray], codec: UpdateCompressi
             block_scales = frames[1][start // INT8_BLOCK: -(-stop // INT8_BLOCK)]
             part *= np.repeat(block_scales.astype(np.float64), INT8_BLOCK)[: stop - start]
         total[start:stop] += part
+
+
+def why_decoded_unusable(base: np.ndarray, frames: Sequence[np.ndarray],
+                         codec: UpdateCompression | BroadcastCompression) -> str | None:
+    """Why ``base + decode(frames)`` (the weights an encoded change stands for) does not hold finite
+    values of ``base``'s dtype, or None: checked a chunk at a time, no dense copy. ``frames`` must
+    have passed :func:`check`."""
+    codec = UpdateCompression(codec.value)
+    limit = float(np.finfo(base.dtype).max)
+    flat = np.asarray(base).reshape(-1)
+    if codec is UpdateCompression.TOPK:
+        indices, values = frames
+        moved = flat[indices].astype(np.float64) + values.astype(np.float64)
+        bad = np.flatnonzero(~(np.abs(moved) <= limit))
+        return (f"element {int(indices[bad[0]])} decodes to {float(moved[bad[0]]):.3g}, beyond {base.dtype}"
+                if bad.size else None)
+    scratch = np.empty(min(FOLD_CHUNK, max(flat.size, 1)), np.float64)
+    for start in range(0, flat.size, FOLD_CHUNK):
+        stop = min(start + FOLD_CHUNK, flat.size)
+        part = scratch[: stop - start]
+        part[:] = frames[0].reshape(-1)[start:stop]
+        if codec is UpdateCompression.INT8:
+            block_scales = frames[1][start // INT8_BLOCK: -(-stop // INT8_BLOCK)]
+            part *= np.repeat(block_scales.astype(np.float64), INT8_BLOCK)[: stop - start]
+        part += flat[start:stop]
+        bad = np.flatnonzero(~(np.abs(part) <= limit))
+        if bad.size:
+            return f"element {start + int(bad[0])} decodes to {float(part[bad[0]]):.3g}, beyond {base.dtype}"
+    return None
 
 
 def decode(frames: Sequence[np.ndarray], codec: UpdateCompression | BroadcastCompression,

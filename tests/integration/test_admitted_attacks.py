@@ -79,3 +79,44 @@ def test_chunks_dripped_slowly_do_not_extend_an_upload(tmp_path, processes, shar
     assert record["dropped"]["mallory"].startswith("its granted upload did not arrive within 15.")
     assert record["duration_s"] < 50
     assert "Traceback" not in log
+
+
+# --- 2. int8 scales past the norm bound and DP clipping ---------------------------------------------
+
+def _int8_update(fit: Message, weights, scale: float) -> list:
+    """An int8 UPDATE whose every value is 127 at ``scale`` (its frames well-formed for the model)."""
+    from pyfed.wire.compression import int8_blocks
+
+    frames = []
+    for w in weights:
+        frames += [np.full(w.shape, 127, np.int8), np.full(int8_blocks(w.size), scale, np.float32)]
+    return protocol.encode(Message(MessageType.UPDATE, round=fit.round, client_id="mallory", arrays=frames,
+                                   body={"attempt": 1, "num_examples": 100, "fit_s": 0.1, "history": {},
+                                         "encoding": "int8"}))
+
+
+@pytest.mark.parametrize("scale, flags, reason", [
+    (3e38, ("--max-update-norm", "5"),
+     "array 0: an int8 scale of 3e+38 stands for values beyond float32 (at most 2.68e+36)"),
+    (2.6e36, ("--dp-noise-multiplier", "0.3"),  # decodes to 3.3e38, finite in float32: the probe sees it
+     "its update is unusable: its outputs on 64 test examples are not finite"),
+], ids=["beyond-float32-norm-bound", "finite-but-unusable-dp"])
+def test_an_int8_update_whose_scales_blow_up_is_refused_before_it_touches_a_clip_or_the_sum(
+        tmp_path, processes, shards, scale, flags, reason):
+    """The review's int8 update (q = 127, scale 3e38) decoded to infinity: the norm bound logged
+    "norm inf; scaled to 5", clipping gave NaN, and every round's model was refused, while DP
+    charged epsilon for each. Now each update is checked before it is folded or clipped: it is
+    refused, mallory is dropped, and the round's model (the honest two's) is accepted."""
+    def act(mallory, fit, weights):
+        mallory.upload(_int8_update(fit, weights, scale))
+
+    log, record = mallory_round(processes, shards, tmp_path / "logs", act, "--epochs", "20",
+                                "--update-compression", "int8", *flags)
+    assert record["dropped"] == {"mallory": f"answer refused: {reason}"}
+    assert record["clients"] == ["site-1", "site-2"] and record["refused"] is None
+    assert "norm inf" not in log and "refused the new global model" not in log
+    if "--dp-noise-multiplier" in flags:
+        assert record["privacy"]["epsilon"] > 0  # one release, of the honest two's noised mean
+    else:
+        assert record["test_accuracy"] > 0.8
+    print(f"\nint8 scale {scale:g}: refused ({reason}); round accepted, test accuracy {record['test_accuracy']:.3f}")

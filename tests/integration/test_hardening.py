@@ -148,13 +148,14 @@ def test_bad_files_in_the_key_directory_do_not_stop_admission_and_sigterm_still_
 
 # --- 3. poisoned updates ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("strategy, extra", [("fedavg", ()), ("fedavgm", ()), ("fedavg", ("--max-update-norm", "10"))],
-                         ids=["fedavg", "fedavgm", "fedavg-norm-bound"])
+@pytest.mark.parametrize("strategy, extra", [("fedavgm", ()), ("fedavg", ("--max-update-norm", "10"))],
+                         ids=["fedavgm", "fedavg-norm-bound"])
 def test_a_poisoned_update_cannot_poison_the_run(tmp_path, processes, shards, strategy, extra):
     """An admitted client claims 2^53 examples (refused: it declared 100 at JOIN), then sends values
-    near float32's maximum. FedAvg's mean of that is finite but useless, FedAvgM's can overflow:
-    the server refuses such a model and keeps the previous one, naming the contributors; with
-    --max-update-norm the update is clipped instead. Either way the run ends finite and useful."""
+    near float32's maximum. Folded in, they made FedAvg's mean useless and FedAvgM's overflow, and the
+    round's model was refused whole (Hardening I). Now the update itself is probed before it is folded
+    (its outputs on a few test examples are not finite): it is refused, mallory is dropped, and the
+    round keeps the honest updates, whatever the strategy or the norm bound."""
     logdir, address = tmp_path / "logs", f"tcp://127.0.0.1:{free_port()}"
     server = start_server(processes, shards, logdir, address, "--rounds", "4", "--min-clients", "4",
                           "--min-fit-clients", "3", "--epochs", "10", "--strategy", strategy, *extra)
@@ -180,20 +181,16 @@ def test_a_poisoned_update_cannot_poison_the_run(tmp_path, processes, shards, st
     rounds = summary["rounds"]
     assert rounds[0]["dropped"]["mallory"] == ("answer refused: claims 9007199254740992 examples but declared "
                                                "100 when it joined")
-    assert rounds[1]["clients"] == ["mallory", "site-1", "site-2", "site-3"]
-    log_text = server.log_path.read_text()
-    if extra:  # clipped: the round counts, and the model stays good
-        assert rounds[1]["refused"] is None and "update from mallory has norm" in log_text
-    else:
-        assert rounds[1]["refused"] and rounds[1]["test_accuracy"] == rounds[0]["test_accuracy"]
-        assert ("refused the new global model" in log_text
-                and "Contributing clients: mallory, site-1, site-2, site-3" in log_text)
+    assert rounds[1]["clients"] == ["site-1", "site-2", "site-3"] and rounds[1]["refused"] is None
+    assert rounds[1]["dropped"]["mallory"] == ("answer refused: its update is unusable: its outputs on 64 test "
+                                               "examples are not finite")
+    assert rounds[1]["test_accuracy"] >= 0.8  # the round's model is the honest three's
     final = load_state(list_checkpoints(logdir / "checkpoints")[-1])["weights"]
     assert all(np.isfinite(w).all() for w in final)
     assert summary["final"]["test_accuracy"] >= 0.8
     no_traceback(server)
-    print(f"\n{strategy}{' + norm bound' if extra else ''}: round 2 {'clipped' if extra else 'refused'} "
-          f"({rounds[1]['refused']}); final accuracy {summary['final']['test_accuracy']:.3f}")
+    print(f"\n{strategy}{' + norm bound' if extra else ''}: mallory's update refused before folding; round 2 "
+          f"accuracy {rounds[1]['test_accuracy']:.3f}; final accuracy {summary['final']['test_accuracy']:.3f}")
 
 
 # --- 4. rounds that could wait forever ----------------------------------------------------------------

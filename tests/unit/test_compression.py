@@ -9,6 +9,8 @@ from pyfed.wire import compression
 from pyfed.wire.compression import (INT8_BLOCK, CompressionError, ErrorFeedback, UpdateCompression, check, decode,
                                     encode, fold, frame_specs, topk_count)
 
+pytestmark = pytest.mark.unit
+
 SHAPES = [(3,), (64, 32), (INT8_BLOCK + 5,), (2, 3, 4, 5), (0,)]
 
 
@@ -143,6 +145,7 @@ def test_malformed_frames_are_refused_naming_what_is_wrong():
     bad([int8[0]], UpdateCompression.INT8, match="2 frame")
     bad([int8[0], np.array([-1.0], np.float32)], UpdateCompression.INT8, match="negative")
     bad([int8[0], np.array([np.nan], np.float32)], UpdateCompression.INT8, match="NaN")
+    bad([int8[0], np.array([3e38], np.float32)], UpdateCompression.INT8, match="beyond float32")
     bad([np.full((10, 10), -128, np.int8), int8[1]], UpdateCompression.INT8, match="-128")
     bad([int8[0], np.ones(2, np.float32)], UpdateCompression.INT8, match=r"float32\[1\]")
     bad([topk[0][:5], topk[1][:5]], UpdateCompression.TOPK, match=r"uint32\[10\]")  # k is fixed by the plan
@@ -155,6 +158,30 @@ def test_malformed_frames_are_refused_naming_what_is_wrong():
     bad([repeated, topk[1]], UpdateCompression.TOPK, match="strictly increasing")
     bad([topk[0][::-1].copy(), topk[1]], UpdateCompression.TOPK, match="strictly increasing")
     bad([topk[0], np.full(10, np.nan, np.float32)], UpdateCompression.TOPK, match="NaN")
+
+
+def test_a_change_that_decodes_beyond_the_models_dtype_is_named_before_it_is_folded():
+    """What an encoded change stands for (global + change) must be finite float32: the review's
+    int8 scale of 3e38 is refused by the check; a scale just inside it or a top-k value that lands
+    beyond float32 on a large global weight, by this scan, which names the element."""
+    base = np.zeros(INT8_BLOCK + 10, np.float32)
+    q = np.zeros(base.size, np.int8)
+    q[INT8_BLOCK + 3] = 127
+    scales = np.array([1.0, 2.6e36], np.float32)  # 127 * 2.6e36 = 3.3e38: within float32
+    check([q, scales], UpdateCompression.INT8, ("float32", base.shape))
+    assert compression.why_decoded_unusable(base, [q, scales], UpdateCompression.INT8) is None
+    base[INT8_BLOCK + 3] = 3e37  # ... but not on top of this weight
+    assert compression.why_decoded_unusable(base, [q, scales], UpdateCompression.INT8) == (
+        f"element {INT8_BLOCK + 3} decodes to 3.6e+38, beyond float32")
+    top = [np.array([2, INT8_BLOCK + 3], np.uint32), np.array([1.0, 3.3e38], np.float32)]
+    assert compression.why_decoded_unusable(base, top, UpdateCompression.TOPK) == (
+        f"element {INT8_BLOCK + 3} decodes to 3.6e+38, beyond float32")
+    half = np.zeros(base.shape, np.float16)
+    half[7] = 60000
+    base[7] = np.finfo(np.float32).max  # half precision's largest change is lost in float32's largest value
+    assert compression.why_decoded_unusable(base, [half], UpdateCompression.FP16) is None
+    assert compression.why_decoded_unusable(np.zeros(3, np.float32), [np.zeros(3, np.float16)],
+                                            UpdateCompression.FP16) is None
 
 
 def test_what_cannot_be_encoded_is_refused():

@@ -94,7 +94,7 @@ class FakePool:
                 if isinstance(event, Answer) and event.kind is MessageType.UPDATE:
                     self.held.setdefault((event.client_id, event.round, event.attempt), event)
                     event = Answer(event.client_id, MessageType.UPLOAD_READY, event.round, event.attempt,
-                                   {"attempt": event.attempt, "bytes": sum(w.nbytes for w in request.weights)})
+                                   {"attempt": event.attempt, "bytes": sum(a.nbytes for a in event.arrays)})
                 self.events.append(event.answer if isinstance(event, Unannounced) else event)
         elif isinstance(request, GrantRequest):
             self.timeline.append(("grant", client_id))
@@ -495,6 +495,63 @@ def test_the_model_is_exported_after_each_evaluation_and_best_marks_the_best_rou
     assert export.calls == [(1, 1.0, True), (2, 1.0, False), (4, 1.0, True)]
     assert "round 3: could not write the model files (OSError" in caplog.text  # the run went on
     assert run.completed_rounds == 4
+
+
+class ProbingEvaluate:
+    """A test-data evaluation whose probe finds weights of 9.0 unusable (their outputs not finite)."""
+
+    def __init__(self):
+        self.probed: list[float] = []
+
+    def __call__(self, weights):
+        return float(weights[0][0, 0]), None
+
+    def probe(self, weights):
+        self.probed.append(float(weights[0][0, 0]))
+        return "its outputs on 64 test examples are not finite" if weights[0][0, 0] == 9.0 else None
+
+
+def test_an_update_that_would_make_the_model_unusable_is_refused_before_it_is_folded():
+    """Whatever would make the round's model refusable is looked for in each update: the one whose
+    outputs are not finite is refused and its sender dropped; the round keeps the honest update,
+    instead of the whole round's model being refused."""
+    clock = Clock()
+    pool = FakePool({"a": answers(1.0), "bad": answers(9.0), "c": answers(3.0)}, clock)
+    evaluate = ProbingEvaluate()
+    run = engine(pool, clock, evaluate=evaluate)
+    record = run.run()[0]
+    assert record.clients == ["a", "c"] and record.refused is None
+    assert record.dropped == {"bad": "answer refused: its update is unusable: its outputs on 64 test examples "
+                                     "are not finite"}
+    assert any(cid == "bad" and "unusable" in reason for cid, reason in pool.refused)
+    np.testing.assert_allclose(run.weights[0], 2.0)
+    assert sorted(evaluate.probed) == [1.0, 2.0, 3.0, 9.0]  # each update, then the new model
+
+
+def test_an_int8_update_that_decodes_beyond_float32_is_refused_naming_the_element():
+    from pyfed.wire.compression import int8_blocks
+
+    def huge(cid, request):
+        frames = [f for w in request.weights for f in (np.full(w.shape, 127, np.int8),
+                                                        np.full(int8_blocks(w.size), 2.6e36, np.float32))]
+        body = {"num_examples": 10, "fit_s": 0.5, "history": {"loss": [1.0, 0.5]}, "encoding": "int8"}
+        return [Answer(cid, MessageType.UPDATE, request.round, request.attempt, body, frames)]
+
+    def honest(cid, request):
+        frames = [f for w in request.weights for f in (np.zeros(w.shape, np.int8),
+                                                        np.zeros(int8_blocks(w.size), np.float32))]
+        body = {"num_examples": 10, "fit_s": 0.5, "history": {"loss": [1.0, 0.5]}, "encoding": "int8"}
+        return [Answer(cid, MessageType.UPDATE, request.round, request.attempt, body, frames)]
+
+    clock = Clock()
+    weights = [np.full((2, 2), 1e38, np.float32), np.zeros(2, np.float32)]  # 1e38 + 127 * 2.6e36 > float32
+    pool = FakePool({"a": honest, "huge": huge}, clock)
+    run = RoundEngine(pool, weights, clock=clock, rounds=1, plan=FitPlan(epochs=2, update_compression="int8"),
+                      strategy=FedAvg(), round_timeout=RoundTimeout(100.0, 2))
+    record = run.run()[0]
+    assert record.clients == ["a"]
+    assert record.dropped == {"huge": "answer refused: its update is unusable: its array 0: element 0 decodes to "
+                                      "4.3e+38, beyond float32"}
 
 
 def test_a_privacy_budget_ends_the_run_cleanly_and_every_round_records_its_epsilon():
