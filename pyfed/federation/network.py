@@ -61,11 +61,11 @@ class NetworkPool:
         self.registry = Registry(num_shards, join_rate, **({"max_ids_per_key": max_ids_per_key}
                                                            if max_ids_per_key else {}))
         self.endpoint: str | None = None
-        self._encoding = ({"encoding": plan.broadcast_compression}
-                          if plan.broadcast_compression != compression.BroadcastCompression.NONE.value else {})
-        self._published: Sequence[np.ndarray] = model.weights
-        self._weights: list[np.ndarray] = self._broadcast(model.weights)  # as sent: WELCOME, FIT, EVALUATE
         self._round = 0
+        self._full_precision = False  # the plan's broadcast compression cannot hold the current model
+        self._published: Sequence[np.ndarray] = model.weights
+        # as sent: WELCOME, FIT, EVALUATE, and the body field that says how ({} in full precision)
+        self._weights, self._encoding = self._broadcast(model.weights)
         self._encoded: dict[tuple, list] = {}
         self._rejections = RateLimitedLog(log)
         self._finishing = False
@@ -108,14 +108,26 @@ class NetworkPool:
         return ClientInfo(record.shard, record.num_examples) if record else ClientInfo()
 
     def publish(self, weights: Sequence[np.ndarray], server_round: int) -> None:
-        self._published, self._weights, self._round = weights, self._broadcast(weights), server_round
+        self._published, self._round = weights, server_round
+        self._weights, self._encoding = self._broadcast(weights)
         self._encoded.clear()
         self._granted.clear()  # a round is over: its grants, and the buffers of unfinished uploads, go
         self._uploads.clear()
 
-    def _broadcast(self, weights: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """The global model as clients get it (the plan's broadcast_compression), made once per round."""
-        return compression.encode_broadcast(weights, self.plan.broadcast_compression)
+    def _broadcast(self, weights: Sequence[np.ndarray]) -> tuple[list[np.ndarray], dict[str, str]]:
+        """The global model as clients get it (the plan's broadcast_compression), made once per round,
+        and the body field that declares its encoding. A model half precision cannot hold goes out in
+        full precision that round (said once), never stopping the server."""
+        arrays, used, why_not = compression.broadcast(weights, self.plan.broadcast_compression)
+        if (why_not is not None) != self._full_precision:
+            self._full_precision = why_not is not None
+            if why_not is not None:
+                log.warning("the global model of round %d cannot travel in %s (%s): it is sent in full precision "
+                            "until it can", self._round, self.plan.broadcast_compression, why_not)
+            else:
+                log.info("the global model of round %d is sent in %s again", self._round,
+                         self.plan.broadcast_compression)
+        return arrays, ({"encoding": used.value} if used is not compression.BroadcastCompression.NONE else {})
 
     def send(self, client_id: str, request: Request) -> Delivery:
         record = self.registry.clients.get(client_id)
@@ -140,15 +152,16 @@ class NetworkPool:
         else:
             key = ("evaluate", request.round)
         if key not in self._encoded:
-            arrays = self._weights if request.weights is self._published else self._broadcast(request.weights)
+            arrays, encoding = ((self._weights, self._encoding) if request.weights is self._published
+                                else self._broadcast(request.weights))
             if isinstance(request, FitRequest):
                 message = Message(MessageType.FIT, round=request.round, arrays=arrays,
                                   body={"plan": request.plan.to_body(), "attempt": request.attempt, "run": request.run,
                                         **({"secagg": dict(request.secagg)} if request.secagg is not None else {}),
-                                        **self._encoding})
+                                        **encoding})
             else:
                 message = Message(MessageType.EVALUATE, round=request.round, arrays=arrays,
-                                  body={"run": request.run, **self._encoding})
+                                  body={"run": request.run, **encoding})
             self._encoded[key] = protocol.encode(message)
         return self._encoded[key]
 

@@ -352,6 +352,18 @@ def encode_broadcast(weights: Sequence[np.ndarray], codec: BroadcastCompression 
     return encoded
 
 
+def broadcast(weights: Sequence[np.ndarray], codec: BroadcastCompression | str
+              ) -> tuple[list[np.ndarray], BroadcastCompression, str | None]:
+    """The global model as it goes out this round: encoded under ``codec`` when it can be, else its
+    arrays as they are (a weight beyond half precision's range: fp16 cannot hold this model, so
+    this round's model travels in full precision). Returns (arrays, the codec used, why not ``codec``)."""
+    codec = BroadcastCompression(codec)
+    try:
+        return encode_broadcast(weights, codec), codec, None
+    except CompressionError as error:
+        return list(weights), BroadcastCompression.NONE, str(error)
+
+
 def decode_broadcast(arrays: Sequence[np.ndarray], codec: BroadcastCompression | str,
                      specs: Sequence[ArraySpec]) -> list[np.ndarray]:
     """The global model from what the server sent under ``codec``, checked against the model's
@@ -371,7 +383,7 @@ def decode_broadcast(arrays: Sequence[np.ndarray], codec: BroadcastCompression |
 
 def as_received(weights: Sequence[np.ndarray], codec: BroadcastCompression | str) -> list[np.ndarray]:
     """The global model as a client decodes it after a broadcast under ``codec`` (for in-process clients)."""
-    if BroadcastCompression(codec) is BroadcastCompression.NONE:
-        return list(weights)
-    return decode_broadcast(encode_broadcast(weights, codec), codec,
-                            [(a.dtype.str.lstrip("<>|="), a.shape) for a in weights])
+    arrays, used, _ = broadcast(weights, codec)
+    if used is BroadcastCompression.NONE:
+        return arrays
+    return decode_broadcast(arrays, used, [(a.dtype.str.lstrip("<>|="), a.shape) for a in weights])

@@ -5,6 +5,7 @@ a live server on loopback, with the expected behaviour asserted. ``pytest -s`` p
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from pyfed.wire import protocol
 from pyfed.wire.protocol import Message, MessageType
 from tests.integration.support import chunked_update, mallory_round
+from tests.integration.support import update as _update
 
 pytestmark = pytest.mark.integration
 
@@ -120,3 +122,33 @@ def test_an_int8_update_whose_scales_blow_up_is_refused_before_it_touches_a_clip
     else:
         assert record["test_accuracy"] > 0.8
     print(f"\nint8 scale {scale:g}: refused ({reason}); round accepted, test accuracy {record['test_accuracy']:.3f}")
+
+
+# --- 3. a model half precision cannot hold ------------------------------------------------------------
+
+def test_a_model_beyond_half_precision_is_broadcast_in_full_precision_and_the_server_never_exits(
+        tmp_path, processes, shards):
+    """--broadcast-compression fp16: mallory's finite update pushes an output bias past 65504 (its
+    outputs stay finite, so the round's model is accepted). Publishing it raised CompressionError and
+    the server exited 1 before the round was checkpointed. Now round 2's FIT goes out in float32 (no
+    encoding field), said once; the honest sites train from it and the run ends."""
+    seen = {}
+
+    def act(mallory, fit, weights):
+        weights = [w.astype(np.float32) for w in weights]  # what mallory got was half precision
+        poisoned = [*weights[:-1], weights[-1] + np.float32(2e6)]  # 100 of 1,059 examples: a mean of 1.9e5
+        mallory.upload(_update(fit.round, poisoned))
+        fit2 = mallory.receive(timeout_s=120, skip=(MessageType.EVALUATE,))
+        assert (fit2.type, fit2.round) == (MessageType.FIT, 2)
+        seen["encoding"], seen["dtype"] = fit2.body.get("encoding"), fit2.arrays[-1].dtype
+        seen["bias"] = float(np.abs(fit2.arrays[-1]).max())
+        mallory.leave("mallory")
+
+    log, _ = mallory_round(processes, shards, tmp_path / "logs", act, "--epochs", "5", "--rounds", "2",
+                           "--broadcast-compression", "fp16")
+    assert seen["encoding"] is None and seen["dtype"] == np.float32 and seen["bias"] > 65504
+    assert log.count("cannot travel in fp16") == 1 and "sent in full precision" in log
+    rounds = json.loads((tmp_path / "logs" / "summary.json").read_text())["rounds"]
+    assert [r["round"] for r in rounds] == [1, 2] and rounds[1]["clients"] == ["site-1", "site-2"]
+    assert "Traceback" not in log
+    print(f"\nround 2's model (an output bias of {seen['bias']:.3g}) went out in float32; the run finished")

@@ -258,3 +258,15 @@ def test_a_broadcast_in_half_precision_decodes_to_the_models_dtypes_and_bad_ones
         decode_broadcast([np.full((64, 32), np.nan, np.float16), sent[1]], "fp16", specs)
     with pytest.raises(CompressionError, match="global array 0: .*beyond half precision"):
         encode_broadcast([np.array([1e6], np.float32)], "fp16")
+
+
+def test_a_model_half_precision_cannot_hold_is_broadcast_as_it_is_saying_why():
+    from pyfed.wire.compression import BroadcastCompression, as_received, broadcast
+
+    small = [np.array([1.5, -2.0], np.float32)]
+    arrays, used, why_not = broadcast(small, "fp16")
+    assert used is BroadcastCompression.FP16 and arrays[0].dtype == np.float16 and why_not is None
+    large = [np.array([1.5, 7e4], np.float32), np.array([3], np.int64)]
+    arrays, used, why_not = broadcast(large, "fp16")
+    assert used is BroadcastCompression.NONE and arrays[0] is large[0] and "beyond half precision" in why_not
+    assert as_received(large, "fp16")[0] is large[0]  # an in-process client gets what the wire would carry
