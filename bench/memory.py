@@ -13,6 +13,8 @@ do; a server without them (an older checkout) gets whole UPDATEs at once. A thre
 Reported per N: the server's RSS as round 1's uploads begin (its idle level: the model loaded and
 sent, nothing received), its peak from then to the end of the run, the rise in model copies, the
 rise over the N=2 rise, and the round's duration from summary.json (the median over the rounds).
+``--server-args`` adds server flags: with ``--dp-noise-multiplier`` the rounds are differentially
+private (each update clipped and summed, the sum noised), the aggregation the memory plan must hold too.
 """
 
 from __future__ import annotations
@@ -204,8 +206,11 @@ if __name__ == "__main__":
     parser.add_argument("--label", default="this checkout")
     parser.add_argument("--name", default="memory", help="the name of the results (bench/<NAME>.md and .json)")
     parser.add_argument("--max-inflight-updates", help="passed to the server (a checkout that has it)")
+    parser.add_argument("--server-args", default="",
+                        help="more flags for the server, e.g. --server-args='--dp-noise-multiplier 1' for a DP round")
     args = parser.parse_args()
     server_args = ["--max-inflight-updates", args.max_inflight_updates] if args.max_inflight_updates else []
+    server_args += args.server_args.split()
     results = run(args.clients, "build_huge" if args.huge else "build_large", args.rounds, args.label, server_args)
     data = {k: v for k, v in results.items() if k != "_markdown"}
     emit(args.name, data, results["_markdown"])

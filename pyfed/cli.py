@@ -80,6 +80,7 @@ def _on_stop_signals(handler: Any) -> None:
 
 def run_server(config: ServerConfig) -> int:
     from pyfed.persistence.files import CheckpointError
+    from pyfed.persistence.ledger import LedgerError
     from pyfed.learning.data import DataError, load_shard
     from pyfed.learning.model import ModelError, default_model, describe_model, evaluator, load_model_spec, wire_model
     from pyfed.federation.server import Server
@@ -140,6 +141,8 @@ def run_server(config: ServerConfig) -> int:
         server.run()
     except CheckpointError as error:
         raise UsageError(f"cannot resume: {error}") from None
+    except LedgerError as error:
+        raise UsageError(f"cannot start: {error}") from None
     return 0
 
 
@@ -260,7 +263,7 @@ def private_strategy(strategy: Any, config: PrivacySettings, *, rounds: int, pop
     from pyfed.federation.strategy.dp import AdaptiveClipping, DifferentialPrivacy
 
     adaptive = AdaptiveClipping(config.dp_adaptive_quantile) if config.dp_adaptive_quantile is not None else None
-    ledger = PrivacyLedger(config.dp_target_delta, config.dp_target_epsilon)
+    ledger = PrivacyLedger(config.dp_target_delta, config.dp_target_epsilon, override=config.dp_override_ledger)
     try:
         dp = DifferentialPrivacy(strategy, noise_multiplier=config.dp_noise_multiplier or 1.0,
                                  clip_norm=config.dp_clip_norm, fraction=fraction, ledger=ledger,
@@ -390,6 +393,7 @@ def run_simulate(config: SimulateConfig) -> int:
     from pyfed.federation.engine import EngineStopping
     from pyfed.federation.simulation import Simulation
     from pyfed.persistence.files import CheckpointError
+    from pyfed.persistence.ledger import LedgerError
 
     strategy = build_strategy(config, config.clients, "--clients / NUM_CLIENTS")
     strategy = private_strategy(strategy, config, rounds=config.rounds, population=config.clients,
@@ -423,6 +427,8 @@ def run_simulate(config: SimulateConfig) -> int:
         simulation.run()
     except CheckpointError as error:
         raise UsageError(f"cannot resume: {error}") from None
+    except LedgerError as error:
+        raise UsageError(f"cannot start: {error}") from None
     except EngineStopping as stopping:
         log.info("stopped (%s) after %d completed rounds; the same command resumes from the last checkpoint",
                  stopping, simulation.engine.completed_rounds)

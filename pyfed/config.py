@@ -343,6 +343,12 @@ class PrivacySettings:
         "clip norms to its own clipped update before sending (implies --dp-clipping client); a weaker, per-client "
         "guarantee, accounted separately (privacy/local_epsilon; each client logs its own)")
 
+    dp_override_ledger: bool = setting(
+        False, "--dp-override-ledger", "DP_OVERRIDE_LEDGER", boolean,
+        "differential privacy: start although the privacy ledger (LOGDIR/privacy-ledger.jsonl) cannot be read (it is "
+        "set aside, and what it recorded is no longer counted), or although resuming would run rounds it records as "
+        "released again (they are counted again)")
+
     def private(self) -> bool:
         return self.dp_noise_multiplier is not None or self.dp_target_epsilon is not None
 

@@ -325,6 +325,36 @@ def update_norm(weights: Sequence[np.ndarray], global_weights: Sequence[np.ndarr
     return float(np.sqrt(total))
 
 
+def change_norm(weights: Sequence[np.ndarray], global_weights: Sequence[np.ndarray]) -> float:
+    """:func:`update_norm` of an update as it arrived: an encoded one is measured from its frames (its
+    change), a chunk at a time, never decoded whole."""
+    if not isinstance(weights, EncodedUpdate):
+        return update_norm(weights, global_weights)
+    total = sum(compression.squared_norm(group, weights.codec_of(index)) for index, group in enumerate(weights.groups)
+                if weights.codec_of(index) is not UpdateCompression.NONE)
+    return float(np.sqrt(total))
+
+
+def fold_change(totals: Sequence[np.ndarray | None], weights: Sequence[np.ndarray],
+                global_weights: Sequence[np.ndarray], scale: float, scratch: np.ndarray) -> None:
+    """``totals[i] += scale * (weights[i] - global_weights[i])`` in place for each float64 total (None:
+    an array that is not summed), a chunk of ``scratch``'s size at a time: no temporary larger than
+    the scratch, whether the update arrived dense or encoded (its frames are folded as they are)."""
+    for index, (total, base) in enumerate(zip(totals, global_weights)):
+        if total is None:
+            continue
+        flat_total = total.reshape(-1)
+        if isinstance(weights, EncodedUpdate):
+            compression.fold(flat_total, weights.groups[index], weights.codec_of(index), float(scale), scratch)
+            continue
+        flat_w, flat_base = np.asarray(weights[index]).reshape(-1), np.asarray(base).reshape(-1)
+        for start, stop in _chunks(flat_total.size, scratch.size):
+            part = scratch[: stop - start]
+            np.subtract(flat_w[start:stop], flat_base[start:stop], out=part, dtype=np.float64)
+            part *= scale
+            flat_total[start:stop] += part
+
+
 def clip_update(weights: Sequence[np.ndarray], global_weights: Sequence[np.ndarray],
                 max_norm: float) -> tuple[Weights, float]:
     """``weights`` with their change from ``global_weights`` scaled down to L2 norm ``max_norm`` (if

@@ -340,13 +340,18 @@ class RoundEngine:
                             "was stopped while writing; the files they were to replace are intact): %s",
                             len(removed), directory, ", ".join(removed[:5]) + (" ..." if len(removed) > 5 else ""))
         restored = None if fresh_start else store.resume(self.load_checkpoint)
-        if restored is None:
-            store.archive(logdir)
-        else:
+        if restored is not None:
             state, source = restored
             self.restore(state)
             log.info("resuming from %s: %d of %d rounds completed, %d known clients", source, self.completed_rounds,
                      self.rounds, len(state.pool_state.get("known_clients", {})))
+        # a private run's releases are in a ledger of their own, beside what a new run archives (privacy.py);
+        # it is read before anything is archived, and may refuse the start
+        self.run_id = self.strategy.open_privacy(logdir or store.directory, run=self.run_id,
+                                                 completed_rounds=self.completed_rounds, resumed=restored is not None,
+                                                 set_aside=store.set_aside, fresh_start=fresh_start)
+        if restored is None:
+            store.archive(logdir)
         run_log = None
         if logdir:
             run_log = RunLog(logdir, config=config, resume=self.history if restored else None,
@@ -400,6 +405,7 @@ class RoundEngine:
         finally:
             if self.persister is not None:
                 self.persister.wait()
+        self.strategy.close_privacy()  # not on a stop: the run resumes
         self.final_metrics = ((self.history[-1].test_loss, self.history[-1].test_accuracy)
                               if self.history else self._evaluate(self.weights))
         if self.persister is not None:

@@ -25,16 +25,22 @@ clients' updates; each participation is a Gaussian mechanism with noise multipli
 from __future__ import annotations
 
 import functools
+import logging
 import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import dp_accounting
 import numpy as np
 from dp_accounting import rdp
 from dp_accounting.rdp import rdp_privacy_accountant
+
+from pyfed.persistence.ledger import LEDGER_NAME, LedgerError, LedgerFile, Release
+
+log = logging.getLogger("pyfed.privacy")
 
 REPLACE_ONE = dp_accounting.NeighboringRelation.REPLACE_ONE
 
@@ -116,19 +122,125 @@ def noise_for_target(target_epsilon: float, delta: float, rounds: int, populatio
 
 class PrivacyLedger:
     """The rounds released so far, and the budget: epsilon spent at ``delta``, and whether one more
-    round fits within ``target_epsilon`` (None: no limit). Its state goes in the checkpoint."""
+    round fits within ``target_epsilon`` (None: no limit).
 
-    def __init__(self, delta: float, target_epsilon: float | None = None):
+    Once :meth:`open` gives it the run's ledger file (persistence/ledger.py), every release is
+    appended there, fsynced, before it is counted (and so before the model it produced can be
+    released), and the run's releases are read back from it on resume: the file, not a checkpoint,
+    says what a run has spent, so falling back to an older checkpoint or losing every checkpoint
+    never makes epsilon go backwards. Its counts also go in the checkpoint."""
+
+    def __init__(self, delta: float, target_epsilon: float | None = None, *, override: bool = False):
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
         self.delta, self.target_epsilon = delta, target_epsilon
+        self.override = override  # --dp-override-ledger: start over an unreadable ledger, or replay rounds
         self.rounds: Counter[RoundEvent] = Counter()
+        self.file: LedgerFile | None = None
+        self.run: str | None = None
         self._known: dict[tuple, float] = {}  # epsilon of a composition, computed once (0.2 s each)
 
-    def record(self, event: RoundEvent) -> float:
-        """Note a released round; returns epsilon spent so far."""
+    def open(self, directory: Path | None, *, run: str, completed_rounds: int, resumed: bool,
+             set_aside: Sequence[int] = (), fresh_start: bool = False) -> str:
+        """Read the ledger file in ``directory`` for this run (see :meth:`check_start`), then record
+        into it. Returns the run the releases belong to: ``run``, or an unfinished run that released
+        no more than the round a crash before its first checkpoint can lose, which this run continues.
+        LedgerError says why the run may not start."""
+        if directory is None:
+            self.run = run
+            return run
+        path = Path(directory) / LEDGER_NAME
+        try:
+            ledger = LedgerFile(path)
+        except LedgerError as error:
+            if not self.override:
+                raise LedgerError(f"{error}. The epsilon already spent on these clients' data cannot be known: "
+                                  f"repair or restore the file, or start with --dp-override-ledger / "
+                                  f"DP_OVERRIDE_LEDGER=1 to set it aside and begin a new ledger") from None
+            aside = LedgerFile.set_aside_path(path)
+            log.warning("the privacy ledger could not be read (%s); set aside as %s (--dp-override-ledger): what it "
+                        "recorded is no longer counted", error, aside.name)
+            ledger = LedgerFile(path)
+        if ledger.cut_off is not None:
+            log.warning("the privacy ledger's last line was cut short by a crash while it was written (%r): removed; "
+                        "the release it began was never made", ledger.cut_off)
+        run = self.check_start(ledger, run=run, completed_rounds=completed_rounds, resumed=resumed,
+                               set_aside=set_aside, fresh_start=fresh_start)
+        counted = sum(self.rounds.values())  # what the resumed checkpoint counted
+        if resumed and counted > len(ledger.of_run(run)):
+            why = (f"the privacy ledger {path} holds {len(ledger.of_run(run))} release(s) of this run, its checkpoint "
+                   f"counts {counted}: the file was replaced or cut")
+            if not self.override:
+                raise LedgerError(f"{why}; restore it, or start with --dp-override-ledger / DP_OVERRIDE_LEDGER=1 to "
+                                  f"go on from the checkpoint's count")
+            log.warning("%s; going on from the checkpoint's count (--dp-override-ledger)", why)
+        self.file, self.run = ledger, run
+        mine = Counter(RoundEvent(r.population, r.sampled, r.noise_multiplier) for r in ledger.of_run(run))
+        self.rounds = mine | self.rounds  # the file holds every release; a checkpoint's counts are a lower bound
+        return run
+
+    def check_start(self, ledger: LedgerFile, *, run: str, completed_rounds: int, resumed: bool,
+                    set_aside: Sequence[int], fresh_start: bool) -> str:
+        """Whether the run may start on what ``ledger`` recorded, and which run it is (see :meth:`open`).
+
+        A resumed run may have released one round past its checkpoint (the round a crash loses); more,
+        or a newer checkpoint set aside as unusable, means rounds already released would run and be
+        released again: refused unless overridden (they stay counted either way). A new run over an
+        unfinished run that released more than its first round (so had checkpoints, now all lost) is
+        refused unless ``fresh_start`` says to begin anew, or overridden."""
+        releases = ledger.of_run(run) if resumed else []
+        beyond = sorted({r.round for r in releases if r.round > completed_rounds})
+        newer_lost = [r for r in set_aside if r > completed_rounds]
+        if resumed and (newer_lost or (beyond and beyond[-1] > completed_rounds + 1)):
+            why = (f"the privacy ledger records releases of round(s) {', '.join(map(str, beyond))} of this run, past "
+                   f"the checkpoint of round {completed_rounds} being resumed"
+                   + (f" (the checkpoint(s) of round(s) {', '.join(map(str, newer_lost))} could not be loaded)"
+                      if newer_lost else ""))
+            if not self.override:
+                raise LedgerError(f"{why}: resuming would release those rounds again. Every release stays counted; "
+                                  f"start with --dp-override-ledger / DP_OVERRIDE_LEDGER=1 to resume anyway, or "
+                                  f"--fresh-start to begin a new run")
+            log.warning("%s; resuming anyway (--dp-override-ledger): the rounds run again are counted again", why)
+        if resumed or fresh_start:
+            return run
+        unfinished = [other for other in ledger.runs() if other not in ledger.finished]
+        if not unfinished:
+            return run
+        last = unfinished[-1]
+        rounds = sorted({r.round for r in ledger.of_run(last)})
+        if rounds == [1] and not set_aside:  # a crash in round 1, before any checkpoint: continue that run
+            log.warning("the privacy ledger records round 1 of run %s, which left no checkpoint (a crash in its first "
+                        "round): this run continues it, and its release stays counted", last)
+            return last
+        why = (f"the privacy ledger records {len(ledger.of_run(last))} release(s) of run {last} (rounds up to "
+               f"{rounds[-1]}), which did not finish, but no checkpoint of it could be loaded")
+        if not self.override:
+            raise LedgerError(f"{why}: pass --fresh-start to begin a new run (the old run's releases stay in the "
+                              f"ledger and in its total), restore a checkpoint, or --dp-override-ledger")
+        log.warning("%s; starting a new run anyway (--dp-override-ledger)", why)
+        return run
+
+    def record(self, event: RoundEvent, *, server_round: int = 0, local: Sequence[str] = ()) -> float:
+        """Note a released round, first in the ledger file (LedgerError if it cannot be written: the
+        round must then not be released); returns epsilon spent so far."""
+        if self.file is not None:
+            self.file.record(Release(self.run, server_round, event.population, event.sampled, event.noise_multiplier,
+                                     self.delta, tuple(local)))
         self.rounds[event] += 1
         return self.spent()
+
+    def finish(self) -> None:
+        """The run ended (its rounds or its budget): the ledger says so."""
+        if self.file is not None and self.run not in self.file.finished:
+            self.file.finish(self.run)
+
+    def spent_all_runs(self) -> float | None:
+        """Epsilon of every release in the ledger file, every run's, on the same clients' data (None
+        when the file holds this run only, or there is no file)."""
+        if self.file is None or self.file.runs() in ([], [self.run]):
+            return None
+        return self._epsilon(Counter(RoundEvent(r.population, r.sampled, r.noise_multiplier)
+                                     for r in self.file.releases))
 
     def spent(self) -> float:
         return self._epsilon(self.rounds) if self.rounds else 0.0

@@ -126,6 +126,14 @@ class RunStore:
             log.warning("no checkpoint in %s could be loaded; starting a new run", self.directory)
         return None
 
+    @property
+    def set_aside(self) -> list[int]:
+        """The rounds of the checkpoints found unusable and set aside (``*.corrupt``), now or before."""
+        if self.directory is None or not self.directory.exists():
+            return []
+        return sorted(int(p.name[6:12]) for p in self.directory.glob(CHECKPOINT_GLOB + ".corrupt")
+                      if p.name[6:12].isdigit())
+
     def archive(self, logdir: Path | None) -> Path | None:
         """Move the checkpoints (and ``*.corrupt`` files) of an earlier run aside, unless they live in
         ``logdir``'s ``checkpoints`` folder, which the run log archives with the logs."""

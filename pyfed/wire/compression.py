@@ -187,6 +187,27 @@ def fold(total: np.ndarray, frames: Sequence[np.ndarray], codec: UpdateCompressi
         total[start:stop] += part
 
 
+def squared_norm(frames: Sequence[np.ndarray], codec: UpdateCompression | BroadcastCompression) -> float:
+    """The squared L2 norm of the change ``frames`` encode, in float64, a chunk at a time (no dense
+    copy). ``frames`` must have passed :func:`check`."""
+    codec = UpdateCompression(codec.value)
+    if codec is UpdateCompression.TOPK:
+        values = frames[1].astype(np.float64)
+        return float(np.dot(values, values))
+    total = 0.0
+    values = frames[0].reshape(-1)
+    scratch = np.empty(min(FOLD_CHUNK, max(values.size, 1)), np.float64)
+    for start in range(0, values.size, FOLD_CHUNK):
+        stop = min(start + FOLD_CHUNK, values.size)
+        part = scratch[: stop - start]
+        part[:] = values[start:stop]
+        if codec is UpdateCompression.INT8:
+            part *= np.repeat(frames[1][start // INT8_BLOCK: -(-stop // INT8_BLOCK)].astype(np.float64),
+                              INT8_BLOCK)[: stop - start]
+        total += float(np.dot(part, part))
+    return total
+
+
 def why_decoded_unusable(base: np.ndarray, frames: Sequence[np.ndarray],
                          codec: UpdateCompression | BroadcastCompression) -> str | None:
     """Why ``base + decode(frames)`` (the weights an encoded change stands for) does not hold finite

@@ -106,3 +106,77 @@ def test_a_site_with_its_own_local_dp_floor_noises_at_least_that_and_refuses_unc
     assert processes.wait(trusting, 60) == 0
     summary = json.loads((logdir / "summary.json").read_text())
     assert [r["clients"] for r in summary["rounds"]] == [["site-2"]]
+
+
+def _ledger_run(processes, logdir, name: str, *flags: str):
+    """``pyfed simulate`` with DP over 10 clients, 5 a round, in ``logdir``."""
+    return processes.pyfed("simulate", "--clients", "10", "--fraction-fit", "0.5", "--epochs", "1",
+                           "--dp-noise-multiplier", "1.0", "--logdir", str(logdir), "--progress", "0", *flags, name=name)
+
+
+def _stopped_after(processes, logdir, rounds: int) -> int:
+    """A private simulation stopped (SIGTERM) once its checkpoint of ``rounds`` exists; its newest checkpoint."""
+    import os
+    import signal
+    import time
+
+    from pyfed.persistence.store import list_checkpoints
+
+    run = _ledger_run(processes, logdir, "first", "--rounds", "30")
+    checkpoint = logdir / "checkpoints" / f"round-{rounds:06d}.npz"
+    deadline = time.monotonic() + 300
+    while not checkpoint.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(run.pid, signal.SIGTERM)
+    assert processes.wait(run, 120) == 0, processes.tail(run)
+    return int(list_checkpoints(logdir / "checkpoints")[-1].name[6:12])
+
+
+def test_the_privacy_ledger_never_goes_backwards_past_lost_checkpoints(tmp_path, processes):
+    """The review's two cases, through `pyfed simulate` (the server's engine and store): epsilon
+    reported 21.4 where the released rounds cost 25.1 after falling back past a corrupt newest
+    checkpoint, and a run whose checkpoints were all corrupt started afresh, silently. Now the
+    releases are in LOGDIR/privacy-ledger.jsonl: the fall-back is refused until told, then counts
+    every release; the lost run is refused until --fresh-start, and the total over both is reported."""
+    from pyfed.persistence.ledger import LedgerFile
+    from pyfed.persistence.store import list_checkpoints
+
+    def releases(logdir):
+        return LedgerFile(logdir / "privacy-ledger.jsonl").releases
+
+    # 1. the newest checkpoint corrupt: resuming behind a released round is refused, each time, until told
+    logdir = tmp_path / "fallback"
+    newest = _stopped_after(processes, logdir, 3)
+    released = len(releases(logdir))
+    assert released >= newest >= 3
+    list_checkpoints(logdir / "checkpoints")[-1].write_bytes(b"not a checkpoint")
+    for attempt in ("refused", "refused-again"):
+        run = _ledger_run(processes, logdir, attempt, "--rounds", "30")
+        assert processes.wait(run, 120) == 2
+        assert f"past the checkpoint of round {newest - 1} being resumed" in run.log_path.read_text()
+    run = _ledger_run(processes, logdir, "overridden", "--rounds", str(newest + 1), "--dp-override-ledger")
+    assert processes.wait(run, 300) == 0, processes.tail(run)
+    summary = json.loads((logdir / "summary.json").read_text())
+    true_epsilon = epsilon([(RoundEvent(10, 5, 1.0), released + 2)], DELTA)  # rounds newest and newest + 1 again
+    assert len(releases(logdir)) == released + 2
+    assert summary["rounds"][-1]["privacy"]["epsilon"] == pytest.approx(true_epsilon, rel=1e-6)
+    print(f"\nfell back from round {newest} (released {released}) to {newest - 1}: epsilon reported "
+          f"{summary['rounds'][-1]['privacy']['epsilon']:.4g} after {released + 2} releases (true {true_epsilon:.4g}; "
+          f"the checkpoint's count alone would give {epsilon([(RoundEvent(10, 5, 1.0), newest + 1)], DELTA):.4g})")
+
+    # 2. every checkpoint corrupt: no silent fresh start; --fresh-start begins a new run, and the total is kept
+    logdir = tmp_path / "all-lost"
+    _stopped_after(processes, logdir, 2)
+    first = len(releases(logdir))
+    for path in list_checkpoints(logdir / "checkpoints"):
+        path.write_bytes(b"not a checkpoint")
+    run = _ledger_run(processes, logdir, "lost", "--rounds", "30")
+    assert processes.wait(run, 120) == 2
+    assert "which did not finish, but no checkpoint of it could be loaded" in run.log_path.read_text()
+    run = _ledger_run(processes, logdir, "fresh", "--rounds", "2", "--fresh-start")
+    assert processes.wait(run, 300) == 0, processes.tail(run)
+    privacy = json.loads((logdir / "summary.json").read_text())["rounds"][-1]["privacy"]
+    assert privacy["epsilon"] == pytest.approx(epsilon([(RoundEvent(10, 5, 1.0), 2)], DELTA), rel=1e-6)
+    assert privacy["epsilon_all_runs"] == pytest.approx(epsilon([(RoundEvent(10, 5, 1.0), first + 2)], DELTA), rel=1e-6)
+    print(f"all checkpoints lost after {first} releases: refused; --fresh-start: this run's epsilon "
+          f"{privacy['epsilon']:.4g}, every run's {privacy['epsilon_all_runs']:.4g}")

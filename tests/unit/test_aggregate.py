@@ -106,3 +106,32 @@ def test_fedavg_strategy_streams_results_and_selects_every_client():
 def test_unknown_strategy_names_the_choices():
     with pytest.raises(ValueError, match="unknown strategy 'fedfoo'; choose one of fedavg"):
         make_strategy("fedfoo")
+
+
+@pytest.mark.parametrize("codec", ["none", "fp16", "int8", "topk"])
+def test_the_clipped_change_is_folded_a_chunk_at_a_time_as_the_dense_change_would_be(codec):
+    """What DP sums (each update's clipped change) from an update as it arrived, dense or encoded:
+    the same norm and the same sum as the decoded update gives, with chunks smaller than the arrays."""
+    from pyfed.federation.aggregate import EncodedUpdate, change_norm, fold_change, update_norm
+    from pyfed.wire import compression
+    from pyfed.wire.compression import UpdateCompression
+
+    rng = np.random.default_rng(3)
+    global_weights = [rng.normal(size=(70, 30)).astype(np.float32), np.arange(4, dtype=np.int64),
+                      rng.normal(size=(1000,)).astype(np.float32)]
+    trained = [global_weights[0] + rng.normal(0, 0.1, (70, 30)).astype(np.float32), global_weights[1] + 1,
+               global_weights[2] + rng.normal(0, 0.1, 1000).astype(np.float32)]
+    if codec == "none":
+        update = trained
+    else:
+        frames = compression.encode_update(trained, global_weights, UpdateCompression(codec), rng, topk_fraction=0.1)
+        specs = [(w.dtype.str.lstrip("<|="), w.shape) for w in global_weights]
+        update = EncodedUpdate(global_weights, compression.split(frames, UpdateCompression(codec), specs, 0.1),
+                               UpdateCompression(codec))
+    dense = [np.asarray(update[i]) for i in range(3)]  # the update decoded, as before
+    assert change_norm(update, global_weights) == pytest.approx(update_norm(dense, global_weights), rel=1e-6)
+    totals = [np.zeros((70, 30)), None, np.ones(1000)]
+    # dense: chunks of 128 elements; encoded: compression.fold's own chunks (test_compression.py)
+    fold_change(totals, update, global_weights, 0.5, np.empty(128 if codec == "none" else compression.FOLD_CHUNK))
+    np.testing.assert_allclose(totals[0], 0.5 * (dense[0].astype(np.float64) - global_weights[0]), atol=1e-6)
+    np.testing.assert_allclose(totals[2], 1 + 0.5 * (dense[2].astype(np.float64) - global_weights[2]), atol=1e-6)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -80,6 +81,15 @@ class Strategy:
     def privacy_report(self) -> dict[str, float] | None:
         """Figures of the round just aggregated for its record (summary.json, TensorBoard), or None."""
         return None
+
+    def open_privacy(self, directory: Path | None, *, run: str, completed_rounds: int, resumed: bool,
+                     set_aside: Sequence[int] = (), fresh_start: bool = False) -> str:
+        """A private strategy reads its privacy ledger in ``directory`` before the run's first round
+        (federation/privacy.py) and says which run its releases belong to; others keep ``run``."""
+        return run
+
+    def close_privacy(self) -> None:
+        """The run ended (every round, or the budget): a private strategy's ledger says so."""
 
     def state(self) -> dict[str, Any]:
         """Everything needed to resume this strategy: JSON values and lists of numpy arrays.

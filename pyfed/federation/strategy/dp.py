@@ -49,11 +49,12 @@ import secrets
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pyfed.federation.aggregate import Weights, update_norm
+from pyfed.federation.aggregate import WeightedSum, Weights, change_norm, fold_change
 from pyfed.federation.privacy import PrivacyLedger, RoundEvent, local_epsilon
 from .base import Aggregator, FitPlan, FitResult, Strategy, WeightedMeanStrategy
 
@@ -159,9 +160,27 @@ class DifferentialPrivacy(Strategy):
     def min_fit_clients(self) -> int:
         return self.inner.min_fit_clients()
 
+    def open_privacy(self, directory: Path | None, *, run: str, completed_rounds: int, resumed: bool,
+                     set_aside: Sequence[int] = (), fresh_start: bool = False) -> str:
+        run = self.ledger.open(directory, run=run, completed_rounds=completed_rounds, resumed=resumed,
+                               set_aside=set_aside, fresh_start=fresh_start)
+        if self.ledger.file is not None:
+            everything = self.ledger.spent_all_runs()
+            log.info("differential privacy: ledger %s: this run has released %d round(s), epsilon %.4g (delta %g)%s",
+                     self.ledger.file.path, sum(self.ledger.rounds.values()), self.ledger.spent(), self.ledger.delta,
+                     f"; every run it records, on the same clients' data: epsilon {everything:.4g}"
+                     if everything is not None else "")
+        return run
+
+    def close_privacy(self) -> None:
+        self.ledger.finish()
+
     def privacy_report(self) -> dict[str, float] | None:
         report = {"epsilon": round(self.ledger.spent(), 6), "delta": self.ledger.delta, "clip_norm": self.clip_norm,
                   "noise_multiplier": self.noise_multiplier}
+        everything = self.ledger.spent_all_runs()
+        if everything is not None:
+            report["epsilon_all_runs"] = round(everything, 6)
         if self.local_noise_multiplier:
             report["local_noise_multiplier"] = self.local_noise_multiplier
             report["local_epsilon"] = round(self.local_epsilon(), 6)
@@ -206,42 +225,59 @@ class DifferentialPrivacy(Strategy):
 
 
 class _NoisySum:
-    """Clipped changes summed in float64 as they arrive (memory: one model), noised once at the end."""
+    """Clipped changes summed in float64 as they arrive (memory: one model, in float64), noised once
+    at the end; every step a chunk at a time, as :class:`~pyfed.federation.aggregate.WeightedSum`
+    folds, so a round holds no float64 temporary of a whole array (federation/memory.py's plan)."""
 
     def __init__(self, dp: DifferentialPrivacy, server_round: int, global_weights: Weights, event: RoundEvent):
         self._dp, self._round, self._global, self._event = dp, server_round, global_weights, event
         self._floats = [np.dtype(g.dtype).kind == "f" for g in global_weights]
         self._sums = [np.zeros(np.shape(g), np.float64) if f else None for g, f in zip(global_weights, self._floats)]
+        largest = max((int(np.size(g)) for g, f in zip(global_weights, self._floats) if f), default=1)
+        self._scratch = np.empty(min(WeightedSum.CHUNK, max(largest, 1)), np.float64)
         self._within = 0  # updates whose norm was at most the clip norm
         self._added = 0
+        self._local: set[str] = set()  # clients whose locally noised update is in the sum
 
     def add(self, result: FitResult) -> None:
-        norm = update_norm(result.weights, self._global)
+        norm = change_norm(result.weights, self._global)
         clip = self._dp.clip_norm
         scale = 1.0 if norm <= clip else clip / norm
         reported = result.metrics.get("within_clip") if self._dp.clipping == "client" else None
         self._within += bool(reported) if reported is not None else norm <= clip * (1 + 1e-6)
-        for total, weights, base in zip(self._sums, result.weights, self._global):
-            if total is not None:
-                total += (np.asarray(weights, np.float64) - base) * scale
+        fold_change(self._sums, result.weights, self._global, scale, self._scratch)
         self._added += 1
         if self._dp.local_noise_multiplier:
             self._dp.local_releases[result.client_id] += 1
+            self._local.add(result.client_id)
 
     def result(self) -> Weights:
         if not self._added:
             raise ValueError("no updates were added")
         dp, sampled = self._dp, self._event.sampled
         sigma = dp.update_noise_multiplier(sampled) * dp.clip_norm
+        # in the ledger file before anything of it can leave (LedgerError, a ValueError, if it cannot be written:
+        # the engine then refuses the round's model, and nothing is released)
+        spent = dp.ledger.record(self._event, server_round=self._round, local=sorted(self._local))
         mean = []
         for total, base in zip(self._sums, self._global):
             if total is None:
                 mean.append(base)  # not trained (integer counters): the global value
                 continue
-            total += dp.rng.normal(0.0, sigma, total.shape)
-            mean.append((base + total / sampled).astype(base.dtype))
+            out = np.empty(np.shape(base), base.dtype)
+            flat_total, flat_base, flat_out = total.reshape(-1), np.asarray(base).reshape(-1), out.reshape(-1)
+            for start in range(0, flat_total.size, self._scratch.size):  # noise drawn and added a chunk at a time
+                stop = min(start + self._scratch.size, flat_total.size)
+                part = self._scratch[: stop - start]
+                dp.rng.standard_normal(out=part)
+                part *= sigma
+                part += flat_total[start:stop]
+                part /= sampled
+                part += flat_base[start:stop]
+                flat_out[start:stop] = part
+            mean.append(out)
+        self._sums = [None] * len(self._sums)  # the sum is spent: its float64 memory goes before the server step
         new = dp.inner.server_update(self._global, mean)
-        spent = dp.ledger.record(self._event)
         if dp.adaptive is not None:
             noisy = (self._within + dp.rng.normal(0.0, dp.adaptive.bit_noise_fraction * sampled)) / sampled
             dp.clip_norm *= math.exp(-dp.adaptive.learning_rate * (noisy - dp.adaptive.quantile))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from pyfed.federation.aggregate import Weights, clip_update
@@ -56,6 +57,12 @@ class NormBound(Strategy):
 
     def privacy_report(self) -> dict[str, float] | None:
         return self.inner.privacy_report()
+
+    def open_privacy(self, directory: Path | None, **kwargs: Any) -> str:
+        return self.inner.open_privacy(directory, **kwargs)
+
+    def close_privacy(self) -> None:
+        self.inner.close_privacy()
 
     def state(self) -> dict[str, Any]:
         return self.inner.state()
