@@ -33,7 +33,7 @@ import tempfile
 
 from bench.common import BENCH, experiment_header, seed_weights, write_experiment
 from bench.round import pyfed_rounds, write_shards
-from pyfed.federation.secure_aggregation import (ClientStages, PublicKeys, SecureAggregation, ServerRound,
+from pyfed.federation.secure_aggregation import (Advertised, ClientStages, PublicKeys, SecureAggregation, ServerRound,
                                                  apply_change, flatten_change, round_context)
 from pyfed.federation.strategy import FedAvg, FitResult
 from pyfed.wire import protocol
@@ -75,9 +75,9 @@ def secure_round(global_weights: list[np.ndarray], n: int, rng: np.random.Genera
     context = round_context(RUN, 1, 1)
     setup = settings.setup(context, n, total_weight=sum(100 + index for index in range(n)))  # as declared
     setup_body = {"threshold": setup.threshold, "degree": setup.degree, "quantisation_bits": setup.quantisation_bits,
-                  "ring_bits": setup.ring_bits, "clip": setup.clip}
+                  "ring_bits": setup.ring_bits, "clip": setup.clip, "min_clients": setup.min_clients}
     length = sum(int(g.size) for g in global_weights)
-    server = ServerRound(setup, ids, length)
+    server = ServerRound(setup, ids, length, {cid: 100 + index for index, cid in enumerate(ids)})
     stages = {cid: ClientStages(cid) for cid in ids}
     sent = dict.fromkeys(ids, 0)
     received = dict.fromkeys(ids, wire_bytes(MessageType.FIT, {"plan": PLAN.to_body(), "attempt": 1, "run": RUN,
@@ -100,10 +100,11 @@ def secure_round(global_weights: list[np.ndarray], n: int, rng: np.random.Genera
         body = timed(client_s, cid, stages[cid].begin, RUN, 1, 1, setup_body, flatten_change(trained, global_weights),
                      100 + index, {"fit_s": 1.0, "history": {"loss": [0.5]}})
         sent[cid] += wire_bytes(MessageType.SECAGG_KEYS, body)
-        timed(None, None, server.add_keys, cid, PublicKeys(protocol.unb64(body["mask_key"]),
-                                                           protocol.unb64(body["share_key"])))
+        timed(None, None, server.add_keys, cid, Advertised(
+            PublicKeys(*(protocol.unb64(body[k]) for k in ("mask_key", "share_key", "sign_key"))),
+            protocol.unb64(body["commitment"]), body["num_examples"], protocol.unb64(body["signature"])))
         del trained
-    roster = {cid: [protocol.b64(k.mask_key), protocol.b64(k.share_key)]
+    roster = {cid: [protocol.b64(k.mask_key), protocol.b64(k.share_key), protocol.b64(k.sign_key)]
               for cid, k in timed(None, None, server.roster).items()}
     for cid in ids:
         request = {"attempt": 1, "roster": roster}
@@ -125,7 +126,8 @@ def secure_round(global_weights: list[np.ndarray], n: int, rng: np.random.Genera
         received[cid] += wire_bytes(MessageType.SECAGG_UNMASK, request)
         kind, body, _ = timed(client_s, cid, stages[cid].answer, MessageType.SECAGG_UNMASK, 1, request)
         sent[cid] += wire_bytes(kind, body)
-        timed(None, None, server.add_unmask, cid, {o: (k, protocol.unb64(s)) for o, (k, s) in body["shares"].items()})
+        timed(None, None, server.add_unmask, cid, {o: (k, protocol.unb64(share), protocol.unb64(sig))
+                                                   for o, (k, share, sig) in body["shares"].items()})
     total, weight = timed(None, None, server.result)
     mean = apply_change(global_weights, total / weight)
     return {"client_sent": statistics.mean(sent[c] for c in survivors),
@@ -150,14 +152,14 @@ def networked_rounds(rounds: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="3 clients on a small model")
+    parser.add_argument("--quick", action="store_true", help="3 and 4 clients on a small model")
     parser.add_argument("--out", type=Path, default=BENCH, help="directory for SECAGG.md and SECAGG.json")
     args = parser.parse_args(argv)
     started = time.perf_counter()
     global_weights = [np.zeros((64, 32), np.float32), np.zeros(32, np.float32)] if args.quick else seed_weights(0)
     settings = SecureAggregation()
     rows, runs = [], []
-    for n, dropped in ((3, 0), (3, 1)) if args.quick else ((3, 0), (10, 0), (100, 0), (100, 10)):
+    for n, dropped in ((3, 0), (4, 1)) if args.quick else ((3, 0), (10, 0), (100, 0), (100, 10)):
         plain, plain_mean = plain_round(global_weights, n, np.random.default_rng(n), dropped)
         secure, secure_mean = secure_round(global_weights, n, np.random.default_rng(n), settings, dropped)
         error = max(float(np.abs(a - b).max()) for a, b in zip(plain_mean, secure_mean))

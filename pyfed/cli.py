@@ -100,6 +100,10 @@ def run_server(config: ServerConfig) -> int:
                     "out: every round also needs %d site(s) that bring their own data (a --client-id and --data)",
                     config.min_fit_clients, config.num_shards, config.min_fit_clients - config.num_shards)
     curve = _server_keys(config)
+    if config.secure_aggregation and curve is None:
+        log.warning("secure aggregation without CurveZMQ keys: a key is what makes a client one party, so without "
+                    "them one peer can join under many ids and outnumber, accuse or isolate the others; give the "
+                    "server and each client its own key pair (see the README's threat model)")
     import keras
 
     keras.utils.set_random_seed(config.seed)  # the initial global model is the same for the same --seed
@@ -349,7 +353,7 @@ def run_keys(config: KeysConfig) -> int:
     from pyfed.wire.security import KeyFileError, generate_keys
 
     try:
-        created, kept = generate_keys(config.out, config.clients)
+        created, kept = generate_keys(config.out, config.clients, config.prefix)
     except (KeyFileError, OSError) as error:
         raise UsageError(str(error)) from None
     for secret in created:
@@ -357,7 +361,7 @@ def run_keys(config: KeysConfig) -> int:
     for secret in kept:
         print(f"kept    {secret.with_suffix('.key')} and {secret} (already there)")
     print(f"server: --curve-secret-key {config.out / 'server.key_secret'} --authorized-keys {config.out}\n"
-          f"client i: --curve-secret-key {config.out}/client-<i>.key_secret --server-public-key "
+          f"client i: --curve-secret-key {config.out}/{config.prefix}-<i>.key_secret --server-public-key "
           f"{config.out / 'server.key'}\nKeep the .key_secret files private; copy each client only its own.")
     return 0
 

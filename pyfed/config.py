@@ -139,6 +139,13 @@ def client_id(text: str) -> str:
     return value
 
 
+def key_prefix(text: str) -> str:
+    value = text.strip()
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,31}", value) or value == "server":
+        raise ValueError(f"must be a name of letters, digits, - and _ (not server), got {text!r}")
+    return value
+
+
 def choice(*options: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
@@ -259,7 +266,9 @@ class EncryptionSettings:
     """CurveZMQ, shared by ``pyfed server`` and ``pyfed client`` (keys come from ``pyfed keys``)."""
 
     curve_secret_key: Path | None = setting(None, "--curve-secret-key", "CURVE_SECRET_KEY", optional_path,
-                                            "this side's .key_secret file: encrypt the connections with CurveZMQ")
+                                            "this side's .key_secret file: encrypt the connections with CurveZMQ "
+                                            "(a client may name a directory of them: it takes the first pair no "
+                                            "other process on the machine holds)")
     insecure: bool = setting(False, "--insecure", "INSECURE", boolean,
                              "run unencrypted even if keys are configured (prints a warning)")
 
@@ -300,6 +309,11 @@ class SecureAggregationSettings:
                                  "secure aggregation: each client's neighbours (0: about 3 log2 of the clients a "
                                  "round, as SecAgg+; the clients a round minus one or more: everyone, as SecAgg)")
 
+    secagg_min_clients: int = setting(3, "--secagg-min-clients", "SECAGG_MIN_CLIENTS", Range(2, integer=True).parse,
+                                      "secure aggregation: the fewest parties a sum is unmasked for (a key is one "
+                                      "party, whatever ids it holds); with fewer, nothing is unmasked and the round "
+                                      "waits for more. 2 would show each of two clients the other's update")
+
     def secure_aggregation_settings(self) -> Any:
         """The library's settings, or None when secure aggregation is off."""
         if not self.secure_aggregation:
@@ -307,7 +321,8 @@ class SecureAggregationSettings:
         from pyfed.federation.secure_aggregation import SecureAggregation
 
         return SecureAggregation(threshold_fraction=self.secagg_threshold, degree=self.secagg_degree,
-                                 quantisation_bits=self.secagg_bits, clip=self.secagg_clip)
+                                 quantisation_bits=self.secagg_bits, clip=self.secagg_clip,
+                                 min_clients=self.secagg_min_clients)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -492,6 +507,8 @@ class KeysConfig:
 
     out: Path = setting(Path("keys"), "--out", "KEYS_DIR", path, "directory for the key files")
     clients: int = setting(1, "--clients", "KEY_CLIENTS", non_negative_int, "client key pairs to make")
+    prefix: str = setting("client", "--prefix", "KEY_PREFIX", key_prefix,
+                          "the client key pairs' names: PREFIX-1 .. PREFIX-N (Compose's local replicas use replica)")
     log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
 
 

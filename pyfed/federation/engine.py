@@ -26,7 +26,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -36,8 +36,9 @@ import numpy as np
 from pyfed.federation.pool import (CONNECTION_GONE, UNREACHED, Answer, Back, ClientPool, EvaluateRequest,
                                    FitRequest, Gone, GrantRequest, Misbehaved, Request, SecAggRequest)
 from pyfed.federation.secagg import SecAggError
-from pyfed.federation.secure_aggregation import (PublicKeys, SecAggAborted, SecureAggregation, ServerRound,
-                                                 apply_change, left_out_after, round_context)
+from pyfed.federation.secure_aggregation import (Advertised, PublicKeys, SecAggAborted, SecAggBlamed, SecAggRefused,
+                                                 SecureAggregation, ServerRound, apply_change, left_out_after,
+                                                 round_context)
 from pyfed.federation.uploads import (DEFAULT_INFLIGHT_UPDATES, DEFAULT_MIN_UPLOAD_MBIT_S, UploadWindow,
                                      upload_allowance_s)
 from pyfed.federation.strategy import Aggregator, FitResult, Strategy, WeightedMeanStrategy, sample_clients
@@ -230,8 +231,8 @@ class RoundEngine:
     ):
         if not 1 <= min_fit_clients:
             raise ValueError(f"min_fit_clients must be at least 1, got {min_fit_clients}")
-        if secure_aggregation is not None:  # a sum of one update is that update: never unmask fewer than two
-            min_fit_clients = max(min_fit_clients, 2)
+        if secure_aggregation is not None:  # a sum of one update is that update: never unmask fewer than the minimum
+            min_fit_clients = max(min_fit_clients, secure_aggregation.min_clients)
             if not isinstance(strategy, WeightedMeanStrategy):
                 raise ValueError(f"secure aggregation needs a FedAvg-family strategy; {type(strategy).__name__} "
                                  f"needs each client's update, which it hides")
@@ -271,7 +272,7 @@ class RoundEngine:
         self.ended_early: str | None = None  # why the run ended before its planned rounds (a privacy budget)
         self._stop_reason: str | None = None
         self._collection: Collection | None = None
-        self._left_out: set[str] = set()  # secure aggregation: clients accused in this round, not asked again in it
+        self._left_out: set[str] = set()  # secure aggregation: parties found misbehaving in this round, not asked again
 
     # --- the run, top to bottom ----------------------------------------------------------------
 
@@ -396,7 +397,7 @@ class RoundEngine:
         the rounds already handed to the persister are then persisted before it propagates."""
         self.pool.publish(self.weights, self.completed_rounds)
         try:
-            self._wait_for_clients(self.min_clients)
+            self._wait_for_clients(self.min_clients, to_ask=False)
             for server_round in range(self.completed_rounds + 1, self.rounds + 1):
                 self._run_round(server_round)
         except RunOver as over:
@@ -424,18 +425,61 @@ class RoundEngine:
                 "history": [record.to_json() for record in self.history],
                 "slowest_answer_s": self.round_timeout.slowest_answer_s, "pool": copy.deepcopy(self.pool.state())}
 
-    def _wait_for_clients(self, needed: int) -> None:
+    def _wait_for_clients(self, needed: int, *, to_ask: bool = True) -> None:
+        """Until ``needed`` clients are connected, or, with ``to_ask``, can be asked in this round (under
+        secure aggregation: parties, one per key)."""
+        def count() -> int:
+            return len(self._askable()) if to_ask else len(self.pool.connected())
+
         next_progress = self.clock() + PROGRESS_EVERY_S
-        while len(self._askable()) < needed:
+        while count() < needed:
             self._poll(timeout_s=1.0)
             if self.clock() >= next_progress:
-                log.info("waiting for clients: %d/%d joined%s", len(self._askable()), needed,
-                         f" ({len(self._left_out)} left out of this round)" if self._left_out else "")
+                if to_ask and self.secure_aggregation is not None:
+                    log.info("waiting for clients: %d/%d parties to ask (secure aggregation asks one id of each key; "
+                             "%d ids connected%s)", count(), needed, len(self.pool.connected()),
+                             f", {len(self._left_out)} party(ies) left out of this round" if self._left_out else "")
+                else:
+                    log.info("waiting for clients: %d/%d joined", count(), needed)
                 next_progress = self.clock() + PROGRESS_EVERY_S
 
     def _askable(self) -> list[str]:
-        """The connected clients this round may ask (secure aggregation leaves accused ones out)."""
-        return [cid for cid in self.pool.connected() if cid not in self._left_out]
+        """The connected clients this round may ask: secure aggregation leaves out the ones it found
+        misbehaving in the round, and asks one id of each key (a key is one party, however many ids it
+        holds: its ids could not otherwise be kept from outnumbering, accusing or isolating others)."""
+        connected = self.pool.connected()
+        if self._left_out:
+            connected = [cid for cid in connected if self._party(cid) not in self._left_out]
+        if self.secure_aggregation is None:
+            return connected
+        parties: dict[str, list[str]] = {}
+        for client_id in sorted(connected):
+            parties.setdefault(self._party(client_id), []).append(client_id)
+        rng = np.random.default_rng((self.seed, self.current_round, len(self._left_out)))
+        return sorted(ids[int(rng.integers(len(ids)))] for ids in parties.values())
+
+    def _why_round_cannot_go_on(self) -> str | None:
+        """Secure aggregation: why this round cannot complete, when the parties it left out (accused,
+        or found dealing bad shares) are what keep it below --secagg-min-clients (it would otherwise wait
+        for clients forever); None while it can, or while only missing clients hold it up."""
+        if not self._left_out:
+            return None
+        askable = len(self._askable())
+        connected = len({self._party(cid) for cid in self.pool.connected()})
+        if askable >= self.min_fit_clients or connected < self.min_fit_clients:
+            return None
+        return (f"secure aggregation: the {len(self._left_out)} party(ies) left out of this round (misbehaving, or "
+                f"named by one that did) leave {askable} to ask, fewer than the {self.min_fit_clients} a sum is "
+                f"unmasked for")
+
+    def _party(self, client_id: str) -> str:
+        """Who a client is under secure aggregation: its key (one party, whatever ids it holds), or,
+        without encryption, its id."""
+        return self.pool.info(client_id).key or client_id
+
+    def _leave_out(self, client_ids: Iterable[str]) -> None:
+        """Secure aggregation: these clients' parties are not asked again in this round."""
+        self._left_out.update(self._party(client_id) for client_id in client_ids)
 
     def _run_round(self, server_round: int) -> None:
         self.current_round = server_round
@@ -443,7 +487,13 @@ class RoundEngine:
         started = self.clock()
         sent_before, received_before = self.pool.bytes_sent, self.pool.bytes_received
         failed_attempts: list[dict[str, Any]] = []
+        abandoned: str | None = None
         for attempt in itertools.count(1):
+            abandoned = self._why_round_cannot_go_on()
+            if abandoned:
+                log.warning("round %d: %s; the round ends without a new model", server_round, abandoned)
+                selected, aggregator, results, dropped = [], _NoResult(abandoned), {}, {}
+                break
             self._wait_for_clients(self.min_fit_clients)
             fit_attempt = self._secure_fit_attempt if self.secure_aggregation is not None else self._fit_attempt
             selected, aggregator, results, dropped = fit_attempt(server_round, attempt)
@@ -459,7 +509,7 @@ class RoundEngine:
                     and all(reason in (UNREACHED, CONNECTION_GONE) for reason in dropped.values())):
                 self._poll(timeout_s=1.0)  # no request left the server: let joins, leaves and queues move first
         eval_started = self.clock()
-        refused = self._accept_new_model(server_round, aggregator, sorted(results))
+        refused = abandoned or self._accept_new_model(server_round, aggregator, sorted(results))
         self.pool.publish(self.weights, server_round)
         federated = None
         if self.plan.eval_fraction > 0 and not refused:
@@ -587,24 +637,23 @@ class RoundEngine:
         """One try at a round under secure aggregation (federation/secure_aggregation.py): FIT, then
         the key, share, masked-input and unmasking stages, each collected as a FIT's updates are; the
         server ends up with the weighted sum of the survivors' clipped changes and nothing else. Too
-        few clients left at any stage: the attempt fails (nothing is unmasked) and is retried."""
+        few clients left at any stage: the attempt fails (nothing is unmasked) and is retried, without
+        the clients it found dealing bad shares. A sum that cannot be the survivors' refuses the round."""
         selected = self._start_attempt(server_round, attempt, " under secure aggregation")
         ids = [cid for cid, _ in selected]
         results: dict[str, FitResult] = {}
         dropped: dict[str, str] = {}
+        # the ring holds the weights the clients declared when they joined (or the most any may claim)
+        max_weights = {cid: min(self.pool.info(cid).declared_examples or self.max_examples, self.max_examples)
+                       for cid in ids}
         try:
-            # the ring holds the weights the clients declared when they joined (or the most any may claim)
-            total_weight = sum(min(self.pool.info(cid).declared_examples or self.max_examples, self.max_examples)
-                               for cid in ids)
             setup = self.secure_aggregation.setup(round_context(self.run_id, server_round, attempt), len(ids),
-                                                  total_weight=total_weight)
+                                                  total_weight=sum(max_weights.values()))
         except SecAggAborted as error:
             return selected, _NoResult(str(error)), results, {cid: str(error) for cid in ids}
         global_weights = self.weights
         length = sum(int(np.size(w)) for w in global_weights if np.dtype(w.dtype).kind == "f")
-        server = ServerRound(setup, ids, length)
-        setup_body = {"threshold": setup.threshold, "degree": setup.degree, "quantisation_bits": setup.quantisation_bits,
-                      "ring_bits": setup.ring_bits, "clip": setup.clip}
+        server = ServerRound(setup, ids, length, max_weights)
         metrics: dict[str, dict[str, Any]] = {}
         accusations: dict[str, set[str]] = {}  # a client -> the neighbours whose boxes did not open for it
 
@@ -613,11 +662,13 @@ class RoundEngine:
                                     paced=self.max_inflight_updates if kind is MessageType.SECAGG_MASKED else None)
             for client_id, why in self._collect(collection, accept).items():
                 dropped.setdefault(client_id, f"{kind.value}: {why}")
-            self._left_out.update(collection.refused)  # a refused answer: not asked again in this round
+            self._leave_out(collection.refused)  # a refused answer: not asked again in this round
 
         def keys(answer: Answer) -> None:
-            server.add_keys(answer.client_id, PublicKeys(protocol.unb64(answer.body["mask_key"]),
-                                                         protocol.unb64(answer.body["share_key"])))
+            body = answer.body
+            server.add_keys(answer.client_id, Advertised(
+                PublicKeys(*(protocol.unb64(body[k]) for k in ("mask_key", "share_key", "sign_key"))),
+                protocol.unb64(body["commitment"]), body["num_examples"], protocol.unb64(body["signature"])))
 
         def shares(answer: Answer) -> None:
             server.add_shares(answer.client_id, {v: protocol.unb64(box) for v, box in answer.body["boxes"].items()})
@@ -631,13 +682,16 @@ class RoundEngine:
             answer.arrays = []
 
         def reveal(answer: Answer) -> None:
-            server.add_unmask(answer.client_id, {owner: (kind, protocol.unb64(share))
-                                                 for owner, (kind, share) in answer.body["shares"].items()})
+            server.add_unmask(answer.client_id, {owner: (kind, protocol.unb64(share), protocol.unb64(signature))
+                                                 for owner, (kind, share, signature) in answer.body["shares"].items()})
 
+        setup_body = {"threshold": setup.threshold, "degree": setup.degree, "quantisation_bits": setup.quantisation_bits,
+                      "ring_bits": setup.ring_bits, "clip": setup.clip, "min_clients": setup.min_clients}
         try:
             stage(MessageType.SECAGG_KEYS, {cid: FitRequest(server_round, attempt, plan, global_weights, self.run_id,
                                                             secagg=setup_body) for cid, plan in selected}, keys)
-            roster = {cid: [protocol.b64(k.mask_key), protocol.b64(k.share_key)] for cid, k in server.roster().items()}
+            roster = {cid: [protocol.b64(k.mask_key), protocol.b64(k.share_key), protocol.b64(k.sign_key)]
+                      for cid, k in server.roster().items()}
             stage(MessageType.SECAGG_SHARES, {cid: SecAggRequest(server_round, attempt, MessageType.SECAGG_ROSTER,
                                                                  {"attempt": attempt, "roster": roster})
                                               for cid in roster}, shares)
@@ -650,27 +704,38 @@ class RoundEngine:
                                               for cid in sorted(server.shared())}, masked)
             leaving = left_out_after(accusations)
             if leaving:  # pairwise masks that would never cancel: try again without them
-                self._left_out.update(leaving)
-                for client_id, why in leaving.items():
-                    dropped[client_id] = f"secure aggregation: {why}"
-                raise SecAggAborted("; ".join(f"{client_id}: {why}" for client_id, why in leaving.items())
-                                    + "; left out of this round's next attempts")
+                raise SecAggBlamed(leaving)
             survivors, gone = server.unmask_request()
             stage(MessageType.SECAGG_REVEAL, {cid: SecAggRequest(server_round, attempt, MessageType.SECAGG_UNMASK,
                                                                  {"attempt": attempt, "survivors": survivors,
                                                                   "dropped": gone})
                                               for cid in survivors}, reveal)
             total, weight = server.result()
-        except SecAggAborted as error:
+        except SecAggRefused as refused:  # what the survivors masked is not their clipped updates: the round is refused
+            log.warning("round %d attempt %d: secure aggregation: the unmasked sum of %s is refused: %s", server_round,
+                        attempt, ", ".join(survivors), refused)
+            return selected, _NoResult(f"secure aggregation: {refused}"), self._contributors(survivors, metrics), dropped
+        except SecAggBlamed as blamed:
+            self._leave_out(blamed.blamed)
+            for client_id, why in blamed.blamed.items():
+                dropped[client_id] = f"secure aggregation: {why}"
+            log.warning("round %d attempt %d: secure aggregation abandoned (nothing was unmasked): %s; left out of this "
+                        "round's next attempts", server_round, attempt, blamed)
+            return selected, _NoResult(str(blamed)), results, dropped
+        except (SecAggAborted, SecAggError) as error:  # too few left at a stage; never anything a client sent
             log.warning("round %d attempt %d: secure aggregation abandoned: %s (nothing was unmasked)",
                         server_round, attempt, error)
             return selected, _NoResult(str(error)), results, dropped
-        for client_id in survivors:
-            results[client_id] = FitResult(client_id, (), 0, metrics[client_id])
-            self.pool.accepted(client_id)
         log.info("round %d: secure aggregation: the weighted sum of %d updates (%d examples) unmasked; %d "
                  "dropped after sharing keys", server_round, len(survivors), weight, len(gone))
-        return selected, _SecureSum(self.strategy, global_weights, total / weight), results, dropped
+        return (selected, _SecureSum(self.strategy, global_weights, total / weight),
+                self._contributors(survivors, metrics), dropped)
+
+    def _contributors(self, survivors: Sequence[str], metrics: dict[str, dict[str, Any]]) -> dict[str, FitResult]:
+        """The clients whose masked inputs are in a secure sum, as the round records them."""
+        for client_id in survivors:
+            self.pool.accepted(client_id)
+        return {client_id: FitResult(client_id, (), 0, metrics[client_id]) for client_id in survivors}
 
     def _federated_evaluation(self, server_round: int) -> tuple[dict[str, Any] | None, dict[str, str]]:
         """Ask every connected client to evaluate the new global weights on its held-out data."""

@@ -105,7 +105,7 @@ class NetworkPool:
 
     def info(self, client_id: str) -> ClientInfo:
         record = self.registry.clients.get(client_id)
-        return ClientInfo(record.shard, record.num_examples) if record else ClientInfo()
+        return ClientInfo(record.shard, record.num_examples, record.key) if record else ClientInfo()
 
     def publish(self, weights: Sequence[np.ndarray], server_round: int) -> None:
         self._published, self._round = weights, server_round

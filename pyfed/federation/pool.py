@@ -111,11 +111,13 @@ PoolEvent = Answer | Gone | Back | Misbehaved
 
 @dataclass(frozen=True)
 class ClientInfo:
-    """What the pool knows of a client: its data shard (if it was handed one) and the examples it
-    declared when it joined (0: unknown), which bounds what it may claim in an update."""
+    """What the pool knows of a client: its data shard (if it was handed one), the examples it
+    declared when it joined (0: unknown), which bounds what it may claim in an update, and the key
+    it holds (None without encryption, where nothing ties ids together)."""
 
     shard: str | None = None
     declared_examples: int = 0
+    key: str | None = None  # the CurveZMQ key it authenticated with: one party, whatever ids it holds
 
 
 class ClientPool(Protocol):

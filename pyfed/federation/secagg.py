@@ -13,6 +13,13 @@ ChaCha20-Poly1305, and ChaCha20 as the mask generator): nothing here is a cipher
 - **Sealing**: shares travel through the server sealed with ChaCha20-Poly1305 under the pair's key
   (the nonce is random and sent with the box); the associated data names sender, receiver and round,
   so a box cannot be replayed to another receiver or round.
+- **Signed shares**: each client signs every share it deals with an Ed25519 key of the round (its
+  public half advertised with its other keys), over the round, the owner, the holder, the kind and
+  the share; a holder checks the signatures of the shares it receives, and the server those of the
+  shares revealed to it, so a holder cannot pass off a share its owner did not deal.
+- **Commitments**: a client commits to its self-mask seed (SHA-256 over the round, its id and the
+  seed) when it advertises its keys, so a seed rebuilt from shares can be checked; a rebuilt mask
+  key is checked against the advertised public key. A wrong rebuild names the owner who dealt it.
 - **Masks**: ChaCha20's keystream under a 32-byte seed, read as unsigned integers of the ring Z_{2^b}.
 - **Quantisation**: a float clipped to [-c, c] becomes an integer in [0, R] by stochastic rounding
   (unbiased: its expectation is the float's exact place), R = 2^quantisation_bits - 1; a sum of
@@ -31,17 +38,21 @@ from collections.abc import Sequence
 import numpy as np
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from pyfed.wire.protocol import SECAGG_KEY_BYTES, SECAGG_SHARE_BYTES
+from pyfed.wire.protocol import SECAGG_KEY_BYTES, SECAGG_SHARE_BYTES, SECAGG_SIGNATURE_BYTES
 
 FIELD_PRIME = 2**521 - 1  # a Mersenne prime, above every 32-byte secret
 SECRET_BYTES = 32
 SHARE_BYTES = SECAGG_SHARE_BYTES  # an element of GF(2^521 - 1)
 PUBLIC_KEY_BYTES = SECAGG_KEY_BYTES
+SIGNATURE_BYTES = SECAGG_SIGNATURE_BYTES
+COMMITMENT_BYTES = 32
 NONCE_BYTES = 12
 MAX_RING_BITS = 64
 
@@ -124,6 +135,47 @@ class KeyPair:
             raise SecAggError(f"the peer's public key is not usable ({error})") from None
         return HKDF(algorithm=hashes.SHA256(), length=SECRET_BYTES, salt=None,
                     info=b"pyfed-secagg:" + context).derive(shared)
+
+
+class SigningKey:
+    """One Ed25519 key pair, new for each round: its owner signs the shares it deals with it."""
+
+    def __init__(self) -> None:
+        self._private = Ed25519PrivateKey.generate()
+        self.public = self._private.public_key().public_bytes(serialization.Encoding.Raw,
+                                                               serialization.PublicFormat.Raw)
+
+    def sign(self, message: bytes) -> bytes:
+        return self._private.sign(message)
+
+
+def check_signing_key(public: bytes) -> None:
+    """SecAggError unless ``public`` is an Ed25519 public key (32 bytes encoding a curve point)."""
+    if len(public) != PUBLIC_KEY_BYTES:
+        raise SecAggError(f"a signing key is {PUBLIC_KEY_BYTES} bytes, not {len(public)}")
+    try:
+        Ed25519PublicKey.from_public_bytes(public)
+    except ValueError as error:
+        raise SecAggError(f"a signing key is not an Ed25519 public key ({error})") from None
+
+
+def signature_holds(public: bytes, signature: bytes, message: bytes) -> bool:
+    """Whether ``signature`` is ``public``'s Ed25519 signature of ``message``."""
+    if len(signature) != SIGNATURE_BYTES or len(public) != PUBLIC_KEY_BYTES:
+        return False
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, message)
+    except (InvalidSignature, ValueError):
+        return False
+    return True
+
+
+def commit(secret: bytes, binding: bytes) -> bytes:
+    """A commitment to a 32-byte random ``secret``, bound to ``binding`` (the round and the owner):
+    SHA-256 of both. Hiding because the secret has 256 random bits; binding by SHA-256."""
+    if len(secret) != SECRET_BYTES:
+        raise SecAggError(f"a secret is {SECRET_BYTES} bytes, not {len(secret)}")
+    return hashlib.sha256(b"pyfed-secagg-commitment|" + binding + b"|" + secret).digest()
 
 
 def seal(key: bytes, plaintext: bytes, associated: bytes) -> bytes:

@@ -33,7 +33,7 @@ from pyfed.wire.chunks import CHUNK_BYTES
 from pyfed.wire.compression import BroadcastCompression, UpdateCompression
 
 #: 2: FIT and UPDATE carry the round's attempt number, so a resent FIT and its answer are matched
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 
 #: dtypes allowed on the wire; always little-endian.
 ALLOWED_DTYPES = frozenset(
@@ -288,11 +288,12 @@ def _id_list(max_entries: int) -> Callable[[Any], list[str]]:
     return check
 
 
-def _pair(first: Callable[[Any], Any], second: Callable[[Any], Any]) -> Callable[[Any], list[Any]]:
+def _tuple(*checkers: Callable[[Any], Any]) -> Callable[[Any], list[Any]]:
+    """A JSON list of exactly ``len(checkers)`` values, each checked by its own checker."""
     def check(value: Any) -> list[Any]:
-        if not isinstance(value, list) or len(value) != 2:
-            raise ValueError("must be a pair")
-        return [first(value[0]), second(value[1])]
+        if not isinstance(value, list) or len(value) != len(checkers):
+            raise ValueError(f"must be a list of {len(checkers)} values")
+        return [checker(item) for checker, item in zip(checkers, value)]
     return check
 
 
@@ -307,7 +308,8 @@ def _one_of(*allowed: str) -> Callable[[Any], str]:
 MAX_SECAGG_CLIENTS = 100_000
 SECAGG_KEY_BYTES = 32
 SECAGG_SHARE_BYTES = 66
-SECAGG_MAX_BOX_BYTES = 2 * SECAGG_SHARE_BYTES + 200
+SECAGG_SIGNATURE_BYTES = 64
+SECAGG_MAX_BOX_BYTES = 2 * (SECAGG_SHARE_BYTES + SECAGG_SIGNATURE_BYTES) + 100  # two signed shares, sealed, and room
 
 SECAGG_SETUP_SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
     "threshold": (_int_in(2, MAX_SECAGG_CLIENTS), True),
@@ -315,6 +317,7 @@ SECAGG_SETUP_SCHEMA: dict[str, tuple[Callable[[Any], Any], bool]] = {
     "quantisation_bits": (_int_in(1, 62), True),
     "ring_bits": (_int_in(2, 64), True),
     "clip": (_float_in(1e-12, 1e12), True),
+    "min_clients": (_int_in(2, MAX_SECAGG_CLIENTS), True),  # no sum of fewer is unmasked (the client checks too)
 }
 
 
@@ -509,15 +512,21 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
     },
     # --- secure aggregation, one attempt at one round (`round` in the header; `attempt` here) ---
     # client -> server, after training for a FIT with "secagg": this attempt's two public keys.
+    # It also commits to its self-mask seed and says the weight (examples) it will mask its update by, signed.
     MessageType.SECAGG_KEYS: {
         "attempt": _ATTEMPT,
         "mask_key": (_b64(SECAGG_KEY_BYTES), True),
         "share_key": (_b64(SECAGG_KEY_BYTES), True),
+        "sign_key": (_b64(SECAGG_KEY_BYTES), True),
+        "commitment": (_b64(32), True),
+        "num_examples": (_int_in(1, 2**40), True),
+        "signature": (_b64(SECAGG_SIGNATURE_BYTES), True),  # all of the above, under its signing key
     },
-    # server -> client: every key-advertising client's keys, {client id: [mask key, share key]}.
+    # server -> client: every key-advertising client's keys, {client id: [mask key, share key, signing key]}.
     MessageType.SECAGG_ROSTER: {
         "attempt": _ATTEMPT,
-        "roster": (_id_table(_pair(_b64(SECAGG_KEY_BYTES), _b64(SECAGG_KEY_BYTES)), MAX_SECAGG_CLIENTS), True),
+        "roster": (_id_table(_tuple(_b64(SECAGG_KEY_BYTES), _b64(SECAGG_KEY_BYTES), _b64(SECAGG_KEY_BYTES)),
+                             MAX_SECAGG_CLIENTS), True),
     },
     # client -> server: its shares, sealed for each neighbour, {neighbour: box}.
     MessageType.SECAGG_SHARES: _SEALED_BOXES,
@@ -537,10 +546,11 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
         "survivors": (_id_list(MAX_SECAGG_CLIENTS), True),
         "dropped": (_id_list(MAX_SECAGG_CLIENTS), True),
     },
-    # client -> server: {owner: ["b" (self-mask seed) | "s" (mask key), its share]}.
+    # client -> server: {owner: ["b" (self-mask seed) | "s" (mask key), its share, the owner's signature of it]}.
     MessageType.SECAGG_REVEAL: {
         "attempt": _ATTEMPT,
-        "shares": (_id_table(_pair(_one_of("b", "s"), _b64(SECAGG_SHARE_BYTES)), MAX_SECAGG_CLIENTS), True),
+        "shares": (_id_table(_tuple(_one_of("b", "s"), _b64(SECAGG_SHARE_BYTES), _b64(SECAGG_SIGNATURE_BYTES)),
+                             MAX_SECAGG_CLIENTS), True),
     },
 }
 

@@ -24,6 +24,7 @@ import stat
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 from pathlib import Path
 
 import zmq
@@ -50,12 +51,12 @@ class CurveKeys:
     server_public: bytes | None = None
 
 
-def client_key_name(index: int) -> str:
-    return f"client-{index}"
+def client_key_name(index: int, prefix: str = "client") -> str:
+    return f"{prefix}-{index}"
 
 
-def generate_keys(out: Path, clients: int) -> tuple[list[Path], list[Path]]:
-    """Create ``server.key[_secret]`` and ``client-<i>.key[_secret]`` (i = 1..clients) in ``out``.
+def generate_keys(out: Path, clients: int, prefix: str = "client") -> tuple[list[Path], list[Path]]:
+    """Create ``server.key[_secret]`` and ``<prefix>-<i>.key[_secret]`` (i = 1..clients) in ``out``.
 
     Existing pairs are kept, never overwritten (a new server key would lock every client out).
     Returns (created, kept) secret-key paths.
@@ -63,7 +64,7 @@ def generate_keys(out: Path, clients: int) -> tuple[list[Path], list[Path]]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     created, kept = [], []
-    for name in [SERVER_KEY_NAME, *(client_key_name(i) for i in range(1, clients + 1))]:
+    for name in [SERVER_KEY_NAME, *(client_key_name(i, prefix) for i in range(1, clients + 1))]:
         secret = out / f"{name}.key_secret"
         if secret.exists() and (out / f"{name}.key").exists():
             load_key_pair(secret)  # an existing pair must be readable, or we say so now
@@ -126,8 +127,40 @@ def server_keys(secret_key_file: Path) -> CurveKeys:
 
 
 def client_keys(secret_key_file: Path, server_public_key_file: Path) -> CurveKeys:
+    """This client's key pair (a ``.key_secret`` file, or one claimed from a directory of them: see
+    :func:`claim_key_pair`) and the server's public key."""
+    if Path(secret_key_file).is_dir():
+        secret_key_file = claim_key_pair(Path(secret_key_file))
     public, secret = load_key_pair(secret_key_file)
     return CurveKeys(public, secret, load_public_key(server_public_key_file))
+
+
+_CLAIMS: list[Any] = []  # the open files whose locks hold this process's claims, for its lifetime
+
+
+def claim_key_pair(directory: Path) -> Path:
+    """The first ``*.key_secret`` in ``directory`` that no other process on this machine holds, now
+    held by this one (an exclusive ``flock`` on the file, released when the process ends): replicas of
+    one service sharing a folder of key pairs (Compose's ``client-keys`` volume) each take a pair of
+    their own, so each is a party of its own to secure aggregation; a replica that restarts takes a free
+    pair again (its own, unless another took it meanwhile). KeyFileError if every pair is held."""
+    import fcntl
+
+    pairs = sorted(p for p in Path(directory).glob("*.key_secret") if p.name != f"{SERVER_KEY_NAME}.key_secret")
+    if not pairs:
+        raise KeyFileError(f"{directory}: holds no client key pair (*.key_secret)")
+    for path in pairs:
+        handle = open(path, "rb")  # noqa: SIM115 - held open: the lock lives as long as the process
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.close()
+            continue
+        _CLAIMS.append(handle)
+        log.info("using key pair %s (the first in %s no other process holds)", path.name, directory)
+        return path
+    raise KeyFileError(f"{directory}: all {len(pairs)} key pairs are held by other processes on this machine; one "
+                       f"pair per client (make more: pyfed keys --clients N, or NUM_CLIENTS in Compose)")
 
 
 class Admission:

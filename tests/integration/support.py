@@ -81,9 +81,16 @@ def check_every_round_once(logdir: Path, rounds: int) -> dict:
 class Peer:
     """A hand-driven DEALER: what a malicious or broken client can send."""
 
-    def __init__(self, context: zmq.Context, address: str):
+    def __init__(self, context: zmq.Context, address: str, curve: tuple[Path, Path] | None = None):
+        """``curve``: (this peer's .key_secret, the server's .key): connect with CurveZMQ."""
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        if curve is not None:
+            from pyfed.wire.security import load_key_pair, load_public_key
+
+            public, secret = load_key_pair(curve[0])
+            self.socket.curve_publickey, self.socket.curve_secretkey = public, secret
+            self.socket.curve_serverkey = load_public_key(curve[1])
         self.socket.connect(address)
 
     def send(self, frames) -> None:
@@ -123,6 +130,40 @@ class Peer:
         assert reply.type is MessageType.ERROR, reply
         return reply.body["code"]
 
+    def secure_aggregation(self, client_id: str, stages, fit: Message, change=None, num_examples: int = 100,
+                           timeout_s: float = 300) -> Message:
+        """Take part in secure aggregation as a client does, from ``fit`` on, answering each stage with
+        ``stages`` (a ClientStages, or a lying subclass) and each later FIT likewise with a zero change;
+        returns the FINISH (a LEAVE is sent back). ``change``: what it masks (default: no change)."""
+        from pyfed.federation.secure_aggregation import flatten_change
+
+        def begin(fit: Message) -> None:
+            weights = [np.array(a) for a in fit.arrays]
+            body = stages.begin(fit.body["run"], fit.round, fit.body["attempt"], fit.body["secagg"],
+                                flatten_change(weights, weights) if change is None else change, num_examples,
+                                {"fit_s": 0.1, "history": {}})
+            self.send(protocol.encode(Message(MessageType.SECAGG_KEYS, round=fit.round, client_id=client_id, body=body)))
+
+        begin(fit)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if not self.socket.poll(100):
+                continue
+            message = protocol.decode(self.socket.recv_multipart())
+            if message.type is MessageType.FINISH:
+                self.leave(client_id)
+                return message
+            if message.type is MessageType.FIT and "secagg" in message.body:
+                begin(message)
+            elif message.type in (MessageType.SECAGG_ROSTER, MessageType.SECAGG_BOXES, MessageType.SECAGG_UNMASK):
+                try:
+                    kind, body, arrays = stages.answer(message.type, message.round, message.body)
+                except Exception:  # noqa: BLE001 - a request this client refuses, as a real client does
+                    continue
+                self.send(protocol.encode(Message(kind, round=message.round, client_id=client_id, body=body,
+                                                  arrays=arrays)))
+        raise AssertionError(f"no FINISH within {timeout_s}s")
+
     def leave_when_finished(self, server, client_id: str = "mallory", timeout_s: float = 300) -> None:
         """Answer the server's FINISH with a LEAVE, as a client does (unless this peer's socket is closed
         or the server has exited); everything else it is sent meanwhile is ignored."""
@@ -150,17 +191,18 @@ def update(round_: int, arrays, client_id: str = "mallory", num_examples: int = 
 
 
 def mallory_round(processes, shards: Path, logdir: Path, act, *server_args: str,
-                  name: str = "server") -> tuple[str, dict]:
-    """One round with two honest sites and mallory, a hand-driven peer that does
-    ``act(mallory, fit, weights)`` when asked to train; returns the server's log and the round's record."""
+                  name: str = "server", honest_sites: tuple[int, ...] = (1, 2)) -> tuple[str, dict]:
+    """One round with honest sites (two, unless ``honest_sites`` says otherwise) and mallory, a
+    hand-driven peer that does ``act(mallory, fit, weights)`` when asked to train; returns the server's
+    log and the round's record."""
     address = f"tcp://127.0.0.1:{free_port()}"
-    server = start_server(processes, shards, logdir, address, "--rounds", "1", "--min-clients", "3", *server_args,
-                          name=name)
+    server = start_server(processes, shards, logdir, address, "--rounds", "1", "--min-clients",
+                          str(len(honest_sites) + 1), *server_args, name=name)
     context = zmq.Context()
     try:
         mallory = Peer(context, address)
         weights = [np.array(a) for a in mallory.join("mallory").arrays]
-        honest = [start_client(processes, shards, address, i, name=f"{name}-site-{i}") for i in (1, 2)]
+        honest = [start_client(processes, shards, address, i, name=f"{name}-site-{i}") for i in honest_sites]
         fit = mallory.receive(timeout_s=120, skip=())
         assert fit.type is MessageType.FIT, fit
         act(mallory, fit, weights)

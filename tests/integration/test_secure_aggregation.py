@@ -221,7 +221,24 @@ def _mallory_round(tmp_path, processes, shards, name: str, act) -> tuple[str, di
         act(mallory, fit)
 
     return mallory_round(processes, shards, tmp_path / name, checked, "--epochs", "3", "--secure-aggregation",
-                         "--round-timeout", "10", name=f"{name}-server")
+                         "--round-timeout", "10", "--secagg-min-clients", "2",  # the two sites, once mallory is out
+                         name=f"{name}-server")
+
+
+def _keys_body(fit, mask_key: bytes, share_key: bytes, num_examples: int = 100) -> dict:
+    """A SECAGG_KEYS body with these public keys, as a client makes it (signed, with a commitment)."""
+    import os
+
+    from pyfed.federation.secagg import SigningKey, commit
+    from pyfed.federation.secure_aggregation import Advertised, PublicKeys, round_context, seed_binding
+    from pyfed.wire.protocol import b64
+
+    context, signing = round_context(fit.body["run"], fit.round, fit.body["attempt"]), SigningKey()
+    unsigned = Advertised(PublicKeys(mask_key, share_key, signing.public),
+                          commit(os.urandom(32), seed_binding(context, "mallory")), num_examples)
+    return {"attempt": fit.body["attempt"], "mask_key": b64(mask_key), "share_key": b64(share_key),
+            "sign_key": b64(signing.public), "commitment": b64(unsigned.commitment), "num_examples": num_examples,
+            "signature": b64(signing.sign(unsigned.statement(context, "mallory")))}
 
 
 def test_a_client_answering_out_of_turn_or_with_an_unusable_key_is_dropped_and_the_round_completes(
@@ -233,7 +250,7 @@ def test_a_client_answering_out_of_turn_or_with_an_unusable_key_is_dropped_and_t
                                arrays=[np.zeros(5, np.uint32)], body={"attempt": 1, "fit_s": 0.1, "history": {}}))
         assert mallory.error_code(early) == "bad_reply"  # a stage it was not asked for
         small_order = encode(Message(MessageType.SECAGG_KEYS, round=fit.round, client_id="mallory",
-                                     body={"attempt": 1, "mask_key": b64(bytes(32)), "share_key": b64(bytes(32))}))
+                                     body=_keys_body(fit, bytes(32), bytes(range(32)))))
         assert mallory.error_code(small_order) == "bad_reply"
 
     log, record = _mallory_round(tmp_path, processes, shards, "keys", act)
@@ -252,11 +269,10 @@ def test_a_client_whose_sealed_shares_do_not_open_is_left_out_and_the_round_retr
     def act(mallory, fit):
         keys = [KeyPair(), KeyPair()]
         mallory.send(encode(Message(MessageType.SECAGG_KEYS, round=fit.round, client_id="mallory",
-                                    body={"attempt": 1, "mask_key": b64(keys[0].public),
-                                          "share_key": b64(keys[1].public)})))
+                                    body=_keys_body(fit, keys[0].public, keys[1].public))))
         roster = mallory.receive(timeout_s=120, skip=(MessageType.EVALUATE, MessageType.FIT))
         assert roster.type is MessageType.SECAGG_ROSTER
-        garbage = {cid: b64(os.urandom(160)) for cid in roster.body["roster"] if cid != "mallory"}
+        garbage = {cid: b64(os.urandom(288)) for cid in roster.body["roster"] if cid != "mallory"}
         mallory.send(encode(Message(MessageType.SECAGG_SHARES, round=fit.round, client_id="mallory",
                                     body={"attempt": 1, "boxes": garbage})))
 

@@ -765,3 +765,63 @@ def test_a_request_whose_client_is_gone_records_the_pools_reason_and_one_that_co
     assert record.clients == ["a"]
     assert record.dropped == {"gone": CONNECTION_GONE, "full": UNREACHED}
     assert CONNECTION_GONE.startswith("connection lost")
+
+
+# --- secure aggregation: a key is one party (Hardening II) -------------------------------------------------
+
+class KeyedPool(InProcessPool):
+    """In-process clients whose ids are held by keys: ``keys`` maps an id to its key (one key may hold many)."""
+
+    def __init__(self, trainers, keys):
+        super().__init__(trainers, seed=0)
+        self.keys = keys
+
+    def info(self, client_id: str) -> ClientInfo:
+        return ClientInfo(None, 10, self.keys.get(client_id))
+
+
+def test_under_secure_aggregation_one_id_of_each_key_is_asked_a_round():
+    from pyfed.federation.secure_aggregation import SecureAggregation
+
+    ids = ["a", "b", "c", "m1", "m2", "m3"]
+    keys = {"a": "ka", "b": "kb", "c": "kc", "m1": "km", "m2": "km", "m3": "km"}
+    pool = KeyedPool({cid: Trainer(0.1) for cid in ids}, keys)
+    history = RoundEngine(pool, WEIGHTS, rounds=4, plan=PLAN, strategy=FedAvg(),
+                          secure_aggregation=SecureAggregation(clip=1.0)).run()
+    for record in history:
+        assert [cid for cid in record.selected if cid.startswith("m")] in (["m1"], ["m2"], ["m3"])
+        assert len(record.clients) == 4 and record.refused is None
+
+
+def test_one_key_cannot_isolate_an_honest_client_or_unmask_a_sum_of_fewer_than_the_minimum():
+    """The review's attacks with one key: two of its ids accused an honest client, which then left
+    alone; or one id, sending zeros, had the others ejected until the sum was one site's update.
+    Now one id of the key is asked; its lie costs it its place along with the one it named, and the
+    two left are fewer than --secagg-min-clients 3: nothing is unmasked and the round ends without a
+    new model (it does not wait forever); the next round starts afresh, and the same happens."""
+    from pyfed.federation.answers import ClientAnswers
+    from pyfed.federation.secure_aggregation import ClientStages, SecureAggregation
+
+    class Accuser(ClientStages):
+        def answer(self, kind, server_round, body):
+            if kind is MessageType.SECAGG_BOXES:
+                return MessageType.SECAGG_MASKED, {"attempt": body["attempt"], **self._input[2],
+                                                   "bad_boxes": ["a"]}, []
+            return super().answer(kind, server_round, body)
+
+    ids = ["a", "b", "c", "m1", "m2"]
+    pool = KeyedPool({cid: Trainer(0.1) for cid in ids}, {"a": "ka", "b": "kb", "c": "kc", "m1": "km", "m2": "km"})
+    for cid in ("m1", "m2"):
+        pool._answers[cid] = ClientAnswers(cid)  # noqa: SLF001
+        pool._answers[cid].stages = Accuser(cid)  # noqa: SLF001
+    run = RoundEngine(pool, WEIGHTS, rounds=2, plan=PLAN, strategy=FedAvg(),
+                      secure_aggregation=SecureAggregation(clip=1.0))
+    history = run.run()
+    for record in history:
+        (failed,) = record.failed_attempts
+        (accuser,) = [cid for cid in failed["dropped"] if cid.startswith("m")]
+        assert failed["dropped"]["a"].startswith(f"secure aggregation: {accuser} said its sealed shares did not open")
+        assert record.clients == [] and record.refused.startswith(
+            "secure aggregation: the 2 party(ies) left out of this round (misbehaving, or named by one that did) "
+            "leave 2 to ask, fewer than the 3")
+    assert all(np.array_equal(w, g) for w, g in zip(run.weights, WEIGHTS))  # nothing was unmasked or applied

@@ -83,6 +83,31 @@ def test_key_files_are_checked_and_admission_follows_the_directory(tmp_path):
         Admission(tmp_path / "nowhere", server_public)
 
 
+def test_replicas_sharing_a_folder_of_key_pairs_each_take_one_no_other_holds(tmp_path):
+    """Compose's local replicas: each claims a pair (an exclusive lock for its lifetime, here one per
+    open file), so each is a party of its own; a pair is free again once its holder is gone."""
+    from pyfed.wire import security
+
+    created, _ = generate_keys(tmp_path, 2, prefix="replica")
+    assert sorted(p.name for p in created) == ["replica-1.key_secret", "replica-2.key_secret", "server.key_secret"]
+    claims = security._CLAIMS  # noqa: SLF001 - what holds the locks
+    before = len(claims)
+    try:
+        first, second = security.claim_key_pair(tmp_path), security.claim_key_pair(tmp_path)
+        assert (first.name, second.name) == ("replica-1.key_secret", "replica-2.key_secret")
+        with pytest.raises(KeyFileError, match="all 2 key pairs are held by other processes"):
+            security.client_keys(tmp_path, tmp_path / "server.key")
+        claims.pop().close()  # the second one's holder is gone
+        keys = security.client_keys(tmp_path, tmp_path / "server.key")  # a directory: the free pair
+        assert keys.public == load_key_pair(second)[0]
+    finally:
+        while len(claims) > before:
+            claims.pop().close()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(KeyFileError, match="holds no client key pair"):
+        security.claim_key_pair(tmp_path / "empty")
+
+
 def test_reliability_settings_parse_and_name_the_variable():
     config = resolve(ServerConfig, {"min_fit_clients": "2", "fraction_fit": "0.5", "fresh_start": "true"},
                      {"KEEP_CHECKPOINTS": "5", "CHECKPOINT_DIR": "/ck"}, {})

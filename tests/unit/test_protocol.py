@@ -16,7 +16,8 @@ PLAN = {"epochs": 2, "batch_size": 16, "learning_rate": 0.01}
 RUN = "0123456789abcdef"
 KEY = protocol.b64(bytes(range(32)))
 SHARE = protocol.b64(bytes(66))
-BOX = protocol.b64(bytes(160))
+BOX = protocol.b64(bytes(288))
+SIGNATURE = protocol.b64(bytes(64))
 
 EXAMPLES = {
     MessageType.JOIN: Message(MessageType.JOIN, client_id="site-a", body={"num_examples": 450, "wants_shard": False}),
@@ -42,9 +43,10 @@ EXAMPLES = {
     MessageType.UPDATE_CHUNK: Message(MessageType.UPDATE_CHUNK, round=2, client_id="client-1",
                                       arrays=[np.arange(16, dtype=np.uint8)], body={"attempt": 1, "index": 3}),
     MessageType.SECAGG_KEYS: Message(MessageType.SECAGG_KEYS, round=2, client_id="client-1",
-                                     body={"attempt": 1, "mask_key": KEY, "share_key": KEY}),
+                                     body={"attempt": 1, "mask_key": KEY, "share_key": KEY, "sign_key": KEY,
+                                           "commitment": KEY, "num_examples": 450, "signature": SIGNATURE}),
     MessageType.SECAGG_ROSTER: Message(MessageType.SECAGG_ROSTER, round=2,
-                                       body={"attempt": 1, "roster": {"client-1": [KEY, KEY], "site-b": [KEY, KEY]}}),
+                                       body={"attempt": 1, "roster": {"client-1": [KEY, KEY, KEY], "site-b": [KEY, KEY, KEY]}}),
     MessageType.SECAGG_SHARES: Message(MessageType.SECAGG_SHARES, round=2, client_id="client-1",
                                        body={"attempt": 1, "boxes": {"site-b": BOX}}),
     MessageType.SECAGG_BOXES: Message(MessageType.SECAGG_BOXES, round=2, body={"attempt": 1, "boxes": {"site-b": BOX}}),
@@ -54,7 +56,8 @@ EXAMPLES = {
     MessageType.SECAGG_UNMASK: Message(MessageType.SECAGG_UNMASK, round=2,
                                        body={"attempt": 1, "survivors": ["client-1", "site-b"], "dropped": []}),
     MessageType.SECAGG_REVEAL: Message(MessageType.SECAGG_REVEAL, round=2, client_id="client-1",
-                                       body={"attempt": 1, "shares": {"client-1": ["b", SHARE], "site-c": ["s", SHARE]}}),
+                                       body={"attempt": 1, "shares": {"client-1": ["b", SHARE, SIGNATURE],
+                                                                      "site-c": ["s", SHARE, SIGNATURE]}}),
 }
 
 
@@ -147,7 +150,7 @@ UPDATE = encode(EXAMPLES[MessageType.UPDATE])
     ([b'{"v": 1, "type": "fit", "round": 1, "body": {"plan": {"epochs": NaN}}}'], "not valid UTF-8 JSON"),
     ([b"[" * 100_000 + b"]" * 100_000], "nested too deeply|not valid"),
     ([b'{"v": 1, "type": "join", "round": ' + b"9" * 5000 + b"}"], "not valid UTF-8 JSON"),
-    (reframe(UPDATE, v=1), "unsupported protocol version '1'; this peer speaks 2"),
+    (reframe(UPDATE, v=1), "unsupported protocol version '1'; this peer speaks 3"),
     (reframe(UPDATE, v=None), "unsupported protocol version"),
     (reframe(UPDATE, v="1"), "unsupported protocol version"),
     (reframe(UPDATE, type="steal"), "unknown message type 'steal'"),
@@ -301,14 +304,20 @@ def test_a_welcome_cannot_point_a_client_outside_its_data_directory(shard):
     (MessageType.SECAGG_KEYS, {"attempt": 1, "mask_key": "AAAA", "share_key": KEY}, "must be 32 bytes, got 3"),
     (MessageType.SECAGG_KEYS, {"attempt": 1, "mask_key": "not base64!", "share_key": KEY}, "not base64"),
     (MessageType.SECAGG_KEYS, {"attempt": 1, "mask_key": KEY * 3, "share_key": KEY}, "at most 32 bytes"),
-    (MessageType.SECAGG_ROSTER, {"attempt": 1, "roster": {"../x": [KEY, KEY]}}, "not a client id"),
-    (MessageType.SECAGG_ROSTER, {"attempt": 1, "roster": {"a": [KEY]}}, "must be a pair"),
-    (MessageType.SECAGG_SHARES, {"attempt": 1, "boxes": {"a": protocol.b64(bytes(400))}}, "at most 332 bytes"),
+    (MessageType.SECAGG_KEYS, {"attempt": 1, "mask_key": KEY, "share_key": KEY, "sign_key": KEY, "commitment": KEY,
+                               "num_examples": 0, "signature": SIGNATURE}, "num_examples"),
+    (MessageType.SECAGG_KEYS, {"attempt": 1, "mask_key": KEY, "share_key": KEY, "sign_key": KEY, "commitment": KEY,
+                               "num_examples": 5, "signature": KEY}, "must be 64 bytes, got 32"),
+    (MessageType.SECAGG_ROSTER, {"attempt": 1, "roster": {"../x": [KEY, KEY, KEY]}}, "not a client id"),
+    (MessageType.SECAGG_ROSTER, {"attempt": 1, "roster": {"a": [KEY, KEY]}}, "must be a list of 3 values"),
+    (MessageType.SECAGG_SHARES, {"attempt": 1, "boxes": {"a": protocol.b64(bytes(400))}}, "at most 360 bytes"),
     (MessageType.SECAGG_UNMASK, {"attempt": 1, "survivors": ["a", "a"], "dropped": []}, "names a client twice"),
-    (MessageType.SECAGG_REVEAL, {"attempt": 1, "shares": {"a": ["x", SHARE]}}, "must be one of b, s"),
-    (MessageType.SECAGG_REVEAL, {"attempt": 1, "shares": {"a": ["b", KEY]}}, "must be 66 bytes, got 32"),
+    (MessageType.SECAGG_REVEAL, {"attempt": 1, "shares": {"a": ["x", SHARE, SIGNATURE]}}, "must be one of b, s"),
+    (MessageType.SECAGG_REVEAL, {"attempt": 1, "shares": {"a": ["b", KEY, SIGNATURE]}}, "must be 66 bytes, got 32"),
+    (MessageType.SECAGG_REVEAL, {"attempt": 1, "shares": {"a": ["b", SHARE]}}, "must be a list of 3 values"),
     (MessageType.FIT, {"plan": PLAN, "attempt": 1, "run": RUN,
-                       "secagg": {"threshold": 1, "degree": 4, "quantisation_bits": 16, "ring_bits": 32, "clip": 1.0}},
+                       "secagg": {"threshold": 1, "degree": 4, "quantisation_bits": 16, "ring_bits": 32, "clip": 1.0,
+                                  "min_clients": 3}},
      "threshold"),
 ])
 def test_malformed_secure_aggregation_bodies_are_refused_naming_the_field(kind, body, message):

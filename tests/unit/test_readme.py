@@ -48,7 +48,7 @@ def test_every_flag_of_a_command_is_in_its_readme_table(command):
 def test_the_remote_site_recipe_is_what_the_multihost_tests_run():
     from tests.multihost.test_remote_sites import SERVER_UP, SITE_KEYS, SITE_UP
 
-    assert [c for c in code_block_after("for the second key pair") if c] == list(SITE_KEYS)
+    assert [c for c in code_block_after("for the site's key pair") if c] == list(SITE_KEYS)
     text = README.read_text()
     assert f"```bash\n{SITE_UP}\n```" in text and f"`{SERVER_UP}`" in text
 

@@ -9,19 +9,31 @@ import pytest
 from scipy import stats
 
 from pyfed.federation.secagg import SecAggError
-from pyfed.federation.secure_aggregation import (BadBoxes, ClientRound, PublicKeys, RoundSetup, SecAggAborted, ServerRound,
-                                                 left_out_after, ring_bits_for)
+from pyfed.federation.secure_aggregation import (Advertised, BadBoxes, ClientRound, PublicKeys, RoundSetup, SecAggAborted,
+                                                 SecAggBlamed, SecAggRefused, ServerRound, left_out_after,
+                                                 ring_bits_for)
 from pyfed.wire.protocol import b64
 
 pytestmark = pytest.mark.unit
 
 LENGTH = 1000
+ANY_WEIGHT = 10_000  # what a client declared when it joined, in these tests
 
 
-def setup(n: int, threshold: int, degree: int | None = None, quantisation_bits: int = 16, total_weight: int = 10_000):
+def said(client: ClientRound, weight: int = 1) -> Advertised:
+    """What ``client`` sends in stage 1, masking its update by ``weight``."""
+    return client.advertised(weight)
+
+
+def server_round(round_setup: RoundSetup, ids, length: int) -> ServerRound:
+    return ServerRound(round_setup, ids, length, {cid: ANY_WEIGHT for cid in ids})
+
+
+def setup(n: int, threshold: int, degree: int | None = None, quantisation_bits: int = 16, total_weight: int = 10_000,
+          min_clients: int = 2):
     return RoundSetup(context=b"run-1|round-3|attempt-1", threshold=threshold, degree=degree or n - 1,
                       quantisation_bits=quantisation_bits, ring_bits=ring_bits_for(total_weight, quantisation_bits),
-                      clip=0.5)
+                      clip=0.5, min_clients=min_clients)
 
 
 def run_round(n: int, threshold: int, *, degree: int | None = None, drop_before_keys=(), drop_before_masked=(),
@@ -31,11 +43,11 @@ def run_round(n: int, threshold: int, *, degree: int | None = None, drop_before_
     updates = {cid: rng.uniform(-0.4, 0.4, LENGTH) for cid in ids}
     weights = {cid: int(rng.integers(1, 100)) for cid in ids}
     round_setup = setup(n, threshold, degree)
-    server = ServerRound(round_setup, ids, LENGTH)
+    server = server_round(round_setup, ids, LENGTH)
     clients = {cid: ClientRound(cid, round_setup, np.random.default_rng(seed + i)) for i, cid in enumerate(ids)}
     for cid, client in clients.items():
         if cid not in drop_before_keys:
-            server.add_keys(cid, client.advertise())
+            server.add_keys(cid, said(client, weights[cid]))
     roster = server.roster()
     for cid in roster:
         server.add_shares(cid, clients[cid].share_keys(roster))
@@ -121,7 +133,7 @@ def test_a_client_never_reveals_both_secrets_of_one_client_and_refuses_an_incons
     with pytest.raises(SecAggAborted, match="1 survivors"):
         clients["a"].unmask(["a"], ["b", "c"])
     shares = clients["a"].unmask(["a", "b"], ["c"])
-    assert {owner: kind for owner, (kind, _) in shares.items()} == {"a": "b", "b": "b", "c": "s"}
+    assert {owner: kind for owner, (kind, _, _) in shares.items()} == {"a": "b", "b": "b", "c": "s"}
     with pytest.raises(SecAggError, match="twice"):
         clients["a"].unmask(["a", "b", "c"], [])
 
@@ -134,7 +146,7 @@ def test_a_roster_without_the_clients_own_keys_or_with_a_repeated_key_is_refused
     with pytest.raises(SecAggError, match="repeats a public key"):
         a.share_keys({"a": a.advertise(), "b": b.advertise(), "c": b.advertise()})
     with pytest.raises(SecAggError, match="not 32 bytes"):
-        a.share_keys({"a": a.advertise(), "b": b.advertise(), "c": PublicKeys(b"x", b"y")})
+        a.share_keys({"a": a.advertise(), "b": b.advertise(), "c": PublicKeys(b"x", b"y", b"z")})
 
 
 def test_boxes_that_are_altered_misaddressed_or_from_strangers_are_refused():
@@ -159,14 +171,14 @@ def test_boxes_that_are_altered_misaddressed_or_from_strangers_are_refused():
 
 def test_the_server_refuses_what_it_did_not_ask_for_and_malformed_inputs():
     round_setup = setup(3, 2)
-    server = ServerRound(round_setup, ["a", "b", "c"], 4)
+    server = server_round(round_setup, ["a", "b", "c"], 4)
     clients = {cid: ClientRound(cid, round_setup) for cid in "abc"}
     with pytest.raises(SecAggError, match="not asked for"):
-        server.add_keys("z", clients["a"].advertise())
+        server.add_keys("z", said(clients["a"]))
     for cid, client in clients.items():
-        server.add_keys(cid, client.advertise())
+        server.add_keys(cid, said(client, 3))
     with pytest.raises(SecAggError, match="twice"):
-        server.add_keys("a", clients["a"].advertise())
+        server.add_keys("a", said(clients["a"]))
     roster = server.roster()
     boxes = {cid: c.share_keys(roster) for cid, c in clients.items()}
     with pytest.raises(SecAggError, match="other clients than its neighbours"):
@@ -202,9 +214,10 @@ def test_a_weight_the_ring_cannot_hold_is_refused_and_the_ring_is_sized_from_the
 
 
 @pytest.mark.parametrize("kwargs, message", [({"threshold": 1}, "at least 2"), ({"quantisation_bits": 40}, "ring bits"),
-                                             ({"clip": 0}, "positive"), ({"degree": 1}, "at least 2")])
+                                             ({"clip": 0}, "positive"), ({"degree": 1}, "at least 2"),
+                                             ({"min_clients": 1}, "at least 2")])
 def test_bad_setups_are_refused(kwargs, message):
-    base = dict(context=b"x", threshold=2, degree=4, quantisation_bits=16, ring_bits=32, clip=1.0)
+    base = dict(context=b"x", threshold=2, degree=4, quantisation_bits=16, ring_bits=32, clip=1.0, min_clients=3)
     with pytest.raises(SecAggError, match=message):
         RoundSetup(**{**base, **kwargs})
 
@@ -224,16 +237,19 @@ def test_the_stages_as_wire_messages_give_the_weighted_mean_change_and_a_repeat_
     trained = {cid: [g + rng.normal(scale=0.05, size=g.shape).astype(g.dtype) if g.dtype.kind == "f" else g + 1
                      for g in global_weights] for cid in ("a", "b", "c")}
     weights = {"a": 10, "b": 30, "c": 60}
-    setup_body = {"threshold": 2, "degree": 2, "quantisation_bits": 20, "ring_bits": ring_bits_for(100, 20), "clip": 0.5}
+    setup_body = {"threshold": 2, "degree": 2, "quantisation_bits": 20, "ring_bits": ring_bits_for(100, 20), "clip": 0.5,
+                  "min_clients": 3}
     length = 18
-    server = ServerRound(RoundSetup(context=round_context("0123abcd", 4, 2), **setup_body), list(trained), length)
+    server = server_round(RoundSetup(context=round_context("0123abcd", 4, 2), **setup_body), list(trained), length)
     stages = {cid: ClientStages(cid) for cid in trained}
     for cid, stage in stages.items():
         keys = wire(MessageType.SECAGG_KEYS, stage.begin("0123abcd", 4, 2, setup_body,
                                                            flatten_change(trained[cid], global_weights), weights[cid],
                                                            {"fit_s": 0.5, "history": {"loss": [0.1]}})).body
-        server.add_keys(cid, PublicKeys(unb64(keys["mask_key"]), unb64(keys["share_key"])))
-    roster = {cid: [b64(k.mask_key), b64(k.share_key)] for cid, k in server.roster().items()}
+        assert keys["num_examples"] == weights[cid]
+        server.add_keys(cid, Advertised(PublicKeys(*(unb64(keys[k]) for k in ("mask_key", "share_key", "sign_key"))),
+                                        unb64(keys["commitment"]), keys["num_examples"], unb64(keys["signature"])))
+    roster = {cid: [b64(k.mask_key), b64(k.share_key), b64(k.sign_key)] for cid, k in server.roster().items()}
     for cid, stage in stages.items():
         request = wire(MessageType.SECAGG_ROSTER, {"attempt": 2, "roster": roster}).body
         kind, body, _ = stage.answer(MessageType.SECAGG_ROSTER, 4, request)
@@ -252,7 +268,7 @@ def test_the_stages_as_wire_messages_give_the_weighted_mean_change_and_a_repeat_
         request = wire(MessageType.SECAGG_UNMASK, {"attempt": 2, "survivors": survivors, "dropped": dropped}).body
         kind, body, _ = stage.answer(MessageType.SECAGG_UNMASK, 4, request)
         body = wire(kind, body).body
-        server.add_unmask(cid, {owner: (k, unb64(s)) for owner, (k, s) in body["shares"].items()})
+        server.add_unmask(cid, {owner: (k, unb64(share), unb64(sig)) for owner, (k, share, sig) in body["shares"].items()})
     total, weight = server.result()
     new = apply_change(global_weights, total / weight)
     expected = [sum(weights[c] * trained[c][i].astype(np.float64) for c in trained) / 100 for i in (0, 2)]
@@ -265,24 +281,37 @@ def test_the_stages_as_wire_messages_give_the_weighted_mean_change_and_a_repeat_
 
 def test_the_server_refuses_a_copied_a_reused_or_a_small_order_key():
     round_setup = setup(3, 2)
-    server = ServerRound(round_setup, ["a", "b", "c"], 4)
+    server = server_round(round_setup, ["a", "b", "c"], 4)
     a, b = ClientRound("a", round_setup), ClientRound("b", round_setup)
-    server.add_keys("a", a.advertise())
+    server.add_keys("a", said(a))
+    mine = b.advertise()
+
+    def keys(mask, share, sign):
+        return Advertised(PublicKeys(mask, share, sign), b.commitment(), 1, said(b).signature)
+
     with pytest.raises(SecAggError, match="not its own"):
-        server.add_keys("b", PublicKeys(a.advertise().mask_key, b.advertise().share_key))  # copied from a
+        server.add_keys("b", keys(a.advertise().mask_key, mine.share_key, mine.sign_key))  # copied from a
     with pytest.raises(SecAggError, match="not its own"):
-        server.add_keys("b", PublicKeys(b.advertise().mask_key, b.advertise().mask_key))
+        server.add_keys("b", keys(mine.mask_key, mine.share_key, a.advertise().sign_key))
+    with pytest.raises(SecAggError, match="not its own"):
+        server.add_keys("b", keys(mine.mask_key, mine.mask_key, mine.sign_key))
     with pytest.raises(SecAggError, match="not usable"):
-        server.add_keys("b", PublicKeys(bytes(32), b.advertise().share_key))
-    server.add_keys("b", b.advertise())
+        server.add_keys("b", keys(bytes(32), mine.share_key, mine.sign_key))
+    with pytest.raises(SecAggError, match="do not carry its signature"):
+        server.add_keys("b", keys(mine.mask_key, mine.share_key, bytes([2]) + bytes(31)))  # not a key it holds
+    with pytest.raises(SecAggError, match="do not carry its signature"):
+        server.add_keys("b", Advertised(mine, b.commitment(), 2, said(b, 1).signature))  # another weight than signed
+    with pytest.raises(SecAggError, match="by at most 10000"):
+        server.add_keys("b", said(b, ANY_WEIGHT + 1))
+    server.add_keys("b", said(b))
 
 
 def test_a_survivor_that_withholds_or_adds_shares_is_refused():
     round_setup = setup(3, 2)
-    server = ServerRound(round_setup, ["a", "b", "c"], 4)
+    server = server_round(round_setup, ["a", "b", "c"], 4)
     clients = {cid: ClientRound(cid, round_setup) for cid in "abc"}
     for cid, client in clients.items():
-        server.add_keys(cid, client.advertise())
+        server.add_keys(cid, said(client))
     roster = server.roster()
     for cid, client in clients.items():
         server.add_shares(cid, client.share_keys(roster))
@@ -293,7 +322,7 @@ def test_a_survivor_that_withholds_or_adds_shares_is_refused():
     with pytest.raises(SecAggError, match="withheld its shares of \\['b'\\]"):
         server.add_unmask("a", {k: v for k, v in shares.items() if k != "b"})
     with pytest.raises(SecAggError, match="not asked for"):
-        server.add_unmask("a", {**shares, "b": ("s", shares["b"][1])})
+        server.add_unmask("a", {**shares, "b": ("s", *shares["b"][1:])})
     server.add_unmask("a", shares)
 
 
@@ -315,3 +344,146 @@ def test_who_leaves_after_boxes_did_not_open(accusations, leaving):
         assert out["m"].startswith("its sealed shares did not open for a, b")
     if "liar" in leaving:
         assert "(only it said so: both leave)" in out["liar"]
+
+
+# --- Hardening II: what a client that lies at each stage can do to the server's result ------------------
+
+def honest_round(n: int = 4, *, min_clients: int = 3, weight: int = 5):
+    """n clients through stage 3 (keys, shares, masked inputs of 0.1 at ``weight``); the server, the
+    clients, and the survivors' unmasking request."""
+    round_setup = setup(n, 2, min_clients=min_clients)
+    ids = [f"c{i}" for i in range(n)]
+    server = server_round(round_setup, ids, 4)
+    clients = {cid: ClientRound(cid, round_setup, np.random.default_rng(i)) for i, cid in enumerate(ids)}
+    for cid, client in clients.items():
+        server.add_keys(cid, said(client, weight))
+    roster = server.roster()
+    for cid, client in clients.items():
+        server.add_shares(cid, client.share_keys(roster))
+    return server, clients, round_setup
+
+
+def mask_all(server, clients, skip=(), weight: int = 5, values: float = 0.1):
+    for cid, client in clients.items():
+        if cid not in skip:
+            server.add_masked(cid, client.masked_input(server.boxes_for(cid), np.full(4, values), weight))
+
+
+def test_a_share_its_owner_did_not_sign_is_refused_naming_the_client_that_sent_it():
+    """The review's shares off by one rebuilt wrong seeds: the server summed 101,807,646 examples
+    (true: 1,059) and accepted a chance-level model. Every revealed share now carries its owner's
+    signature: an altered one is refused, and its sender named."""
+    server, clients, _ = honest_round()
+    mask_all(server, clients)
+    survivors, dropped = server.unmask_request()
+    shares = clients["c0"].unmask(survivors, dropped)
+    kind, share, signature = shares["c1"]
+    forged = (int.from_bytes(share, "big") + 1).to_bytes(len(share), "big")
+    with pytest.raises(SecAggError, match="c0 sent a share of c1's b that c1 did not sign"):
+        server.add_unmask("c0", {**shares, "c1": (kind, forged, signature)})
+    for cid in ("c1", "c2", "c3"):  # the others' shares suffice: the round completes without c0's
+        server.add_unmask(cid, clients[cid].unmask(survivors, dropped))
+    total, weight = server.result()
+    assert weight == 20 and np.allclose(total / weight, 0.1, atol=1e-4)
+
+
+def test_an_owner_whose_signed_shares_rebuild_another_secret_than_it_committed_to_is_named():
+    server, clients, _ = honest_round()
+    cheat = clients["c2"]
+    cheat._self_seed = bytes(32)  # after committing: its shares and its mask use another seed  # noqa: SLF001
+    roster = server.roster()
+    server._state.shared.clear(), server._state.boxes.clear()  # noqa: SLF001 - deal again with the new seed
+    for client in clients.values():
+        client._roster = None  # noqa: SLF001
+        server.add_shares(client.client_id, client.share_keys(roster))
+    mask_all(server, clients)
+    survivors, dropped = server.unmask_request()
+    for cid in survivors:
+        server.add_unmask(cid, clients[cid].unmask(survivors, dropped))
+    with pytest.raises(SecAggBlamed) as blamed:
+        server.result()
+    assert blamed.value.blamed == {"c2": "its self-mask seed, rebuilt from the shares it signed, is not the one it "
+                                         "committed to"}
+
+
+def test_a_dropped_owner_whose_signed_shares_rebuild_another_mask_key_is_named():
+    server, clients, _ = honest_round()
+    cheat = clients["c3"]
+    from pyfed.federation.secagg import KeyPair
+
+    roster = server.roster()
+    server._state.shared.clear(), server._state.boxes.clear()  # noqa: SLF001
+    cheat._mask_pair.private_bytes = KeyPair().private_bytes  # it deals shares of a key it did not advertise  # noqa: SLF001
+    for client in clients.values():
+        client._roster = None  # noqa: SLF001
+        server.add_shares(client.client_id, client.share_keys(roster))
+    mask_all(server, clients, skip=("c3",))  # ... and drops before its masked input
+    survivors, dropped = server.unmask_request()
+    assert dropped == ["c3"]
+    for cid in survivors:
+        server.add_unmask(cid, clients[cid].unmask(survivors, dropped))
+    with pytest.raises(SecAggBlamed, match="c3: its mask key, rebuilt from the shares it signed, is not the one it "
+                                          "advertised"):
+        server.result()
+
+
+def test_a_box_holding_a_share_its_sender_did_not_sign_is_named_instead_of_masked():
+    from pyfed.federation.secagg import seal
+    from pyfed.federation.secure_aggregation import _associated  # noqa: PLC2701
+
+    round_setup = setup(3, 2)
+    clients = {cid: ClientRound(cid, round_setup) for cid in "abc"}
+    roster = {cid: c.advertise() for cid, c in clients.items()}
+    boxes = {cid: c.share_keys(roster) for cid, c in clients.items()}
+    b = clients["b"]
+    key = b._share_pair.agree(roster["a"].share_key, round_setup.context + b"|shares")  # noqa: SLF001
+    unsigned = seal(key, bytes(2 * 66 + 2 * 64), _associated(round_setup, "b", "a"))  # opens, but unsigned
+    with pytest.raises(BadBoxes, match="the boxes from b did not open"):
+        clients["a"].masked_input({"b": unsigned, "c": boxes["c"]["a"]}, np.zeros(4), 1)
+
+
+def test_a_sum_whose_weight_is_not_the_survivors_declared_weights_is_refused():
+    """The review forged the weight coordinate: the sum became "2 examples" and one coordinate moved
+    by 535.7. The survivors declared their weights (signed) with their keys: the unmasked total must
+    be theirs."""
+    server, clients, _ = honest_round()
+    mask_all(server, clients, skip=("c0",))
+    forged = clients["c0"].masked_input(server.boxes_for("c0"), np.full(4, 0.1), 5)
+    forged[-1] = (forged[-1] + np.uint64(2**20)) & np.uint64(2**server.setup.ring_bits - 1)
+    server.add_masked("c0", forged)
+    survivors, dropped = server.unmask_request()
+    for cid in survivors:
+        server.add_unmask(cid, clients[cid].unmask(survivors, dropped))
+    with pytest.raises(SecAggRefused, match=r"total weight is 1048596, but the 4 clients in the sum declared 20"):
+        server.result()
+
+
+@pytest.mark.parametrize("shift, refused", [(2**26, True), (2**16, False)])
+def test_a_masked_input_shifted_past_the_clipping_range_is_refused_and_within_it_cannot_be_seen(shift, refused):
+    """The review added 2^26 to each masked coordinate: the model moved by up to 1.95 per coordinate
+    with a clip of 1. Each coordinate of the unmasked sum must lie in [0, R W]: out of it, the result
+    is refused. A shift that keeps the sum within range is what secure aggregation cannot see (no
+    input-validity proof): it moves the mean by at most the clip, as the README says."""
+    server, clients, round_setup = honest_round()
+    mask_all(server, clients, skip=("c0",))
+    shifted = clients["c0"].masked_input(server.boxes_for("c0"), np.full(4, 0.1), 5)
+    shifted[:-1] = (shifted[:-1] + np.uint64(shift)) & np.uint64(2**round_setup.ring_bits - 1)
+    server.add_masked("c0", shifted)
+    survivors, dropped = server.unmask_request()
+    for cid in survivors:
+        server.add_unmask(cid, clients[cid].unmask(survivors, dropped))
+    if refused:
+        with pytest.raises(SecAggRefused, match="4 coordinate.* outside the clipping range \\[-0.5, 0.5\\]"):
+            server.result()
+    else:
+        total, weight = server.result()
+        assert np.all(np.abs(total / weight) <= round_setup.clip)  # moved, within the clip
+
+
+def test_no_sum_of_fewer_than_the_minimum_is_unmasked_by_the_server_nor_revealed_by_a_client():
+    server, clients, _ = honest_round(min_clients=3)
+    mask_all(server, clients, skip=("c2", "c3"))
+    with pytest.raises(SecAggAborted, match="2 masked inputs; no sum of fewer than 3 clients is unmasked"):
+        server.unmask_request()
+    with pytest.raises(SecAggError, match="unmask a sum of 2 clients; this round unmasks none of fewer than 3"):
+        clients["c0"].unmask(["c0", "c1"], ["c2", "c3"])  # a server that tried: the client refuses
