@@ -11,6 +11,7 @@ import csv
 import json
 import logging
 import math
+import warnings
 import zipfile
 from collections import Counter
 from collections.abc import Sequence
@@ -95,6 +96,9 @@ def load_site_data(spec: str, options: ReadOptions = ReadOptions()) -> tuple[np.
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+#: The largest image an image folder may hold, read from its header before it is decoded: a small
+#: file can declare a huge picture (a decompression bomb), and every image is decoded whole first.
+MAX_IMAGE_PIXELS = 40_000_000
 
 
 def load_image_folder(directory: Path, options: ReadOptions = ReadOptions()) -> tuple[np.ndarray, np.ndarray]:
@@ -131,6 +135,7 @@ def load_image_folder(directory: Path, options: ReadOptions = ReadOptions()) -> 
         raise DataError(f"{directory}: its class folders hold no images ({', '.join(IMAGE_SUFFIXES)})")
     arrays = []
     for path in paths:
+        _check_image_size(path)
         try:
             image = keras.utils.load_img(path, color_mode=options.color_mode, target_size=options.image_size)
         except Exception as error:  # Pillow raises many kinds for a file that is not an image
@@ -146,11 +151,34 @@ def load_image_folder(directory: Path, options: ReadOptions = ReadOptions()) -> 
     return check_examples(pixels, np.asarray(labels, np.int64), str(directory))
 
 
+def _check_image_size(path: Path) -> None:
+    """DataError if ``path``'s header declares more than :data:`MAX_IMAGE_PIXELS` (nothing is decoded)."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():  # Pillow's DecompressionBombWarning: the check below says it better
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+    except Exception as error:  # Pillow raises many kinds for a file that is not an image
+        raise DataError(f"{path}: not a readable image ({error.__class__.__name__}: {str(error)[:100]})") from None
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DataError(f"{path}: is {width}x{height} ({width * height / 1e6:.0f} megapixels), more than the "
+                        f"{MAX_IMAGE_PIXELS / 1e6:.0f} an image folder may hold; resize or tile the images first")
+
+
 def load_csv(path: Path, *, label_column: str = "label") -> tuple[np.ndarray, np.ndarray]:
     """A CSV file with a header row: ``label_column`` holds each example's class number (0, 1, 2 ...),
-    every other column a numeric feature. Read with the standard library's ``csv`` module; anything
-    that does not fit is refused with the file, line and column named."""
+    every other column a numeric feature. Read with the standard library's ``csv`` module a row at a
+    time, each row turned into numbers as it is read (memory: the numbers, not the text: a file of a
+    million columns is held as its values); anything that does not fit is refused with the file, line
+    and column named."""
     path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a CSV file")
+    if path.exists() and not path.is_file():
+        raise DataError(f"{path}: is not a regular file (a device or a pipe), not a CSV file")
+    features, labels = [], []
     try:
         with open(path, newline="", encoding="utf-8-sig") as handle:
             rows = csv.reader(handle)
@@ -163,14 +191,17 @@ def load_csv(path: Path, *, label_column: str = "label") -> tuple[np.ndarray, np
             repeated = sorted(name for name, count in Counter(header).items() if count > 1)
             if repeated:
                 raise DataError(f"{path}: names column(s) {', '.join(map(repr, repeated[:5]))} more than once")
-            texts, lines = [], []
+            if len(header) < 2:
+                raise DataError(f"{path}: has only the label column; a CSV needs feature columns too")
+            label_index = header.index(label_column)
             for line, row in enumerate(rows, start=2):
                 if not row or all(not value.strip() for value in row):
                     continue
                 if len(row) != len(header):
                     raise DataError(f"{path}: line {line} has {len(row)} values; the header has {len(header)}")
-                texts.append(row)
-                lines.append(line)
+                values = _csv_numbers(path, line, header, row, label_column)
+                labels.append(int(values[label_index]))
+                features.append(np.delete(values, label_index).astype(np.float32))
     except FileNotFoundError:
         raise DataError(f"{path}: no such file") from None
     except IsADirectoryError:
@@ -179,25 +210,25 @@ def load_csv(path: Path, *, label_column: str = "label") -> tuple[np.ndarray, np
         raise DataError(f"{path}: not a UTF-8 text file ({error.reason} at byte {error.start})") from None
     except csv.Error as error:
         raise DataError(f"{path}: not a readable CSV file ({error})") from None
-    if not texts:
+    if not features:
         raise DataError(f"{path}: has a header but no examples")
-    if len(header) < 2:
-        raise DataError(f"{path}: has only the label column; a CSV needs feature columns too")
-    label_index = header.index(label_column)
-    try:  # numpy parses the whole table at once; a value it cannot take is found and named below
-        table = np.array(texts, dtype=np.float64)
+    table = np.stack(features)
+    del features
+    return check_examples(table, np.asarray(labels, np.int64), str(path))
+
+
+def _csv_numbers(path: Path, line: int, header: list[str], row: list[str], label_column: str) -> np.ndarray:
+    """One CSV row as float64 numbers, its label a class number; DataError naming the first value
+    that is not (numpy parses the row at once; the row is looked at value by value only if it fails)."""
+    try:
+        values = np.array(row, dtype=np.float64)
     except ValueError:
-        table = None
-    labels = table[:, label_index] if table is not None else None
-    if table is None or not np.isfinite(table).all() or (labels < 0).any() or (labels != np.floor(labels)).any():
-        for line, row in zip(lines, texts):
-            _check_csv_row(path, line, header, row, label_column)
-        if table is None:  # every value is a number to Python, if not to numpy (say, "1_000")
-            table = np.array([[float(value) for value in row] for row in texts], dtype=np.float64)
-            labels = table[:, label_index]
-    del texts
-    features = np.delete(table, label_index, axis=1).astype(np.float32)
-    return check_examples(features, labels.astype(np.int64), str(path))
+        values = None
+    label = header.index(label_column)
+    if values is None or not np.isfinite(values).all() or values[label] < 0 or values[label] != np.floor(values[label]):
+        _check_csv_row(path, line, header, row, label_column)
+        values = np.array([float(value) for value in row], dtype=np.float64)  # numbers to Python, not numpy ("1_000")
+    return values
 
 
 def _check_csv_row(path: Path, line: int, header: list[str], row: list[str], label_column: str) -> None:

@@ -25,8 +25,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from pyfed.learning.model import model_lock
-from pyfed.persistence.files import staged_beside, write_atomic, write_json_atomic
+from pyfed.learning.model import ModelError, check_keras_config, model_lock
+from pyfed.persistence.files import open_regular, staged_beside, write_atomic, write_json_atomic
 
 log = logging.getLogger("pyfed.export")
 
@@ -104,7 +104,7 @@ class ModelFiles:
         save_keras(self.model, self.latest_path)
         self._written["latest"] = {"file": f"{self.directory.name}/{LATEST}", "round": int(server_round)}
         if is_best:
-            with open(self.latest_path, "rb") as source:
+            with open_regular(self.latest_path) as source:
                 write_atomic(self.best_path, lambda handle: shutil.copyfileobj(source, handle))
             self._written["best"] = {"file": f"{self.directory.name}/{BEST}", "round": int(server_round),
                                      "metric": self.best_metric}
@@ -116,7 +116,8 @@ class ModelFiles:
         or unreadable record is started afresh (the next round rewrites it)."""
         empty: dict[str, Any] = {"latest": None, "best": None}
         try:
-            record = json.loads(self.record_path.read_text())
+            with open_regular(self.record_path) as handle:
+                record = json.loads(handle.read(1 << 20))
         except FileNotFoundError:
             return empty
         except (OSError, ValueError) as error:
@@ -148,10 +149,71 @@ class ExportError(Exception):
     """What to export could not be found or loaded, or not written as asked (one line, naming it)."""
 
 
+#: A Keras file's weights may declare at most this many times the file's own size (plus the margin
+#: below): Keras stores them uncompressed, so more is a decompression bomb (a 1.2 kB file whose
+#: weights declare 4 GB made Keras allocate 16 GB before it refused them).
+MAX_WEIGHTS_PER_FILE_BYTE = 4
+WEIGHTS_MARGIN_BYTES = 64 << 20
+MAX_CONFIG_BYTES = 16 << 20
+
+
+def check_keras_archive(path: Path) -> None:
+    """What can be checked of a ``.keras`` archive before Keras reads it: its configuration names
+    only Keras objects (as a model received from a server must: model.check_keras_config) and its
+    weights declare no more than the file can hold (:func:`check_weights_file`). ExportError names
+    what is wrong."""
+    try:
+        with open_regular(path, follow_symlinks=True) as file, zipfile.ZipFile(file) as archive:
+            size = os.fstat(file.fileno()).st_size
+            names = archive.namelist()
+            if any(name.startswith("/") or ".." in Path(name).parts for name in names):
+                raise ExportError(f"{path}: its archive holds a path outside itself")
+            if "config.json" not in names:
+                raise ExportError(f"{path}: not a Keras model archive (no config.json)")
+            if archive.getinfo("config.json").file_size > MAX_CONFIG_BYTES:
+                raise ExportError(f"{path}: its config.json is larger than {MAX_CONFIG_BYTES >> 20} MiB")
+            check_keras_config(json.loads(archive.read("config.json")), "file's configuration")
+            if "model.weights.h5" in names:
+                with archive.open("model.weights.h5") as weights:
+                    _check_weights(weights, size, path)
+    except ModelError as error:
+        raise ExportError(f"{path}: {error}") from None
+    except (zipfile.BadZipFile, OSError, ValueError, KeyError) as error:
+        raise ExportError(f"{path}: not a loadable Keras model ({error.__class__.__name__}: {str(error)[:200]})") from None
+
+
+def check_weights_file(path: Path) -> None:
+    """A ``.weights.h5`` file whose datasets declare no more than the file can hold (ExportError)."""
+    try:
+        with open_regular(path, follow_symlinks=True) as file:
+            _check_weights(file, os.fstat(file.fileno()).st_size, path)
+    except (OSError, ValueError) as error:
+        raise ExportError(f"{path}: not a weights file ({error.__class__.__name__}: {str(error)[:200]})") from None
+
+
+def _check_weights(handle: Any, file_size: int, path: Path) -> None:
+    import h5py
+
+    declared = 0
+
+    def count(name: str, item: Any) -> None:
+        nonlocal declared
+        if isinstance(item, h5py.Dataset):
+            declared += int(np.prod(item.shape, dtype=np.float64)) * item.dtype.itemsize
+
+    with h5py.File(handle, "r") as weights:
+        weights.visititems(count)
+    if declared > MAX_WEIGHTS_PER_FILE_BYTE * file_size + WEIGHTS_MARGIN_BYTES:
+        raise ExportError(f"{path}: its weights declare {declared:,} bytes in a file of {file_size:,} (a "
+                          f"decompression bomb, or not a file Keras wrote)")
+
+
 def load_model_file(path: Path) -> keras.Model:
-    """A ``.keras`` archive, loaded in Keras's safe mode (no code runs from the file)."""
+    """A ``.keras`` archive, checked (:func:`check_keras_archive`), then loaded in Keras's safe mode
+    (no code runs from the file)."""
     if not path.is_file():
-        raise ExportError(f"{path}: no such file")
+        raise ExportError(f"{path}: {'is not a regular file' if path.exists() else 'no such file'}")
+    check_keras_archive(path)
     try:
         with warnings.catch_warnings():  # a server's file has no optimizer slots (see save_keras)
             warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")
@@ -189,7 +251,7 @@ def _model_from_checkpoint(path: Path, model_spec: str | None) -> keras.Model:
     if model_spec is None:
         raise ExportError(f"{path}: a checkpoint holds weights only; give --model / MODEL, the server's model")
     if not path.is_file():
-        raise ExportError(f"{path}: no such file")
+        raise ExportError(f"{path}: {'is not a regular file' if path.exists() else 'no such file'}")
     try:
         model = load_model_spec(model_spec)
         state = load_state(path)
@@ -254,6 +316,7 @@ def load_initial_weights(model: keras.Model, path: Path) -> None:
     if not path.is_file():
         raise ExportError(f"{path}: no such file")
     if path.name.endswith(".weights.h5"):
+        check_weights_file(path)
         try:
             with warnings.catch_warnings():  # only the model's weights are wanted, not the saved optimizer's
                 warnings.filterwarnings("ignore", message="Skipping variable loading for optimizer")

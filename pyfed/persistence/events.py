@@ -64,7 +64,9 @@ class EventFile:
         try:
             if not self._started:  # the directory is made with the file, not checked on every write
                 self.directory.mkdir(parents=True, exist_ok=True)
-            with open(self.path, "ab") as handle:
+            # appended, never through a link: an event file that became a symlink is not written into
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+            with os.fdopen(os.open(self.path, flags, 0o644), "ab") as handle:
                 handle.write(buffer.getvalue())
         except OSError:
             self._new_file()  # never append after a record a failed write may have cut short

@@ -12,11 +12,13 @@ the reason, and cannot make the reader allocate more than the file's own size.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -173,6 +175,25 @@ def load_state(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: corrupt state file ({error.__class__.__name__}: {str(error)[:160]})") from None
 
 
+def open_regular(path: Path, *, follow_symlinks: bool = False) -> BinaryIO:
+    """``path`` opened for reading if it is a regular file that is not a symlink (OSError otherwise):
+    a file PyFed wrote itself is never either, so one that became a link or a FIFO (someone with write
+    access to the directory) is refused, never followed or waited on. ``follow_symlinks``: a file the
+    operator names (a model, weights) may be a link, to a regular file."""
+    flags = (os.O_RDONLY | (0 if follow_symlinks else getattr(os, "O_NOFOLLOW", 0))
+             | getattr(os, "O_NONBLOCK", 0))
+    try:
+        descriptor = os.open(path, flags)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise OSError(errno.ELOOP, f"{path}: is a symbolic link, not a file PyFed wrote") from None
+        raise
+    if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        os.close(descriptor)
+        raise OSError(errno.EINVAL, f"{path}: is not a regular file")
+    return os.fdopen(descriptor, "rb")
+
+
 def read_npz(path: Path) -> dict[str, np.ndarray]:
     """Every array of an uncompressed ``.npz`` (what ``np.savez`` writes), checked before it is read.
 
@@ -181,9 +202,9 @@ def read_npz(path: Path) -> dict[str, np.ndarray]:
     entries larger than the file itself.
     """
     path = Path(path)
-    file_size = path.stat().st_size
     arrays: dict[str, np.ndarray] = {}
-    with zipfile.ZipFile(path) as archive:
+    with open_regular(path) as file, zipfile.ZipFile(file) as archive:
+        file_size = os.fstat(file.fileno()).st_size
         members = archive.infolist()
         if sum(m.file_size for m in members) > file_size:
             raise ValueError("its entries declare more bytes than the file holds")

@@ -281,3 +281,54 @@ def test_an_image_folder_that_does_not_fit_is_refused_naming_the_folder_or_file(
     build(tmp_path / "site")
     with pytest.raises(DataError, match=message):
         load_image_folder(tmp_path / "site", ReadOptions(**options))
+
+
+# --- hostile site files (Hardening II: tried as an attacker) -------------------------------------------
+
+def png_declaring(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` pixels, in a few dozen bytes (a decompression
+    bomb's header: nothing behind it needs decoding to see it)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def test_an_image_folder_bomb_a_link_loop_a_pipe_or_a_device_neither_hangs_nor_exhausts_the_site(tmp_path):
+    import os
+
+    from pyfed.learning.data import load_image_folder
+
+    site = tmp_path / "site"
+    write_image(site / "0" / "a.png", np.zeros((4, 4, 3), np.uint8))
+    (site / "0" / "loop.png").symlink_to(site / "0" / "loop.png")  # a link to itself
+    os.mkfifo(site / "0" / "pipe.png")  # opening it to read would wait for a writer forever
+    (site / "0" / "device.png").symlink_to("/dev/zero")  # endless bytes
+    x, y = load_image_folder(site)
+    assert x.shape == (1, 4, 4, 3) and y.tolist() == [0]  # none of them is a file: none is read
+    (site / "0" / "bomb.png").write_bytes(png_declaring(10_000, 10_000))  # 88 bytes, 100 megapixels: under
+    with pytest.raises(DataError, match=r"bomb.png: is 10000x10000 \(100 megapixels\), more than the 40 an image "
+                                        r"folder may hold"):  # Pillow's own limit (179), which only warns
+        load_image_folder(site)
+
+
+def test_a_csv_with_a_huge_field_a_pipe_or_a_million_columns_is_refused_or_read_as_numbers(tmp_path):
+    import os
+
+    from pyfed.learning.data import load_csv
+
+    (tmp_path / "huge.csv").write_text("a,label\n" + "1" * 200_000 + ",0\n")
+    with pytest.raises(DataError, match=r"huge.csv: not a readable CSV file \(field larger than field limit"):
+        load_csv(tmp_path / "huge.csv")
+    os.mkfifo(tmp_path / "pipe.csv")
+    with pytest.raises(DataError, match="pipe.csv: is not a regular file"):
+        load_csv(tmp_path / "pipe.csv")
+    columns = 1_000_000  # read a row at a time, as numbers: 8 bytes a value, not a Python string each
+    (tmp_path / "wide.csv").write_text(",".join(["label"] + [f"f{i}" for i in range(columns - 1)]) + "\n"
+                                       + "".join(f"{k}," + ",".join(["0.5"] * (columns - 1)) + "\n" for k in range(3)))
+    x, y = load_csv(tmp_path / "wide.csv")
+    assert x.shape == (3, columns - 1) and x.dtype == np.float32 and y.tolist() == [0, 1, 2]

@@ -194,3 +194,89 @@ def test_a_run_starts_from_a_keras_file_or_weights_file_of_the_same_model_and_re
         (tmp_path / name).write_bytes(content)
         with pytest.raises(ExportError, match=f"{name}: "):
             load_initial_weights(other, tmp_path / name)
+
+
+# --- hostile model and checkpoint files (Hardening II: tried as an attacker) ---------------------------
+
+def _rewritten(source, target, config=None, weights=None):
+    """``source``'s .keras archive with its config.json or model.weights.h5 replaced."""
+    import zipfile
+
+    with zipfile.ZipFile(source) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    if config is not None:
+        files["config.json"] = json.dumps(config).encode()
+    if weights is not None:
+        files["model.weights.h5"] = weights
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return target
+
+
+def _bomb_weights() -> bytes:
+    """An h5 weights file of a few kB whose first dataset declares 4 GB (gzip-compressed zeros)."""
+    import io
+
+    import h5py
+
+    buffer = io.BytesIO()
+    with h5py.File(buffer, "w") as weights:
+        weights.create_dataset("layers/dense/vars/0", shape=(50_000, 20_000), dtype="float32", compression="gzip",
+                               chunks=(1000, 1000))
+    return buffer.getvalue()
+
+
+def test_a_hostile_keras_file_is_refused_before_keras_reads_it_wherever_it_is_given(tmp_path):
+    """A .keras file as MODEL, --initial-weights or `pyfed export --from`: one whose configuration
+    names a module outside Keras is refused by PyFed's own check (Keras's safe mode refuses it too,
+    with a less telling message); one whose weights declare 4 GB in a file of 1 kB (Keras allocated
+    16 GB and took 52 s before refusing it) is refused at once, its size named."""
+    import keras
+
+    from pyfed.learning.export import ExportError, load_initial_weights, model_to_export
+    from pyfed.learning.model import ModelError, load_model_spec
+
+    model = keras.Sequential([keras.layers.Input((4,)), keras.layers.Dense(2)])
+    model.save(tmp_path / "good.keras")
+    config = json.loads(__import__("zipfile").ZipFile(tmp_path / "good.keras").read("config.json"))
+    config["config"]["layers"][1]["config"]["activation"] = {"module": "os", "class_name": "function",
+                                                             "config": "system", "registered_name": "system"}
+    hostile = _rewritten(tmp_path / "good.keras", tmp_path / "os.keras", config=config)
+    bomb = _rewritten(tmp_path / "good.keras", tmp_path / "bomb.keras", weights=_bomb_weights())
+    assert bomb.stat().st_size < 5000
+    with pytest.raises(ModelError, match="os.keras: .*refers to module 'os'; only keras objects are accepted"):
+        load_model_spec(str(hostile))
+    with pytest.raises(ExportError, match=r"bomb.keras: its weights declare 4,000,000,000 bytes in a file of"):
+        model_to_export(bomb)
+    with pytest.raises(ExportError, match="bomb.keras: its weights declare"):
+        load_initial_weights(model, bomb)
+    (tmp_path / "bomb.weights.h5").write_bytes(_bomb_weights())
+    with pytest.raises(ExportError, match="bomb.weights.h5: its weights declare 4,000,000,000 bytes"):
+        load_initial_weights(model, tmp_path / "bomb.weights.h5")
+
+
+def test_export_from_a_hostile_checkpoint_names_it_and_reads_nothing_it_declares(tmp_path):
+    """`pyfed export --from` a checkpoint whose entry declares 8 GB in a file of a few hundred
+    bytes, or one that is a pipe: refused in one line, nothing allocated, nothing waited on."""
+    import os
+    import struct
+    import zipfile
+
+    from pyfed.learning.export import ExportError, model_to_export
+
+    header = b"{'descr': '<f4', 'fortran_order': False, 'shape': (1000000, 2000), }"
+    npy = b"\x93NUMPY\x01\x00" + struct.pack("<H", len(header) + 1) + header + b"\n"
+    with zipfile.ZipFile(tmp_path / "round-000001.npz", "w") as archive:
+        archive.writestr("weights.npy", npy)
+    with pytest.raises(ExportError, match=r"round-000001.npz: corrupt state file .*declares shape \[1000000, 2000\]"):
+        model_to_export(tmp_path / "round-000001.npz", model_spec="tests.unit.test_export:small_model")
+    os.mkfifo(tmp_path / "round-000002.npz")
+    with pytest.raises(ExportError, match="round-000002.npz: is not a regular file"):
+        model_to_export(tmp_path / "round-000002.npz", model_spec="tests.unit.test_export:small_model")
+
+
+def small_model():
+    import keras
+
+    return keras.Sequential([keras.layers.Input((4,)), keras.layers.Dense(2)])

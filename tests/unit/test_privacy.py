@@ -210,6 +210,21 @@ def test_client_side_clipping_puts_the_clip_norm_in_the_plan_and_counts_the_clie
                             clipping="both")
 
 
+def test_a_within_clip_bit_the_update_itself_belies_is_not_taken(caplog):
+    """Adaptive clipping with client-side clipping counts the clients' bits. A client that says it
+    was within the clip norm but sends an update beyond it (so it did not clip, as the plan asked) is
+    not believed: the server counts what it sees, and says so. What it cannot check: the bit of an
+    update the client did clip (it moves the count by one, as any client's bit does)."""
+    dp = private(z=0.1, clip=1.0, adaptive=AdaptiveClipping(quantile=0.5, bit_noise_fraction=0.5), seed=1)
+    dp.clipping = "client"
+    selected = dp.configure_fit(1, ["liar", "b"], PLAN)
+    aggregator = dp.aggregator(1, [np.zeros(1, np.float32)])
+    for cid, _ in selected:  # both beyond the clip norm (5.0 > 1.0), both claiming to be within it
+        aggregator.add(FitResult(cid, [np.array([5.0], np.float32)], 1, {"within_clip": True}))
+    assert aggregator._within == 0  # noqa: SLF001 - neither bit was taken
+    assert caplog.text.count("its within_clip bit is not taken") == 2
+
+
 def test_the_in_process_pool_clips_as_a_networked_client_does():
     from pyfed.federation.pool import FitRequest, GrantRequest, InProcessPool
     from pyfed.wire.protocol import MessageType

@@ -142,19 +142,58 @@ def test_after_a_failed_event_write_the_next_one_starts_a_new_file(tmp_path, mon
     events.write_scalars([("a", 1.0, 1)])
     first = events.path
 
-    def full_disk(path, mode):
-        handle = open(path, mode)
-        handle.write(b"\x00\x01")  # a record cut short
-        handle.close()
+    fdopen = os.fdopen
+
+    def full_disk(descriptor, mode):
+        with fdopen(descriptor, mode) as handle:
+            handle.write(b"\x00\x01")  # a record cut short
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(events_module, "open", full_disk, raising=False)
+    monkeypatch.setattr(events_module.os, "fdopen", full_disk)
     with pytest.raises(OSError, match="No space left"):
         events.write_scalars([("a", 2.0, 2)])
     monkeypatch.undo()
     events.write_scalars([("a", 3.0, 3)])
     assert events.path != first
     assert read_scalars(tmp_path / "run") == {"a": [(1, 1.0), (3, 3.0)]}
+
+
+def test_an_event_file_replaced_by_a_symlink_is_not_written_through(tmp_path):
+    """Someone with write access to the log directory swaps the server's event file for a link to
+    another file: the next append refuses the link (the target is untouched) and a new file starts."""
+    from pyfed.persistence.events import EventFile
+
+    events = EventFile(tmp_path / "run")
+    events.write_scalars([("a", 1.0, 1)])
+    target = tmp_path / "precious"
+    target.write_bytes(b"keep me")
+    events.path.unlink()
+    events.path.symlink_to(target)
+    with pytest.raises(OSError):
+        events.write_scalars([("a", 2.0, 2)])
+    events.write_scalars([("a", 3.0, 3)])
+    assert target.read_bytes() == b"keep me"
+    assert read_scalars(tmp_path / "run") == {"a": [(3, 3.0)]}
+
+
+def test_a_checkpoint_replaced_by_a_link_or_a_pipe_is_set_aside_never_followed_or_waited_on(tmp_path):
+    import logging
+
+    from pyfed.persistence.store import RunStore, save_checkpoint
+
+    directory = tmp_path / "checkpoints"
+    for server_round in (1, 2, 3):
+        save_checkpoint(directory, server_round, {"round": server_round, "fingerprint": {}}, keep=5)
+    (directory / "round-000003.npz").unlink()
+    (directory / "round-000003.npz").symlink_to("/dev/zero")
+    (directory / "round-000002.npz").unlink()
+    os.mkfifo(directory / "round-000002.npz")
+    store = RunStore(directory, {})
+    resumed = store.resume(lambda path, state: state["round"])
+    assert resumed == (1, directory / "round-000001.npz")
+    assert store.set_aside == [2, 3]
+    assert sorted(p.name for p in directory.glob("*.corrupt")) == ["round-000002.npz.corrupt",
+                                                                  "round-000003.npz.corrupt"]
 
 
 def test_run_log_writes_every_client_curve_and_the_servers_round_scalars(tmp_path):

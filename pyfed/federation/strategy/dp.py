@@ -243,8 +243,15 @@ class _NoisySum:
         norm = change_norm(result.weights, self._global)
         clip = self._dp.clip_norm
         scale = 1.0 if norm <= clip else clip / norm
+        measured = norm <= clip * (1 + 1e-6)
         reported = result.metrics.get("within_clip") if self._dp.clipping == "client" else None
-        self._within += bool(reported) if reported is not None else norm <= clip * (1 + 1e-6)
+        if reported is not None and not self._dp.local_noise_multiplier and not measured:
+            # a client that clips (as the plan asks) sends at most the clip norm: this one did not, so what it
+            # says of its norm is not taken; what the server sees is counted instead
+            log.warning("round %d: %s sent a change of norm %.4g, above the clip norm %.4g it was asked to clip to; "
+                        "its within_clip bit is not taken", self._round, result.client_id, norm, clip)
+            reported = None
+        self._within += bool(reported) if reported is not None else measured
         fold_change(self._sums, result.weights, self._global, scale, self._scratch)
         self._added += 1
         if self._dp.local_noise_multiplier:
