@@ -250,7 +250,8 @@ def check_secure_aggregation(strategy: Any, config: Any, max_update_norm: float 
                          f"secure aggregation hides from the server")
     if max_update_norm is not None:
         raise UsageError("--max-update-norm / MAX_UPDATE_NORM needs each update's norm, which secure aggregation "
-                         "hides; --secagg-clip bounds each coordinate of every update instead")
+                         "hides; --secagg-clip is the clipping range each client applies to its own update (the server checks the mean "
+                         "of the sum lies in it, not each update)")
 
 
 def private_strategy(strategy: Any, config: PrivacySettings, *, rounds: int, population: int, min_fit_clients: int,

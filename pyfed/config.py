@@ -304,7 +304,8 @@ class SecureAggregationSettings:
                                "secure aggregation: fixed-point bits of each update coordinate in [-clip, clip]")
     secagg_clip: float = setting(1.0, "--secagg-clip", "SECAGG_CLIP", positive_float,
                                  "secure aggregation: each coordinate of an update's change is clipped to "
-                                 "[-this, this] before it is quantised (bounds what one client can add)")
+                                 "[-this, this] before it is quantised; the server refuses a sum whose mean lies outside it (a client "
+                                 "can still move the mean by up to this much per coordinate: it cannot be checked)")
     secagg_degree: int = setting(0, "--secagg-degree", "SECAGG_DEGREE", non_negative_int,
                                  "secure aggregation: each client's neighbours (0: about 3 log2 of the clients a "
                                  "round, as SecAgg+; the clients a round minus one or more: everyone, as SecAgg)")

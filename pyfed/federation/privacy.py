@@ -170,10 +170,8 @@ class PrivacyLedger:
         if resumed and counted > len(ledger.of_run(run)):
             why = (f"the privacy ledger {path} holds {len(ledger.of_run(run))} release(s) of this run, its checkpoint "
                    f"counts {counted}: the file was replaced or cut")
-            if not self.override:
-                raise LedgerError(f"{why}; restore it, or start with --dp-override-ledger / DP_OVERRIDE_LEDGER=1 to "
-                                  f"go on from the checkpoint's count")
-            log.warning("%s; going on from the checkpoint's count (--dp-override-ledger)", why)
+            self._unless_overridden(why, "restore it, or start with --dp-override-ledger / DP_OVERRIDE_LEDGER=1 to go "
+                                         "on from the checkpoint's count", "going on from the checkpoint's count")
         self.file, self.run = ledger, run
         mine = Counter(RoundEvent(r.population, r.sampled, r.noise_multiplier) for r in ledger.of_run(run))
         self.rounds = mine | self.rounds  # the file holds every release; a checkpoint's counts are a lower bound
@@ -196,11 +194,10 @@ class PrivacyLedger:
                    f"the checkpoint of round {completed_rounds} being resumed"
                    + (f" (the checkpoint(s) of round(s) {', '.join(map(str, newer_lost))} could not be loaded)"
                       if newer_lost else ""))
-            if not self.override:
-                raise LedgerError(f"{why}: resuming would release those rounds again. Every release stays counted; "
-                                  f"start with --dp-override-ledger / DP_OVERRIDE_LEDGER=1 to resume anyway, or "
-                                  f"--fresh-start to begin a new run")
-            log.warning("%s; resuming anyway (--dp-override-ledger): the rounds run again are counted again", why)
+            self._unless_overridden(why, "resuming would release those rounds again. Every release stays counted; "
+                                         "start with --dp-override-ledger / DP_OVERRIDE_LEDGER=1 to resume anyway, or "
+                                         "--fresh-start to begin a new run",
+                                    "resuming anyway: the rounds run again are counted again")
         if resumed or fresh_start:
             return run
         unfinished = [other for other in ledger.runs() if other not in ledger.finished]
@@ -214,11 +211,16 @@ class PrivacyLedger:
             return last
         why = (f"the privacy ledger records {len(ledger.of_run(last))} release(s) of run {last} (rounds up to "
                f"{rounds[-1]}), which did not finish, but no checkpoint of it could be loaded")
-        if not self.override:
-            raise LedgerError(f"{why}: pass --fresh-start to begin a new run (the old run's releases stay in the "
-                              f"ledger and in its total), restore a checkpoint, or --dp-override-ledger")
-        log.warning("%s; starting a new run anyway (--dp-override-ledger)", why)
+        self._unless_overridden(why, "pass --fresh-start to begin a new run (the old run's releases stay in the ledger "
+                                     "and in its total), restore a checkpoint, or --dp-override-ledger",
+                                "starting a new run anyway")
         return run
+
+    def _unless_overridden(self, why: str, remedy: str, anyway: str) -> None:
+        """LedgerError saying ``why`` and the ``remedy``; with --dp-override-ledger, a warning instead."""
+        if not self.override:
+            raise LedgerError(f"{why}: {remedy}")
+        log.warning("%s; %s (--dp-override-ledger)", why, anyway)
 
     def record(self, event: RoundEvent, *, server_round: int = 0, local: Sequence[str] = ()) -> float:
         """Note a released round, first in the ledger file (LedgerError if it cannot be written: the

@@ -511,7 +511,7 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
         "reason": (_text(1000), False),
     },
     # --- secure aggregation, one attempt at one round (`round` in the header; `attempt` here) ---
-    # client -> server, after training for a FIT with "secagg": this attempt's two public keys.
+    # client -> server, after training for a FIT with "secagg": this attempt's three public keys.
     # It also commits to its self-mask seed and says the weight (examples) it will mask its update by, signed.
     MessageType.SECAGG_KEYS: {
         "attempt": _ATTEMPT,

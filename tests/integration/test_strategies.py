@@ -98,30 +98,39 @@ def test_simulate_samples_injects_failures_retries_and_resumes_after_a_stop(tmp_
 
     from tests.integration.support import check_every_round_once
 
+    from pyfed.persistence.store import list_checkpoints
+
     logdir = tmp_path / "logs"
-    args = ("simulate", "--clients", "20", "--rounds", "6", "--epochs", "8", "--dataset", "digits", "--seed", "3",
-            "--fraction-fit", "0.5", "--min-fit-clients", "8", "--drop-rate", "0.3", "--logdir", str(logdir),
-            "--progress", "false")
-    first = processes.pyfed(*args, name="simulate-1")
-    processes.wait_for_line(first, "round-000003.npz", timeout_s=300)  # round 3's checkpoint (after any retries)
+
+    def simulate(rounds: int, name: str):
+        # each request (a FIT, an upload grant) is lost 20% of the time: a client survives both 64% of the
+        # time, and 7 of the 10 sampled answer in about half the attempts: retries happen
+        return processes.pyfed("simulate", "--clients", "20", "--rounds", str(rounds), "--epochs", "6", "--dataset",
+                               "digits", "--seed", "3", "--fraction-fit", "0.5", "--min-fit-clients", "7",
+                               "--drop-rate", "0.2", "--logdir", str(logdir), "--progress", "false", name=name)
+
+    first = simulate(30, "simulate-1")  # more rounds than it can reach before the stop lands
+    processes.wait_for_line(first, "round-000003.npz", timeout_s=600)  # round 3's checkpoint (after any retries)
     first.send_signal(signal.SIGTERM)
     assert processes.wait(first, 120) == 0, processes.tail(first)
     assert "stopped (SIGTERM)" in first.log_path.read_text()
-    second = processes.pyfed(*args, name="simulate-2")
+    stopped_at = int(list_checkpoints(logdir / "checkpoints")[-1].name[6:12])
+    rounds = max(6, stopped_at + 2)  # the same run, resumed with rounds still to go
+    second = simulate(rounds, "simulate-2")
     assert processes.wait(second, 600) == 0, processes.tail(second)
     log_text = second.log_path.read_text()
-    completed = int(log_text.split(" of 6 rounds completed")[0].rsplit(" ", 1)[1])
-    assert "resuming from" in log_text and completed >= 3
-    summary = check_every_round_once(logdir, 6)
+    assert f"resuming from {logdir / 'checkpoints'}/round-{stopped_at:06d}.npz: {stopped_at} of {rounds} rounds " \
+           f"completed" in log_text
+    summary = check_every_round_once(logdir, rounds)
     for record in summary["rounds"]:
-        assert len(record["selected"]) == 10 and len(record["clients"]) >= 8
+        assert len(record["selected"]) == 10 and len(record["clients"]) >= 7
         assert all(reason == "dropped (simulated failure)" for reason in record["dropped"].values())
     assert any(record["dropped"] for record in summary["rounds"])
-    assert any(record["failed_attempts"] for record in summary["rounds"])  # 30% loss of 10 sampled < 8 sometimes
+    assert any(record["failed_attempts"] for record in summary["rounds"])
     assert summary["final"]["test_accuracy"] > 0.8
     # a simulation writes the trained model as a server does, and the resumed process continued its record
     accuracies = {r["round"]: r["test_accuracy"] for r in summary["rounds"]}
-    assert summary["model"]["latest"]["round"] == 6
+    assert summary["model"]["latest"]["round"] == rounds
     assert summary["model"]["best"]["round"] == max(accuracies, key=lambda r: (accuracies[r], -r))
     assert (logdir / "model" / "latest.keras").is_file() and (logdir / "model" / "best.keras").is_file()
 
