@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import uuid
 from pathlib import Path
@@ -109,9 +110,12 @@ def test_compose_up_scale_3_trains_and_tensorboard_shows_every_client(project_fa
         assert steps_once(port, f"clients/{cid}", "round/loss", 2)
     # TensorBoard keeps serving after training ends
     assert project.containers("tensorboard")[0]["State"] == "running"
-    # encrypted by default: the keys step made the pairs, the server admitted the replicas' key
+    # encrypted by default: the keys step made the pairs, the server admitted the replicas' keys, and each
+    # replica took a pair of its own (so each is a party to secure aggregation)
     server_log = project.logs("server")
-    assert "(CurveZMQ)" in server_log and "admitting clients whose public key is in /keys (1 keys)" in server_log
+    assert "(CurveZMQ)" in server_log and "admitting clients whose public key is in /keys (3 keys)" in server_log
+    taken = re.findall(r"using key pair (replica-\d+)\.key_secret", project.logs("client"))
+    assert sorted(taken) == ["replica-1", "replica-2", "replica-3"], taken
     assert "created /keys/server.key" in project.logs("keys")
     assert "refused a connection" not in server_log  # the healthcheck reads /proc, it does not connect
     # the server's memory limit (mem_limit) is the container's, and the server planned within it
