@@ -1,7 +1,7 @@
 """What secure aggregation (SecAgg+) costs a round, against plain FedAvg, on the seed's 5.4M-parameter model.
 
     python -m bench.secagg            # bench/SECAGG.md: 3, 10 and 100 clients
-    python -m bench.secagg --quick    # 3 clients on a small model, to check the script
+    python -m bench.secagg --quick    # 3 clients, and 4 with one dropped, on a small model, to check the script
 
 For each number of clients, one round's protocol runs in this process: every client's half
 (``ClientStages``: keys, sealed shares, masking) and the server's (``ServerRound``: routing,

@@ -13,7 +13,50 @@ from pathlib import Path
 import pytest
 
 
-from bench.common import free_port  # noqa: E402,F401  (one home for it; tests import it from here)
+def free_port() -> int:
+    """A free TCP port on loopback that no other test worker will hand out.
+
+    Tests run in parallel (pytest-xdist). Asking the kernel for port 0 and closing it leaves a window in
+    which another worker's server can be given the same port; instead each worker picks from a band of
+    its own, below the kernel's ephemeral range (32768 and up) so no outgoing connection takes it
+    either. The port is checked free by binding it; at most 200 tries."""
+    import random
+    import socket
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    index = int(worker[2:]) if worker[2:].isdigit() else 0
+    low = 20000 + (index % 8) * 1500
+    for _ in range(200):
+        port = random.randrange(low, low + 1500)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError(f"no free loopback port in {low}-{low + 1499} after 200 tries")
+
+
+# Tests run on several workers (pytest-xdist, --dist loadgroup; see pyproject.toml). The Docker tests
+# share this host's engine, its published ports and its Compose project names, and the multi-host
+# tests share one test bed (its namespaces, bridge and registry are fixed names): each of the two runs
+# on one worker, in order, while the other workers take the rest. Longest first, so the run's tail is
+# short: the two groups (xdist puts the biggest groups first), then the benchmarks, the processes on
+# loopback, and the unit tests, which fill the gaps.
+SERIAL_GROUPS = ("docker", "multihost")
+ORDER = ("bench", "integration", "unit")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        names = {mark.name for mark in item.iter_markers()}
+        return next((i for i, name in enumerate(ORDER) if name in names), len(ORDER))
+
+    for item in items:
+        group = next((g for g in SERIAL_GROUPS if item.get_closest_marker(g)), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=rank)
 
 
 @pytest.fixture(autouse=True)
