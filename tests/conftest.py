@@ -44,9 +44,10 @@ def free_port() -> int:
 # short: the two groups (xdist puts the biggest groups first), then the benchmarks, the processes on
 # loopback, and the unit tests, which fill the gaps.
 SERIAL_GROUPS = ("docker", "multihost")
-ORDER = ("bench", "integration", "unit")
+ORDER = ("multihost", "docker", "bench", "integration", "unit")
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which turns the groups into node ids
 def pytest_collection_modifyitems(config, items):
     def rank(item) -> int:
         names = {mark.name for mark in item.iter_markers()}
