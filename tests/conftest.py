@@ -60,6 +60,49 @@ def pytest_collection_modifyitems(config, items):
     items.sort(key=rank)
 
 
+# The suite is bound by its two cores once it runs in parallel, so its summary lists the tests that
+# cost the most processor time: the test's own and that of the processes it started and reaped
+# (containers are the Docker engine's, not counted).
+_CPU_REPORTS: list[tuple[float, str]] = []
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    item._cpu_started = _cpu_seconds()
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if call.when == "teardown" and hasattr(item, "_cpu_started"):
+        report.user_properties.append(("cpu_s", round(_cpu_seconds() - item._cpu_started, 1)))
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "teardown":
+        cpu = dict(report.user_properties).get("cpu_s")
+        if cpu is not None:
+            _CPU_REPORTS.append((cpu, report.nodeid))
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _CPU_REPORTS:
+        return
+    total = sum(cpu for cpu, _ in _CPU_REPORTS)
+    terminalreporter.section(f"most processor time (of {total:,.0f} s in all)")
+    for cpu, nodeid in sorted(_CPU_REPORTS, reverse=True)[:25]:
+        terminalreporter.write_line(f"{cpu:8.1f}s cpu  {nodeid}")
+
+
 @pytest.fixture(autouse=True)
 def _root_logging_restored():
     """A test that runs the CLI in-process points the root logger at its captured stderr, which pytest
@@ -93,7 +136,7 @@ class Processes:
         """Run ``python -m pyfed ARGS``, logging to ``NAME.log``."""
         return self.start(name, [sys.executable, "-m", "pyfed", *args], **kwargs)
 
-    def wait_for_line(self, process: subprocess.Popen, text: str, timeout_s: float = 120) -> None:
+    def wait_for_line(self, process: subprocess.Popen, text: str, timeout_s: float = 300) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if text in process.log_path.read_text(errors="replace"):

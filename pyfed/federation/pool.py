@@ -200,6 +200,7 @@ class InProcessPool:
         self._seed = seed
         self._answers: dict[str, ClientAnswers] = {}  # each client's DP noise, top-k memory, secure aggregation
         self._queue: deque[tuple[str, Request]] = deque()
+        self._grants: deque[tuple[str, Request]] = deque()  # answered before any training
         self._on_answer = on_answer  # on_answer(done, remaining): progress through the requests queued
         self._done = 0
 
@@ -213,11 +214,15 @@ class InProcessPool:
         pass  # trainers are given the weights with each request
 
     def send(self, client_id: str, request: Request) -> Delivery:
-        self._queue.append((client_id, request))
+        # A granted client sends the update it holds at once, as a networked one does; behind the
+        # queued training of every other client it would wait minutes and outlive its allowance.
+        (self._grants if isinstance(request, GrantRequest) else self._queue).append((client_id, request))
         return Delivery.SENT
 
     def poll(self, timeout_s: float) -> list[PoolEvent]:
-        """Run the next queued request (all of the waiting happens here, as compute)."""
+        """Run the next queued request, grants first (all of the waiting happens here, as compute)."""
+        if self._grants:
+            return self._run(*self._grants.popleft())
         if not self._queue:
             return []
         client_id, request = self._queue.popleft()

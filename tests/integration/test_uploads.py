@@ -30,7 +30,7 @@ def test_clients_upload_one_at_a_time_and_every_update_is_aggregated(tmp_path, p
 def _one_round_with_mallory(tmp_path, processes, shards, act) -> tuple[str, dict]:
     """One round, one upload slot, two honest sites and mallory (support.mallory_round)."""
     return mallory_round(processes, shards, tmp_path / "logs", act, "--epochs", "20", "--max-inflight-updates", "1",
-                         "--round-timeout", "120")
+                         "--round-timeout", "120", "--min-upload-rate", "0.001")  # the allowance: the round timeout
 
 
 def test_an_update_sent_without_a_grant_is_refused_and_the_round_carries_on(tmp_path, processes, shards):
