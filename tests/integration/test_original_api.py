@@ -12,6 +12,9 @@ pytestmark = pytest.mark.integration
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "original_api"
 
 
+# The scripts listen on the original API's fixed port, 54321, as a user's copy of them would: the two
+# variants keep to one xdist worker, one after the other, or the second finds the port taken.
+@pytest.mark.xdist_group("original-api-port-54321")
 @pytest.mark.parametrize("variant", ["single_system", "multi_system"])
 def test_original_example_scripts_run_unattended(tmp_path, processes, variant):
     source = EXAMPLES if variant == "single_system" else EXAMPLES / "multi_system"
