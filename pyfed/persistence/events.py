@@ -31,7 +31,10 @@ from tensorboard.util.tensor_util import make_tensor_proto
 
 FILE_VERSION = "brain.Event:2"
 _HOST = socket.gethostname()  # part of every file name, as tf.summary names its files
-_file_numbers = itertools.count(1)  # two files opened in the same second still get distinct names
+# two files opened in the same second still get distinct names, in the order they were opened:
+# TensorBoard reads a run's files in the order of their names, so the number is zero-padded
+# (unpadded, a process's 10th file sorted before its 9th and its points were read out of order)
+_file_numbers = itertools.count(1)
 
 
 class EventFile:
@@ -44,7 +47,7 @@ class EventFile:
 
     def _new_file(self) -> None:
         self.path = self.directory / (f"events.out.tfevents.{int(time.time()):010d}.{_HOST}."
-                                      f"{os.getpid()}.{next(_file_numbers)}.v2")
+                                      f"{os.getpid()}.{next(_file_numbers):06d}.v2")
         self._started = False
 
     def write_scalars(self, scalars: Iterable[tuple[str, float, int]]) -> None:

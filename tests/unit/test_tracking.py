@@ -136,8 +136,14 @@ def test_event_files_hold_what_tensorboard_reads_as_scalars_and_no_descriptor_st
 
 
 def test_after_a_failed_event_write_the_next_one_starts_a_new_file(tmp_path, monkeypatch):
+    """The new file is read after the old one even when it is the process's 10th file of that
+    second (TensorBoard reads a run's files in name order: an unpadded number put it first)."""
+    import itertools
+
     from pyfed.persistence import events as events_module
 
+    monkeypatch.setattr(events_module, "_file_numbers", itertools.count(9))
+    monkeypatch.setattr(events_module.time, "time", lambda: 1_700_000_000.0)
     events = events_module.EventFile(tmp_path / "run")
     events.write_scalars([("a", 1.0, 1)])
     first = events.path
@@ -152,7 +158,7 @@ def test_after_a_failed_event_write_the_next_one_starts_a_new_file(tmp_path, mon
     monkeypatch.setattr(events_module.os, "fdopen", full_disk)
     with pytest.raises(OSError, match="No space left"):
         events.write_scalars([("a", 2.0, 2)])
-    monkeypatch.undo()
+    monkeypatch.setattr(events_module.os, "fdopen", fdopen)
     events.write_scalars([("a", 3.0, 3)])
     assert events.path != first
     assert read_scalars(tmp_path / "run") == {"a": [(1, 1.0), (3, 3.0)]}
