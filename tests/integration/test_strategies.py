@@ -147,11 +147,10 @@ def test_simulate_is_deterministic_in_its_partition_and_refuses_bad_settings(tmp
 
 FL_EXPERIMENT_SCRIPT = """
 import numpy as np, tensorflow as tf
-from sklearn.datasets import load_digits
 from pyfed.experiment import FL_Experiment
+from pyfed.learning.data import load_digits
 
-digits = load_digits()
-X, y = digits.data.astype("float32") / 16.0, digits.target
+X, y = load_digits()
 num_clients = 3
 count = len(y) // (num_clients + 1)
 clients_data = [X[count * i:count * (i + 1)] for i in range(num_clients)]

@@ -332,3 +332,23 @@ def test_a_csv_with_a_huge_field_a_pipe_or_a_million_columns_is_refused_or_read_
                                        + "".join(f"{k}," + ",".join(["0.5"] * (columns - 1)) + "\n" for k in range(3)))
     x, y = load_csv(tmp_path / "wide.csv")
     assert x.shape == (3, columns - 1) and x.dtype == np.float32 and y.tolist() == [0, 1, 2]
+
+
+def test_the_embedded_digits_are_the_1797_uci_test_digits_scaled_to_0_1():
+    x, y = load_dataset("digits")
+    assert x.shape == (1797, 64) and x.dtype == np.float32 and y.dtype == np.int64
+    assert np.bincount(y).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    assert x.min() == 0.0 and x.max() == 1.0 and round(float(x.sum()) * 16) == 561_718  # the 0-16 counts
+
+
+def test_no_pyfed_process_imports_scikit_learn():
+    """Keras imports scikit-learn whenever it can (1.4 s of processor time at every start): PyFed
+    needs none of it, and its client and server modules do not import it themselves."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; sys.modules['sklearn'] = None; "  # importing it now would raise
+             "import pyfed.federation.client, pyfed.federation.server, pyfed.cli, pyfed.learning.training; "
+             "from pyfed.learning.data import load_dataset; load_dataset('digits')")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
