@@ -87,11 +87,19 @@ def pytest_runtest_makereport(item, call):
         report.user_properties.append(("cpu_s", round(_cpu_seconds() - item._cpu_started, 1)))
 
 
+_LAYER_COSTS: dict[str, list[float]] = {}  # layer -> [tests, wall seconds, processor seconds]
+
+
 def pytest_runtest_logreport(report):
+    layer = next((name for name in ORDER if name in report.keywords), "other")
+    costs = _LAYER_COSTS.setdefault(layer, [0, 0.0, 0.0])
+    costs[1] += report.duration
     if report.when == "teardown":
+        costs[0] += 1
         cpu = dict(report.user_properties).get("cpu_s")
         if cpu is not None:
             _CPU_REPORTS.append((cpu, report.nodeid))
+            costs[2] += cpu
 
 
 def pytest_terminal_summary(terminalreporter):
@@ -101,6 +109,10 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section(f"most processor time (of {total:,.0f} s in all)")
     for cpu, nodeid in sorted(_CPU_REPORTS, reverse=True)[:25]:
         terminalreporter.write_line(f"{cpu:8.1f}s cpu  {nodeid}")
+    terminalreporter.section("each layer: tests, wall time summed over its tests, processor time")
+    for layer, (count, wall, cpu) in sorted(_LAYER_COSTS.items(), key=lambda item: -item[1][1]):
+        serial = " (one worker, in turn)" if layer in SERIAL_GROUPS else ""
+        terminalreporter.write_line(f"{layer:12} {count:4.0f} tests {wall:8,.0f} s wall {cpu:8,.0f} s cpu{serial}")
 
 
 @pytest.fixture(autouse=True)
