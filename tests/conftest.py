@@ -13,13 +13,18 @@ from pathlib import Path
 import pytest
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    """A free TCP port on loopback that no other test worker will hand out.
+    """A free TCP port that no other test worker, and no earlier call in this one, hands out.
 
     Tests run in parallel (pytest-xdist). Asking the kernel for port 0 and closing it leaves a window in
     which another worker's server can be given the same port; instead each worker picks from a band of
     its own, below the kernel's ephemeral range (32768 and up) so no outgoing connection takes it
-    either. The port is checked free by binding it; at most 200 tries."""
+    either, and never twice (a Compose test asks for two ports at once: the server's and TensorBoard's,
+    and the same port twice fails `compose up` with "port is already allocated"). The port is checked
+    free on every address, as Docker publishes it there; at most 200 tries."""
     import random
     import socket
 
@@ -28,13 +33,16 @@ def free_port() -> int:
     low = 20000 + (index % 8) * 1500
     for _ in range(200):
         port = random.randrange(low, low + 1500)
+        if port in _HANDED_OUT:
+            continue
         with socket.socket() as s:
             try:
-                s.bind(("127.0.0.1", port))
+                s.bind(("0.0.0.0", port))
             except OSError:
                 continue
-            return port
-    raise AssertionError(f"no free loopback port in {low}-{low + 1499} after 200 tries")
+        _HANDED_OUT.add(port)
+        return port
+    raise AssertionError(f"no free port in {low}-{low + 1499} after 200 tries ({len(_HANDED_OUT)} handed out)")
 
 
 # Tests run on several workers (pytest-xdist, --dist loadgroup; see pyproject.toml). The Docker tests

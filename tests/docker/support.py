@@ -27,9 +27,18 @@ def docker(*args: str, env: dict | None = None, timeout: float = 600, check: boo
     result = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd,
                             env={**os.environ, **(env or {})})
     if check and result.returncode != 0:
-        raise AssertionError(f"docker {' '.join(args)} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
-                             f"{result.stderr[-3000:]}")
+        raise AssertionError(f"docker {' '.join(args)} failed ({result.returncode}): {why_docker_failed(result)}\n"
+                             f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+def why_docker_failed(result: subprocess.CompletedProcess) -> str:
+    """The daemon's or Compose's own words for a failed command, first, so that a report that keeps
+    only the head of a failure (a CI summary) still shows them: the last "Error" line of its output,
+    else its last line. A build log comes before it, and can run to thousands of lines."""
+    lines = [line.strip() for line in (result.stdout + "\n" + result.stderr).splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return (errors or lines or ["(no output)"])[-1][:500]
 
 
 def require_docker():

@@ -31,6 +31,20 @@ def testbed():
         assert not left, f"the test bed left {left}"
 
 
+@pytest.fixture(autouse=True)
+def clean_machines(testbed):
+    """Each scenario starts on clean machines and leaves them clean, whatever the one before it did:
+    a scenario that fails half-way leaves its containers running (a server on machine a's port 5555, a
+    TensorBoard on 6006), and the next scenario's `compose up` would fail on them or read their logs."""
+    for machine in testbed.machines.values():
+        left = machine.clear()
+        if left:
+            print(f"\ntest bed: cleared what an earlier scenario left on {machine.name}: {', '.join(left)}")
+    yield
+    for machine in testbed.machines.values():
+        machine.clear()
+
+
 @pytest.fixture(scope="session")
 def images(testbed) -> str:
     """The server and client images built on this host and pushed to machine a's registry, as the

@@ -31,6 +31,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from tests.docker.support import why_docker_failed
+
 SUBNET = ipaddress.ip_network("10.251.7.0/24")
 HOST_ADDRESS = "10.251.7.254"
 BRIDGE = "pyfedtb0"
@@ -157,9 +159,33 @@ class Machine:
         result = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=timeout, cwd=cwd,
                                 env={**self.env(), **(env or {})})
         if check and result.returncode != 0:
-            raise AssertionError(f"on {self.name}: {command} failed ({result.returncode}):\n"
+            raise AssertionError(f"on {self.name}: {command} failed ({result.returncode}): {why_docker_failed(result)}\n"
                                  f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
         return result
+
+    def clear(self) -> list[str]:
+        """Put the machine back as a scenario expects to find it: its link up and unlimited, out of any
+        swarm, no container, no volume, no network of its own; the pulled images stay (they are what a
+        machine keeps between runs). Returns what was left to clear, for the test's report. An engine
+        that is down (a scenario powered the machine off) is started again first."""
+        self.set_link(True)
+        self.clear_bandwidth_limit()
+        if self.engine is None or self.engine.poll() is not None:
+            self.start_engine()
+        left = []
+        if self.docker("info", "--format", "{{.Swarm.LocalNodeState}}", timeout=60).stdout.strip() != "inactive":
+            left.append("a swarm")
+            self.docker("swarm", "leave", "--force", check=False, timeout=120)
+        containers = self.docker("ps", "-aq", timeout=60).stdout.split()
+        if containers:
+            left.append(f"{len(containers)} container(s)")
+            self.docker("rm", "-f", "-v", *containers, timeout=300)
+        volumes = self.docker("volume", "ls", "-q", timeout=60).stdout.split()
+        if volumes:
+            left.append(f"{len(volumes)} volume(s)")
+            self.docker("volume", "rm", "-f", *volumes, timeout=120)
+        self.docker("network", "prune", "-f", timeout=120)
+        return left
 
     def pids(self) -> list[int]:
         """Every process of this machine: in its network namespace or in its engine's cgroups."""
