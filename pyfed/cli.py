@@ -82,7 +82,7 @@ def run_server(config: ServerConfig) -> int:
     from pyfed.persistence.files import CheckpointError
     from pyfed.persistence.ledger import LedgerError
     from pyfed.learning.data import DataError, load_shard
-    from pyfed.learning.model import ModelError, default_model, describe_model, evaluator, load_model_spec, wire_model
+    from pyfed.learning.model import ModelError, describe_model, evaluator, wire_model
     from pyfed.federation.server import Server
     from pyfed.federation.strategy import NormBound
 
@@ -109,19 +109,15 @@ def run_server(config: ServerConfig) -> int:
     keras.utils.set_random_seed(config.seed)  # the initial global model is the same for the same --seed
     try:
         test_data = load_shard(config.test_data) if config.test_data else None
-        if config.model:
-            model = load_model_spec(config.model, config.learning_rate)
-        elif test_data is not None:
-            x, y = test_data
-            model = default_model(tuple(x.shape[1:]), int(y.max()) + 1, config.learning_rate)
-        else:
+        if not config.model and test_data is None:
             raise UsageError("--model / MODEL or --test-data / TEST_DATA is needed: "
                              "the default model is sized from the test data")
+        model, training = build_model(config, test_data)
     except (DataError, ModelError) as error:
         raise UsageError(str(error)) from None
     start_from(model, config.initial_weights)
     export = model_files(model, config, has_test_data=test_data is not None)
-    wire, plan = wire_model(model), fit_plan(config)
+    wire, plan = wire_model(model), fit_plan(config, training.learning_rate)
     min_fit_clients = max(config.min_fit_clients, strategy.min_fit_clients())
     memory = server_memory(config, strategy, wire.weights, plan, min_fit_clients)
     server = Server(wire, address=config.address, rounds=config.rounds, min_clients=config.min_clients,
@@ -130,7 +126,7 @@ def run_server(config: ServerConfig) -> int:
                     export=export, description=describe_model(model, histograms=config.histograms),
                     logdir=config.logdir,
                     round_timeout_s=config.round_timeout_s, num_shards=config.num_shards,
-                    config_summary=describe(config),
+                    config_summary=run_settings(config, training),
                     min_fit_clients=min_fit_clients,
                     fraction_fit=1.0 if config.private() else config.fraction_fit,  # DP samples, as it accounts
                     seed=config.seed, checkpoint_dir=config.checkpoint_dir,
@@ -148,6 +144,30 @@ def run_server(config: ServerConfig) -> int:
     except LedgerError as error:
         raise UsageError(f"cannot start: {error}") from None
     return 0
+
+
+def build_model(config: ServerConfig | SimulateConfig, data: tuple | None) -> tuple[Any, Any]:
+    """The run's model (--model / MODEL, or the default model sized from ``data``) with its training
+    settings settled (the model's own compile settings unless --optimizer / --learning-rate say
+    otherwise: learning/model.py's settle_training), said in one log line."""
+    from pyfed.learning.model import default_model, load_model_spec, settle_training
+
+    if config.model:
+        model, uncompiled = load_model_spec(config.model), f"PyFed's default: {config.model} is not compiled"
+    else:
+        x, y = data
+        model, uncompiled = default_model(tuple(x.shape[1:]), int(y.max()) + 1, None), "PyFed's default model"
+    training = settle_training(model, optimizer=config.optimizer, learning_rate=config.learning_rate,
+                               uncompiled=uncompiled)
+    log.info("%s; %d local epoch(s) of batches of %d", training.describe(), config.epochs, config.batch_size)
+    return model, training
+
+
+def run_settings(config: ServerConfig | SimulateConfig, training: Any) -> dict[str, Any]:
+    """The settings summary.json and TensorBoard's HParams keep: the config, with the optimizer and
+    learning rate in force (not the unset overrides) and where each training setting came from."""
+    return {**describe(config), "optimizer": training.optimizer, "learning_rate": training.learning_rate,
+            "training": training.summary()}
 
 
 def start_from(model: Any, initial_weights: Path | None) -> None:
@@ -192,11 +212,12 @@ def build_strategy(settings: StrategySettings, clients_per_round: int, clients_s
     return strategy
 
 
-def fit_plan(config: Any) -> Any:
-    """The plan the server sends with every FIT, from a server's or a simulation's settings."""
+def fit_plan(config: Any, learning_rate: float) -> Any:
+    """The plan the server sends with every FIT, from a server's or a simulation's settings and the
+    learning rate in force (see build_model)."""
     from pyfed.wire.protocol import FitPlan
 
-    return FitPlan(config.epochs, config.batch_size, config.learning_rate, eval_fraction=config.client_eval_fraction,
+    return FitPlan(config.epochs, config.batch_size, learning_rate, eval_fraction=config.client_eval_fraction,
                    update_compression=config.update_compression, topk_fraction=config.topk_fraction,
                    broadcast_compression=config.broadcast_compression)
 
@@ -394,7 +415,7 @@ def run_partition(config: PartitionConfig) -> int:
 def run_simulate(config: SimulateConfig) -> int:
     """Partition a dataset in memory and run the whole federation in this process."""
     from pyfed.learning.data import DataError, label_table, load_dataset, split_dataset
-    from pyfed.learning.model import ModelError, default_model, load_model_spec
+    from pyfed.learning.model import ModelError
     from pyfed.federation.engine import EngineStopping
     from pyfed.federation.simulation import Simulation
     from pyfed.persistence.files import CheckpointError
@@ -410,8 +431,7 @@ def run_simulate(config: SimulateConfig) -> int:
         clients, test_data = split_dataset(x, y, config.clients, seed=config.seed, test_fraction=config.test_fraction,
                                            scheme=config.scheme, alpha=config.alpha,
                                            classes_per_client=config.classes_per_client)
-        model = (load_model_spec(config.model, config.learning_rate) if config.model
-                 else default_model(tuple(x.shape[1:]), int(y.max()) + 1, config.learning_rate))
+        model, training = build_model(config, (x, y))
     except (DataError, ModelError) as error:
         raise UsageError(str(error)) from None
     except ValueError as error:
@@ -419,12 +439,13 @@ def run_simulate(config: SimulateConfig) -> int:
     start_from(model, config.initial_weights)
     for line in label_table([f"client-{i}" for i in range(1, len(clients) + 1)], [c[1] for c in clients]):
         print(line)
-    plan = fit_plan(config)
+    plan = fit_plan(config, training.learning_rate)
     simulation = Simulation(
         model, clients, rounds=config.rounds, plan=plan, strategy=strategy, test_data=test_data,
         fraction_fit=1.0 if config.private() else config.fraction_fit,  # DP samples, as it accounts
         min_fit_clients=max(config.min_fit_clients, strategy.min_fit_clients()), drop_rate=config.drop_rate, checkpoint_dir=config.checkpoint_dir, keep_checkpoints=config.keep_checkpoints,
-        fresh_start=config.fresh_start, logdir=config.logdir, config_summary=describe(config), seed=config.seed,
+        fresh_start=config.fresh_start, logdir=config.logdir, config_summary=run_settings(config, training),
+        seed=config.seed,
         progress=config.progress, export=model_files(model, config, has_test_data=test_data is not None),
         histograms=config.histograms, secure_aggregation=config.secure_aggregation_settings())
     _on_stop_signals(lambda name: simulation.engine.request_stop(name))

@@ -155,6 +155,18 @@ def choice(*options: str) -> Callable[[str], str]:
     return parse
 
 
+def optional_choice(*options: str) -> Callable[[str], str | None]:
+    """One of ``options``, or empty / 'none' for unset."""
+    pick = choice(*options)
+
+    def parse(text: str) -> str | None:
+        return None if text.strip().lower() in {"", "none"} else pick(text)
+    return parse
+
+
+# Keras's optimizers by the names keras.optimizers.get takes
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop", "adagrad", "adadelta", "adamax", "nadam", "ftrl", "lion")
+
 _ADDRESS = re.compile(r"^tcp://(?P<host>\*|\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})$")
 
 
@@ -233,7 +245,12 @@ class TrainingSettings:
     rounds: int = setting(3, "--rounds", "ROUNDS", positive_int, "number of federated rounds")
     epochs: int = setting(5, "--epochs", "EPOCHS", positive_int, "local epochs per round (clients may override)")
     batch_size: int = setting(32, "--batch-size", "BATCH_SIZE", positive_int, "local batch size (clients may override)")
-    learning_rate: float = setting(0.001, "--learning-rate", "LEARNING_RATE", positive_float, "clients' learning rate")
+    learning_rate: float | None = setting(None, "--learning-rate", "LEARNING_RATE", optional_positive_float,
+                                          "clients' learning rate, replacing the model's compiled one; default: "
+                                          "the model's own (0.001 for a model compiled by PyFed)")
+    optimizer: str | None = setting(None, "--optimizer", "OPTIMIZER", optional_choice(*OPTIMIZERS),
+                                    "clients' optimizer (a Keras name), replacing the model's compiled one; "
+                                    "default: the model's own (adam for a model compiled by PyFed)")
     model: str | None = setting(None, "--model", "MODEL", optional_text,
                                 "module:function or path/to/file.py:function returning a Keras model; "
                                 "default: an MLP sized from the data")

@@ -8,6 +8,7 @@ make a client import or run code. Weights travel separately as raw arrays.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
 import json
@@ -34,8 +35,13 @@ class ModelError(ValueError):
     """A model spec or a received model description is unusable."""
 
 
-def default_model(input_shape: tuple[int, ...], num_classes: int, learning_rate: float = 0.001) -> keras.Model:
-    """A small MLP for flat features (a Flatten first, so image-shaped inputs work too)."""
+DEFAULT_LEARNING_RATE = 0.001
+
+
+def default_model(input_shape: tuple[int, ...], num_classes: int,
+                  learning_rate: float | None = DEFAULT_LEARNING_RATE) -> keras.Model:
+    """A small MLP for flat features (a Flatten first, so image-shaped inputs work too), compiled
+    with PyFed's defaults (``learning_rate=None``: left uncompiled, for :func:`settle_training`)."""
     model = keras.Sequential([
         keras.layers.Input(input_shape),
         keras.layers.Flatten(),
@@ -43,19 +49,140 @@ def default_model(input_shape: tuple[int, ...], num_classes: int, learning_rate:
         keras.layers.Dense(64, activation="relu"),
         keras.layers.Dense(num_classes, activation="softmax"),
     ])
-    compile_default(model, learning_rate)
+    if learning_rate is not None:
+        compile_default(model, learning_rate)
     return model
 
 
-def compile_default(model: keras.Model, learning_rate: float) -> None:
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=DEFAULT_LOSS, metrics=["accuracy"])
+def compile_default(model: keras.Model, learning_rate: float = DEFAULT_LEARNING_RATE,
+                    optimizer: str = "adam") -> None:
+    """PyFed's compile settings for a model that has none: ``optimizer`` (Adam), sparse categorical
+    cross-entropy and accuracy."""
+    model.compile(optimizer=_optimizer(optimizer, learning_rate), loss=DEFAULT_LOSS, metrics=["accuracy"])
 
 
-def load_model_spec(spec: str, learning_rate: float = 0.001) -> keras.Model:
+def _optimizer(name: str, learning_rate: float) -> keras.optimizers.Optimizer:
+    """A fresh Keras optimizer by its Keras name (``adam``, ``sgd``...) at ``learning_rate``."""
+    optimizer = keras.optimizers.get(name)
+    return optimizer.__class__.from_config({**optimizer.get_config(), "learning_rate": learning_rate})
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingInForce:
+    """The local training settings a run uses, and where each came from (for the start-up log line
+    and summary.json)."""
+
+    optimizer: str
+    learning_rate: float  # what the plan carries: the rate in force, or a schedule's initial rate
+    schedule: str | None  # a LearningRateSchedule's class name: the clients keep it, and the plan's rate is its start
+    loss: str
+    metrics: tuple[str, ...]
+    optimizer_from: str
+    learning_rate_from: str
+    loss_from: str
+
+    def describe(self) -> str:
+        rate = (f"{self.learning_rate:g}" if self.schedule is None
+                else f"a {self.schedule} schedule starting at {self.learning_rate:g}")
+        return (f"training: optimizer {self.optimizer} ({self.optimizer_from}), learning rate {rate} "
+                f"({self.learning_rate_from}), loss {self.loss} and metrics {', '.join(self.metrics) or 'none'} "
+                f"({self.loss_from})")
+
+    def summary(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"metrics": list(self.metrics)}
+
+
+def settle_training(model: keras.Model, *, optimizer: str | None = None, learning_rate: float | None = None,
+                    uncompiled: str = "PyFed's default: the model is not compiled") -> TrainingInForce:
+    """Make the model's compile settings the ones a run trains with, and say where each came from.
+
+    What the user compiled into the model is the default: its optimizer, learning rate, loss and
+    metrics. ``optimizer`` (``--optimizer`` / OPTIMIZER) and ``learning_rate`` (``--learning-rate``
+    / LEARNING_RATE), when given, replace the optimizer or its rate (the model is recompiled with a
+    fresh optimizer, so the saved model files say what was used). A model without compile settings
+    gets PyFed's (Adam at 0.001, sparse categorical cross-entropy, accuracy); ``uncompiled`` is what
+    the log calls that. A learning-rate schedule is kept, and cannot be replaced by a rate.
+    """
+    if getattr(model, "optimizer", None) is None or not model.compiled:
+        compile_default(model, learning_rate or DEFAULT_LEARNING_RATE, optimizer or "adam")
+        optimizer_from = "--optimizer / OPTIMIZER" if optimizer else uncompiled
+        rate_from = "--learning-rate / LEARNING_RATE" if learning_rate else uncompiled
+        loss_from = uncompiled
+    else:
+        optimizer_from, rate_from, loss_from = ("the model's compile settings",) * 3
+        compiled = model.optimizer
+        schedule = _schedule(compiled)
+        if learning_rate is not None and schedule is not None:
+            raise ModelError(f"--learning-rate / LEARNING_RATE is {learning_rate:g}, but the model's optimizer "
+                             f"follows a learning-rate schedule ({schedule}): unset it to keep the schedule, "
+                             "or compile the model with a fixed rate")
+        if optimizer is not None or learning_rate is not None:
+            if optimizer is not None:
+                rate = learning_rate if learning_rate is not None else (
+                    _float32_rate(compiled.learning_rate) if schedule is None else DEFAULT_LEARNING_RATE)
+                replacement = _optimizer(optimizer, rate)
+                optimizer_from = "--optimizer / OPTIMIZER"
+                if learning_rate is None and schedule is not None:
+                    rate_from = f"PyFed's default: --optimizer / OPTIMIZER replaced the model's {schedule} schedule"
+            else:
+                replacement = compiled.__class__.from_config({**compiled.get_config(), "learning_rate": learning_rate})
+            if learning_rate is not None:
+                rate_from = "--learning-rate / LEARNING_RATE"
+            _recompile(model, replacement)
+    compiled = model.optimizer
+    schedule = _schedule(compiled)
+    rate = _float32_rate(compiled.learning_rate if schedule is None
+                         else compiled._learning_rate(0))  # the schedule at step 0, which each round starts from
+    config = model.get_compile_config() or {}
+    return TrainingInForce(
+        optimizer=compiled.__class__.__name__, learning_rate=rate, schedule=schedule,
+        loss=_name(config.get("loss")), metrics=tuple(_name(m) for m in _flat(config.get("metrics"))),
+        optimizer_from=optimizer_from, learning_rate_from=rate_from, loss_from=loss_from)
+
+
+def _float32_rate(value: Any) -> float:
+    """A rate as the shortest decimal its float32 holds (0.001, not 0.0010000000474974513)."""
+    return float(str(np.float32(float(value))))
+
+
+def _schedule(optimizer: keras.optimizers.Optimizer) -> str | None:
+    rate = getattr(optimizer, "_learning_rate", None)
+    return type(rate).__name__ if isinstance(rate, keras.optimizers.schedules.LearningRateSchedule) else None
+
+
+def _recompile(model: keras.Model, optimizer: keras.optimizers.Optimizer) -> None:
+    """Compile ``model`` again with ``optimizer`` and its own loss, metrics and other settings."""
+    from keras.src.saving import serialization_lib
+
+    settings = serialization_lib.deserialize_keras_object(model.get_compile_config() or {})
+    model.compile(**{**settings, "optimizer": optimizer})
+
+
+def _flat(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    if isinstance(value, dict):
+        return [item for inner in value.values() for item in _flat(inner)]
+    if isinstance(value, (list, tuple)):
+        return [item for inner in value for item in _flat(inner)]
+    return [value]
+
+
+def _name(value: Any) -> str:
+    """A loss's or metric's name in a compile config: a string, or a serialized Keras object."""
+    if isinstance(value, str) or value is None:
+        return str(value)
+    if isinstance(value, dict):
+        config = value.get("config")
+        return str(config.get("name") if isinstance(config, dict) and config.get("name") else value.get("class_name"))
+    return ", ".join(_name(item) for item in _flat(value))
+
+
+def load_model_spec(spec: str) -> keras.Model:
     """Call ``module:function`` or ``path/to/file.py:function`` and return its Keras model, or load a
-    saved ``path/to/model.keras`` (with its weights, in Keras's safe mode).
+    saved ``path/to/model.keras`` (with its weights, in Keras's safe mode), as compiled as it comes:
+    :func:`settle_training` decides the training settings.
 
-    An uncompiled model is compiled with Adam, sparse categorical cross-entropy and accuracy.
     This runs the operator's own code from local configuration, never anything from the network.
     """
     if spec.endswith(".keras"):  # a saved model: architecture, compile settings and weights, loaded in safe mode
@@ -65,8 +192,6 @@ def load_model_spec(spec: str, learning_rate: float = 0.001) -> keras.Model:
             model = load_model_file(Path(spec))
         except ExportError as error:
             raise ModelError(f"model spec {spec!r}: {error}") from None
-        if getattr(model, "optimizer", None) is None or not model.compiled:
-            compile_default(model, learning_rate)
         return model
     target, sep, function_name = spec.rpartition(":")
     if not sep or not target or not function_name.isidentifier():
@@ -96,8 +221,6 @@ def load_model_spec(spec: str, learning_rate: float = 0.001) -> keras.Model:
         raise ModelError(f"model spec {spec!r} returned {type(model).__name__}, not a Keras model")
     if not model.built:
         raise ModelError(f"model spec {spec!r}: the model is not built; give it an Input layer")
-    if getattr(model, "optimizer", None) is None or not model.compiled:
-        compile_default(model, learning_rate)
     return model
 
 
@@ -282,7 +405,10 @@ def evaluation_dataset(x: np.ndarray, y: np.ndarray, batch_size: int = 1024):
 
 
 def set_learning_rate(model: keras.Model, learning_rate: float) -> None:
-    model.optimizer.learning_rate = learning_rate
+    """The plan's rate into the optimizer; a learning-rate schedule is kept (the server's plan then
+    carries the schedule's initial rate: see :func:`settle_training`)."""
+    if _schedule(model.optimizer) is None:
+        model.optimizer.learning_rate = learning_rate
 
 
 def input_shape(model: keras.Model) -> tuple[int | None, ...]:

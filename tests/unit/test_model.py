@@ -5,7 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from pyfed.learning.model import ModelError, check_keras_config, default_model, from_wire, load_model_spec, to_wire
+from pyfed.learning.model import (ModelError, check_keras_config, default_model, from_wire, load_model_spec,
+                                  set_learning_rate, settle_training, to_wire)
 
 pytestmark = pytest.mark.unit
 
@@ -69,7 +70,10 @@ def test_model_spec_from_a_file(tmp_path):
         "def build():\n"
         "    return keras.Sequential([keras.layers.Input((3,)), keras.layers.Dense(2, activation='softmax')])\n")
     model = load_model_spec(f"{tmp_path / 'my_model.py'}:build")
+    assert not model.compiled  # as its function returned it: settle_training compiles it
+    training = settle_training(model)
     assert model.optimizer is not None and model.loss == "sparse_categorical_crossentropy"
+    assert (training.optimizer, training.learning_rate) == ("Adam", 0.001)
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -108,3 +112,92 @@ def test_the_example_cnn_in_models_travels_to_clients_as_keras_layers_only():
     rebuilt = from_wire(model_json, compile_config)  # safe mode, the client's way
     assert [layer.__class__.__name__ for layer in rebuilt.layers][:3] == ["Reshape", "Conv2D", "MaxPooling2D"]
     assert rebuilt.count_params() == model.count_params()
+
+
+# --- the training settings in force: the model's own compile settings unless overridden ----------
+
+def compiled_mlp(optimizer, loss="sparse_categorical_crossentropy", metrics=("accuracy",)):
+    import keras
+
+    model = keras.Sequential([keras.layers.Input((4,)), keras.layers.Dense(3, activation="softmax")])
+    model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics))
+    return model
+
+
+def saved_rate(model) -> float:
+    """The learning rate the model's compile settings say (what latest.keras and the wire carry)."""
+    return from_wire(*to_wire(model)).optimizer.get_config()["learning_rate"]
+
+
+def test_a_compiled_models_optimizer_rate_loss_and_metrics_are_kept_and_said_to_be_its_own():
+    import keras
+
+    model = compiled_mlp(keras.optimizers.SGD(0.005, momentum=0.9), loss="categorical_crossentropy",
+                         metrics=("accuracy", "auc"))
+    training = settle_training(model)
+    assert (training.optimizer, training.learning_rate, training.schedule) == ("SGD", 0.005, None)
+    assert training.loss == "categorical_crossentropy" and training.metrics == ("accuracy", "auc")
+    assert {training.optimizer_from, training.learning_rate_from, training.loss_from} == {"the model's compile settings"}
+    assert saved_rate(model) == pytest.approx(0.005) and model.optimizer.get_config()["momentum"] == 0.9
+    line = training.describe()
+    assert "optimizer SGD (the model's compile settings), learning rate 0.005 (the model's compile settings)" in line
+    assert "loss categorical_crossentropy and metrics accuracy, auc" in line
+
+
+def test_a_given_learning_rate_replaces_the_compiled_one_and_the_saved_settings_say_so():
+    import keras
+
+    model = compiled_mlp(keras.optimizers.SGD(0.005, momentum=0.9))
+    training = settle_training(model, learning_rate=0.02)
+    assert (training.optimizer, training.learning_rate) == ("SGD", 0.02)
+    assert training.learning_rate_from == "--learning-rate / LEARNING_RATE"
+    assert training.optimizer_from == "the model's compile settings"
+    assert saved_rate(model) == pytest.approx(0.02) and model.optimizer.get_config()["momentum"] == 0.9
+
+
+def test_a_given_optimizer_replaces_the_compiled_one_at_the_models_rate_and_keeps_its_loss():
+    import keras
+
+    model = compiled_mlp(keras.optimizers.SGD(0.005), loss="categorical_crossentropy")
+    training = settle_training(model, optimizer="rmsprop")
+    assert (training.optimizer, training.learning_rate, training.loss) == ("RMSprop", 0.005, "categorical_crossentropy")
+    assert training.optimizer_from == "--optimizer / OPTIMIZER"
+    assert training.learning_rate_from == "the model's compile settings"
+
+
+def test_an_uncompiled_model_gets_pyfeds_defaults_or_the_given_ones():
+    model = default_model((4,), 3, None)
+    assert not model.compiled
+    training = settle_training(model, uncompiled="PyFed's default model")
+    assert (training.optimizer, training.learning_rate, training.loss) == ("Adam", 0.001, "sparse_categorical_crossentropy")
+    assert {training.optimizer_from, training.learning_rate_from, training.loss_from} == {"PyFed's default model"}
+    other = default_model((4,), 3, None)
+    training = settle_training(other, optimizer="sgd", learning_rate=0.1)
+    assert (training.optimizer, training.learning_rate) == ("SGD", 0.1)
+    assert training.optimizer_from == "--optimizer / OPTIMIZER" and training.learning_rate_from == "--learning-rate / LEARNING_RATE"
+
+
+def test_a_learning_rate_schedule_is_kept_and_a_rate_cannot_replace_it():
+    import keras
+
+    schedule = keras.optimizers.schedules.ExponentialDecay(0.01, decay_steps=10, decay_rate=0.5)
+    model = compiled_mlp(keras.optimizers.Adam(schedule))
+    training = settle_training(model)
+    assert (training.schedule, training.learning_rate) == ("ExponentialDecay", pytest.approx(0.01))
+    assert "a ExponentialDecay schedule starting at 0.01" in training.describe()
+    set_learning_rate(model, training.learning_rate)  # what a client does with the plan's rate
+    assert isinstance(model.optimizer._learning_rate, keras.optimizers.schedules.ExponentialDecay)
+    with pytest.raises(ModelError, match=r"--learning-rate / LEARNING_RATE is 0.1, but the model's optimizer follows "
+                                         r"a learning-rate schedule \(ExponentialDecay\)"):
+        settle_training(compiled_mlp(keras.optimizers.Adam(schedule)), learning_rate=0.1)
+    rebuilt = from_wire(*to_wire(model))  # the client's model keeps the schedule too
+    assert isinstance(rebuilt.optimizer._learning_rate, keras.optimizers.schedules.ExponentialDecay)
+
+
+def test_an_unknown_optimizer_is_refused_naming_the_variable():
+    from pyfed.config import ConfigError, ServerConfig, resolve
+
+    with pytest.raises(ConfigError, match=r"--optimizer / OPTIMIZER: must be one of adam, .*got 'adamm'"):
+        resolve(ServerConfig, {}, {"OPTIMIZER": "adamm"}, {})
+    assert resolve(ServerConfig, {}, {"OPTIMIZER": "SGD", "LEARNING_RATE": ""}, {}).optimizer == "sgd"
+    assert resolve(ServerConfig, {}, {}, {}).learning_rate is None
