@@ -150,13 +150,16 @@ def build_model(config: ServerConfig | SimulateConfig, data: tuple | None) -> tu
     """The run's model (--model / MODEL, or the default model sized from ``data``) with its training
     settings settled (the model's own compile settings unless --optimizer / --learning-rate say
     otherwise: learning/model.py's settle_training), said in one log line."""
-    from pyfed.learning.model import default_model, load_model_spec, settle_training
+    from pyfed.learning.model import DEFAULT_CNN_NAME, default_model, load_model_spec, settle_training
 
     if config.model:
         model, uncompiled = load_model_spec(config.model), f"PyFed's default: {config.model} is not compiled"
     else:
         x, y = data
         model, uncompiled = default_model(tuple(x.shape[1:]), int(y.max()) + 1, None), "PyFed's default model"
+        log.info("model: PyFed's default %s for examples shaped %s, %d classes (%s weights); --model / MODEL "
+                 "gives your own", "CNN" if model.name == DEFAULT_CNN_NAME else "MLP", "x".join(map(str, x.shape[1:])),
+                 int(y.max()) + 1, f"{model.count_params():,}")
     training = settle_training(model, optimizer=config.optimizer, learning_rate=config.learning_rate,
                                uncompiled=uncompiled)
     log.info("%s; %d local epoch(s) of batches of %d", training.describe(), config.epochs, config.batch_size)

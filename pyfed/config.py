@@ -253,7 +253,7 @@ class TrainingSettings:
                                     "default: the model's own (adam for a model compiled by PyFed)")
     model: str | None = setting(None, "--model", "MODEL", optional_text,
                                 "module:function or path/to/file.py:function returning a Keras model; "
-                                "default: an MLP sized from the data")
+                                "default: a small CNN for images, else an MLP, sized from the data")
     logdir: Path = setting(Path("logs"), "--logdir", "LOGDIR", path,
                            "directory for TensorBoard events, summary.json and the trained model (model/)")
     initial_weights: Path | None = setting(None, "--initial-weights", "INITIAL_WEIGHTS", optional_path,

@@ -38,20 +38,46 @@ class ModelError(ValueError):
 DEFAULT_LEARNING_RATE = 0.001
 
 
+#: The smallest image side the default CNN takes (two 2x2 poolings leave at least 2x2); smaller
+#: images, and flat features, get the MLP.
+CNN_MIN_SIDE = 8
+DEFAULT_CNN_NAME, DEFAULT_MLP_NAME = "pyfed_cnn", "pyfed_mlp"
+
+
 def default_model(input_shape: tuple[int, ...], num_classes: int,
                   learning_rate: float | None = DEFAULT_LEARNING_RATE) -> keras.Model:
-    """A small MLP for flat features (a Flatten first, so image-shaped inputs work too), compiled
-    with PyFed's defaults (``learning_rate=None``: left uncompiled, for :func:`settle_training`)."""
-    model = keras.Sequential([
-        keras.layers.Input(input_shape),
-        keras.layers.Flatten(),
-        keras.layers.Dense(128, activation="relu"),
-        keras.layers.Dense(64, activation="relu"),
-        keras.layers.Dense(num_classes, activation="softmax"),
-    ])
+    """PyFed's model for data that comes without one, sized from the data: a small CNN for images
+    (examples shaped height x width x channels, both sides at least :data:`CNN_MIN_SIDE`), else a
+    small MLP for flat features (a Flatten first, so other shapes work too). Compiled with PyFed's
+    defaults (``learning_rate=None``: left uncompiled, for :func:`settle_training`)."""
+    if len(input_shape) == 3 and min(input_shape[:2]) >= CNN_MIN_SIDE:
+        model = default_cnn(input_shape, num_classes)
+    else:
+        model = keras.Sequential([
+            keras.layers.Input(input_shape),
+            keras.layers.Flatten(),
+            keras.layers.Dense(128, activation="relu"),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(num_classes, activation="softmax"),
+        ], name=DEFAULT_MLP_NAME)
     if learning_rate is not None:
         compile_default(model, learning_rate)
     return model
+
+
+def default_cnn(input_shape: tuple[int, int, int], num_classes: int) -> keras.Model:
+    """Two 3x3 convolution blocks (32 and 64 filters, each followed by 2x2 max pooling), global
+    average pooling and a softmax: about 20k weights for RGB, so a round's update stays small, and
+    any image size the pooling leaves at least 2x2 works."""
+    return keras.Sequential([
+        keras.layers.Input(input_shape),
+        keras.layers.Conv2D(32, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(num_classes, activation="softmax"),
+    ], name=DEFAULT_CNN_NAME)
 
 
 def compile_default(model: keras.Model, learning_rate: float = DEFAULT_LEARNING_RATE,

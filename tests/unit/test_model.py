@@ -2,6 +2,7 @@
 
 import json
 
+import keras
 import numpy as np
 import pytest
 
@@ -201,3 +202,32 @@ def test_an_unknown_optimizer_is_refused_naming_the_variable():
         resolve(ServerConfig, {}, {"OPTIMIZER": "adamm"}, {})
     assert resolve(ServerConfig, {}, {"OPTIMIZER": "SGD", "LEARNING_RATE": ""}, {}).optimizer == "sgd"
     assert resolve(ServerConfig, {}, {}, {}).learning_rate is None
+
+
+def test_the_default_model_is_a_small_cnn_for_images_and_an_mlp_for_flat_features():
+    from pyfed.learning.model import DEFAULT_CNN_NAME, DEFAULT_MLP_NAME
+
+    images = default_model((32, 32, 3), 4, None)
+    assert images.name == DEFAULT_CNN_NAME and images.output_shape == (None, 4)
+    assert any(isinstance(layer, keras.layers.Conv2D) for layer in images.layers)
+    assert images.count_params() < 25_000  # a round's update stays small
+    assert default_model((8, 8, 1), 10, None).name == DEFAULT_CNN_NAME  # the smallest side it takes
+    for shape in ((64,), (7, 7, 1), (28, 28)):  # flat, too small to pool twice, no channel axis
+        model = default_model(shape, 10, None)
+        assert model.name == DEFAULT_MLP_NAME and model.output_shape == (None, 10), shape
+
+
+def test_the_default_cnn_learns_where_the_position_of_a_shape_varies():
+    """Bright squares vs bright bars at random places in 16x16 images: the CNN, trained briefly, tells
+    them apart on images it has not seen."""
+    rng = np.random.default_rng(0)
+    x = np.zeros((400, 16, 16, 1), np.float32)
+    y = rng.integers(0, 2, 400)
+    for image, label, (row, col) in zip(x, y, rng.integers(0, 11, (400, 2))):
+        if label:
+            image[row:row + 5, col:col + 5] = 1.0
+        else:
+            image[row + 2, col:col + 5] = 1.0
+    model = default_model((16, 16, 1), 2, 0.01)
+    model.fit(x[:300], y[:300], epochs=15, batch_size=32, verbose=0)
+    assert model.evaluate(x[300:], y[300:], verbose=0)[1] >= 0.95
