@@ -156,10 +156,11 @@ def build_model(config: ServerConfig | SimulateConfig, data: tuple | None) -> tu
         model, uncompiled = load_model_spec(config.model), f"PyFed's default: {config.model} is not compiled"
     else:
         x, y = data
-        model, uncompiled = default_model(tuple(x.shape[1:]), int(y.max()) + 1, None), "PyFed's default model"
+        shape, num_classes = tuple(x.shape[1:]), int(y.max()) + 1
+        model, uncompiled = default_model(shape, num_classes, None), "PyFed's default model"
         log.info("model: PyFed's default %s for examples shaped %s, %d classes (%s weights); --model / MODEL "
-                 "gives your own", "CNN" if model.name == DEFAULT_CNN_NAME else "MLP", "x".join(map(str, x.shape[1:])),
-                 int(y.max()) + 1, f"{model.count_params():,}")
+                 "gives your own", "CNN" if model.name == DEFAULT_CNN_NAME else "MLP", "x".join(map(str, shape)),
+                 num_classes, f"{model.count_params():,}")
     training = settle_training(model, optimizer=config.optimizer, learning_rate=config.learning_rate,
                                uncompiled=uncompiled)
     log.info("%s; %d local epoch(s) of batches of %d", training.describe(), config.epochs, config.batch_size)
