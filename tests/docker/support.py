@@ -5,9 +5,11 @@ The Docker tests need a Docker engine with the Compose v2 plugin. They fail (nev
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.parse
@@ -30,6 +32,20 @@ def docker(*args: str, env: dict | None = None, timeout: float = 600, check: boo
         raise AssertionError(f"docker {' '.join(args)} failed ({result.returncode}): {why_docker_failed(result)}\n"
                              f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
+
+
+#: Held while the images build: the Docker and multi-host tests run on two workers at once, and
+#: each wants the images; one at a time, the second finds every layer cached instead of installing
+#: TensorFlow beside the first (two cold builds at once took 525 s on CI's two cores).
+BUILD_LOCK = Path(tempfile.gettempdir()) / "pyfed-test-image-build.lock"
+
+
+def build_images(env: dict | None = None) -> None:
+    """``docker compose build server client`` from the repository (BASE_IMAGE and the rest from the
+    environment), one build at a time on this host."""
+    with open(BUILD_LOCK, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the worker dies
+        docker("compose", "build", "server", "client", env=env, timeout=1800, cwd=REPO)
 
 
 def why_docker_failed(result: subprocess.CompletedProcess) -> str:

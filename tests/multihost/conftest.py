@@ -7,12 +7,11 @@ or a CI runner would), and the tools the test bed lists. They fail (never skip) 
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest
 
-from tests.docker.support import REPO, docker, require_docker
+from tests.docker.support import REPO, build_images, docker, require_docker
 from tests.multihost.testbed import TestBed
 
 
@@ -55,10 +54,8 @@ def images(testbed) -> str:
     with pip, and the test bed's machines reach nothing outside their subnet."""
     require_docker()
     env = {"IMAGE_PREFIX": testbed.image_prefix}
-    if os.environ.get("BASE_IMAGE"):
-        env["BASE_IMAGE"] = os.environ["BASE_IMAGE"]
     started = time.monotonic()
-    docker("compose", "build", "server", "client", env=env, timeout=1800, cwd=REPO)
+    build_images(env)  # after (or before) the Docker tests' build, whose layers it reuses
     docker("compose", "push", "server", "client", env=env, timeout=1800, cwd=REPO)
     print(f"\nimages built and pushed to {testbed.registry_address} in {time.monotonic() - started:.0f} s")
     return testbed.image_prefix

@@ -105,17 +105,18 @@ def test_a_slow_link_and_a_30_s_cut_lose_no_round(testbed, images, tmp_path):
         print(f"  {r['round']:2d} {r['clients']} {r['duration_s']:.1f} {dropped or ''}")
     assert summary["status"] == "finished"
     assert [r["round"] for r in summary["rounds"]] == list(range(1, ROUNDS + 1))  # no round lost
-    # The cut shows in the record: site-b dropped from a round (its connection lost). Either the round
-    # went on without it, or, when the others were still training after the cable was back (a slow
-    # machine), site-b came back in time, was sent its FIT again and answered: both are right.
-    cut_rounds = [r["round"] for r in summary["rounds"]
-                  if "site-b" not in r["clients"] or "site-b" in r["dropped"]
-                  or any("site-b" in attempt["dropped"] for attempt in r["failed_attempts"])]
-    assert cut_rounds, "no round records site-b's cut: it was too short to matter"
-    without_b = [r["round"] for r in summary["rounds"] if "site-b" not in r["clients"]]
-    if not without_b:
-        assert "client site-b is back; sent its FIT again" in server_log(), server_log()[-3000:]
-    print(f"the cut shows in round(s) {cut_rounds}; round(s) without site-b: {without_b or 'none'}")
+    # The cut shows in the rounds: the engine dropped site-b from a round (its connection lost). Either the
+    # round went on without it, or, when the others were still training after the cable was back (a slow
+    # machine), site-b came back in time and was sent its request again (then answered: it is in the
+    # record's clients, and the log says so).
+    after_cut = server_log()[offset:]
+    assert re.search(r"round \d+: dropped client site-b before its", after_cut), after_cut[-3000:]
+    went_on_without = [r["round"] for r in summary["rounds"]
+                       if "site-b" not in r["clients"] or "site-b" in r["dropped"]
+                       or any("site-b" in attempt["dropped"] for attempt in r["failed_attempts"])]
+    assert went_on_without or re.search(r"round \d+: client site-b is back; sent its \w+ again", after_cut), \
+        after_cut[-3000:]
+    print(f"round(s) that went on without site-b: {went_on_without or 'none (it was back in time)'}")
     assert "site-b" in summary["rounds"][-1]["clients"]
     assert all({"client-1", "site-c"} <= set(r["clients"]) for r in summary["rounds"])
     assert proxy.connections_accepted >= 2  # site-b's first connection, and the one after the cut
