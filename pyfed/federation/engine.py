@@ -55,6 +55,8 @@ log = logging.getLogger("pyfed.server")
 MAX_FAILED_ATTEMPTS_KEPT = 100  # a round's record keeps its first failed attempts, no more
 
 PROGRESS_EVERY_S = 10.0
+#: Why a client named by a neighbour (its boxes did not open) is not waited for in the masked-input stage
+NAMED_NOT_AWAITED = "named by a neighbour whose boxes from it did not open; its masked input was not awaited"
 MAX_EXAMPLES = 10_000_000
 AUTO = "auto"
 
@@ -676,6 +678,7 @@ class RoundEngine:
         def masked(answer: Answer) -> None:
             if "bad_boxes" in answer.body:  # its neighbours' boxes did not open for it: name them, mask nothing
                 accusations[answer.client_id] = set(answer.body["bad_boxes"]) & server.shared()
+                self._stop_awaiting_the_named(set().union(*accusations.values()))
                 return
             server.add_masked(answer.client_id, answer.arrays[0] if answer.arrays else np.zeros(0, np.uint64))
             metrics[answer.client_id] = {"fit_s": answer.body["fit_s"], "history": answer.body["history"]}
@@ -730,6 +733,21 @@ class RoundEngine:
                  "dropped after sharing keys", server_round, len(survivors), weight, len(gone))
         return (selected, _SecureSum(self.strategy, global_weights, total / weight),
                 self._contributors(survivors, metrics), dropped)
+
+    def _stop_awaiting_the_named(self, named: set[str]) -> None:
+        """The masked-input stage stops waiting once every client it still waits for was named by a
+        neighbour whose boxes from it did not open: the attempt is abandoned and they leave it whatever
+        they answer (a silent one, which dealt the bad boxes, would otherwise hold it to the timeout)."""
+        collection = self._collection
+        waiting = collection.pending | set(collection.unsent)
+        if not waiting or not waiting <= named:
+            return
+        log.info("round %d: secure aggregation: every client still awaited (%s) was named by a neighbour; not "
+                 "waiting for its masked input", collection.server_round, ", ".join(sorted(waiting)))
+        collection.unsent.clear()
+        for client_id in sorted(waiting):
+            if not self._drop(collection, client_id, NAMED_NOT_AWAITED):
+                collection.dropped[client_id] = NAMED_NOT_AWAITED
 
     def _contributors(self, survivors: Sequence[str], metrics: dict[str, dict[str, Any]]) -> dict[str, FitResult]:
         """The clients whose masked inputs are in a secure sum, as the round records them."""

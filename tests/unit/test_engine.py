@@ -825,3 +825,48 @@ def test_one_key_cannot_isolate_an_honest_client_or_unmask_a_sum_of_fewer_than_t
             "secure aggregation: the 2 party(ies) left out of this round (misbehaving, or named by one that did) "
             "leave 2 to ask, fewer than the 3")
     assert all(np.array_equal(w, g) for w, g in zip(run.weights, WEIGHTS))  # nothing was unmasked or applied
+
+
+def test_a_client_that_dealt_boxes_that_do_not_open_and_then_stays_silent_does_not_hold_the_round_to_its_timeout():
+    """Mallory seals garbage for its neighbours, then never sends its masked input. Once every
+    neighbour has named it, the stage stops waiting for it (it leaves the attempt whatever it says):
+    the attempt is abandoned at once, and the round retried without it, long before the timeout."""
+    import os
+
+    from pyfed.federation.answers import ClientAnswers
+    from pyfed.federation.pool import SecAggRequest
+    from pyfed.federation.secure_aggregation import ClientStages, SecureAggregation
+    from pyfed.wire.protocol import b64, unb64
+
+    class GarbageDealer(ClientStages):
+        def answer(self, kind, server_round, body):
+            reply_kind, reply, arrays = super().answer(kind, server_round, body)
+            if kind is MessageType.SECAGG_ROSTER:
+                reply = {**reply, "boxes": {v: b64(os.urandom(len(unb64(box)))) for v, box in reply["boxes"].items()}}
+            return reply_kind, reply, arrays
+
+    clock = Clock()
+
+    class SilentMallory(KeyedPool):
+        def send(self, client_id, request):
+            if client_id == "m" and isinstance(request, SecAggRequest) and request.kind is MessageType.SECAGG_BOXES:
+                return Delivery.SENT  # taken, never answered
+            return super().send(client_id, request)
+
+        def poll(self, timeout_s):
+            events = super().poll(timeout_s)
+            if not events:
+                clock.now += timeout_s  # nothing came: the wait took its time
+            return events
+
+    ids = ["a", "b", "c", "m"]
+    pool = SilentMallory({cid: Trainer(0.1) for cid in ids}, {cid: f"k{cid}" for cid in ids})
+    pool._answers["m"] = ClientAnswers("m")  # noqa: SLF001
+    pool._answers["m"].stages = GarbageDealer("m")  # noqa: SLF001
+    (record,) = RoundEngine(pool, WEIGHTS, rounds=1, plan=PLAN, strategy=FedAvg(), clock=clock,
+                            round_timeout=RoundTimeout(1000.0, PLAN.epochs),
+                            secure_aggregation=SecureAggregation(clip=1.0)).run()
+    (failed,) = record.failed_attempts
+    assert failed["dropped"] == {"m": "secure aggregation: its sealed shares did not open for a, b, c"}
+    assert record.clients == ["a", "b", "c"] and record.refused is None
+    assert record.duration_s < 1000  # never waited out the timeout for m
