@@ -375,17 +375,25 @@ def run_client(config: ClientConfig) -> int:
 
 
 def run_keys(config: KeysConfig) -> int:
-    """Make the server's and N clients' CurveZMQ key pairs (existing pairs are kept)."""
-    from pyfed.wire.security import KeyFileError, generate_keys
+    """Make the server's and N clients' CurveZMQ key pairs, or one site's own (existing pairs are kept)."""
+    from pyfed.wire.security import KeyFileError, generate_keys, generate_site_key
 
     try:
-        created, kept = generate_keys(config.out, config.clients, config.prefix)
+        if config.site:
+            created, kept = generate_site_key(config.out, config.site)
+        else:
+            created, kept = generate_keys(config.out, config.clients, config.prefix)
     except (KeyFileError, OSError) as error:
         raise UsageError(str(error)) from None
     for secret in created:
         print(f"created {secret.with_suffix('.key')} and {secret}")
     for secret in kept:
         print(f"kept    {secret.with_suffix('.key')} and {secret} (already there)")
+    if config.site:
+        print(f"Send {config.out / (config.site + '.key')} (the public key) to the server's operator, who puts it "
+              f"in the server's authorized keys; get server.key (the server's public key) back into {config.out}.\n"
+              f"{config.out / (config.site + '.key_secret')} stays on this machine: it is what admits this site.")
+        return 0
     print(f"server: --curve-secret-key {config.out / 'server.key_secret'} --authorized-keys {config.out}\n"
           f"client i: --curve-secret-key {config.out}/{config.prefix}-<i>.key_secret --server-public-key "
           f"{config.out / 'server.key'}\nKeep the .key_secret files private; copy each client only its own.")

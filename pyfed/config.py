@@ -146,6 +146,11 @@ def key_prefix(text: str) -> str:
     return value
 
 
+def optional_key_name(text: str) -> str | None:
+    """A key pair's name (as :func:`key_prefix`), or empty for unset."""
+    return key_prefix(text) if text.strip() else None
+
+
 def choice(*options: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip().lower()
@@ -527,6 +532,9 @@ class KeysConfig:
     clients: int = setting(1, "--clients", "KEY_CLIENTS", non_negative_int, "client key pairs to make")
     prefix: str = setting("client", "--prefix", "KEY_PREFIX", key_prefix,
                           "the client key pairs' names: PREFIX-1 .. PREFIX-N (Compose's local replicas use replica)")
+    site: str | None = setting(None, "--site", "KEY_SITE", optional_key_name,
+                               "make only this site's own pair, on its machine: SITE.key (public, for the server's "
+                               "authorized keys) and SITE.key_secret (mode 0600, stays on the site)")
     log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
 
 

@@ -1,7 +1,8 @@
 """CurveZMQ keys and client admission.
 
 Keys are pyzmq's certificate files (``zmq.auth``): ``NAME.key`` holds a public key,
-``NAME.key_secret`` the pair. ``pyfed keys`` writes a server pair and one pair per client.
+``NAME.key_secret`` the pair. ``pyfed keys`` writes a server pair and one pair per client, or
+(``--site``) one site's own pair on the site's machine, whose secret never leaves it.
 
 The server encrypts every connection with its secret key and runs a ZAP handler
 (:class:`Admission`, in pyzmq's authenticator thread) that admits a client only if its public
@@ -61,17 +62,37 @@ def generate_keys(out: Path, clients: int, prefix: str = "client") -> tuple[list
     Existing pairs are kept, never overwritten (a new server key would lock every client out).
     Returns (created, kept) secret-key paths.
     """
+    return _make_pairs(out, [SERVER_KEY_NAME, *(client_key_name(i, prefix) for i in range(1, clients + 1))])
+
+
+def generate_site_key(out: Path, site: str) -> tuple[list[Path], list[Path]]:
+    """One site's own pair, made on the site's machine: ``<site>.key`` (public: the server's operator
+    puts it in the authorized directory) and ``<site>.key_secret`` (mode 0600; it never leaves the
+    site). An existing pair is kept. Returns (created, kept) as :func:`generate_keys`."""
+    if site == SERVER_KEY_NAME:
+        raise KeyFileError(f"a site's key pair cannot be named {SERVER_KEY_NAME!r}: that name is the server's")
+    return _make_pairs(out, [site])
+
+
+def _make_pairs(out: Path, names: list[str]) -> tuple[list[Path], list[Path]]:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     created, kept = [], []
-    for name in [SERVER_KEY_NAME, *(client_key_name(i, prefix) for i in range(1, clients + 1))]:
+    for name in names:
         secret = out / f"{name}.key_secret"
         if secret.exists() and (out / f"{name}.key").exists():
             load_key_pair(secret)  # an existing pair must be readable, or we say so now
             kept.append(secret)
             continue
-        zmq.auth.create_certificates(str(out), name)
+        # zmq.auth writes the files with the process's umask and has no mode argument: under 077 the
+        # secret is never readable by others, not even for the moment before a chmod
+        previous = os.umask(0o077)
+        try:
+            zmq.auth.create_certificates(str(out), name)
+        finally:
+            os.umask(previous)
         secret.chmod(0o600)
+        (out / f"{name}.key").chmod(0o644)  # public: readable by whoever it is handed to
         created.append(secret)
     return created, kept
 

@@ -41,6 +41,46 @@ def admission_for(keys: Path) -> Admission:
     return Admission(keys, load_public_key(keys / "server.key"))
 
 
+def test_secret_key_files_are_never_readable_by_others_even_while_they_are_written(tmp_path, monkeypatch):
+    """zmq.auth writes with the process's umask; under a permissive one the secret must still be 0600
+    from its first byte (a chmod afterwards leaves a window)."""
+    import zmq.auth
+
+    modes = {}
+    real = zmq.auth.create_certificates
+
+    def watching(directory, name):
+        made = real(directory, name)
+        modes.update({Path(path).name: Path(path).stat().st_mode & 0o777 for path in made})
+        return made
+
+    monkeypatch.setattr(zmq.auth, "create_certificates", watching)
+    previous = os.umask(0o022)
+    try:
+        generate_keys(tmp_path / "keys", 1)
+        security.generate_site_key(tmp_path / "site", "site-a")
+    finally:
+        os.umask(previous)
+    assert {name: mode for name, mode in modes.items() if name.endswith("_secret")} == {
+        "server.key_secret": 0o600, "client-1.key_secret": 0o600, "site-a.key_secret": 0o600}
+    assert (tmp_path / "site" / "site-a.key").stat().st_mode & 0o777 == 0o644
+    assert sorted(path.name for path in (tmp_path / "site").iterdir()) == ["site-a.key", "site-a.key_secret"]
+
+
+def test_a_site_makes_its_own_pair_which_the_server_admits_once_its_public_key_is_listed(tmp_path, keys):
+    created, kept = security.generate_site_key(tmp_path / "site", "site-a")
+    assert created == [tmp_path / "site" / "site-a.key_secret"] and kept == []
+    assert security.generate_site_key(tmp_path / "site", "site-a") == ([], created)  # kept, never replaced
+    public = load_public_key(tmp_path / "site" / "site-a.key")
+    admission = admission_for(keys)
+    assert not admission.is_authorized(public)
+    (keys / "site-a.key").write_bytes((tmp_path / "site" / "site-a.key").read_bytes())  # only the public half moves
+    admission = admission_for(keys)
+    assert admission.is_authorized(public)
+    with pytest.raises(KeyFileError, match="cannot be named 'server'"):
+        security.generate_site_key(tmp_path / "site", "server")
+
+
 @pytest.mark.parametrize("content", [b"public-key\n", b"public-key = \"" + b"~" * 40 + b"\"\n", b"\xff\xfe\x00" * 50,
                                      b"secret-key\n", b"public-key = " + b"x" * 100_000])
 def test_a_key_file_that_does_not_parse_is_refused_by_name_and_the_rest_still_count(keys, content, caplog):
