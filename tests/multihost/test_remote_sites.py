@@ -2,13 +2,14 @@
 
 Machine a runs the Compose server side (`docker compose up` with one local replica); machines b and
 c each run one site with `compose.client.yaml`, with its own data on its own disk and its own key
-pair, made on a by the README's commands and copied over. All three engines pull the images from
+pair, made on its own machine by the README's commands: only its public key goes to a. All three engines pull the images from
 a's registry (IMAGE_PREFIX). A site whose key the server never listed is refused.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -21,12 +22,18 @@ from tests.multihost.sites import Site, write_site_data
 
 pytestmark = pytest.mark.multihost
 
-#: the README's "Clients on other machines", step by step (tests/unit/test_readme.py checks the README shows them)
-SITE_KEYS = (
+#: the README's "Clients on other machines", step by step (tests/unit/test_readme.py checks the README shows them):
+#: the site makes its own pair on its machine, the server's operator admits its public key and sends
+#: back the server's public key
+SITE_MAKES_KEYS = (
     "mkdir site-a-keys",
-    "docker compose run --rm --no-deps -T keys python -m pyfed keys --out /keys --clients 2",
-    "docker compose run --rm --no-deps -T keys cat /keys/server.key > site-a-keys/server.key",
-    "docker compose run --rm --no-deps -T keys cat /keys/client-2.key_secret > site-a-keys/client.key_secret",
+    "SERVER_ADDRESS=tcp://<server-ip>:5555 CLIENT_ID=site-a LOCAL_KEYS_DIR=./site-a-keys \\\n"
+    "docker compose -f compose.client.yaml run --rm keys",
+)
+SERVER_ADMITS = (
+    "docker compose run --rm --no-deps keys",
+    "docker compose run --rm --no-deps -T keys sh -c 'cat > /keys/site-a.key' < site-a.key",
+    "docker compose run --rm --no-deps -T keys cat /keys/server.key > server.key",
 )
 SITE_UP = ("SERVER_ADDRESS=tcp://<server-ip>:5555 CLIENT_ID=site-a \\\n"
            "LOCAL_DATA_DIR=./my-data DATA_SHARD=/data/site-a.npz LOCAL_KEYS_DIR=./site-a-keys \\\n"
@@ -35,10 +42,12 @@ SERVER_UP = "NUM_CLIENTS=2 MIN_CLIENTS=3 docker compose up --scale client=2"
 ROUNDS = 3
 
 
-def site_keys(site: str, key_index: int, keys_dir: Path) -> list[str]:
-    """The README's key steps for ``site``, the ``key_index``-th pair, written to ``keys_dir``."""
-    return [step.replace("site-a-keys", str(keys_dir)).replace("--clients 2", f"--clients {key_index}")
-            .replace("client-2.key_secret", f"client-{key_index}.key_secret") for step in SITE_KEYS]
+def for_site(step: str, site: str, server_ip: str, keys_dir: Path, exchange: Path) -> str:
+    """A README step for ``site``: its key folder at ``keys_dir``; the files the operators send each
+    other (``site-a.key``, ``server.key``) in ``exchange``, the folder both machines' steps run in."""
+    return (step.replace("<server-ip>", server_ip).replace("./site-a-keys", str(keys_dir))
+            .replace("site-a-keys", str(keys_dir)).replace("< site-a.key", f"< {exchange / (site + '.key')}")
+            .replace("> server.key", f"> {exchange / 'server.key'}").replace("site-a", site))
 
 
 def site_up(site: str, server_ip: str, data_dir: Path, keys_dir: Path) -> str:
@@ -64,22 +73,27 @@ def test_the_remote_site_recipe_runs_across_three_machines(testbed, images, tmp_
     x, y = load_dataset("digits")
     order = np.random.default_rng(1).permutation(len(y))
     sites = {}
-    for machine, site, key_index, part in ((b, "site-b", 2, order[:400]), (c, "site-c", 3, order[400:800])):
-        made = tmp_path / f"{site}-keys"
-        for step in site_keys(site, key_index, made):
-            a.sh(step, env=server_env, cwd=REPO)
-        keys = machine.state / f"{site}-keys"   # "copy site-a-keys/ to the remote machine"
-        shutil.copytree(made, keys)
+    for machine, site, part in ((b, "site-b", order[:400]), (c, "site-c", order[400:800])):
+        keys, exchange = machine.state / f"{site}-keys", tmp_path / f"{site}-exchange"
+        exchange.mkdir()
+        for step in SITE_MAKES_KEYS:  # on the site's machine: its own pair
+            machine.sh(for_site(step, site, a.address, keys, exchange), env={"IMAGE_PREFIX": images}, cwd=REPO)
+        assert (keys / f"{site}.key_secret").stat().st_mode & 0o777 == 0o600
+        assert (keys / f"{site}.key_secret").stat().st_uid == 10001  # the client container's user, no other
+        shutil.copy(keys / f"{site}.key", exchange)  # "send site-a.key to the server's operator": the public half only
+        for step in SERVER_ADMITS:  # on the server's machine
+            a.sh(for_site(step, site, a.address, keys, exchange), env=server_env, cwd=REPO)
+        shutil.copy(exchange / "server.key", keys)  # "send it back, into site-a-keys/server.key"
+        assert sorted(p.name for p in exchange.iterdir()) == ["server.key", f"{site}.key"]  # no secret travelled
         data = write_site_data(machine.state / "my-data", site, x[part], y[part])
         sites[site] = Site(machine, site_up(site, a.address, data, keys), {"IMAGE_PREFIX": images}, site)
+        made = keys
     # a site whose key pair was made elsewhere: never listed by the server
     rogue_keys = c.state / "rogue-keys"
-    subprocess.run(["python", "-m", "pyfed", "keys", "--out", str(tmp_path / "elsewhere"), "--clients", "1"],
+    subprocess.run(["python", "-m", "pyfed", "keys", "--site", "rogue", "--out", str(rogue_keys)],
                    check=True, capture_output=True, timeout=120)
-    rogue_keys.mkdir()
-    shutil.copy(tmp_path / "elsewhere" / "client-1.key_secret", rogue_keys / "client.key_secret")
     shutil.copy(made / "server.key", rogue_keys / "server.key")
-    (rogue_keys / "client.key_secret").chmod(0o644)  # readable by the container's user, as `cat >` makes it
+    os.chown(rogue_keys / "rogue.key_secret", 10001, 10001)  # readable by the container's user, as the keys step does
     rogue_data = write_site_data(c.state / "rogue-data", "rogue", x[order[800:900]], y[order[800:900]])
     rogue = Site(c, site_up("rogue", a.address, rogue_data, rogue_keys),
                  {"IMAGE_PREFIX": images, "COMPOSE_PROJECT_NAME": "rogue"}, "rogue")

@@ -46,10 +46,11 @@ def test_every_flag_of_a_command_is_in_its_readme_table(command):
 
 
 def test_the_remote_site_recipe_is_what_the_multihost_tests_run():
-    from tests.multihost.test_remote_sites import SERVER_UP, SITE_KEYS, SITE_UP
+    from tests.multihost.test_remote_sites import SERVER_ADMITS, SERVER_UP, SITE_MAKES_KEYS, SITE_UP
 
-    assert [c for c in code_block_after("for the site's key pair") if c] == list(SITE_KEYS)
     text = README.read_text()
+    for block in (SITE_MAKES_KEYS, SERVER_ADMITS):
+        assert f"```bash\n{chr(10).join(block)}\n```" in text, block
     assert f"```bash\n{SITE_UP}\n```" in text and f"`{SERVER_UP}`" in text
 
 
