@@ -44,6 +44,7 @@ log = logging.getLogger("pyfed.client")
 JOIN_RETRY_S = 30.0
 REJOIN_RETRY_S = 10.0  # a rejoin JOIN with no answer is sent again after this long
 WAIT_LOG_EVERY_S = 60.0
+SLOT_WAIT_WORTH_SAYING_S = 1.0  # an update's wait for its upload slot is logged from this long
 SEND_RETRY_S = 10.0  # no connection this long: the server restarted or dropped us, and will ask again
 #: a handshake that fails with no reason (ConnectionEvent.HANDSHAKE_FAILED) is tried again this long,
 #: with no handshake succeeding, before the client gives up as on a refusal: long enough for a server
@@ -105,6 +106,7 @@ class Client:
         self.curve = curve
         self.seed = seed
         self._answers = ClientAnswers(client_id)  # after training: DP, secure aggregation, compression
+        self._ready_at: float | None = None  # when the last update was ready to upload
         self.local_releases: Counter[float] = Counter()  # local DP: noised updates sent, by noise multiplier
         self.local_noise_floor = local_noise_floor  # local DP this site insists on, whatever the server's plan
         self.shard: str | None = None
@@ -362,7 +364,8 @@ class Client:
         if plan.clip_norm > 0 and plan.local_noise > 0:
             self._account_local_release(plan)
         summary = ", ".join(f"{k} {v[-1]:.4f}" for k, v in metrics["history"].items() if v and v[-1] is not None)
-        log.info("round %d: trained %d epochs on %d examples in %.2fs%s: %s; the update waits for its upload slot",
+        self._ready_at = time.monotonic()
+        log.info("round %d: trained %d epochs on %d examples in %.2fs%s: %s",
                  message.round, self.epochs or plan.epochs, num_examples, metrics["fit_s"],
                  f" with proximal mu {plan.proximal_mu:g}" if plan.proximal_mu else "", summary)
 
@@ -380,8 +383,10 @@ class Client:
         for frames in messages:
             if not self._send(frames, what=f"round {grant.round} update"):
                 return
-        log.info("round %d: update sent (%.1f MB%s)", grant.round, sum(a.nbytes for a in arrays) / 1e6,
-                 f", {len(messages) - 1} chunks" if len(messages) > 1 else "")
+        waited_s = time.monotonic() - self._ready_at if self._ready_at is not None else 0.0
+        log.info("round %d: update sent (%.1f MB%s)%s", grant.round, sum(a.nbytes for a in arrays) / 1e6,
+                 f", {len(messages) - 1} chunks" if len(messages) > 1 else "",
+                 f" after {waited_s:.1f}s waiting for an upload slot" if waited_s >= SLOT_WAIT_WORTH_SAYING_S else "")
 
     def _with_local_noise(self, plan: FitPlan) -> FitPlan:
         """The plan with this site's own local DP floor applied: at least ``local_noise_floor`` clip norms

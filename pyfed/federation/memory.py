@@ -68,7 +68,10 @@ class MemoryPlan:
 
 
 def _mb(size: int | None) -> str:
-    return "none" if size is None else f"{size / 1e6:,.0f} MB"
+    """Megabytes to a precision that says something: "0.07 MB" for a small model, not "0 MB"."""
+    if size is None:
+        return "none"
+    return f"{size / 1e6:,.0f} MB" if size >= 10e6 else f"{size / 1e6:.2g} MB"
 
 
 def plan_memory(*, runtime_bytes: int, model_bytes: int, update_bytes: int, requested_inflight: int | str,

@@ -69,3 +69,13 @@ def test_what_the_machine_says_is_read_from_proc_and_the_cgroup(tmp_path):
     (v1 / "memory" / "memory.limit_in_bytes").write_text("9223372036854771712\n")  # v1: no limit
     assert container_limit_bytes(v1) is None
     assert container_limit_bytes(tmp_path / "none") is None
+
+
+def test_a_small_models_copies_are_said_in_a_precision_that_shows_them():
+    """The digits MLP's 69 kB copies were logged as "4 model copies of 0 MB"."""
+    plan = plan_memory(runtime_bytes=400_000_000, model_bytes=68_904, update_bytes=68_904, requested_inflight="auto",
+                       limit_bytes=None, limit_source=None, available_bytes=8_000_000_000)
+    assert f"{ROUND_COPIES} model copies of 0.069 MB" in plan.describe()
+    big = plan_memory(runtime_bytes=400_000_000, model_bytes=22_000_000, update_bytes=22_000_000,
+                      requested_inflight="auto", limit_bytes=None, limit_source=None, available_bytes=8_000_000_000)
+    assert f"{ROUND_COPIES} model copies of 22 MB" in big.describe()
