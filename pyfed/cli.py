@@ -542,6 +542,10 @@ def _dotenv() -> dict[str, str | None]:
     return dict(dotenv_values(".env")) if Path(".env").is_file() else {}
 
 
+#: The commands whose first work is importing TensorFlow (seconds, more on a busy machine).
+LOADS_TENSORFLOW = frozenset({"server", "client", "simulate", "export", "demo"})
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
@@ -553,6 +557,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = resolve(config_cls, args, os.environ, _dotenv())
         _setup_logging(config.log_level)
+        if command in LOADS_TENSORFLOW:  # the first line comes before the seconds of importing TensorFlow
+            from pyfed import __version__
+
+            log.info("pyfed %s %s starting (loading TensorFlow)", __version__, command)
         return handler(config)
     except (ConfigError, UsageError) as error:
         print(f"pyfed {command}: error: {error}", file=sys.stderr)
