@@ -125,19 +125,19 @@ def load_image_folder(directory: Path, options: ReadOptions = ReadOptions()) -> 
     folders = sorted(p for p in directory.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not folders:
         raise DataError(f"{directory}: holds no class folders (one subfolder per class, named 0, 1, 2 ... "
-                        f"or as --class-names lists)")
+                        f"or as --class-names / CLASS_NAMES lists)")
     names = list(options.class_names)
     paths, labels = [], []
     for folder in folders:
         if names:
             if folder.name not in names:
-                raise DataError(f"{folder}: is not one of --class-names ({', '.join(names[:10])})")
+                raise DataError(f"{folder}: is not one of --class-names / CLASS_NAMES ({', '.join(names[:10])})")
             label = names.index(folder.name)
         elif folder.name.isdigit():
             label = int(folder.name)
         else:
             raise DataError(f"{folder}: a class folder must be named by its class number (0, 1, 2 ...), or "
-                            f"list the class names in order with --class-names, the same at every site")
+                            f"list the class names in order with --class-names / CLASS_NAMES, the same at every site")
         images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         paths += images
         labels += [label] * len(images)
@@ -153,7 +153,7 @@ def load_image_folder(directory: Path, options: ReadOptions = ReadOptions()) -> 
         array = keras.utils.img_to_array(image, dtype="float32")
         if arrays and array.shape != arrays[0].shape:
             raise DataError(f"{path}: is {array.shape[1]}x{array.shape[0]} but {paths[0]} is "
-                            f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; give --image-size HEIGHTxWIDTH to resize all")
+                            f"{arrays[0].shape[1]}x{arrays[0].shape[0]}; give --image-size / IMAGE_SIZE HEIGHTxWIDTH to resize all")
         arrays.append(array)
     pixels = np.stack(arrays)
     del arrays
@@ -197,7 +197,7 @@ def load_csv(path: Path, *, label_column: str = "label") -> tuple[np.ndarray, np
                 raise DataError(f"{path}: is empty; a CSV needs a header row naming its columns")
             if label_column not in header:
                 shown = ", ".join(header[:12]) + (" ..." if len(header) > 12 else "")
-                raise DataError(f"{path}: has no column {label_column!r} (--label-column); its columns are {shown}")
+                raise DataError(f"{path}: has no column {label_column!r} (--label-column / LABEL_COLUMN); its columns are {shown}")
             repeated = sorted(name for name, count in Counter(header).items() if count > 1)
             if repeated:
                 raise DataError(f"{path}: names column(s) {', '.join(map(repr, repeated[:5]))} more than once")

@@ -257,7 +257,7 @@ def test_csv_sites_train_and_a_site_whose_csv_does_not_fit_is_told_why_while_the
     wrong_column = processes.pyfed("client", "--server", address, "--data", f"csv:{tmp_path / 'site-1.csv'}",
                                    name="wrong-column")
     assert processes.wait(wrong_column, 60) == 2
-    assert "site-1.csv: has no column 'label' (--label-column)" in wrong_column.log_path.read_text()
+    assert "site-1.csv: has no column 'label' (--label-column / LABEL_COLUMN)" in wrong_column.log_path.read_text()
     clients = [processes.pyfed("client", "--server", address, "--data", f"csv:{tmp_path / f'site-{i}.csv'}",
                                "--label-column", "diagnosis", name=f"csv-site-{i}") for i in (1, 2)]
     assert processes.wait(server, 300) == 0, processes.tail(server)

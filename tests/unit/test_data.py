@@ -268,10 +268,10 @@ def test_an_image_folder_site_numbers_its_classes_by_folder_or_by_the_class_name
     (lambda d: write_image(d / "cat" / "a.png", np.zeros((2, 2, 3), np.uint8)), {},
      "cat: a class folder must be named by its class number .*--class-names"),
     (lambda d: write_image(d / "cow" / "a.png", np.zeros((2, 2, 3), np.uint8)), {"class_names": ("cat", "dog")},
-     "cow: is not one of --class-names"),
+     "cow: is not one of --class-names / CLASS_NAMES"),
     (lambda d: (write_image(d / "0" / "a.png", np.zeros((2, 2, 3), np.uint8)),
                 write_image(d / "1" / "b.png", np.zeros((3, 2, 3), np.uint8))), {},
-     "b.png: is 2x3 but .*a.png is 2x2; give --image-size"),
+     "b.png: is 2x3 but .*a.png is 2x2; give --image-size / IMAGE_SIZE"),
     (lambda d: ((d / "0").mkdir(parents=True), (d / "0" / "x.png").write_bytes(b"not a png")), {},
      "x.png: not a readable image"),
 ])
