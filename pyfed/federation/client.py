@@ -35,7 +35,7 @@ from pyfed.learning.data import DataError, load_shard
 from pyfed.learning.model import from_wire, input_shape, output_units
 from pyfed.wire.protocol import (RETRYABLE_REFUSALS, ConnectionEvent, ErrorCode, FitPlan, Message, MessageType,
                                  ProtocolError)
-from pyfed.learning.training import LocalTrainer, make_reproducible, training_device
+from pyfed.learning.training import EpochLog, LocalTrainer, make_reproducible, training_device
 from pyfed.wire.security import CurveKeys
 from pyfed.wire.transport import ClientTransport
 
@@ -117,6 +117,7 @@ class Client:
         self.specs: list[protocol.ArraySpec] | None = None
         self.rounds_trained = 0
         self.trainer: LocalTrainer | None = None
+        self._training_round, self._epoch_log = 0, EpochLog()
         #: the last answer: ((kind, run, round, plan), the message sent)
         self._last_answer: tuple[tuple, Message] | None = None
         self._rejoin_at: float | None = None  # when to send the next JOIN while waiting to be welcomed again
@@ -247,7 +248,14 @@ class Client:
         if self.seed is not None:
             make_reproducible(self.seed)
         return LocalTrainer(self.model, self.x, self.y, epochs=self.epochs, batch_size=self.batch_size,
-                            use_plan_learning_rate=not self.compile_override, shuffle_seed=self.seed)
+                            use_plan_learning_rate=not self.compile_override, shuffle_seed=self.seed,
+                            on_epoch=self._epoch_done)
+
+    def _epoch_done(self, epoch: int, epochs: int, logs: dict[str, float]) -> None:
+        """Local training's progress: one line for an epoch (see EpochLog for which)."""
+        if self._epoch_log.due(epoch, epochs):
+            metrics = ", ".join(f"{name} {logs[name]:.4f}" for name in sorted(logs, key=lambda name: name != "loss"))
+            log.info("round %d: epoch %d/%d%s", self._training_round, epoch, epochs, f": {metrics}" if metrics else "")
 
     def _load_assigned_shard(self, shard: str | None) -> None:
         if shard is None:
@@ -341,6 +349,7 @@ class Client:
             return
         plan = self._with_local_noise(FitPlan.from_body(message.body["plan"]))
         log.info("round %d: training%s", message.round, f" (attempt {attempt})" if attempt > 1 else "")
+        self._training_round, self._epoch_log = message.round, EpochLog()
         self.trainer.load(message.arrays, plan)
         secagg = message.body.get("secagg")
         received = ([np.array(a) for a in message.arrays]  # copies: frames are freed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,9 @@ import numpy as np
 from pyfed.learning.model import (clear_proximal_term, evaluate, evaluation_dataset, reset_optimizer, set_learning_rate,
                     set_proximal_term, training_dataset)
 from pyfed.wire.protocol import FitPlan
+
+#: on_epoch(epoch, epochs, logs): called after each local epoch (1-based) with its metrics
+EpochHook = Callable[[int, int, dict[str, float]], None]
 
 
 class LocalTrainer:
@@ -25,8 +29,9 @@ class LocalTrainer:
 
     def __init__(self, model: Any, x: np.ndarray, y: np.ndarray, *, epochs: int | None = None,
                  batch_size: int | None = None, use_plan_learning_rate: bool = True, seed: int = 0,
-                 shuffle_seed: int | None = None):
+                 shuffle_seed: int | None = None, on_epoch: EpochHook | None = None):
         self.model, self.x, self.y = model, x, y
+        self.on_epoch = on_epoch
         self.epochs, self.batch_size = epochs, batch_size
         self.use_plan_learning_rate = use_plan_learning_rate
         self.seed = seed
@@ -85,7 +90,8 @@ class LocalTrainer:
             self._train_dataset = (batch_size, training_dataset(x, y, batch_size, seed=self.shuffle_seed))
         started = time.perf_counter()
         try:
-            history = self.model.fit(self._train_dataset[1], epochs=epochs, verbose=0, shuffle=False)  # tf.data shuffles
+            history = self.model.fit(self._train_dataset[1], epochs=epochs, verbose=0, shuffle=False,  # tf.data shuffles
+                                     callbacks=[_epoch_callback(self.on_epoch, epochs)] if self.on_epoch else None)
         finally:
             clear_proximal_term(self.model)  # the term belongs to training; evaluation losses must not include it
         fit_s = time.perf_counter() - started
@@ -102,6 +108,33 @@ class LocalTrainer:
         self.model.set_weights(weights)
         loss, accuracy = evaluate(self.model, self._eval_dataset)
         return len(self._holdout_rows), (loss if math.isfinite(loss) else None), accuracy
+
+
+def _epoch_callback(on_epoch: EpochHook, epochs: int) -> Any:
+    """A Keras callback that hands each finished epoch's metrics to ``on_epoch``."""
+    import keras
+
+    class EpochCallback(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            on_epoch(epoch + 1, epochs, {k: float(v) for k, v in (logs or {}).items()})
+
+    return EpochCallback()
+
+
+class EpochLog:
+    """When a client says how its local training goes: after the first epoch, then at most once every
+    ``every_s`` seconds (a long epoch: each one), never after the last (the round's own line follows)."""
+
+    def __init__(self, every_s: float = 5.0, clock: Callable[[], float] = time.monotonic):
+        self.every_s, self.clock = every_s, clock
+        self._last: float | None = None
+
+    def due(self, epoch: int, epochs: int) -> bool:
+        now = self.clock()
+        if epoch >= epochs or (epoch > 1 and self._last is not None and now - self._last < self.every_s):
+            return False
+        self._last = now
+        return True
 
 
 def training_device() -> str:

@@ -92,6 +92,9 @@ def test_three_clients_train_digits_to_90_percent_and_log_everything(tmp_path, p
     assert summary["final"]["test_accuracy"] >= 0.90
     assert summary["rounds"][-1]["test_accuracy"] == summary["final"]["test_accuracy"]
 
+    client_log = clients[0].log_path.read_text()  # local training's progress: the first epoch's line, each round
+    assert all(re.search(rf"round {r}: epoch 1/\d+: loss [\d.]+, accuracy [\d.]+", client_log) for r in (1, 2, 3))
+
     server_log = server.log_path.read_text()
     assert "rejected message [bad_message]" in server_log and "unsupported protocol version '99'" in server_log
     assert "client bad-site dropped: left (" in server_log and "wrong.npz: examples have shape [5]" in server_log

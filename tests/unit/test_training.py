@@ -132,3 +132,36 @@ def test_each_round_starts_with_a_fresh_optimizer_and_keeps_its_learning_rate(da
         assert slots and all(not np.asarray(v).any() for v in slots)
         assert float(np.asarray(optimizer.learning_rate)) == pytest.approx(0.05)
         assert all(np.array_equal(a, b) for a, b in zip(trained(model, start), fresh))
+
+
+def test_each_local_epoch_hands_its_metrics_to_the_hook_and_the_history_matches(data):
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = default_model((8,), 2, 0.05)
+    seen = []
+    trainer = LocalTrainer(model, *data, seed=0, on_epoch=lambda epoch, epochs, logs: seen.append((epoch, epochs, logs)))
+    _, _, metrics = trainer.fit(model.get_weights(), FitPlan(epochs=3, batch_size=8, learning_rate=0.05))
+    assert [(epoch, epochs) for epoch, epochs, _ in seen] == [(1, 3), (2, 3), (3, 3)]
+    assert [logs["loss"] for _, _, logs in seen] == pytest.approx(metrics["history"]["loss"])
+    assert all("accuracy" in logs for _, _, logs in seen)
+
+
+def test_epoch_lines_come_after_the_first_epoch_then_at_most_every_few_seconds_and_never_after_the_last():
+    from pyfed.learning.training import EpochLog
+
+    now = [0.0]
+    epoch_log = EpochLog(every_s=5.0, clock=lambda: now[0])
+    said = []
+    for epoch in range(1, 21):  # epochs of 1 s each
+        now[0] += 1.0
+        if epoch_log.due(epoch, 20):
+            said.append(epoch)
+    assert said == [1, 6, 11, 16]  # not 20: the round's own line gives the last epoch
+    slow = EpochLog(every_s=5.0, clock=lambda: now[0])
+    said = []
+    for epoch in range(1, 4):  # epochs of 10 s each: every one is said, but the last
+        now[0] += 10.0
+        if slow.due(epoch, 3):
+            said.append(epoch)
+    assert said == [1, 2]
