@@ -506,14 +506,15 @@ def run_export(config: ExportConfig) -> int:
     """Write a run's trained model (or any checkpoint's) as a .keras, SavedModel or TFLite file."""
     if config.source is None or config.out is None:
         raise UsageError("--from / EXPORT_FROM and --out / EXPORT_OUT are required")
-    from pyfed.learning.export import ExportError, export_model, model_to_export
+    from pyfed.learning.export import ExportError, export_models, model_to_export
 
     try:
         model = model_to_export(config.source, which=config.which, model_spec=config.model)
-        written = export_model(model, config.format, config.out)
+        written = export_models(model, config.format, config.out)
     except ExportError as error:
         raise UsageError(str(error)) from None
-    log.info("wrote %s (%s) from %s", written, config.format, config.source)
+    for path in written:
+        log.info("wrote %s from %s", path, config.source)
     return 0
 
 

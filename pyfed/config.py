@@ -546,10 +546,11 @@ class ExportConfig:
                                   "a .keras file; a run's LOGDIR (its model/latest.keras, or best.keras with "
                                   "--which best); or a checkpoint .npz (with --model, the server's model)")
     out: Path | None = setting(None, "--out", "EXPORT_OUT", optional_path,
-                               "where to write: a .keras or .tflite file, or a SavedModel directory")
-    format: str = setting("keras", "--format", "EXPORT_FORMAT", choice("keras", "savedmodel", "tflite"),
+                               "where to write: a .keras or .tflite file, or a SavedModel directory; with "
+                               "--format all, a name without a suffix (STEM.keras, STEM.tflite, STEM-savedmodel/)")
+    format: str = setting("keras", "--format", "EXPORT_FORMAT", choice("keras", "savedmodel", "tflite", "all"),
                           "keras: a .keras archive; savedmodel: a TensorFlow SavedModel (TF Serving); "
-                          "tflite: a TensorFlow Lite flat buffer (mobile and edge devices)")
+                          "tflite: a TensorFlow Lite flat buffer (mobile and edge devices); all: the three")
     which: str = setting("latest", "--which", "EXPORT_WHICH", choice("latest", "best"),
                          "with a LOGDIR: which of its model files to export")
     model: str | None = setting(None, "--model", "MODEL", optional_text,

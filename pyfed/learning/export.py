@@ -143,6 +143,8 @@ def _entry_ok(entry: Any, name: str) -> bool:
 # --- pyfed export -------------------------------------------------------------------------------
 
 FORMATS = ("keras", "savedmodel", "tflite")
+#: ``--format all``: every format, named after --out (a stem): STEM.keras, STEM.tflite, STEM-savedmodel/
+ALL_FORMATS = "all"
 
 
 class ExportError(Exception):
@@ -228,10 +230,13 @@ def model_to_export(source: Path, *, which: str = "latest", model_spec: str | No
     ``model_spec``, whose structure must be the one the checkpoint was written for."""
     source = Path(source)
     if source.is_dir():
-        path = source / "model" / (LATEST if which == "latest" else BEST)
+        name = LATEST if which == "latest" else BEST
+        # a run's LOGDIR, or its model folder as copied out of Compose (docker compose cp ...:/logs/model .)
+        path = source / name if (source / LATEST).is_file() or (source / BEST).is_file() else source / "model" / name
         if not path.is_file():
-            raise ExportError(f"{source} holds no model/{path.name}: not a run's LOGDIR, or no round has "
-                              f"finished{' with a score to choose the best by' if which == 'best' else ''}")
+            raise ExportError(f"{source} holds no {name} (nor model/{name}): not a run's LOGDIR or its model "
+                              f"folder, or no round has finished"
+                              f"{' with a score to choose the best by' if which == 'best' else ''}")
         return load_model_file(path)
     if source.suffix == ".keras":
         return load_model_file(source)
@@ -268,10 +273,33 @@ def _model_from_checkpoint(path: Path, model_spec: str | None) -> keras.Model:
     return model
 
 
+def export_models(model: keras.Model, fmt: str, out: Path) -> list[Path]:
+    """``export_model`` for one format, or, with ``all``, for each of FORMATS, named after ``out``
+    (a stem: STEM.keras, STEM.tflite and the SavedModel directory STEM-savedmodel)."""
+    if fmt != ALL_FORMATS:
+        return [export_model(model, fmt, out)]
+    out = Path(out)
+    if out.suffix:
+        raise ExportError(f"--out {out}: with --format all, give a name without a suffix (each format adds its own)")
+    return [export_model(model, "keras", out.with_name(out.name + ".keras")),
+            export_model(model, "savedmodel", out.with_name(out.name + "-savedmodel")),
+            export_model(model, "tflite", out.with_name(out.name + ".tflite"))]
+
+
 def export_model(model: keras.Model, fmt: str, out: Path) -> Path:
     """Write ``model`` to ``out`` as ``fmt`` (one of FORMATS) with Keras's own exporters; a file
-    appears whole or not at all, and an existing SavedModel directory is never overwritten."""
+    appears whole or not at all, and an existing SavedModel directory is never overwritten. A folder
+    it may not write into is one ExportError saying so (as in a container whose user does not own it)."""
     out = Path(out)
+    try:
+        return _export_model(model, fmt, out)
+    except OSError as error:
+        raise ExportError(f"--out {out}: cannot write there ({error.strerror or error}): write into a folder this "
+                          f"user (uid {os.getuid()}) may write to; in a container, run it as the folder's owner "
+                          f"(docker compose run -u \"$(id -u):$(id -g)\" ...)") from None
+
+
+def _export_model(model: keras.Model, fmt: str, out: Path) -> Path:
     if fmt == "keras":
         if out.suffix != ".keras":
             raise ExportError(f"--out {out}: a Keras archive's name must end in .keras")
@@ -295,7 +323,7 @@ def export_model(model: keras.Model, fmt: str, out: Path) -> Path:
                 write_atomic(out, lambda handle: shutil.copyfileobj(source, handle))
         else:
             os.rename(target, out)  # the same file system: the whole directory appears at once
-    except ExportError:
+    except (ExportError, PermissionError):
         raise
     except Exception as error:  # the converters raise many kinds for a model they cannot express
         raise ExportError(f"cannot export the model as {fmt} ({error.__class__.__name__}: {str(error)[:300]})") from None

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -108,6 +109,23 @@ def test_compose_up_scale_3_trains_and_tensorboard_shows_every_client(project_fa
     for cid in ids:
         assert {"epoch/loss", "round/loss", "round/accuracy", "round/fit_s"} <= set(tags[f"clients/{cid}"])
         assert steps_once(port, f"clients/{cid}", "round/loss", 2)
+
+    # the README's export command: the best model into a host folder, in every format, owned by its user
+    exported = project.tmp_path / "exported"
+    exported.mkdir()
+    project.env["EXPORT_DIR"] = str(exported)
+    project.compose("run", "--rm", "-u", f"{os.getuid()}:{os.getgid()}", "export", timeout=600)
+    assert sorted(p.name for p in exported.iterdir()) == ["model-savedmodel", "model.keras", "model.tflite"]
+    assert all(p.stat().st_uid == os.getuid() for p in exported.rglob("*"))
+    check_exported_models(exported)
+    # a folder the container's user cannot write into: one line saying what to do, no traceback
+    locked = project.tmp_path / "locked"
+    locked.mkdir(mode=0o755)
+    project.env["EXPORT_DIR"] = str(locked)
+    refused = project.compose("run", "--rm", "export", check=False, timeout=600)
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert "cannot write there (Permission denied)" in refused.stderr and "-u \"$(id -u):$(id -g)\"" in refused.stderr
+    assert "Traceback" not in refused.stdout + refused.stderr and not list(locked.iterdir())
     # TensorBoard keeps serving after training ends
     assert project.containers("tensorboard")[0]["State"] == "running"
     # encrypted by default: the keys step made the pairs, the server admitted the replicas' keys, and each
@@ -188,6 +206,27 @@ def test_a_client_on_another_network_joins_through_the_published_port(project_fa
     assert summary["rounds"][0]["clients"] == ["client-1", "remote-site"]
     tags = wait_for_tensorboard_runs(settings["TENSORBOARD_PORT"], {"server", "clients/client-1", "clients/remote-site"})
     assert "round/loss" in tags["clients/remote-site"]
+
+
+def check_exported_models(folder: Path) -> None:
+    """The three exported files load outside PyFed (in a child process: TensorFlow stays out of the
+    test worker) and predict what the .keras model predicts."""
+    script = f"""
+import numpy as np, keras, tensorflow as tf
+model = keras.saving.load_model("{folder}/model.keras")
+served = tf.saved_model.load("{folder}/model-savedmodel")
+lite = tf.lite.Interpreter(model_path="{folder}/model.tflite")
+lite.allocate_tensors()
+sample = np.random.default_rng(0).random((1, *model.input_shape[1:]), np.float32)
+lite.set_tensor(lite.get_input_details()[0]["index"], sample)
+lite.invoke()
+expected = model.predict(sample, verbose=0)
+assert np.allclose(served.serve(sample).numpy(), expected, atol=1e-5)
+assert np.allclose(lite.get_tensor(lite.get_output_details()[0]["index"]), expected, atol=1e-5)
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
 def wait_for_log(project: Project, service: str, text: str, timeout_s: float = 300) -> None:

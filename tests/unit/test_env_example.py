@@ -4,14 +4,15 @@ import dataclasses
 import re
 from pathlib import Path
 
-from pyfed.config import ClientConfig, KeysConfig, PartitionConfig, ServerConfig
+from pyfed.config import ClientConfig, ExportConfig, KeysConfig, PartitionConfig, ServerConfig
 import pytest
 
 pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_ONLY = {"BASE_IMAGE", "TENSORFLOW", "PYFED_TAG", "IMAGE_PREFIX", "SERVER_PORT", "TENSORBOARD_PORT",
-                "CLIENT_REPLICAS", "NODE_DATA_DIR", "INPUT_DIR", "MODEL_FILE", "SERVER_MEMORY_LIMIT"}
+                "CLIENT_REPLICAS", "NODE_DATA_DIR", "INPUT_DIR", "MODEL_FILE", "SERVER_MEMORY_LIMIT",
+                "EXPORT_DIR", "EXPORT_NAME"}
 #: set inside compose.yaml to paths in the containers, not by users
 COMPOSE_SET = {"BIND_ADDRESS", "TEST_DATA", "LOGDIR", "CHECKPOINT_DIR", "CURVE_SECRET_KEY", "AUTHORIZED_KEYS"}
 
@@ -21,7 +22,7 @@ def env_example_keys() -> list[str]:
 
 
 def test_every_env_example_variable_is_read_by_a_config_and_passed_by_compose_or_swarm():
-    known = {f.metadata["env"] for cls in (ServerConfig, ClientConfig, PartitionConfig, KeysConfig)
+    known = {f.metadata["env"] for cls in (ServerConfig, ClientConfig, PartitionConfig, KeysConfig, ExportConfig)
              for f in dataclasses.fields(cls)}
     deploy_files = (REPO / "compose.yaml").read_text() + (REPO / "swarm.yaml").read_text()
     for key in env_example_keys():
@@ -54,6 +55,8 @@ NOT_IN_SWARM = {
     "CLIENT_ID": "each replica is named after its node",
     "SERVER_ADDRESS": "replicas reach the server by its service name",
     "INSECURE": "a stack always uses its Swarm secrets",
+    **dict.fromkeys(("EXPORT_DIR", "EXPORT_NAME", "EXPORT_FORMAT", "EXPORT_WHICH"),
+                    "Compose's export service; on a Swarm, pyfed export runs on the server's node"),
 }
 
 

@@ -107,7 +107,7 @@ def test_export_finds_a_runs_latest_or_best_model_a_keras_file_or_a_checkpoint_w
 
 
 @pytest.mark.parametrize("setup, kwargs, message", [
-    (lambda p: p.mkdir(), {}, "holds no model/latest.keras: not a run's LOGDIR"),
+    (lambda p: p.mkdir(), {}, r"holds no latest.keras \(nor model/latest.keras\): not a run's LOGDIR"),
     (lambda p: None, {}, "give a .keras file, a run's LOGDIR or a checkpoint .npz"),
     (lambda p: p.with_suffix(".keras").write_bytes(b"PK\x03\x04 not really"), {"suffix": ".keras"},
      "not a loadable Keras model"),
@@ -280,3 +280,34 @@ def small_model():
     import keras
 
     return keras.Sequential([keras.layers.Input((4,)), keras.layers.Dense(2)])
+
+
+def test_format_all_writes_each_file_beside_the_stem_and_a_folder_it_cannot_write_is_one_line(tmp_path):
+    from pyfed.learning.export import ExportError, export_models
+
+    model = default_model((4,), 3, learning_rate=0.01)
+    written = export_models(model, "all", tmp_path / "out" / "digits")
+    assert [p.name for p in written] == ["digits.keras", "digits-savedmodel", "digits.tflite"]
+    assert all(p.exists() for p in written)
+    with pytest.raises(ExportError, match="with --format all, give a name without a suffix"):
+        export_models(model, "all", tmp_path / "out" / "digits.keras")
+    (tmp_path / "a-file").write_text("not a folder")
+    for fmt, name in (("keras", "m.keras"), ("tflite", "m.tflite"), ("savedmodel", "m")):
+        with pytest.raises(ExportError, match=r"cannot write there \(.+\): write into a folder this user"):
+            export_models(model, fmt, tmp_path / "a-file" / name)
+
+
+def test_the_model_folder_copied_out_of_compose_is_a_source(tmp_path):
+    """The README's copy step (`docker compose cp tensorboard:/logs/model .`) gives a folder holding
+    latest.keras and best.keras: --from that folder works as --from the LOGDIR does."""
+    from pyfed.learning.export import ExportError, model_to_export, save_keras
+
+    trained = default_model((4,), 3, learning_rate=0.01)
+    trained.set_weights(shifted(trained, 0.2))
+    (tmp_path / "model").mkdir()
+    save_keras(trained, tmp_path / "model" / "latest.keras")
+    for source in (tmp_path, tmp_path / "model"):
+        model = model_to_export(source)
+        assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), trained.get_weights()))
+    with pytest.raises(ExportError, match="holds no best.keras"):
+        model_to_export(tmp_path / "model", which="best")
