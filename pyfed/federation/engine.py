@@ -529,19 +529,26 @@ class RoundEngine:
         self.history.append(record)
         self.completed_rounds = server_round
         weights, records = self.weights, list(self.history)
+        in_background = self.persister is not None and self.evaluate_in_background
+        tested_later = in_background and self.evaluate is not None
+        if in_background:  # said now, in order: the next round starts before the test evaluation ends
+            log.info("%s", record.describe(self.rounds, tested=not tested_later))
 
         def evaluate_and_report() -> None:
-            """The global model on the test data, the round's log line, and the model files (in the
-            persister's thread when evaluation runs in the background: the next round's clients
-            already train)."""
+            """The global model on the test data, the round's log line (or its test line), and the
+            model files (in the persister's thread when evaluation runs in the background: the next
+            round's clients already train)."""
             started_s = self.clock()
             record.test_loss, record.test_accuracy = self._evaluate(weights)
             record.eval_s = round(record.eval_s + self.clock() - started_s, 4)
-            log.info("%s", record.describe(self.rounds))
+            if tested_later:
+                log.info("%s", record.describe_test(self.rounds))
+            elif not in_background:
+                log.info("%s", record.describe(self.rounds))
             if self.export is not None:
                 self._export(weights, record, best_round(records, self.export.best_metric) is record)
 
-        if self.persister is not None and self.evaluate_in_background:
+        if in_background:
             self.persister.submit(self.snapshot(), record, dict(self.summary_clients), before=evaluate_and_report)
         else:
             evaluate_and_report()

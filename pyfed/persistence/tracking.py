@@ -102,17 +102,25 @@ class RoundRecord:
         entry["test_accuracy"] = _finite_or_none(self.test_accuracy)
         return entry
 
-    def describe(self, rounds: int) -> str:
-        """The round's one log line."""
+    def describe(self, rounds: int, *, tested: bool = True) -> str:
+        """The round's log line; ``tested=False``: said before the test evaluation, which follows in
+        :meth:`describe_test` (the server tests the model while the next round trains)."""
         federated = self.federated_evaluation
         retried = f" (attempt {len(self.failed_attempts) + 1})" if self.failed_attempts else ""
+        test = (f", test loss {format_metric(self.test_loss)}, accuracy {format_metric(self.test_accuracy)}" if tested
+                else "; testing the new model")
         return (f"round {self.round}/{rounds}{retried} finished in {self.duration_s:.2f}s: {len(self.clients)}/"
-                f"{len(self.selected)} updates, test loss {format_metric(self.test_loss)}, accuracy {format_metric(self.test_accuracy)}"
+                f"{len(self.selected)} updates{test}"
                 + (f"; federated loss {format_metric(federated['loss'])}, accuracy {format_metric(federated['accuracy'])} "
                    f"on {federated['num_examples']} held-out examples" if federated else "")
                 + (f"; epsilon spent {self.privacy['epsilon']:.4g} (delta {self.privacy['delta']:g})"
                    if self.privacy else "")
                 + (f"; updates compressed {self.update_compression_ratio:.1f}x" if self.update_compression_ratio else ""))
+
+    def describe_test(self, rounds: int) -> str:
+        """The line that follows ``describe(tested=False)`` once the round's model is tested."""
+        return (f"round {self.round}/{rounds} tested: test loss {format_metric(self.test_loss)}, "
+                f"accuracy {format_metric(self.test_accuracy)}")
 
 
 #: what ``best.keras`` is chosen by; the accuracies are maximised, the losses minimised

@@ -870,3 +870,40 @@ def test_a_client_that_dealt_boxes_that_do_not_open_and_then_stays_silent_does_n
     assert failed["dropped"] == {"m": "secure aggregation: its sealed shares did not open for a, b, c"}
     assert record.clients == ["a", "b", "c"] and record.refused is None
     assert record.duration_s < 1000  # never waited out the timeout for m
+
+
+def test_with_the_test_evaluation_in_the_background_a_round_is_said_finished_before_the_next_starts(caplog):
+    """The model is tested while the next round trains; the log still says each round finished
+    before the next one started, and the test figures in a line of their own after."""
+    import logging
+
+    class DeferringPersister(RecordingPersister):  # runs each round's evaluation late, as its thread does
+        def __init__(self):
+            super().__init__()
+            self.pending = []
+
+        def submit(self, snapshot, record, summary_clients, before=None) -> None:
+            self.wait()
+            self.pending.append(before)
+            self.snapshots.append(snapshot)
+
+        def wait(self) -> None:
+            while self.pending:
+                job = self.pending.pop(0)
+                if job is not None:
+                    job()
+
+        def finish(self, snapshot, final, ended_early=None) -> None:
+            self.wait()
+            super().finish(snapshot, final, ended_early)
+
+    clock = Clock()
+    caplog.set_level(logging.INFO, logger="pyfed.server")
+    engine(FakePool({"a": answers(1.0)}, clock), clock, rounds=2, evaluate=lambda w: (0.25, 0.75),
+           persister=DeferringPersister()).run()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("round ")]
+    said = [next(i for i, line in enumerate(lines) if line.startswith(start)) for start in (
+        "round 1/2 finished", "round 2/2 started", "round 1/2 tested: test loss 0.2500, accuracy 0.7500",
+        "round 2/2 finished", "round 2/2 tested")]
+    assert said == sorted(said), lines
+    assert "testing the new model" in lines[said[0]]

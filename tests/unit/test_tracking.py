@@ -309,3 +309,14 @@ def test_a_rounds_compression_ratio_is_its_dense_over_received_update_bytes_and_
     run_log = RunLog(tmp_path, config={})
     run_log.record_round(record)
     assert read_scalars(tmp_path / "server")["round/update_compression_ratio"] == [(1, 2.0)]
+
+
+def test_a_round_tested_in_the_background_is_said_finished_first_then_tested():
+    from pyfed.persistence.tracking import RoundRecord
+
+    record = RoundRecord(round=2, clients=["a", "b"], selected=["a", "b", "c"], duration_s=3.25, fit_s={},
+                         num_examples={}, bytes_sent=0, bytes_received=0, dropped={"c": "left"})
+    assert record.describe(5, tested=False) == "round 2/5 finished in 3.25s: 2/3 updates; testing the new model"
+    record.test_loss, record.test_accuracy = 0.5, 0.875
+    assert record.describe_test(5) == "round 2/5 tested: test loss 0.5000, accuracy 0.8750"
+    assert record.describe(5) == "round 2/5 finished in 3.25s: 2/3 updates, test loss 0.5000, accuracy 0.8750"
