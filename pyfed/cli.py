@@ -513,8 +513,8 @@ def run_export(config: ExportConfig) -> int:
         written = export_models(model, config.format, config.out)
     except ExportError as error:
         raise UsageError(str(error)) from None
-    for path in written:
-        log.info("wrote %s from %s", path, config.source)
+    for fmt, path in written:
+        log.info("wrote %s (%s) from %s", path, fmt, config.source)
     return 0
 
 

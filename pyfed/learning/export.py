@@ -273,17 +273,17 @@ def _model_from_checkpoint(path: Path, model_spec: str | None) -> keras.Model:
     return model
 
 
-def export_models(model: keras.Model, fmt: str, out: Path) -> list[Path]:
+def export_models(model: keras.Model, fmt: str, out: Path) -> list[tuple[str, Path]]:
     """``export_model`` for one format, or, with ``all``, for each of FORMATS, named after ``out``
-    (a stem: STEM.keras, STEM.tflite and the SavedModel directory STEM-savedmodel)."""
+    (a stem: STEM.keras, STEM.tflite and the SavedModel directory STEM-savedmodel). Returns
+    (format, path written) pairs."""
     if fmt != ALL_FORMATS:
-        return [export_model(model, fmt, out)]
+        return [(fmt, export_model(model, fmt, out))]
     out = Path(out)
     if out.suffix:
         raise ExportError(f"--out {out}: with --format all, give a name without a suffix (each format adds its own)")
-    return [export_model(model, "keras", out.with_name(out.name + ".keras")),
-            export_model(model, "savedmodel", out.with_name(out.name + "-savedmodel")),
-            export_model(model, "tflite", out.with_name(out.name + ".tflite"))]
+    return [(each, export_model(model, each, out.with_name(out.name + suffix)))
+            for each, suffix in (("keras", ".keras"), ("savedmodel", "-savedmodel"), ("tflite", ".tflite"))]
 
 
 def export_model(model: keras.Model, fmt: str, out: Path) -> Path:

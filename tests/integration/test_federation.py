@@ -178,7 +178,7 @@ def check_tensorboard_events(logdir):
     (["server", "--fraction-fit", "0"], "pyfed server: error: --fraction-fit / FRACTION_FIT: must be a number in (0, 1]"),
     (["export", "--out", "m.keras"], "pyfed export: error: --from / EXPORT_FROM and --out / EXPORT_OUT are required"),
     (["export", "--from", "/nonexistent.keras", "--out", "m.keras"], "pyfed export: error: /nonexistent.keras: no such file"),
-    (["export", "--from", "/tmp", "--out", "m.keras"], "pyfed export: error: /tmp holds no model/latest.keras"),
+    (["export", "--from", "/tmp", "--out", "m.keras"], "pyfed export: error: /tmp holds no latest.keras (nor model/latest.keras)"),
     (["export", "--from", "/nonexistent/round-000001.npz", "--out", "m.keras"],
      "pyfed export: error: /nonexistent/round-000001.npz: a checkpoint holds weights only; give --model / MODEL"),
     (["export", "--from", "/x.keras", "--out", "m.tflite", "--format", "onnx"],

@@ -179,7 +179,13 @@ class Machine:
         containers = self.docker("ps", "-aq", timeout=60).stdout.split()
         if containers:
             left.append(f"{len(containers)} container(s)")
-            self.docker("rm", "-f", "-v", *containers, timeout=300)
+            # a swarm just left removes its tasks' containers itself: "removal ... already in progress"
+            self.docker("rm", "-f", "-v", *containers, timeout=300, check=False)
+            deadline = time.monotonic() + 120
+            while self.docker("ps", "-aq", timeout=60).stdout.split():
+                if time.monotonic() > deadline:
+                    raise TestBedError(f"machine {self.name}: containers still there 120 s after docker rm -f")
+                time.sleep(1)
         volumes = self.docker("volume", "ls", "-q", timeout=60).stdout.split()
         if volumes:
             left.append(f"{len(volumes)} volume(s)")

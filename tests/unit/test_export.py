@@ -287,8 +287,9 @@ def test_format_all_writes_each_file_beside_the_stem_and_a_folder_it_cannot_writ
 
     model = default_model((4,), 3, learning_rate=0.01)
     written = export_models(model, "all", tmp_path / "out" / "digits")
-    assert [p.name for p in written] == ["digits.keras", "digits-savedmodel", "digits.tflite"]
-    assert all(p.exists() for p in written)
+    assert [(fmt, p.name) for fmt, p in written] == [
+        ("keras", "digits.keras"), ("savedmodel", "digits-savedmodel"), ("tflite", "digits.tflite")]
+    assert all(p.exists() for _, p in written)
     with pytest.raises(ExportError, match="with --format all, give a name without a suffix"):
         export_models(model, "all", tmp_path / "out" / "digits.keras")
     (tmp_path / "a-file").write_text("not a folder")
