@@ -131,6 +131,7 @@ def run_server(config: ServerConfig) -> int:
                     fraction_fit=1.0 if config.private() else config.fraction_fit,  # DP samples, as it accounts
                     seed=config.seed, checkpoint_dir=config.checkpoint_dir,
                     keep_checkpoints=config.keep_checkpoints, fresh_start=config.fresh_start, curve=curve,
+                    run_name=config.run_name,
                     authorized_keys=config.authorized_keys if curve else None, join_rate=config.join_rate,
                     max_examples=config.max_examples, max_ids_per_key=config.max_ids_per_key,
                     secure_aggregation=config.secure_aggregation_settings(),
@@ -457,7 +458,7 @@ def run_simulate(config: SimulateConfig) -> int:
         fraction_fit=1.0 if config.private() else config.fraction_fit,  # DP samples, as it accounts
         min_fit_clients=max(config.min_fit_clients, strategy.min_fit_clients()), drop_rate=config.drop_rate, checkpoint_dir=config.checkpoint_dir, keep_checkpoints=config.keep_checkpoints,
         fresh_start=config.fresh_start, logdir=config.logdir, config_summary=run_settings(config, training),
-        seed=config.seed,
+        seed=config.seed, run_name=config.run_name,
         progress=config.progress, export=model_files(model, config, has_test_data=test_data is not None),
         histograms=config.histograms, secure_aggregation=config.secure_aggregation_settings())
     _on_stop_signals(lambda name: simulation.engine.request_stop(name))

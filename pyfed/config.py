@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pyfed.learning.data import SCHEMES
-from pyfed.persistence.tracking import BEST_METRICS
+from pyfed.persistence.tracking import BEST_METRICS, check_run_name
 from pyfed.ranges import Range
 from pyfed.wire.compression import BroadcastCompression, UpdateCompression
 from pyfed.wire.protocol import FitPlan, is_client_id
@@ -126,6 +126,11 @@ def path(text: str) -> Path:
     if not text.strip():
         raise ValueError("must be a path, got an empty string")
     return Path(text.strip())
+
+
+def optional_run_name(text: str) -> str | None:
+    """A run's name (its folder under LOGDIR and its prefix in TensorBoard), or empty for the start time."""
+    return check_run_name(text.strip()) if text.strip() else None
 
 
 def optional_path(text: str) -> Path | None:
@@ -261,6 +266,10 @@ class TrainingSettings:
                                 "default: a small CNN for images, else an MLP, sized from the data")
     logdir: Path = setting(Path("logs"), "--logdir", "LOGDIR", path,
                            "directory for TensorBoard events, summary.json and the trained model (model/)")
+    run_name: str | None = setting(None, "--run-name", "RUN_NAME", optional_run_name,
+                                   "the run's name: TensorBoard shows it as <name>/server and <name>/clients/..., "
+                                   "summary.json says it, and a later run archives it as LOGDIR/archive/<name>; "
+                                   "default: the time it started; a resumed run keeps its name")
     initial_weights: Path | None = setting(None, "--initial-weights", "INITIAL_WEIGHTS", optional_path,
                                            "start a new run from these weights: a .keras model or a .weights.h5 "
                                            "file of the same architecture (e.g. an earlier run's best.keras); a "

@@ -45,7 +45,8 @@ from pyfed.federation.strategy import Aggregator, FitResult, Strategy, WeightedM
 from pyfed.federation.aggregate import EncodedUpdate, weighted_evaluation, why_unusable
 from pyfed.persistence.files import CheckpointError, CheckpointMismatch, remove_interrupted_writes
 from pyfed.persistence.store import Persister, RunStore
-from pyfed.persistence.tracking import RoundRecord, RunDescription, RunLog, best_round, format_metric
+from pyfed.persistence.tracking import (RoundRecord, RunDescription, RunLog, best_round, check_run_name,
+                                       default_run_name, format_metric)
 from pyfed.wire import compression, protocol
 from pyfed.wire.compression import CompressionError, UpdateCompression
 from pyfed.wire.protocol import Delivery, FitPlan, MessageType, ProtocolError
@@ -200,6 +201,7 @@ class RunState:
     summary_clients: dict[str, dict[str, Any]]
     slowest_answer_s: float | None
     run_id: str | None = None
+    run_name: str | None = None  # None: a checkpoint from before runs had names
 
 
 class RoundEngine:
@@ -266,6 +268,7 @@ class RoundEngine:
         self.on_round = on_round
         self.clock = clock
         self.run_id = secrets.token_hex(8)  # names the run in every FIT: a resumed run keeps it
+        self.run_name: str | None = None  # names it to people (TensorBoard, summary.json): set by open()
         self.completed_rounds = 0
         self.current_round = 0
         self.history: list[RoundRecord] = []
@@ -284,6 +287,7 @@ class RoundEngine:
 
     def restore(self, state: RunState) -> None:
         self.run_id = state.run_id or self.run_id
+        self.run_name = state.run_name
         self.completed_rounds = self.current_round = state.completed_rounds
         self.weights = list(state.weights)
         self.history = list(state.history)
@@ -321,6 +325,9 @@ class RoundEngine:
             run_id = state.get("run_id")
             if run_id is not None and protocol.RUN_ID_PATTERN.fullmatch(str(run_id)) is None:
                 raise ValueError(f"run_id is {str(run_id)[:40]!r}")
+            run_name = state.get("run_name")
+            if run_name is not None:
+                check_run_name(run_name if isinstance(run_name, str) else repr(run_name))
             slowest = state.get("slowest_answer_s")
             if slowest is not None and not (isinstance(slowest, (int, float)) and np.isfinite(slowest) and slowest >= 0):
                 raise ValueError(f"slowest_answer_s is {str(slowest)[:20]!r}")
@@ -329,13 +336,15 @@ class RoundEngine:
         except (KeyError, TypeError, ValueError, AttributeError, ProtocolError, ArithmeticError) as error:
             raise CheckpointError(f"{path}: not a usable checkpoint of this run "
                                   f"({error.__class__.__name__}: {str(error)[:200]})") from None
-        return RunState(completed, list(weights), history, strategy, pool_state, summary_clients, slowest, run_id)
+        return RunState(completed, list(weights), history, strategy, pool_state, summary_clients, slowest, run_id,
+                        run_name)
 
     def open(self, store: RunStore, *, logdir: Path | None, config: dict[str, Any], fresh_start: bool = False,
-             description: RunDescription = RunDescription()) -> RunLog | None:
+             description: RunDescription = RunDescription(), run_name: str | None = None) -> RunLog | None:
         """Resume from ``store``'s newest usable checkpoint (unless ``fresh_start``) or archive the last
         run; open the run log (rewriting a resumed run's events); persist through ``store`` from now on.
-        First, what writes killed midway left in the run's directories is removed."""
+        First, what writes killed midway left in the run's directories is removed. A new run is named
+        ``run_name`` (default: its start time); a resumed one keeps its name."""
         for directory in (store.directory, logdir, self.export.directory if self.export is not None else None):
             removed = remove_interrupted_writes(directory)
             if removed:
@@ -355,14 +364,21 @@ class RoundEngine:
                                                  set_aside=store.set_aside, fresh_start=fresh_start)
         if restored is None:
             store.archive(logdir)
+        elif run_name and self.run_name and run_name != self.run_name:
+            log.warning("resuming the run named %r: a resumed run keeps its name (to start a new run named %r, "
+                        "start it fresh)", self.run_name, run_name)
+        self.run_name = (self.run_name if restored is not None else None) or run_name or default_run_name()
         run_log = None
         if logdir:
-            run_log = RunLog(logdir, config=config, resume=self.history if restored else None,
+            run_log = RunLog(logdir, config=config, run_name=self.run_name,
+                             resume=self.history if restored else None,
                              clients=self.summary_clients if restored else None,
                              model_files=self.export.written if self.export is not None else None,
                              description=description)
             if run_log.archived_to:
                 log.info("moved the previous run's logs to %s", run_log.archived_to)
+            log.info("run %s: TensorBoard shows it as %s/server and %s/clients/<client id>; its summary is %s",
+                     self.run_name, self.run_name, self.run_name, run_log.summary_path)
         self.persister = Persister(store, run_log)
         return run_log
 
@@ -422,7 +438,8 @@ class RoundEngine:
 
     def snapshot(self, *, finished: bool = False) -> dict[str, Any]:
         """The run's state as a checkpoint holds it (arrays shared, never modified in place)."""
-        return {"round": self.completed_rounds, "finished": finished, "run_id": self.run_id, "weights": list(self.weights),
+        return {"round": self.completed_rounds, "finished": finished, "run_id": self.run_id,
+                "run_name": self.run_name, "weights": list(self.weights),
                 "strategy": dict(self.strategy.state()), "summary_clients": copy.deepcopy(self.summary_clients),
                 "history": [record.to_json() for record in self.history],
                 "slowest_answer_s": self.round_timeout.slowest_answer_s, "pool": copy.deepcopy(self.pool.state())}

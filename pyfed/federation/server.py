@@ -61,6 +61,7 @@ class Server:
         checkpoint_dir: Path | None = None,
         keep_checkpoints: int = 3,
         fresh_start: bool = False,
+        run_name: str | None = None,
         curve: CurveKeys | None = None,
         authorized_keys: Path | None = None,
         join_rate: float = 100.0,
@@ -91,6 +92,7 @@ class Server:
             "num_shards": num_shards,
         }, keep=keep_checkpoints)
         self.fresh_start = fresh_start
+        self.run_name = run_name  # None: named by its start time
         self.config_summary = config_summary or {}
         self.description = description or RunDescription(model_json=model.model_json)
         self.rounds = rounds
@@ -125,7 +127,8 @@ class Server:
     def open(self) -> None:
         """Resume from the newest usable checkpoint, or archive the last run and start a new one."""
         self.run_log = self.engine.open(self.store, logdir=self.logdir, config=self.config_summary,
-                                        fresh_start=self.fresh_start, description=self.description)
+                                        fresh_start=self.fresh_start, description=self.description,
+                                        run_name=self.run_name)
 
     def run(self) -> list[RoundRecord]:
         """Resume or start, wait for clients, run every round, tell the clients the run is over.

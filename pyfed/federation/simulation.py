@@ -83,6 +83,7 @@ class Simulation:
         checkpoint_dir: Path | None = None,
         keep_checkpoints: int = 3,
         fresh_start: bool = False,
+        run_name: str | None = None,
         export: ExportModel | None = None,
         histograms: bool = False,
         secure_aggregation: SecureAggregation | None = None,
@@ -122,6 +123,7 @@ class Simulation:
         }, keep=keep_checkpoints)
         self.config_summary = config_summary or {}
         self.fresh_start = fresh_start
+        self.run_name = run_name  # None: named by its start time
         self.run_log: RunLog | None = None
 
     @property
@@ -149,7 +151,8 @@ class Simulation:
     def run(self) -> list[RoundRecord]:
         """Run every remaining round (resuming an interrupted run); afterwards ``model`` holds the global weights."""
         self.run_log = self.engine.open(self.store, logdir=self.logdir, config=self.config_summary,
-                                        fresh_start=self.fresh_start, description=self.description)
+                                        fresh_start=self.fresh_start, description=self.description,
+                                        run_name=self.run_name)
         log.info("simulating %d clients for %d rounds with %s", len(self.trainers), self.rounds,
                  self.engine.strategy.name)
         try:

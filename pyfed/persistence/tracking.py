@@ -15,8 +15,11 @@ whole after the next round, and a resumed run rewrites every round's events from
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import re
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from collections.abc import Callable
@@ -198,22 +201,66 @@ _RECORD_FIELDS = {
 
 RUN_ENTRIES = ("summary.json", "server", "clients", "checkpoints", "model")
 
+#: a run's name: its folder under LOGDIR, and TensorBoard's prefix for its curves
+RUN_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+#: what else lives in LOGDIR, which a run's folder must not be
+RESERVED_RUN_NAMES = frozenset({*RUN_ENTRIES, "archive", "exported", "privacy-ledger.jsonl"})
 
-def archive_previous_run(logdir: Path, entries: tuple[str, ...] = RUN_ENTRIES) -> Path | None:
-    """Move an earlier run's files under ``logdir/archive/<its start time>/``, so a new run starts
-    clean and nothing is lost (TensorBoard shows the old run as ``archive/<time>/...``)."""
-    present = [logdir / name for name in entries if (logdir / name).exists()]
-    if not present:
+
+def check_run_name(name: str) -> str:
+    """``name`` if it can name a run (ValueError saying why not)."""
+    if not RUN_NAME_PATTERN.fullmatch(name):
+        raise ValueError(f"{name[:80]!r} cannot name a run: use 1-64 letters, digits, '.', '_' or '-', "
+                         f"starting with a letter or digit")
+    if name.lower() in RESERVED_RUN_NAMES:
+        raise ValueError(f"{name!r} cannot name a run: LOGDIR already holds a {name!r} of its own")
+    return name
+
+
+def default_run_name(now: float | None = None) -> str:
+    """The name of a run nobody named: the local time it started, e.g. ``2026-12-07T19-30-05``."""
+    return time.strftime("%Y-%m-%dT%H-%M-%S", time.localtime(now))
+
+
+def previous_run_name(logdir: Path) -> str | None:
+    """The name ``LOGDIR/summary.json`` gives its run, if it names one (None when it is missing,
+    unreadable or written before runs had names)."""
+    try:
+        name = json.loads((logdir / "summary.json").read_text()).get("run_name")
+        return check_run_name(name) if isinstance(name, str) else None
+    except (OSError, ValueError, AttributeError):
         return None
-    started = time.strftime("%Y-%m-%dT%H-%M-%S", time.localtime(min(p.stat().st_mtime for p in present)))
-    target = logdir / "archive" / started
-    suffix = 1
+
+
+def archive_previous_run(logdir: Path, entries: tuple[str, ...] = RUN_ENTRIES, *,
+                         also: tuple[str, ...] = ()) -> Path | None:
+    """Move an earlier run's files under ``logdir/archive/<its name>/`` (or ``<its start time>``
+    when it had none), so a new run starts clean and nothing is lost: TensorBoard then shows it as
+    ``archive/<name>/server``. Its events folder (``LOGDIR/<its name>/``, named in its summary.json)
+    is moved with it, flattened into the archive; so are the folders named in ``also`` (a
+    leftover that holds the new run's name)."""
+    name = previous_run_name(logdir) if "summary.json" in entries else None
+    folders = [logdir / folder for folder in dict.fromkeys((*((name,) if name else ()), *also))
+               if (logdir / folder).is_dir()]
+    present = [logdir / entry for entry in entries if (logdir / entry).exists()]
+    if not present and not folders:
+        return None
+    started = time.strftime("%Y-%m-%dT%H-%M-%S", time.localtime(min(p.stat().st_mtime for p in present + folders)))
+    base = logdir / "archive" / (name or (folders[0].name if folders and not present else started))
+    target, suffix = base, 1
     while target.exists():
         suffix += 1
-        target = logdir / "archive" / f"{started}-{suffix}"
+        target = base.with_name(f"{base.name}-{suffix}")
     target.mkdir(parents=True)
     for path in present:
         path.rename(target / path.name)
+    for folder in folders:
+        for child in list(folder.iterdir()):
+            destination = target / child.name
+            if destination.exists():  # a run's folder holding what its top level also held: keep both
+                destination = target / f"{folder.name}-{child.name}"
+            child.rename(destination)
+        folder.rmdir()
     return target
 
 
@@ -231,29 +278,31 @@ class RunLog:
     A new run archives the previous one's files. A resumed run (``resume`` = the rounds restored
     from a checkpoint) rewrites the TensorBoard events from those rounds instead, so each round
     appears exactly once even if the crash came after its events were written but before its
-    checkpoint was.
+    checkpoint was. Its events go to ``LOGDIR/<run_name>/``.
     """
 
-    def __init__(self, logdir: Path, *, config: dict[str, Any], resume: list[RoundRecord] | None = None,
+    def __init__(self, logdir: Path, *, config: dict[str, Any], run_name: str | None = None,
+                 resume: list[RoundRecord] | None = None,
                  clients: dict[str, dict[str, Any]] | None = None,
                  model_files: Callable[[], dict[str, Any]] | None = None,
                  description: RunDescription = RunDescription()):
-        import shutil
-
         self.logdir = Path(logdir)
         self.logdir.mkdir(parents=True, exist_ok=True)
+        self.run_name = check_run_name(run_name or default_run_name())
+        self.events_dir = self.logdir / self.run_name
         self.summary_path = self.logdir / "summary.json"
         if resume is None:
-            self.archived_to = archive_previous_run(self.logdir)
+            self.archived_to = archive_previous_run(self.logdir, also=(self.run_name,))
         else:
             self.archived_to = None
-            for name in ("server", "clients"):
-                shutil.rmtree(self.logdir / name, ignore_errors=True)
+            for events_dir in (self.logdir, self.events_dir):  # the top level: a run from before runs had names
+                for name in ("server", "clients"):
+                    shutil.rmtree(events_dir / name, ignore_errors=True)
         self.rounds: list[RoundRecord] = []
         self.config = config
         self.model_files = model_files  # which round each model file holds, when they are written
         self.weight_names = description.weight_names  # set: a histogram of each global weight array per round
-        self._server_events = EventFile(self.logdir / "server")
+        self._server_events = EventFile(self.events_dir / "server")
         self._client_events: dict[str, EventFile] = {}
         self._client_epochs: dict[str, int] = {}
         self.final: dict[str, Any] | None = None
@@ -262,8 +311,7 @@ class RunLog:
         for record in resume or []:
             self._write_events(record)
             self.rounds.append(record)
-        if resume:
-            self.write_summary()
+        self.write_summary()  # names the run from its start
 
     def _describe_run(self, description: RunDescription) -> None:
         """Once per server process, in the server's run: the settings (HParams dashboard), the
@@ -281,7 +329,7 @@ class RunLog:
 
     def _client_event_file(self, client_id: str) -> EventFile:
         if client_id not in self._client_events:
-            self._client_events[client_id] = EventFile(self.logdir / "clients" / client_id)
+            self._client_events[client_id] = EventFile(self.events_dir / "clients" / client_id)
         return self._client_events[client_id]
 
     def record_client(self, client_id: str, *, shard: str | None, num_examples: int) -> None:
@@ -363,6 +411,7 @@ class RunLog:
         rounds = [record.to_json() for record in self.rounds]
         try:
             write_json_atomic(self.summary_path, {
+                "run_name": self.run_name,
                 "status": "finished" if self.final is not None else "running",
                 "config": self.config,
                 "clients": self.clients,

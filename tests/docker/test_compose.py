@@ -83,7 +83,7 @@ def project_factory(tmp_path, docker_ready):
 
 
 def test_compose_up_scale_3_trains_and_tensorboard_shows_every_client(project_factory):
-    settings = base_settings(ROUNDS=2)
+    settings = base_settings(ROUNDS=2, RUN_NAME="digits-3")
     project = project_factory(**settings)
     project.compose("up", "-d", "--build", "--scale", "client=3")
 
@@ -96,6 +96,8 @@ def test_compose_up_scale_3_trains_and_tensorboard_shows_every_client(project_fa
     assert "wrote 3 client shards" in data_log
 
     summary = json.loads(project.copy_out(f"{project.name}-server-1", "/logs/summary.json").read_text())
+    run = summary["run_name"]  # TensorBoard lists the run's curves under its name
+    assert run == "digits-3"  # RUN_NAME
     ids = ["client-1", "client-2", "client-3"]
     assert {cid: c["shard"] for cid, c in summary["clients"].items()} == {cid: f"{cid}.npz" for cid in ids}
     assert [r["round"] for r in summary["rounds"]] == [1, 2]
@@ -103,12 +105,12 @@ def test_compose_up_scale_3_trains_and_tensorboard_shows_every_client(project_fa
     assert summary["status"] == "finished" and summary["final"]["test_accuracy"] > 0.8
 
     port = settings["TENSORBOARD_PORT"]
-    tags = wait_for_tensorboard_runs(port, {"server", *(f"clients/{cid}" for cid in ids)})
-    assert {"test/loss", "test/accuracy", "round/duration_s", "round/participants"} <= set(tags["server"])
-    assert steps_once(port, "server", "test/accuracy", 2)
+    tags = wait_for_tensorboard_runs(port, {f"{run}/server", *(f"{run}/clients/{cid}" for cid in ids)})
+    assert {"test/loss", "test/accuracy", "round/duration_s", "round/participants"} <= set(tags[f"{run}/server"])
+    assert steps_once(port, f"{run}/server", "test/accuracy", 2)
     for cid in ids:
-        assert {"epoch/loss", "round/loss", "round/accuracy", "round/fit_s"} <= set(tags[f"clients/{cid}"])
-        assert steps_once(port, f"clients/{cid}", "round/loss", 2)
+        assert {"epoch/loss", "round/loss", "round/accuracy", "round/fit_s"} <= set(tags[f"{run}/clients/{cid}"])
+        assert steps_once(port, f"{run}/clients/{cid}", "round/loss", 2)
 
     # the README's export command: the best model into a host folder, in every format, owned by its user
     exported = project.tmp_path / "exported"
@@ -203,9 +205,11 @@ def test_a_client_on_another_network_joins_through_the_published_port(project_fa
     assert server_side.wait_exit(f"{server_side.name}-server-1") == 0, server_side.logs("server")
     assert remote.wait_exit(remote_container, 120) == 0, remote.logs("client")
     summary = json.loads(server_side.copy_out(f"{server_side.name}-server-1", "/logs/summary.json").read_text())
+    run = summary["run_name"]  # TensorBoard lists the run's curves under its name
     assert summary["rounds"][0]["clients"] == ["client-1", "remote-site"]
-    tags = wait_for_tensorboard_runs(settings["TENSORBOARD_PORT"], {"server", "clients/client-1", "clients/remote-site"})
-    assert "round/loss" in tags["clients/remote-site"]
+    tags = wait_for_tensorboard_runs(settings["TENSORBOARD_PORT"],
+                                     {f"{run}/server", f"{run}/clients/client-1", f"{run}/clients/remote-site"})
+    assert "round/loss" in tags[f"{run}/clients/remote-site"]
 
 
 def check_exported_models(folder: Path) -> None:
@@ -259,6 +263,7 @@ def test_killed_client_containers_are_dropped_and_rejoin(project_factory):
         assert project.wait_exit(client["Name"], 120) == 0, project.logs("client")
 
     summary = json.loads(project.copy_out(f"{project.name}-server-1", "/logs/summary.json").read_text())
+    run = summary["run_name"]  # TensorBoard lists the run's curves under its name
     ids = ["client-1", "client-2", "client-3"]
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
     assert all(r["clients"] == ids for r in summary["rounds"])
@@ -272,8 +277,8 @@ def test_killed_client_containers_are_dropped_and_rejoin(project_factory):
     assert sorted(c["shard"] for c in summary["clients"].values()) == [f"{cid}.npz" for cid in ids]
     assert project.logs("server").count("rejoined") >= 2
     port = settings["TENSORBOARD_PORT"]
-    wait_for_tensorboard_runs(port, {"server"})
-    assert steps_once(port, "server", "test/accuracy", 3)
+    wait_for_tensorboard_runs(port, {f"{run}/server"})
+    assert steps_once(port, f"{run}/server", "test/accuracy", 3)
 
 
 def test_killed_server_container_resumes_from_its_checkpoint(project_factory):
@@ -304,13 +309,14 @@ def test_killed_server_container_resumes_from_its_checkpoint(project_factory):
     assert project.logs("client").count("rejoining as client-") >= 6
 
     summary = json.loads(project.copy_out(server, "/logs/summary.json").read_text())
+    run = summary["run_name"]  # TensorBoard lists the run's curves under its name
     assert summary["status"] == "finished"
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3, 4, 5]
     assert all(r["clients"] == ["client-1", "client-2", "client-3"] for r in summary["rounds"])
     port = settings["TENSORBOARD_PORT"]
-    wait_for_tensorboard_runs(port, {"server", "clients/client-1"})
-    assert steps_once(port, "server", "test/accuracy", 5)
-    assert steps_once(port, "clients/client-1", "round/loss", 5)
+    wait_for_tensorboard_runs(port, {f"{run}/server", f"{run}/clients/client-1"})
+    assert steps_once(port, f"{run}/server", "test/accuracy", 5)
+    assert steps_once(port, f"{run}/clients/client-1", "round/loss", 5)
 
 
 def test_the_gpu_override_merges_into_a_valid_configuration(docker_ready):
@@ -483,6 +489,7 @@ def test_a_private_compose_run_stops_at_its_budget_and_tensorboard_shows_epsilon
     log = project.logs("server")
     assert "allows 2 of the 5 planned rounds" in log and "ending the run after 2 of 5 rounds" in log
     summary = json.loads(project.copy_out(server, "/logs/summary.json").read_text())
+    run = summary["run_name"]  # TensorBoard lists the run's curves under its name
     assert summary["status"] == "finished" and "above the target" in summary["final"]["ended_early"]
     spent = [r["privacy"]["epsilon"] for r in summary["rounds"]]
     assert len(spent) == 2 and spent[-1] <= target
@@ -490,9 +497,9 @@ def test_a_private_compose_run_stops_at_its_budget_and_tensorboard_shows_epsilon
         [local_epsilon(0.5, k, 1e-5) for k in (1, 2)], rel=1e-5)
     assert project.logs("client").count("2 noised updates sent (noise multiplier 0.5): this site's local epsilon") == 3
     port = settings["TENSORBOARD_PORT"]
-    wait_for_tensorboard_runs(port, {"server"})
-    assert steps_once(port, "server", "privacy/epsilon", 2)
-    assert steps_once(port, "server", "privacy/local_epsilon", 2)
+    wait_for_tensorboard_runs(port, {f"{run}/server"})
+    assert steps_once(port, f"{run}/server", "privacy/epsilon", 2)
+    assert steps_once(port, f"{run}/server", "privacy/local_epsilon", 2)
 
 
 def test_a_compose_run_with_secure_aggregation_learns_and_the_server_sees_no_single_update(project_factory):

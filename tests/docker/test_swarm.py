@@ -174,6 +174,7 @@ def test_stack_deploy_trains_and_clients_scale_up_and_down_mid_run(stack_factory
     stack.wait_until_finished("client", 3, timeout_s=120)
 
     summary = stack.summary()
+    run = summary["run_name"]  # TensorBoard lists the run's curves under its name
     assert summary["status"] == "finished" and summary["final"]["test_accuracy"] > 0.8
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3, 4, 5, 6]
     first = [f"{node}-{slot}" for slot in (1, 2, 3)]
@@ -204,10 +205,10 @@ def test_stack_deploy_trains_and_clients_scale_up_and_down_mid_run(stack_factory
     assert "(CurveZMQ)" in server_log and "admitting clients whose public key is in /run/secrets (1 keys)" in server_log
 
     port = stack.tensorboard_port
-    tags = wait_for_tensorboard_runs(port, {"server", *(f"clients/{cid}" for cid in (*first, added))})
-    assert {"test/loss", "test/accuracy", "round/participants"} <= set(tags["server"])
-    assert steps_once(port, "server", "test/accuracy", 6)
-    assert scalar_steps(port, f"clients/{added}", "round/loss") == rounds_with(summary, added)
+    tags = wait_for_tensorboard_runs(port, {f"{run}/server", *(f"{run}/clients/{cid}" for cid in (*first, added))})
+    assert {"test/loss", "test/accuracy", "round/participants"} <= set(tags[f"{run}/server"])
+    assert steps_once(port, f"{run}/server", "test/accuracy", 6)
+    assert scalar_steps(port, f"{run}/clients/{added}", "round/loss") == rounds_with(summary, added)
 
 
 def test_restart_policies_bring_back_a_crashed_client_and_a_crashed_server(stack_factory, swarm):
@@ -243,6 +244,7 @@ def test_restart_policies_bring_back_a_crashed_client_and_a_crashed_server(stack
     assert sorted(row["Status"].split(")")[0] for row in clients) == ["Exited (0"] * 3 + ["Exited (137"]
     ids = [f"{node}-{slot}" for slot in (1, 2, 3)]
     summary = stack.summary()
+    run = summary["run_name"]  # TensorBoard lists the run's curves under its name
     assert summary["status"] == "finished"
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3, 4]
     assert summary["model"]["latest"] == {"file": "model/latest.keras", "round": 4}
@@ -261,6 +263,6 @@ def test_restart_policies_bring_back_a_crashed_client_and_a_crashed_server(stack
     print(f"the crash cost {retried} attempt(s); FIT sent again: {'is back; sent its FIT again' in server_logs[0]}")
     assert stack.logs("client").count("rejoining as") >= 3   # each client found the restarted server
     port = stack.tensorboard_port
-    wait_for_tensorboard_runs(port, {"server", f"clients/{node}-2"})
-    assert steps_once(port, "server", "test/accuracy", 4)
-    assert steps_once(port, f"clients/{node}-2", "round/loss", 4)
+    wait_for_tensorboard_runs(port, {f"{run}/server", f"{run}/clients/{node}-2"})
+    assert steps_once(port, f"{run}/server", "test/accuracy", 4)
+    assert steps_once(port, f"{run}/clients/{node}-2", "round/loss", 4)

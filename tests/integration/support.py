@@ -68,11 +68,16 @@ def scalar_steps(run_dir):
     return {tag: [event.step for event in accumulator.Tensors(tag)] for tag in accumulator.Tags()["tensors"]}
 
 
+def run_dir(logdir: Path) -> Path:
+    """The folder of the run ``logdir/summary.json`` describes: its TensorBoard events (``server``, ``clients``)."""
+    return logdir / json.loads((logdir / "summary.json").read_text())["run_name"]
+
+
 def check_every_round_once(logdir: Path, rounds: int) -> dict:
     summary = json.loads((logdir / "summary.json").read_text())
     assert summary["status"] == "finished"
     assert [r["round"] for r in summary["rounds"]] == list(range(1, rounds + 1))
-    steps = scalar_steps(logdir / "server")
+    steps = scalar_steps(run_dir(logdir) / "server")
     for tag in ("test/accuracy", "round/participants"):
         assert steps[tag] == list(range(1, rounds + 1)), (tag, steps[tag])
     return summary

@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from pyfed.wire import protocol
-from tests.integration.support import free_port, scalar_steps, start_server
+from tests.integration.support import free_port, run_dir, scalar_steps, start_server
 from tests.site_data import write_csv, write_image_folder
 
 pytestmark = pytest.mark.integration
@@ -155,12 +155,12 @@ def check_model_files(logdir, test_data, summary):
 
 
 def check_tensorboard_events(logdir):
-    server = scalar_steps(logdir / "server")
+    server = scalar_steps(run_dir(logdir) / "server")
     for tag in ("test/loss", "test/accuracy", "round/duration_s", "round/participants",
                 "round/bytes_sent", "round/bytes_received"):
         assert server[tag] == [1, 2, 3], tag
     for client_id in CLIENTS:
-        client = scalar_steps(logdir / "clients" / client_id)
+        client = scalar_steps(run_dir(logdir) / "clients" / client_id)
         assert client["round/loss"] == [1, 2, 3] and client["round/accuracy"] == [1, 2, 3]
         assert client["round/fit_s"] == [1, 2, 3]
         assert client["epoch/loss"] == list(range(1, 5 * ROUNDS + 1))  # 5 epochs a round, continuing

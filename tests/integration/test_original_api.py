@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.support import run_dir
+
 pytestmark = pytest.mark.integration
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "original_api"
@@ -39,4 +41,4 @@ def test_original_example_scripts_run_unattended(tmp_path, processes, variant):
     assert float(match.group(1)) >= 0.8  # 2 rounds of the seed's 5.4M-parameter MLP on upscaled digits
     # train() returned on its own (no TensorBoard server blocking it) and the log tree is there
     for run in ["server", "clients/client_1", "clients/client_2", "clients/client_3"]:
-        assert list((tmp_path / "logs" / run).glob("events.out.tfevents.*")), run
+        assert list((run_dir(tmp_path / "logs") / run).glob("events.out.tfevents.*")), run

@@ -7,7 +7,7 @@ import re
 import pytest
 
 from pyfed.federation.privacy import RoundEvent, epsilon, local_epsilon
-from tests.integration.support import free_port, scalar_steps, start_server
+from tests.integration.support import free_port, run_dir, scalar_steps, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -37,7 +37,7 @@ def test_a_simulation_with_fixed_noise_ends_at_its_budget_and_logs_epsilon_every
     assert len(spent) == 3 and spent == sorted(spent) and spent[-1] <= target
     assert spent[-1] == pytest.approx(epsilon([(RoundEvent(20, 5, 1.0), 3)], DELTA), rel=1e-6)
     assert all(len(r["selected"]) == 5 for r in summary["rounds"])
-    assert scalar_steps(logdir / "server")["privacy/epsilon"] == [1, 2, 3]
+    assert scalar_steps(run_dir(logdir) / "server")["privacy/epsilon"] == [1, 2, 3]
 
 
 def test_a_server_with_a_target_calibrates_its_noise_and_its_clients_clip_and_noise_their_own_updates(
@@ -65,7 +65,7 @@ def test_a_server_with_a_target_calibrates_its_noise_and_its_clients_clip_and_no
     assert "local differential privacy: each client clips its update to 0.5 and adds noise of 0.05 clip norms" in log
     assert [p["local_epsilon"] for p in privacy] == pytest.approx([local_epsilon(0.05, k, DELTA) for k in (1, 2, 3)],
                                                                    rel=1e-5)
-    assert scalar_steps(logdir / "server")["privacy/local_epsilon"] == [1, 2, 3]
+    assert scalar_steps(run_dir(logdir) / "server")["privacy/local_epsilon"] == [1, 2, 3]
     for client in clients:
         own = re.findall(r"(\d) noised updates sent \(noise multiplier 0.05\): this site's local epsilon ([\d.e+]+) "
                          r"at delta 1e-05", client.log_path.read_text())

@@ -15,8 +15,8 @@ import time
 import pytest
 
 from pyfed.persistence.store import list_checkpoints
-from tests.integration.support import (check_every_round_once, free_port, scalar_steps, seconds_until, start_client,
-                                       start_server, three_clients)
+from tests.integration.support import (check_every_round_once, free_port, run_dir, scalar_steps, seconds_until,
+                                       start_client, start_server, three_clients)
 
 pytestmark = pytest.mark.integration
 
@@ -149,7 +149,7 @@ def test_server_survives_sigterm_and_sigkill_and_resumes_with_every_round_once(t
     assert all(r["clients"] == ["site-1", "site-2", "site-3"] for r in summary["rounds"])
     assert len(list_checkpoints(logdir / "checkpoints")) == 2  # --keep-checkpoints
     for client_id in ("site-1", "site-2", "site-3"):
-        assert scalar_steps(logdir / "clients" / client_id)["round/loss"] == [1, 2, 3, 4, 5]
+        assert scalar_steps(run_dir(logdir) / "clients" / client_id)["round/loss"] == [1, 2, 3, 4, 5]
 
 
 def test_sigterm_tells_idle_clients_which_wait_and_rejoin(tmp_path, processes, shards):

@@ -84,10 +84,10 @@ def test_simulate_runs_100_clients_on_digits_with_federated_evaluation(tmp_path,
         assert len(record["clients"]) == 100
         assert record["federated_evaluation"]["num_examples"] > 0
         assert sum(record["num_examples"].values()) + record["federated_evaluation"]["num_examples"] == 1797 - 359
-    from tests.integration.support import scalar_steps
+    from tests.integration.support import run_dir, scalar_steps
 
-    assert scalar_steps(logdir / "server")["federated/accuracy"] == [1, 2, 3]
-    assert scalar_steps(logdir / "clients" / "client-100")["round/fit_s"] == [1, 2, 3]
+    assert scalar_steps(run_dir(logdir) / "server")["federated/accuracy"] == [1, 2, 3]
+    assert scalar_steps(run_dir(logdir) / "clients" / "client-100")["round/fit_s"] == [1, 2, 3]
 
 
 def test_simulate_samples_injects_failures_retries_and_resumes_after_a_stop(tmp_path, processes):

@@ -112,6 +112,7 @@ def test_the_remote_site_recipe_runs_across_three_machines(testbed, images, tmp_
     assert a.docker("inspect", "--format", "{{.State.ExitCode}}", "pyfed-server-1").stdout.strip() == "0", server_log[-3000:]
     a.docker("cp", "pyfed-server-1:/logs/summary.json", str(tmp_path / "summary.json"))
     summary = json.loads((tmp_path / "summary.json").read_text())
+    run = summary["run_name"]  # TensorBoard lists the run's curves under its name
     print(f"rounds: {[(r['round'], r['clients']) for r in summary['rounds']]}")
     assert summary["status"] == "finished"
     assert [r["clients"] for r in summary["rounds"]] == [["client-1", "site-b", "site-c"]] * ROUNDS
@@ -122,6 +123,7 @@ def test_the_remote_site_recipe_runs_across_three_machines(testbed, images, tmp_
         assert f"client {site} joined" in server_log
     assert f"the server at tcp://{a.address}:5555 refused the connection" in rogue.log()
     assert "refused a connection: public key" in server_log and "rogue" not in json.dumps(summary["clients"])
-    tags = wait_for_tensorboard_runs(6006, {"server", "clients/site-b", "clients/site-c"}, host=a.address)
-    assert "round/loss" in tags["clients/site-b"] and "round/loss" in tags["clients/site-c"]
+    tags = wait_for_tensorboard_runs(6006, {f"{run}/server", f"{run}/clients/site-b", f"{run}/clients/site-c"},
+                                     host=a.address)
+    assert "round/loss" in tags[f"{run}/clients/site-b"] and "round/loss" in tags[f"{run}/clients/site-c"]
     a.sh("docker compose down -v", env=server_env, cwd=REPO, check=False)

@@ -143,6 +143,7 @@ def run_recipe(testbed, m1_dir: Path, env: dict[str, str], tmp_path: Path) -> No
         time.sleep(3)
     a.docker("cp", f"{server_container(a)}:/logs/summary.json", str(tmp_path / "summary.json"))
     summary = json.loads((tmp_path / "summary.json").read_text())
+    run = summary["run_name"]  # TensorBoard lists the run's curves under its name
     rounds = [(r["round"], r["clients"], {cid: reason for a_ in r["failed_attempts"] for cid, reason in a_["dropped"].items()})
               for r in summary["rounds"]]
     print("rounds (round, who took part, who was dropped and why):\n" + "\n".join(map(str, rounds)))
@@ -155,9 +156,9 @@ def run_recipe(testbed, m1_dir: Path, env: dict[str, str], tmp_path: Path) -> No
     # b took part again after the rounds it missed (the scale-down may then stop b's own task: Swarm
     # chooses which replica goes, so b need not be in the last rounds)
     assert any("machine-b" in r["clients"] for r in summary["rounds"] if r["round"] > min(without_b))
-    tags = wait_for_tensorboard_runs(6006, {"server", "clients/machine-a", "clients/machine-b", "clients/machine-c"},
+    tags = wait_for_tensorboard_runs(6006, {f"{run}/server", *(f"{run}/clients/machine-{m}" for m in "abc")},
                                      host=a.address)
-    assert "test/accuracy" in tags["server"]
+    assert "test/accuracy" in tags[f"{run}/server"]
 
 
 def server_container(a: Machine) -> str:

@@ -59,6 +59,8 @@ def test_client_and_partition_configs():
     (ServerConfig, {"rounds": "three"}, {}, "--rounds / ROUNDS: must be a positive integer, got 'three' (from the flag --rounds)"),
     (ServerConfig, {}, {"ROUNDS": "0"}, "--rounds / ROUNDS: must be a positive integer, got '0' (from the environment variable ROUNDS)"),
     (ServerConfig, {}, {"MIN_CLIENTS": "-2"}, "--min-clients / MIN_CLIENTS: must be a positive integer"),
+    (ServerConfig, {}, {"RUN_NAME": "../elsewhere"}, "--run-name / RUN_NAME: '../elsewhere' cannot name a run"),
+    (SimulateConfig, {"run_name": "archive"}, {}, "--run-name / RUN_NAME: 'archive' cannot name a run: LOGDIR"),
     (ServerConfig, {}, {"LEARNING_RATE": "fast"}, "--learning-rate / LEARNING_RATE: must be a positive number"),
     (ServerConfig, {}, {"LEARNING_RATE": "nan"}, "--learning-rate / LEARNING_RATE: must be a positive number"),
     (ServerConfig, {}, {"LEARNING_RATE": "-0.1"}, "--learning-rate / LEARNING_RATE: must be a positive number"),

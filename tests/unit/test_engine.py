@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -411,6 +413,42 @@ def test_a_crash_between_a_round_and_its_checkpoint_loses_that_round_only(tmp_pa
     assert [r.round for r in history] == [1, 2, 3]
     assert [p.name for p in RunStore(tmp_path, fingerprint).checkpoints()] == [
         "round-000001.npz", "round-000002.npz", "round-000003.npz"]
+
+
+def test_a_resumed_run_keeps_its_name_and_a_fresh_start_archives_it_under_it(tmp_path, caplog):
+    """The name is in the checkpoint: a resume (even asked for another name) continues as the run it
+    is, in TensorBoard and summary.json; a fresh start named otherwise archives it under its name."""
+
+    class CrashingStore(RunStore):
+        def save(self, state):
+            if state["round"] == 2:
+                raise KeyboardInterrupt("killed while writing round 2's checkpoint")
+            return super().save(state)
+
+    fingerprint, logdir, clock = {"model": "m", "strategy": "fedavg"}, tmp_path / "logs", Clock()
+    first = engine(FakePool({"a": answers(1.0)}, clock), clock, rounds=3)
+    first.open(CrashingStore(logdir / "checkpoints", fingerprint), logdir=logdir, config={}, run_name="alpha")
+    with pytest.raises(KeyboardInterrupt):
+        first.run()
+    assert json.loads((logdir / "summary.json").read_text())["run_name"] == "alpha"
+
+    second = engine(FakePool({"a": answers(2.0)}, clock), clock, rounds=3)
+    with caplog.at_level(logging.WARNING, logger="pyfed.server"):
+        second.open(RunStore(logdir / "checkpoints", fingerprint), logdir=logdir, config={}, run_name="beta")
+    assert second.run_name == "alpha" and "resuming the run named 'alpha'" in caplog.text
+    second.run()
+    second.close()
+    assert json.loads((logdir / "summary.json").read_text())["run_name"] == "alpha"
+    assert (logdir / "alpha" / "server").is_dir() and not (logdir / "beta").exists()
+
+    third = engine(FakePool({"a": answers(3.0)}, clock), clock, rounds=1)
+    third.open(RunStore(logdir / "checkpoints", fingerprint), logdir=logdir, config={}, run_name="beta")
+    third.run()
+    third.close()
+    archived = logdir / "archive" / "alpha"
+    assert [r["round"] for r in json.loads((archived / "summary.json").read_text())["rounds"]] == [1, 2, 3]
+    assert (archived / "server").is_dir() and (archived / "checkpoints").is_dir()
+    assert json.loads((logdir / "summary.json").read_text())["run_name"] == "beta"
 
 
 def test_the_engine_imports_no_tensorflow():

@@ -2,11 +2,12 @@
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
 from pyfed.persistence.files import remove_interrupted_writes, staged_beside, write_atomic, write_json_atomic
-from pyfed.persistence.tracking import RoundRecord, RunDescription, RunLog, archive_previous_run
+from pyfed.persistence.tracking import RoundRecord, RunDescription, RunLog, archive_previous_run, check_run_name
 import pytest
 
 pytestmark = pytest.mark.unit
@@ -75,7 +76,7 @@ def test_a_previous_run_is_archived_not_overwritten(tmp_path):
 
 
 def test_run_log_writes_summary_per_round_and_final(tmp_path):
-    run_log = RunLog(tmp_path, config={"rounds": 1})
+    run_log = RunLog(tmp_path, run_name="r", config={"rounds": 1})
     run_log.clients["a"] = {"shard": None, "num_examples": 3}
     run_log.record_round(RoundRecord(round=1, clients=["a"], selected=["a"], duration_s=0.5, fit_s={"a": 0.2},
                                      num_examples={"a": 3}, bytes_sent=10, bytes_received=20, test_loss=float("nan"),
@@ -86,13 +87,13 @@ def test_run_log_writes_summary_per_round_and_final(tmp_path):
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["status"] == "finished" and summary["final"] == {"test_loss": 0.4, "test_accuracy": 0.6}
     assert summary["clients"] == {"a": {"shard": None, "num_examples": 3}}
-    assert list((tmp_path / "clients" / "a").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "r" / "clients" / "a").glob("events.out.tfevents.*"))
 
 
 def test_run_log_marks_where_each_server_process_started(tmp_path):
-    run_log = RunLog(tmp_path, config={})
+    run_log = RunLog(tmp_path, run_name="r", config={})
     run_log.record_start(0)
-    assert [step for step, _ in read_scalars(tmp_path / "server")["run/start"]] == [0]
+    assert [step for step, _ in read_scalars(tmp_path / "r" / "server")["run/start"]] == [0]
 
 
 def test_an_atomic_write_gives_the_file_the_permissions_of_a_plain_open(tmp_path):
@@ -203,20 +204,20 @@ def test_a_checkpoint_replaced_by_a_link_or_a_pipe_is_set_aside_never_followed_o
 
 
 def test_run_log_writes_every_client_curve_and_the_servers_round_scalars(tmp_path):
-    run_log = RunLog(tmp_path, config={})
+    run_log = RunLog(tmp_path, run_name="r", config={})
     for round_number in (1, 2):
         run_log.record_round(RoundRecord(
             round=round_number, clients=["a", "b"], selected=["a", "b"], duration_s=0.5, fit_s={"a": 0.2, "b": 0.3},
             num_examples={"a": 3, "b": 4}, bytes_sent=10, bytes_received=20, test_loss=0.5, test_accuracy=0.75,
             federated_evaluation={"loss": 0.25, "accuracy": None},
             train_history={"a": {"loss": [1.0, None]}, "b": {"loss": [2.0, 1.0]}}))
-    server = read_scalars(tmp_path / "server")
+    server = read_scalars(tmp_path / "r" / "server")
     assert server["test/accuracy"] == [(1, 0.75), (2, 0.75)] and server["federated/loss"] == [(1, 0.25), (2, 0.25)]
     assert "federated/accuracy" not in server and server["round/participants"] == [(1, 2.0), (2, 2.0)]
-    b = read_scalars(tmp_path / "clients" / "b")
+    b = read_scalars(tmp_path / "r" / "clients" / "b")
     assert b["epoch/loss"] == [(1, 2.0), (2, 1.0), (3, 2.0), (4, 1.0)]  # epochs continue across rounds
     assert b["round/loss"] == [(1, 1.0), (2, 1.0)] and b["round/num_examples"] == [(1, 4.0), (2, 4.0)]
-    assert read_scalars(tmp_path / "clients" / "a")["epoch/loss"] == [(1, 1.0), (3, 1.0)]
+    assert read_scalars(tmp_path / "r" / "clients" / "a")["epoch/loss"] == [(1, 1.0), (3, 1.0)]
 
 
 def scored(round_number: int, test_accuracy=None, test_loss=None, federated=None) -> RoundRecord:
@@ -242,7 +243,7 @@ def test_the_best_round_maximises_accuracies_minimises_losses_and_skips_unmeasur
 
 def test_summary_json_says_which_round_each_model_file_holds(tmp_path):
     written = {"latest": None, "best": None}
-    run_log = RunLog(tmp_path, config={}, model_files=lambda: written)
+    run_log = RunLog(tmp_path, run_name="r", config={}, model_files=lambda: written)
     run_log.record_round(scored(1, 0.5))
     assert json.loads((tmp_path / "summary.json").read_text())["model"] == {"latest": None, "best": None}
     written.update(latest={"file": "model/latest.keras", "round": 2},
@@ -251,7 +252,7 @@ def test_summary_json_says_which_round_each_model_file_holds(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["model"] == {
         "latest": {"file": "model/latest.keras", "round": 2},
         "best": {"file": "model/best.keras", "round": 1, "metric": "test_accuracy", "value": 0.5}}
-    assert "model" not in json.loads((RunLog(tmp_path / "other", config={}).write_summary() and
+    assert "model" not in json.loads((RunLog(tmp_path / "other", run_name="r", config={}).write_summary() and
                                       (tmp_path / "other" / "summary.json").read_text()))
 
 
@@ -259,9 +260,9 @@ def test_the_servers_run_shows_its_settings_model_graph_and_summary(tmp_path):
     from tensorboard.backend.event_processing import event_accumulator
     from tensorboard.util import tensor_util
 
-    RunLog(tmp_path, config={"rounds": 3, "strategy": "fedavg", "model": None},
+    RunLog(tmp_path, run_name="r", config={"rounds": 3, "strategy": "fedavg", "model": None},
            description=RunDescription(model_json='{"class_name": "Sequential"}', model_summary="```\nDense\n```"))
-    accumulator = event_accumulator.EventAccumulator(str(tmp_path / "server"), size_guidance={"tensors": 0})
+    accumulator = event_accumulator.EventAccumulator(str(tmp_path / "r" / "server"), size_guidance={"tensors": 0})
     accumulator.Reload()
     assert all(plugin_tags(accumulator, plugin) for plugin in ("hparams", "graph_keras_model", "text"))
     graph = accumulator.Tensors("keras")[0]
@@ -277,16 +278,17 @@ def test_with_weight_names_each_round_writes_a_histogram_of_every_global_array(t
     import numpy as np
     from tensorboard.backend.event_processing import event_accumulator
 
-    run_log = RunLog(tmp_path, config={}, description=RunDescription(weight_names=("dense/kernel", "dense/bias")))
+    run_log = RunLog(tmp_path, run_name="r", config={},
+                     description=RunDescription(weight_names=("dense/kernel", "dense/bias")))
     for round_number in (1, 2):
         run_log.record_round(scored(round_number, 0.5), weights=[np.full((3, 2), round_number, np.float32),
                                                                  np.zeros(2, np.float32)])
-    accumulator = event_accumulator.EventAccumulator(str(tmp_path / "server"), size_guidance={"tensors": 0})
+    accumulator = event_accumulator.EventAccumulator(str(tmp_path / "r" / "server"), size_guidance={"tensors": 0})
     accumulator.Reload()
     assert set(plugin_tags(accumulator, "histograms")) == {"weights/dense/kernel", "weights/dense/bias"}
     assert [e.step for e in accumulator.Tensors("weights/dense/kernel")] == [1, 2]
-    RunLog(tmp_path / "off", config={}).record_round(scored(1, 0.5), weights=[np.zeros(2, np.float32)])
-    off = event_accumulator.EventAccumulator(str(tmp_path / "off" / "server"), size_guidance={"tensors": 0})
+    RunLog(tmp_path / "off", run_name="r", config={}).record_round(scored(1, 0.5), weights=[np.zeros(2, np.float32)])
+    off = event_accumulator.EventAccumulator(str(tmp_path / "off" / "r" / "server"), size_guidance={"tensors": 0})
     off.Reload()
     assert not plugin_tags(off, "histograms")
 
@@ -306,9 +308,9 @@ def test_a_rounds_compression_ratio_is_its_dense_over_received_update_bytes_and_
     assert RoundRecord.from_json(record.to_json()).update_compression_ratio == 2.0
     with pytest.raises(ValueError, match="update_compression_ratio"):
         RoundRecord.from_json({**record.to_json(), "update_compression_ratio": "lots"})
-    run_log = RunLog(tmp_path, config={})
+    run_log = RunLog(tmp_path, run_name="r", config={})
     run_log.record_round(record)
-    assert read_scalars(tmp_path / "server")["round/update_compression_ratio"] == [(1, 2.0)]
+    assert read_scalars(tmp_path / "r" / "server")["round/update_compression_ratio"] == [(1, 2.0)]
 
 
 def test_a_round_tested_in_the_background_is_said_finished_first_then_tested():
@@ -320,3 +322,81 @@ def test_a_round_tested_in_the_background_is_said_finished_first_then_tested():
     record.test_loss, record.test_accuracy = 0.5, 0.875
     assert record.describe_test(5) == "round 2/5 tested: test loss 0.5000, accuracy 0.8750"
     assert record.describe(5) == "round 2/5 finished in 3.25s: 2/3 updates, test loss 0.5000, accuracy 0.8750"
+
+
+@pytest.mark.parametrize("name, reason", [
+    ("", "cannot name a run"), ("../up", "cannot name a run"), ("a/b", "cannot name a run"),
+    ("-flag", "cannot name a run"), ("x" * 65, "cannot name a run"), ("lr 0.1", "cannot name a run"),
+    ("archive", "LOGDIR already holds"), ("Checkpoints", "LOGDIR already holds"), ("server", "LOGDIR already holds"),
+])
+def test_a_name_that_would_leave_logdir_or_clash_with_its_files_cannot_name_a_run(name, reason):
+    with pytest.raises(ValueError, match=reason):
+        check_run_name(name)
+
+
+def test_a_runs_events_live_under_its_name_and_a_later_run_archives_them_under_it(tmp_path):
+    first = RunLog(tmp_path, run_name="lr-0.01", config={"rounds": 1})
+    first.record_round(scored(1, 0.5))
+    assert json.loads((tmp_path / "summary.json").read_text())["run_name"] == "lr-0.01"
+    assert read_scalars(tmp_path / "lr-0.01" / "server")["test/accuracy"] == [(1, 0.5)]
+    (tmp_path / "checkpoints").mkdir()
+    second = RunLog(tmp_path, run_name="lr-0.1", config={"rounds": 1})
+    assert second.archived_to == tmp_path / "archive" / "lr-0.01"
+    assert read_scalars(second.archived_to / "server")["test/accuracy"] == [(1, 0.5)]  # archive/lr-0.01/server
+    assert {p.name for p in second.archived_to.iterdir()} == {"summary.json", "checkpoints", "server"}
+    assert not (tmp_path / "lr-0.01").exists() and (tmp_path / "lr-0.1" / "server").is_dir()
+    # a new run of the same name archives the old one beside the first archive, never into it
+    third = RunLog(tmp_path, run_name="lr-0.01", config={"rounds": 1})
+    assert third.archived_to == tmp_path / "archive" / "lr-0.1"
+    assert RunLog(tmp_path, run_name="lr-0.01", config={}).archived_to == tmp_path / "archive" / "lr-0.01-2"
+
+
+def test_an_unnamed_run_is_named_by_its_start_time_and_a_run_from_before_names_is_archived_by_time(tmp_path):
+    (tmp_path / "server").mkdir()
+    (tmp_path / "server" / "events").write_text("old")
+    (tmp_path / "summary.json").write_text("{not json")
+    run_log = RunLog(tmp_path, config={})
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d-\d\d-\d\d", run_log.run_name)
+    assert (run_log.archived_to / "server" / "events").read_text() == "old"
+    assert run_log.archived_to.name[:4].isdigit() and run_log.events_dir == tmp_path / run_log.run_name
+
+
+def test_a_leftover_folder_holding_the_new_runs_name_is_archived_not_mixed_in(tmp_path):
+    (tmp_path / "mine" / "server").mkdir(parents=True)
+    (tmp_path / "mine" / "server" / "events").write_text("a crashed start's")
+    run_log = RunLog(tmp_path, run_name="mine", config={})
+    assert (run_log.archived_to / "server" / "events").read_text() == "a crashed start's"
+    assert run_log.archived_to == tmp_path / "archive" / "mine"
+    assert [p.name for p in (tmp_path / "mine" / "server").iterdir()][0].startswith("events.out.tfevents")
+
+
+def test_tensorboards_graph_plugin_draws_the_servers_model_as_the_graphs_tab_does(tmp_path):
+    """The Graphs tab asks the graph plugin for the conceptual (Keras) graph of a run; this asks the
+    same plugin, over the same data provider TensorBoard serves, for the model PyFed describes."""
+    import keras
+    from tensorboard.backend.event_processing import data_provider, plugin_event_multiplexer
+    from tensorboard.compat.proto import graph_pb2
+    from tensorboard.context import RequestContext
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.graph.graphs_plugin import GraphsPlugin
+    from google.protobuf import text_format
+
+    from pyfed.learning.model import describe_model
+
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, name="conv"),
+                              keras.layers.BatchNormalization(name="norm"), keras.layers.Flatten(name="flat"),
+                              keras.layers.Dense(3, activation="softmax", name="out")])
+    RunLog(tmp_path, run_name="graph-run", config={"rounds": 1}, description=describe_model(model))
+    multiplexer = plugin_event_multiplexer.EventMultiplexer()
+    multiplexer.AddRunsFromDirectory(str(tmp_path))
+    multiplexer.Reload()
+    provider = data_provider.MultiplexerDataProvider(multiplexer, str(tmp_path))
+    plugin = GraphsPlugin(base_plugin.TBContext(data_provider=provider, logdir=str(tmp_path), multiplexer=multiplexer))
+    context = RequestContext()
+    info = plugin.info_impl(context, experiment="")
+    assert "keras" in info["graph-run/server"]["tags"]  # the run TensorBoard lists, by its name
+    assert info["graph-run/server"]["tags"]["keras"]["conceptual_graph"]
+    body, mime = plugin.graph_impl(context, "graph-run/server", "keras", is_conceptual=True, experiment="")
+    graph = text_format.Parse(body, graph_pb2.GraphDef())
+    names = {node.name.split("/")[-1] for node in graph.node}
+    assert mime == "text/x-protobuf" and {"conv", "norm", "flat", "out"} <= names, names
