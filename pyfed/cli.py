@@ -151,7 +151,8 @@ def build_model(config: ServerConfig | SimulateConfig, data: tuple | None) -> tu
     """The run's model (--model / MODEL, or the default model sized from ``data``) with its training
     settings settled (the model's own compile settings unless --optimizer / --learning-rate say
     otherwise: learning/model.py's settle_training), said in one log line."""
-    from pyfed.learning.model import DEFAULT_CNN_NAME, default_model, load_model_spec, settle_training
+    from pyfed.learning.model import (DEFAULT_CNN_NAME, batch_norm_notice, default_model, load_model_spec,
+                                      settle_training)
 
     if config.model:
         model, uncompiled = load_model_spec(config.model), f"PyFed's default: {config.model} is not compiled"
@@ -165,6 +166,12 @@ def build_model(config: ServerConfig | SimulateConfig, data: tuple | None) -> tu
     training = settle_training(model, optimizer=config.optimizer, learning_rate=config.learning_rate,
                                uncompiled=uncompiled)
     log.info("%s; %d local epoch(s) of batches of %d", training.describe(), config.epochs, config.batch_size)
+    notice = batch_norm_notice(model, config.local_layers)
+    if notice:
+        log.info("%s", notice)
+    elif config.local_layers != "none":
+        raise UsageError(f"--local-layers / LOCAL_LAYERS is {config.local_layers}, but the model has no "
+                         f"BatchNormalization layer to keep at the sites")
     return model, training
 
 
@@ -224,7 +231,7 @@ def fit_plan(config: Any, learning_rate: float) -> Any:
 
     return FitPlan(config.epochs, config.batch_size, learning_rate, eval_fraction=config.client_eval_fraction,
                    update_compression=config.update_compression, topk_fraction=config.topk_fraction,
-                   broadcast_compression=config.broadcast_compression)
+                   broadcast_compression=config.broadcast_compression, local_layers=config.local_layers)
 
 
 def server_memory(config: ServerConfig, strategy: Any, weights: list, plan: Any, min_fit_clients: int) -> Any:

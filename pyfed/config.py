@@ -19,7 +19,7 @@ from pyfed.learning.data import SCHEMES
 from pyfed.persistence.tracking import BEST_METRICS, check_run_name
 from pyfed.ranges import Range
 from pyfed.wire.compression import BroadcastCompression, UpdateCompression
-from pyfed.wire.protocol import FitPlan, is_client_id
+from pyfed.wire.protocol import FitPlan, LocalLayers, is_client_id
 from pyfed.federation.strategy import STRATEGIES
 from pyfed.federation.uploads import DEFAULT_MIN_UPLOAD_MBIT_S, UPLOAD_GRACE_S
 
@@ -264,6 +264,9 @@ class TrainingSettings:
     model: str | None = setting(None, "--model", "MODEL", optional_text,
                                 "module:function or path/to/file.py:function returning a Keras model; "
                                 "default: a small CNN for images, else an MLP, sized from the data")
+    local_layers: str = setting("none", "--local-layers", "LOCAL_LAYERS", choice(*(c.value for c in LocalLayers)),
+                                "batchnorm: every BatchNormalization layer stays at each site (FedBN, for sites "
+                                "whose features differ); none: the sites share every layer")
     logdir: Path = setting(Path("logs"), "--logdir", "LOGDIR", path,
                            "directory for TensorBoard events, summary.json and the trained model (model/)")
     run_name: str | None = setting(None, "--run-name", "RUN_NAME", optional_run_name,

@@ -348,9 +348,11 @@ class Client:
         if self._answer_again(key, f"round {message.round} update", attempt):
             return
         plan = self._with_local_noise(FitPlan.from_body(message.body["plan"]))
-        log.info("round %d: training%s", message.round, f" (attempt {attempt})" if attempt > 1 else "")
         self._training_round, self._epoch_log = message.round, EpochLog()
         self.trainer.load(message.arrays, plan)
+        log.info("round %d: training%s%s", message.round, f" (attempt {attempt})" if attempt > 1 else "",
+                 f" with this site's own BatchNorm layers ({self.trainer.own_arrays} arrays, FedBN)"
+                 if self.trainer.own_arrays else "")
         secagg = message.body.get("secagg")
         received = ([np.array(a) for a in message.arrays]  # copies: frames are freed
                     if ClientAnswers.needs_received(plan, secagg) else None)

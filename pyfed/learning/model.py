@@ -26,7 +26,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pyfed.persistence.tracking import RunDescription  # noqa: E402
-from pyfed.wire.protocol import WireModel  # noqa: E402
+from pyfed.wire.protocol import LocalLayers, WireModel  # noqa: E402
 
 DEFAULT_LOSS = "sparse_categorical_crossentropy"
 
@@ -274,6 +274,42 @@ def describe_model(model: keras.Model, *, histograms: bool = False) -> RunDescri
     """What TensorBoard shows of ``model`` once per run (and, with ``histograms``, which arrays)."""
     return RunDescription(model_json=model.to_json(), model_summary=text_summary(model),
                           weight_names=tuple(variable.path for variable in model.weights) if histograms else None)
+
+
+def batch_norm_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """``model``'s BatchNormalization layers, nested models' included, in order."""
+    found, pending = [], list(model.layers)
+    while pending:
+        layer = pending.pop(0)
+        if isinstance(layer, keras.layers.BatchNormalization):
+            found.append(layer)
+        pending[:0] = list(getattr(layer, "layers", []))
+    return found
+
+
+def local_array_indices(model: keras.Model, local_layers: str) -> tuple[int, ...]:
+    """The positions in ``model.get_weights()`` of the arrays a site keeps under ``local_layers``
+    (a :class:`~pyfed.wire.protocol.LocalLayers` value): none, or every BatchNormalization layer's."""
+    if local_layers == LocalLayers.NONE:
+        return ()
+    kept = {id(variable) for layer in batch_norm_layers(model) for variable in layer.weights}
+    return tuple(index for index, variable in enumerate(model.weights) if id(variable) in kept)
+
+
+def batch_norm_notice(model: keras.Model, local_layers: str) -> str | None:
+    """What the server says at start-up about the model's batch statistics (None: it has none)."""
+    layers = batch_norm_layers(model)
+    if not layers:
+        return None
+    names = ", ".join(layer.name for layer in layers[:6]) + (" ..." if len(layers) > 6 else "")
+    if local_layers == LocalLayers.BATCHNORM:
+        return (f"the model's {len(layers)} BatchNormalization layer(s) ({names}) stay at each site (FedBN, "
+                f"LOCAL_LAYERS=batchnorm): a site trains and evaluates with its own; the global model the server "
+                f"tests and exports carries the sites' weighted average of them")
+    return (f"the model's {len(layers)} BatchNormalization layer(s) ({names}) hold batch statistics: FedAvg "
+            f"averages their moving mean and variance over the sites like any weight, which suits sites with "
+            f"similar data; when the sites' features differ (other scanners, other sensors), "
+            f"LOCAL_LAYERS=batchnorm keeps them at each site (FedBN)")
 
 
 def wire_model(model: keras.Model) -> WireModel:

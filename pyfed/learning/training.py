@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from pyfed.learning.model import (clear_proximal_term, evaluate, evaluation_dataset, reset_optimizer, set_learning_rate,
-                    set_proximal_term, training_dataset)
-from pyfed.wire.protocol import FitPlan
+from pyfed.learning.model import (clear_proximal_term, evaluate, evaluation_dataset, local_array_indices,
+                                  reset_optimizer, set_learning_rate, set_proximal_term, training_dataset)
+from pyfed.wire.protocol import FitPlan, LocalLayers
 
 #: on_epoch(epoch, epochs, logs): called after each local epoch (1-based) with its metrics
 EpochHook = Callable[[int, int, dict[str, float]], None]
@@ -25,6 +25,11 @@ class LocalTrainer:
     is fixed by ``seed`` so the same examples are held out every round. The tf.data pipelines are
     built once per split and batch size and reused, so Keras never re-traces between rounds.
     With ``shuffle_seed`` the batches come in a reproducible order (see :func:`make_reproducible`).
+
+    Under ``plan.local_layers`` (FedBN) the trainer keeps the arrays of those layers from its last
+    training and puts them over the global model's each time it loads one, for training and for
+    evaluation alike: the site's model is the global one with its own batch normalisation. Until it
+    has trained once it uses the global model's.
     """
 
     def __init__(self, model: Any, x: np.ndarray, y: np.ndarray, *, epochs: int | None = None,
@@ -41,6 +46,8 @@ class LocalTrainer:
         self._holdout_rows: np.ndarray = np.zeros(0, np.int64)
         self._train_dataset: tuple[int, Any] | None = None
         self._eval_dataset: Any = None
+        self._local_layers: str = LocalLayers.NONE
+        self._local: dict[int, np.ndarray] = {}  # position in get_weights() -> this site's own array
 
     @property
     def num_examples(self) -> int:
@@ -50,6 +57,11 @@ class LocalTrainer:
     @property
     def num_train_examples(self) -> int:
         return len(self.y) if self._train_rows is None else len(self._train_rows)
+
+    @property
+    def own_arrays(self) -> int:
+        """How many of the loaded model's arrays are this site's own (FedBN), not the global model's."""
+        return len(self._local)
 
     def use_eval_fraction(self, eval_fraction: float) -> None:
         """Hold out ``eval_fraction`` of the data (at least one example stays for training)."""
@@ -75,11 +87,20 @@ class LocalTrainer:
         After this the caller may free ``weights`` (e.g. received frames) before :meth:`train`.
         """
         self.use_eval_fraction(plan.eval_fraction)
+        if plan.local_layers != self._local_layers:
+            self._local_layers, self._local = plan.local_layers, {}
+        weights = self._with_local(weights)
         self.model.set_weights(weights)
         reset_optimizer(self.model)
         if self.use_plan_learning_rate:
             set_learning_rate(self.model, plan.learning_rate)
         set_proximal_term(self.model, plan.proximal_mu, weights)
+
+    def _with_local(self, weights: list[np.ndarray]) -> list[np.ndarray]:
+        """``weights`` with this site's own arrays in place of the global model's (FedBN)."""
+        if not self._local:
+            return weights
+        return [self._local.get(index, array) for index, array in enumerate(weights)]
 
     def train(self, plan: FitPlan) -> tuple[list[np.ndarray], int, dict[str, Any]]:
         """Train the loaded weights with ``plan``: (new weights, examples trained on, {fit_s, history})."""
@@ -97,15 +118,18 @@ class LocalTrainer:
         fit_s = time.perf_counter() - started
         curves = {name: [float(v) if math.isfinite(float(v)) else None for v in values]
                   for name, values in history.history.items()}
-        return self.model.get_weights(), self.num_train_examples, {"fit_s": round(fit_s, 6), "history": curves}
+        trained = self.model.get_weights()
+        self._local = {index: trained[index].copy() for index in local_array_indices(self.model, self._local_layers)}
+        return trained, self.num_train_examples, {"fit_s": round(fit_s, 6), "history": curves}
 
     def evaluate(self, weights: list[np.ndarray]) -> tuple[int, float | None, float | None]:
-        """(held-out examples, loss, accuracy) of ``weights``; (0, None, None) if nothing is held out."""
+        """(held-out examples, loss, accuracy) of ``weights`` (with this site's own layers, under FedBN);
+        (0, None, None) if nothing is held out."""
         if not len(self._holdout_rows):
             return 0, None, None
         if self._eval_dataset is None:
             self._eval_dataset = evaluation_dataset(self.x[self._holdout_rows], self.y[self._holdout_rows])
-        self.model.set_weights(weights)
+        self.model.set_weights(self._with_local(weights))
         loss, accuracy = evaluate(self.model, self._eval_dataset)
         return len(self._holdout_rows), (loss if math.isfinite(loss) else None), accuracy
 

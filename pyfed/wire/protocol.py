@@ -117,6 +117,15 @@ class ConnectionEvent(enum.StrEnum):
     HANDSHAKE_FAILED = "handshake failed"
 
 
+class LocalLayers(enum.StrEnum):
+    """Which of the model's layers each site keeps for itself instead of taking the global model's
+    (sent in the plan). BATCHNORM: FedBN (Li et al., ICLR 2021), every BatchNormalization layer's
+    scale, offset and moving statistics stay at the site."""
+
+    NONE = "none"
+    BATCHNORM = "batchnorm"
+
+
 class Delivery(enum.Enum):
     """What became of a message handed to the server's socket; true only when it was queued."""
 
@@ -406,6 +415,8 @@ class FitPlan:
     topk_fraction: float = _plan_field(0.01, Range(0, 1, low_open=True), required=False)  # of each array, for topk
     broadcast_compression: str = _plan_field("none", required=False,  # how the global model travels to clients
                                              choices=tuple(c.value for c in BroadcastCompression))
+    local_layers: str = _plan_field("none", required=False,  # layers each site keeps as its own (FedBN)
+                                    choices=tuple(c.value for c in LocalLayers))
 
     @staticmethod
     def range_of(name: str) -> Range:

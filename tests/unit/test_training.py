@@ -165,3 +165,66 @@ def test_epoch_lines_come_after_the_first_epoch_then_at_most_every_few_seconds_a
         if slow.due(epoch, 3):
             said.append(epoch)
     assert said == [1, 2]
+
+
+def batch_norm_model():
+    import keras
+
+    from pyfed.learning.model import compile_default
+
+    keras.utils.set_random_seed(0)
+    inner = keras.Sequential([keras.Input((8,)), keras.layers.Dense(6),
+                              keras.layers.BatchNormalization(name="inner_bn")], name="block")
+    model = keras.Sequential([keras.Input((8,)), inner, keras.layers.BatchNormalization(name="bn"),
+                              keras.layers.Dense(2, activation="softmax")])
+    compile_default(model, 0.05)
+    return model
+
+
+def test_fedbn_finds_every_batch_norm_array_nested_ones_too_and_none_without_it():
+    from pyfed.learning.model import local_array_indices
+
+    model = batch_norm_model()
+    kept = local_array_indices(model, "batchnorm")
+    names = [model.weights[i].path for i in kept]
+    assert len(kept) == 8 and all("bn" in name for name in names), names  # 2 layers x (gamma, beta, mean, var)
+    assert local_array_indices(model, "none") == ()
+    assert local_array_indices(default_model((8,), 2, 0.05), "batchnorm") == ()
+
+
+def test_under_fedbn_a_site_trains_and_evaluates_with_its_own_batch_norm_and_the_global_other_layers(data):
+    from pyfed.learning.model import local_array_indices
+
+    model = batch_norm_model()
+    kept = set(local_array_indices(model, "batchnorm"))
+    plan = FitPlan(epochs=2, batch_size=8, learning_rate=0.05, local_layers="batchnorm", eval_fraction=0.2)
+    trainer = LocalTrainer(model, *data, seed=0)
+    global_1 = [w.copy() for w in model.get_weights()]
+    trained_1, _, _ = trainer.fit(global_1, plan)
+    assert any(not np.array_equal(trained_1[i], global_1[i]) for i in kept)  # moving statistics moved
+
+    # the next global model: other BatchNorm values (the sites' average), other dense weights
+    global_2 = [w + 0.5 for w in trained_1]
+    trainer.load(global_2, plan)
+    loaded = model.get_weights()
+    for index, array in enumerate(loaded):
+        expected = trained_1[index] if index in kept else global_2[index]
+        assert np.array_equal(array, expected), (index, model.weights[index].path)
+    # federated evaluation measures the site's own model: the global one with its BatchNorm layers
+    model.set_weights(global_2)
+    trainer.evaluate(global_2)
+    assert all(np.array_equal(model.get_weights()[i], trained_1[i]) for i in kept)
+
+    # without FedBN (a new run's plan) the site takes every global array again
+    trainer.load(global_2, FitPlan(epochs=2, batch_size=8, learning_rate=0.05))
+    assert all(np.array_equal(a, b) for a, b in zip(model.get_weights(), global_2))
+
+
+def test_the_server_names_batch_norm_layers_and_what_is_done_with_them():
+    from pyfed.learning.model import batch_norm_notice
+
+    model = batch_norm_model()
+    averaged, local = batch_norm_notice(model, "none"), batch_norm_notice(model, "batchnorm")
+    assert "2 BatchNormalization layer(s) (inner_bn, bn)" in averaged and "LOCAL_LAYERS=batchnorm" in averaged
+    assert "stay at each site (FedBN" in local
+    assert batch_norm_notice(default_model((8,), 2, 0.05), "batchnorm") is None
