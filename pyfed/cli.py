@@ -152,7 +152,7 @@ def build_model(config: ServerConfig | SimulateConfig, data: tuple | None) -> tu
     settings settled (the model's own compile settings unless --optimizer / --learning-rate say
     otherwise: learning/model.py's settle_training), said in one log line."""
     from pyfed.learning.model import (DEFAULT_CNN_NAME, batch_norm_notice, default_model, load_model_spec,
-                                      settle_training)
+                                      settle_training, unscaled_features)
 
     if config.model:
         model, uncompiled = load_model_spec(config.model), f"PyFed's default: {config.model} is not compiled"
@@ -172,6 +172,10 @@ def build_model(config: ServerConfig | SimulateConfig, data: tuple | None) -> tu
     elif config.local_layers != "none":
         raise UsageError(f"--local-layers / LOCAL_LAYERS is {config.local_layers}, but the model has no "
                          f"BatchNormalization layer to keep at the sites")
+    if data is not None:
+        warning = unscaled_features(model, data[0], str(getattr(config, "test_data", None) or config.dataset))
+        if warning:
+            log.warning("%s", warning)
     return model, training
 
 

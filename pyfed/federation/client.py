@@ -32,7 +32,7 @@ from pyfed.federation.secure_aggregation import SecAggAborted
 from pyfed.wire import protocol
 from pyfed.wire.compression import CompressionError, decode_broadcast
 from pyfed.learning.data import DataError, load_shard
-from pyfed.learning.model import from_wire, input_shape, output_units
+from pyfed.learning.model import from_wire, input_shape, output_units, unscaled_features
 from pyfed.wire.protocol import (RETRYABLE_REFUSALS, ConnectionEvent, ErrorCode, FitPlan, Message, MessageType,
                                  ProtocolError)
 from pyfed.learning.training import EpochLog, LocalTrainer, make_reproducible, training_device
@@ -276,6 +276,9 @@ class Client:
         if units and units > 1 and int(self.y.max()) >= units:
             raise DataError(f"{self.data_source}: labels go up to {int(self.y.max())} but the server's model "
                             f"predicts {units} classes")
+        warning = unscaled_features(self.model, self.x, self.data_source)
+        if warning:
+            log.warning("%s", warning)
 
     # --- rounds ---------------------------------------------------------------------------------
 

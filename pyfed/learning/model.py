@@ -312,6 +312,56 @@ def batch_norm_notice(model: keras.Model, local_layers: str) -> str | None:
             f"LOCAL_LAYERS=batchnorm keeps them at each site (FedBN)")
 
 
+#: layers that put a model's input on one scale (the first layer is what is looked at)
+NORMALISING_LAYERS = (keras.layers.Normalization, keras.layers.BatchNormalization, keras.layers.LayerNormalization,
+                      keras.layers.GroupNormalization, keras.layers.UnitNormalization, keras.layers.Rescaling)
+#: features whose scales (largest magnitude) differ by at least this factor are worth standardising
+SCALE_SPREAD_WORTH_A_WARNING = 100.0
+#: the rows a scale check looks at, at most (evenly spread over the data)
+SCALE_CHECK_ROWS = 20_000
+
+
+def normalises_its_input(model: keras.Model) -> bool:
+    """Whether ``model``'s first layer (inside a nested model's, too) is a normalising one."""
+    layer: Any = model
+    while getattr(layer, "layers", None):
+        layer = next((inner for inner in layer.layers if not isinstance(inner, keras.layers.InputLayer)), None)
+        if layer is None:
+            return False
+        if isinstance(layer, NORMALISING_LAYERS):
+            return True
+    return False
+
+
+def feature_scales(x: np.ndarray) -> np.ndarray:
+    """Each feature's scale: its largest magnitude (float64), from at most SCALE_CHECK_ROWS rows of
+    ``x`` spread over it. The largest, not a mean square: a feature that is mostly 0 (a rarely inked
+    pixel) is on the same scale as its neighbours."""
+    rows = x[:: max(1, -(-len(x) // SCALE_CHECK_ROWS))]
+    return np.max(np.abs(rows.reshape(len(rows), -1).astype(np.float64)), axis=0)
+
+
+def unscaled_features(model: keras.Model, x: np.ndarray, where: str) -> str | None:
+    """A warning if ``x``'s flat (tabular) features differ in scale at least SCALE_SPREAD_WORTH_A_WARNING-fold
+    and ``model`` does not normalise its input, naming the largest and smallest; else None. Images
+    (examples with more than one axis) are on one scale already and are not looked at."""
+    if x.ndim != 2 or not len(x) or normalises_its_input(model):
+        return None
+    scales = feature_scales(x)
+    nonzero = np.flatnonzero(scales > 0)
+    if len(nonzero) < 2:
+        return None
+    largest, smallest = nonzero[np.argmax(scales[nonzero])], nonzero[np.argmin(scales[nonzero])]
+    spread = scales[largest] / scales[smallest]
+    if spread < SCALE_SPREAD_WORTH_A_WARNING:
+        return None
+    return (f"{where}: the features' scales differ {spread:,.0f}-fold (feature {largest}: {scales[largest]:.3g}, "
+            f"feature {smallest}: {scales[smallest]:.3g}) and the model's first layer does not normalise its "
+            f"input, so training will be slow or unstable: standardise the features the same way at every site "
+            f"(subtract a mean, divide by a standard deviation, both agreed on beforehand), or start the model "
+            f"with a keras.layers.Normalization(mean=..., variance=...)")
+
+
 def wire_model(model: keras.Model) -> WireModel:
     """The model as the server sends it to clients: architecture, compile settings, weights."""
     model_json, compile_config = to_wire(model)

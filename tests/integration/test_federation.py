@@ -267,6 +267,7 @@ def test_csv_sites_train_and_a_site_whose_csv_does_not_fit_is_told_why_while_the
     for client in clients:
         assert processes.wait(client, 60) == 0, processes.tail(client)
     assert re.search(r"training on (CPU|GPU:\d+)\n", clients[0].log_path.read_text())  # each client says where
+    assert "scales differ" not in clients[0].log_path.read_text()  # the digits' pixels are on one scale
     summary = json.loads((logdir / "summary.json").read_text())
     assert [len(r["clients"]) for r in summary["rounds"]] == [2, 2]
     assert summary["final"]["test_accuracy"] >= 0.85

@@ -231,3 +231,24 @@ def test_the_default_cnn_learns_where_the_position_of_a_shape_varies():
     model = default_model((16, 16, 1), 2, 0.01)
     model.fit(x[:300], y[:300], epochs=15, batch_size=32, verbose=0)
     assert model.evaluate(x[300:], y[300:], verbose=0)[1] >= 0.95
+
+
+def test_features_on_scales_thousands_apart_are_named_unless_the_model_normalises_them():
+    from pyfed.learning.data import load_dataset
+    from pyfed.learning.model import default_model, unscaled_features
+
+    rng = np.random.default_rng(0)
+    x = np.c_[rng.normal(1000, 300, (500, 1)), rng.normal(0.1, 0.02, (500, 1)), rng.normal(5, 1, (500, 3)),
+              np.zeros((500, 1))].astype(np.float32)  # a constant feature has no scale to compare
+    warning = unscaled_features(default_model((6,), 2), x, "cancer.csv")
+    assert warning.startswith("cancer.csv: the features' scales differ") and "(feature 0: " in warning
+    assert "feature 1: 0.1" in warning and "standardise the features the same way at every site" in warning
+    normalised = keras.Sequential([keras.Input((6,)), keras.layers.Normalization(mean=0.0, variance=1.0),
+                                   keras.layers.Dense(2)])
+    nested = keras.Sequential([keras.Input((6,)), keras.Sequential([keras.layers.BatchNormalization()]),
+                               keras.layers.Dense(2)])
+    assert unscaled_features(normalised, x, "cancer.csv") is None and unscaled_features(nested, x, "c") is None
+    digits, _ = load_dataset("digits")  # pixels in [0, 1], some rarely inked: one scale
+    assert unscaled_features(default_model((64,), 10), digits, "digits") is None
+    images = np.concatenate([np.full((4, 8, 8, 1), 255.0), np.full((4, 8, 8, 1), 0.01)], axis=1)
+    assert unscaled_features(default_model((16, 8, 1), 2), images, "images") is None  # not tabular
