@@ -68,12 +68,7 @@ class LocalTrainer:
         if eval_fraction == self._eval_fraction:
             return
         self._eval_fraction = eval_fraction
-        num_holdout = min(int(math.floor(eval_fraction * len(self.y))), len(self.y) - 1)
-        if num_holdout <= 0:
-            self._train_rows, self._holdout_rows = None, np.zeros(0, np.int64)
-        else:
-            order = np.random.default_rng(self.seed).permutation(len(self.y))
-            self._train_rows, self._holdout_rows = np.sort(order[num_holdout:]), np.sort(order[:num_holdout])
+        self._train_rows, self._holdout_rows = holdout_split(len(self.y), eval_fraction, self.seed)
         self._train_dataset = self._eval_dataset = None
 
     def fit(self, weights: list[np.ndarray], plan: FitPlan) -> tuple[list[np.ndarray], int, dict[str, Any]]:
@@ -132,6 +127,17 @@ class LocalTrainer:
         self.model.set_weights(self._with_local(weights))
         loss, accuracy = evaluate(self.model, self._eval_dataset)
         return len(self._holdout_rows), (loss if math.isfinite(loss) else None), accuracy
+
+
+def holdout_split(num_rows: int, eval_fraction: float, seed: int) -> tuple[np.ndarray | None, np.ndarray]:
+    """(training rows, held-out rows) of a site's ``num_rows`` examples: ``eval_fraction`` of them held
+    out, at least one left for training, the same rows for the same ``seed``; (None, no rows) if
+    nothing is held out."""
+    num_holdout = min(int(math.floor(eval_fraction * num_rows)), num_rows - 1)
+    if num_holdout <= 0:
+        return None, np.zeros(0, np.int64)
+    order = np.random.default_rng(seed).permutation(num_rows)
+    return np.sort(order[num_holdout:]), np.sort(order[:num_holdout])
 
 
 def _epoch_callback(on_epoch: EpochHook, epochs: int) -> Any:

@@ -1,0 +1,184 @@
+"""A model with BatchNorm, federated and trained centrally: IID sites, and sites whose features differ.
+
+    python -m bench.batch_norm             # the committed table (a few minutes on 2 cores)
+    python -m bench.batch_norm --quick     # 2 rounds x 1 seed, to check the script
+
+Each federated run is an in-process simulation (``pyfed.federation.simulation``) of 3 sites on
+scikit-learn's digits with a user's model that has two BatchNormalization layers, compiled with its
+own Adam learning rate. The centralised run trains the same model, from the same initial weights, on
+the union of the sites' training rows for as many epochs as a site trains in the whole federated run
+(rounds x local epochs), with the same batch size.
+
+- **IID**: the sites are an IID split; every model is scored on the same held-out test set.
+- **Feature shift**: the same IID split, but each site sees its features through its own affine map
+  (site 1 as they are; site 2 times 4 plus 2; site 3 times 0.25 minus 1), as sites whose scanners or
+  sensors differ do. Each site holds out a fifth of its rows, and each model is scored on every
+  site's held-out rows, as the FedBN paper evaluates (Li et al., "FedBN: Federated Learning on Non-IID
+  Features via Local Batch Normalization", ICLR 2021): FedAvg's global model, FedBN's model of each
+  site (the global model with the site's own BatchNorm layers), the centralised model.
+
+Writes bench/BATCH_NORM.md and bench/BATCH_NORM.json (or --out).
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import BENCH, experiment_header, experiment_markdown, experiment_parser, write_experiment
+
+NUM_SITES = 3
+EVAL_FRACTION = 0.2
+BATCH_SIZE = 32
+#: each site's view of the features: x * scale + shift
+FEATURE_SHIFTS = [(1.0, 0.0), (4.0, 2.0), (0.25, -1.0)]
+
+
+def build_model(learning_rate: float):
+    import keras
+
+    model = keras.Sequential([
+        keras.layers.Input((64,)),
+        keras.layers.Dense(64), keras.layers.BatchNormalization(), keras.layers.Activation("relu"),
+        keras.layers.Dense(64), keras.layers.BatchNormalization(), keras.layers.Activation("relu"),
+        keras.layers.Dense(10, activation="softmax"),
+    ])
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    return model
+
+
+def sites(seed: int, shifted: bool) -> tuple[list[tuple[np.ndarray, np.ndarray]], tuple[np.ndarray, np.ndarray]]:
+    """The sites' (x, y) and the common test set (shifted: each site's rows and no common test set)."""
+    from pyfed.learning.data import load_dataset, split_dataset
+
+    x, y = load_dataset("digits")
+    clients, test = split_dataset(x, y, NUM_SITES, seed=seed, scheme="iid")
+    if shifted:
+        clients = [((cx * scale + shift).astype(np.float32), cy) for (cx, cy), (scale, shift) in
+                   zip(clients, FEATURE_SHIFTS)]
+    return clients, test
+
+
+def central(seed: int, shifted: bool, *, epochs: int, learning_rate: float) -> dict:
+    """One model on every site's training rows; IID: its test accuracy, shifted: its accuracy on each
+    site's held-out rows."""
+    import keras
+
+    from pyfed.learning.model import training_dataset
+    from pyfed.learning.training import holdout_split
+
+    clients, (x_test, y_test) = sites(seed, shifted)
+    keras.utils.set_random_seed(seed)
+    model = build_model(learning_rate)
+    if shifted:
+        # the rows each site holds out in the simulation (its trainer's seed is the run's plus its index)
+        rows = [holdout_split(len(cy), EVAL_FRACTION, seed + index) for index, (_, cy) in enumerate(clients)]
+        x = np.concatenate([cx[train] for (cx, _), (train, _) in zip(clients, rows)])
+        y = np.concatenate([cy[train] for (_, cy), (train, _) in zip(clients, rows)])
+    else:
+        x, y = np.concatenate([c[0] for c in clients]), np.concatenate([c[1] for c in clients])
+    model.fit(training_dataset(x, y, BATCH_SIZE, seed=seed), epochs=epochs, verbose=0, shuffle=False)  # tf.data shuffles
+    if not shifted:
+        return {"accuracy": float(model.evaluate(x_test, y_test, verbose=0)[1])}
+    per_site = {f"client-{index + 1}": float(model.evaluate(cx[held], cy[held], verbose=0)[1])
+                for index, ((cx, cy), (_, held)) in enumerate(zip(clients, rows))}
+    sizes = [len(held) for _, held in rows]
+    return {"accuracy": float(np.average(list(per_site.values()), weights=sizes)), "per_site": per_site}
+
+
+def federated(seed: int, shifted: bool, local_layers: str, *, rounds: int, epochs: int, learning_rate: float) -> dict:
+    """FedAvg (local_layers "none") or FedBN ("batchnorm"): IID: the global model's test accuracy;
+    shifted: the federated evaluation on the sites' held-out rows (FedBN: each site's own model)."""
+    import keras
+
+    from pyfed.federation.simulation import Simulation
+    from pyfed.wire.protocol import FitPlan
+
+    clients, test = sites(seed, shifted)
+    keras.utils.set_random_seed(seed)
+    model = build_model(learning_rate)
+    plan = FitPlan(epochs, BATCH_SIZE, learning_rate, local_layers=local_layers,
+                   eval_fraction=EVAL_FRACTION if shifted else 0.0)
+    history = Simulation(model, clients, rounds=rounds, plan=plan, test_data=None if shifted else test, seed=seed,
+                         progress=False).run()
+    last = history[-1]
+    if not shifted:
+        return {"accuracy": last.test_accuracy, "by_round": [r.test_accuracy for r in history]}
+    evaluation = last.federated_evaluation
+    return {"accuracy": evaluation["accuracy"], "by_round": [r.federated_evaluation["accuracy"] for r in history],
+            "per_site": {cid: part["accuracy"] for cid, part in evaluation["clients"].items()}}
+
+
+def mean_and_spread(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
+
+
+def summarise(runs: list[dict]) -> list[list[str]]:
+    rows = []
+    for case, label in (("iid", "IID sites, common test set"),
+                        ("shifted", "feature-shifted sites, each site's held-out rows")):
+        mine = {method: [r["accuracy"] for r in runs if r["case"] == case and r["method"] == method]
+                for method in ("central", "fedavg", "fedbn")}
+        gap = [c - f for c, f in zip(mine["central"], mine["fedavg"])]
+        rows.append([label, mean_and_spread(mine["central"]), mean_and_spread(mine["fedavg"]),
+                     mean_and_spread(mine["fedbn"]), f"{statistics.mean(gap) * 100:+.1f}"])
+    return rows
+
+
+def markdown(results: dict) -> str:
+    s = results["settings"]
+    header = ["case", "centralised", "FedAvg", "FedBN (LOCAL_LAYERS=batchnorm)", "centralised - FedAvg (points)"]
+    return experiment_markdown("A model with BatchNorm: federated vs centralised", results, (
+        f"{NUM_SITES} sites on digits, a user's model with two BatchNormalization layers (Dense 64, BatchNorm, "
+        f"ReLU, twice; softmax), compiled with Adam at {s['learning_rate']}; {s['rounds']} rounds of {s['epochs']} "
+        f"local epochs against {s['rounds'] * s['epochs']} centralised epochs on the union of the sites' training "
+        f"rows, batch {BATCH_SIZE}, seeds {s['seeds']}. Feature shift: site 1 sees the features as they are, "
+        "site 2 times 4 plus 2, site 3 times 0.25 minus 1; each site holds out a fifth of its rows. Accuracy: mean "
+        "± standard deviation over the seeds; IID on the common test set (FedBN: the global model, with the "
+        "sites' averaged BatchNorm layers), feature shift on every site's held-out rows (FedBN: each site's own "
+        "model)."), header)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = experiment_parser(__doc__, rounds=10, clients=NUM_SITES)
+    parser.add_argument("--out", type=Path, default=BENCH, help="directory for BATCH_NORM.md and BATCH_NORM.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.quick:
+        args.rounds, args.seeds, args.epochs = 2, 1, 1
+    started = time.perf_counter()
+    runs = []
+    for case in ("iid", "shifted"):
+        shifted = case == "shifted"
+        for seed in range(args.seeds):
+            for method in ("central", "fedavg", "fedbn"):
+                began = time.perf_counter()
+                if method == "central":
+                    run = central(seed, shifted, epochs=args.rounds * args.epochs, learning_rate=args.learning_rate)
+                else:
+                    run = federated(seed, shifted, "batchnorm" if method == "fedbn" else "none", rounds=args.rounds,
+                                    epochs=args.epochs, learning_rate=args.learning_rate)
+                run.update(case=case, method=method, seed=seed, seconds=round(time.perf_counter() - began, 1))
+                runs.append(run)
+                print(f"{case:<8} {method:<8} seed {seed}: accuracy {run['accuracy']:.3f} ({run['seconds']:.0f}s)",
+                      flush=True)
+    results = {
+        **experiment_header("batch_norm", argv, started),
+        "settings": {"rounds": args.rounds, "epochs": args.epochs, "learning_rate": args.learning_rate,
+                     "seeds": list(range(args.seeds)), "feature_shifts": FEATURE_SHIFTS},
+        "table": summarise(runs),
+        "runs": runs,
+    }
+    write_experiment(args.out, "BATCH_NORM", results, markdown(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
