@@ -1,0 +1,109 @@
+"""Per-feature moments from many sites, pooled exactly: what federated feature scaling and batch-norm
+recalibration need, and all that leaves a site for them.
+
+A site summarises its values (features, or the inputs of a batch-norm layer) per feature as
+:class:`Moments`: how many values, their mean, and the sum of squared deviations from that mean
+(``m2``). This is the same information as a count, a sum and a sum of squares, in the form that
+stays exact in floating point when a feature's mean is large against its spread (a sum of squares
+would cancel catastrophically). Sites' moments are merged with the pairwise formulas of
+
+    T. F. Chan, G. H. Golub and R. J. LeVeque, "Updating formulae and a pairwise algorithm for
+    computing sample variances", COMPSTAT 1982 (Stanford report STAN-CS-79-773, 1979),
+
+so the pooled mean and variance are those of all the sites' values together: not an average of
+the sites' variances, which leaves out how far apart the sites' means are.
+
+Pure logic, no I/O: a site computes its moments with :meth:`Moments.of`, the server checks each
+report with :func:`why_unusable` and pools the usable ones with :func:`pool`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+#: features whose scales (root mean square) differ by at least this factor are worth normalising
+SCALE_SPREAD_WORTH_A_WARNING = 100.0
+
+
+@dataclass(frozen=True)
+class Moments:
+    """``count`` values per feature, their ``mean`` and ``m2`` (the sum of squared deviations from
+    the mean), each a float64 vector of one entry per feature."""
+
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @property
+    def variance(self) -> np.ndarray:
+        """The population variance of each feature (``m2 / count``), as a batch-norm layer keeps it."""
+        return self.m2 / self.count if self.count else np.zeros_like(self.m2)
+
+    @classmethod
+    def of(cls, values: np.ndarray, *, chunk_rows: int = 4096) -> "Moments":
+        """The moments of ``values`` (rows are examples; the other axes are flattened into features),
+        computed a chunk of rows at a time in float64."""
+        values = np.asarray(values)
+        flat = values.reshape(len(values), -1) if values.ndim > 1 else values.reshape(-1, 1)
+        total = cls(0, np.zeros(flat.shape[1]), np.zeros(flat.shape[1]))
+        for start in range(0, len(flat), chunk_rows):
+            chunk = flat[start:start + chunk_rows].astype(np.float64)
+            mean = chunk.mean(axis=0)
+            total = total.merge(cls(len(chunk), mean, ((chunk - mean) ** 2).sum(axis=0)))
+        return total
+
+    def merge(self, other: "Moments") -> "Moments":
+        """The moments of both sets of values together (Chan, Golub and LeVeque's pairwise update)."""
+        if not other.count:
+            return self
+        if not self.count:
+            return other
+        count = self.count + other.count
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / count)
+        m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / count)
+        return Moments(count, mean, m2)
+
+
+def pool(reports: Iterable[Moments]) -> Moments:
+    """All the reports' values together; ValueError if there is none, or they disagree in features."""
+    reports = list(reports)
+    if not reports:
+        raise ValueError("no site reported its moments")
+    widths = {len(r.mean) for r in reports}
+    if len(widths) != 1:
+        raise ValueError(f"the reports disagree in their number of features: {sorted(widths)}")
+    total = reports[0]
+    for report in reports[1:]:
+        total = total.merge(report)
+    return total
+
+
+def why_unusable(report: Moments, *, num_features: int, max_count: int) -> str | None:
+    """Why a site's report cannot be pooled (it is a network input), or None. What cannot be
+    checked: a site can report any moments its count allows, as it can send any update; its
+    weight in the pool is its count, held to at most ``max_count`` (what it declared it holds)."""
+    if not isinstance(report.count, int) or isinstance(report.count, bool) or report.count < 1:
+        return f"its count {report.count!r} is not a positive whole number"
+    if report.count > max_count:
+        return f"its count {report.count} is more than the {max_count} examples it may claim"
+    for name in ("mean", "m2"):
+        array = getattr(report, name)
+        if not isinstance(array, np.ndarray) or array.dtype != np.float64 or array.shape != (num_features,):
+            return f"its {name} is not {num_features} float64 values"
+        if not np.all(np.isfinite(array)):
+            return f"its {name} holds a value that is not finite"
+    if np.any(report.m2 < 0):
+        return "a sum of squared deviations is negative"
+    return None
+
+
+def scale_spread(moments: Moments) -> float:
+    """How many times the largest feature's scale (its root mean square) is the smallest non-zero
+    one's: 1 for features on one scale; at least SCALE_SPREAD_WORTH_A_WARNING: worth normalising."""
+    scale = np.sqrt(moments.variance + moments.mean**2)
+    scale = scale[scale > 0]
+    return float(scale.max() / scale.min()) if len(scale) else 1.0
