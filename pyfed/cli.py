@@ -131,7 +131,7 @@ def run_server(config: ServerConfig) -> int:
                     fraction_fit=1.0 if config.private() else config.fraction_fit,  # DP samples, as it accounts
                     seed=config.seed, checkpoint_dir=config.checkpoint_dir,
                     keep_checkpoints=config.keep_checkpoints, fresh_start=config.fresh_start, curve=curve,
-                    run_name=config.run_name,
+                    run_name=config.run_name, feature_scaling=feature_scaling(model, config),
                     authorized_keys=config.authorized_keys if curve else None, join_rate=config.join_rate,
                     max_examples=config.max_examples, max_ids_per_key=config.max_ids_per_key,
                     secure_aggregation=config.secure_aggregation_settings(),
@@ -152,14 +152,15 @@ def build_model(config: ServerConfig | SimulateConfig, data: tuple | None) -> tu
     settings settled (the model's own compile settings unless --optimizer / --learning-rate say
     otherwise: learning/model.py's settle_training), said in one log line."""
     from pyfed.learning.model import (DEFAULT_CNN_NAME, batch_norm_notice, default_model, load_model_spec,
-                                      settle_training, unscaled_features)
+                                      needs_scaling, settle_training, unscaled_features)
 
     if config.model:
         model, uncompiled = load_model_spec(config.model), f"PyFed's default: {config.model} is not compiled"
     else:
         x, y = data
         shape, num_classes = tuple(x.shape[1:]), int(y.max()) + 1
-        model, uncompiled = default_model(shape, num_classes, None), "PyFed's default model"
+        model, uncompiled = (default_model(shape, num_classes, None, feature_scaling=needs_scaling(x)),
+                             "PyFed's default model")
         log.info("model: PyFed's default %s for examples shaped %s, %d classes (%s weights); --model / MODEL "
                  "gives your own", "CNN" if model.name == DEFAULT_CNN_NAME else "MLP", "x".join(map(str, shape)),
                  num_classes, f"{model.count_params():,}")
@@ -226,6 +227,32 @@ def build_strategy(settings: StrategySettings, clients_per_round: int, clients_s
         raise UsageError(f"--strategy {settings.strategy} with these settings needs at least "
                          f"{strategy.min_fit_clients()} clients per round, but {clients_setting} is {clients_per_round}")
     return strategy
+
+
+def feature_scaling(model: Any, config: ServerConfig | SimulateConfig) -> Any:
+    """Where the model's feature scaling keeps its mean and variance, for the round engine to set from
+    the sites' pooled statistics before round 1; None (said why) when the model has none, or when
+    the statistics must not be collected: under differential privacy (they would be released
+    without noise), under secure aggregation (the server would see each site's), or when
+    --initial-weights already holds the scaling."""
+    from pyfed.federation.moments import FeatureScaling
+    from pyfed.learning.model import feature_scaling_indices
+
+    indices = feature_scaling_indices(model)
+    if indices is None:
+        return None
+    why_not = ("differential privacy is on: the statistics would leave the sites without noise" if config.private()
+               else "secure aggregation is on: the server would see each site's statistics"
+               if config.secure_aggregation else "--initial-weights / INITIAL_WEIGHTS sets it"
+               if config.initial_weights else None)
+    if why_not:
+        log.warning("feature scaling: the sites' statistics are not collected (%s); the model's feature scaling "
+                    "stays as it starts%s", why_not, "" if config.initial_weights else
+                    " (no scaling): standardise the features at the sites, the same way at each")
+        return None
+    log.info("feature scaling: before round 1 each site sends, per input feature, its count, mean and spread "
+             "(nothing else); the model standardises its inputs by their pooled mean and variance")
+    return FeatureScaling(*indices)
 
 
 def fit_plan(config: Any, learning_rate: float) -> Any:
@@ -469,7 +496,7 @@ def run_simulate(config: SimulateConfig) -> int:
         fraction_fit=1.0 if config.private() else config.fraction_fit,  # DP samples, as it accounts
         min_fit_clients=max(config.min_fit_clients, strategy.min_fit_clients()), drop_rate=config.drop_rate, checkpoint_dir=config.checkpoint_dir, keep_checkpoints=config.keep_checkpoints,
         fresh_start=config.fresh_start, logdir=config.logdir, config_summary=run_settings(config, training),
-        seed=config.seed, run_name=config.run_name,
+        seed=config.seed, run_name=config.run_name, feature_scaling=feature_scaling(model, config),
         progress=config.progress, export=model_files(model, config, has_test_data=test_data is not None),
         histograms=config.histograms, secure_aggregation=config.secure_aggregation_settings())
     _on_stop_signals(lambda name: simulation.engine.request_stop(name))

@@ -32,6 +32,8 @@ from pyfed.federation.secure_aggregation import SecAggAborted
 from pyfed.wire import protocol
 from pyfed.wire.compression import CompressionError, decode_broadcast
 from pyfed.learning.data import DataError, load_shard
+from pyfed.federation.moments import Moments
+from pyfed.federation.pool import moments_body
 from pyfed.learning.model import from_wire, input_shape, output_units, unscaled_features
 from pyfed.wire.protocol import (RETRYABLE_REFUSALS, ConnectionEvent, ErrorCode, FitPlan, Message, MessageType,
                                  ProtocolError)
@@ -302,6 +304,8 @@ class Client:
                 self._secure_aggregation_stage(message)
             elif message.type is MessageType.EVALUATE:
                 self._evaluate(message)
+            elif message.type is MessageType.STATS:
+                self._statistics(message)
             elif message.type is MessageType.FINISH:
                 self._transport.send(protocol.encode(Message(MessageType.LEAVE, client_id=self.client_id,
                                                              body={"reason": "run complete"})))
@@ -454,6 +458,18 @@ class Client:
             log.info("round %d: global model on %d held-out examples: loss %.4f%s", message.round, num_examples,
                      loss if loss is not None else float("nan"),
                      f", accuracy {accuracy:.4f}" if accuracy is not None else "")
+
+    def _statistics(self, message: Message) -> None:
+        """STATS: the per-feature moments of this site's training examples (feature scaling), nothing more."""
+        key = ("stats", message.body["run"], message.body["kind"])
+        if self._answer_again(key, "feature statistics"):
+            return
+        moments = Moments.of(self.trainer.training_examples())
+        reply = Message(MessageType.MOMENTS, round=message.round, client_id=self.client_id, body=moments_body(moments))
+        self._last_answer = (key, reply)
+        self._send(protocol.encode(reply), what="feature statistics")
+        log.info("sent the mean and spread of each of its %d features over %d examples, for the model's feature "
+                 "scaling (nothing else about its data)", len(moments.mean), moments.count)
 
     # --- messages -------------------------------------------------------------------------------
 

@@ -34,7 +34,9 @@ from typing import Any, Protocol
 import numpy as np
 
 from pyfed.federation.pool import (CONNECTION_GONE, UNREACHED, Answer, Back, ClientPool, EvaluateRequest,
-                                   FitRequest, Gone, GrantRequest, Misbehaved, Request, SecAggRequest)
+                                   FitRequest, Gone, GrantRequest, Misbehaved, Request, SecAggRequest, StatsRequest)
+from pyfed.federation.moments import (TINY_VARIANCE, FeatureScaling, Moments, implausible, pool as pool_moments,
+                                      report_of, scale_spread, why_report_unusable)
 from pyfed.federation.secagg import SecAggError
 from pyfed.federation.secure_aggregation import (Advertised, PublicKeys, SecAggAborted, SecAggBlamed, SecAggRefused,
                                                  SecureAggregation, ServerRound, apply_change, left_out_after,
@@ -49,7 +51,7 @@ from pyfed.persistence.tracking import (RoundRecord, RunDescription, RunLog, bes
                                        default_run_name, format_metric)
 from pyfed.wire import compression, protocol
 from pyfed.wire.compression import CompressionError, UpdateCompression
-from pyfed.wire.protocol import Delivery, FitPlan, MessageType, ProtocolError
+from pyfed.wire.protocol import Delivery, FitPlan, MessageType, ProtocolError, StatsKind
 
 log = logging.getLogger("pyfed.server")
 
@@ -232,6 +234,7 @@ class RoundEngine:
         max_inflight_updates: int = DEFAULT_INFLIGHT_UPDATES,
         max_clients_per_round: int | None = None,
         min_upload_mbit_s: float = DEFAULT_MIN_UPLOAD_MBIT_S,
+        feature_scaling: FeatureScaling | None = None,
     ):
         if not 1 <= min_fit_clients:
             raise ValueError(f"min_fit_clients must be at least 1, got {min_fit_clients}")
@@ -246,6 +249,7 @@ class RoundEngine:
         self.secure_aggregation = secure_aggregation
         self.max_inflight_updates = max_inflight_updates
         self.min_upload_mbit_s = min_upload_mbit_s
+        self.feature_scaling = feature_scaling  # set: pool the sites' feature moments into it before round 1
         if max_clients_per_round is not None and max_clients_per_round < min_fit_clients:
             raise ValueError(f"max_clients_per_round {max_clients_per_round} is below min_fit_clients "
                              f"{min_fit_clients}: no round could run")
@@ -416,6 +420,8 @@ class RoundEngine:
         self.pool.publish(self.weights, self.completed_rounds)
         try:
             self._wait_for_clients(self.min_clients, to_ask=False)
+            if self.feature_scaling is not None and self.completed_rounds == 0:
+                self._scale_features(self.feature_scaling)
             for server_round in range(self.completed_rounds + 1, self.rounds + 1):
                 self._run_round(server_round)
         except RunOver as over:
@@ -779,6 +785,39 @@ class RoundEngine:
             self.pool.accepted(client_id)
         return {client_id: FitResult(client_id, (), 0, metrics[client_id]) for client_id in survivors}
 
+    def _scale_features(self, scaling: FeatureScaling) -> None:
+        """Before round 1: ask every connected site for its features' moments, pool them exactly
+        (moments.py) and set the model's feature scaling to the pooled mean and variance. A feature
+        with no spread keeps variance 1 (it is only centred). No usable report: the model starts
+        unscaled, and the run goes on."""
+        num_features = self.weights[scaling.mean_index].size
+        request = StatsRequest(StatsKind.FEATURES, self.run_id)
+        collection = Collection(MessageType.MOMENTS, 0, 1, {cid: request for cid in self.pool.connected()})
+        reports: dict[str, Moments] = {}
+
+        def accept(answer: Answer) -> None:
+            reports[answer.client_id] = report_of(answer.body)
+
+        log.info("feature scaling: asking %d site(s) for the mean and spread of each of the model's %d input "
+                 "features", len(collection.requests), num_features)
+        dropped = self._collect(collection, accept)
+        if not reports:
+            log.warning("feature scaling: no site sent usable statistics (%s); the model starts with its features "
+                        "unscaled", "; ".join(f"{cid}: {why}" for cid, why in sorted(dropped.items())) or "none asked")
+            return
+        for client_id, why in sorted(implausible(reports).items()):
+            reports.pop(client_id)
+            self.pool.refuse(client_id, f"its statistics cannot be true: {why}")
+            log.warning("feature scaling: left out client %s's statistics: %s", client_id, why)
+        pooled = pool_moments(reports.values())
+        variance = np.where(pooled.variance > TINY_VARIANCE, pooled.variance, 1.0)
+        for index, values in ((scaling.mean_index, pooled.mean), (scaling.variance_index, variance)):
+            self.weights[index] = values.astype(self.weights[index].dtype).reshape(self.weights[index].shape)
+        self.pool.publish(self.weights, self.completed_rounds)
+        log.info("feature scaling: the model standardises its %d features by the pooled mean and variance of %d "
+                 "examples at %d site(s) (%s); their scales spread %.3g-fold", num_features, pooled.count,
+                 len(reports), ", ".join(sorted(reports)), scale_spread(pooled))
+
     def _federated_evaluation(self, server_round: int) -> tuple[dict[str, Any] | None, dict[str, str]]:
         """Ask every connected client to evaluate the new global weights on its held-out data."""
         request = EvaluateRequest(server_round, self.weights, self.run_id)
@@ -994,6 +1033,11 @@ class RoundEngine:
                 unusable = self._why_update_unusable(answer.arrays)
                 if unusable:
                     return f"its update is unusable: {unusable}"
+            elif answer.kind is MessageType.MOMENTS:
+                declared = self.pool.info(answer.client_id).declared_examples
+                num_features = self.weights[self.feature_scaling.mean_index].size if self.feature_scaling else 0
+                return why_report_unusable(report_of(answer.body), num_features=num_features,
+                                           max_count=min(declared or self.max_examples, self.max_examples))
             else:
                 if answer.kind is MessageType.SECAGG_MASKED:
                     protocol.check_history(answer.body["history"], self.plan.epochs)

@@ -14,18 +14,28 @@ so the pooled mean and variance are those of all the sites' values together: not
 the sites' variances, which leaves out how far apart the sites' means are.
 
 Pure logic, no I/O: a site computes its moments with :meth:`Moments.of`, the server checks each
-report with :func:`why_unusable` and pools the usable ones with :func:`pool`.
+report with :func:`why_report_unusable` and pools the usable ones with :func:`pool`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
-#: features whose scales (root mean square) differ by at least this factor are worth normalising
-SCALE_SPREAD_WORTH_A_WARNING = 100.0
+#: a pooled variance at most this is no spread: the feature is centred, not divided by ~0
+TINY_VARIANCE = 1e-12
+
+
+@dataclass(frozen=True)
+class FeatureScaling:
+    """Where the model's feature scaling keeps its mean and variance: their positions among the
+    global weights (the engine sets them from the sites' pooled moments before round 1)."""
+
+    mean_index: int
+    variance_index: int
 
 
 @dataclass(frozen=True)
@@ -68,6 +78,11 @@ class Moments:
         return Moments(count, mean, m2)
 
 
+def report_of(body: Mapping[str, Any]) -> Moments:
+    """A site's report from its MOMENTS message (whose schema the protocol has checked)."""
+    return Moments(body["count"], np.asarray(body["mean"], np.float64), np.asarray(body["m2"], np.float64))
+
+
 def pool(reports: Iterable[Moments]) -> Moments:
     """All the reports' values together; ValueError if there is none, or they disagree in features."""
     reports = list(reports)
@@ -82,7 +97,7 @@ def pool(reports: Iterable[Moments]) -> Moments:
     return total
 
 
-def why_unusable(report: Moments, *, num_features: int, max_count: int) -> str | None:
+def why_report_unusable(report: Moments, *, num_features: int, max_count: int) -> str | None:
     """Why a site's report cannot be pooled (it is a network input), or None. What cannot be
     checked: a site can report any moments its count allows, as it can send any update; its
     weight in the pool is its count, held to at most ``max_count`` (what it declared it holds)."""
@@ -101,9 +116,47 @@ def why_unusable(report: Moments, *, num_features: int, max_count: int) -> str |
     return None
 
 
+#: how many of the other sites' standard deviations a site's mean may sit from theirs, or its variance
+#: be times theirs, before its report is taken for a lie (honest sites differ, by far less than this)
+IMPLAUSIBLE_SPREAD = 1e3
+
+
+def implausible(reports: Mapping[str, Moments]) -> dict[str, str]:
+    """The reports that cannot come from data like the other sites' ({site: why}): a feature's mean
+    at least IMPLAUSIBLE_SPREAD of the others' standard deviations (pooled) from the others' mean,
+    or its variance IMPLAUSIBLE_SPREAD squared times theirs. Each report is judged against the
+    pool of all the others; the worst is left out and the rest judged again, so that one liar's
+    huge values cannot make another's look ordinary. With fewer than three sites nothing can say
+    which of two disagreeing reports lies, and nothing is refused."""
+    remaining, found = dict(reports), {}
+    while len(remaining) >= 3:
+        judged = {site: _how_implausible(report, pool(r for other, r in remaining.items() if other != site))
+                  for site, report in remaining.items()}
+        worst = max(judged, key=lambda site: judged[site][0])
+        if judged[worst][0] < 1.0:
+            break
+        found[worst] = judged[worst][1]
+        del remaining[worst]
+    return found
+
+
+def _how_implausible(report: Moments, others: Moments) -> tuple[float, str]:
+    """(how far past the bound ``report`` is against ``others``: at least 1 is implausible, why)."""
+    spread = np.sqrt(others.variance) + np.sqrt(TINY_VARIANCE) + 1e-6 * np.abs(others.mean)
+    distance = np.abs(report.mean - others.mean) / spread
+    ratio = np.sqrt(report.variance) / spread
+    far, wide = int(np.argmax(distance)), int(np.argmax(ratio))
+    if distance[far] >= ratio[wide]:
+        return float(distance[far] / IMPLAUSIBLE_SPREAD), (
+            f"feature {far}'s mean {report.mean[far]:.3g} is {distance[far]:.3g} standard deviations from the other "
+            f"sites' {others.mean[far]:.3g}")
+    return float(ratio[wide] / IMPLAUSIBLE_SPREAD), (
+        f"feature {wide}'s variance {report.variance[wide]:.3g} is {ratio[wide] ** 2:.3g} times the other sites'")
+
+
 def scale_spread(moments: Moments) -> float:
     """How many times the largest feature's scale (its root mean square) is the smallest non-zero
-    one's: 1 for features on one scale; at least SCALE_SPREAD_WORTH_A_WARNING: worth normalising."""
+    one's: 1 for features on one scale (what the engine logs of the features it scales)."""
     scale = np.sqrt(moments.variance + moments.mean**2)
     scale = scale[scale > 0]
     return float(scale.max() / scale.min()) if len(scale) else 1.0

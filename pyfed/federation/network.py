@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pyfed.federation.pool import (CONNECTION_GONE, Answer, Back, ClientInfo, FitRequest, Gone, GrantRequest,
-                                   Misbehaved, PoolEvent, Request, SecAggRequest)
+                                   Misbehaved, PoolEvent, Request, SecAggRequest, StatsRequest)
 from pyfed.federation.registry import ClientRecord, JoinRefused, Registry
 from pyfed.wire import chunks, compression, protocol
 from pyfed.wire.compression import UpdateCompression
@@ -31,7 +31,8 @@ log = logging.getLogger("pyfed.server")
 
 #: What a client sends in answer to the engine's requests.
 CLIENT_ANSWERS = frozenset({MessageType.UPLOAD_READY, MessageType.UPDATE, MessageType.EVALUATION, MessageType.SECAGG_KEYS,
-                            MessageType.SECAGG_SHARES, MessageType.SECAGG_MASKED, MessageType.SECAGG_REVEAL})
+                            MessageType.SECAGG_SHARES, MessageType.SECAGG_MASKED, MessageType.SECAGG_REVEAL,
+                            MessageType.MOMENTS})
 
 FINISH_GRACE_S = 15.0
 FINISH_RESEND_S = 2.0
@@ -147,6 +148,9 @@ class NetworkPool:
         if isinstance(request, GrantRequest):
             return protocol.encode(Message(MessageType.UPLOAD_GRANT, round=request.round,
                                            body={"attempt": request.attempt}))
+        if isinstance(request, StatsRequest):
+            return protocol.encode(Message(MessageType.STATS, round=request.round,
+                                           body={"run": request.run, "kind": request.kind.value}))
         if isinstance(request, FitRequest):
             key: tuple = ("fit", request.round, request.attempt, request.plan)
         else:

@@ -25,7 +25,8 @@ from pyfed.federation.answers import ClientAnswers
 from pyfed.federation.secagg import SecAggError
 from pyfed.federation.secure_aggregation import SecAggAborted
 from pyfed.wire.compression import as_received
-from pyfed.wire.protocol import Delivery, FitPlan, MessageType
+from pyfed.federation.moments import Moments
+from pyfed.wire.protocol import Delivery, FitPlan, MessageType, StatsKind
 
 log = logging.getLogger("pyfed.pool")
 
@@ -57,6 +58,15 @@ class EvaluateRequest:
 
 
 @dataclass(frozen=True)
+class StatsRequest:
+    """Before round 1 of run ``run``: summarise your training examples as ``kind`` says (a MOMENTS answer)."""
+
+    kind: StatsKind
+    run: str = "0" * 16
+    round: int = 0
+
+
+@dataclass(frozen=True)
 class SecAggRequest:
     """A secure aggregation stage (SECAGG_ROSTER, SECAGG_BOXES or SECAGG_UNMASK) of one attempt."""
 
@@ -74,7 +84,7 @@ class GrantRequest:
     attempt: int
 
 
-Request = FitRequest | EvaluateRequest | SecAggRequest | GrantRequest
+Request = FitRequest | EvaluateRequest | SecAggRequest | GrantRequest | StatsRequest
 
 
 @dataclass
@@ -177,6 +187,8 @@ class Trainer(Protocol):
 
     def evaluate(self, weights: list[np.ndarray]) -> tuple[int, float | None, float | None]: ...
 
+    def training_examples(self) -> np.ndarray: ...
+
 
 class InProcessPool:
     """Clients that are local trainers, called one at a time in this process (a simulation).
@@ -251,6 +263,9 @@ class InProcessPool:
                 return [Gone(client_id, f"granted an upload for round {request.round} attempt {request.attempt}, "
                                         f"which it holds no update for")]
             return [Answer(client_id, held[0], request.round, request.attempt, held[1], held[2])]
+        if isinstance(request, StatsRequest):  # what a networked client answers (client.py)
+            return [Answer(client_id, MessageType.MOMENTS, request.round, 1,
+                           moments_body(Moments.of(trainer.training_examples())))]
         if isinstance(request, FitRequest):
             received = as_received(request.weights, request.plan.broadcast_compression)  # what the wire would give
             weights, num_examples, metrics = trainer.fit(list(received), request.plan)
@@ -291,3 +306,8 @@ class InProcessPool:
 
     def stop(self, reason: str) -> None:
         pass
+
+
+def moments_body(moments: Moments) -> dict[str, Any]:
+    """A site's MOMENTS answer: its count and, per feature, its mean and m2, as JSON numbers (exact)."""
+    return {"count": int(moments.count), "mean": moments.mean.tolist(), "m2": moments.m2.tolist()}

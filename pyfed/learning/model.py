@@ -45,17 +45,19 @@ DEFAULT_CNN_NAME, DEFAULT_MLP_NAME = "pyfed_cnn", "pyfed_mlp"
 
 
 def default_model(input_shape: tuple[int, ...], num_classes: int,
-                  learning_rate: float | None = DEFAULT_LEARNING_RATE) -> keras.Model:
+                  learning_rate: float | None = DEFAULT_LEARNING_RATE, *, feature_scaling: bool = False) -> keras.Model:
     """PyFed's model for data that comes without one, sized from the data: a small CNN for images
     (examples shaped height x width x channels, both sides at least :data:`CNN_MIN_SIDE`), else a
-    small MLP for flat features (a Flatten first, so other shapes work too). Compiled with PyFed's
-    defaults (``learning_rate=None``: left uncompiled, for :func:`settle_training`)."""
+    small MLP for flat features (a Flatten first, so other shapes work too; with ``feature_scaling``,
+    then a :func:`feature_scaling_layer`). Compiled with PyFed's defaults (``learning_rate=None``:
+    left uncompiled, for :func:`settle_training`)."""
     if len(input_shape) == 3 and min(input_shape[:2]) >= CNN_MIN_SIDE:
         model = default_cnn(input_shape, num_classes)
     else:
         model = keras.Sequential([
             keras.layers.Input(input_shape),
             keras.layers.Flatten(),
+            *([feature_scaling_layer()] if feature_scaling else []),
             keras.layers.Dense(128, activation="relu"),
             keras.layers.Dense(64, activation="relu"),
             keras.layers.Dense(num_classes, activation="softmax"),
@@ -276,15 +278,47 @@ def describe_model(model: keras.Model, *, histograms: bool = False) -> RunDescri
                           weight_names=tuple(variable.path for variable in model.weights) if histograms else None)
 
 
-def batch_norm_layers(model: keras.Model) -> list[keras.layers.Layer]:
-    """``model``'s BatchNormalization layers, nested models' included, in order."""
+FEATURE_SCALING_NAME = "feature_scaling"
+
+
+def feature_scaling_layer() -> keras.layers.BatchNormalization:
+    """A layer that standardises each input feature by a mean and variance PyFed sets before round 1
+    from every site's statistics (their pooled moments; federation/moments.py). Put it first in a
+    model of flat features to have them scaled. It is a BatchNormalization that never trains
+    (``trainable=False`` runs it in inference mode: its moving mean and variance are the mean and
+    variance), without scale or offset; starts as the identity. Keras's Normalization layer would not
+    do: it copies its adapted statistics out of its weights, so the weights a site receives would not
+    reach them."""
+    return keras.layers.BatchNormalization(center=False, scale=False, epsilon=1e-9, trainable=False,
+                                           name=FEATURE_SCALING_NAME)
+
+
+def feature_scaling_indices(model: keras.Model) -> tuple[int, int] | None:
+    """The positions of the feature scaling's mean and variance in ``model.get_weights()``, or None
+    if the model has no :func:`feature_scaling_layer` (a BatchNormalization named ``feature_scaling``)."""
+    layer = next((layer for layer in _all_layers(model) if layer.name == FEATURE_SCALING_NAME
+                  and isinstance(layer, keras.layers.BatchNormalization)), None)
+    if layer is None:
+        return None
+    positions = {id(variable): index for index, variable in enumerate(model.weights)}
+    return positions[id(layer.moving_mean)], positions[id(layer.moving_variance)]
+
+
+def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """Every layer of ``model``, nested models' included, in order."""
     found, pending = [], list(model.layers)
     while pending:
         layer = pending.pop(0)
-        if isinstance(layer, keras.layers.BatchNormalization):
-            found.append(layer)
+        found.append(layer)
         pending[:0] = list(getattr(layer, "layers", []))
     return found
+
+
+def batch_norm_layers(model: keras.Model) -> list[keras.layers.Layer]:
+    """``model``'s BatchNormalization layers that learn batch statistics, nested models' included, in
+    order (not its :func:`feature_scaling_layer`, whose statistics are the sites' pooled ones)."""
+    return [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)
+            and layer.name != FEATURE_SCALING_NAME]
 
 
 def local_array_indices(model: keras.Model, local_layers: str) -> tuple[int, ...]:
@@ -321,11 +355,15 @@ SCALE_SPREAD_WORTH_A_WARNING = 100.0
 SCALE_CHECK_ROWS = 20_000
 
 
+#: layers that only reshape: what comes after them is the first to see the values
+SHAPE_ONLY_LAYERS = (keras.layers.InputLayer, keras.layers.Flatten, keras.layers.Reshape)
+
+
 def normalises_its_input(model: keras.Model) -> bool:
-    """Whether ``model``'s first layer (inside a nested model's, too) is a normalising one."""
+    """Whether ``model``'s first layer (after reshaping ones; inside a nested model's, too) is a normalising one."""
     layer: Any = model
-    while getattr(layer, "layers", None):
-        layer = next((inner for inner in layer.layers if not isinstance(inner, keras.layers.InputLayer)), None)
+    while getattr(layer, "layers", None):  # the first layer that does more than reshape
+        layer = next((inner for inner in layer.layers if not isinstance(inner, SHAPE_ONLY_LAYERS)), None)
         if layer is None:
             return False
         if isinstance(layer, NORMALISING_LAYERS):
@@ -339,6 +377,15 @@ def feature_scales(x: np.ndarray) -> np.ndarray:
     pixel) is on the same scale as its neighbours."""
     rows = x[:: max(1, -(-len(x) // SCALE_CHECK_ROWS))]
     return np.max(np.abs(rows.reshape(len(rows), -1).astype(np.float64)), axis=0)
+
+
+def needs_scaling(x: np.ndarray) -> bool:
+    """Whether ``x``'s flat (tabular) features differ in scale at least SCALE_SPREAD_WORTH_A_WARNING-fold."""
+    if x.ndim != 2 or not len(x):
+        return False
+    scales = feature_scales(x)
+    nonzero = scales[scales > 0]
+    return len(nonzero) >= 2 and nonzero.max() / nonzero.min() >= SCALE_SPREAD_WORTH_A_WARNING
 
 
 def unscaled_features(model: keras.Model, x: np.ndarray, where: str) -> str | None:

@@ -117,6 +117,10 @@ class LocalTrainer:
         self._local = {index: trained[index].copy() for index in local_array_indices(self.model, self._local_layers)}
         return trained, self.num_train_examples, {"fit_s": round(fit_s, 6), "history": curves}
 
+    def training_examples(self) -> np.ndarray:
+        """The examples this site trains on (not the held-out ones): what its statistics summarise."""
+        return self.x if self._train_rows is None else self.x[self._train_rows]
+
     def evaluate(self, weights: list[np.ndarray]) -> tuple[int, float | None, float | None]:
         """(held-out examples, loss, accuracy) of ``weights`` (with this site's own layers, under FedBN);
         (0, None, None) if nothing is held out."""

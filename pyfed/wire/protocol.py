@@ -76,6 +76,9 @@ class MessageType(str, enum.Enum):
     SECAGG_MASKED = "secagg_masked"
     SECAGG_UNMASK = "secagg_unmask"
     SECAGG_REVEAL = "secagg_reveal"
+    # site statistics, before round 1 (federation/moments.py): feature scaling from every site's data
+    STATS = "stats"
+    MOMENTS = "moments"
 
 
 class ErrorCode(enum.StrEnum):
@@ -115,6 +118,17 @@ class ConnectionEvent(enum.StrEnum):
     #: the handshake failed with no reason given: a wrong server key looks the same as a connection
     #: closed mid-handshake (a server restarting behind a port proxy), so it may pass
     HANDSHAKE_FAILED = "handshake failed"
+
+
+class StatsKind(enum.StrEnum):
+    """What a STATS request asks a site to summarise. FEATURES: the per-feature moments of its
+    training examples, which the server pools into the model's feature scaling."""
+
+    FEATURES = "features"
+
+
+#: the most values a MOMENTS message may carry per field (features of tabular data)
+MAX_MOMENT_VALUES = 65_536
 
 
 class LocalLayers(enum.StrEnum):
@@ -303,6 +317,19 @@ def _tuple(*checkers: Callable[[Any], Any]) -> Callable[[Any], list[Any]]:
         if not isinstance(value, list) or len(value) != len(checkers):
             raise ValueError(f"must be a list of {len(checkers)} values")
         return [checker(item) for checker, item in zip(checkers, value)]
+    return check
+
+
+def _floats(max_len: int, *, low: float = -1e300) -> Callable[[Any], list[float]]:
+    """A list of at most ``max_len`` finite numbers, each at least ``low``."""
+    def check(value: Any) -> list[float]:
+        if not isinstance(value, list) or not 1 <= len(value) <= max_len:
+            raise ValueError(f"must be a list of 1 to {max_len} numbers")
+        for item in value:
+            if (not isinstance(item, (int, float)) or isinstance(item, bool) or not math.isfinite(item)
+                    or not low <= item <= 1e300):
+                raise ValueError(f"holds {str(item)[:24]!r}, not a finite number of at least {low:g}")
+        return value
     return check
 
 
@@ -502,6 +529,18 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
         "num_examples": (_int_in(0, 2**53), True),
         "loss": (_optional(_float_in(-1e30, 1e30)), True),
         "accuracy": (_optional(_float_in(0.0, 1.0)), True),
+    },
+    # server -> client, before round 1: summarise your training examples (`kind`, a StatsKind) for run `run`.
+    MessageType.STATS: {
+        "run": (_run_id, True),
+        "kind": (_one_of(*(k.value for k in StatsKind)), True),
+    },
+    # client -> server: the answer to a STATS: per feature, the mean of its `count` examples and the sum
+    # of squared deviations from it (m2). Nothing else about its data leaves the site.
+    MessageType.MOMENTS: {
+        "count": (_int_in(1, 2**53), True),
+        "mean": (_floats(MAX_MOMENT_VALUES), True),
+        "m2": (_floats(MAX_MOMENT_VALUES, low=0.0), True),
     },
     # server -> client: the run is over; the client may exit.
     MessageType.FINISH: {

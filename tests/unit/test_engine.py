@@ -14,6 +14,7 @@ import pytest
 
 from pyfed.federation.engine import EngineStopping, RoundEngine, RoundTimeout
 from pyfed.federation.pool import (Answer, Back, ClientInfo, EvaluateRequest, FitRequest, Gone, GrantRequest,
+                                   StatsRequest, moments_body,
                                    InProcessPool, Misbehaved, PoolEvent)
 from pyfed.federation.strategy import FedAvg, FedAvgM, FedMedian
 from pyfed.persistence.store import Persister, RunStore
@@ -77,6 +78,7 @@ class FakePool:
         self.finished = self.stopped = False
         self.released: list[str] = []
         self.on_idle: Callable[[float], list[PoolEvent]] | None = None  # what clients do as time passes
+        self.on_stats: dict[str, Callable[[str, StatsRequest], list[PoolEvent]]] = {}  # STATS: silent if unset
 
     def connected(self) -> list[str]:
         return sorted(self.present)
@@ -98,6 +100,8 @@ class FakePool:
                     event = Answer(event.client_id, MessageType.UPLOAD_READY, event.round, event.attempt,
                                    {"attempt": event.attempt, "bytes": sum(a.nbytes for a in event.arrays)})
                 self.events.append(event.answer if isinstance(event, Unannounced) else event)
+        elif isinstance(request, StatsRequest):
+            self.events.extend(self.on_stats[client_id](client_id, request) if client_id in self.on_stats else [])
         elif isinstance(request, GrantRequest):
             self.timeline.append(("grant", client_id))
             if client_id in self.on_grant:  # what it does when granted comes next, before anything else
@@ -945,3 +949,62 @@ def test_with_the_test_evaluation_in_the_background_a_round_is_said_finished_bef
         "round 2/2 finished", "round 2/2 tested")]
     assert said == sorted(said), lines
     assert "testing the new model" in lines[said[0]]
+
+
+
+# --- feature scaling: the sites' moments pooled before round 1 ----------------------------------
+
+SCALED_WEIGHTS = [np.zeros(3, np.float32), np.ones(3, np.float32), np.zeros((3, 2), np.float32)]
+
+
+def reports(x: np.ndarray, **lies) -> Callable[[str, StatsRequest], list[PoolEvent]]:
+    """A site answering STATS with the moments of its examples ``x`` (or with ``lies`` in their place)."""
+    from pyfed.federation.moments import Moments
+
+    def answer(client_id: str, request: StatsRequest) -> list[PoolEvent]:
+        return [Answer(client_id, MessageType.MOMENTS, request.round, 1, {**moments_body(Moments.of(x)), **lies})]
+    return answer
+
+
+def test_before_round_1_the_sites_moments_set_the_feature_scaling_to_the_pooled_mean_and_variance():
+    from pyfed.federation.moments import FeatureScaling
+
+    rng = np.random.default_rng(0)
+    x_a = np.c_[rng.normal(1000, 300, 40), rng.normal(0.1, 0.02, 40), np.full(40, 5.0)]
+    x_b = np.c_[rng.normal(1500, 100, 60), rng.normal(0.3, 0.05, 60), np.full(60, 5.0)]
+    x_c = np.c_[rng.normal(1200, 200, 30), rng.normal(0.2, 0.05, 30), np.full(30, 5.0)]
+    clock = Clock()
+    sites = ("a", "b", "c", "silent", "liar", "greedy", "narrow", "far")
+    pool = FakePool({cid: answers(1.0) for cid in sites}, clock, declared=100)
+    pool.on_stats = {"a": reports(x_a), "b": reports(x_b), "c": reports(x_c),
+                     "liar": reports(x_a, m2=[-1.0, 0.0, 0.0]), "greedy": reports(x_a, count=10**6),
+                     "narrow": reports(x_a[:, :2]),
+                     "far": reports(x_a, mean=[1e30, 0.1, 5.0])}  # within every bound, but no data gives it
+    run = RoundEngine(pool, SCALED_WEIGHTS, clock=clock, rounds=1, plan=PLAN, strategy=FedAvg(),
+                      round_timeout=RoundTimeout(100.0, PLAN.epochs), feature_scaling=FeatureScaling(0, 1))
+    first_fit = []
+    pool.behaviours["a"] = lambda cid, request: first_fit.append(request.weights) or [update(cid, request, 1.0)]
+    run.run()
+    union = np.concatenate([x_a, x_b, x_c])
+    assert np.allclose(first_fit[0][0], union.mean(axis=0), rtol=1e-6)  # round 1 trains on the scaled model
+    assert np.allclose(first_fit[0][1], [union[:, 0].var(), union[:, 1].var(), 1.0], rtol=1e-5)  # no spread: 1
+    assert {cid for cid, _ in pool.refused} == {"liar", "greedy", "narrow", "far"}
+    reasons = dict(pool.refused)
+    assert "negative" in reasons["liar"] and "more than the 100 examples" in reasons["greedy"]
+    assert "not 3 float64 values" in reasons["narrow"]
+    assert reasons["far"].startswith("its statistics cannot be true: feature 0's mean 1e+30 is")
+    assert sum(isinstance(r, StatsRequest) for _, r in pool.sent) == 8  # asked once each; silent timed out
+
+
+def test_no_usable_statistics_leave_the_model_unscaled_and_the_run_goes_on(caplog):
+    from pyfed.federation.moments import FeatureScaling
+
+    clock = Clock()
+    pool = FakePool({"a": answers(1.0)}, clock)
+    pool.on_stats = {"a": reports(np.ones((5, 3)), mean=[float("inf")] * 3)}  # not finite: refused (schema aside)
+    run = RoundEngine(pool, SCALED_WEIGHTS, clock=clock, rounds=1, plan=PLAN, strategy=FedAvg(),
+                      round_timeout=RoundTimeout(100.0, PLAN.epochs), feature_scaling=FeatureScaling(0, 1))
+    with caplog.at_level(logging.WARNING, logger="pyfed.server"):
+        history = run.run()
+    assert len(history) == 1 and "no site sent usable statistics" in caplog.text
+    assert "not finite" in dict(pool.refused)["a"]

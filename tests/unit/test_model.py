@@ -252,3 +252,25 @@ def test_features_on_scales_thousands_apart_are_named_unless_the_model_normalise
     assert unscaled_features(default_model((64,), 10), digits, "digits") is None
     images = np.concatenate([np.full((4, 8, 8, 1), 255.0), np.full((4, 8, 8, 1), 0.01)], axis=1)
     assert unscaled_features(default_model((16, 8, 1), 2), images, "images") is None  # not tabular
+
+
+def test_the_feature_scaling_layer_standardises_by_what_it_is_set_to_never_trains_and_travels_as_json():
+    from pyfed.learning.model import (batch_norm_layers, default_model, feature_scaling_indices, from_wire,
+                                      local_array_indices, needs_scaling, to_wire, unscaled_features)
+
+    model = default_model((3,), 2, feature_scaling=True)
+    mean_index, variance_index = feature_scaling_indices(model)
+    weights = model.get_weights()
+    weights[mean_index] = np.array([1000, 0.1, 5], np.float32)
+    weights[variance_index] = np.array([9e4, 4e-4, 1], np.float32)
+    model.set_weights(weights)
+    scaled = keras.Model(model.inputs, model.get_layer("feature_scaling").output)
+    assert np.allclose(scaled.predict(np.array([[1300, 0.12, 4]], np.float32), verbose=0), [[1, 1, -1]], atol=1e-4)
+    model.fit(np.full((8, 3), 7.0, np.float32), np.zeros(8, np.int64), epochs=1, verbose=0)
+    assert np.allclose(model.get_weights()[mean_index], [1000, 0.1, 5])  # training leaves it as the sites set it
+    received = from_wire(*to_wire(model))  # what a site builds from the server's description
+    assert feature_scaling_indices(received) == (mean_index, variance_index)
+    assert batch_norm_layers(model) == [] and local_array_indices(model, "batchnorm") == ()  # not FedBN's
+    assert feature_scaling_indices(default_model((3,), 2)) is None
+    unscaled = np.array([[1000, 0.1, 5], [1500, 0.2, 6]], np.float32)
+    assert needs_scaling(unscaled) and unscaled_features(model, unscaled, "x.csv") is None

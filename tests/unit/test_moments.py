@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pyfed.federation.moments import SCALE_SPREAD_WORTH_A_WARNING, Moments, pool, scale_spread, why_unusable
+from pyfed.federation.moments import Moments, pool, scale_spread, why_report_unusable
 
 pytestmark = pytest.mark.unit
 
@@ -68,17 +68,33 @@ def test_empty_reports_merge_to_the_other_and_pooling_nothing_or_mismatched_widt
     (Moments(5, np.zeros(2), np.array([1.0, -1e-9])), "a sum of squared deviations is negative"),
 ])
 def test_a_report_that_cannot_be_pooled_says_why(report, why):
-    assert why in why_unusable(report, num_features=2, max_count=100)
+    assert why in why_report_unusable(report, num_features=2, max_count=100)
 
 
 def test_a_usable_report_passes():
-    assert why_unusable(Moments.of(np.ones((100, 2))), num_features=2, max_count=100) is None
+    assert why_report_unusable(Moments.of(np.ones((100, 2))), num_features=2, max_count=100) is None
 
 
 def test_features_on_scales_orders_of_magnitude_apart_are_worth_normalising():
     rng = np.random.default_rng(3)
     cancer_like = np.column_stack([rng.normal(0.1, 0.02, 500), rng.normal(20, 4, 500), rng.normal(650, 350, 500)])
-    assert scale_spread(Moments.of(cancer_like)) > SCALE_SPREAD_WORTH_A_WARNING
+    assert scale_spread(Moments.of(cancer_like)) > 100
     standardised = (cancer_like - cancer_like.mean(axis=0)) / cancer_like.std(axis=0)
     assert scale_spread(Moments.of(standardised)) < 2
     assert scale_spread(Moments.of(np.zeros((4, 3)))) == 1.0  # constant zero features have no scale
+
+
+def test_a_report_far_outside_the_other_sites_is_implausible_and_honest_differences_are_not():
+    from pyfed.federation.moments import implausible
+
+    rng = np.random.default_rng(0)
+    honest = {f"site-{i}": Moments.of(np.c_[rng.normal(1000 + 100 * i, 300, 200), rng.normal(0.1 * i, 0.02, 200)])
+              for i in range(1, 4)}
+    shifted = {**honest, "scanner-b": Moments.of(np.c_[rng.normal(4000, 900, 200), rng.normal(2.0, 0.1, 200)])}
+    assert implausible(honest) == {} and implausible(shifted) == {}  # sites differ; none lies
+    liar = Moments(200, np.array([1e30, 0.1]), np.array([1.0, 1.0]))
+    wide = Moments(200, np.array([1000.0, 0.1]), np.array([200 * 1e16, 1.0]))
+    found = implausible({**honest, "liar": liar, "wide": wide})
+    assert set(found) == {"liar", "wide"}, found
+    assert found["liar"].startswith("feature 0's mean 1e+30 is") and "times the other sites'" in found["wide"]
+    assert implausible({"a": honest["site-1"], "liar": liar}) == {}  # two: nothing can say which one lies
