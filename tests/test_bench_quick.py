@@ -79,3 +79,12 @@ def test_batch_norm_table_quick_has_both_cases_and_every_method(tmp_path):
     assert all(set(r["per_site"]) == {"client-1", "client-2", "client-3"} for r in results["runs"]
                if r["case"] == "shifted")
     assert "| case | centralised | FedAvg" in (tmp_path / "BATCH_NORM.md").read_text()
+
+
+def test_feature_scaling_table_quick_compares_scaled_unscaled_and_centralised(tmp_path):
+    run_bench("feature_scaling", "--quick", "--out", str(tmp_path))
+    results = json.loads((tmp_path / "FEATURE_SCALING.json").read_text())
+    assert [r["method"] for r in results["runs"]] == ["central", "scaled", "unscaled"]
+    assert [r.get("scaled") for r in results["runs"]] == [None, True, False]
+    assert results["runs"][0]["accuracy"] > 0.9  # a standardised logistic regression on breast cancer
+    assert "| case | centralised standardised logistic regression" in (tmp_path / "FEATURE_SCALING.md").read_text()
