@@ -22,15 +22,14 @@ Writes bench/BATCH_NORM.md and bench/BATCH_NORM.json (or --out).
 
 from __future__ import annotations
 
-import logging
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
-from bench.common import BENCH, experiment_header, experiment_markdown, experiment_parser, write_experiment
+from bench.common import (experiment_args, experiment_header, experiment_markdown, mean_and_spread,
+                          write_experiment)
 
 NUM_SITES = 3
 EVAL_FRACTION = 0.2
@@ -115,10 +114,6 @@ def federated(seed: int, shifted: bool, local_layers: str, *, rounds: int, epoch
             "per_site": {cid: part["accuracy"] for cid, part in evaluation["clients"].items()}}
 
 
-def mean_and_spread(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
-
 
 def summarise(runs: list[dict]) -> list[list[str]]:
     rows = []
@@ -147,12 +142,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = experiment_parser(__doc__, rounds=10, clients=NUM_SITES)
-    parser.add_argument("--out", type=Path, default=BENCH, help="directory for BATCH_NORM.md and BATCH_NORM.json")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    if args.quick:
-        args.rounds, args.seeds, args.epochs = 2, 1, 1
+    args = experiment_args(__doc__, argv, name="BATCH_NORM", rounds=10, clients=NUM_SITES)
     started = time.perf_counter()
     runs = []
     for case in ("iid", "shifted"):

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,3 +280,24 @@ def protocol_message(kind: str, **fields) -> list:
     from pyfed.wire.protocol import Message, MessageType
 
     return protocol.encode(Message(MessageType(kind), **fields))
+
+
+def experiment_args(doc: str, argv: list[str] | None, *, name: str, rounds: int, clients: int,
+                    more: Callable[[argparse.ArgumentParser], None] | None = None) -> argparse.Namespace:
+    """An experiment's parsed options (experiment_parser's, ``more``'s and --out for NAME.md and
+    NAME.json), warnings-only logging, and --quick's sizes: 2 rounds of 1 epoch, 1 seed."""
+    parser = experiment_parser(doc, rounds=rounds, clients=clients)
+    if more is not None:
+        more(parser)
+    parser.add_argument("--out", type=Path, default=BENCH, help=f"directory for {name}.md and {name}.json")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.quick:
+        args.rounds, args.seeds, args.epochs = 2, 1, 1
+    return args
+
+
+def mean_and_spread(values: list[float]) -> str:
+    """``mean ± standard deviation`` of an experiment's values over its seeds (± 0 for one)."""
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.3f} ± {spread:.3f}"

@@ -15,7 +15,6 @@ the same held-out rows. Writes bench/FEATURE_SCALING.md and bench/FEATURE_SCALIN
 
 from __future__ import annotations
 
-import logging
 import statistics
 import sys
 import tempfile
@@ -24,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import BENCH, experiment_header, experiment_markdown, experiment_parser, write_experiment
+from bench.common import (experiment_args, experiment_header, experiment_markdown, mean_and_spread,
+                          write_experiment)
 
 NUM_SITES = 3
 BATCH_SIZE = 32
@@ -80,10 +80,6 @@ def federated(csv: Path, seed: int, *, scaled: bool, rounds: int, epochs: int, l
             "scaled": indices is not None}
 
 
-def mean_and_spread(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.3f} ± {spread:.3f}"
-
 
 def markdown(results: dict) -> str:
     s = results["settings"]
@@ -97,12 +93,7 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = experiment_parser(__doc__, rounds=10, clients=NUM_SITES)
-    parser.add_argument("--out", type=Path, default=BENCH, help="directory for FEATURE_SCALING.md and .json")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    if args.quick:
-        args.rounds, args.seeds, args.epochs = 2, 1, 1
+    args = experiment_args(__doc__, argv, name="FEATURE_SCALING", rounds=10, clients=NUM_SITES)
     started = time.perf_counter()
     runs = []
     with tempfile.TemporaryDirectory() as directory:

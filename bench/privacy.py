@@ -15,13 +15,12 @@ Writes bench/PRIVACY.md and bench/PRIVACY.json (or --out).
 
 from __future__ import annotations
 
-import logging
+import argparse
 import statistics
 import sys
 import time
-from pathlib import Path
 
-from bench.common import BENCH, experiment_header, experiment_markdown, experiment_parser, write_experiment
+from bench.common import experiment_args, experiment_header, experiment_markdown, write_experiment
 
 DELTA = 1e-5
 EPSILONS = (1.0, 3.0, 8.0, None)  # None: no differential privacy
@@ -129,15 +128,12 @@ def markdown(results: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = experiment_parser(__doc__, rounds=60, clients=100)
-    parser.add_argument("--fraction", type=float, default=0.1)
-    parser.add_argument("--clip-norm", type=float, default=1.0)
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--out", type=Path, default=BENCH, help="directory for PRIVACY.md and PRIVACY.json")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    if args.quick:
-        args.rounds, args.seeds, args.epochs = 2, 1, 1
+    def more(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--fraction", type=float, default=0.1)
+        parser.add_argument("--clip-norm", type=float, default=1.0)
+        parser.add_argument("--alpha", type=float, default=0.5)
+
+    args = experiment_args(__doc__, argv, name="PRIVACY", rounds=60, clients=100, more=more)
     started = time.perf_counter()
     runs = []
     for target in EPSILONS:
