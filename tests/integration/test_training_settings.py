@@ -99,7 +99,8 @@ def test_over_the_network_clients_train_with_the_compiled_optimizer_and_rate(tmp
     assert (saved["class"], saved["learning_rate"]) == ("SGD", pytest.approx(1e-7))
 
 
-def test_a_csv_whose_features_differ_thousands_fold_is_named_before_training(tmp_path, processes):
+def test_a_csv_whose_features_differ_thousands_fold_is_named_when_the_users_model_does_not_scale_them(
+        tmp_path, processes):
     import numpy as np
 
     from tests.site_data import write_csv
@@ -108,9 +109,12 @@ def test_a_csv_whose_features_differ_thousands_fold_is_named_before_training(tmp
     y = rng.integers(0, 2, 300)
     x = np.c_[rng.normal(1000, 300, 300) + 200 * y, rng.normal(0.1, 0.02, 300), rng.normal(5, 1, (300, 3))]
     write_csv(tmp_path / "cancer.csv", x.astype(np.float32), y, label_column="diagnosis")
+    (tmp_path / "plain.py").write_text(MODEL.replace("(64,)", "(5,)").replace("Dense(10,", "Dense(2,"))
     run = processes.pyfed("simulate", "--clients", "2", "--rounds", "1", "--epochs", "1", "--dataset",
-                          f"csv:{tmp_path / 'cancer.csv'}", "--label-column", "diagnosis", "--logdir",
-                          str(tmp_path / "logs"), "--progress", "false", name="unscaled")
+                          f"csv:{tmp_path / 'cancer.csv'}", "--label-column", "diagnosis", "--model",
+                          f"{tmp_path / 'plain.py'}:build", "--logdir", str(tmp_path / "logs"), "--progress", "false",
+                          name="unscaled")
     assert processes.wait(run, 300) == 0, processes.tail(run)
     log_text = run.log_path.read_text()
     assert "cancer.csv: the features' scales differ" in log_text and "(feature 0: " in log_text
+    assert "feature scaling:" not in log_text  # the user's model has no feature scaling layer to set
