@@ -349,7 +349,7 @@ def test_your_model_from_models_trains_and_a_second_run_starts_from_the_firsts_b
     best = first["model"]["best"]
     assert first["model"]["latest"] == {"file": "model/latest.keras", "round": 2}
     assert best["metric"] == "test_accuracy" and best["value"] == max(r["test_accuracy"] for r in first["rounds"])
-    events = project.copy_out(server, "/logs/server")
+    events = project.copy_out(server, f"/logs/{first['run_name']}/server")  # the run's events, under its name
     accumulator = event_accumulator.EventAccumulator(str(events), size_guidance={"tensors": 0})
     accumulator.Reload()
     layers = tensor_util.make_ndarray(accumulator.Tensors("model/summary")[0].tensor_proto).item().decode()
