@@ -3,13 +3,14 @@
     python -m bench.feature_scaling            # the committed table (about a minute on 2 cores)
     python -m bench.feature_scaling --quick    # 2 rounds x 1 seed, to check the script
 
-scikit-learn's breast-cancer data (569 rows, 30 features from 0.001 to 4,254; shipped inside the
-scikit-learn wheel, nothing downloads) is saved as a CSV and read back by PyFed's CSV reader, then
+The breast-cancer data as scikit-learn ships it (569 rows, 30 features from 0.001 to 4,254), saved as
+a CSV in ``bench/data`` (nothing downloads; see its README), is read by PyFed's CSV reader, then
 split as ``pyfed simulate`` splits it: a fifth held out for testing, the rest IID over 3 sites.
 Federated: PyFed's default model for it, trained by an in-process simulation, with its feature
 scaling set before round 1 from the sites' pooled moments (what ``pyfed simulate`` and ``pyfed
-server`` do), and, to show what the scaling is for, the same model without it. Centralised:
-scikit-learn's StandardScaler and LogisticRegression on the union of the sites' rows. All score
+server`` do), and, to show what the scaling is for, the same model without it. Centralised: a
+standardised logistic regression (L2-penalised, C = 1, scikit-learn's default objective, solved by
+Newton's method here) on the union of the sites' rows. All score
 the same held-out rows. Writes bench/FEATURE_SCALING.md and bench/FEATURE_SCALING.json (or --out).
 """
 
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,17 +30,7 @@ NUM_SITES = 3
 BATCH_SIZE = 32
 
 
-def breast_cancer_csv(directory: Path) -> Path:
-    """scikit-learn's breast-cancer data as a CSV: a header (its feature names and ``diagnosis``), one row each."""
-    from sklearn.datasets import load_breast_cancer
-
-    data = load_breast_cancer()
-    path = directory / "breast-cancer.csv"
-    with open(path, "w", newline="") as handle:
-        handle.write(",".join([name.replace(" ", "_") for name in data.feature_names] + ["diagnosis"]) + "\n")
-        for row, label in zip(data.data, data.target):
-            handle.write(",".join(f"{value:.6g}" for value in row) + f",{int(label)}\n")
-    return path
+DATA = Path(__file__).resolve().parent / "data" / "breast-cancer.csv"  # see bench/data/README.md
 
 
 def split(csv: Path, seed: int):
@@ -50,15 +40,35 @@ def split(csv: Path, seed: int):
     return x, split_dataset(x, y, NUM_SITES, seed=seed, scheme="iid")
 
 
-def centralised(csv: Path, seed: int) -> dict:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
+def logistic_regression(x: np.ndarray, y: np.ndarray, *, l2: float = 1.0, steps: int = 50) -> np.ndarray:
+    """Weights (bias last) minimising the logistic loss summed over the rows plus ``l2``/2 times the
+    squared weights (not the bias): scikit-learn's default LogisticRegression objective (C = 1/l2),
+    by Newton's method, which converges in a few steps on standardised features."""
+    design = np.c_[x, np.ones(len(x))]
+    weights = np.zeros(design.shape[1])
+    penalty = np.r_[np.full(x.shape[1], l2), 0.0]
+    for _ in range(steps):
+        p = 1.0 / (1.0 + np.exp(-design @ weights))
+        gradient = design.T @ (p - y) + penalty * weights
+        hessian = (design * (p * (1 - p))[:, None]).T @ design + np.diag(penalty)
+        step = np.linalg.solve(hessian, gradient)
+        weights -= step
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    return weights
 
+
+def centralised(csv: Path, seed: int) -> dict:
+    """A standardised logistic regression on the union of the sites' rows (standardised by their
+    mean and standard deviation), scored on the held-out rows."""
     _, (sites, (x_test, y_test)) = split(csv, seed)
-    x, y = np.concatenate([s[0] for s in sites]), np.concatenate([s[1] for s in sites])
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000)).fit(x, y)
-    return {"accuracy": float(model.score(x_test, y_test))}
+    x = np.concatenate([s[0] for s in sites]).astype(np.float64)
+    y = np.concatenate([s[1] for s in sites]).astype(np.float64)
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    std[std == 0] = 1.0
+    weights = logistic_regression((x - mean) / std, y)
+    predicted = (np.c_[(x_test - mean) / std, np.ones(len(x_test))] @ weights) > 0
+    return {"accuracy": float(np.mean(predicted == (y_test == 1)))}
 
 
 def federated(csv: Path, seed: int, *, scaled: bool, rounds: int, epochs: int, learning_rate: float) -> dict:
@@ -86,7 +96,7 @@ def markdown(results: dict) -> str:
     header = ["case", "centralised standardised logistic regression", "federated, feature scaling from the sites",
               "federated, unscaled", "centralised - federated scaled (points)"]
     return experiment_markdown("The default model on an unscaled CSV: federated vs centralised", results, (
-        f"scikit-learn's breast-cancer data saved as CSV (569 rows, 30 features), a fifth held out, the rest IID over "
+        f"The breast-cancer data as scikit-learn ships it, saved as CSV (569 rows, 30 features), a fifth held out, the rest IID over "
         f"{NUM_SITES} sites; PyFed's default model (an MLP), Adam at {s['learning_rate']}, {s['rounds']} rounds of "
         f"{s['epochs']} local epochs, batch {BATCH_SIZE}; seeds {s['seeds']} (each its own split). Test accuracy on "
         "the held-out rows, mean ± standard deviation over the seeds."), header)
@@ -96,17 +106,15 @@ def main(argv: list[str] | None = None) -> int:
     args = experiment_args(__doc__, argv, name="FEATURE_SCALING", rounds=10, clients=NUM_SITES)
     started = time.perf_counter()
     runs = []
-    with tempfile.TemporaryDirectory() as directory:
-        csv = breast_cancer_csv(Path(directory))
-        for seed in range(args.seeds):
-            for method in ("central", "scaled", "unscaled"):
-                began = time.perf_counter()
-                run = (centralised(csv, seed) if method == "central" else
-                       federated(csv, seed, scaled=method == "scaled", rounds=args.rounds, epochs=args.epochs,
-                                 learning_rate=args.learning_rate))
-                run.update(method=method, seed=seed, seconds=round(time.perf_counter() - began, 1))
-                runs.append(run)
-                print(f"{method:<9} seed {seed}: accuracy {run['accuracy']:.3f} ({run['seconds']:.0f}s)", flush=True)
+    for seed in range(args.seeds):
+        for method in ("central", "scaled", "unscaled"):
+            began = time.perf_counter()
+            run = (centralised(DATA, seed) if method == "central" else
+                   federated(DATA, seed, scaled=method == "scaled", rounds=args.rounds, epochs=args.epochs,
+                             learning_rate=args.learning_rate))
+            run.update(method=method, seed=seed, seconds=round(time.perf_counter() - began, 1))
+            runs.append(run)
+            print(f"{method:<9} seed {seed}: accuracy {run['accuracy']:.3f} ({run['seconds']:.0f}s)", flush=True)
     by = {m: [r["accuracy"] for r in runs if r["method"] == m] for m in ("central", "scaled", "unscaled")}
     gap = statistics.mean(c - f for c, f in zip(by["central"], by["scaled"]))
     results = {
