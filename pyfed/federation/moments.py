@@ -77,6 +77,16 @@ class Moments:
         m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / count)
         return Moments(count, mean, m2)
 
+    def without(self, part: "Moments") -> "Moments":
+        """The moments of these values with ``part``'s (a subset of them) taken out: the merge undone."""
+        count = self.count - part.count
+        if count <= 0:
+            return Moments(0, np.zeros_like(self.mean), np.zeros_like(self.m2))
+        mean = (self.count * self.mean - part.count * part.mean) / count
+        delta = part.mean - mean
+        m2 = np.maximum(self.m2 - part.m2 - delta**2 * (part.count * count / self.count), 0.0)
+        return Moments(count, mean, m2)
+
 
 def report_of(body: Mapping[str, Any]) -> Moments:
     """A site's report from its MOMENTS message (whose schema the protocol has checked)."""
@@ -130,8 +140,8 @@ def implausible(reports: Mapping[str, Moments]) -> dict[str, str]:
     which of two disagreeing reports lies, and nothing is refused."""
     remaining, found = dict(reports), {}
     while len(remaining) >= 3:
-        judged = {site: _how_implausible(report, pool(r for other, r in remaining.items() if other != site))
-                  for site, report in remaining.items()}
+        total = pool(remaining.values())  # each site's others: the total without it (one merge undone, not n)
+        judged = {site: _how_implausible(report, total.without(report)) for site, report in remaining.items()}
         worst = max(judged, key=lambda site: judged[site][0])
         if judged[worst][0] < 1.0:
             break

@@ -379,34 +379,37 @@ def feature_scales(x: np.ndarray) -> np.ndarray:
     return np.max(np.abs(rows.reshape(len(rows), -1).astype(np.float64)), axis=0)
 
 
-def needs_scaling(x: np.ndarray) -> bool:
-    """Whether ``x``'s flat (tabular) features differ in scale at least SCALE_SPREAD_WORTH_A_WARNING-fold."""
+def _scale_extremes(x: np.ndarray) -> tuple[int, int, np.ndarray] | None:
+    """(largest, smallest feature, every feature's scale) of ``x``'s flat (tabular) features when
+    they differ in scale at least SCALE_SPREAD_WORTH_A_WARNING-fold; None otherwise, and for images
+    (examples with more than one axis, on one scale already)."""
     if x.ndim != 2 or not len(x):
-        return False
-    scales = feature_scales(x)
-    nonzero = scales[scales > 0]
-    return len(nonzero) >= 2 and nonzero.max() / nonzero.min() >= SCALE_SPREAD_WORTH_A_WARNING
-
-
-def unscaled_features(model: keras.Model, x: np.ndarray, where: str) -> str | None:
-    """A warning if ``x``'s flat (tabular) features differ in scale at least SCALE_SPREAD_WORTH_A_WARNING-fold
-    and ``model`` does not normalise its input, naming the largest and smallest; else None. Images
-    (examples with more than one axis) are on one scale already and are not looked at."""
-    if x.ndim != 2 or not len(x) or normalises_its_input(model):
         return None
     scales = feature_scales(x)
     nonzero = np.flatnonzero(scales > 0)
     if len(nonzero) < 2:
         return None
     largest, smallest = nonzero[np.argmax(scales[nonzero])], nonzero[np.argmin(scales[nonzero])]
-    spread = scales[largest] / scales[smallest]
-    if spread < SCALE_SPREAD_WORTH_A_WARNING:
+    return (largest, smallest, scales) if scales[largest] / scales[smallest] >= SCALE_SPREAD_WORTH_A_WARNING else None
+
+
+def needs_scaling(x: np.ndarray) -> bool:
+    """Whether ``x``'s flat (tabular) features differ in scale at least SCALE_SPREAD_WORTH_A_WARNING-fold."""
+    return _scale_extremes(x) is not None
+
+
+def unscaled_features(model: keras.Model, x: np.ndarray, where: str) -> str | None:
+    """A warning if ``x``'s flat features need scaling (:func:`needs_scaling`) and ``model`` does not
+    normalise its input, naming the largest and smallest feature; else None."""
+    extremes = None if normalises_its_input(model) else _scale_extremes(x)
+    if extremes is None:
         return None
-    return (f"{where}: the features' scales differ {spread:,.0f}-fold (feature {largest}: {scales[largest]:.3g}, "
-            f"feature {smallest}: {scales[smallest]:.3g}) and the model's first layer does not normalise its "
-            f"input, so training will be slow or unstable: standardise the features the same way at every site "
-            f"(subtract a mean, divide by a standard deviation, both agreed on beforehand), or start the model "
-            f"with a keras.layers.Normalization(mean=..., variance=...)")
+    largest, smallest, scales = extremes
+    return (f"{where}: the features' scales differ {scales[largest] / scales[smallest]:,.0f}-fold (feature {largest}: "
+            f"{scales[largest]:.3g}, feature {smallest}: {scales[smallest]:.3g}) and the model's first layer does not "
+            f"normalise its input, so training will be slow or unstable: standardise the features the same way at "
+            f"every site (subtract a mean, divide by a standard deviation, both agreed on beforehand), or start the "
+            f"model with a keras.layers.Normalization(mean=..., variance=...)")
 
 
 def wire_model(model: keras.Model) -> WireModel:

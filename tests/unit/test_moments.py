@@ -98,3 +98,12 @@ def test_a_report_far_outside_the_other_sites_is_implausible_and_honest_differen
     assert set(found) == {"liar", "wide"}, found
     assert found["liar"].startswith("feature 0's mean 1e+30 is") and "times the other sites'" in found["wide"]
     assert implausible({"a": honest["site-1"], "liar": liar}) == {}  # two: nothing can say which one lies
+
+
+def test_taking_a_part_out_undoes_merging_it():
+    rng = np.random.default_rng(3)
+    a, b = rng.normal(1e4, 5, (40, 3)), rng.normal(-2, 0.1, (25, 3))
+    rest = Moments.of(np.concatenate([a, b])).without(Moments.of(b))
+    assert rest.count == 40
+    assert np.allclose(rest.mean, a.mean(axis=0)) and np.allclose(rest.variance, a.var(axis=0), rtol=1e-6)
+    assert Moments.of(a).without(Moments.of(a)).count == 0
