@@ -74,7 +74,7 @@ def centralised(csv: Path, seed: int) -> dict:
 def federated(csv: Path, seed: int, *, scaled: bool, rounds: int, epochs: int, learning_rate: float) -> dict:
     import keras
 
-    from pyfed.federation.moments import FeatureScaling
+    from pyfed.federation.moments import FeatureScaling, SiteStatistics
     from pyfed.federation.simulation import Simulation
     from pyfed.learning.model import default_model, feature_scaling_indices, needs_scaling
     from pyfed.wire.protocol import FitPlan
@@ -85,7 +85,7 @@ def federated(csv: Path, seed: int, *, scaled: bool, rounds: int, epochs: int, l
     indices = feature_scaling_indices(model)
     history = Simulation(model, sites, rounds=rounds, plan=FitPlan(epochs, BATCH_SIZE, learning_rate), test_data=test,
                          seed=seed, progress=False,
-                         feature_scaling=FeatureScaling(*indices) if indices else None).run()
+                         statistics=SiteStatistics(FeatureScaling(*indices) if indices else None)).run()
     return {"accuracy": history[-1].test_accuracy, "by_round": [r.test_accuracy for r in history],
             "scaled": indices is not None}
 

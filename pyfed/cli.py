@@ -131,7 +131,7 @@ def run_server(config: ServerConfig) -> int:
                     fraction_fit=1.0 if config.private() else config.fraction_fit,  # DP samples, as it accounts
                     seed=config.seed, checkpoint_dir=config.checkpoint_dir,
                     keep_checkpoints=config.keep_checkpoints, fresh_start=config.fresh_start, curve=curve,
-                    run_name=config.run_name, feature_scaling=feature_scaling(model, config),
+                    run_name=config.run_name, statistics=site_statistics(model, config),
                     authorized_keys=config.authorized_keys if curve else None, join_rate=config.join_rate,
                     max_examples=config.max_examples, max_ids_per_key=config.max_ids_per_key,
                     secure_aggregation=config.secure_aggregation_settings(),
@@ -229,6 +229,47 @@ def build_strategy(settings: StrategySettings, clients_per_round: int, clients_s
     return strategy
 
 
+def site_statistics(model: Any, config: ServerConfig | SimulateConfig) -> Any:
+    """What the round engine asks the sites to summarise outside the rounds (federation/moments.py):
+    their features, for the model's feature scaling, and what its BatchNorm layers receive, to
+    recalibrate their moving statistics after the last round."""
+    from pyfed.federation.moments import SiteStatistics
+
+    return SiteStatistics(feature_scaling(model, config), batch_norm_recalibration(model, config))
+
+
+def _statistics_withheld(config: ServerConfig | SimulateConfig) -> str | None:
+    """Why no statistics may leave the sites in this run, or None."""
+    return ("differential privacy is on: the statistics would leave the sites without noise" if config.private()
+            else "secure aggregation is on: the server would see each site's statistics"
+            if config.secure_aggregation else None)
+
+
+def batch_norm_recalibration(model: Any, config: ServerConfig | SimulateConfig) -> tuple:
+    """The model's BatchNorm layers whose moving statistics the engine recalibrates from the sites
+    after the last round (--recalibrate-batch-norm, on by default); none (said why) when the model
+    has none, the setting is off, the statistics must not leave the sites, or a layer's input has
+    no fixed shape (a site's count could not be checked)."""
+    from pyfed.federation.moments import BatchNormLayer
+    from pyfed.learning.model import batch_norm_arrays
+
+    layers = [BatchNormLayer(*found) for found in batch_norm_arrays(model)]
+    if not layers or not config.recalibrate_batch_norm:
+        return ()
+    unfixed = [layer.name for layer in layers if layer.values_per_example is None]
+    why_not = _statistics_withheld(config) or (f"the input of {', '.join(unfixed)} has no fixed shape" if unfixed
+                                               else None)
+    if why_not:
+        log.warning("BatchNorm recalibration: off (%s); the trained model keeps the sites' averaged moving "
+                    "statistics", why_not)
+        return ()
+    log.info("BatchNorm recalibration: after the last round each site runs the final model over its training "
+             "examples and sends, per channel of each of its %d BatchNorm layer(s), the count, mean and spread of "
+             "what the layer receives (nothing else); the model is exported with their pooled statistics",
+             len(layers))
+    return tuple(layers)
+
+
 def feature_scaling(model: Any, config: ServerConfig | SimulateConfig) -> Any:
     """Where the model's feature scaling keeps its mean and variance, for the round engine to set from
     the sites' pooled statistics before round 1; None (said why) when the model has none, or when
@@ -241,10 +282,8 @@ def feature_scaling(model: Any, config: ServerConfig | SimulateConfig) -> Any:
     indices = feature_scaling_indices(model)
     if indices is None:
         return None
-    why_not = ("differential privacy is on: the statistics would leave the sites without noise" if config.private()
-               else "secure aggregation is on: the server would see each site's statistics"
-               if config.secure_aggregation else "--initial-weights / INITIAL_WEIGHTS sets it"
-               if config.initial_weights else None)
+    why_not = _statistics_withheld(config) or ("--initial-weights / INITIAL_WEIGHTS sets it"
+                                               if config.initial_weights else None)
     if why_not:
         log.warning("feature scaling: the sites' statistics are not collected (%s); the model's feature scaling "
                     "stays as it starts%s", why_not, "" if config.initial_weights else
@@ -496,7 +535,7 @@ def run_simulate(config: SimulateConfig) -> int:
         fraction_fit=1.0 if config.private() else config.fraction_fit,  # DP samples, as it accounts
         min_fit_clients=max(config.min_fit_clients, strategy.min_fit_clients()), drop_rate=config.drop_rate, checkpoint_dir=config.checkpoint_dir, keep_checkpoints=config.keep_checkpoints,
         fresh_start=config.fresh_start, logdir=config.logdir, config_summary=run_settings(config, training),
-        seed=config.seed, run_name=config.run_name, feature_scaling=feature_scaling(model, config),
+        seed=config.seed, run_name=config.run_name, statistics=site_statistics(model, config),
         progress=config.progress, export=model_files(model, config, has_test_data=test_data is not None),
         histograms=config.histograms, secure_aggregation=config.secure_aggregation_settings())
     _on_stop_signals(lambda name: simulation.engine.request_stop(name))

@@ -267,6 +267,11 @@ class TrainingSettings:
     local_layers: str = setting("none", "--local-layers", "LOCAL_LAYERS", choice(*(c.value for c in LocalLayers)),
                                 "batchnorm: every BatchNormalization layer stays at each site (FedBN, for sites "
                                 "whose features differ); none: the sites share every layer")
+    recalibrate_batch_norm: bool = setting(True, "--recalibrate-batch-norm", "RECALIBRATE_BATCH_NORM", boolean,
+                                           "after the last round, set the BatchNorm layers' moving statistics of the "
+                                           "model the server exports to the pooled statistics of their inputs at the "
+                                           "sites (each sends per channel a count, mean and spread); false: keep "
+                                           "the sites' averaged ones")
     logdir: Path = setting(Path("logs"), "--logdir", "LOGDIR", path,
                            "directory for TensorBoard events, summary.json and the trained model (model/)")
     run_name: str | None = setting(None, "--run-name", "RUN_NAME", optional_run_name,

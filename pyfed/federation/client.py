@@ -32,11 +32,10 @@ from pyfed.federation.secure_aggregation import SecAggAborted
 from pyfed.wire import protocol
 from pyfed.wire.compression import CompressionError, decode_broadcast
 from pyfed.learning.data import DataError, load_shard
-from pyfed.federation.moments import Moments
-from pyfed.federation.pool import moments_body
-from pyfed.learning.model import from_wire, input_shape, output_units, unscaled_features
+from pyfed.federation.pool import moments_body, site_moments
+from pyfed.learning.model import batch_norm_layers, from_wire, input_shape, output_units, unscaled_features
 from pyfed.wire.protocol import (RETRYABLE_REFUSALS, ConnectionEvent, ErrorCode, FitPlan, Message, MessageType,
-                                 ProtocolError)
+                                 ProtocolError, StatsKind)
 from pyfed.learning.training import EpochLog, LocalTrainer, make_reproducible, training_device
 from pyfed.wire.security import CurveKeys
 from pyfed.wire.transport import ClientTransport
@@ -460,16 +459,37 @@ class Client:
                      f", accuracy {accuracy:.4f}" if accuracy is not None else "")
 
     def _statistics(self, message: Message) -> None:
-        """STATS: the per-feature moments of this site's training examples (feature scaling), nothing more."""
-        key = ("stats", message.body["run"], message.body["kind"])
-        if self._answer_again(key, "feature statistics"):
+        """STATS: the per-feature moments of this site's training examples (feature scaling), or of
+        what one BatchNormalization layer receives under the weights sent (its recalibration);
+        nothing more."""
+        kind = StatsKind(message.body["kind"])
+        layer, attempt = message.body.get("layer"), message.body.get("attempt", 1)
+        key = ("stats", message.body["run"], kind, message.round, attempt)
+        what = "feature statistics" if kind is StatsKind.FEATURES else f"statistics of BatchNorm layer {layer}"
+        if self._answer_again(key, what):
             return
-        moments = Moments.of(self.trainer.training_examples())
-        reply = Message(MessageType.MOMENTS, round=message.round, client_id=self.client_id, body=moments_body(moments))
+        if self.trainer is None:
+            log.warning("ignoring the server's request for %s before it welcomed this client", what)
+            return
+        if kind is StatsKind.BATCH_NORM and not 0 <= layer < len(batch_norm_layers(self.model)):
+            log.warning("ignoring the server's request for %s: the model has %d BatchNorm layer(s)", what,
+                        len(batch_norm_layers(self.model)))
+            return
+        moments = site_moments(self.trainer, kind, layer, message.arrays)
+        del message.arrays[:]
+        body = moments_body(moments)
+        if kind is StatsKind.BATCH_NORM:
+            body["attempt"] = attempt
+        reply = Message(MessageType.MOMENTS, round=message.round, client_id=self.client_id, body=body)
         self._last_answer = (key, reply)
-        self._send(protocol.encode(reply), what="feature statistics")
-        log.info("sent the mean and spread of each of its %d features over %d examples, for the model's feature "
-                 "scaling (nothing else about its data)", len(moments.mean), moments.count)
+        self._send(protocol.encode(reply), what=what)
+        if kind is StatsKind.FEATURES:
+            log.info("sent the mean and spread of each of its %d features over %d examples, for the model's feature "
+                     "scaling (nothing else about its data)", len(moments.mean), moments.count)
+        else:
+            log.info("sent the mean and spread of each of BatchNorm layer %s's %d channels over its %d examples, for "
+                     "the global model's moving statistics (nothing else about its data)", layer, len(moments.mean),
+                     self.trainer.num_train_examples)
 
     # --- messages -------------------------------------------------------------------------------
 

@@ -35,8 +35,8 @@ import numpy as np
 
 from pyfed.federation.pool import (CONNECTION_GONE, UNREACHED, Answer, Back, ClientPool, EvaluateRequest,
                                    FitRequest, Gone, GrantRequest, Misbehaved, Request, SecAggRequest, StatsRequest)
-from pyfed.federation.moments import (TINY_VARIANCE, FeatureScaling, Moments, implausible, pool as pool_moments,
-                                      report_of, scale_spread, why_report_unusable)
+from pyfed.federation.moments import (TINY_VARIANCE, FeatureScaling, Moments, SiteStatistics, implausible,
+                                      pool as pool_moments, report_of, scale_spread, why_report_unusable)
 from pyfed.federation.secagg import SecAggError
 from pyfed.federation.secure_aggregation import (Advertised, PublicKeys, SecAggAborted, SecAggBlamed, SecAggRefused,
                                                  SecureAggregation, ServerRound, apply_change, left_out_after,
@@ -81,6 +81,12 @@ class ExportModel(Protocol):
 
     def written(self) -> dict[str, Any]:
         """Which round each file holds (for summary.json)."""
+
+    def best_weights(self) -> list[np.ndarray] | None:
+        """What ``best`` holds (None if nothing, or it cannot be read)."""
+
+    def write_best(self, weights: Sequence[np.ndarray], server_round: int) -> None:
+        """Replace ``best`` with round ``server_round``'s model made over (its BatchNorm recalibrated)."""
 
 
 class EngineStopping(Exception):
@@ -147,10 +153,16 @@ class Collection:
     paced: int | None = None  # ask at most this many at a time (each answer is an upload: a masked input)
     unsent: list[str] = field(default_factory=list)  # paced: not yet asked, in order
     upload_allowance_s: float = float("inf")  # how long a granted upload has to arrive (federation/uploads.py)
+    label: str = ""  # what the log calls it: "round N" unless a stage between rounds says otherwise
+    moments: tuple[int, int] | None = None  # MOMENTS: (values per report, values per example at a site)
 
     @property
     def what(self) -> str:
         return "update" if self.kind is MessageType.UPDATE else self.kind.value
+
+    @property
+    def where(self) -> str:
+        return self.label or f"round {self.server_round}"
 
     def drop(self, client_id: str, reason: str) -> bool:
         if client_id not in self.pending:
@@ -234,7 +246,7 @@ class RoundEngine:
         max_inflight_updates: int = DEFAULT_INFLIGHT_UPDATES,
         max_clients_per_round: int | None = None,
         min_upload_mbit_s: float = DEFAULT_MIN_UPLOAD_MBIT_S,
-        feature_scaling: FeatureScaling | None = None,
+        statistics: SiteStatistics = SiteStatistics(),
     ):
         if not 1 <= min_fit_clients:
             raise ValueError(f"min_fit_clients must be at least 1, got {min_fit_clients}")
@@ -249,7 +261,8 @@ class RoundEngine:
         self.secure_aggregation = secure_aggregation
         self.max_inflight_updates = max_inflight_updates
         self.min_upload_mbit_s = min_upload_mbit_s
-        self.feature_scaling = feature_scaling  # set: pool the sites' feature moments into it before round 1
+        self.feature_scaling = statistics.feature_scaling  # set: pool the sites' feature moments into it before round 1
+        self.batch_norm = statistics.batch_norm  # recalibrate these layers' moving statistics after the last round
         if max_clients_per_round is not None and max_clients_per_round < min_fit_clients:
             raise ValueError(f"max_clients_per_round {max_clients_per_round} is below min_fit_clients "
                              f"{min_fit_clients}: no round could run")
@@ -433,6 +446,8 @@ class RoundEngine:
         self.strategy.close_privacy()  # not on a stop: the run resumes
         self.final_metrics = ((self.history[-1].test_loss, self.history[-1].test_accuracy)
                               if self.history else self._evaluate(self.weights))
+        if self.batch_norm and self.history:
+            self._recalibrate_final_models()
         if self.persister is not None:
             self.persister.finish(self.snapshot(finished=True), self.final_metrics, self.ended_early)
         return self.history
@@ -785,30 +800,42 @@ class RoundEngine:
             self.pool.accepted(client_id)
         return {client_id: FitResult(client_id, (), 0, metrics[client_id]) for client_id in survivors}
 
+    def _site_moments(self, request: StatsRequest, label: str, width: int,
+                      values_per_example: int = 1) -> dict[str, Moments] | None:
+        """Ask every connected site ``request``; their usable, plausible reports (each of ``width``
+        values), or None (said why) if no site sent one. The same collection as a round's (timeouts,
+        drops, refusals), and the sites whose reports cannot be true are refused."""
+        collection = Collection(MessageType.MOMENTS, request.round, request.attempt,
+                                {cid: request for cid in self.pool.connected()}, label=label,
+                                moments=(width, values_per_example))
+        reports: dict[str, Moments] = {}
+
+        def accept(answer: Answer) -> None:
+            reports[answer.client_id] = report_of(answer.body)
+
+        dropped = self._collect(collection, accept)
+        if not reports:
+            log.warning("%s: no site sent usable statistics (%s)", label,
+                        "; ".join(f"{cid}: {why}" for cid, why in sorted(dropped.items())) or "none asked")
+            return None
+        for client_id, why in sorted(implausible(reports).items()):
+            reports.pop(client_id)
+            self.pool.refuse(client_id, f"its statistics cannot be true: {why}")
+            log.warning("%s: left out client %s's statistics: %s", label, client_id, why)
+        return reports
+
     def _scale_features(self, scaling: FeatureScaling) -> None:
         """Before round 1: ask every connected site for its features' moments, pool them exactly
         (moments.py) and set the model's feature scaling to the pooled mean and variance. A feature
         with no spread keeps variance 1 (it is only centred). No usable report: the model starts
         unscaled, and the run goes on."""
         num_features = self.weights[scaling.mean_index].size
-        request = StatsRequest(StatsKind.FEATURES, self.run_id)
-        collection = Collection(MessageType.MOMENTS, 0, 1, {cid: request for cid in self.pool.connected()})
-        reports: dict[str, Moments] = {}
-
-        def accept(answer: Answer) -> None:
-            reports[answer.client_id] = report_of(answer.body)
-
         log.info("feature scaling: asking %d site(s) for the mean and spread of each of the model's %d input "
-                 "features", len(collection.requests), num_features)
-        dropped = self._collect(collection, accept)
-        if not reports:
-            log.warning("feature scaling: no site sent usable statistics (%s); the model starts with its features "
-                        "unscaled", "; ".join(f"{cid}: {why}" for cid, why in sorted(dropped.items())) or "none asked")
+                 "features", len(self.pool.connected()), num_features)
+        reports = self._site_moments(StatsRequest(StatsKind.FEATURES, self.run_id), "feature scaling", num_features)
+        if reports is None:
+            log.warning("feature scaling: the model starts with its features unscaled")
             return
-        for client_id, why in sorted(implausible(reports).items()):
-            reports.pop(client_id)
-            self.pool.refuse(client_id, f"its statistics cannot be true: {why}")
-            log.warning("feature scaling: left out client %s's statistics: %s", client_id, why)
         pooled = pool_moments(reports.values())
         variance = np.where(pooled.variance > TINY_VARIANCE, pooled.variance, 1.0)
         for index, values in ((scaling.mean_index, pooled.mean), (scaling.variance_index, variance)):
@@ -817,6 +844,65 @@ class RoundEngine:
         log.info("feature scaling: the model standardises its %d features by the pooled mean and variance of %d "
                  "examples at %d site(s) (%s); their scales spread %.3g-fold", num_features, pooled.count,
                  len(reports), ", ".join(sorted(reports)), scale_spread(pooled))
+
+    def _recalibrate_batch_norm(self, weights: Sequence[np.ndarray], which: str,
+                                first_attempt: int = 1) -> list[np.ndarray] | None:
+        """After the last round: ``weights`` with each BatchNormalization layer's moving mean and
+        variance replaced by the pooled moments of what the layer receives at the sites when these
+        weights run over their training examples, or None if a layer got no usable report. One stage
+        per layer, in the model's order, each run under the layers before it already recalibrated, so
+        every layer's statistics are those of the inputs it will see (exact, not an average of the
+        sites' variances). ``which`` names the model in the log."""
+        weights = list(weights)
+        for position, layer in enumerate(self.batch_norm):
+            label = f"BatchNorm recalibration of {which} ({layer.name})"
+            request = StatsRequest(StatsKind.BATCH_NORM, self.run_id, self.completed_rounds,
+                                   first_attempt + position, position, tuple(weights))
+            reports = self._site_moments(request, label, layer.channels, layer.values_per_example)
+            if reports is None:
+                return None
+            pooled = pool_moments(reports.values())
+            for index, values in ((layer.mean_index, pooled.mean), (layer.variance_index, pooled.variance)):
+                weights[index] = values.astype(weights[index].dtype).reshape(weights[index].shape)
+        return weights
+
+    def _recalibrate_final_models(self) -> None:
+        """The run's models people take home (the final one, and ``best`` if an earlier round's) with
+        their BatchNorm statistics recalibrated from the sites (see :meth:`_recalibrate_batch_norm`);
+        each keeps its averaged statistics if the sites cannot give them."""
+        last = self.history[-1]
+        log.info("BatchNorm recalibration: asking the sites for what each of the final model's %d BatchNorm "
+                 "layer(s) receives (per channel: count, mean, spread)", len(self.batch_norm))
+        weights = self._recalibrate_batch_norm(self.weights, "the final model")
+        if weights is None:
+            log.warning("BatchNorm recalibration: the final model keeps its averaged moving statistics")
+            return
+        metrics = self._evaluate(weights)
+        log.info("BatchNorm recalibration: the final model's moving statistics are now those of its layers' inputs "
+                 "at %s site(s)%s", len(self.pool.connected()), "" if metrics[1] is None and metrics[0] is None else
+                 f": test loss {format_metric(self.final_metrics[0])} -> {format_metric(metrics[0])}, accuracy "
+                 f"{format_metric(self.final_metrics[1])} -> {format_metric(metrics[1])}")
+        self.weights, self.final_metrics = weights, metrics
+        if self.export is None:
+            return
+        best = best_round(self.history, self.export.best_metric)
+        self._export(weights, last, best is last)
+        if best is None or best is last:
+            return
+        best_weights = self.export.best_weights()
+        recalibrated = None if best_weights is None else self._recalibrate_batch_norm(
+            best_weights, f"round {best.round}'s best model", first_attempt=len(self.batch_norm) + 1)
+        if recalibrated is None:
+            log.warning("BatchNorm recalibration: best.keras (round %d) keeps its averaged moving statistics",
+                        best.round)
+            return
+        try:
+            self.export.write_best(recalibrated, best.round)
+        except Exception as error:  # noqa: BLE001 - like logs, model files never stop a run
+            log.warning("could not write the recalibrated best.keras (%s: %s)", error.__class__.__name__,
+                        str(error)[:200])
+        else:
+            log.info("BatchNorm recalibration: best.keras (round %d) holds its recalibrated statistics too", best.round)
 
     def _federated_evaluation(self, server_round: int) -> tuple[dict[str, Any] | None, dict[str, str]]:
         """Ask every connected client to evaluate the new global weights on its held-out data."""
@@ -866,26 +952,26 @@ class RoundEngine:
                     for client_id in sorted(collection.pending):
                         if now - collection.sent_at[client_id] >= timeout_s:
                             self._drop(collection, client_id, f"no {what} within {timeout_s:g}s")
-                            log.warning("round %d: dropped client %s: no %s within %gs", server_round, client_id,
+                            log.warning("%s: dropped client %s: no %s within %gs", collection.where, client_id,
                                         what, timeout_s)
                 elif deadline is not None and now >= deadline:
                     for client_id in sorted(collection.pending):
                         if not collection.waits_for_upload(client_id):
                             self._drop(collection, client_id, f"no {what} within {timeout_s:g}s")
-                            log.warning("round %d: dropped client %s: no %s within %gs", server_round, client_id,
+                            log.warning("%s: dropped client %s: no %s within %gs", collection.where, client_id,
                                         what, timeout_s)
                 if collection.window is not None:  # a granted upload has its own allowance, from its grant
                     for client_id in collection.window.overdue(now):
                         self._drop(collection, client_id, f"its granted upload did not arrive within "
                                                           f"{collection.upload_allowance_s:g}s of its grant")
-                        log.warning("round %d: dropped client %s: its granted upload did not arrive within %gs of "
-                                    "its grant", server_round, client_id, collection.upload_allowance_s)
+                        log.warning("%s: dropped client %s: its granted upload did not arrive within %gs of "
+                                    "its grant", collection.where, client_id, collection.upload_allowance_s)
                 if not collection.pending:
                     break
                 if now >= next_progress:
                     slots = (f" ({len(collection.window.granted)} uploading, {len(collection.window.waiting)} "
                              f"waiting for an upload slot)" if collection.window is not None else "")
-                    log.info("round %d: waiting for %d %s(s)%s: %s", server_round, len(collection.pending), what,
+                    log.info("%s: waiting for %d %s(s)%s: %s", collection.where, len(collection.pending), what,
                              slots, ", ".join(sorted(collection.pending)))
                     next_progress = now + PROGRESS_EVERY_S
                 wait_s = 1.0 if deadline is None or collection.paced else min(1.0, max(deadline - now, 0.05))
@@ -908,19 +994,19 @@ class RoundEngine:
                 continue
             elif isinstance(event, Gone):
                 if self._drop(collection, event.client_id, event.reason):
-                    log.warning("round %d: dropped client %s before its %s: %s", collection.server_round,
+                    log.warning("%s: dropped client %s before its %s: %s", collection.where,
                                 event.client_id, collection.what, event.reason)
             elif isinstance(event, Back):
                 client_id = event.client_id  # asked in this round and back (or asking again): its request
                 if (client_id in collection.requests and client_id not in collection.answered  # may be lost
                         and client_id not in collection.refused and client_id not in collection.unsent
                         and self._send(collection, client_id)):
-                    log.info("round %d: client %s is back; sent its %s again", collection.server_round, client_id,
-                             "FIT" if collection.kind is MessageType.UPDATE else "EVALUATE")
+                    log.info("%s: client %s is back; sent its %s again", collection.where, client_id,
+                             {MessageType.UPDATE: "FIT", MessageType.MOMENTS: "STATS"}.get(collection.kind, "EVALUATE"))
             elif isinstance(event, Misbehaved) and self._drop(collection, event.client_id,
                                                               f"sent a malformed message: {event.reason}"):
                 collection.refused.add(event.client_id)
-                log.warning("round %d: dropped client %s: it sent a malformed message", collection.server_round,
+                log.warning("%s: dropped client %s: it sent a malformed message", collection.where,
                             event.client_id)
         return answers
 
@@ -936,7 +1022,7 @@ class RoundEngine:
                                         f"{collection.attempt} (late or out of order)")
             return
         if client_id in collection.answered:
-            log.debug("round %d: ignored a repeated %s from %s", server_round, kind.value, client_id)
+            log.debug("%s: ignored a repeated %s from %s", collection.where, kind.value, client_id)
             return
         if client_id not in collection.pending:
             self.pool.refuse(client_id, f"no {kind.value} expected from it in round {server_round}")
@@ -980,7 +1066,7 @@ class RoundEngine:
         self.pool.refuse(client_id, problem)
         collection.refused.add(client_id)
         self._drop(collection, client_id, f"answer refused: {problem}")
-        log.warning("round %d: dropped client %s: its %s was refused (%s)", collection.server_round, client_id,
+        log.warning("%s: dropped client %s: its %s was refused (%s)", collection.where, client_id,
                     kind.value, problem)
 
     def _drop(self, collection: Collection, client_id: str, reason: str) -> bool:
@@ -1035,9 +1121,10 @@ class RoundEngine:
                     return f"its update is unusable: {unusable}"
             elif answer.kind is MessageType.MOMENTS:
                 declared = self.pool.info(answer.client_id).declared_examples
-                num_features = self.weights[self.feature_scaling.mean_index].size if self.feature_scaling else 0
-                return why_report_unusable(report_of(answer.body), num_features=num_features,
-                                           max_count=min(declared or self.max_examples, self.max_examples))
+                width, values_per_example = self._collection.moments if self._collection else (0, 1)
+                return why_report_unusable(report_of(answer.body), num_features=width,
+                                           max_count=min(declared or self.max_examples, self.max_examples),
+                                           values_per_example=values_per_example)
             else:
                 if answer.kind is MessageType.SECAGG_MASKED:
                     protocol.check_history(answer.body["history"], self.plan.epochs)

@@ -39,6 +39,29 @@ class FeatureScaling:
 
 
 @dataclass(frozen=True)
+class BatchNormLayer:
+    """One BatchNormalization layer the engine recalibrates after the last round: where its moving
+    mean and variance sit among the global weights, how many channels it normalises, and how many
+    values per channel one example gives it (the positions of a convolution's feature map: 1 after
+    a Dense layer), which is what a site's count must be a multiple of."""
+
+    name: str
+    mean_index: int
+    variance_index: int
+    channels: int
+    values_per_example: int
+
+
+@dataclass(frozen=True)
+class SiteStatistics:
+    """What the engine asks the sites to summarise, outside the rounds: the features before round 1
+    (into ``feature_scaling``), each of ``batch_norm``'s layers' inputs after the last round."""
+
+    feature_scaling: FeatureScaling | None = None
+    batch_norm: tuple[BatchNormLayer, ...] = ()
+
+
+@dataclass(frozen=True)
 class Moments:
     """``count`` values per feature, their ``mean`` and ``m2`` (the sum of squared deviations from
     the mean), each a float64 vector of one entry per feature."""
@@ -107,14 +130,19 @@ def pool(reports: Iterable[Moments]) -> Moments:
     return total
 
 
-def why_report_unusable(report: Moments, *, num_features: int, max_count: int) -> str | None:
+def why_report_unusable(report: Moments, *, num_features: int, max_count: int,
+                        values_per_example: int = 1) -> str | None:
     """Why a site's report cannot be pooled (it is a network input), or None. What cannot be
     checked: a site can report any moments its count allows, as it can send any update; its
-    weight in the pool is its count, held to at most ``max_count`` (what it declared it holds)."""
+    weight in the pool is its count, held to at most ``max_count`` examples (what it declared it
+    holds) of ``values_per_example`` values each (a whole number of examples)."""
     if not isinstance(report.count, int) or isinstance(report.count, bool) or report.count < 1:
         return f"its count {report.count!r} is not a positive whole number"
-    if report.count > max_count:
-        return f"its count {report.count} is more than the {max_count} examples it may claim"
+    if report.count > max_count * values_per_example:
+        return (f"its count {report.count} is more than the {max_count} examples it may claim"
+                + (f" ({values_per_example} values each)" if values_per_example > 1 else ""))
+    if report.count % values_per_example:
+        return f"its count {report.count} is not a whole number of examples of {values_per_example} values"
     for name in ("mean", "m2"):
         array = getattr(report, name)
         if not isinstance(array, np.ndarray) or array.dtype != np.float64 or array.shape != (num_features,):

@@ -148,9 +148,15 @@ class NetworkPool:
         if isinstance(request, GrantRequest):
             return protocol.encode(Message(MessageType.UPLOAD_GRANT, round=request.round,
                                            body={"attempt": request.attempt}))
-        if isinstance(request, StatsRequest):
-            return protocol.encode(Message(MessageType.STATS, round=request.round,
-                                           body={"run": request.run, "kind": request.kind.value}))
+        if isinstance(request, StatsRequest):  # the weights, if any, in full precision: what is exported
+            body = {"run": request.run, "kind": request.kind.value}
+            if request.layer is not None:
+                body.update(layer=request.layer, attempt=request.attempt)
+            key = ("stats", request.round, request.attempt, request.kind)
+            if key not in self._encoded:
+                self._encoded[key] = protocol.encode(Message(MessageType.STATS, round=request.round, body=body,
+                                                             arrays=list(request.weights or ())))
+            return self._encoded[key]
         if isinstance(request, FitRequest):
             key: tuple = ("fit", request.round, request.attempt, request.plan)
         else:

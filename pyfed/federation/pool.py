@@ -25,7 +25,7 @@ from pyfed.federation.answers import ClientAnswers
 from pyfed.federation.secagg import SecAggError
 from pyfed.federation.secure_aggregation import SecAggAborted
 from pyfed.wire.compression import as_received
-from pyfed.federation.moments import Moments
+from pyfed.federation.moments import Moments, pool as pool_moments
 from pyfed.wire.protocol import Delivery, FitPlan, MessageType, StatsKind
 
 log = logging.getLogger("pyfed.pool")
@@ -59,11 +59,16 @@ class EvaluateRequest:
 
 @dataclass(frozen=True)
 class StatsRequest:
-    """Before round 1 of run ``run``: summarise your training examples as ``kind`` says (a MOMENTS answer)."""
+    """Summarise your training examples as ``kind`` says (a MOMENTS answer, of ``attempt``): before
+    round 1 the features; after the last round (``round``) the inputs of BatchNormalization layer
+    ``layer`` when ``weights`` run over them."""
 
     kind: StatsKind
     run: str = "0" * 16
     round: int = 0
+    attempt: int = 1
+    layer: int | None = None
+    weights: Sequence[np.ndarray] | None = None
 
 
 @dataclass(frozen=True)
@@ -264,8 +269,8 @@ class InProcessPool:
                                         f"which it holds no update for")]
             return [Answer(client_id, held[0], request.round, request.attempt, held[1], held[2])]
         if isinstance(request, StatsRequest):  # what a networked client answers (client.py)
-            return [Answer(client_id, MessageType.MOMENTS, request.round, 1,
-                           moments_body(Moments.of(trainer.training_examples())))]
+            return [Answer(client_id, MessageType.MOMENTS, request.round, request.attempt,
+                           moments_body(site_moments(trainer, request.kind, request.layer, request.weights)))]
         if isinstance(request, FitRequest):
             received = as_received(request.weights, request.plan.broadcast_compression)  # what the wire would give
             weights, num_examples, metrics = trainer.fit(list(received), request.plan)
@@ -306,6 +311,17 @@ class InProcessPool:
 
     def stop(self, reason: str) -> None:
         pass
+
+
+def site_moments(trainer: Any, kind: StatsKind, layer: int | None,
+                 weights: Sequence[np.ndarray] | None) -> Moments:
+    """What a site reports for a STATS of ``kind``: its features' moments, or the moments of what
+    BatchNormalization layer ``layer`` receives when ``weights`` run over its training examples."""
+    if kind is StatsKind.FEATURES:
+        return Moments.of(trainer.training_examples())
+    chunks: list[Moments] = []
+    trainer.batch_norm_inputs(list(weights), layer, lambda values: chunks.append(Moments.of(values)))
+    return pool_moments(chunks)
 
 
 def moments_body(moments: Moments) -> dict[str, Any]:

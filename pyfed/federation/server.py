@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from pyfed.federation.moments import FeatureScaling
+from pyfed.federation.moments import SiteStatistics
 from pyfed.federation.engine import (AUTO, MAX_EXAMPLES, EngineStopping, Evaluate, ExportModel, RoundEngine,
                                     RoundTimeout)
 from pyfed.federation.network import NetworkPool
@@ -63,7 +63,7 @@ class Server:
         keep_checkpoints: int = 3,
         fresh_start: bool = False,
         run_name: str | None = None,
-        feature_scaling: FeatureScaling | None = None,
+        statistics: SiteStatistics = SiteStatistics(),
         curve: CurveKeys | None = None,
         authorized_keys: Path | None = None,
         join_rate: float = 100.0,
@@ -86,7 +86,7 @@ class Server:
                                   max_examples=max_examples, secure_aggregation=secure_aggregation,
                                   max_inflight_updates=max_inflight_updates,
                                   max_clients_per_round=max_clients_per_round, min_upload_mbit_s=min_upload_mbit_s,
-                                  feature_scaling=feature_scaling)
+                                  statistics=statistics)
         self.logdir = Path(logdir) if logdir else None
         checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else (self.logdir / "checkpoints" if logdir else None)
         self.store = RunStore(checkpoint_dir, {

@@ -20,7 +20,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from pyfed.federation.moments import FeatureScaling
+from pyfed.federation.moments import SiteStatistics
 from pyfed.federation.engine import ExportModel, RoundEngine, RoundTimeout
 from pyfed.federation.uploads import DEFAULT_INFLIGHT_UPDATES
 from pyfed.federation.pool import InProcessPool
@@ -85,7 +85,7 @@ class Simulation:
         keep_checkpoints: int = 3,
         fresh_start: bool = False,
         run_name: str | None = None,
-        feature_scaling: FeatureScaling | None = None,
+        statistics: SiteStatistics = SiteStatistics(),
         export: ExportModel | None = None,
         histograms: bool = False,
         secure_aggregation: SecureAggregation | None = None,
@@ -113,7 +113,7 @@ class Simulation:
                                   export=export if logdir else None,
                                   evaluate_in_background=False,  # the trainers share the evaluated model
                                   on_round=self._round_done, secure_aggregation=secure_aggregation,
-                                  max_inflight_updates=max_inflight_updates, feature_scaling=feature_scaling)
+                                  max_inflight_updates=max_inflight_updates, statistics=statistics)
         self.logdir = Path(logdir) if logdir else None
         model_json, compile_config = to_wire(model)
         self.description = describe_model(model, histograms=histograms)

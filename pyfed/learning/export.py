@@ -111,6 +111,22 @@ class ModelFiles:
         write_json_atomic(self.record_path, self._written)
         log.debug("round %d: wrote %s%s", server_round, self.latest_path, f" and {self.best_path}" if is_best else "")
 
+    def best_weights(self) -> list[np.ndarray] | None:
+        """The weights ``best.keras`` holds (this run's own file), or None (said why) if it cannot be read."""
+        if self._written.get("best") is None:
+            return None
+        try:
+            return load_model_file(self.best_path).get_weights()
+        except ExportError as error:
+            log.warning("could not read %s back: %s", self.best_path, error)
+            return None
+
+    def write_best(self, weights: Sequence[np.ndarray], server_round: int) -> None:
+        """Replace ``best.keras`` (still round ``server_round``'s model, its statistics recalibrated)."""
+        with model_lock(self.model):
+            self.model.set_weights(list(weights))
+            save_keras(self.model, self.best_path)
+
     def _read_record(self) -> dict[str, Any]:
         """What an earlier server process of this run wrote (a resumed run continues it); a missing
         or unreadable record is started afresh (the next round rewrites it)."""

@@ -321,6 +321,55 @@ def batch_norm_layers(model: keras.Model) -> list[keras.layers.Layer]:
             and layer.name != FEATURE_SCALING_NAME]
 
 
+def batch_norm_arrays(model: keras.Model) -> list[tuple[str, int, int, int, int | None]]:
+    """For each of :func:`batch_norm_layers`: (name, the positions of its moving mean and moving
+    variance in ``model.get_weights()``, its channels, the values per channel one example gives it,
+    or None when its input's shape is not fixed)."""
+    positions = {id(variable): index for index, variable in enumerate(model.weights)}
+    found = []
+    for layer in batch_norm_layers(model):
+        axes = _channel_axes(layer, len(layer.input.shape))
+        others = [size for axis, size in enumerate(layer.input.shape) if axis and axis not in axes]
+        per_example = None if any(size is None for size in others) else int(np.prod(others, dtype=np.int64))
+        found.append((layer.name, positions[id(layer.moving_mean)], positions[id(layer.moving_variance)],
+                      int(np.prod(layer.moving_mean.shape)), per_example))
+    return found
+
+
+def _channel_axes(layer: keras.layers.BatchNormalization, ndim: int) -> list[int]:
+    axes = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+    return sorted(axis % ndim for axis in axes)
+
+
+def batch_norm_inputs(model: keras.Model, position: int, x: np.ndarray, fold: Callable[[np.ndarray], None],
+                      batch_size: int = 1024) -> None:
+    """Hand ``fold`` what BatchNormalization layer ``position`` (in :func:`batch_norm_layers`' order)
+    receives when ``model`` runs over ``x`` in inference mode, a batch at a time, as 2-D arrays
+    (values x channels): what a site summarises to recalibrate the layer's moving statistics. The layer's
+    ``call`` is wrapped on the instance while the batches run (nested models' layers too, which a
+    sub-model of the layer's input could not reach), and unwrapped after."""
+    layer = batch_norm_layers(model)[position]
+    seen: list[np.ndarray] = []
+    original = layer.call
+
+    def capture(inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        seen.append(keras.ops.convert_to_numpy(inputs))
+        return original(inputs, *args, **kwargs)
+
+    with model_lock(model):
+        layer.call = capture
+        try:
+            for start in range(0, len(x), batch_size):
+                model(x[start:start + batch_size], training=False)
+                for values in seen:
+                    axes = _channel_axes(layer, values.ndim)
+                    moved = np.moveaxis(values, axes, list(range(values.ndim - len(axes), values.ndim)))
+                    fold(moved.reshape(-1, int(np.prod(moved.shape[values.ndim - len(axes):]))))
+                seen.clear()
+        finally:
+            del layer.call
+
+
 def local_array_indices(model: keras.Model, local_layers: str) -> tuple[int, ...]:
     """The positions in ``model.get_weights()`` of the arrays a site keeps under ``local_layers``
     (a :class:`~pyfed.wire.protocol.LocalLayers` value): none, or every BatchNormalization layer's."""

@@ -10,8 +10,9 @@ from typing import Any
 
 import numpy as np
 
-from pyfed.learning.model import (clear_proximal_term, evaluate, evaluation_dataset, local_array_indices,
-                                  reset_optimizer, set_learning_rate, set_proximal_term, training_dataset)
+from pyfed.learning.model import (batch_norm_inputs, clear_proximal_term, evaluate, evaluation_dataset,
+                                  local_array_indices, reset_optimizer, set_learning_rate, set_proximal_term,
+                                  training_dataset)
 from pyfed.wire.protocol import FitPlan, LocalLayers
 
 #: on_epoch(epoch, epochs, logs): called after each local epoch (1-based) with its metrics
@@ -120,6 +121,13 @@ class LocalTrainer:
     def training_examples(self) -> np.ndarray:
         """The examples this site trains on (not the held-out ones): what its statistics summarise."""
         return self.x if self._train_rows is None else self.x[self._train_rows]
+
+    def batch_norm_inputs(self, weights: list[np.ndarray], position: int, fold: Callable[[np.ndarray], None]) -> None:
+        """Run ``weights`` (the global model as sent, this site's own layers not put over it: it is the
+        global model's statistics that are measured) over the training examples and hand ``fold`` what
+        BatchNormalization layer ``position`` receives (see :func:`~pyfed.learning.model.batch_norm_inputs`)."""
+        self.model.set_weights(weights)
+        batch_norm_inputs(self.model, position, self.training_examples(), fold)
 
     def evaluate(self, weights: list[np.ndarray]) -> tuple[int, float | None, float | None]:
         """(held-out examples, loss, accuracy) of ``weights`` (with this site's own layers, under FedBN);

@@ -122,9 +122,13 @@ class ConnectionEvent(enum.StrEnum):
 
 class StatsKind(enum.StrEnum):
     """What a STATS request asks a site to summarise. FEATURES: the per-feature moments of its
-    training examples, which the server pools into the model's feature scaling."""
+    training examples, which the server pools into the model's feature scaling. BATCH_NORM: the
+    per-channel moments of what one BatchNormalization layer (``layer``, counted in the model's
+    order) receives when the weights the request carries run over the site's training examples,
+    which the server pools into that layer's moving mean and variance."""
 
     FEATURES = "features"
+    BATCH_NORM = "batch_norm"
 
 
 #: the most values a MOMENTS message may carry per field (features of tabular data)
@@ -530,14 +534,19 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
         "loss": (_optional(_float_in(-1e30, 1e30)), True),
         "accuracy": (_optional(_float_in(0.0, 1.0)), True),
     },
-    # server -> client, before round 1: summarise your training examples (`kind`, a StatsKind) for run `run`.
+    # server -> client: summarise your training examples (`kind`, a StatsKind) for run `run`: before
+    # round 1, the features (no arrays); after the last round, the inputs of BatchNormalization layer
+    # `layer` under the weights it carries (the global model, in full precision: what is exported).
     MessageType.STATS: {
         "run": (_run_id, True),
         "kind": (_one_of(*(k.value for k in StatsKind)), True),
+        "attempt": (_ATTEMPT[0], False),
+        "layer": (_int_in(0, 2**31 - 1), False),
     },
     # client -> server: the answer to a STATS: per feature, the mean of its `count` examples and the sum
     # of squared deviations from it (m2). Nothing else about its data leaves the site.
     MessageType.MOMENTS: {
+        "attempt": (_ATTEMPT[0], False),
         "count": (_int_in(1, 2**53), True),
         "mean": (_floats(MAX_MOMENT_VALUES), True),
         "m2": (_floats(MAX_MOMENT_VALUES, low=0.0), True),
@@ -608,7 +617,7 @@ BODY_SCHEMAS: dict[MessageType, dict[str, tuple[Callable[[Any], Any], bool]]] = 
 WEIGHT_CARRYING = frozenset({MessageType.WELCOME, MessageType.FIT, MessageType.UPDATE, MessageType.EVALUATE})
 #: Message types that carry arrays at all: the weight-carrying ones, and a masked input (one unsigned
 #: vector of ring elements, checked against the round by the server).
-ARRAY_CARRYING = WEIGHT_CARRYING | {MessageType.SECAGG_MASKED, MessageType.UPDATE_CHUNK}
+ARRAY_CARRYING = WEIGHT_CARRYING | {MessageType.SECAGG_MASKED, MessageType.UPDATE_CHUNK, MessageType.STATS}
 
 
 def _check_fields(value: Any, schema: Mapping[str, tuple[Callable[[Any], Any], bool]], where: str) -> dict:
@@ -719,6 +728,20 @@ def _parse_manifest(entries: Any, limits: Limits) -> list[ArraySpec]:
     return specs
 
 
+def _check_stats(body: Mapping[str, Any], specs: Sequence[ArraySpec],
+                 expected_arrays: Sequence[ArraySpec] | None) -> None:
+    """A STATS for the features carries no arrays and names no layer; one for a BatchNormalization
+    layer names it and carries the weights to run (the model's)."""
+    if body["kind"] == StatsKind.FEATURES:
+        if specs or "layer" in body:
+            raise ProtocolError("a stats message for the features carries no arrays and names no layer")
+        return
+    if "layer" not in body or not specs:
+        raise ProtocolError(f"a stats message for {body['kind']} names its layer and carries the weights to run")
+    if expected_arrays is not None:
+        check_specs(specs, expected_arrays)
+
+
 def decode(
     frames: Sequence[Any],
     *,
@@ -783,6 +806,8 @@ def decode(
                             f"not {[f'{d}{list(s)}' for d, s in specs][:3]}")
     if "chunks" in body and specs:
         raise ProtocolError("an update sent in chunks carries no arrays itself")
+    if kind is MessageType.STATS:
+        _check_stats(body, specs, expected_arrays)
     if (expected_arrays is not None and kind in WEIGHT_CARRYING and body.get("encoding", "none") == "none"
             and "chunks" not in body):
         check_specs(specs, expected_arrays)  # an encoded model is checked against the plan's encoding by its receiver

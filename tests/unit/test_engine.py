@@ -967,7 +967,7 @@ def reports(x: np.ndarray, **lies) -> Callable[[str, StatsRequest], list[PoolEve
 
 
 def test_before_round_1_the_sites_moments_set_the_feature_scaling_to_the_pooled_mean_and_variance():
-    from pyfed.federation.moments import FeatureScaling
+    from pyfed.federation.moments import FeatureScaling, SiteStatistics
 
     rng = np.random.default_rng(0)
     x_a = np.c_[rng.normal(1000, 300, 40), rng.normal(0.1, 0.02, 40), np.full(40, 5.0)]
@@ -981,7 +981,7 @@ def test_before_round_1_the_sites_moments_set_the_feature_scaling_to_the_pooled_
                      "narrow": reports(x_a[:, :2]),
                      "far": reports(x_a, mean=[1e30, 0.1, 5.0])}  # within every bound, but no data gives it
     run = RoundEngine(pool, SCALED_WEIGHTS, clock=clock, rounds=1, plan=PLAN, strategy=FedAvg(),
-                      round_timeout=RoundTimeout(100.0, PLAN.epochs), feature_scaling=FeatureScaling(0, 1))
+                      round_timeout=RoundTimeout(100.0, PLAN.epochs), statistics=SiteStatistics(FeatureScaling(0, 1)))
     first_fit = []
     pool.behaviours["a"] = lambda cid, request: first_fit.append(request.weights) or [update(cid, request, 1.0)]
     run.run()
@@ -997,14 +997,130 @@ def test_before_round_1_the_sites_moments_set_the_feature_scaling_to_the_pooled_
 
 
 def test_no_usable_statistics_leave_the_model_unscaled_and_the_run_goes_on(caplog):
-    from pyfed.federation.moments import FeatureScaling
+    from pyfed.federation.moments import FeatureScaling, SiteStatistics
 
     clock = Clock()
     pool = FakePool({"a": answers(1.0)}, clock)
     pool.on_stats = {"a": reports(np.ones((5, 3)), mean=[float("inf")] * 3)}  # not finite: refused (schema aside)
     run = RoundEngine(pool, SCALED_WEIGHTS, clock=clock, rounds=1, plan=PLAN, strategy=FedAvg(),
-                      round_timeout=RoundTimeout(100.0, PLAN.epochs), feature_scaling=FeatureScaling(0, 1))
+                      round_timeout=RoundTimeout(100.0, PLAN.epochs), statistics=SiteStatistics(FeatureScaling(0, 1)))
     with caplog.at_level(logging.WARNING, logger="pyfed.server"):
         history = run.run()
     assert len(history) == 1 and "no site sent usable statistics" in caplog.text
     assert "not finite" in dict(pool.refused)["a"]
+
+
+# --- BatchNorm recalibration: the sites' moments of each layer's inputs after the last round ------
+
+#: a kernel, then two BatchNorm layers' moving means and variances: layer 0 normalises 2 channels
+#: (one value per example), layer 1 3 channels (two values per example: a feature map)
+BN_WEIGHTS = [np.ones((2, 2), np.float32), np.zeros(2, np.float32), np.ones(2, np.float32),
+              np.zeros(3, np.float32), np.ones(3, np.float32)]
+
+
+def bn_layers():
+    from pyfed.federation.moments import BatchNormLayer
+
+    return (BatchNormLayer("bn0", 1, 2, 2, 1), BatchNormLayer("bn1", 3, 4, 3, 2))
+
+
+def layer_inputs(x: np.ndarray, weights, position: int) -> np.ndarray:
+    """What a site's layer ``position`` receives: layer 1's inputs depend on layer 0's moving mean,
+    as a real model's later layers depend on the earlier layers' statistics."""
+    if position == 0:
+        return x
+    centred = x - weights[1]
+    return np.repeat(np.c_[centred, centred.sum(axis=1)], 2, axis=0)  # two positions per example
+
+
+def bn_site(x: np.ndarray, lies_at: int | None = None, **lies) -> Callable[[str, StatsRequest], list[PoolEvent]]:
+    """A site answering with the moments of its layer's inputs (at layer ``lies_at``, or every one, with ``lies``)."""
+    from pyfed.federation.moments import Moments
+
+    def answer(client_id: str, request: StatsRequest) -> list[PoolEvent]:
+        body = moments_body(Moments.of(layer_inputs(x, request.weights, request.layer)))
+        told = lies if lies_at in (None, request.layer) else {}
+        return [Answer(client_id, MessageType.MOMENTS, request.round, request.attempt, {**body, **told})]
+    return answer
+
+
+def test_after_the_last_round_each_batch_norm_layer_gets_the_pooled_statistics_of_its_inputs_in_order():
+    from pyfed.federation.moments import SiteStatistics
+
+    rng = np.random.default_rng(1)
+    x_a, x_b = rng.normal(5, 2, (40, 2)), rng.normal(-1, 0.5, (70, 2))
+    clock = Clock()
+    pool = FakePool({cid: answers(1.0) for cid in ("a", "b", "odd", "wide")}, clock, declared=100)
+    pool.on_stats = {"a": bn_site(x_a), "b": bn_site(x_b), "odd": bn_site(x_a, 1, count=3),  # not whole examples
+                     "wide": bn_site(x_a, 0, mean=[0.0] * 5, m2=[1.0] * 5)}
+    evaluated = []
+    run = RoundEngine(pool, BN_WEIGHTS, clock=clock, rounds=2, plan=PLAN, strategy=FedAvg(),
+                      round_timeout=RoundTimeout(100.0, PLAN.epochs), statistics=SiteStatistics(batch_norm=bn_layers()),
+                      evaluate=lambda weights: evaluated.append(weights) or (0.5, 0.9))
+    run.run()
+    union = np.concatenate([x_a, x_b, x_a])  # each liar lies at one layer only: a, b and one x_a in each pool
+    assert np.allclose(run.weights[1], union.mean(axis=0)) and np.allclose(run.weights[2], union.var(axis=0))
+    second = layer_inputs(union, run.weights, 1)  # under layer 0's pooled statistics
+    assert np.allclose(run.weights[3], second.mean(axis=0)) and np.allclose(run.weights[4], second.var(axis=0))
+    assert np.all(run.weights[0] == 1.0)  # every other array is the last round's model
+    stats = [request for _, request in pool.sent if isinstance(request, StatsRequest)]
+    assert [(r.layer, r.attempt, r.round) for r in stats] == [(0, 1, 2)] * 4 + [(1, 2, 2)] * 4
+    assert all(np.allclose(r.weights[1], union.mean(axis=0)) for r in stats if r.layer == 1)  # layer 0 done first
+    reasons = dict(pool.refused)
+    assert "is not a whole number of examples of 2 values" in reasons["odd"]
+    assert "its mean is not 2 float64 values" in reasons["wide"]
+    assert run.final_metrics == (0.5, 0.9) and evaluated[-1] is run.weights  # the recalibrated model, tested
+
+
+def test_a_layer_no_site_can_summarise_leaves_the_averaged_statistics_and_the_run_ends(caplog):
+    from pyfed.federation.moments import SiteStatistics
+
+    clock = Clock()
+    pool = FakePool({"a": answers(1.0)}, clock, declared=100)
+    pool.on_stats = {"a": bn_site(np.ones((5, 2)), count=10**6)}  # more than it declared: refused
+    run = RoundEngine(pool, BN_WEIGHTS, clock=clock, rounds=1, plan=PLAN, strategy=FedAvg(),
+                      round_timeout=RoundTimeout(100.0, PLAN.epochs), statistics=SiteStatistics(batch_norm=bn_layers()))
+    with caplog.at_level(logging.WARNING, logger="pyfed.server"):
+        assert len(run.run()) == 1
+    assert "BatchNorm recalibration of the final model (bn0): no site sent usable statistics" in caplog.text
+    assert "the final model keeps its averaged moving statistics" in caplog.text
+    assert np.all(run.weights[1] == 1.0) and np.all(run.weights[2] == 1.0)  # the last round's average
+    assert "more than the 100 examples it may claim" in dict(pool.refused)["a"]
+
+
+def test_best_keras_of_an_earlier_round_is_recalibrated_too():
+    from pyfed.federation.moments import SiteStatistics
+
+    clock = Clock()
+    x = np.random.default_rng(2).normal(3, 1, (30, 2))
+    pool = FakePool({"a": answers(1.0)}, clock, declared=100)
+    pool.on_stats = {"a": bn_site(x)}
+    losses = iter([0.2, 0.9, 0.5])  # round 1 is best; the final model scores 0.5 after recalibration
+
+    class Evaluate:
+        def __call__(self, weights):
+            return next(losses), None
+
+        def probe(self, weights):
+            return None
+
+    class Export(RecordingExport):
+        best = None
+
+        def best_weights(self):
+            return [np.full_like(w, 7.0) for w in BN_WEIGHTS]
+
+        def write_best(self, weights, server_round):
+            self.best = (server_round, weights)
+
+    export = Export()
+    run = RoundEngine(pool, BN_WEIGHTS, clock=clock, rounds=2, plan=PLAN, strategy=FedAvg(), export=export,
+                      round_timeout=RoundTimeout(100.0, PLAN.epochs), evaluate=Evaluate(),
+                      evaluate_in_background=False, statistics=SiteStatistics(batch_norm=bn_layers()))
+    run.run()
+    assert export.calls[-1] == (2, 1.0, False)  # latest: the recalibrated final model, not the best
+    server_round, weights = export.best
+    assert server_round == 1 and np.all(weights[0] == 7.0)  # best.keras's own weights...
+    assert np.allclose(weights[1], x.mean(axis=0)) and np.allclose(weights[2], x.var(axis=0))  # ...recalibrated
+    attempts = [r.attempt for _, r in pool.sent if isinstance(r, StatsRequest)]
+    assert attempts == [1, 2, 3, 4]  # the best model's stages are not mistaken for the final one's

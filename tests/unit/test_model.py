@@ -274,3 +274,34 @@ def test_the_feature_scaling_layer_standardises_by_what_it_is_set_to_never_train
     assert feature_scaling_indices(default_model((3,), 2)) is None
     unscaled = np.array([[1000, 0.1, 5], [1500, 0.2, 6]], np.float32)
     assert needs_scaling(unscaled) and unscaled_features(model, unscaled, "x.csv") is None
+
+
+def test_what_each_batch_norm_layer_receives_is_read_in_inference_mode_nested_layers_too():
+    from pyfed.learning.model import batch_norm_arrays, batch_norm_inputs, feature_scaling_layer
+
+    inner = keras.Sequential([keras.layers.Dense(5), keras.layers.BatchNormalization(name="inner_bn")])
+    inputs = keras.Input((6, 6, 2))
+    x = keras.layers.Conv2D(3, 3)(inputs)
+    x = keras.layers.BatchNormalization(name="conv_bn")(x)
+    x = keras.layers.Flatten()(x)
+    outputs = keras.layers.Dense(2, activation="softmax")(inner(x))
+    model = keras.Model(inputs, outputs)
+    model.layers[2].moving_mean.assign([1.0, -2.0, 3.0])  # inference mode uses these, not the batch's
+    positions = {id(v): i for i, v in enumerate(model.weights)}
+    conv_bn = model.layers[2]
+    assert batch_norm_arrays(model) == [
+        ("conv_bn", positions[id(conv_bn.moving_mean)], positions[id(conv_bn.moving_variance)], 3, 16),
+        ("inner_bn", positions[id(inner.layers[1].moving_mean)], positions[id(inner.layers[1].moving_variance)], 5, 1)]
+    data = np.random.default_rng(0).random((37, 6, 6, 2), dtype=np.float32)
+    conv_out = model.layers[1](data).numpy()
+    parts = []
+    batch_norm_inputs(model, 0, data, parts.append, batch_size=10)
+    assert [p.shape for p in parts] == [(160, 3)] * 3 + [(112, 3)]
+    assert np.allclose(np.concatenate(parts), conv_out.reshape(-1, 3), atol=1e-6)
+    after_conv_bn = conv_bn(conv_out, training=False).numpy().reshape(37, -1)
+    parts.clear()
+    batch_norm_inputs(model, 1, data, parts.append)
+    assert np.allclose(np.concatenate(parts), inner.layers[0](after_conv_bn).numpy(), atol=1e-5)
+    assert "call" not in vars(conv_bn) and "call" not in vars(inner.layers[1])  # unwrapped after
+    scaled = keras.Sequential([keras.Input((4,)), feature_scaling_layer(), keras.layers.Dense(2)])
+    assert batch_norm_arrays(scaled) == []  # the feature scaling is set before round 1, not recalibrated

@@ -107,3 +107,12 @@ def test_taking_a_part_out_undoes_merging_it():
     assert rest.count == 40
     assert np.allclose(rest.mean, a.mean(axis=0)) and np.allclose(rest.variance, a.var(axis=0), rtol=1e-6)
     assert Moments.of(a).without(Moments.of(a)).count == 0
+
+
+def test_a_report_of_a_feature_map_counts_whole_examples_of_its_positions():
+    report = Moments(64, np.zeros(3), np.ones(3))
+    assert why_report_unusable(report, num_features=3, max_count=4, values_per_example=16) is None
+    assert "more than the 3 examples it may claim (16 values each)" in why_report_unusable(
+        report, num_features=3, max_count=3, values_per_example=16)
+    assert "not a whole number of examples of 10 values" in why_report_unusable(
+        report, num_features=3, max_count=100, values_per_example=10)

@@ -338,3 +338,24 @@ def test_a_masked_input_is_one_unsigned_vector(arrays):
     with pytest.raises(ProtocolError, match="one vector of uint32 or uint64"):
         decode(encode(message))
     assert protocol.unb64(protocol.b64(b"\x00\xff")) == b"\x00\xff"
+
+
+def test_a_batch_norm_stats_request_carries_the_model_and_names_its_layer():
+    stats = Message(MessageType.STATS, round=3, arrays=WEIGHTS,
+                    body={"run": RUN, "kind": "batch_norm", "layer": 1, "attempt": 2})
+    decoded = decode(encode(stats), expected_arrays=SPECS)
+    assert decoded.body["layer"] == 1 and decoded.body["attempt"] == 2
+    assert all(np.array_equal(a, b) for a, b in zip(decoded.arrays, WEIGHTS))
+    with pytest.raises(ProtocolError, match="names its layer and carries the weights"):
+        decode(encode(Message(MessageType.STATS, arrays=WEIGHTS, body={"run": RUN, "kind": "batch_norm"})))
+    with pytest.raises(ProtocolError, match="names its layer and carries the weights"):
+        decode(encode(Message(MessageType.STATS, body={"run": RUN, "kind": "batch_norm", "layer": 0})))
+    with pytest.raises(ProtocolError, match="expected 2 arrays"):
+        decode(encode(Message(MessageType.STATS, arrays=WEIGHTS[:1], body={"run": RUN, "kind": "batch_norm",
+                                                                           "layer": 0})), expected_arrays=SPECS)
+    with pytest.raises(ProtocolError, match="for the features carries no arrays and names no layer"):
+        decode(encode(Message(MessageType.STATS, arrays=WEIGHTS, body={"run": RUN, "kind": "features"})))
+    with pytest.raises(ProtocolError, match="for the features carries no arrays and names no layer"):
+        decode(encode(Message(MessageType.STATS, body={"run": RUN, "kind": "features", "layer": 0})))
+    with pytest.raises(ProtocolError, match="a moments message carries no arrays"):
+        decode(encode(Message(MessageType.MOMENTS, arrays=WEIGHTS, body={"count": 1, "mean": [0.0], "m2": [0.0]})))
