@@ -70,11 +70,12 @@ def test_compression_quick_measures_bytes_accuracy_and_the_slow_link(tmp_path):
     assert "## Round time on a slow link" in (tmp_path / "COMPRESSION.md").read_text()
 
 
-def test_batch_norm_table_quick_has_both_cases_and_every_method(tmp_path):
+def test_batch_norm_table_quick_has_every_case_and_method(tmp_path):
     run_bench("batch_norm", "--quick", "--out", str(tmp_path))
     results = json.loads((tmp_path / "BATCH_NORM.json").read_text())
     assert {(r["case"], r["method"]) for r in results["runs"]} == {
-        (case, method) for case in ("iid", "shifted") for method in ("central", "fedavg", "fedbn")}
+        (case, method) for case in ("iid", "label_skew", "shifted")
+        for method in ("central", "fedavg", "fedavg_recalibrated", "fedbn")}
     assert all(0 <= r["accuracy"] <= 1 for r in results["runs"])
     assert all(set(r["per_site"]) == {"client-1", "client-2", "client-3"} for r in results["runs"]
                if r["case"] == "shifted")

@@ -877,7 +877,9 @@ class RoundEngine:
         if weights is None:
             log.warning("BatchNorm recalibration: the final model keeps its averaged moving statistics")
             return
-        metrics = self._evaluate(weights)
+        metrics = self._judge_recalibrated(weights, self.final_metrics[0], "the final model")
+        if metrics is None:
+            return
         log.info("BatchNorm recalibration: the final model's moving statistics are now those of its layers' inputs "
                  "at %s site(s)%s", len(self.pool.connected()), "" if metrics[1] is None and metrics[0] is None else
                  f": test loss {format_metric(self.final_metrics[0])} -> {format_metric(metrics[0])}, accuracy "
@@ -892,7 +894,8 @@ class RoundEngine:
         best_weights = self.export.best_weights()
         recalibrated = None if best_weights is None else self._recalibrate_batch_norm(
             best_weights, f"round {best.round}'s best model", first_attempt=len(self.batch_norm) + 1)
-        if recalibrated is None:
+        if recalibrated is None or self._judge_recalibrated(recalibrated, best.test_loss,
+                                                            f"best.keras (round {best.round})") is None:
             log.warning("BatchNorm recalibration: best.keras (round %d) keeps its averaged moving statistics",
                         best.round)
             return
@@ -903,6 +906,24 @@ class RoundEngine:
                         str(error)[:200])
         else:
             log.info("BatchNorm recalibration: best.keras (round %d) holds its recalibrated statistics too", best.round)
+
+    def _judge_recalibrated(self, weights: Sequence[np.ndarray], loss_before: float | None,
+                            which: str) -> tuple[float | None, float | None] | None:
+        """The test metrics of ``weights`` with recalibrated statistics, or None (said why) if they
+        must not be kept: not finite, or scoring worse on the server's test data than the averaged
+        statistics did (what can be checked of the sites' hidden data: a lying site's moments show
+        there)."""
+        metrics = self._evaluate(weights)
+        reason = why_unusable(weights, metrics[0])
+        if reason is None and loss_before is not None and metrics[0] is not None and metrics[0] > loss_before:
+            reason = (f"it scores worse on the test data (loss {format_metric(metrics[0])} against "
+                      f"{format_metric(loss_before)} with the averaged ones): a site's statistics may not be true, or "
+                      f"the sites' data differ from the test data")
+        if reason is not None:
+            log.warning("BatchNorm recalibration: %s keeps its averaged moving statistics: with the sites' pooled "
+                        "ones %s", which, reason)
+            return None
+        return metrics
 
     def _federated_evaluation(self, server_round: int) -> tuple[dict[str, Any] | None, dict[str, str]]:
         """Ask every connected client to evaluate the new global weights on its held-out data."""

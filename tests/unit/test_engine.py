@@ -1095,7 +1095,7 @@ def test_best_keras_of_an_earlier_round_is_recalibrated_too():
     x = np.random.default_rng(2).normal(3, 1, (30, 2))
     pool = FakePool({"a": answers(1.0)}, clock, declared=100)
     pool.on_stats = {"a": bn_site(x)}
-    losses = iter([0.2, 0.9, 0.5])  # round 1 is best; the final model scores 0.5 after recalibration
+    losses = iter([0.2, 0.9, 0.5, 0.2])  # round 1 is best; after recalibration the final 0.5, the best 0.2
 
     class Evaluate:
         def __call__(self, weights):
@@ -1124,3 +1124,29 @@ def test_best_keras_of_an_earlier_round_is_recalibrated_too():
     assert np.allclose(weights[1], x.mean(axis=0)) and np.allclose(weights[2], x.var(axis=0))  # ...recalibrated
     attempts = [r.attempt for _, r in pool.sent if isinstance(r, StatsRequest)]
     assert attempts == [1, 2, 3, 4]  # the best model's stages are not mistaken for the final one's
+
+
+def test_recalibrated_statistics_that_score_worse_on_the_test_data_are_not_kept(caplog):
+    """A site can report moments its count allows (a mean 100 of its standard deviations off, with two
+    sites nothing says which lies): what can be checked is the model they make, on the test data."""
+    from pyfed.federation.moments import SiteStatistics
+
+    clock = Clock()
+    x = np.random.default_rng(3).normal(1.0, 0.1, (50, 2))
+    pool = FakePool({"a": answers(1.0), "liar": answers(1.0)}, clock, declared=100)
+    pool.on_stats = {"a": bn_site(x), "liar": bn_site(x, 0, mean=[11.0, 11.0], count=50)}
+
+    class Evaluate:  # the averaged model's moving mean (1.0) is right for the test data
+        def __call__(self, weights):
+            return 0.1 + abs(float(weights[1][0]) - 1.0), None
+
+        def probe(self, weights):
+            return None
+
+    run = RoundEngine(pool, BN_WEIGHTS, clock=clock, rounds=1, plan=PLAN, strategy=FedAvg(), evaluate=Evaluate(),
+                      round_timeout=RoundTimeout(100.0, PLAN.epochs), statistics=SiteStatistics(batch_norm=bn_layers()))
+    with caplog.at_level(logging.WARNING, logger="pyfed.server"):
+        run.run()
+    assert ("BatchNorm recalibration: the final model keeps its averaged moving statistics: with the sites' pooled "
+            "ones it scores worse on the test data (loss 5.1") in caplog.text
+    assert np.all(run.weights[1] == 1.0) and run.final_metrics == (0.1, None)
