@@ -292,6 +292,7 @@ class RoundEngine:
         self.summary_clients: dict[str, dict[str, Any]] = {}
         self.final_metrics: tuple[float | None, float | None] = (None, None)
         self.ended_early: str | None = None  # why the run ended before its planned rounds (a privacy budget)
+        self.recalibrated = False  # whether the final model holds BatchNorm statistics recalibrated from the sites
         self._stop_reason: str | None = None
         self._collection: Collection | None = None
         self._left_out: set[str] = set()  # secure aggregation: parties found misbehaving in this round, not asked again
@@ -884,7 +885,7 @@ class RoundEngine:
                  "at %s site(s)%s", len(self.pool.connected()), "" if metrics[1] is None and metrics[0] is None else
                  f": test loss {format_metric(self.final_metrics[0])} -> {format_metric(metrics[0])}, accuracy "
                  f"{format_metric(self.final_metrics[1])} -> {format_metric(metrics[1])}")
-        self.weights, self.final_metrics = weights, metrics
+        self.weights, self.final_metrics, self.recalibrated = weights, metrics, True
         if self.export is None:
             return
         best = best_round(self.history, self.export.best_metric)
@@ -912,16 +913,18 @@ class RoundEngine:
         """The test metrics of ``weights`` with recalibrated statistics, or None (said why) if they
         must not be kept: not finite, or scoring worse on the server's test data than the averaged
         statistics did (what can be checked of the sites' hidden data: a lying site's moments show
-        there)."""
+        there; honest ones may also score a little worse by chance, and the better model is kept)."""
         metrics = self._evaluate(weights)
         reason = why_unusable(weights, metrics[0])
-        if reason is None and loss_before is not None and metrics[0] is not None and metrics[0] > loss_before:
-            reason = (f"it scores worse on the test data (loss {format_metric(metrics[0])} against "
-                      f"{format_metric(loss_before)} with the averaged ones): a site's statistics may not be true, or "
-                      f"the sites' data differ from the test data")
         if reason is not None:
             log.warning("BatchNorm recalibration: %s keeps its averaged moving statistics: with the sites' pooled "
                         "ones %s", which, reason)
+            return None
+        if loss_before is not None and metrics[0] is not None and metrics[0] > loss_before:
+            log.info("BatchNorm recalibration: %s keeps its averaged moving statistics, which score better on the "
+                     "test data (loss %s against %s with the sites' pooled ones; a wide gap can mean that a site's "
+                     "statistics are not true, or that the sites' data differ from the test data)", which,
+                     format_metric(loss_before), format_metric(metrics[0]))
             return None
         return metrics
 
