@@ -463,6 +463,14 @@ def run_keys(config: KeysConfig) -> int:
             created, kept = generate_keys(config.out, config.clients, config.prefix)
     except (KeyFileError, OSError) as error:
         raise UsageError(str(error)) from None
+    if config.owner is not None:
+        try:
+            for secret in (*created, *kept):
+                for path in (secret, secret.with_suffix(".key")):
+                    os.chown(path, *config.owner)
+        except OSError as error:
+            raise UsageError(f"--owner / KEY_OWNER {config.owner[0]}:{config.owner[1]}: cannot hand {error.filename} "
+                             f"to that user ({error.strerror}; it needs root: e.g. docker run -u 0)") from None
     for secret in created:
         print(f"created {secret.with_suffix('.key')} and {secret}")
     for secret in kept:

@@ -151,6 +151,17 @@ def key_prefix(text: str) -> str:
     return value
 
 
+def optional_owner(text: str) -> tuple[int, int] | None:
+    """``UID:GID`` (numbers), or empty for unset."""
+    value = text.strip()
+    if not value:
+        return None
+    match = re.fullmatch(r"(\d{1,9}):(\d{1,9})", value)
+    if not match:
+        raise ValueError(f"must be UID:GID in numbers, e.g. 10001:10001 (the images' user), got {text!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
 def optional_key_name(text: str) -> str | None:
     """A key pair's name (as :func:`key_prefix`), or empty for unset."""
     return key_prefix(text) if text.strip() else None
@@ -552,6 +563,10 @@ class KeysConfig:
     site: str | None = setting(None, "--site", "KEY_SITE", optional_key_name,
                                "make only this site's own pair, on its machine: SITE.key (public, for the server's "
                                "authorized keys) and SITE.key_secret (mode 0600, stays on the site)")
+    owner: tuple[int, int] | None = setting(None, "--owner", "KEY_OWNER", optional_owner,
+                                            "UID:GID: hand the key files to this user (10001:10001 is the "
+                                            "images' user, which must read its mode-0600 secret from a "
+                                            "host folder); needs root, e.g. docker run -u 0")
     log_level: str = setting("INFO", "--log-level", "LOG_LEVEL", log_level, "logging level")
 
 

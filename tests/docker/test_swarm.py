@@ -1,5 +1,5 @@
-"""The Swarm stack end to end on a one-node swarm: `docker stack deploy` of swarm.yaml, Swarm
-secrets for the keys, node-local data, scaling clients mid-run, and the restart policies.
+"""The Swarm stack end to end on a one-node swarm: `docker stack deploy` of swarm.yaml, node-local
+keys (each replica its own pair) and data, scaling clients mid-run, and the restart policies.
 
 Each step is run exactly as the README's "Try it on one machine" block writes it (a unit test checks
 they are there), with its variables pointed at this test's directories and ports.
@@ -28,8 +28,15 @@ BUILD = "docker compose build"
 INIT = "docker swarm init --advertise-addr 127.0.0.1"
 LABEL = ("docker node update --label-add pyfed.server=true --label-add pyfed.client=true "
          "\"$(docker info --format '{{.Swarm.NodeID}}')\"")
-MAKE_KEYS = ('docker run --rm -u "$(id -u):$(id -g)" -v "$KEYS_DIR:/keys" '
-             "pyfed-server python -m pyfed keys --out /keys --clients 1")
+#: each node makes its own keys (here one node: the server's pair, and one pair per client replica);
+#: only the public halves are copied (into the server's authorized/, the server's into the sites' folder)
+SERVER_KEYS = ('docker run --rm -u 0 -v "$NODE_KEYS_DIR/server:/keys" pyfed-server python -m pyfed keys --out /keys '
+               "--clients 0 --owner 10001:10001")
+SITE_KEYS = ('for k in 1 2 3 4; do docker run --rm -u 0 -v "$NODE_KEYS_DIR/site:/keys" pyfed-client python -m pyfed '
+             'keys --site "site-$k" --out /keys --owner 10001:10001; done')
+COPY_PUBLIC_KEYS = ('docker run --rm -u 0 -v "$NODE_KEYS_DIR:/keys" pyfed-server sh -c \'mkdir -p /keys/authorized && '
+                    "cp /keys/site/*.key /keys/authorized/ && cp /keys/server/server.key /keys/site/'")
+MAKE_KEYS = (SERVER_KEYS, SITE_KEYS, COPY_PUBLIC_KEYS)
 MAKE_DATA = ('docker run --rm -u "$(id -u):$(id -g)" -v "$NODE_DATA_DIR:/data" '
              "pyfed-server python -m pyfed partition --clients 4 --out /data")
 DEPLOY = 'docker stack deploy -c swarm.yaml -c swarm.one-node.yaml "$STACK"'
@@ -37,7 +44,7 @@ SCALE_UP = 'docker service scale --detach "${STACK}_client=4"'
 SCALE_DOWN = 'docker service scale --detach "${STACK}_client=3"'
 REMOVE = 'docker stack rm "$STACK"'
 LEAVE = "docker swarm leave --force"
-RECIPE = (BUILD, INIT, LABEL, MAKE_KEYS, MAKE_DATA, DEPLOY, SCALE_UP, SCALE_DOWN, REMOVE, LEAVE)
+RECIPE = (BUILD, INIT, LABEL, *MAKE_KEYS, MAKE_DATA, DEPLOY, SCALE_UP, SCALE_DOWN, REMOVE, LEAVE)
 RUN_TIMEOUT_S = 600
 
 
@@ -76,17 +83,17 @@ class Stack:
 
     def __init__(self, tmp_path: Path, **settings):
         self.name = f"pyfedtest{uuid.uuid4().hex[:8]}"
-        keys, data = tmp_path / "keys", tmp_path / "node-data"
+        keys, data = tmp_path / "node-keys", tmp_path / "node-data"
         for directory in (keys, data):
             directory.mkdir()
             directory.chmod(0o755)   # the containers run as uid 10001
-        self.env = {"STACK": self.name, "KEYS_DIR": str(keys), "NODE_DATA_DIR": str(data),
+        self.env = {"STACK": self.name, "NODE_KEYS_DIR": str(keys), "NODE_DATA_DIR": str(data),
                     **{k: str(v) for k, v in base_settings(**settings).items()}}
         self.tensorboard_port = int(self.env["TENSORBOARD_PORT"])
         self.tmp_path = tmp_path
 
-    def run(self, step: str) -> str:
-        return sh(step, self.env)
+    def run(self, *steps: str) -> str:
+        return "".join(sh(step, self.env) for step in steps)
 
     def containers(self, service: str) -> list[dict]:
         """Every container of a service (all its tasks, running or exited), oldest first."""
@@ -158,7 +165,7 @@ def test_stack_deploy_trains_and_clients_scale_up_and_down_mid_run(stack_factory
     """3 client replicas; mid-run scaled to 4 (the new one trains from the next round on), then back
     to 3 (Swarm stops one, which leaves, and the run goes on without it)."""
     stack = stack_factory(ROUNDS=6, EPOCHS=150, MIN_CLIENTS=3)
-    stack.run(MAKE_KEYS)
+    stack.run(*MAKE_KEYS)
     stack.run(MAKE_DATA)
     stack.run(DEPLOY)
     node = swarm
@@ -201,8 +208,15 @@ def test_stack_deploy_trains_and_clients_scale_up_and_down_mid_run(stack_factory
     node_data = Path(stack.env["NODE_DATA_DIR"])
     assert {cid: c["num_examples"] for cid, c in summary["clients"].items()} == {
         f"{node}-{k}": len(np.load(node_data / f"client-{k}.npz")["y"]) for k in (1, 2, 3, 4)}
-    # keys from Swarm secrets: encrypted, and the replicas' key admitted
-    assert "(CurveZMQ)" in server_log and "admitting clients whose public key is in /run/secrets (1 keys)" in server_log
+    # each replica on its own pair from the node's folder, only their public halves admitted
+    assert "(CurveZMQ)" in server_log and "admitting clients whose public key is in /authorized (4 keys)" in server_log
+    client_logs = stack.logs("client")
+    assert set(re.findall(r"using key pair (site-\d)\.key_secret", client_logs)) == {
+        "site-1", "site-2", "site-3", "site-4"}, client_logs[-2000:]  # 4 replicas at once: 4 pairs
+    keys = Path(stack.env["NODE_KEYS_DIR"])
+    assert sorted(p.name for p in (keys / "authorized").iterdir()) == [f"site-{k}.key" for k in (1, 2, 3, 4)]
+    for secret in (keys / "site").glob("*.key_secret"):
+        assert secret.stat().st_mode & 0o777 == 0o600 and secret.stat().st_uid == 10001
 
     port = stack.tensorboard_port
     tags = wait_for_tensorboard_runs(port, {f"{run}/server", *(f"{run}/clients/{cid}" for cid in (*first, added))})
@@ -218,7 +232,7 @@ def test_restart_policies_bring_back_a_crashed_client_and_a_crashed_server(stack
     The model is the user's own, models/cnn.py, which reaches the server (and its restarted task) as
     a Swarm config: no image build."""
     stack = stack_factory(ROUNDS=4, EPOCHS=150, MIN_CLIENTS=3, MIN_FIT_CLIENTS=3, MODEL="/models/cnn.py:build")
-    stack.run(MAKE_KEYS)
+    stack.run(*MAKE_KEYS)
     stack.run(MAKE_DATA)
     stack.run(DEPLOY)
     node = swarm

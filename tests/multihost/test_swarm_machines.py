@@ -1,8 +1,8 @@
 """Scenario 2: the README's multi-machine Swarm recipe on three machines.
 
 Machine a is the manager (and the server's node, and a client node); b and c join as workers. The
-recipe's steps run as the README writes them: labels, each node's own data in /srv/pyfed/data,
-the keys as Swarm secrets, `docker stack deploy -c swarm.yaml`. One client runs on each node, on
+recipe's steps run as the README writes them: labels, each node's own data in /srv/pyfed/data and
+its own keys in /srv/pyfed/keys (only public keys copied between machines), `docker stack deploy -c swarm.yaml`. One client runs on each node, on
 that node's data. Mid-run, machine b fails (its cable pulled and every process on it killed): the
 run goes on without it; b comes back (its engine started again) and its client rejoins. Then
 `docker service scale` takes a client away and brings one back, as the README says it does.
@@ -29,9 +29,19 @@ INIT = "docker swarm init --advertise-addr <m1-ip>"
 LABELS = ("docker node update --label-add pyfed.server=true --label-add pyfed.client=true m1",
           "docker node update --label-add pyfed.client=true m2",
           "docker node update --label-add pyfed.client=true m3")
-KEYS = ("mkdir keys",
-        'docker run --rm -u "$(id -u):$(id -g)" -v "$PWD/keys:/keys" "${IMAGE_PREFIX}pyfed-server" python -m pyfed '
-        "keys --out /keys --clients 1")
+#: step 4: each node's own keys, made on it; only public keys travel between the machines
+SERVER_KEYS = ('docker run --rm -u 0 -v /srv/pyfed/keys/server:/keys "${IMAGE_PREFIX}pyfed-server" python -m pyfed '
+               "keys --out /keys --clients 0 --owner 10001:10001")
+SITE_KEYS = ('docker run --rm -u 0 -v /srv/pyfed/keys/site:/keys "${IMAGE_PREFIX}pyfed-client" python -m pyfed keys '
+             '--site "$(hostname -s)" --out /keys --owner 10001:10001')
+M1_OWN_KEYS = ("mkdir -p /srv/pyfed/keys/authorized",
+               "cp /srv/pyfed/keys/site/m1.key /srv/pyfed/keys/authorized/ && "
+               "cp /srv/pyfed/keys/server/server.key /srv/pyfed/keys/site/")
+#: what m1's operator does for m2 and m3 over ssh; the test bed's machines have no ssh, so the test
+#: copies the same two public files between the machines' disks
+OVER_SSH = ("ssh m2 cat /srv/pyfed/keys/site/m2.key > /srv/pyfed/keys/authorized/m2.key",
+            "ssh m2 'cat > /srv/pyfed/keys/site/server.key' < /srv/pyfed/keys/server/server.key")
+KEYS = (SERVER_KEYS, SITE_KEYS, *M1_OWN_KEYS, *OVER_SSH)
 DEPLOY = "ROUNDS=10 docker stack deploy -c swarm.yaml pyfed"
 SCALE = "docker service scale --detach pyfed_client=2"
 ROUNDS = 14
@@ -97,9 +107,21 @@ def run_recipe(testbed, m1_dir: Path, env: dict[str, str], tmp_path: Path) -> No
         node_data(testbed[name], x_train[start:start + size], y_train[start:start + size], "client.npz")
         start += size
     node_data(a, x_test, y_test, "test.npz")
-    # 4. on m1: the keys and the stack
-    for step in KEYS:
-        a.sh(step, env=env, cwd=m1_dir)
+    # 4. the keys: the server's pair on m1, each node's own pair on it, only public keys copied
+    a.sh(SERVER_KEYS, env=env, cwd=m1_dir)
+    for machine in (a, b, c):
+        machine.sh(SITE_KEYS, env=env)
+    for step in M1_OWN_KEYS:
+        a.sh(step.replace("m1.key", f"{a.hostname}.key"))
+    for machine in (b, c):  # OVER_SSH, for m2 and m3
+        shutil.copyfile(machine.disk / "keys" / "site" / f"{machine.hostname}.key",
+                        a.disk / "keys" / "authorized" / f"{machine.hostname}.key")
+        shutil.copyfile(a.disk / "keys" / "server" / "server.key", machine.disk / "keys" / "site" / "server.key")
+    for machine in (a, b, c):  # each secret stayed on its machine, readable only by the images' user
+        secret = machine.disk / "keys" / "site" / f"{machine.hostname}.key_secret"
+        assert secret.stat().st_mode & 0o777 == 0o600 and secret.stat().st_uid == 10001
+    assert not list((a.disk / "keys" / "authorized").glob("*.key_secret"))
+    # 5. on m1: the stack
     deploy_env = {**env, "EPOCHS": "150"}
     a.sh(DEPLOY.replace("ROUNDS=10", f"ROUNDS={ROUNDS}"), env=deploy_env, cwd=m1_dir)
     def server_log() -> str:

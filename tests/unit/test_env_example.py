@@ -11,7 +11,7 @@ pytestmark = pytest.mark.unit
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_ONLY = {"BASE_IMAGE", "TENSORFLOW", "PYFED_TAG", "IMAGE_PREFIX", "SERVER_PORT", "TENSORBOARD_PORT",
-                "CLIENT_REPLICAS", "NODE_DATA_DIR", "INPUT_DIR", "MODEL_FILE", "SERVER_MEMORY_LIMIT",
+                "CLIENT_REPLICAS", "NODE_DATA_DIR", "NODE_KEYS_DIR", "INPUT_DIR", "MODEL_FILE", "SERVER_MEMORY_LIMIT",
                 "EXPORT_DIR", "EXPORT_NAME"}
 #: set inside compose.yaml to paths in the containers, not by users
 COMPOSE_SET = {"BIND_ADDRESS", "TEST_DATA", "LOGDIR", "CHECKPOINT_DIR", "CURVE_SECRET_KEY", "AUTHORIZED_KEYS"}

@@ -280,3 +280,25 @@ def test_keras_is_required_at_a_version_with_no_known_safe_mode_bypass():
     assert "keras>=3.15.1" in dependencies
     assert tuple(int(p) for p in keras.__version__.split(".")[:3]) >= (3, 15, 1)
     assert "keras==3.15.1" in (REPO / "services/requirements.txt").read_text()
+
+
+def test_keys_can_be_handed_to_the_images_user_and_a_bad_owner_is_named(tmp_path, capsys):
+    """`pyfed keys --owner 10001:10001` (run as root in a container): a node's own pair in a host folder,
+    its secret mode 0600 and owned by the user the images run as, who alone can read it."""
+    from pyfed import cli
+
+    assert cli.main(["keys", "--site", "node-1", "--out", str(tmp_path / "site"), "--owner", "10001"]) == 2
+    assert "--owner / KEY_OWNER: must be UID:GID in numbers" in capsys.readouterr().err
+    assert not (tmp_path / "site").exists()  # refused before anything is made
+    code = cli.main(["keys", "--site", "node-1", "--out", str(tmp_path / "site"), "--owner", "10001:10002"])
+    secret = tmp_path / "site" / "node-1.key_secret"
+    if os.geteuid() != 0:  # only root can give files away: said, naming the setting
+        assert code == 2 and "--owner / KEY_OWNER 10001:10002: cannot hand" in capsys.readouterr().err
+        return
+    assert code == 0
+    for path in (secret, secret.with_suffix(".key")):
+        assert (path.stat().st_uid, path.stat().st_gid) == (10001, 10002)
+    assert secret.stat().st_mode & 0o777 == 0o600
+    assert cli.main(["keys", "--out", str(tmp_path / "server"), "--clients", "0", "--owner", "10001:10001"]) == 0
+    assert sorted(p.name for p in (tmp_path / "server").iterdir()) == ["server.key", "server.key_secret"]
+    assert (tmp_path / "server" / "server.key_secret").stat().st_uid == 10001
