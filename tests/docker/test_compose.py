@@ -530,3 +530,22 @@ def test_a_compose_run_with_compressed_updates_and_broadcasts_learns_and_reports
     assert [len(r["clients"]) for r in summary["rounds"]] == [3, 3]
     assert all(r["update_compression_ratio"] > 3.9 for r in summary["rounds"])
     assert summary["rounds"][-1]["test_accuracy"] > 0.6
+
+
+def test_a_checkout_runs_its_own_code_though_another_took_its_image_tag(project_factory):
+    """Two checkouts on one engine name their images alike; another's build (here: an image without
+    PyFed at all, under this checkout's tag) must not be what `docker compose run` starts."""
+    tag = f"other-checkout-{uuid.uuid4().hex[:6]}"
+    base = os.environ.get("BASE_IMAGE", "python:3.11-slim")
+    for image in ("pyfed-server", "pyfed-client"):
+        docker("tag", base, f"{image}:{tag}")
+    try:
+        project = project_factory(**base_settings(PYFED_TAG=tag))
+        done = project.compose("run", "--rm", "--no-deps", "keys", "python", "-c", "import pyfed; print('pyfed here')")
+        assert done.stdout.strip().endswith("pyfed here"), done.stdout + done.stderr
+        project.compose("up", "--no-start")  # what `up` starts is built first, the clients' image too
+        for image in ("pyfed-server", "pyfed-client"):  # both rebuilt from this checkout under the tag
+            assert docker("image", "inspect", "--format", "{{.Id}}", f"{image}:{tag}").stdout != docker(
+                "image", "inspect", "--format", "{{.Id}}", base).stdout, image
+    finally:
+        docker("rmi", f"pyfed-server:{tag}", f"pyfed-client:{tag}", check=False)
