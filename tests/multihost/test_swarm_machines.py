@@ -2,8 +2,8 @@
 
 Machine a is the manager (and the server's node, and a client node); b and c join as workers. The
 recipe's steps run as the README writes them: labels, each node's own data in /srv/pyfed/data and
-its own keys in /srv/pyfed/keys (only public keys copied between machines), `docker stack deploy -c swarm.yaml`. One client runs on each node, on
-that node's data. Mid-run, machine b fails (its cable pulled and every process on it killed): the
+its own keys in /srv/pyfed/keys (only public keys copied between machines), `docker stack deploy
+-c swarm.yaml`. One client runs on each node, on that node's data. Mid-run, machine b fails (its cable pulled and every process on it killed): the
 run goes on without it; b comes back (its engine started again) and its client rejoins. Then
 `docker service scale` takes a client away and brings one back, as the README says it does.
 """
@@ -109,10 +109,10 @@ def run_recipe(testbed, m1_dir: Path, env: dict[str, str], tmp_path: Path) -> No
     node_data(a, x_test, y_test, "test.npz")
     # 4. the keys: the server's pair on m1, each node's own pair on it, only public keys copied
     a.sh(SERVER_KEYS, env=env, cwd=m1_dir)
-    for machine in (a, b, c):
-        machine.sh(SITE_KEYS, env=env)
-    for step in M1_OWN_KEYS:
-        a.sh(step.replace("m1.key", f"{a.hostname}.key"))
+    for machine in (a, b, c):  # the test bed's shells run on the host: the node's name is put in for hostname
+        machine.sh(SITE_KEYS.replace('"$(hostname -s)"', machine.hostname), env=env)
+    for step in M1_OWN_KEYS:  # files on m1's own disk (its /srv/pyfed, seen from the host)
+        a.sh(step.replace("m1.key", f"{a.hostname}.key").replace("/srv/pyfed", str(a.disk)))
     for machine in (b, c):  # OVER_SSH, for m2 and m3
         shutil.copyfile(machine.disk / "keys" / "site" / f"{machine.hostname}.key",
                         a.disk / "keys" / "authorized" / f"{machine.hostname}.key")
