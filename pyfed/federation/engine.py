@@ -2,7 +2,7 @@
 
 It reads top to bottom, against a :class:`~pyfed.federation.pool.ClientPool`::
 
-    wait for --min-clients  ->  for each round:
+    wait for --min-clients  ->  (feature scaling: the sites' feature moments)  ->  for each round:
         sample clients, configure_fit (the strategy), send each its FIT, collect the answers
         (dropping clients that go away, are refused or time out; sending the FIT again to one that
         comes back); with fewer than --min-fit-clients updates, retry the round with a new attempt;
@@ -10,6 +10,7 @@ It reads top to bottom, against a :class:`~pyfed.federation.pool.ClientPool`::
         evaluate (the injected function; federated evaluation through the pool), record,
         and hand the round to the persister, which checkpoints and logs it while the next round's
         clients already train
+    ->  (BatchNorm recalibration: each layer's input moments at the sites, for the exported model)
     ->  tell every client the run is over.
 
 No sockets and no TensorFlow here: the pool carries the messages and ``evaluate`` is a function
