@@ -37,7 +37,8 @@ def test_a_slow_link_and_a_30_s_cut_lose_no_round(testbed, images, tmp_path):
     from pyfed.learning.data import load_dataset
 
     a, b, c = testbed["a"], testbed["b"], testbed["c"]
-    server_env = {"IMAGE_PREFIX": images, "COMPOSE_PROJECT_NAME": "badnet", "ROUNDS": str(ROUNDS), "EPOCHS": "100",
+    server_env = {"IMAGE_PREFIX": images, "PULL_POLICY": "missing",  # pulled from a's registry, not built
+                  "COMPOSE_PROJECT_NAME": "badnet", "ROUNDS": str(ROUNDS), "EPOCHS": "100",
                   "NUM_CLIENTS": "1", "MIN_CLIENTS": "3", "INSECURE": "1"}
     a.sh("docker compose up -d --scale client=1", env=server_env, cwd=REPO)
 

@@ -62,8 +62,8 @@ def test_the_remote_site_recipe_runs_across_three_machines(testbed, images, tmp_
     from pyfed.learning.data import load_dataset
 
     a, b, c = testbed["a"], testbed["b"], testbed["c"]
-    common = {"IMAGE_PREFIX": images, "ROUNDS": str(ROUNDS), "EPOCHS": "20"}
-    server_env = {**common, "COMPOSE_PROJECT_NAME": "pyfed"}
+    common = {"IMAGE_PREFIX": images, "ROUNDS": str(ROUNDS), "EPOCHS": "20"}  # the images from a's registry:
+    server_env = {**common, "COMPOSE_PROJECT_NAME": "pyfed", "PULL_POLICY": "missing"}  # pulled, not built
     server_up = SERVER_UP.replace("NUM_CLIENTS=2", "NUM_CLIENTS=1").replace("client=2", "client=1") + " -d"
     started = time.monotonic()
     a.sh(server_up, env=server_env, cwd=REPO)

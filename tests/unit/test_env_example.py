@@ -12,7 +12,7 @@ pytestmark = pytest.mark.unit
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_ONLY = {"BASE_IMAGE", "TENSORFLOW", "PYFED_TAG", "IMAGE_PREFIX", "SERVER_PORT", "TENSORBOARD_PORT",
                 "CLIENT_REPLICAS", "NODE_DATA_DIR", "NODE_KEYS_DIR", "INPUT_DIR", "MODEL_FILE", "SERVER_MEMORY_LIMIT",
-                "EXPORT_DIR", "EXPORT_NAME"}
+                "EXPORT_DIR", "EXPORT_NAME", "PULL_POLICY"}
 #: set inside compose.yaml to paths in the containers, not by users
 COMPOSE_SET = {"BIND_ADDRESS", "TEST_DATA", "LOGDIR", "CHECKPOINT_DIR", "CURVE_SECRET_KEY", "AUTHORIZED_KEYS"}
 
@@ -47,6 +47,7 @@ def test_every_server_strategy_setting_is_documented_in_env_example():
 NOT_IN_SWARM = {
     "BASE_IMAGE": "images are built with Compose; a stack only runs them",
     "TENSORFLOW": "the same",
+    "PULL_POLICY": "the same (a stack runs the images it is given)",
     "DATASET": "no data step: each node brings its own data",
     "INPUT_DIR": "the same",
     "NUM_CLIENTS": "the same (the server hands out no shards)",
