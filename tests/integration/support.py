@@ -4,7 +4,10 @@ checks of what a run left behind (summary.json, TensorBoard events). No test mod
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +50,32 @@ def finish(processes, server, clients, server_timeout_s: float = 300) -> None:
     assert processes.wait(server, server_timeout_s) == 0, processes.tail(server)
     for client in clients:
         assert processes.wait(client, 60) == 0, processes.tail(client)
+
+
+def freeze_mid_training(processes, client, rounds: Iterable[int], timeout_s: float = 300) -> int:
+    """The first of ``rounds`` in which ``client`` is caught training: SIGSTOP it once its log says
+    "round r: training", and once it is stopped, check that its log does not yet say "round r: trained"
+    (the line that ends its training, after which it may upload). Then it is stopped mid-training and
+    nothing of round r can leave it until it is continued (SIGCONT) or killed: a condition the run
+    cannot pass first, on a machine however fast. A client that had already trained is continued and
+    tried again in the next round. Returns the round it is stopped in."""
+    for server_round in rounds:
+        processes.wait_for_line(client, f"round {server_round}: training", timeout_s)
+        os.kill(client.pid, signal.SIGSTOP)
+        deadline = time.monotonic() + 10
+        while _state(client.pid) != "T":
+            assert time.monotonic() < deadline, f"{client.log_path.name} did not stop"
+            time.sleep(0.01)
+        if f"round {server_round}: trained" not in client.log_path.read_text(errors="replace"):
+            return server_round
+        os.kill(client.pid, signal.SIGCONT)  # it finished first: the next round
+    raise AssertionError(f"{client.log_path.name} finished training before it could be stopped in rounds {rounds}")
+
+
+def _state(pid: int) -> str:
+    """A process's state letter (T: stopped), from /proc."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
 
 
 def seconds_until(process, text: str, timeout_s: float = 60) -> float:

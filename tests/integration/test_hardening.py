@@ -26,7 +26,7 @@ from pyfed.persistence.store import list_checkpoints
 from pyfed.wire.protocol import Message, MessageType
 from pyfed.wire.security import generate_keys
 from tests.integration.support import (Peer, check_every_round_once, curve_client, finish, free_port,
-                                       seconds_until, start_client, start_server, update)
+                                       freeze_mid_training, seconds_until, start_client, start_server, update)
 from tests.integration.zmtp import FitDroppingProxy, RawPeer
 
 pytestmark = pytest.mark.integration
@@ -199,11 +199,12 @@ def test_a_lost_fit_and_a_cut_link_do_not_stall_the_round(tmp_path, processes, s
     """With the default (auto) round timeout: the FIT to site-3 is dropped by a proxy, then the link
     is cut; site-3 reconnects, rejoins and is sent its FIT again (in the same attempt if it is back
     before its loss is reported, else in the retry), so round 1 completes with all three long before
-    any timeout. In round 2 the link is cut while site-3 trains: it rejoins before
-    sending its update, and answers the FIT sent again with the same update."""
+    any timeout. In round 2 (or 3) the link is cut while site-3 trains (stopped mid-training while the
+    link is cut: freeze_mid_training): it rejoins before sending its update, and answers the FIT sent
+    again with the same update."""
     logdir, port = tmp_path / "logs", free_port()
     address = f"tcp://127.0.0.1:{port}"
-    server = start_server(processes, shards, logdir, address, "--rounds", "2", "--min-clients", "3",
+    server = start_server(processes, shards, logdir, address, "--rounds", "3", "--min-clients", "3",
                           "--min-fit-clients", "3", "--epochs", "60")
     proxy = FitDroppingProxy(port)
     try:
@@ -218,15 +219,15 @@ def test_a_lost_fit_and_a_cut_link_do_not_stall_the_round(tmp_path, processes, s
         proxy.cut()
         processes.wait_for_line(server, "round 1: update from site-3", timeout_s=60)
         recovered_s = time.monotonic() - cut_at
-        processes.wait_for_line(server, "round 2/2 started")
-        processes.wait_for_line(clients[2], "round 2: training")
+        cut_in = freeze_mid_training(processes, clients[2], (2, 3))
         proxy.cut()
+        os.kill(clients[2].pid, signal.SIGCONT)
         finish(processes, server, clients)
     finally:
         proxy.close()
 
-    summary = check_every_round_once(logdir, 2)
-    first, second = summary["rounds"]
+    summary = check_every_round_once(logdir, 3)
+    first, second = summary["rounds"][0], summary["rounds"][cut_in - 1]
     assert first["clients"] == ["site-1", "site-2", "site-3"] and len(first["failed_attempts"]) <= 1
     assert first["duration_s"] < 120  # nowhere near the 900 s auto timeout
     if first["failed_attempts"]:
@@ -238,10 +239,10 @@ def test_a_lost_fit_and_a_cut_link_do_not_stall_the_round(tmp_path, processes, s
                    client.log_path.read_text() for client in clients[:2])
     else:  # site-3 was back first: its FIT was sent again within the attempt
         assert "round 1: client site-3 is back; sent its FIT again" in server.log_path.read_text()
-    # round 2: site-3 is either back before the others finish (sent its FIT again), or the attempt ends
-    # without it and the retry takes its update, trained once for the same weights, without retraining
+    # the cut round: site-3 is either back before the others finish (sent its FIT again), or the attempt
+    # ends without it and the retry takes its update, trained once for the same weights, without retraining
     assert second["clients"] == ["site-1", "site-2", "site-3"] and len(second["failed_attempts"]) <= 1
-    assert "the server asked again for the round 2 update; sent the same answer again" in \
+    assert f"the server asked again for the round {cut_in} update; sent the same answer again" in \
         clients[2].log_path.read_text()
     print(f"\nFIT dropped, link cut: site-3's update arrived {recovered_s:.1f}s after the cut; "
           f"round 1 took {summary['rounds'][0]['duration_s']:.1f}s; proxy connections: {proxy.connections}")

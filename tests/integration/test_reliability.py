@@ -15,8 +15,8 @@ import time
 import pytest
 
 from pyfed.persistence.store import list_checkpoints
-from tests.integration.support import (check_every_round_once, free_port, run_dir, scalar_steps, seconds_until,
-                                       start_client, start_server, three_clients)
+from tests.integration.support import (check_every_round_once, free_port, freeze_mid_training, run_dir,
+                                       scalar_steps, seconds_until, start_client, start_server, three_clients)
 
 pytestmark = pytest.mark.integration
 
@@ -24,28 +24,30 @@ pytestmark = pytest.mark.integration
 def test_killed_client_is_dropped_at_once_round_is_retried_and_the_restarted_client_rejoins(
         tmp_path, processes, shards):
     """SIGKILL one of three clients mid-round with --min-fit-clients 3: the server notices within
-    seconds, retries the round, and the client restarted with the same id takes part in it."""
-    logdir, address, server, clients = three_clients(processes, shards, tmp_path, rounds=3, min_fit_clients=3)
-    processes.wait_for_line(server, "round 2/3 started")
-    processes.wait_for_line(clients[3], "round 2: training")
+    seconds, retries the round, and the client restarted with the same id takes part in it. The
+    client is stopped mid-training before it is killed (freeze_mid_training): it cannot have sent its
+    update first, however fast the machine."""
+    rounds = 4
+    logdir, address, server, clients = three_clients(processes, shards, tmp_path, rounds=rounds, min_fit_clients=3)
+    killed_in = freeze_mid_training(processes, clients[3], (2, 3))
     os.kill(clients[3].pid, signal.SIGKILL)
     detection_s = seconds_until(server, "client site-3 dropped: connection lost")
-    print(f"\nSIGKILLed client detected in {detection_s:.2f}s")
+    print(f"\nSIGKILLed client detected in {detection_s:.2f}s (round {killed_in})")
     assert detection_s < 5
-    processes.wait_for_line(server, "round 2 attempt 1 failed")
+    processes.wait_for_line(server, f"round {killed_in} attempt 1 failed")
     restarted = start_client(processes, shards, address, 3, name="site-3-restarted")
     processes.wait_for_line(server, "client site-3 rejoined")
     assert processes.wait(server, 300) == 0, processes.tail(server)
     for client in (clients[1], clients[2], restarted):
         assert processes.wait(client, 60) == 0, processes.tail(client)
 
-    summary = check_every_round_once(logdir, 3)
-    second = summary["rounds"][1]
-    assert [a["dropped"] for a in second["failed_attempts"]] == [
+    summary = check_every_round_once(logdir, rounds)
+    hit = summary["rounds"][killed_in - 1]
+    assert [a["dropped"] for a in hit["failed_attempts"]] == [
         {"site-3": "connection lost (closed, or no heartbeat for 10s)"}]
-    assert second["failed_attempts"][0]["answered"] == ["site-1", "site-2"]
-    assert second["clients"] == ["site-1", "site-2", "site-3"]  # the retry included the restarted client
-    assert "round 2/3 (attempt 2) finished" in server.log_path.read_text()
+    assert hit["failed_attempts"][0]["answered"] == ["site-1", "site-2"]
+    assert hit["clients"] == ["site-1", "site-2", "site-3"]  # the retry included the restarted client
+    assert f"round {killed_in}/{rounds} (attempt 2) finished" in server.log_path.read_text()
 
 
 def test_stalled_client_is_dropped_by_heartbeat_and_an_id_conflict_waits_for_the_slot(tmp_path, processes, shards):
