@@ -121,15 +121,17 @@ def test_server_survives_sigterm_and_sigkill_and_resumes_with_every_round_once(t
     server = start_server(processes, shards, logdir, address, *args, name="server-1")
     clients = [start_client(processes, shards, address, i) for i in (1, 2, 3)]
 
-    processes.wait_for_line(server, "round 2/5 started")
+    stopped_in = freeze_mid_training(processes, clients[0], (2, 3))  # the round cannot end before the SIGTERM
     os.kill(server.pid, signal.SIGTERM)
     assert processes.wait(server, 60) == 0, processes.tail(server)
-    assert "stopped (SIGTERM) after 1 completed rounds" in server.log_path.read_text()
+    os.kill(clients[0].pid, signal.SIGCONT)
+    assert f"stopped (SIGTERM) after {stopped_in - 1} completed rounds" in server.log_path.read_text()
     for client in clients:  # an idle client also reads the server's STOPPING notice; a training one cannot
         processes.wait_for_line(client, "lost the connection to the server")
 
     server = start_server(processes, shards, logdir, address, *args, name="server-2")
-    assert "resuming from" in server.log_path.read_text() and "1 of 5 rounds completed" in server.log_path.read_text()
+    assert "resuming from" in server.log_path.read_text()
+    assert f"{stopped_in - 1} of 5 rounds completed" in server.log_path.read_text()
     processes.wait_for_line(server, "round-000003.npz")  # round 3's checkpoint, written while round 4 trains
     os.kill(server.pid, signal.SIGKILL)
     processes.wait(server, 30)
