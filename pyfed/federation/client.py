@@ -471,9 +471,9 @@ class Client:
         if self.trainer is None:
             log.warning("ignoring the server's request for %s before it welcomed this client", what)
             return
-        if kind is StatsKind.BATCH_NORM and not 0 <= layer < len(batch_norm_layers(self.model)):
-            log.warning("ignoring the server's request for %s: the model has %d BatchNorm layer(s)", what,
-                        len(batch_norm_layers(self.model)))
+        layers = len(batch_norm_layers(self.model)) if kind is StatsKind.BATCH_NORM else 0
+        if kind is StatsKind.BATCH_NORM and not 0 <= layer < layers:
+            log.warning("ignoring the server's request for %s: the model has %d BatchNorm layer(s)", what, layers)
             return
         moments = site_moments(self.trainer, kind, layer, message.arrays)
         del message.arrays[:]

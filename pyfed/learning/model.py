@@ -300,8 +300,13 @@ def feature_scaling_indices(model: keras.Model) -> tuple[int, int] | None:
                   and isinstance(layer, keras.layers.BatchNormalization)), None)
     if layer is None:
         return None
-    positions = {id(variable): index for index, variable in enumerate(model.weights)}
+    positions = _weight_positions(model)
     return positions[id(layer.moving_mean)], positions[id(layer.moving_variance)]
+
+
+def _weight_positions(model: keras.Model) -> dict[int, int]:
+    """Each of ``model``'s variables (by id) -> its position in ``model.get_weights()``."""
+    return {id(variable): index for index, variable in enumerate(model.weights)}
 
 
 def _all_layers(model: keras.Model) -> list[keras.layers.Layer]:
@@ -325,7 +330,7 @@ def batch_norm_arrays(model: keras.Model) -> list[tuple[str, int, int, int, int 
     """For each of :func:`batch_norm_layers`: (name, the positions of its moving mean and moving
     variance in ``model.get_weights()``, its channels, the values per channel one example gives it,
     or None when its input's shape is not fixed)."""
-    positions = {id(variable): index for index, variable in enumerate(model.weights)}
+    positions = _weight_positions(model)
     found = []
     for layer in batch_norm_layers(model):
         axes = _channel_axes(layer, len(layer.input.shape))
