@@ -9,6 +9,8 @@ first, so ``import pyfed`` there is the original. The patches are listed in orig
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -23,16 +25,33 @@ ORIGINAL = "pyfed==0.0.25"
 
 
 def python() -> str:
-    """The original's virtualenv python, created and filled on first use."""
+    """The original's virtualenv python, created and filled on first use. It is built beside its
+    place and moved there only once the original imports from it, so an interrupted or failed
+    install is made again next time instead of being used half-made; a failure says why."""
     interpreter = VENV / "bin" / "python"
     if not interpreter.exists():
-        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(VENV)], check=True)
-        subprocess.run([str(interpreter), "-m", "pip", "install", "--quiet", "--no-deps", ORIGINAL, "joblib>=1.2.0"],
-                       check=True)
-    check = subprocess.run([str(interpreter), "-P", "-c", "import pyfed.ml_socket as m; print(m.__file__)"],
-                           capture_output=True, text=True, check=True)
-    assert str(VENV) in check.stdout, f"the original's virtualenv imports pyfed from {check.stdout}"
+        building = VENV.with_name(f"{VENV.name}.building-{os.getpid()}")
+        shutil.rmtree(building, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(building)], check=True)
+        _run([str(building / "bin" / "python"), "-m", "pip", "install", "--quiet", "--no-deps", ORIGINAL,
+              "joblib>=1.2.0"], "installing the original")
+        _check(building)
+        building.rename(VENV)  # venv's scripts name their directory; the interpreter path below is VENV's
+    _check(VENV)
     return str(interpreter)
+
+
+def _check(venv: Path) -> None:
+    found = _run([str(venv / "bin" / "python"), "-P", "-c", "import pyfed.ml_socket as m; print(m.__file__)"],
+                 "importing the original")
+    assert str(venv) in found, f"the original's virtualenv imports pyfed from {found}"
+
+
+def _run(command: list[str], what: str) -> str:
+    result = subprocess.run(command, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{what} failed ({result.returncode}): {result.stderr[-2000:]}")
+    return result.stdout
 
 
 def driver(*args: str) -> list[str]:
