@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import platform
 import statistics
 import subprocess
@@ -73,15 +74,23 @@ def start(args: list[str], log_path: Path, env: dict | None = None, cwd: Path | 
     return process
 
 
+def kill(process: subprocess.Popen) -> None:
+    """SIGKILL ``process`` by PID without reaping it: :func:`finish` reaps it, to read its resource
+    usage. (``Popen.kill`` polls first, and so reaps a process that has already exited, after which
+    ``finish`` would find no child to wait for.)"""
+    os.kill(process.pid, signal.SIGKILL)  # an exited, unreaped child is a zombie: the signal is harmless
+
+
 def finish(process: subprocess.Popen, timeout_s: float) -> Finished:
-    """Wait for ``process`` (killing it by PID after ``timeout_s``) and read its resource usage."""
+    """Wait for ``process`` (killing it by PID after ``timeout_s``) and read its resource usage. Nothing
+    else may reap it first (``Popen.poll``, ``wait`` or ``kill``): use :func:`kill`."""
     deadline = time.monotonic() + timeout_s
     while True:
         pid, status, usage = os.wait4(process.pid, os.WNOHANG)
         if pid:
             break
         if time.monotonic() > deadline:
-            process.kill()
+            kill(process)
             pid, status, usage = os.wait4(process.pid, 0)
             break
         time.sleep(0.05)

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import BENCH, finish, median, start, tail
+from bench.common import BENCH, finish, kill, median, start, tail
 
 VENV = BENCH / ".venv-original"
 DRIVER = BENCH / "original_driver.py"
@@ -106,7 +106,7 @@ def run_rounds(shards: list[Path], rounds_: int, epochs: int, batch_size: int, p
                for i, shard in enumerate(shards, start=1)]
     client_results = [finish(process, 900) for process in clients]
     if any(done.returncode != 0 for done in client_results):
-        server.kill()
+        kill(server)
     server_done = finish(server, 900)
     for process, done in zip(clients, client_results):
         assert done.returncode == 0, tail(process.log_path)
